@@ -1,0 +1,35 @@
+# Two commands: `make demo` and `make test`. Both create .venv and install on first use only.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+export DISTILL_HOME ?= $(CURDIR)/.distill
+export DAGSTER_HOME ?= $(DISTILL_HOME)/dagster
+
+.PHONY: install demo test ui validate bench clean
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(INSTALLED)
+
+demo: $(INSTALLED)
+	$(BIN)/python -m pipelines.demo
+
+test: $(INSTALLED)
+	$(BIN)/python -m pytest -q
+
+ui: $(INSTALLED)
+	mkdir -p $(DAGSTER_HOME)
+	$(BIN)/dagster dev -h 127.0.0.1 -p 3000
+
+validate: $(INSTALLED)
+	$(BIN)/dagster definitions validate
+
+bench: $(INSTALLED)
+	$(BIN)/python bench/labeling.py
+
+clean:
+	rm -rf $(DISTILL_HOME)

@@ -1,0 +1,1 @@
+"""Dagster asset definitions and checks. Thin: read, call `training/` and the store, write."""

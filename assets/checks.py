@@ -1,0 +1,80 @@
+"""Asset checks: token round trip, teacher/student vocab compatibility, sparse signal validity,
+eval/train disjointness."""
+
+import dagster as dg
+import pyarrow.compute as pc
+
+from assets.datasets import eval_set, seed_prompts, teacher_labeled
+from assets.models import student_model, teacher_model
+from pipelines.resources import DistillStore
+from training.models import load_tokenizer
+from training.signal import signal_violations
+
+ROUND_TRIP_SAMPLE = 256
+
+
+@dg.asset_check(asset=teacher_labeled, blocking=True)
+def sparse_signal_valid(store: DistillStore) -> dg.AssetCheckResult:
+    """Every stored top-k id is inside the teacher's vocab, logprobs are finite, ≤ 0 and sorted,
+    tail mass is in [0, 1]."""
+    distill_store = store.open()
+    card = distill_store.read_card("teacher")
+    violations = signal_violations(distill_store.read_dataset("teacher_labeled"), card["vocab_size"])
+    return dg.AssetCheckResult(passed=not any(violations.values()), metadata=violations)
+
+
+@dg.asset_check(asset=teacher_labeled)
+def token_round_trip(store: DistillStore) -> dg.AssetCheckResult:
+    """decode(encode(text)) == text for stored prompts and completions, with the teacher tokenizer."""
+    distill_store = store.open()
+    card = distill_store.read_card("teacher")
+    tokenizer = load_tokenizer(card["path"], card.get("revision"))
+    rows = distill_store.read_dataset("teacher_labeled").slice(0, ROUND_TRIP_SAMPLE)
+    texts = rows["prompt"].to_pylist() + rows["completion"].to_pylist()
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    decoded = tokenizer.batch_decode(encoded, skip_special_tokens=True)
+    failures = [t for t, d in zip(texts, decoded) if t != d]
+    return dg.AssetCheckResult(
+        passed=not failures,
+        metadata={"checked": len(texts), "failed": len(failures), "examples": dg.MetadataValue.json(failures[:3])},
+    )
+
+
+@dg.asset_check(asset=student_model, additional_deps=[teacher_model], blocking=True)
+def vocab_compatible(store: DistillStore) -> dg.AssetCheckResult:
+    """Teacher and student share a tokenizer, and every teacher token id exists in the student."""
+    distill_store = store.open()
+    teacher, student = distill_store.read_card("teacher"), distill_store.read_card("student")
+    same_tokenizer = teacher["tokenizer_hash"] == student["tokenizer_hash"]
+    ids_fit = teacher["tokenizer_size"] <= student["vocab_size"]
+    description = None
+    if not (same_tokenizer and ids_fit):
+        description = (
+            f"teacher {teacher['name']} (vocab {teacher['vocab_size']}, tokenizer {teacher['tokenizer_hash']}) and "
+            f"student {student['name']} (vocab {student['vocab_size']}, tokenizer {student['tokenizer_hash']}) "
+            "do not share a tokenizer: pick models from one family"
+        )
+    return dg.AssetCheckResult(
+        passed=same_tokenizer and ids_fit,
+        description=description,
+        metadata={
+            "teacher_vocab_size": teacher["vocab_size"],
+            "student_vocab_size": student["vocab_size"],
+            "teacher_tokenizer_hash": teacher["tokenizer_hash"],
+            "student_tokenizer_hash": student["tokenizer_hash"],
+        },
+    )
+
+
+@dg.asset_check(asset=eval_set, additional_deps=[seed_prompts], blocking=True)
+def eval_disjoint_from_train(store: DistillStore) -> dg.AssetCheckResult:
+    """No eval prompt appears among the seed prompts (after trimming and lower-casing)."""
+    distill_store = store.open()
+    normalize = lambda column: pc.utf8_lower(pc.utf8_trim_whitespace(column))
+    eval_prompts = normalize(distill_store.read_dataset("eval_set")["prompt"])
+    train_prompts = normalize(distill_store.read_dataset("seed_prompts")["prompt"])
+    shared = pc.filter(eval_prompts, pc.is_in(eval_prompts, value_set=train_prompts.combine_chunks()))
+    return dg.AssetCheckResult(
+        passed=len(shared) == 0,
+        metadata={"eval_prompts": len(eval_prompts), "shared_with_train": len(shared), "examples": shared.to_pylist()[:5]},
+    )

@@ -1,0 +1,65 @@
+"""`teacher_model` and `student_model`: the embedded pair, or a configured model recorded as is."""
+
+import dagster as dg
+
+from pipelines.publish import record_lineage
+from pipelines.resources import DistillStore
+from pipelines.settings import EMBEDDED, ModelConfig, StudentModelConfig, TeacherModelConfig
+from training.embedded import train_embedded_teacher
+from training.models import STUDENT_ARCHITECTURE, build_embedded, load_model, model_card, save_model
+from training.sft import SFTConfig
+
+
+def _record_configured(context, store, name: str, config: ModelConfig) -> dg.MaterializeResult:
+    """A hub id or local path: load it (failing early if it cannot be), record its card, train nothing."""
+    model, tokenizer = load_model(config.model, config.revision, config.trust_remote_code)
+    card = {**model_card(config.model, model, tokenizer, config.revision), "path": config.model}
+    card["context_length"] = getattr(model.config, "max_position_embeddings", None)
+    store.write_card(name, card)
+    record_lineage(context, store, config, {}, card)
+    return dg.MaterializeResult(metadata=card, data_version=dg.DataVersion(card["weights_hash"]))
+
+
+@dg.asset(group_name="models", pool="accelerator", kinds={"pytorch"})
+def teacher_model(context: dg.AssetExecutionContext, config: TeacherModelConfig, store: DistillStore):
+    """The teacher. Embedded: a Llama trained from scratch on the arithmetic train split."""
+    distill_store = store.open()
+    if config.model != EMBEDDED:
+        return _record_configured(context, distill_store, "teacher", config)
+    sft = SFTConfig(steps=config.train_steps, batch_size=config.batch_size, lr=config.learning_rate, seed=config.seed)
+    log_every = max(1, config.train_steps // 10)
+    model, tokenizer, curve, accuracy, seconds = train_embedded_teacher(
+        sft,
+        config.eval_problems,
+        on_step=lambda step, loss: step % log_every or context.log.info(f"step {step} loss {loss:.4f}"),
+    )
+    card = {
+        **model_card("embedded-teacher", model, tokenizer),
+        "eval_exact_match": accuracy,
+        "train_steps": config.train_steps,
+        "train_seconds": round(seconds, 1),
+        "final_loss": curve[-1]["loss"],
+        "context_length": model.config.max_position_embeddings,
+    }
+    card = distill_store.save_model("teacher", card, lambda directory: save_model(model, tokenizer, directory))
+    record_lineage(context, distill_store, config, {}, card)
+    return dg.MaterializeResult(
+        metadata={**card, "path": dg.MetadataValue.path(card["path"])},
+        data_version=dg.DataVersion(card["weights_hash"]),
+    )
+
+
+@dg.asset(group_name="models", kinds={"pytorch"})
+def student_model(context: dg.AssetExecutionContext, config: StudentModelConfig, store: DistillStore):
+    """The student before distillation. Embedded: a ~7× smaller Llama on the same tokenizer."""
+    distill_store = store.open()
+    if config.model != EMBEDDED:
+        return _record_configured(context, distill_store, "student", config)
+    model, tokenizer = build_embedded(STUDENT_ARCHITECTURE, config.seed)
+    card = {**model_card("embedded-student", model, tokenizer), "context_length": model.config.max_position_embeddings}
+    card = distill_store.save_model("student", card, lambda directory: save_model(model, tokenizer, directory))
+    record_lineage(context, distill_store, config, {}, card)
+    return dg.MaterializeResult(
+        metadata={**card, "path": dg.MetadataValue.path(card["path"])},
+        data_version=dg.DataVersion(card["weights_hash"]),
+    )

@@ -1,0 +1,1 @@
+"""Dagster wiring: definitions, resources, settings, the Parquet store, the DuckDB catalog, the CLI."""

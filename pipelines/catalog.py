@@ -1,0 +1,80 @@
+"""The DuckDB catalog: `catalog.duckdb` holds one view per dataset over its Parquet files.
+
+DuckDB allows one writer per database file, so views are refreshed here only, under a file lock;
+readers (`distill query`, notebooks) open the catalog read-only. Views read globs, so files added to
+an existing dataset (a new round) show up without a refresh; a new dataset needs one.
+"""
+
+import fcntl
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+
+from pipelines.store import Store, duckdb_identifier
+
+
+@contextmanager
+def _catalog_lock(store: Store):
+    store.root.mkdir(parents=True, exist_ok=True)
+    with open(store.root / "catalog.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def dataset_names(store: Store) -> list[str]:
+    data = store.root / "data"
+    if not data.exists():
+        return []
+    return sorted(d.name for d in data.iterdir() if d.is_dir() and any(d.glob("**/part-*.parquet")))
+
+
+def view_sql(store: Store, name: str) -> str:
+    glob = str(store.root / "data" / name / "**" / "part-*.parquet").replace("'", "''")
+    return (
+        f"CREATE OR REPLACE VIEW {duckdb_identifier(name)} AS SELECT * FROM "
+        f"read_parquet('{glob}', hive_partitioning = true, union_by_name = true)"
+    )
+
+
+def refresh_catalog(store: Store, attempts: int = 20) -> list[str]:
+    """(Re)creates a view per dataset; waits for a reader holding the file, then gives up clearly."""
+    names = dataset_names(store)
+    with _catalog_lock(store):
+        for attempt in range(attempts):
+            try:
+                with duckdb.connect(str(store.root / "catalog.duckdb")) as connection:
+                    for name in names:
+                        connection.execute(view_sql(store, name))
+                return names
+            except duckdb.IOException as error:
+                if attempt == attempts - 1:
+                    raise RuntimeError(
+                        f"cannot refresh {store.root / 'catalog.duckdb'}: another process holds it ({error}). "
+                        "Close other DuckDB connections to the catalog and run `distill refresh`."
+                    ) from error
+                time.sleep(0.25 * (attempt + 1))
+    return names
+
+
+def connect_read_only(store: Store) -> duckdb.DuckDBPyConnection:
+    path = store.root / "catalog.duckdb"
+    if not path.exists():
+        raise FileNotFoundError(f"no catalog at {path}: materialize an asset first (`make demo`)")
+    return duckdb.connect(str(path), read_only=True)
+
+
+def query(store: Store, sql: str):
+    """Runs `sql` on a read-only connection; returns (column names, rows)."""
+    with connect_read_only(store) as connection:
+        result = connection.execute(sql)
+        columns = [d[0] for d in result.description] if result.description else []
+        return columns, result.fetchall()
+
+
+def catalog_path(store: Store) -> Path:
+    return store.root / "catalog.duckdb"

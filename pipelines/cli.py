@@ -1,0 +1,56 @@
+"""The `distill` command: list datasets and query them with DuckDB (read-only)."""
+
+import argparse
+import sys
+
+from pipelines.catalog import dataset_names, query, refresh_catalog
+from pipelines.store import Store, duckdb_identifier
+
+MAX_CELL = 48
+
+
+def format_table(columns: list[str], rows: list[tuple]) -> str:
+    """A plain fixed-width text table."""
+    cells = [[str(v) if len(str(v)) <= MAX_CELL else str(v)[: MAX_CELL - 1] + "…" for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def list_datasets(store: Store) -> tuple[list[str], list[tuple]]:
+    names = dataset_names(store)
+    if not names:
+        return ["dataset", "rows", "path"], []
+    union = " UNION ALL ".join(
+        f"SELECT '{name}' AS dataset, count(*) AS rows FROM {duckdb_identifier(name)}" for name in names
+    )
+    _, counts = query(store, union)
+    rows = [(name, count, str(store.root / "data" / name)) for name, count in counts]
+    return ["dataset", "rows", "path"], rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="distill", description="Query the distillation datasets with DuckDB.")
+    parser.add_argument("--home", help="data root (default: $DISTILL_HOME or ./.distill)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("datasets", help="dataset names, row counts and paths")
+    run_query = commands.add_parser("query", help="run a read-only SQL query on catalog.duckdb")
+    run_query.add_argument("sql")
+    commands.add_parser("refresh", help="recreate the catalog's views over the Parquet files")
+    args = parser.parse_args(argv)
+    store = Store(args.home)
+    try:
+        if args.command == "refresh":
+            print("views:", ", ".join(refresh_catalog(store)) or "(none)")
+        elif args.command == "datasets":
+            print(format_table(*list_datasets(store)))
+        else:
+            print(format_table(*query(store, args.sql)))
+    except Exception as error:  # a CLI reports, it does not dump a traceback
+        print(f"distill: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

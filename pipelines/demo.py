@@ -1,0 +1,43 @@
+"""`make demo`: materialize the offline graph on the embedded default, then show the data."""
+
+import os
+import time
+
+import dagster as dg
+
+from pipelines.catalog import catalog_path, query
+from pipelines.cli import format_table, list_datasets
+from pipelines.definitions import defs
+from pipelines.store import Store
+
+DEMO_QUERY = """
+SELECT teacher, count(*) AS responses, round(avg(num_tokens), 1) AS mean_tokens,
+       round(avg(correct::INT), 3) AS teacher_accuracy,
+       round(avg(list_avg(token_logprob)), 4) AS mean_token_logprob,
+       round(avg(list_avg(tail_mass)), 5) AS mean_tail_mass
+FROM teacher_labeled GROUP BY teacher
+"""
+
+
+def main() -> None:
+    store = Store()
+    dagster_home = os.environ.setdefault("DAGSTER_HOME", str(store.root / "dagster"))
+    os.makedirs(dagster_home, exist_ok=True)
+    started = time.perf_counter()
+    with dg.DagsterInstance.get() as instance:
+        result = defs.resolve_job_def("distill_offline").execute_in_process(instance=instance)
+    if not result.success:
+        raise SystemExit("the demo run failed; see the log above")
+    teacher = store.read_card("teacher")
+    print(f"\nDone in {time.perf_counter() - started:.0f} s.")
+    print(f"Teacher: {teacher['num_parameters']:,} parameters, eval exact match {teacher['eval_exact_match']:.3f}")
+    print(f"Student: {store.read_card('student')['num_parameters']:,} parameters")
+    print(f"\nData under {store.root}; DuckDB catalog at {catalog_path(store)}\n")
+    print(format_table(*list_datasets(store)))
+    print(f"\n$ distill query \"{' '.join(DEMO_QUERY.split())}\"\n")
+    print(format_table(*query(store, DEMO_QUERY)))
+    print(f"\nOpen the UI:  make ui   (Dagster on http://127.0.0.1:3000, DAGSTER_HOME={dagster_home})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,9 @@
+"""Jobs: `distill_offline` materializes every offline asset (the demo's main job)."""
+
+import dagster as dg
+
+distill_offline = dg.define_asset_job(
+    "distill_offline",
+    selection=dg.AssetSelection.groups("models", "datasets"),
+    description="Teacher and student models, seed prompts, eval set, and the teacher-labeled dataset.",
+)

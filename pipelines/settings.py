@@ -1,0 +1,91 @@
+"""Run configuration of the assets, as Dagster `Config`: editable in the UI launchpad.
+
+Every field has a default, so the embedded demo needs no configuration. Out-of-range values fail
+when the run starts, before any model is loaded.
+"""
+
+from typing import Literal, Optional
+
+import dagster as dg
+from pydantic import Field, model_validator
+
+EMBEDDED = "embedded"
+
+
+class ModelConfig(dg.Config):
+    model: str = Field(
+        EMBEDDED,
+        description="'embedded' builds the tiny arithmetic model; anything else is a hub id or a local "
+        "directory, loaded with from_pretrained and recorded, not trained",
+    )
+    revision: Optional[str] = Field(None, description="hub revision (branch, tag or commit) of `model`")
+    trust_remote_code: bool = Field(False, description="let from_pretrained run code shipped with the model")
+    seed: int = 0
+
+
+class TeacherModelConfig(ModelConfig):
+    train_steps: int = Field(800, ge=1, description="SFT steps for the embedded teacher")
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(3e-3, gt=0)
+    eval_problems: int = Field(500, ge=1, description="eval-split problems for the exact-match figure")
+
+
+class StudentModelConfig(ModelConfig):
+    pass
+
+
+class PromptSourceConfig(dg.Config):
+    source: Literal["embedded", "files", "datasets"] = Field(
+        "embedded",
+        description="'embedded': the arithmetic generator; 'files': local jsonl/json/parquet/csv `files`; "
+        "'datasets': datasets.load_dataset(`dataset`, `subset`, split=`split`)",
+    )
+    num_prompts: int = Field(512, ge=1, description="prompts to generate (embedded) or the most to keep")
+    seed: int = 0
+    files: list[str] = Field([], description="local files for source 'files' (one format)")
+    dataset: Optional[str] = Field(None, description="dataset path or hub id for source 'datasets'")
+    subset: Optional[str] = Field(None, description="dataset configuration name")
+    split: str = "train"
+    prompt_column: str = "prompt"
+    answer_column: Optional[str] = Field(None, description="column with the reference answer, if any")
+
+    @model_validator(mode="after")
+    def _source_has_input(self):
+        if self.source == "files" and not self.files:
+            raise ValueError("source 'files' needs `files`: a list of local .jsonl/.json/.parquet/.csv paths")
+        if self.source == "datasets" and not self.dataset:
+            raise ValueError("source 'datasets' needs `dataset`: a path or hub id for datasets.load_dataset")
+        return self
+
+
+class SeedPromptsConfig(PromptSourceConfig):
+    """The inputs the teacher labels; embedded: the arithmetic train split."""
+
+
+class EvalSetConfig(PromptSourceConfig):
+    """Held-out problems; embedded: the arithmetic eval split, disjoint from train by construction."""
+
+    num_prompts: int = Field(500, ge=1, description="problems to generate (embedded) or the most to keep")
+    split: str = "test"
+
+
+class TeacherLabeledConfig(dg.Config):
+    n: int = Field(1, ge=1, description="responses per prompt")
+    temperature: float = Field(0.0, ge=0, description="sampling temperature of the responses; 0 is greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(64, ge=1)
+    seed: int = 0
+    k: int = Field(20, ge=1, description="top-k teacher logprobs stored per response token")
+    signal_temperature: float = Field(
+        1.0, gt=0, description="temperature of the stored distribution, log_softmax(logits / T); 1 is raw"
+    )
+    logprob_dtype: Literal["float32", "float16"] = "float32"
+    overlong_prompts: Literal["drop", "truncate"] = Field(
+        "drop", description="prompts that leave no room for max_new_tokens: drop them, or keep their last tokens"
+    )
+
+    @model_validator(mode="after")
+    def _samples_differ(self):
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError(f"n={self.n} greedy responses would all be the same: set temperature > 0 or n = 1")
+        return self

@@ -1,0 +1,123 @@
+"""The Parquet store under DISTILL_HOME: datasets, model checkpoints, and their cards.
+
+Layout:
+    data/<dataset>/[round=<key>/]part-0.parquet   zstd Parquet, one file per (dataset, partition)
+    data/lineage/part-<run>-<asset>[-<key>].parquet  one small file per materialization, never replaced
+    models/<name>/<weights hash>/                   HF format (safetensors), content addressed
+    models/<name>/card.json                         the current model's card (path, hashes, vocab)
+    catalog.duckdb                                  views over the Parquet (see `catalog.py`)
+
+Every write goes to a hidden temp file in the same directory and is renamed into place, so readers
+see the old file or the new one, never a partial one.
+"""
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+DEFAULT_HOME = ".distill"
+
+
+def distill_home() -> Path:
+    return Path(os.environ.get("DISTILL_HOME", DEFAULT_HOME)).resolve()
+
+
+class Store:
+    def __init__(self, root: Path | str | None = None):
+        self.root = Path(root).resolve() if root is not None else distill_home()
+
+    def dataset_dir(self, name: str, partition: str | None = None) -> Path:
+        base = self.root / "data" / name
+        return base / f"round={partition}" if partition else base
+
+    def dataset_path(self, name: str, partition: str | None = None) -> Path:
+        return self.dataset_dir(name, partition) / "part-0.parquet"
+
+    def write_dataset(self, name: str, table: pa.Table, partition: str | None = None, file_name: str = "part-0.parquet") -> Path:
+        """Atomically writes (or replaces) one Parquet file of `name`; returns its path."""
+        directory = self.dataset_dir(name, partition)
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob(".*.tmp"):
+            stale.unlink()
+        path = directory / file_name
+        temp = directory / f".{file_name}.{uuid.uuid4().hex}.tmp"
+        try:
+            pq.write_table(table, temp, compression="zstd")
+            os.replace(temp, path)
+        finally:
+            temp.unlink(missing_ok=True)
+        return path
+
+    def read_dataset(self, name: str, partition: str | None = None) -> pa.Table:
+        path = self.dataset_path(name, partition)
+        if not path.exists():
+            where = f" partition {partition!r}" if partition else ""
+            raise FileNotFoundError(f"dataset {name!r}{where} has not been materialized yet ({path} is missing)")
+        return pq.read_table(path)
+
+    def append_lineage(self, row: dict) -> Path:
+        """One lineage row per materialization, in its own file: re-runs add rows, never replace them."""
+        suffix = f"-{row['partition']}" if row.get("partition") else ""
+        file_name = f"part-{row['run_id']}-{row['asset']}{suffix}.parquet"
+        return self.write_dataset("lineage", pa.Table.from_pylist([row], schema=LINEAGE_SCHEMA), file_name=file_name)
+
+    def save_model(self, name: str, card: dict, save) -> dict:
+        """Saves a checkpoint by content (save(directory) writes it) and makes it `name`'s current card."""
+        final = self.root / "models" / name / card["weights_hash"]
+        if not final.exists():
+            temp = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp"
+            try:
+                save(temp)
+                os.replace(temp, final)
+            finally:
+                shutil.rmtree(temp, ignore_errors=True)
+        card = {**card, "path": str(final)}
+        self.write_card(name, card)
+        return card
+
+    def write_card(self, name: str, card: dict) -> None:
+        path = self.root / "models" / name / "card.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.parent / f".card.json.{uuid.uuid4().hex}.tmp"
+        temp.write_text(json.dumps(card, indent=2, sort_keys=True))
+        os.replace(temp, path)
+
+    def read_card(self, name: str) -> dict:
+        path = self.root / "models" / name / "card.json"
+        if not path.exists():
+            raise FileNotFoundError(f"model {name!r} has no checkpoint yet: materialize the `{name}` asset first")
+        return json.loads(path.read_text())
+
+
+LINEAGE_SCHEMA = pa.schema(
+    [
+        ("asset", pa.string()),
+        ("partition", pa.string()),
+        ("run_id", pa.string()),
+        ("parent_round", pa.string()),
+        ("input_versions", pa.string()),  # JSON: input name → data version / hash
+        ("config_hash", pa.string()),
+        ("code_version", pa.string()),
+        ("metrics", pa.string()),  # JSON
+        ("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+def with_content_id(table: pa.Table, name: str, columns: list[str]) -> pa.Table:
+    """Adds `name` = the first 16 hex digits of sha256 over `columns` (as JSON), computed in DuckDB."""
+    parts = ", ".join(f"to_json({duckdb_identifier(c)})::VARCHAR" for c in columns)
+    with duckdb.connect() as connection:
+        connection.register("source_rows", table)
+        ids = connection.sql(f"SELECT substr(sha256(concat_ws('|', {parts})), 1, 16) AS id FROM source_rows")
+        return table.append_column(name, ids.to_arrow_table().column("id"))
+
+
+def duckdb_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'

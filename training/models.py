@@ -1,0 +1,112 @@
+"""Model factories: the embedded teacher/student pair, loading any HF causal LM, and identity.
+
+The embedded pair are Llama models on the character tokenizer. head_dim is 32 because vLLM's CPU
+attention rejects 16. The student has about 7× fewer parameters than the teacher.
+"""
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from training.tokenizer import build_char_tokenizer, chat_template_hash, tokenizer_hash
+
+EMBEDDED = "embedded"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int = 128
+
+
+TEACHER_ARCHITECTURE = Architecture(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384)
+STUDENT_ARCHITECTURE = Architecture(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+
+
+def build_embedded(architecture: Architecture, seed: int):
+    """A freshly initialised Llama on the character tokenizer, and that tokenizer."""
+    tokenizer = build_char_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=architecture.hidden_size,
+        intermediate_size=architecture.intermediate_size,
+        num_hidden_layers=architecture.num_hidden_layers,
+        num_attention_heads=architecture.num_attention_heads,
+        num_key_value_heads=architecture.num_attention_heads,
+        head_dim=architecture.hidden_size // architecture.num_attention_heads,
+        max_position_embeddings=architecture.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as error:
+        raise ValueError(
+            f"cannot load the tokenizer of {name_or_path!r} ({error}); give a local model directory or a hub id "
+            "that is reachable from this machine"
+        ) from error
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False, dtype=torch.float32):
+    """Any HF causal LM by hub id or local path, in eval mode, with its tokenizer."""
+    tokenizer = load_tokenizer(name_or_path, revision, trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype
+        )
+    except Exception as error:
+        raise ValueError(
+            f"cannot load the model {name_or_path!r} ({error}); give a local model directory or a hub id "
+            "that is reachable from this machine"
+        ) from error
+    return model.eval(), tokenizer
+
+
+def weights_hash(model) -> str:
+    """sha256 over parameter names, shapes and bytes: the identity of a set of weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(json.dumps(list(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def model_card(name: str, model, tokenizer, revision: str | None = None) -> dict:
+    """What identifies a model in lineage: name, revision or weights hash, vocab, tokenizer hashes."""
+    return {
+        "name": name,
+        "revision": revision,
+        "weights_hash": weights_hash(model),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": model.config.vocab_size,
+        "tokenizer_size": len(tokenizer),
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "chat_template_hash": chat_template_hash(tokenizer),
+    }
+
+
+def save_model(model, tokenizer, directory: Path) -> None:
+    """HF format with safetensors: `from_pretrained(directory)` loads it back."""
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)

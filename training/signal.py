@@ -1,0 +1,114 @@
+"""The sparse teacher signal: top-k token ids and logprobs per completion token, plus the tail.
+
+For every completion token t of a sequence the teacher's distribution p_t (at `temperature`, from raw
+model logits, before any sampling processor) is stored as
+
+    topk_ids[t]       k token ids, int32, by descending probability
+    topk_logprobs[t]  their log p_t, sorted descending
+    token_logprob[t]  log p_t(y_t) of the token actually in the sequence
+    tail_mass[t]      1 − Σ_{i∈top-k} p_t(i), the mass the top-k leaves out
+
+so the tail policy (renormalize over the top-k, or a (k+1)-th bucket) is a training-time choice.
+Codec `topk-v1`; a sampled, importance-weighted codec would get a new codec name.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+CODEC = "topk-v1"
+LOGPROB_MODE = "raw"
+
+
+@dataclass
+class SparseSignal:
+    """The signal of one sequence's completion: arrays with one row per completion token."""
+
+    topk_ids: np.ndarray  # (T, k) int32
+    topk_logprobs: np.ndarray  # (T, k) float32
+    token_logprob: np.ndarray  # (T,) float32
+    tail_mass: np.ndarray  # (T,) float32
+
+
+def topk_signal(logits: torch.Tensor, targets: torch.Tensor, k: int, temperature: float = 1.0):
+    """(…, V) logits and (…) targets → top-k ids, top-k logprobs, target logprob, tail mass.
+
+    log p = log_softmax(logits / temperature); tail = 1 − Σ_top-k exp(log p), clamped to [0, 1].
+    """
+    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    topk_logprobs, topk_ids = logprobs.topk(k, dim=-1)
+    token_logprob = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    tail_mass = (1.0 - topk_logprobs.exp().sum(-1)).clamp(0.0, 1.0)
+    return topk_ids.to(torch.int32), topk_logprobs, token_logprob, tail_mass
+
+
+def _nested(flat: np.ndarray, lengths: np.ndarray, width: int | None, value_type: pa.DataType) -> pa.Array:
+    """Flat values → list<value> per sequence (width None) or list<list<value>> (width k per token)."""
+    values = pa.array(flat.reshape(-1), type=value_type)
+    if width is not None:
+        values = pa.ListArray.from_arrays(pa.array(np.arange(0, flat.size + 1, width, dtype=np.int32)), values)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
+
+
+def signal_columns(signals: list[SparseSignal], logprob_type: pa.DataType = pa.float32()) -> dict[str, pa.Array]:
+    """Arrow columns for a batch of signals, built from concatenated arrays (no per-token loops)."""
+    lengths = np.array([len(s.token_logprob) for s in signals], dtype=np.int64)
+    k = signals[0].topk_ids.shape[1] if signals else 0
+    cat = lambda name: np.concatenate([getattr(s, name) for s in signals]) if signals else np.zeros((0, k))
+    return {
+        "topk_ids": _nested(cat("topk_ids").astype(np.int32), lengths, k, pa.int32()),
+        "topk_logprobs": _nested(cat("topk_logprobs").astype(np.float32), lengths, k, logprob_type),
+        "token_logprob": _nested(cat("token_logprob").astype(np.float32), lengths, None, pa.float32()),
+        "tail_mass": _nested(cat("tail_mass").astype(np.float32), lengths, None, pa.float32()),
+    }
+
+
+def signal_statistics(signals: list[SparseSignal]) -> dict[str, float]:
+    """Tokens, mean entropy of the renormalized top-k distribution, mean tail mass, mean token logprob."""
+    if not signals:
+        return {"tokens": 0, "mean_topk_entropy": float("nan"), "mean_tail_mass": float("nan")}
+    logprobs = torch.from_numpy(np.concatenate([s.topk_logprobs for s in signals]).astype(np.float32))
+    renormalized = torch.log_softmax(logprobs, dim=-1)
+    entropy = -(renormalized.exp() * renormalized).sum(-1)
+    return {
+        "tokens": int(logprobs.shape[0]),
+        "mean_topk_entropy": float(entropy.mean()),
+        "mean_tail_mass": float(np.concatenate([s.tail_mass for s in signals]).mean()),
+        "mean_token_logprob": float(np.concatenate([s.token_logprob for s in signals]).mean()),
+    }
+
+
+
+def _flatten(column: pa.ChunkedArray, depth: int) -> np.ndarray:
+    for _ in range(depth):
+        column = pc.list_flatten(column)
+    return column.to_numpy()
+
+
+def signal_violations(table: pa.Table, vocab_size: int) -> dict[str, int]:
+    """Counts of invalid entries in a table's signal columns; all zero means the signal is valid.
+
+    Valid: k ids per token, ids in [0, vocab), logprobs finite, ≤ 0 and sorted descending per token,
+    token logprob finite and ≤ 0, tail mass in [0, 1].
+    """
+    ids = _flatten(table.column("topk_ids"), 2)
+    logprobs = _flatten(table.column("topk_logprobs"), 2).astype(np.float32)
+    token_logprob = _flatten(table.column("token_logprob"), 1)
+    tail_mass = _flatten(table.column("tail_mass"), 1)
+    k = table.column("k").to_numpy()
+    tokens = pc.list_value_length(table.column("token_logprob")).to_numpy(zero_copy_only=False)
+    expected = int((k.astype(np.int64) * tokens).sum())
+    width_ok = ids.size == expected and logprobs.size == expected and (len(k) == 0 or (k == k[0]).all())
+    unsorted = (np.diff(logprobs.reshape(-1, int(k[0])), axis=1) > 1e-6).any(axis=1).sum() if width_ok and len(k) else 0
+    return {
+        "topk_width_mismatch": int(not width_ok),
+        "ids_out_of_vocab": int(((ids < 0) | (ids >= vocab_size)).sum()),
+        "logprob_not_finite": int((~np.isfinite(logprobs)).sum() + (~np.isfinite(token_logprob)).sum()),
+        "logprob_positive": int((logprobs > 1e-6).sum() + (token_logprob > 1e-6).sum()),
+        "topk_not_sorted": int(unsorted),
+        "tail_mass_out_of_range": int((~((tail_mass >= 0) & (tail_mass <= 1))).sum()),
+    }

@@ -1,0 +1,1 @@
+"""Embedded tasks: seeded generators of (prompt, answer) problems with exact verifiers."""

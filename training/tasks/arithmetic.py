@@ -1,0 +1,159 @@
+"""The embedded `arithmetic` task: multi-digit problems with worked, digit-by-digit steps.
+
+A problem is `a+b=`, `a-b=` (a ≥ b) or `a*b=` (b one digit). The answer walks the digits from the
+right, one step per digit, GSM8K-style chain of thought made synthetic and exact:
+
+    347+856=   →   7+6+0=3c1|3;4+5+1=0c1|03;3+8+1=2c1|203;#### 1203
+    x op y ± carry = digit, carry-out (c) or borrow-out (b), | the answer digits so far
+    47*8=      →   7*8=56+0=6c5|6;4*8=32+5=7c3|76;#### 376   (the product is written first)
+
+The final answer follows `####`, as in GSM8K; `verify` compares only that number.
+
+Splits are decided by a hash of the problem text, so train and eval are disjoint by construction
+and every seeded stream is reproducible.
+"""
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+ANSWER_RE = re.compile(r"####\s*(?P<answer>-?\d+)")
+
+
+@dataclass(frozen=True)
+class ArithmeticConfig:
+    """Digit ranges per operation; `eval_fraction` of the problem space is held out for eval."""
+
+    max_digits_add: int = 3
+    max_digits_sub: int = 3
+    max_digits_mul: int = 3
+    eval_fraction: float = 0.1
+
+
+@dataclass(frozen=True)
+class Problem:
+    a: int
+    op: str
+    b: int
+
+    @property
+    def prompt(self) -> str:
+        return f"{self.a}{self.op}{self.b}="
+
+    @property
+    def answer(self) -> int:
+        return {"+": self.a + self.b, "-": self.a - self.b, "*": self.a * self.b}[self.op]
+
+    @property
+    def solution(self) -> str:
+        """Worked steps, one per digit of `a` (or of the longer operand), then `#### answer`."""
+        a_digits = [int(d) for d in reversed(str(self.a))]
+        if self.op == "*":
+            b_digits = [self.b] * len(a_digits)
+        else:
+            width = max(len(a_digits), len(str(self.b)))
+            a_digits += [0] * (width - len(a_digits))
+            b_digits = [int(d) for d in reversed(str(self.b))]
+            b_digits += [0] * (width - len(b_digits))
+        carry, suffix, steps = 0, "", []
+        for x, y in zip(a_digits, b_digits):
+            if self.op == "+":
+                total = x + y + carry
+                digit, carry_out, text = total % 10, total // 10, f"{x}+{y}+{carry}"
+            elif self.op == "-":
+                total = x - y - carry
+                digit, carry_out, text = total % 10, int(total < 0), f"{x}-{y}-{carry}"
+            else:
+                total = x * y + carry
+                digit, carry_out, text = total % 10, total // 10, f"{x}*{y}={x * y}+{carry}"
+            suffix = f"{digit}{suffix}"
+            flag = "b" if self.op == "-" else "c"
+            steps.append(f"{text}={digit}{flag}{carry_out}|{suffix}")
+            carry = carry_out
+        return ";".join(steps) + f";#### {self.answer}"
+
+
+def verify(completion: str, answer: int) -> bool:
+    """Exact match on the final answer: the first `#### N` in the completion equals `answer`."""
+    found = extract_answer(completion)
+    return found is not None and found == answer
+
+
+def extract_answer(completion: str) -> int | None:
+    match = ANSWER_RE.search(completion)
+    return int(match.group("answer")) if match else None
+
+
+def verify_column(completions: pa.Array, answers: pa.Array) -> pa.Array:
+    """`verify` over Arrow columns: null where there is no integer reference answer."""
+    found = pc.struct_field(pc.extract_regex(completions, ANSWER_RE.pattern), "answer")
+    is_integer = pc.fill_null(pc.match_substring_regex(answers, r"^-?\d+$"), False)
+    reference = pc.cast(pc.if_else(is_integer, answers, None), pa.int64())
+    matches = pc.fill_null(pc.equal(pc.cast(found, pa.int64()), reference), False)
+    return pc.if_else(is_integer, matches, pa.scalar(None, pa.bool_()))
+
+
+def parse_prompt(prompt: str) -> Problem | None:
+    """The problem a prompt states, or None when it is not a well-formed problem of this task."""
+    match = re.fullmatch(r"(\d+)([+\-*])(\d+)=", prompt.strip())
+    if match is None:
+        return None
+    a, op, b = int(match.group(1)), match.group(2), int(match.group(3))
+    if op == "-" and a < b:
+        return None
+    if op == "*" and b > 9:
+        return None
+    return Problem(a, op, b)
+
+
+def is_eval(problem: Problem, config: ArithmeticConfig) -> bool:
+    """The held-out split: a fixed hash bucket of the problem text."""
+    digest = hashlib.sha256(problem.prompt.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < config.eval_fraction
+
+
+def _number(rng: random.Random, max_digits: int) -> int:
+    digits = rng.randint(1, max_digits)
+    return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
+
+
+def sample_problem(rng: random.Random, config: ArithmeticConfig) -> Problem:
+    op = rng.choice("+-*")
+    if op == "+":
+        return Problem(_number(rng, config.max_digits_add), op, _number(rng, config.max_digits_add))
+    if op == "-":
+        a, b = _number(rng, config.max_digits_sub), _number(rng, config.max_digits_sub)
+        return Problem(max(a, b), op, min(a, b))
+    return Problem(_number(rng, config.max_digits_mul), op, rng.randint(0, 9))
+
+
+def problems(
+    split: str, n: int, seed: int, config: ArithmeticConfig = ArithmeticConfig(), distinct: bool = True
+) -> list[Problem]:
+    """`n` problems of `split` ("train" or "eval"), the same for the same seed.
+
+    distinct=True gives a dataset (no repeats); distinct=False an i.i.d. stream, which keeps the
+    share of short problems (there are only 100 one-digit additions) as the generator draws them.
+    """
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    rng = random.Random(f"arithmetic/{split}/{seed}")
+    want_eval = split == "eval"
+    chosen: dict[str, Problem] | list[Problem] = {} if distinct else []
+    attempts = 0
+    while len(chosen) < n:
+        attempts += 1
+        if attempts > 200 * n + 10_000:
+            raise ValueError(f"the {split} split has fewer than {n} distinct problems at these digit ranges")
+        problem = sample_problem(rng, config)
+        if is_eval(problem, config) != want_eval:
+            continue
+        if distinct:
+            chosen.setdefault(problem.prompt, problem)
+        else:
+            chosen.append(problem)
+    return list(chosen.values()) if distinct else chosen
