@@ -1,4 +1,4 @@
-"""Asset checks: token round trip, teacher/student vocab compatibility, sparse signal validity,
+"""Asset checks: teacher target, token round trip, teacher/student vocab compatibility, sparse signal validity,
 eval/train disjointness."""
 
 import dagster as dg
@@ -7,6 +7,7 @@ import pyarrow.compute as pc
 from assets.datasets import eval_set, seed_prompts, teacher_labeled
 from assets.models import student_model, teacher_model
 from pipelines.resources import DistillStore
+from training.embedded import TARGET_EXACT_MATCH
 from training.models import load_tokenizer
 from training.signal import signal_violations
 
@@ -37,6 +38,20 @@ def token_round_trip(store: DistillStore) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         passed=not failures,
         metadata={"checked": len(texts), "failed": len(failures), "examples": dg.MetadataValue.json(failures[:3])},
+    )
+
+
+@dg.asset_check(asset=teacher_model)
+def teacher_reaches_target(store: DistillStore) -> dg.AssetCheckResult:
+    """The embedded teacher's greedy exact match on the eval split is at least the target; a
+    configured model is evaluated by `evals`, not here."""
+    card = store.open().read_card("teacher")
+    if "eval_exact_match" not in card:
+        return dg.AssetCheckResult(passed=True, description=f"{card['name']} is a configured model, not trained here")
+    return dg.AssetCheckResult(
+        passed=card["eval_exact_match"] >= TARGET_EXACT_MATCH,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"eval_exact_match": card["eval_exact_match"], "target": TARGET_EXACT_MATCH},
     )
 
 

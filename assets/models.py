@@ -28,11 +28,12 @@ def teacher_model(context: dg.AssetExecutionContext, config: TeacherModelConfig,
         return _record_configured(context, distill_store, "teacher", config)
     sft = SFTConfig(steps=config.train_steps, batch_size=config.batch_size, lr=config.learning_rate, seed=config.seed)
     log_every = max(1, config.train_steps // 10)
-    model, tokenizer, curve, accuracy, seconds = train_embedded_teacher(
-        sft,
-        config.eval_problems,
-        on_step=lambda step, loss: step % log_every or context.log.info(f"step {step} loss {loss:.4f}"),
-    )
+
+    def log_progress(step: int, loss: float) -> None:
+        if step % log_every == 0:
+            context.log.info(f"step {step}/{config.train_steps} loss {loss:.4f}")
+
+    model, tokenizer, curve, accuracy, seconds = train_embedded_teacher(sft, config.eval_problems, on_step=log_progress)
     card = {
         **model_card("embedded-teacher", model, tokenizer),
         "eval_exact_match": accuracy,
@@ -51,7 +52,7 @@ def teacher_model(context: dg.AssetExecutionContext, config: TeacherModelConfig,
 
 @dg.asset(group_name="models", kinds={"pytorch"})
 def student_model(context: dg.AssetExecutionContext, config: StudentModelConfig, store: DistillStore):
-    """The student before distillation. Embedded: a ~7× smaller Llama on the same tokenizer."""
+    """The student before distillation. Embedded: a ~6× smaller Llama on the same tokenizer."""
     distill_store = store.open()
     if config.model != EMBEDDED:
         return _record_configured(context, distill_store, "student", config)

@@ -24,7 +24,7 @@ class ModelConfig(dg.Config):
 
 
 class TeacherModelConfig(ModelConfig):
-    train_steps: int = Field(800, ge=1, description="SFT steps for the embedded teacher")
+    train_steps: int = Field(700, ge=1, description="SFT steps for the embedded teacher")
     batch_size: int = Field(64, ge=1)
     learning_rate: float = Field(3e-3, gt=0)
     eval_problems: int = Field(500, ge=1, description="eval-split problems for the exact-match figure")
@@ -73,7 +73,7 @@ class TeacherLabeledConfig(dg.Config):
     n: int = Field(1, ge=1, description="responses per prompt")
     temperature: float = Field(0.0, ge=0, description="sampling temperature of the responses; 0 is greedy")
     top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(96, ge=1, description="the longest embedded solution is ~75 tokens")
     seed: int = 0
     k: int = Field(20, ge=1, description="top-k teacher logprobs stored per response token")
     signal_temperature: float = Field(

@@ -7,6 +7,8 @@ from training.models import TEACHER_ARCHITECTURE, Architecture, build_embedded
 from training.sft import SFTConfig, train_sft
 from training.tasks.arithmetic import ArithmeticConfig, problems
 
+TARGET_EXACT_MATCH = 0.95  # greedy exact match the embedded teacher must reach on the eval split
+
 
 def train_embedded_teacher(
     sft: SFTConfig,

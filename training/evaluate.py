@@ -22,7 +22,7 @@ def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int
     return out
 
 
-def exact_match(model, tokenizer, problems: list[Problem], max_new_tokens: int = 64) -> float:
+def exact_match(model, tokenizer, problems: list[Problem], max_new_tokens: int = 96) -> float:
     """Share of problems whose greedy completion ends in `#### <the right answer>`."""
     completions = greedy_completions(model, tokenizer, [p.prompt for p in problems], max_new_tokens)
     return sum(verify(c, p.answer) for c, p in zip(completions, problems)) / len(problems)

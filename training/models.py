@@ -1,7 +1,7 @@
 """Model factories: the embedded teacher/student pair, loading any HF causal LM, and identity.
 
 The embedded pair are Llama models on the character tokenizer. head_dim is 32 because vLLM's CPU
-attention rejects 16. The student has about 7× fewer parameters than the teacher.
+attention rejects 16. The student has about 6× fewer parameters than the teacher.
 """
 
 import hashlib
@@ -26,7 +26,7 @@ class Architecture:
     max_position_embeddings: int = 128
 
 
-TEACHER_ARCHITECTURE = Architecture(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384)
+TEACHER_ARCHITECTURE = Architecture(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=256)
 STUDENT_ARCHITECTURE = Architecture(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
 
 

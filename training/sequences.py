@@ -23,3 +23,4 @@ def encode_completions(tokenizer, prompts: list[str], completions: list[str], ma
         attention_mask[i, : len(row)] = 1
         completion_mask[i, len(prompt) : len(row)] = 1
     return input_ids, attention_mask, completion_mask
+

@@ -21,7 +21,8 @@ class HFEngine:
         model, tokenizer = load_model(name_or_path, revision, trust_remote_code)
         return cls(model, tokenizer, **kwargs)
 
-    def _padded(self, rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def pad_batch(self, rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask) with pads on the left (generation) or right (scoring)."""
         length = max(len(r) for r in rows)
         ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -36,7 +37,7 @@ class HFEngine:
         eos = self.tokenizer.eos_token_id
         out = []
         for batch_no, start in enumerate(range(0, len(prompt_ids), self.batch_size)):
-            ids, mask = self._padded(prompt_ids[start : start + self.batch_size], side="left")
+            ids, mask = self.pad_batch(prompt_ids[start : start + self.batch_size], side="left")
             torch.manual_seed(params.seed * 1_000_003 + batch_no)
             sampled = params.temperature > 0
             generated = self.model.generate(
@@ -75,7 +76,7 @@ class HFEngine:
         for start in range(0, len(prompt_ids), self.batch_size):
             prompts = prompt_ids[start : start + self.batch_size]
             completions = completion_ids[start : start + self.batch_size]
-            ids, mask = self._padded([p + c for p, c in zip(prompts, completions)], side="right")
+            ids, mask = self.pad_batch([p + c for p, c in zip(prompts, completions)], side="right")
             logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
             prompt_lengths = torch.tensor([len(p) for p in prompts], device=self.device)
             completion_lengths = torch.tensor([len(c) for c in completions])

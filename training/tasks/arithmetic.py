@@ -3,9 +3,10 @@
 A problem is `a+b=`, `a-b=` (a ≥ b) or `a*b=` (b one digit). The answer walks the digits from the
 right, one step per digit, GSM8K-style chain of thought made synthetic and exact:
 
-    347+856=   →   7+6+0=3c1|3;4+5+1=0c1|03;3+8+1=2c1|203;#### 1203
-    x op y ± carry = digit, carry-out (c) or borrow-out (b), | the answer digits so far
-    47*8=      →   7*8=56+0=6c5|6;4*8=32+5=7c3|76;#### 376   (the product is written first)
+    347+856=   →   7+6+0=3c1|3;4+5+1=0c1|03;3+8+1=2c1|203;c1|1203;#### 1203
+    x op y ± carry = digit, carry-out (c) or borrow-out (b), | the answer digits so far;
+    a last carry gets a step of its own, so the answer is a copy of the last digits
+    47*8=      →   7*8=56+0=6c5|6;4*8=32+5=7c3|76;c3|376;#### 376   (the product is written first)
 
 The final answer follows `####`, as in GSM8K; `verify` compares only that number.
 
@@ -74,6 +75,8 @@ class Problem:
             flag = "b" if self.op == "-" else "c"
             steps.append(f"{text}={digit}{flag}{carry_out}|{suffix}")
             carry = carry_out
+        if carry and self.op != "-":
+            steps.append(f"c{carry}|{carry}{suffix}")
         return ";".join(steps) + f";#### {self.answer}"
 
 

@@ -1,0 +1,32 @@
+"""Trains the embedded teacher as `teacher_model` does and prints time and eval exact match.
+
+    .venv/bin/python bench/teacher.py [steps]
+"""
+
+import sys
+
+import torch
+
+from training.embedded import train_embedded_teacher
+from training.models import STUDENT_ARCHITECTURE
+from training.sft import SFTConfig
+
+
+def main() -> None:
+    steps = int(sys.argv[1]) if len(sys.argv) > 1 else 800
+    print(f"torch threads: {torch.get_num_threads()}")
+    for name, architecture in [("teacher", None), ("student alone", STUDENT_ARCHITECTURE)]:
+        kwargs = {"architecture": architecture} if architecture else {}
+        model, tokenizer, curve, accuracy, seconds = train_embedded_teacher(
+            SFTConfig(steps=steps), eval_problems=1000, **kwargs
+        )
+        params = sum(p.numel() for p in model.parameters())
+        print(
+            f"{name:14s} params {params:>9,}  steps {steps}  final loss {curve[-1]['loss']:.4f}  "
+            f"train+eval {seconds:.0f} s  greedy exact match (1000 eval problems) {accuracy:.3f}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+import random
+
+import pyarrow as pa
+
+from training.tasks.arithmetic import (
+    ArithmeticConfig,
+    Problem,
+    extract_answer,
+    is_eval,
+    parse_prompt,
+    problems,
+    sample_problem,
+    verify,
+    verify_column,
+)
+
+
+def replay_steps(problem: Problem) -> int:
+    """The answer read off the worked steps alone: the last running answer digits."""
+    return int(problem.solution.split(";")[-2].split("|")[1])
+
+
+def test_worked_steps_reach_the_answer():
+    rng = random.Random(0)
+    for _ in range(2000):
+        problem = sample_problem(rng, ArithmeticConfig())
+        assert replay_steps(problem) == problem.answer, problem
+        assert problem.solution.endswith(f"#### {problem.answer}")
+        assert verify(problem.solution, problem.answer)
+
+
+def test_examples_of_the_format():
+    assert Problem(347, "+", 856).solution == "7+6+0=3c1|3;4+5+1=0c1|03;3+8+1=2c1|203;c1|1203;#### 1203"
+    assert Problem(47, "*", 8).solution == "7*8=56+0=6c5|6;4*8=32+5=7c3|76;c3|376;#### 376"
+    assert Problem(302, "-", 15).solution == "2-5-0=7b1|7;0-1-1=8b1|87;3-0-1=2b0|287;#### 287"
+
+
+def test_generator_is_seeded_and_splits_are_disjoint():
+    assert problems("train", 300, 1) == problems("train", 300, 1)
+    assert problems("train", 300, 1) != problems("train", 300, 2)
+    train = {p.prompt for p in problems("train", 5000, 0)}
+    evals = {p.prompt for p in problems("eval", 500, 0)}
+    assert len(evals) == 500 and not train & evals
+    config = ArithmeticConfig()
+    assert all(is_eval(parse_prompt(p), config) for p in evals)
+
+
+def test_iid_stream_keeps_repeats():
+    stream = problems("train", 5000, 0, distinct=False)
+    assert len(stream) == 5000 and len({p.prompt for p in stream}) < 5000
+
+
+def test_verifier_reads_only_the_final_answer():
+    assert extract_answer("1+2+0=3c0|3;#### 3") == 3
+    assert extract_answer("no answer here") is None
+    assert verify("####  -12", -12) and not verify("#### 13", 12) and not verify("13", 13)
+
+
+def test_verify_column_matches_verify():
+    completions = pa.array(["#### 12", "#### 13", "nothing", "#### 5", None])
+    answers = pa.array(["12", "12", "12", None, "3"])
+    assert verify_column(completions, answers).to_pylist() == [True, False, False, None, False]
+
+
+def test_parse_prompt_rejects_what_the_task_does_not_pose():
+    assert parse_prompt("12+7=") == Problem(12, "+", 7)
+    assert parse_prompt("3-12=") is None and parse_prompt("12*34=") is None and parse_prompt("hello") is None

@@ -1,0 +1,153 @@
+"""The offline graph end to end through `dagster.materialize`, in a temporary DAGSTER_HOME."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from assets.checks import (
+    eval_disjoint_from_train,
+    sparse_signal_valid,
+    teacher_reaches_target,
+    token_round_trip,
+    vocab_compatible,
+)
+from assets.datasets import eval_set, seed_prompts, teacher_labeled
+from assets.models import student_model, teacher_model
+from pipelines.catalog import query
+from pipelines.cli import main as distill
+from pipelines.definitions import defs
+from pipelines.resources import DistillStore, TeacherEngine
+from pipelines.store import Store
+
+ASSETS = [teacher_model, student_model, seed_prompts, eval_set, teacher_labeled]
+CHECKS = [sparse_signal_valid, token_round_trip, vocab_compatible, eval_disjoint_from_train, teacher_reaches_target]
+RESOURCES = {"store": DistillStore(), "teacher_engine": TeacherEngine(batch_size=32)}
+TINY = {
+    "teacher_model": {"train_steps": 30, "eval_problems": 16},
+    "seed_prompts": {"num_prompts": 24},
+    "eval_set": {"num_prompts": 16},
+    "teacher_labeled": {"n": 2, "temperature": 1.0, "max_new_tokens": 40, "k": 8},
+}
+
+
+def run_config(names, **overrides):
+    merged = {name: {**TINY.get(name, {}), **overrides.get(name, {})} for name in names}
+    return {"ops": {name: {"config": config} for name, config in merged.items() if config}}
+
+
+def materialize(instance, selection=None, **overrides):
+    names = [a.key.to_user_string() for a in (selection or ASSETS)]
+    return dg.materialize(
+        ASSETS + CHECKS,
+        selection=selection,
+        instance=instance,
+        resources=RESOURCES,
+        run_config=run_config(names, **overrides),
+        raise_on_error=False,
+    )
+
+
+def test_offline_graph_end_to_end(instance, distill_home, capsys):
+    result = materialize(instance)
+    assert result.success
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks == {
+        "sparse_signal_valid": True,
+        "token_round_trip": True,
+        "vocab_compatible": True,
+        "eval_disjoint_from_train": True,
+        "teacher_reaches_target": False,  # 30 training steps are far from the target: the check can fail
+    }
+
+    store = Store(distill_home)
+    labeled = store.read_dataset("teacher_labeled")
+    assert labeled.num_rows == 48  # 24 prompts × n=2
+    row = labeled.slice(0, 1).to_pylist()[0]
+    assert len(row["topk_ids"]) == len(row["completion_token_ids"]) == row["num_tokens"] > 0
+    assert len(row["topk_ids"][0]) == row["k"] == 8
+    assert row["teacher_weights_hash"] == store.read_card("teacher")["weights_hash"]
+    assert row["logprob_mode"] == "raw" and row["codec"] == "topk-v1" and row["temperature"] == 1.0
+    assert json.loads(row["sampling"]) == {"n": 2, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 40, "seed": 0}
+    assert row["run_id"] == result.run_id and len(row["sample_id"]) == 16
+    assert len(set(labeled["sample_id"].to_pylist())) == 48
+
+    metadata = result.asset_materializations_for_node("teacher_labeled")[0].metadata
+    assert metadata["dagster/row_count"].value == 48
+    assert {"tokens", "mean_topk_entropy", "mean_tail_mass", "preview", "path"} <= set(metadata)
+    assert Path(metadata["path"].value).exists()
+
+    columns, rows = query(store, "SELECT asset, run_id FROM lineage ORDER BY asset")
+    assert [r[0] for r in rows] == ["eval_set", "seed_prompts", "student_model", "teacher_labeled", "teacher_model"]
+    assert distill(["--home", str(distill_home), "query", "SELECT count(*) AS n FROM teacher_labeled"]) == 0
+    assert "48" in capsys.readouterr().out
+
+    again = materialize(instance, selection=[teacher_labeled])  # a re-run replaces the output cleanly
+    assert again.success
+    assert store.read_dataset("teacher_labeled")["run_id"].unique().to_pylist() == [again.run_id]
+    assert query(store, "SELECT count(*) FROM lineage WHERE asset = 'teacher_labeled'")[1] == [(2,)]
+
+
+def test_overlong_prompts_are_dropped_or_truncated_and_counted(instance, distill_home):
+    assert materialize(instance, selection=[teacher_model, seed_prompts]).success
+    # the embedded context is 128 tokens: 100 new tokens leave 28 for the prompt
+    long_prompt = "1" * 40 + "+1="
+    path = distill_home / "long.jsonl"
+    path.write_text(json.dumps({"prompt": long_prompt}) + "\n" + json.dumps({"prompt": "1+1="}) + "\n")
+    files = {"source": "files", "files": [str(path)]}
+    for policy, kept, counter in [("drop", 1, "dropped_overlong_prompts"), ("truncate", 2, "truncated_overlong_prompts")]:
+        result = materialize(
+            instance,
+            selection=[seed_prompts, teacher_labeled],
+            seed_prompts=files,
+            teacher_labeled={"n": 1, "temperature": 0.0, "max_new_tokens": 100, "overlong_prompts": policy},
+        )
+        assert result.success
+        metadata = result.asset_materializations_for_node("teacher_labeled")[0].metadata
+        assert metadata[counter].value == 1
+        assert metadata["dagster/row_count"].value == kept
+
+
+def test_configured_model_is_recorded_not_trained(instance, distill_home, tiny_model_dir):
+    result = materialize(instance, selection=[teacher_model], teacher_model={"model": str(tiny_model_dir)})
+    assert result.success
+    card = Store(distill_home).read_card("teacher")
+    assert card["path"] == str(tiny_model_dir) and card["vocab_size"] == 100
+    assert "train_steps" not in card and len(card["tokenizer_hash"]) == 16
+
+
+def test_unloadable_model_fails_before_any_work(instance, distill_home):
+    result = materialize(instance, selection=[teacher_model], teacher_model={"model": str(distill_home / "no-such-model")})
+    assert not result.success
+    failure = result.get_step_failure_events()[0].step_failure_data.error
+    assert "cannot load the tokenizer" in failure.cause.message or "cannot load" in failure.message
+    assert not (distill_home / "models" / "teacher" / "card.json").exists()
+
+
+def test_bad_config_fails_at_config_time(instance):
+    result = materialize(instance, selection=[teacher_labeled], teacher_labeled={"n": 3, "temperature": 0.0})
+    assert not result.success
+    assert "greedy responses would all be the same" in str(result.get_step_failure_events()[0].step_failure_data.error)
+
+
+def test_missing_prompt_column_names_the_columns(instance, distill_home):
+    path = distill_home / "p.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"question": "1+1="}) + "\n")
+    result = materialize(instance, selection=[seed_prompts], seed_prompts={"source": "files", "files": [str(path)]})
+    assert not result.success
+    assert "its columns are ['question']" in str(result.get_step_failure_events()[0].step_failure_data.error)
+
+
+def test_definitions_load_and_validate():
+    assert {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()} >= {
+        "teacher_model", "student_model", "seed_prompts", "eval_set", "teacher_labeled"
+    }
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "dagster"), "definitions", "validate"],
+        capture_output=True, text=True, cwd=Path(__file__).parent.parent,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
