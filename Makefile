@@ -23,6 +23,7 @@ test: $(INSTALLED)
 
 ui: $(INSTALLED)
 	mkdir -p $(DAGSTER_HOME)
+	test -f $(DAGSTER_HOME)/dagster.yaml || printf 'telemetry:\n  enabled: false\n' > $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -h 127.0.0.1 -p 3000
 
 validate: $(INSTALLED)

@@ -2,6 +2,7 @@
 
 import os
 import time
+from pathlib import Path
 
 import dagster as dg
 
@@ -21,8 +22,10 @@ FROM teacher_labeled GROUP BY teacher
 
 def main() -> None:
     store = Store()
-    dagster_home = os.environ.setdefault("DAGSTER_HOME", str(store.root / "dagster"))
-    os.makedirs(dagster_home, exist_ok=True)
+    dagster_home = Path(os.environ.setdefault("DAGSTER_HOME", str(store.root / "dagster")))
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    if not (dagster_home / "dagster.yaml").exists():  # a persistent instance, shared with `make ui`
+        (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     started = time.perf_counter()
     with dg.DagsterInstance.get() as instance:
         result = defs.resolve_job_def("distill_offline").execute_in_process(instance=instance)
