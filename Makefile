@@ -27,6 +27,7 @@ ui: $(INSTALLED)
 	$(BIN)/dagster dev -h 127.0.0.1 -p 3000
 
 validate: $(INSTALLED)
+	mkdir -p $(DAGSTER_HOME)
 	$(BIN)/dagster definitions validate
 
 bench: $(INSTALLED)

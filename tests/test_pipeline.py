@@ -142,7 +142,7 @@ def test_missing_prompt_column_names_the_columns(instance, distill_home):
     assert "its columns are ['question']" in str(result.get_step_failure_events()[0].step_failure_data.error)
 
 
-def test_definitions_load_and_validate():
+def test_definitions_load_and_validate(distill_home):
     assert {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()} >= {
         "teacher_model", "student_model", "seed_prompts", "eval_set", "teacher_labeled"
     }
