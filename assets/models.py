@@ -5,12 +5,13 @@ import dagster as dg
 from pipelines.publish import record_lineage
 from pipelines.resources import DistillStore
 from pipelines.settings import EMBEDDED, ModelConfig, StudentModelConfig, TeacherModelConfig
-from training.embedded import train_embedded_teacher
-from training.models import STUDENT_ARCHITECTURE, build_embedded, load_model, model_card, save_model
+from pipelines.store import Store
+from training.embedded import train_embedded
+from training.models import STUDENT_ARCHITECTURE, TEACHER_ARCHITECTURE, Architecture, load_model, model_card, save_model
 from training.sft import SFTConfig
 
 
-def _record_configured(context, store, name: str, config: ModelConfig) -> dg.MaterializeResult:
+def _record_configured(context, store: Store, name: str, config: ModelConfig) -> dg.MaterializeResult:
     """A hub id or local path: load it (failing early if it cannot be), record its card, train nothing."""
     model, tokenizer = load_model(config.model, config.revision, config.trust_remote_code)
     card = {**model_card(config.model, model, tokenizer, config.revision), "path": config.model}
@@ -20,12 +21,8 @@ def _record_configured(context, store, name: str, config: ModelConfig) -> dg.Mat
     return dg.MaterializeResult(metadata=card, data_version=dg.DataVersion(card["weights_hash"]))
 
 
-@dg.asset(group_name="models", pool="accelerator", kinds={"pytorch"})
-def teacher_model(context: dg.AssetExecutionContext, config: TeacherModelConfig, store: DistillStore):
-    """The teacher. Embedded: a Llama trained from scratch on the arithmetic train split."""
-    distill_store = store.open()
-    if config.model != EMBEDDED:
-        return _record_configured(context, distill_store, "teacher", config)
+def _train_and_save(context, store: Store, name: str, config, architecture: Architecture) -> dg.MaterializeResult:
+    """Trains an embedded model from scratch with SFT on the task, evaluates it, saves it by content."""
     sft = SFTConfig(steps=config.train_steps, batch_size=config.batch_size, lr=config.learning_rate, seed=config.seed)
     log_every = max(1, config.train_steps // 10)
 
@@ -33,34 +30,37 @@ def teacher_model(context: dg.AssetExecutionContext, config: TeacherModelConfig,
         if step % log_every == 0:
             context.log.info(f"step {step}/{config.train_steps} loss {loss:.4f}")
 
-    model, tokenizer, curve, accuracy, seconds = train_embedded_teacher(sft, config.eval_problems, on_step=log_progress)
+    model, tokenizer, curve, accuracy, seconds = train_embedded(
+        architecture, sft, config.eval_problems, on_step=log_progress
+    )
     card = {
-        **model_card("embedded-teacher", model, tokenizer),
+        **model_card(f"embedded-{name}", model, tokenizer),
         "eval_exact_match": accuracy,
         "train_steps": config.train_steps,
         "train_seconds": round(seconds, 1),
         "final_loss": curve[-1]["loss"],
         "context_length": model.config.max_position_embeddings,
     }
-    card = distill_store.save_model("teacher", card, lambda directory: save_model(model, tokenizer, directory))
-    record_lineage(context, distill_store, config, {}, card)
+    card = store.save_model(name, card, lambda directory: save_model(model, tokenizer, directory))
+    record_lineage(context, store, config, {}, card)
     return dg.MaterializeResult(
         metadata={**card, "path": dg.MetadataValue.path(card["path"])},
         data_version=dg.DataVersion(card["weights_hash"]),
     )
 
 
-@dg.asset(group_name="models", kinds={"pytorch"})
-def student_model(context: dg.AssetExecutionContext, config: StudentModelConfig, store: DistillStore):
-    """The student before distillation. Embedded: a ~6× smaller Llama on the same tokenizer."""
-    distill_store = store.open()
+@dg.asset(group_name="models", pool="accelerator", kinds={"pytorch"})
+def teacher_model(context: dg.AssetExecutionContext, config: TeacherModelConfig, store: DistillStore):
+    """The teacher. Embedded: a Llama trained from scratch on the arithmetic train split."""
     if config.model != EMBEDDED:
-        return _record_configured(context, distill_store, "student", config)
-    model, tokenizer = build_embedded(STUDENT_ARCHITECTURE, config.seed)
-    card = {**model_card("embedded-student", model, tokenizer), "context_length": model.config.max_position_embeddings}
-    card = distill_store.save_model("student", card, lambda directory: save_model(model, tokenizer, directory))
-    record_lineage(context, distill_store, config, {}, card)
-    return dg.MaterializeResult(
-        metadata={**card, "path": dg.MetadataValue.path(card["path"])},
-        data_version=dg.DataVersion(card["weights_hash"]),
-    )
+        return _record_configured(context, store.open(), "teacher", config)
+    return _train_and_save(context, store.open(), "teacher", config, TEACHER_ARCHITECTURE)
+
+
+@dg.asset(group_name="models", pool="accelerator", kinds={"pytorch"})
+def student_model(context: dg.AssetExecutionContext, config: StudentModelConfig, store: DistillStore):
+    """The student before distillation. Embedded: a ~6× smaller Llama on the same tokenizer, with a
+    short SFT warm start on ground-truth solutions, so that it starts well under the teacher."""
+    if config.model != EMBEDDED:
+        return _record_configured(context, store.open(), "student", config)
+    return _train_and_save(context, store.open(), "student", config, STUDENT_ARCHITECTURE)

@@ -7,19 +7,16 @@ import sys
 
 import torch
 
-from training.embedded import train_embedded_teacher
-from training.models import STUDENT_ARCHITECTURE
+from training.embedded import train_embedded
+from training.models import STUDENT_ARCHITECTURE, TEACHER_ARCHITECTURE
 from training.sft import SFTConfig
 
 
 def main() -> None:
     steps = int(sys.argv[1]) if len(sys.argv) > 1 else 800
     print(f"torch threads: {torch.get_num_threads()}")
-    for name, architecture in [("teacher", None), ("student alone", STUDENT_ARCHITECTURE)]:
-        kwargs = {"architecture": architecture} if architecture else {}
-        model, tokenizer, curve, accuracy, seconds = train_embedded_teacher(
-            SFTConfig(steps=steps), eval_problems=1000, **kwargs
-        )
+    for name, architecture in [("teacher", TEACHER_ARCHITECTURE), ("student alone", STUDENT_ARCHITECTURE)]:
+        model, tokenizer, curve, accuracy, seconds = train_embedded(architecture, SFTConfig(steps=steps), eval_problems=1000)
         params = sum(p.numel() for p in model.parameters())
         print(
             f"{name:14s} params {params:>9,}  steps {steps}  final loss {curve[-1]['loss']:.4f}  "

@@ -20,6 +20,16 @@ FROM teacher_labeled GROUP BY teacher
 """
 
 
+EVALS_QUERY = """
+SELECT model, checkpoint,
+       round(max(value) FILTER (metric = 'greedy_exact_match'), 3) AS greedy_em,
+       round(max(value) FILTER (metric = 'sampled_exact_match'), 3) AS sampled_em,
+       round(max(value) FILTER (metric = 'reverse_kl_on_student_samples'), 4) AS reverse_kl
+FROM evals WHERE run_id = (SELECT arg_max(run_id, created_at) FROM evals)
+GROUP BY model, checkpoint ORDER BY greedy_em DESC
+"""
+
+
 def main() -> None:
     store = Store()
     dagster_home = Path(os.environ.setdefault("DAGSTER_HOME", str(store.root / "dagster")))
@@ -34,11 +44,14 @@ def main() -> None:
     teacher = store.read_card("teacher")
     print(f"\nDone in {time.perf_counter() - started:.0f} s.")
     print(f"Teacher: {teacher['num_parameters']:,} parameters, eval exact match {teacher['eval_exact_match']:.3f}")
-    print(f"Student: {store.read_card('student')['num_parameters']:,} parameters")
+    student = store.read_card("student")
+    print(f"Student: {student['num_parameters']:,} parameters, SFT warm start exact match {student['eval_exact_match']:.3f}")
     print(f"\nData under {store.root}; DuckDB catalog at {catalog_path(store)}\n")
     print(format_table(*list_datasets(store)))
     print(f"\n$ distill query \"{' '.join(DEMO_QUERY.split())}\"\n")
     print(format_table(*query(store, DEMO_QUERY)))
+    print("\nEvals on the eval split (greedy and sampled exact match, reverse KL to the teacher on own samples):\n")
+    print(format_table(*query(store, EVALS_QUERY)))
     print(f"\nOpen the UI:  make ui   (Dagster on http://127.0.0.1:3000, DAGSTER_HOME={dagster_home})")
 
 

@@ -10,6 +10,7 @@ import dagster as dg
 from pydantic import Field, model_validator
 
 EMBEDDED = "embedded"
+STUDENT_WARM_START_STEPS = 550  # lands the embedded student between 20% and 60% exact match
 
 
 class ModelConfig(dg.Config):
@@ -30,8 +31,8 @@ class TeacherModelConfig(ModelConfig):
     eval_problems: int = Field(500, ge=1, description="eval-split problems for the exact-match figure")
 
 
-class StudentModelConfig(ModelConfig):
-    pass
+class StudentModelConfig(TeacherModelConfig):
+    train_steps: int = Field(STUDENT_WARM_START_STEPS, ge=1, description="SFT warm-start steps for the embedded student")
 
 
 class PromptSourceConfig(dg.Config):
@@ -61,6 +62,8 @@ class PromptSourceConfig(dg.Config):
 class SeedPromptsConfig(PromptSourceConfig):
     """The inputs the teacher labels; embedded: the arithmetic train split."""
 
+    num_prompts: int = Field(2048, ge=1, description="prompts to generate (embedded) or the most to keep")
+
 
 class EvalSetConfig(PromptSourceConfig):
     """Held-out problems; embedded: the arithmetic eval split, disjoint from train by construction."""
@@ -89,3 +92,25 @@ class TeacherLabeledConfig(dg.Config):
         if self.n > 1 and self.temperature == 0:
             raise ValueError(f"n={self.n} greedy responses would all be the same: set temperature > 0 or n = 1")
         return self
+
+
+class OfflineStudentConfig(dg.Config):
+    objective: Literal["sft", "supervised_kd"] = Field(
+        "supervised_kd", description="'sft': teacher tokens as hard targets (SeqKD); 'supervised_kd': a divergence to the stored top-k"
+    )
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tv", "skew_kl", "skew_reverse_kl"] = "jsd"
+    beta: float = Field(0.5, ge=0, le=1, description="JSD mixture weight: 0 is forward KL, 1 reverse KL")
+    alpha: float = Field(0.1, gt=0, lt=1, description="skew of the skew KLs")
+    tail_policy: Literal["renormalize", "bucket"] = "renormalize"
+    temperature: float = Field(1.0, gt=0, description="loss temperature τ for teacher and student")
+    nll_weight: float = Field(0.0, ge=0, description="weight of NLL on the teacher's tokens, added to the divergence")
+    k: Optional[int] = Field(None, ge=1, description="train on the first k of the stored top-k; empty: all")
+    steps: int = Field(400, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(2e-3, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    seed: int = 0
+
+
+class EvalsConfig(dg.Config):
+    seed: int = Field(0, description="seed of the sampled exact match and the student samples")

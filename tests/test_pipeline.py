@@ -17,17 +17,20 @@ from assets.checks import (
 )
 from assets.datasets import eval_set, seed_prompts, teacher_labeled
 from assets.models import student_model, teacher_model
+from assets.students import evals, offline_student
 from pipelines.catalog import query
 from pipelines.cli import main as distill
 from pipelines.definitions import defs
 from pipelines.resources import DistillStore, TeacherEngine
 from pipelines.store import Store
 
-ASSETS = [teacher_model, student_model, seed_prompts, eval_set, teacher_labeled]
+ASSETS = [teacher_model, student_model, seed_prompts, eval_set, teacher_labeled, offline_student, evals]
 CHECKS = [sparse_signal_valid, token_round_trip, vocab_compatible, eval_disjoint_from_train, teacher_reaches_target]
 RESOURCES = {"store": DistillStore(), "teacher_engine": TeacherEngine(batch_size=32)}
 TINY = {
     "teacher_model": {"train_steps": 30, "eval_problems": 16},
+    "student_model": {"train_steps": 20, "eval_problems": 16},
+    "offline_student": {"steps": 20, "batch_size": 8},
     "seed_prompts": {"num_prompts": 24},
     "eval_set": {"num_prompts": 16},
     "teacher_labeled": {"n": 2, "temperature": 1.0, "max_new_tokens": 40, "k": 8},
@@ -81,7 +84,19 @@ def test_offline_graph_end_to_end(instance, distill_home, capsys):
     assert Path(metadata["path"].value).exists()
 
     columns, rows = query(store, "SELECT asset, run_id FROM lineage ORDER BY asset")
-    assert [r[0] for r in rows] == ["eval_set", "seed_prompts", "student_model", "teacher_labeled", "teacher_model"]
+    assert [r[0] for r in rows] == [
+        "eval_set", "evals", "offline_student", "seed_prompts", "student_model", "teacher_labeled", "teacher_model"
+    ]
+    columns, rows = query(store, "SELECT model, metric FROM evals ORDER BY model, metric")
+    assert rows == [
+        ("offline_student", "greedy_exact_match"), ("offline_student", "reverse_kl_on_student_samples"),
+        ("offline_student", "sampled_exact_match"), ("student", "greedy_exact_match"),
+        ("student", "reverse_kl_on_student_samples"), ("student", "sampled_exact_match"),
+        ("teacher", "greedy_exact_match"), ("teacher", "sampled_exact_match"),
+    ]
+    offline = result.asset_materializations_for_node("offline_student")[0].metadata
+    assert offline["trained_on"].value == "teacher_labeled" and offline["steps"].value == 20
+    assert "data:image/png;base64," in offline["loss_curve"].value
     assert distill(["--home", str(distill_home), "query", "SELECT count(*) AS n FROM teacher_labeled"]) == 0
     assert "48" in capsys.readouterr().out
 

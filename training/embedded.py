@@ -1,19 +1,20 @@
-"""Training the embedded teacher from scratch on the arithmetic task's train split."""
+"""Training the embedded models from scratch on the arithmetic task's train split: the teacher to
+the target, and the student's short SFT warm start (GKD's students all start from SFT)."""
 
 import time
 
 from training.evaluate import exact_match
-from training.models import TEACHER_ARCHITECTURE, Architecture, build_embedded
+from training.models import Architecture, build_embedded
 from training.sft import SFTConfig, train_sft
 from training.tasks.arithmetic import ArithmeticConfig, problems
 
 TARGET_EXACT_MATCH = 0.95  # greedy exact match the embedded teacher must reach on the eval split
 
 
-def train_embedded_teacher(
+def train_embedded(
+    architecture: Architecture,
     sft: SFTConfig,
     eval_problems: int = 500,
-    architecture: Architecture = TEACHER_ARCHITECTURE,
     task: ArithmeticConfig = ArithmeticConfig(),
     on_step=None,
 ):

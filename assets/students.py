@@ -1,0 +1,120 @@
+"""`offline_student` and `evals`: distill the student on the stored teacher signal, then measure
+every model on the eval split."""
+
+import base64
+import io
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import dagster as dg
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pyarrow as pa
+
+from assets.datasets import eval_set, teacher_labeled
+from assets.models import student_model, teacher_model
+from pipelines.publish import file_version, record_lineage
+from pipelines.catalog import refresh_catalog
+from pipelines.resources import DistillStore
+from pipelines.settings import EvalsConfig, OfflineStudentConfig
+from pipelines.store import Store
+from training.distill import DistillConfig
+from training.evaluate import evaluate
+from training.models import load_model, model_card, save_model
+
+MODELS = ["teacher", "student", "offline_student"]
+
+
+def training_data(store: Store) -> str:
+    """`curated` when it has been built, else `teacher_labeled`."""
+    return "curated" if store.dataset_path("curated").exists() else "teacher_labeled"
+
+
+def curve_png(curve: list[dict]) -> str:
+    figure, axis = plt.subplots(figsize=(6, 3))
+    axis.plot([c["step"] for c in curve], [c["loss"] for c in curve])
+    axis.set(xlabel="step", ylabel="loss", yscale="log", title="offline_student training loss")
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@dg.asset(group_name="students", pool="accelerator", kinds={"pytorch"}, deps=[student_model, teacher_model, teacher_labeled])
+def offline_student(context: dg.AssetExecutionContext, config: OfflineStudentConfig, store: DistillStore):
+    """The student after offline distillation on the stored teacher signal (SeqKD or supervised KD),
+    trained by the plain command `python -m training.distill`."""
+    distill_store = store.open()
+    student, teacher = distill_store.read_card("student"), distill_store.read_card("teacher")
+    dataset = training_data(distill_store)
+    data_path = distill_store.dataset_path(dataset)
+    with tempfile.TemporaryDirectory(dir=distill_store.root) as work:
+        run = DistillConfig(
+            student=student["path"], data=[str(data_path)], output=f"{work}/checkpoint",
+            teacher_vocab_size=teacher["vocab_size"],
+            **{name: value for name, value in config.model_dump().items() if name not in ("learning_rate",)},
+            lr=config.learning_rate,
+        )
+        run.loss_objective()  # parameter errors before launching anything
+        config_path = Path(work) / "run.json"
+        config_path.write_text(json.dumps(asdict(run)))
+        done = subprocess.run([sys.executable, "-m", "training.distill", "--config", config_path], capture_output=True, text=True)
+        for line in done.stdout.splitlines():
+            context.log.info(line)
+        if done.returncode != 0:
+            raise RuntimeError(f"training.distill failed:\n{done.stderr[-3000:]}")
+        model, tokenizer = load_model(run.output)
+        curve = json.loads((Path(run.output) / "curve.json").read_text())
+        card = {**model_card("offline_student", model, tokenizer), "objective": config.objective, "parent": student["weights_hash"]}
+        card = distill_store.save_model("offline_student", card, lambda directory: save_model(model, tokenizer, directory))
+    metrics = {"final_loss": curve[-1]["loss"], "steps": len(curve), "train_seconds": round(curve[-1]["seconds"], 1)}
+    inputs = {dataset: file_version(data_path), "student_model": student["weights_hash"], "teacher_model": teacher["weights_hash"]}
+    record_lineage(context, distill_store, config, inputs, {**card, **metrics})
+    return dg.MaterializeResult(
+        metadata={
+            **metrics, "weights_hash": card["weights_hash"], "path": dg.MetadataValue.path(card["path"]),
+            "trained_on": dataset, "inputs": dg.MetadataValue.json(inputs),
+            "loss_curve": dg.MetadataValue.md(f"![loss](data:image/png;base64,{curve_png(curve)})"),
+        },
+        data_version=dg.DataVersion(card["weights_hash"]),
+    )
+
+
+@dg.asset(group_name="students", pool="accelerator", kinds={"parquet"}, deps=[teacher_model, student_model, offline_student, eval_set])
+def evals(context: dg.AssetExecutionContext, config: EvalsConfig, store: DistillStore):
+    """Exact match (greedy, sampled at T=1) on the eval split for the teacher, the initial student and
+    the offline student, and each student's reverse KL to the teacher on its own samples."""
+    distill_store = store.open()
+    eval_rows = distill_store.read_dataset("eval_set")
+    prompts, answers = eval_rows["prompt"].to_pylist(), eval_rows["answer"].to_pylist()
+    teacher_card = distill_store.read_card("teacher")
+    teacher, teacher_tokenizer = load_model(teacher_card["path"], teacher_card.get("revision"))
+    rows = []
+    for name in MODELS:
+        card = distill_store.read_card(name)
+        if name == "teacher":
+            results = evaluate(teacher, teacher_tokenizer, prompts, answers, seed=config.seed)
+        else:
+            model, tokenizer = load_model(card["path"], card.get("revision"))
+            results = evaluate(model, tokenizer, prompts, answers, teacher, config.seed)
+        context.log.info(f"{name}: {results}")
+        rows += [{"model": name, "checkpoint": card["weights_hash"], "split": "eval", "metric": metric, "value": value}
+                 for metric, value in results.items()]
+    table = pa.Table.from_pylist(rows)
+    n = table.num_rows
+    table = table.append_column("round", pa.nulls(n, pa.string())).append_column("run_id", pa.repeat(pa.scalar(context.run_id), n))
+    table = table.append_column("created_at", pa.repeat(pa.scalar(datetime.now(timezone.utc), pa.timestamp("us", tz="UTC")), n))
+    path = distill_store.write_dataset("evals", table, file_name=f"part-{context.run_id}.parquet")
+    record_lineage(context, distill_store, config, {"eval_set": file_version(distill_store.dataset_path("eval_set"))}, {"rows": n})
+    refresh_catalog(distill_store)
+    summary = {f"{r['model']}/{r['metric']}": r["value"] for r in rows}
+    lines = ["| model | metric | value |", "|---|---|---|"] + [f"| {r['model']} | {r['metric']} | {r['value']:.4f} |" for r in rows]
+    return dg.MaterializeResult(metadata={**summary, "table": dg.MetadataValue.md("\n".join(lines)), "path": dg.MetadataValue.path(str(path))})

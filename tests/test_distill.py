@@ -1,0 +1,63 @@
+"""Offline distillation on a real stored signal: batches, compatibility errors, the training loop."""
+
+import pyarrow as pa
+import pytest
+import torch
+
+from training.distill import DistillConfig, check_compatible, train_student
+from training.engines.base import SamplingParams
+from training.engines.hf import HFEngine
+from training.kd import sparse_batch
+from training.labeling import label
+from training.models import load_model
+from training.tasks.arithmetic import problems
+
+
+@pytest.fixture(scope="module")
+def labeled(tiny_model_dir):
+    """A real teacher-signal table: the tiny model labels 48 prompts (it is its own teacher)."""
+    engine = HFEngine.load(str(tiny_model_dir), batch_size=16)
+    prompts = [p.prompt for p in problems("train", 48, 0)]
+    table = label(engine, prompts, SamplingParams(temperature=1.0, max_new_tokens=24), k=8).table
+    return table.append_column("sample_id", pa.array([f"s{i}" for i in range(table.num_rows)]))
+
+
+def test_sparse_batch_reproduces_the_stored_signal(tiny_model_dir, labeled):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    batch = sparse_batch(labeled.slice(0, 5), tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    top = torch.log_softmax(logits[batch.rows, batch.positions], -1).topk(8, -1)
+    assert torch.equal(top.indices, batch.topk_ids)
+    torch.testing.assert_close(top.values, batch.topk_logprobs, atol=1e-5, rtol=0)
+    assert batch.targets.shape[0] == sum(len(c) for c in labeled.slice(0, 5)["completion_token_ids"].to_pylist())
+    smaller = sparse_batch(labeled.slice(0, 5), tokenizer.pad_token_id, k=3)
+    expected_tail = batch.tail_mass + batch.topk_logprobs[:, 3:].exp().sum(-1)
+    torch.testing.assert_close(smaller.tail_mass, expected_tail.clamp(0, 1), atol=1e-6, rtol=0)
+
+
+def test_incompatible_inputs_fail_before_training(labeled):
+    with pytest.raises(ValueError, match="teacher vocab 152064 ≠ student vocab 100"):
+        check_compatible(labeled, 100, 152064, None)
+    with pytest.raises(ValueError, match="k=50 is larger than the stored top-8"):
+        check_compatible(labeled, 100, 100, 50)
+    with pytest.raises(ValueError, match=r"sample s0 stores token id \d+, beyond the student's vocabulary of 3"):
+        check_compatible(labeled, 3, None, None)
+
+
+@pytest.mark.parametrize("objective", ["sft", "supervised_kd"])
+def test_a_short_run_lowers_the_loss(tiny_model_dir, labeled, objective):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    config = DistillConfig(student="", data=[], output="", objective=objective, steps=40, batch_size=16, lr=3e-3, warmup_steps=2)
+    curve = train_student(model, tokenizer, labeled, config)
+    first, last = sum(c["loss"] for c in curve[:5]) / 5, sum(c["loss"] for c in curve[-5:]) / 5
+    assert last < 0.8 * first
+
+
+def test_a_non_finite_loss_stops_with_a_clear_error(tiny_model_dir, labeled):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    config = DistillConfig(student="", data=[], output="", steps=3, batch_size=8)
+    with pytest.raises(FloatingPointError, match="No checkpoint was written"):
+        train_student(model, tokenizer, labeled, config)

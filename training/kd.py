@@ -1,0 +1,161 @@
+"""Distillation losses on a batch: the stored sparse teacher signal, or dense teacher logits.
+
+A batch is N completion tokens spread over B sequences. `rows` and `positions` (N,) say where each
+completion token is predicted: by the logits at (rows[i], positions[i]) of the (B, L, V) output.
+Only those N positions get a log-softmax over the vocabulary, and the teacher side stays (N, k).
+
+loss = (1/N) Σ_i D(p_i ‖ q_i)  (+ w_nll · (1/N) Σ_i −log q_i(y_i) when mixed with NLL)
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from training.divergences import divergence, sparse_supports
+
+
+@dataclass
+class SparseBatch:
+    input_ids: torch.Tensor  # (B, L) prompt ⊕ completion, right-padded
+    attention_mask: torch.Tensor  # (B, L)
+    rows: torch.Tensor  # (N,) sequence of each completion token
+    positions: torch.Tensor  # (N,) logits position that predicts it
+    targets: torch.Tensor  # (N,) the completion token
+    topk_ids: torch.Tensor  # (N, k)
+    topk_logprobs: torch.Tensor  # (N, k), at the stored temperature
+    tail_mass: torch.Tensor  # (N,)
+
+
+def _flat(column: pa.ChunkedArray | pa.Array, depth: int) -> np.ndarray:
+    for _ in range(depth):
+        column = pc.list_flatten(column)
+    return column.to_numpy(zero_copy_only=False)
+
+
+def _lengths(column) -> np.ndarray:
+    return pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _ranks(lengths: np.ndarray) -> np.ndarray:
+    """0, 1, …, n_b − 1 for every b, concatenated."""
+    return np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+
+
+def sparse_positions(rows: pa.Table, pad_token_id: int):
+    """(input_ids, attention_mask, rows, positions, targets) for prompt ⊕ completion sequences.
+
+    input_ids are right-padded (B, L); completion token i of sequence b is predicted by the logits
+    at (b, prompt_length_b + i − 1). Built with array indexing, no loop over rows or tokens.
+    """
+    prompt_lengths = _lengths(rows["prompt_token_ids"])
+    completion_lengths = _lengths(rows["completion_token_ids"])
+    lengths = prompt_lengths + completion_lengths
+    batch = len(lengths)
+    row_of_token = torch.from_numpy(np.repeat(np.arange(batch), lengths))
+    column_of_token = _ranks(lengths)
+    is_prompt = torch.from_numpy(column_of_token < np.repeat(prompt_lengths, lengths))
+    values = torch.empty(int(lengths.sum()), dtype=torch.long)
+    values[is_prompt] = torch.from_numpy(_flat(rows["prompt_token_ids"], 1).astype(np.int64))
+    targets = torch.from_numpy(_flat(rows["completion_token_ids"], 1).astype(np.int64))
+    values[~is_prompt] = targets
+    input_ids = torch.full((batch, int(lengths.max())), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    column = torch.from_numpy(column_of_token)
+    input_ids[row_of_token, column] = values
+    attention_mask[row_of_token, column] = 1
+    completion_rows = torch.from_numpy(np.repeat(np.arange(batch), completion_lengths))
+    positions = torch.from_numpy(np.repeat(prompt_lengths, completion_lengths) + _ranks(completion_lengths) - 1)
+    return input_ids, attention_mask, completion_rows, positions, targets
+
+
+def sparse_batch(rows: pa.Table, pad_token_id: int, k: int | None = None) -> SparseBatch:
+    """Tensors for a slice of a teacher-signal table (teacher_labeled, curated, teacher_feedback).
+
+    `k` keeps the first k of the stored top-k (they are sorted); the rest joins the tail mass.
+    """
+    input_ids, attention_mask, completion_rows, positions, targets = sparse_positions(rows, pad_token_id)
+    stored_k = int(rows["k"][0].as_py())
+    keep = k or stored_k
+    topk_ids = _flat(rows["topk_ids"], 2).reshape(-1, stored_k)
+    topk_logprobs = _flat(rows["topk_logprobs"], 2).astype(np.float32).reshape(-1, stored_k)
+    tail = _flat(rows["tail_mass"], 1).astype(np.float32) + np.exp(topk_logprobs[:, keep:]).sum(-1)
+    return SparseBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        rows=completion_rows,
+        positions=positions,
+        targets=targets,
+        topk_ids=torch.from_numpy(topk_ids[:, :keep].astype(np.int64)),
+        topk_logprobs=torch.from_numpy(np.ascontiguousarray(topk_logprobs[:, :keep])),
+        tail_mass=torch.from_numpy(np.clip(tail, 0.0, 1.0)),
+    )
+
+
+def student_logprobs_at(logits: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, temperature: float = 1.0):
+    """log q = log_softmax(logits / τ) at the N completion positions only: (N, V)."""
+    return torch.log_softmax(logits[rows, positions].float() / temperature, dim=-1)
+
+
+def nll(log_q: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """−log q(y) per position: supervised fine-tuning on the tokens in the data."""
+    return -log_q.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What the student minimizes per completion token, averaged over the batch's tokens."""
+
+    divergence: str = "jsd"  # forward_kl | reverse_kl | jsd | tv | skew_kl | skew_reverse_kl | none (pure NLL)
+    beta: float = 0.5
+    alpha: float = 0.1
+    tail_policy: str = "renormalize"  # renormalize | bucket
+    temperature: float = 1.0  # τ of the loss: both distributions at log_softmax(logits / τ)
+    nll_weight: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"β must be in [0, 1], got {self.beta}")
+        if not 0.0 < self.alpha < 1.0:
+            raise ValueError(f"α must be in (0, 1), got {self.alpha}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.divergence == "none" and self.nll_weight <= 0:
+            raise ValueError("divergence 'none' trains on NLL alone: set nll_weight > 0")
+
+
+def sparse_kd_loss(student_logits: torch.Tensor, batch: SparseBatch, objective: Objective, stored_temperature: float):
+    """Mean over completion tokens of D(p‖q) on the stored top-k signal (+ weighted NLL).
+
+    The stored teacher log-probs are at `stored_temperature`; at loss temperature τ they are
+    rescaled, log p_τ = log p_T · T/τ, which is exact on the renormalized top-k support.
+    Returns (loss, {"divergence": …, "nll": …}).
+    """
+    log_q = student_logprobs_at(student_logits, batch.rows, batch.positions, objective.temperature)
+    parts = {"nll": nll(log_q, batch.targets).mean()}
+    if objective.divergence != "none":
+        teacher_logprobs = batch.topk_logprobs
+        if objective.temperature != stored_temperature:
+            if objective.tail_policy == "bucket":
+                raise ValueError(
+                    f"the bucket tail policy needs the loss temperature ({objective.temperature}) to equal the "
+                    f"stored signal's ({stored_temperature}): the tail mass cannot be rescaled"
+                )
+            teacher_logprobs = teacher_logprobs * (stored_temperature / objective.temperature)
+        log_p, log_q_support = sparse_supports(batch.topk_ids, teacher_logprobs, batch.tail_mass, log_q, objective.tail_policy)
+        parts["divergence"] = divergence(objective.divergence, log_p, log_q_support, objective.beta, objective.alpha).mean()
+    loss = parts.get("divergence", 0.0) + objective.nll_weight * parts["nll"]
+    return loss, {name: value.item() for name, value in parts.items()}
+
+
+def dense_kd_loss(student_logits, teacher_logits, rows, positions, targets, objective: Objective):
+    """The same objective with the teacher's full logits in the loop (no top-k, no tail)."""
+    log_q = student_logprobs_at(student_logits, rows, positions, objective.temperature)
+    parts = {"nll": nll(log_q, targets).mean()}
+    if objective.divergence != "none":
+        log_p = student_logprobs_at(teacher_logits, rows, positions, objective.temperature)
+        parts["divergence"] = divergence(objective.divergence, log_p, log_q, objective.beta, objective.alpha).mean()
+    loss = parts.get("divergence", 0.0) + objective.nll_weight * parts["nll"]
+    return loss, {name: value.item() for name, value in parts.items()}
