@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from assets.datasets import eval_set, teacher_labeled
 from assets.models import student_model, teacher_model
@@ -25,7 +26,7 @@ from pipelines.catalog import refresh_catalog
 from pipelines.resources import DistillStore
 from pipelines.settings import EvalsConfig, OfflineStudentConfig
 from pipelines.store import Store
-from training.distill import DistillConfig
+from training.distill import DistillConfig, check_compatible
 from training.evaluate import evaluate
 from training.models import load_model, model_card, save_model
 
@@ -56,6 +57,8 @@ def offline_student(context: dg.AssetExecutionContext, config: OfflineStudentCon
     student, teacher = distill_store.read_card("student"), distill_store.read_card("teacher")
     dataset = training_data(distill_store)
     data_path = distill_store.dataset_path(dataset)
+    signal = pq.read_table(data_path, columns=["sample_id", "k", "topk_ids"])
+    check_compatible(signal, student["vocab_size"], teacher["vocab_size"], config.k)  # before launching anything
     with tempfile.TemporaryDirectory(dir=distill_store.root) as work:
         run = DistillConfig(
             student=student["path"], data=[str(data_path)], output=f"{work}/checkpoint",
@@ -75,7 +78,13 @@ def offline_student(context: dg.AssetExecutionContext, config: OfflineStudentCon
         curve = json.loads((Path(run.output) / "curve.json").read_text())
         card = {**model_card("offline_student", model, tokenizer), "objective": config.objective, "parent": student["weights_hash"]}
         card = distill_store.save_model("offline_student", card, lambda directory: save_model(model, tokenizer, directory))
-    metrics = {"final_loss": curve[-1]["loss"], "steps": len(curve), "train_seconds": round(curve[-1]["seconds"], 1)}
+    seconds = curve[-1]["seconds"]
+    metrics = {
+        "final_loss": curve[-1]["loss"],
+        "steps": len(curve),
+        "train_seconds": round(seconds, 1),
+        "completion_tokens_per_second": round(sum(c["completion_tokens"] for c in curve) / seconds),
+    }
     inputs = {dataset: file_version(data_path), "student_model": student["weights_hash"], "teacher_model": teacher["weights_hash"]}
     record_lineage(context, distill_store, config, inputs, {**card, **metrics})
     return dg.MaterializeResult(

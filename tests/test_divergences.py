@@ -104,3 +104,25 @@ def test_sparse_loss_never_needs_teacher_vocabulary_and_temperature_rescales():
     assert hot.item() == pytest.approx(forward_kl(log_p, log_q_support).mean().item(), rel=1e-5)
     with pytest.raises(ValueError, match="bucket tail policy needs the loss temperature"):
         sparse_kd_loss(student_logits, batch, Objective("forward_kl", tail_policy="bucket", temperature=2.0), 1.0)
+
+
+def test_chunked_sparse_loss_matches_the_plain_expression(monkeypatch):
+    """The fused, chunked loss and its gradient equal the unchunked autograd computation."""
+    import training.kd as kd
+
+    vocab, n, k = 40, 12, 6
+    teacher = torch.randn(n, vocab)
+    targets = torch.randint(0, vocab, (n,))
+    ids, topk_logprobs, _, tail = topk_signal(teacher, targets, k)
+    batch = SparseBatch(None, None, torch.zeros(n, dtype=torch.long), torch.arange(n), targets, ids.long(), topk_logprobs, tail)
+    objective = Objective("jsd", beta=0.3, tail_policy="bucket", nll_weight=0.7)
+    logits = torch.randn(1, n + 1, vocab, dtype=torch.float64, requires_grad=True)
+    monkeypatch.setattr(kd, "CHUNK_ELEMENTS", 5 * vocab)  # 3 chunks of ≤ 5 positions
+    loss, parts = sparse_kd_loss(logits, batch, objective, 1.0)
+    (grad,) = torch.autograd.grad(loss, logits)
+    log_q = logits[0, :n].log_softmax(-1)
+    log_p, log_q_support = sparse_supports(ids, topk_logprobs, tail, log_q, "bucket")
+    expected = generalized_jsd(log_p.double(), log_q_support, 0.3).mean() - 0.7 * log_q.gather(-1, targets[:, None]).mean()
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-4)

@@ -166,3 +166,10 @@ def test_definitions_load_and_validate(distill_home):
         capture_output=True, text=True, cwd=Path(__file__).parent.parent,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_offline_student_rejects_k_above_the_stored_k(instance):
+    assert materialize(instance, selection=[teacher_model, student_model, seed_prompts, teacher_labeled]).success
+    result = materialize(instance, selection=[offline_student], offline_student={"k": 50})
+    assert not result.success
+    assert "k=50 is larger than the stored top-8" in str(result.get_step_failure_events()[0].step_failure_data.error)

@@ -108,7 +108,10 @@ def train_student(model, tokenizer, table: pa.Table, config: DistillConfig, on_s
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        curve.append({"step": step, "loss": loss.item(), **parts, "lr": lr, "seconds": time.perf_counter() - started})
+        curve.append({
+            "step": step, "loss": loss.item(), **parts, "lr": lr,
+            "completion_tokens": int(batch.targets.numel()), "seconds": time.perf_counter() - started,
+        })
         if on_step is not None:
             on_step(step, loss.item())
     model.eval()

@@ -126,28 +126,80 @@ class Objective:
             raise ValueError("divergence 'none' trains on NLL alone: set nll_weight > 0")
 
 
+CHUNK_ELEMENTS = 2**22  # positions per chunk × vocab: ~16 MB per float32 temporary
+
+
+def _sparse_sums(selected_logits, targets, topk_ids, teacher_logprobs, tail_mass, objective: Objective):
+    """(Σ divergence, Σ nll) over some positions, from their (n, V) student logits."""
+    log_q = torch.log_softmax(selected_logits.float() / objective.temperature, dim=-1)
+    nll_sum = nll(log_q, targets).sum()
+    if objective.divergence == "none":
+        return torch.stack([torch.zeros_like(nll_sum), nll_sum])
+    log_p, log_q_support = sparse_supports(topk_ids, teacher_logprobs, tail_mass, log_q, objective.tail_policy)
+    divergence_sum = divergence(objective.divergence, log_p, log_q_support, objective.beta, objective.alpha).sum()
+    return torch.stack([divergence_sum, nll_sum])
+
+
+class _ChunkedSparseLoss(torch.autograd.Function):
+    """loss = w_div · mean D + w_nll · mean NLL over N positions, chunk by chunk.
+
+    The gradient of each chunk is computed in the forward pass and added into one buffer shaped like
+    the logits (as fused-loss kernels do), so only one chunk's (chunk, V) temporaries are ever alive.
+    Outputs (loss, [mean divergence, mean nll]); only the loss is differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, rows, positions, targets, topk_ids, teacher_logprobs, tail_mass, objective, weights):
+        n = rows.shape[0]
+        chunk = max(1, CHUNK_ELEMENTS // logits.shape[-1])
+        grad = torch.zeros_like(logits) if ctx.needs_input_grad[0] else None
+        sums = torch.zeros(2)
+        for start in range(0, n, chunk):
+            piece = slice(start, start + chunk)
+            with torch.enable_grad():
+                selected = logits[rows[piece], positions[piece]].detach().requires_grad_(grad is not None)
+                chunk_sums = _sparse_sums(selected, targets[piece], topk_ids[piece], teacher_logprobs[piece],
+                                          tail_mass[piece], objective)
+                if grad is not None:
+                    (chunk_grad,) = torch.autograd.grad((chunk_sums * weights).sum() / n, selected)
+                    grad.index_put_((rows[piece], positions[piece]), chunk_grad.to(grad.dtype), accumulate=True)
+            sums += chunk_sums.detach()
+        means = sums / n
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(means)
+        return (means * weights).sum(), means
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_means):
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(grad_loss), None, None, None, None, None, None, None, None
+
+
 def sparse_kd_loss(student_logits: torch.Tensor, batch: SparseBatch, objective: Objective, stored_temperature: float):
     """Mean over completion tokens of D(p‖q) on the stored top-k signal (+ weighted NLL).
 
     The stored teacher log-probs are at `stored_temperature`; at loss temperature τ they are
     rescaled, log p_τ = log p_T · T/τ, which is exact on the renormalized top-k support.
+    Memory: besides the logits and their gradient, one chunk of (positions, V); see `_ChunkedSparseLoss`.
     Returns (loss, {"divergence": …, "nll": …}).
     """
-    log_q = student_logprobs_at(student_logits, batch.rows, batch.positions, objective.temperature)
-    parts = {"nll": nll(log_q, batch.targets).mean()}
+    teacher_logprobs = batch.topk_logprobs
+    if objective.temperature != stored_temperature:
+        if objective.tail_policy == "bucket":
+            raise ValueError(
+                f"the bucket tail policy needs the loss temperature ({objective.temperature}) to equal the "
+                f"stored signal's ({stored_temperature}): the tail mass cannot be rescaled"
+            )
+        teacher_logprobs = teacher_logprobs * (stored_temperature / objective.temperature)
+    weights = torch.tensor([0.0 if objective.divergence == "none" else 1.0, objective.nll_weight])
+    loss, means = _ChunkedSparseLoss.apply(
+        student_logits, batch.rows, batch.positions, batch.targets, batch.topk_ids, teacher_logprobs,
+        batch.tail_mass, objective, weights,
+    )
+    parts = {"nll": means[1].item()}
     if objective.divergence != "none":
-        teacher_logprobs = batch.topk_logprobs
-        if objective.temperature != stored_temperature:
-            if objective.tail_policy == "bucket":
-                raise ValueError(
-                    f"the bucket tail policy needs the loss temperature ({objective.temperature}) to equal the "
-                    f"stored signal's ({stored_temperature}): the tail mass cannot be rescaled"
-                )
-            teacher_logprobs = teacher_logprobs * (stored_temperature / objective.temperature)
-        log_p, log_q_support = sparse_supports(batch.topk_ids, teacher_logprobs, batch.tail_mass, log_q, objective.tail_policy)
-        parts["divergence"] = divergence(objective.divergence, log_p, log_q_support, objective.beta, objective.alpha).mean()
-    loss = parts.get("divergence", 0.0) + objective.nll_weight * parts["nll"]
-    return loss, {name: value.item() for name, value in parts.items()}
+        parts["divergence"] = means[0].item()
+    return loss, parts
 
 
 def dense_kd_loss(student_logits, teacher_logits, rows, positions, targets, objective: Objective):
