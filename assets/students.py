@@ -4,6 +4,7 @@ every model on the eval split."""
 import base64
 import io
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,7 @@ from pipelines.settings import EvalsConfig, OfflineStudentConfig
 from pipelines.store import Store
 from training.distill import DistillConfig, check_compatible
 from training.evaluate import evaluate
-from training.models import load_model, model_card, save_model
+from training.models import load_model, model_card
 
 MODELS = ["teacher", "student", "offline_student"]
 
@@ -49,7 +50,9 @@ def curve_png(curve: list[dict]) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-@dg.asset(group_name="students", pool="accelerator", kinds={"pytorch"}, deps=[student_model, teacher_model, teacher_labeled])
+@dg.asset(
+    group_name="students", pool="accelerator", kinds={"pytorch"}, deps=[student_model, teacher_model, teacher_labeled, eval_set]
+)
 def offline_student(context: dg.AssetExecutionContext, config: OfflineStudentConfig, store: DistillStore):
     """The student after offline distillation on the stored teacher signal (SeqKD or supervised KD),
     trained by the plain command `python -m training.distill`."""
@@ -77,13 +80,17 @@ def offline_student(context: dg.AssetExecutionContext, config: OfflineStudentCon
         model, tokenizer = load_model(run.output)
         curve = json.loads((Path(run.output) / "curve.json").read_text())
         card = {**model_card("offline_student", model, tokenizer), "objective": config.objective, "parent": student["weights_hash"]}
-        card = distill_store.save_model("offline_student", card, lambda directory: save_model(model, tokenizer, directory))
+        # the whole output: weights, tokenizer, curve.json and the run's distill_config.json
+        card = distill_store.save_model("offline_student", card, lambda directory: shutil.copytree(run.output, directory))
+        eval_rows = distill_store.read_dataset("eval_set")
+        results = evaluate(model, tokenizer, eval_rows["prompt"].to_pylist(), eval_rows["answer"].to_pylist(), seed=config.seed)
     seconds = curve[-1]["seconds"]
     metrics = {
         "final_loss": curve[-1]["loss"],
         "steps": len(curve),
         "train_seconds": round(seconds, 1),
         "completion_tokens_per_second": round(sum(c["completion_tokens"] for c in curve) / seconds),
+        **{f"eval_{name}": value for name, value in results.items()},
     }
     inputs = {dataset: file_version(data_path), "student_model": student["weights_hash"], "teacher_model": teacher["weights_hash"]}
     record_lineage(context, distill_store, config, inputs, {**card, **metrics})

@@ -97,6 +97,9 @@ def test_offline_graph_end_to_end(instance, distill_home, capsys):
     offline = result.asset_materializations_for_node("offline_student")[0].metadata
     assert offline["trained_on"].value == "teacher_labeled" and offline["steps"].value == 20
     assert "data:image/png;base64," in offline["loss_curve"].value
+    assert 0 <= offline["eval_greedy_exact_match"].value <= 1
+    checkpoint = Path(store.read_card("offline_student")["path"])
+    assert (checkpoint / "model.safetensors").exists() and len(json.loads((checkpoint / "curve.json").read_text())) == 20
     assert distill(["--home", str(distill_home), "query", "SELECT count(*) AS n FROM teacher_labeled"]) == 0
     assert "48" in capsys.readouterr().out
 
