@@ -101,7 +101,7 @@ def sparse_supports(
     Never builds a (N, V) teacher tensor.
     """
     log_q_top = student_logprobs.gather(-1, topk_ids.long())
-    log_p_top = topk_logprobs.float()
+    log_p_top = topk_logprobs.to(student_logprobs.dtype)
     if tail_policy == "renormalize":
         return (
             log_p_top - torch.logsumexp(log_p_top, -1, keepdim=True),
@@ -109,7 +109,7 @@ def sparse_supports(
         )
     if tail_policy == "bucket":
         log_tiny = math.log(torch.finfo(torch.float32).tiny)  # an empty tail: finite, so 0·log 0 stays 0
-        log_p_tail = tail_mass.float().log().clamp_min(log_tiny).unsqueeze(-1)
+        log_p_tail = tail_mass.to(student_logprobs.dtype).log().clamp_min(log_tiny).unsqueeze(-1)
         outside = student_logprobs.scatter(-1, topk_ids.long(), float("-inf"))
         log_q_tail = torch.logsumexp(outside, -1, keepdim=True).clamp_min(log_tiny)  # exact, unlike log(1 − Σ q)
         return torch.cat([log_p_top, log_p_tail], -1), torch.cat([log_q_top, log_q_tail], -1)

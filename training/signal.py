@@ -38,7 +38,8 @@ def topk_signal(logits: torch.Tensor, targets: torch.Tensor, k: int, temperature
 
     log p = log_softmax(logits / temperature); tail = 1 − Σ_top-k exp(log p), clamped to [0, 1].
     """
-    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)
     topk_logprobs, topk_ids = logprobs.topk(k, dim=-1)
     token_logprob = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     tail_mass = (1.0 - topk_logprobs.exp().sum(-1)).clamp(0.0, 1.0)
