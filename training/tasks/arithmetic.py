@@ -49,9 +49,8 @@ class Problem:
     def answer(self) -> int:
         return {"+": self.a + self.b, "-": self.a - self.b, "*": self.a * self.b}[self.op]
 
-    @property
-    def solution(self) -> str:
-        """Worked steps, one per digit of `a` (or of the longer operand), then `#### answer`."""
+    def digit_steps(self) -> list[tuple[int, int, int, int]]:
+        """(x, y, digit, carry_out) per digit of `a` (or of the longer operand), from the right."""
         a_digits = [int(d) for d in reversed(str(self.a))]
         if self.op == "*":
             b_digits = [self.b] * len(a_digits)
@@ -60,19 +59,32 @@ class Problem:
             a_digits += [0] * (width - len(a_digits))
             b_digits = [int(d) for d in reversed(str(self.b))]
             b_digits += [0] * (width - len(b_digits))
-        carry, suffix, steps = 0, "", []
+        carry, steps = 0, []
         for x, y in zip(a_digits, b_digits):
-            if self.op == "+":
-                total = x + y + carry
-                digit, carry_out, text = total % 10, total // 10, f"{x}+{y}+{carry}"
-            elif self.op == "-":
-                total = x - y - carry
-                digit, carry_out, text = total % 10, int(total < 0), f"{x}-{y}-{carry}"
-            else:
-                total = x * y + carry
-                digit, carry_out, text = total % 10, total // 10, f"{x}*{y}={x * y}+{carry}"
+            total = {"+": x + y + carry, "-": x - y - carry, "*": x * y + carry}[self.op]
+            carry_out = int(total < 0) if self.op == "-" else total // 10
+            steps.append((x, y, total % 10, carry_out))
+            carry = carry_out
+        return steps
+
+    @property
+    def carries(self) -> int:
+        """How many digit steps carry (or borrow) into the next one."""
+        return sum(carry_out > 0 for *_, carry_out in self.digit_steps())
+
+    @property
+    def digits(self) -> int:
+        """Digits of the longer operand."""
+        return max(len(str(self.a)), len(str(self.b)))
+
+    @property
+    def solution(self) -> str:
+        """Worked steps, one per digit of `a` (or of the longer operand), then `#### answer`."""
+        carry, suffix, steps = 0, "", []
+        flag = "b" if self.op == "-" else "c"
+        for x, y, digit, carry_out in self.digit_steps():
+            text = f"{x}*{y}={x * y}+{carry}" if self.op == "*" else f"{x}{self.op}{y}{self.op}{carry}"
             suffix = f"{digit}{suffix}"
-            flag = "b" if self.op == "-" else "c"
             steps.append(f"{text}={digit}{flag}{carry_out}|{suffix}")
             carry = carry_out
         if carry and self.op != "-":
