@@ -1,12 +1,15 @@
 """Asset checks: teacher target, token round trip, teacher/student vocab compatibility, sparse signal validity,
-eval/train disjointness."""
+eval/train disjointness, and the curated dataset's guarantees."""
 
 import dagster as dg
+import duckdb
 import pyarrow.compute as pc
 
+from assets.curation import origin_counts
 from assets.datasets import eval_set, seed_prompts, teacher_labeled
 from assets.models import student_model, teacher_model
 from pipelines.resources import DistillStore
+from training.curation import normalized
 from training.embedded import TARGET_EXACT_MATCH
 from training.models import load_tokenizer
 from training.signal import signal_violations
@@ -14,14 +17,61 @@ from training.signal import signal_violations
 ROUND_TRIP_SAMPLE = 256
 
 
+def _signal_valid(store: DistillStore, name: str) -> dg.AssetCheckResult:
+    distill_store = store.open()
+    card = distill_store.read_card("teacher")
+    violations = signal_violations(distill_store.read_dataset(name), card["vocab_size"])
+    return dg.AssetCheckResult(passed=not any(violations.values()), metadata=violations)
+
+
 @dg.asset_check(asset=teacher_labeled, blocking=True)
 def sparse_signal_valid(store: DistillStore) -> dg.AssetCheckResult:
     """Every stored top-k id is inside the teacher's vocab, logprobs are finite, ≤ 0 and sorted,
     tail mass is in [0, 1]."""
+    return _signal_valid(store, "teacher_labeled")
+
+
+@dg.asset_check(asset="curated", name="sparse_signal_valid", blocking=True)
+def curated_signal_valid(store: DistillStore) -> dg.AssetCheckResult:
+    """Every kept row carries a valid sparse teacher signal (as `sparse_signal_valid`)."""
+    return _signal_valid(store, "curated")
+
+
+@dg.asset_check(asset="curated", additional_deps=[eval_set], blocking=True)
+def no_eval_items(store: DistillStore) -> dg.AssetCheckResult:
+    """No curated prompt is an eval prompt (normalized: trimmed, lower case, single spaces)."""
     distill_store = store.open()
-    card = distill_store.read_card("teacher")
-    violations = signal_violations(distill_store.read_dataset("teacher_labeled"), card["vocab_size"])
-    return dg.AssetCheckResult(passed=not any(violations.values()), metadata=violations)
+    with duckdb.connect() as connection:
+        connection.register("curated_rows", distill_store.read_dataset("curated").select(["prompt"]))
+        connection.register("eval_rows", distill_store.read_dataset("eval_set").select(["prompt"]))
+        shared = connection.sql(f"SELECT prompt FROM curated_rows WHERE {normalized('prompt')} IN "
+                                f"(SELECT {normalized('prompt')} FROM eval_rows)").to_arrow_table()["prompt"].to_pylist()
+    return dg.AssetCheckResult(passed=not shared, metadata={"shared_with_eval": len(shared), "examples": shared[:5]})
+
+
+@dg.asset_check(asset="curated", blocking=True)
+def no_duplicate_text(store: DistillStore) -> dg.AssetCheckResult:
+    """No two curated rows have the same normalized prompt and response."""
+    with duckdb.connect() as connection:
+        connection.register("curated_rows", store.open().read_dataset("curated").select(["prompt", "completion"]))
+        duplicates = connection.sql(f"SELECT count(*) - count(DISTINCT ({normalized('prompt')}, completion)) "
+                                    "FROM curated_rows").fetchall()[0][0]
+    return dg.AssetCheckResult(passed=duplicates == 0, metadata={"duplicates": duplicates})
+
+
+@dg.asset_check(asset="curated")
+def origin_shares(store: DistillStore) -> dg.AssetCheckResult:
+    """Reports the share of each origin among kept rows; warns when an origin with candidates kept none."""
+    distill_store = store.open()
+    kept = distill_store.read_dataset("curated")
+    counts = origin_counts(kept)
+    missing = sorted(set(origin_counts(distill_store.read_dataset("curation_dropped"))) - set(counts))
+    return dg.AssetCheckResult(
+        passed=not missing,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=f"no kept rows from {missing}: every candidate of theirs was filtered out" if missing else None,
+        metadata={f"share_{o}": round(n / kept.num_rows, 4) for o, n in sorted(counts.items())},
+    )
 
 
 @dg.asset_check(asset=teacher_labeled)

@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 from assets.models import teacher_model
 from pipelines.publish import file_version, publish_dataset
 from pipelines.resources import DistillStore, TeacherEngine
-from pipelines.settings import EvalSetConfig, PromptSourceConfig, SeedPromptsConfig, TeacherLabeledConfig
+from pipelines.settings import EvalSetConfig, LabelingConfig, PromptSourceConfig, SeedPromptsConfig, TeacherLabeledConfig
 from pipelines.store import Store, with_content_id
 from training.engines.base import SamplingParams
 from training.labeling import label
@@ -18,6 +18,8 @@ from training.prompt_sources import embedded_prompts, load_source, select_prompt
 from training.tasks.arithmetic import verify_column
 
 PROMPT_PREVIEW = ["prompt_id", "prompt", "answer"]
+LABELED_PREVIEW = ["sample_id", "prompt", "completion", "correct", "num_tokens"]
+PROMPT_TABLE_COLUMNS = {"prompt_id", "prompt", "answer", "task", "source", "run_id"}
 
 
 def _prompt_table(context, config: PromptSourceConfig, embedded_split: str) -> tuple[pa.Table, int]:
@@ -65,19 +67,28 @@ def teacher_labeled(
     distill_store = store.open()
     card = distill_store.read_card("teacher")
     seeds = distill_store.read_dataset("seed_prompts")
+    table, metrics = label_prompts(context, teacher_engine.load(card), card, seeds, config)
+    inputs = {"seed_prompts": dataset_version(distill_store, "seed_prompts"), "teacher_model": card["weights_hash"]}
+    return publish_dataset(context, distill_store, "teacher_labeled", table, config, inputs, metrics, LABELED_PREVIEW)
+
+
+def label_prompts(context, engine, card: dict, prompts: pa.Table, config: LabelingConfig, id_columns: tuple = ()):
+    """Teacher responses to `prompts` (prompt_id, prompt, answer, and any extra columns, which are
+    carried onto each response) with the sparse signal; returns (table, metrics). `sample_id` hashes
+    the prompt, the response, the teacher, the sampling and `id_columns`."""
     sampling = SamplingParams(config.n, config.temperature, config.top_p, config.max_new_tokens, config.seed)
-    engine = teacher_engine.load(card)
     labeled = label(
         engine,
-        seeds["prompt"].to_pylist(),
+        prompts["prompt"].to_pylist(),
         sampling,
         config.k,
         config.signal_temperature,
         config.overlong_prompts,
         pa.float16() if config.logprob_dtype == "float16" else pa.float32(),
     )
-    table = _with_lineage(context, labeled.table, seeds, card, sampling)
-    table = with_content_id(table, "sample_id", ["prompt_id", "sample_index", "completion_token_ids", "teacher_weights_hash", "sampling"])
+    table = _with_lineage(context, labeled.table, prompts, card, sampling)
+    identity = ["prompt_id", "sample_index", "completion_token_ids", "teacher_weights_hash", "sampling", *id_columns]
+    table = with_content_id(table, "sample_id", identity)
     correct = table["correct"].drop_null()
     metrics = {
         **labeled.statistics,
@@ -87,24 +98,23 @@ def teacher_labeled(
         "teacher_accuracy": pc.mean(pc.cast(correct, pa.float64())).as_py() if len(correct) else None,
         "stopped_share": pc.mean(pc.cast(pc.equal(table["finish_reason"], "stop"), pa.float64())).as_py(),
     }
-    inputs = {"seed_prompts": _version(distill_store, "seed_prompts"), "teacher_model": card["weights_hash"]}
-    preview = ["sample_id", "prompt", "completion", "correct", "num_tokens"]
-    return publish_dataset(context, distill_store, "teacher_labeled", table, config, inputs, metrics, preview)
+    return table, metrics
 
 
-def _version(store: Store, name: str) -> str:
+def dataset_version(store: Store, name: str) -> str:
     return file_version(store.dataset_path(name))
 
 
-def _with_lineage(context, responses: pa.Table, seeds: pa.Table, card: dict, sampling: SamplingParams) -> pa.Table:
+def _with_lineage(context, responses: pa.Table, prompts: pa.Table, card: dict, sampling: SamplingParams) -> pa.Table:
     """Joins prompt columns onto responses and stamps teacher identity, sampling and the run."""
-    prompt_rows = seeds.take(responses["prompt_index"])
+    prompt_rows = prompts.take(responses["prompt_index"])
     n = responses.num_rows
     constant = lambda value, type_=pa.string(): pa.repeat(pa.scalar(value, type_), n)
     columns = {
         "prompt_id": prompt_rows["prompt_id"],
         "prompt": prompt_rows["prompt"],
         "answer": prompt_rows["answer"],
+        **{name: prompt_rows[name] for name in prompt_rows.column_names if name not in PROMPT_TABLE_COLUMNS},
         **{name: responses[name] for name in responses.column_names if name != "prompt_index"},
         "correct": verify_column(responses["completion"], prompt_rows["answer"]),
         "teacher": constant(card["name"]),

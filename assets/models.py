@@ -31,12 +31,13 @@ def _train_and_save(context, store: Store, name: str, config, architecture: Arch
             context.log.info(f"step {step}/{config.train_steps} loss {loss:.4f}")
 
     model, tokenizer, curve, accuracy, seconds = train_embedded(
-        architecture, sft, config.eval_problems, on_step=log_progress
+        architecture, sft, config.eval_problems, instruction_share=config.instruction_share, on_step=log_progress
     )
     card = {
         **model_card(f"embedded-{name}", model, tokenizer),
         "eval_exact_match": accuracy,
         "train_steps": config.train_steps,
+        "instruction_share": config.instruction_share,
         "train_seconds": round(seconds, 1),
         "final_loss": curve[-1]["loss"],
         "context_length": model.config.max_position_embeddings,
@@ -51,7 +52,8 @@ def _train_and_save(context, store: Store, name: str, config, architecture: Arch
 
 @dg.asset(group_name="models", pool="accelerator", kinds={"pytorch"})
 def teacher_model(context: dg.AssetExecutionContext, config: TeacherModelConfig, store: DistillStore):
-    """The teacher. Embedded: a Llama trained from scratch on the arithmetic train split."""
+    """The teacher. Embedded: a Llama trained from scratch on the arithmetic train split, to solve
+    problems and, in a small instruction language, to write new ones (for `expanded`, `synthesized`)."""
     if config.model != EMBEDDED:
         return _record_configured(context, store.open(), "teacher", config)
     return _train_and_save(context, store.open(), "teacher", config, TEACHER_ARCHITECTURE)

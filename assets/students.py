@@ -1,8 +1,6 @@
 """`offline_student` and `evals`: distill the student on the stored teacher signal, then measure
 every model on the eval split."""
 
-import base64
-import io
 import json
 import shutil
 import subprocess
@@ -13,16 +11,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from assets.datasets import eval_set, teacher_labeled
 from assets.models import student_model, teacher_model
-from pipelines.publish import file_version, record_lineage
+from pipelines.publish import file_version, png_markdown, record_lineage
 from pipelines.catalog import refresh_catalog
 from pipelines.resources import DistillStore
 from pipelines.settings import EvalsConfig, OfflineStudentConfig
@@ -39,19 +34,16 @@ def training_data(store: Store) -> str:
     return "curated" if store.dataset_path("curated").exists() else "teacher_labeled"
 
 
-def curve_png(curve: list[dict]) -> str:
+def loss_curve(curve: list[dict]) -> dg.MetadataValue:
     figure, axis = plt.subplots(figsize=(6, 3))
     axis.plot([c["step"] for c in curve], [c["loss"] for c in curve])
     axis.set(xlabel="step", ylabel="loss", yscale="log", title="offline_student training loss")
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return base64.b64encode(buffer.getvalue()).decode()
+    return png_markdown(figure, "loss")
 
 
 @dg.asset(
-    group_name="students", pool="accelerator", kinds={"pytorch"}, deps=[student_model, teacher_model, teacher_labeled, eval_set]
+    group_name="students", pool="accelerator", kinds={"pytorch"},
+    deps=[student_model, teacher_model, teacher_labeled, "curated", eval_set],
 )
 def offline_student(context: dg.AssetExecutionContext, config: OfflineStudentConfig, store: DistillStore):
     """The student after offline distillation on the stored teacher signal (SeqKD or supervised KD),
@@ -98,7 +90,7 @@ def offline_student(context: dg.AssetExecutionContext, config: OfflineStudentCon
         metadata={
             **metrics, "weights_hash": card["weights_hash"], "path": dg.MetadataValue.path(card["path"]),
             "trained_on": dataset, "inputs": dg.MetadataValue.json(inputs),
-            "loss_curve": dg.MetadataValue.md(f"![loss](data:image/png;base64,{curve_png(curve)})"),
+            "loss_curve": loss_curve(curve),
         },
         data_version=dg.DataVersion(card["weights_hash"]),
     )

@@ -2,12 +2,12 @@
 
 import dagster as dg
 
-from assets import checks, datasets, models, students
+from assets import checks, curation, datasets, models, students
 from pipelines.jobs import distill_offline
 from pipelines.resources import DistillStore, TeacherEngine
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([models, datasets, students]),
+    assets=dg.load_assets_from_modules([models, datasets, curation, students]),
     asset_checks=dg.load_asset_checks_from_modules([checks]),
     jobs=[distill_offline],
     resources={"store": DistillStore(), "teacher_engine": TeacherEngine()},

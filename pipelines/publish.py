@@ -1,12 +1,18 @@
 """Publishing a materialization: write the Parquet, add the lineage row, refresh the catalog, and
 describe it all in Dagster metadata."""
 
+import base64
 import hashlib
+import io
 import json
 from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
 import pyarrow as pa
 
 from pipelines.catalog import refresh_catalog
@@ -41,6 +47,15 @@ def markdown_preview(table: pa.Table, columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def png_markdown(figure, alt: str) -> dg.MetadataValue:
+    """A matplotlib figure as a markdown image in Dagster metadata (the figure is closed)."""
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()})")
+
+
 def record_lineage(
     context: dg.AssetExecutionContext,
     store: Store,
@@ -48,10 +63,12 @@ def record_lineage(
     inputs: dict[str, str],
     metrics: dict,
     parent_round: str | None = None,
+    asset: str | None = None,
 ) -> None:
+    """One `lineage` row; `asset` names the output of a multi-asset (default: the context's asset)."""
     store.append_lineage(
         {
-            "asset": context.asset_key.to_user_string(),
+            "asset": asset or context.asset_key.to_user_string(),
             "partition": context.partition_key if context.has_partition_key else None,
             "run_id": context.run_id,
             "parent_round": parent_round,
@@ -73,15 +90,21 @@ def publish_dataset(
     inputs: dict[str, str],
     metrics: dict,
     preview_columns: list[str],
+    multi_asset: bool = False,
+    display: dict | None = None,
 ) -> dg.MaterializeResult:
-    """Writes `table` atomically, records lineage, refreshes the catalog; returns the metadata."""
+    """Writes `table` atomically, records lineage, refreshes the catalog; returns the metadata:
+    `metrics` (also in lineage) and `display` (tables, charts: metadata only). In a multi-asset
+    (`multi_asset=True`) the output's asset key is the dataset `name`."""
     partition = context.partition_key if context.has_partition_key else None
     path = store.write_dataset(name, table, partition)
     version = file_version(path)
-    record_lineage(context, store, config, inputs, {**metrics, "rows": table.num_rows, "data_version": version})
+    record_lineage(context, store, config, inputs, {**metrics, "rows": table.num_rows, "data_version": version},
+                   asset=name if multi_asset else None)
     refresh_catalog(store)
     schema = dg.TableSchema(columns=[dg.TableColumn(f.name, str(f.type)) for f in table.schema])
     return dg.MaterializeResult(
+        asset_key=name if multi_asset else None,
         metadata={
             "dagster/row_count": table.num_rows,
             "dagster/column_schema": schema,
@@ -89,7 +112,8 @@ def publish_dataset(
             "bytes": path.stat().st_size,
             "preview": dg.MetadataValue.md(markdown_preview(table, preview_columns)),
             "inputs": dg.MetadataValue.json(inputs),
-            **metrics,
+            **{key: value for key, value in metrics.items() if value is not None},
+            **(display or {}),
         },
         data_version=dg.DataVersion(version),
     )

@@ -26,13 +26,18 @@ class ModelConfig(dg.Config):
 
 class TeacherModelConfig(ModelConfig):
     train_steps: int = Field(700, ge=1, description="SFT steps for the embedded teacher")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(80, ge=1)
     learning_rate: float = Field(3e-3, gt=0)
     eval_problems: int = Field(500, ge=1, description="eval-split problems for the exact-match figure")
+    instruction_share: float = Field(
+        0.2, ge=0, lt=1, description="share of each batch in the instruction language (writing new problems)"
+    )
 
 
 class StudentModelConfig(TeacherModelConfig):
     train_steps: int = Field(STUDENT_WARM_START_STEPS, ge=1, description="SFT warm-start steps for the embedded student")
+    batch_size: int = Field(64, ge=1)
+    instruction_share: float = Field(0.0, ge=0, lt=1, description="the student only solves")
 
 
 class PromptSourceConfig(dg.Config):
@@ -72,7 +77,9 @@ class EvalSetConfig(PromptSourceConfig):
     split: str = "test"
 
 
-class TeacherLabeledConfig(dg.Config):
+class LabelingConfig(dg.Config):
+    """How the teacher answers prompts and what of its distribution is stored."""
+
     n: int = Field(1, ge=1, description="responses per prompt")
     temperature: float = Field(0.0, ge=0, description="sampling temperature of the responses; 0 is greedy")
     top_p: float = Field(1.0, gt=0, le=1)
@@ -92,6 +99,64 @@ class TeacherLabeledConfig(dg.Config):
         if self.n > 1 and self.temperature == 0:
             raise ValueError(f"n={self.n} greedy responses would all be the same: set temperature > 0 or n = 1")
         return self
+
+
+class TeacherLabeledConfig(LabelingConfig):
+    """The teacher answers every seed prompt."""
+
+
+class WritingConfig(LabelingConfig):
+    """How the teacher writes new inputs; they are then labeled like seed prompts."""
+
+    templates: Literal["embedded", "self_instruct"] = Field(
+        "embedded",
+        description="'embedded': the tiny teacher's instruction language; 'self_instruct': Self-Instruct, "
+        "Evol-Instruct and UltraChat-style prompts for instruction-following teachers",
+    )
+    write_temperature: float = Field(1.0, ge=0, description="sampling temperature of the written inputs")
+    write_max_new_tokens: int = Field(24, ge=1, description="the longest input the teacher may write")
+
+
+class ExpandedConfig(WritingConfig):
+    num_expanded: int = Field(512, ge=0, description="Self-Instruct requests, each with `demonstrations` seeds")
+    demonstrations: int = Field(3, ge=1)
+    num_evolved: int = Field(256, ge=0, description="seeds rewritten into a harder variant (Evol-Instruct)")
+    expand_template: Optional[str] = Field(None, description="overrides the preset; has {demonstrations} and {next_index}")
+    demonstration_template: Optional[str] = Field(None, description="overrides the preset; has {index} and {prompt}")
+    evolve_template: Optional[str] = Field(None, description="overrides the preset; has {seed}")
+
+
+class SynthesizedConfig(WritingConfig):
+    num_synthesized: int = Field(512, ge=1, description="inputs to write from topics")
+    topics: dict[str, float] = Field(
+        {}, description="topic or skill → weight; empty: for the embedded task, every (op, digits, carries) equally"
+    )
+    synthesize_template: Optional[str] = Field(None, description="overrides the preset; has {topic}")
+
+    @model_validator(mode="after")
+    def _weights_positive(self):
+        bad = {t: w for t, w in self.topics.items() if not w > 0}
+        if bad:
+            raise ValueError(f"topic weights must be > 0: {bad}")
+        return self
+
+
+class CuratedConfig(dg.Config):
+    """Filters over labeled, expanded, evolved and synthesized rows, then a selection (see training/curation.py)."""
+
+    min_prompt_chars: int = Field(1, ge=0)
+    max_prompt_chars: int = Field(4000, ge=1)
+    min_response_tokens: int = Field(1, ge=0)
+    max_response_tokens: int = Field(4096, ge=1)
+    drop_unfinished: bool = Field(True, description="drop responses that hit max_new_tokens before <eos>")
+    near_duplicate_threshold: float = Field(0.8, gt=0, le=0.98, description="MinHash Jaccard on character shingles")
+    shingle_chars: int = Field(5, ge=1)
+    decontamination_ngram: int = Field(8, ge=1, description="word n-gram shared with the eval split")
+    use_verifier: bool = Field(True, description="drop teacher answers the task verifier rejects")
+    min_mean_logprob: float = Field(-1.0, le=0, description="teacher confidence: mean token logprob of the response")
+    max_mean_entropy: float = Field(1.5, ge=0, description="teacher uncertainty: mean top-k entropy, nats")
+    target_size: Optional[int] = Field(None, ge=1, description="select this many rows by quality score; empty: keep all")
+    selection_similarity: float = Field(0.9, gt=0, le=0.98, description="a candidate this similar to a selected prompt is skipped")
 
 
 class OfflineStudentConfig(dg.Config):

@@ -5,8 +5,8 @@
     synthesis   x ~ p_T(x | I ⊕ m)   m meta-information: a topic or skill (UltraChat, Phi)
 
 `write_inputs` samples the teacher's continuations and parses each into an input: its first line,
-stripped, checked by the task's validator when the task has one. Outputs that do not parse are
-counted and dropped. The kept inputs are then labeled like any prompt (`training.labeling.label`).
+stripped, or what the task's validator accepts when the task has one. Outputs that do not parse
+are counted and dropped. The kept inputs are then labeled like any prompt (`training.labeling.label`).
 """
 
 import random
@@ -95,19 +95,15 @@ def first_line(text: str) -> str | None:
 
 def write_inputs(
     engine: Engine, instructions: list[Instruction], sampling: SamplingParams, parse: Callable[[str], str | None] = first_line
-) -> tuple[list[tuple[Instruction, str]], int]:
-    """The teacher writes one input per instruction. Returns ((instruction, input) pairs that
-    parse, the number of outputs that did not). `parse` maps an output to an input, or None."""
+) -> list[str | None]:
+    """The teacher writes one input per instruction; `parse` maps its output to an input, or to None
+    when the output is not one (counted by the caller and dropped)."""
+    if sampling.n != 1:
+        raise ValueError("write one input per instruction (n=1); ask for more instructions instead")
     fitted, _, _ = fit_prompts(engine, [i.text for i in instructions], sampling.max_new_tokens, "drop")
-    kept = [i for i, ids in enumerate(fitted) if ids is not None]
-    if len(kept) < len(instructions):
+    if any(ids is None for ids in fitted):
         raise ValueError(
-            f"{len(instructions) - len(kept)} instructions do not fit the teacher's context with "
+            f"{sum(ids is None for ids in fitted)} instructions do not fit the teacher's context with "
             f"max_new_tokens={sampling.max_new_tokens}: use fewer demonstrations or shorter templates"
         )
-    written = []
-    for generation in engine.generate(fitted, sampling):
-        text = parse(generation.text)
-        if text is not None:
-            written.append((instructions[generation.prompt_index], text))
-    return written, len(instructions) * sampling.n - len(written)
+    return [parse(g.text) for g in engine.generate(fitted, sampling)] if instructions else []

@@ -51,16 +51,34 @@ def can_evolve(seed: Problem, config: ArithmeticConfig = ArithmeticConfig()) -> 
 def follows(operator: str, instruction_input, written: Problem | None) -> bool:
     """Whether `written` does what the instruction asked.
 
-    expand: the demonstrations' operation, and not one of them; evolve: the seed's operation with one
-    digit more; synthesize: exactly the requested topic.
+    expand: an operation of the demonstrations, and not a copy of one; evolve: the seed's operation
+    with one digit more; synthesize: exactly the requested topic.
     """
     if written is None:
         return False
     if operator == "expand":
-        return written.op == instruction_input[0].op and written not in instruction_input
+        return written.op in {d.op for d in instruction_input} and written not in instruction_input
     if operator == "evolve":
         return written.op == instruction_input.op and written.digits == instruction_input.digits + 1
     return topic(written) == instruction_input
+
+
+def following_report(operator: str, inputs: list, written: list[str | None]) -> dict:
+    """Shares of the teacher's outputs for one operator that are valid problems and that follow the
+    instruction; for synthesis also the share matching each field of the topic."""
+    problems_written = [written_problem(w) if w is not None else None for w in written]
+    n = max(len(written), 1)
+    report = {
+        f"{operator}_valid_share": sum(p is not None for p in problems_written) / n,
+        f"{operator}_follows_share": sum(follows(operator, i, p) for i, p in zip(inputs, problems_written)) / n,
+    }
+    if operator == "synthesize":
+        for field in ("op", "digits", "carries"):
+            wanted = lambda t: dict(part.split("=") for part in t.split())[field]
+            report[f"synthesize_{field}_match_share"] = sum(
+                p is not None and wanted(topic(p)) == wanted(i) for i, p in zip(inputs, problems_written)
+            ) / n
+    return report
 
 
 def _harder(rng: random.Random, seed: Problem) -> Problem:
