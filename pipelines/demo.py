@@ -20,6 +20,9 @@ FROM teacher_labeled GROUP BY teacher
 """
 
 
+FUNNEL_QUERY = "SELECT filter, setting, rows_in, dropped, rows_out FROM curation_report"
+ORIGIN_QUERY = "select origin, count(*) from curated group by 1 order by 2 desc"
+
 EVALS_QUERY = """
 SELECT model, checkpoint,
        round(max(value) FILTER (metric = 'greedy_exact_match'), 3) AS greedy_em,
@@ -50,6 +53,10 @@ def main() -> None:
     print(format_table(*list_datasets(store)))
     print(f"\n$ distill query \"{' '.join(DEMO_QUERY.split())}\"\n")
     print(format_table(*query(store, DEMO_QUERY)))
+    print("\nCuration funnel (teacher-labeled, expanded, evolved and synthesized rows in; curated out):\n")
+    print(format_table(*query(store, FUNNEL_QUERY)))
+    print(f"\n$ distill query \"{ORIGIN_QUERY}\"\n")
+    print(format_table(*query(store, ORIGIN_QUERY)))
     print("\nEvals on the eval split (greedy and sampled exact match, reverse KL to the teacher on own samples):\n")
     print(format_table(*query(store, EVALS_QUERY)))
     print(f"\nOpen the UI:  make ui   (Dagster on http://127.0.0.1:3000, DAGSTER_HOME={dagster_home})")

@@ -1,27 +1,34 @@
-"""The whole offline graph at its embedded defaults (a few minutes): the teacher reaches its target,
-the warm-started student sits well under it, and offline distillation raises the student's exact
-match. The figures every later result is read against."""
+"""The whole offline graph at its embedded defaults (a few minutes): the teacher reaches its target
+and writes valid new problems on request, curation keeps labeled, expanded, evolved and
+synthesized rows, the warm-started student sits well under the teacher, and offline distillation
+on `curated` raises the student's exact match. The figures every later result is read against."""
 
-import dagster as dg
-
-from assets.datasets import eval_set, seed_prompts, teacher_labeled
-from assets.models import student_model, teacher_model
-from assets.students import evals, offline_student
 from pipelines.catalog import query
-from pipelines.resources import DistillStore, TeacherEngine
+from pipelines.definitions import defs
 from pipelines.store import Store
 
 
 def test_offline_distillation_raises_exact_match(instance, distill_home):
-    result = dg.materialize(
-        [teacher_model, student_model, seed_prompts, eval_set, teacher_labeled, offline_student, evals],
+    result = defs.resolve_job_def("distill_offline").execute_in_process(
         instance=instance,
-        resources={"store": DistillStore(), "teacher_engine": TeacherEngine()},
         run_config={"ops": {"seed_prompts": {"config": {"num_prompts": 1024}}, "eval_set": {"config": {"num_prompts": 200}}}},
     )
     assert result.success
-    _, rows = query(Store(distill_home), "SELECT model, value FROM evals WHERE metric = 'greedy_exact_match'")
+    store = Store(distill_home)
+    _, rows = query(store, "SELECT model, value FROM evals WHERE metric = 'greedy_exact_match'")
     exact_match = dict(rows)
     assert exact_match["teacher"] >= 0.9
     assert 0.2 <= exact_match["student"] <= 0.6
     assert exact_match["offline_student"] >= exact_match["student"] + 0.1
+
+    writing = {**result.asset_materializations_for_node("expanded")[0].metadata,
+               **result.asset_materializations_for_node("synthesized")[0].metadata}
+    for operator in ("expand", "evolve", "synthesize"):
+        assert writing[f"{operator}_valid_share"].value >= 0.8, operator
+    assert writing["expand_follows_share"].value >= 0.7 and writing["evolve_follows_share"].value >= 0.7
+    assert writing["synthesize_op_match_share"].value >= 0.8
+
+    _, rows = query(store, "SELECT origin, count(*) FROM curated GROUP BY 1")
+    assert set(dict(rows)) == {"labeled", "expanded", "evolved", "synthesized"}
+    offline = result.asset_materializations_for_node("offline_student")[0].metadata
+    assert offline["trained_on"].value == "curated"

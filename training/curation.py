@@ -101,7 +101,7 @@ def curate(candidates: pa.Table, eval_prompts: list[str], settings: CurationSett
          f"{s.max_response_tokens} tokens{', finished' if s.drop_unfinished else ''}", lambda t: _length(t, s)),
         ("exact_duplicate", "normalized prompt + response", _exact_duplicates),
         ("near_duplicate", f"Jaccard ≥ {s.near_duplicate_threshold} on {s.shingle_chars}-char shingles",
-         lambda t: _near_duplicates(t, s.near_duplicate_threshold, s.shingle_chars)),
+         lambda t: near_duplicates(t, s.near_duplicate_threshold, s.shingle_chars)),
         ("decontamination", f"{s.decontamination_ngram}-word n-gram shared with the eval split",
          lambda t: _contaminated(t, eval_prompts, s.decontamination_ngram)),
         ("verifier", "task verifier on the teacher's answer" if s.use_verifier else "off", lambda t: _verifier(t, s.use_verifier)),
@@ -173,7 +173,7 @@ def minhashes(texts: list[str], size: int) -> list[MinHash]:
     return MinHash.bulk([shingles(t, size) for t in texts], num_perm=NUM_PERM)
 
 
-def _near_duplicates(rows: pa.Table, threshold: float, size: int) -> pa.Table:
+def near_duplicates(rows: pa.Table, threshold: float, size: int) -> pa.Table:
     """Walks the distinct prompts in order; one within `threshold` of a kept prompt is dropped."""
     prompts = _sql(rows, "SELECT normalized_prompt, first(sample_id ORDER BY origin_rank, sample_id) AS first_id, "
                    "min(origin_rank) AS rank FROM rows GROUP BY 1 ORDER BY rank, first_id")
