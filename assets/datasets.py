@@ -66,7 +66,7 @@ def teacher_labeled(
     card = distill_store.read_card("teacher")
     seeds = distill_store.read_dataset("seed_prompts")
     sampling = SamplingParams(config.n, config.temperature, config.top_p, config.max_new_tokens, config.seed)
-    engine = teacher_engine.load(card)
+    engine = teacher_engine.load(card, cache_dir=distill_store.root / "cache")
     labeled = label(
         engine,
         seeds["prompt"].to_pylist(),
@@ -86,6 +86,8 @@ def teacher_labeled(
         "truncated_overlong_prompts": labeled.truncated_overlong,
         "teacher_accuracy": pc.mean(pc.cast(correct, pa.float64())).as_py() if len(correct) else None,
         "stopped_share": pc.mean(pc.cast(pc.equal(table["finish_reason"], "stop"), pa.float64())).as_py(),
+        "engine": engine.backend,
+        "cache_hit_rate": getattr(engine, "hit_rate", None),
     }
     inputs = {"seed_prompts": _version(distill_store, "seed_prompts"), "teacher_model": card["weights_hash"]}
     preview = ["sample_id", "prompt", "completion", "correct", "num_tokens"]
