@@ -35,7 +35,7 @@ class TeacherEngine(dg.ConfigurableResource):
     max_model_len: Optional[int] = Field(None, ge=2, description="vllm: context length; empty: the model's")
     dtype: str = Field("float32", description="vllm: 'float32', 'bfloat16', 'float16' or 'auto'")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm on GPU: share of GPU memory it may use")
-    cpu_kv_cache_gib: float = Field(1.0, gt=0, description="vllm on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE) unless set")
+    cpu_kv_cache_gib: int = Field(1, ge=1, description="vllm on CPU: KV cache GiB (VLLM_CPU_KVCACHE_SPACE) unless that is set")
     max_logprobs: int = Field(64, ge=1, description="vllm: the largest k it will return logprobs for")
     enforce_eager: bool = Field(True, description="vllm: no CUDA graphs / compilation (fast start-up)")
     # openai
@@ -81,11 +81,16 @@ class TeacherEngine(dg.ConfigurableResource):
                     self.tensor_parallel_size, self.data_parallel_size, self.gpu_memory_utilization,
                     self.cpu_kv_cache_gib, self.enforce_eager)  # fmt: skip
         if settings not in _loaded_vllm:
-            for previous in _loaded_vllm.values():
-                previous.close()
-            _loaded_vllm.clear()
+            close_vllm_engines()
             _loaded_vllm[settings] = VLLMEngine(*settings)
         return _loaded_vllm[settings]
+
+
+def close_vllm_engines() -> None:
+    """Stops the offline vLLM engine this process keeps, if any."""
+    for engine in _loaded_vllm.values():
+        engine.close()
+    _loaded_vllm.clear()
 
 
 class DistillStore(dg.ConfigurableResource):

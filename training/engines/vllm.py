@@ -50,7 +50,7 @@ class VLLMEngine:
         tensor_parallel_size: int = 1,
         data_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.9,
-        cpu_kv_cache_gib: float = 1.0,
+        cpu_kv_cache_gib: int = 1,
         enforce_eager: bool = True,
         seed: int = 0,
     ):
