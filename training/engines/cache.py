@@ -96,7 +96,8 @@ class CachedEngine:
         found, missing = self._lookup("score", keys)
         by_key = dict(zip(found["key"].to_pylist(), signals_from_columns(found))) if found.num_rows else {}
         try:
-            fresh = dict(zip(missing, self.engine.score([prompt_ids[i] for i in missing], [completion_ids[i] for i in missing], k, temperature)))
+            computed = self.engine.score([prompt_ids[i] for i in missing], [completion_ids[i] for i in missing], k, temperature) if missing else []
+            fresh = dict(zip(missing, computed))
         except EngineRequestsFailed as failure:  # keep what succeeded, so a re-run only redoes the failures
             self._store_scores({missing[j]: signal for j, signal in failure.completed.items()}, keys)
             raise
@@ -118,7 +119,7 @@ class CachedEngine:
             generation = Generation(-1, row["sample_index"], row["completion_ids"], row["text"], row["finish_reason"], signal)
             by_key.setdefault(row["key"], {})[row["sample_index"]] = generation
         try:
-            fresh = self.engine.generate([prompt_ids[i] for i in missing], params, logprobs)
+            fresh = self.engine.generate([prompt_ids[i] for i in missing], params, logprobs) if missing else []
         except EngineRequestsFailed as failure:
             self._store_generations([g for gs in failure.completed.values() for g in gs], missing, keys, logprobs)
             raise
