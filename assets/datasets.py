@@ -67,7 +67,8 @@ def teacher_labeled(
     distill_store = store.open()
     card = distill_store.read_card("teacher")
     seeds = distill_store.read_dataset("seed_prompts")
-    table, metrics = label_prompts(context, teacher_engine.load(card), card, seeds, config)
+    engine = teacher_engine.load(card, cache_dir=distill_store.root / "cache")
+    table, metrics = label_prompts(context, engine, card, seeds, config)
     inputs = {"seed_prompts": dataset_version(distill_store, "seed_prompts"), "teacher_model": card["weights_hash"]}
     return publish_dataset(context, distill_store, "teacher_labeled", table, config, inputs, metrics, LABELED_PREVIEW)
 
@@ -97,6 +98,8 @@ def label_prompts(context, engine, card: dict, prompts: pa.Table, config: Labeli
         "truncated_overlong_prompts": labeled.truncated_overlong,
         "teacher_accuracy": pc.mean(pc.cast(correct, pa.float64())).as_py() if len(correct) else None,
         "stopped_share": pc.mean(pc.cast(pc.equal(table["finish_reason"], "stop"), pa.float64())).as_py(),
+        "engine": engine.backend,
+        "cache_hit_rate": getattr(engine, "hit_rate", None),
     }
     return table, metrics
 

@@ -1,31 +1,96 @@
-"""Resources: the teacher engine and the store, configurable in the UI and in `definitions.py`."""
+"""Resources: the model engine and the store, configurable in the UI and in `definitions.py`."""
 
-from typing import Literal
+from pathlib import Path
+from typing import Literal, Optional
 
 import dagster as dg
 from pydantic import Field
 
 from pipelines.store import Store
+from training.engines.cache import CachedEngine, TeacherCache
 from training.engines.hf import HFEngine
+from training.models import load_tokenizer
+
+_loaded_vllm: dict[tuple, object] = {}  # one offline vLLM engine per process: its start-up takes ~30 s
 
 
 class TeacherEngine(dg.ConfigurableResource):
-    """Which backend runs a model card's checkpoint. Assets call `load(card)` and use the `Engine`
-    interface only, so other backends slot in here without touching assets."""
+    """Which backend runs a model card's checkpoint: the teacher's (labeling, scoring) or a student's
+    (rollouts). Assets call `load(card)` and use the `Engine` interface only, so switching the backend
+    here changes no asset, and the stored datasets are the same."""
 
-    backend: Literal["hf"] = Field("hf", description="'hf': transformers, in process")
-    device: str = Field("cpu", description="torch device for the hf backend, e.g. 'cuda'")
-    batch_size: int = Field(64, ge=1, description="sequences per forward / generate call")
-    trust_remote_code: bool = Field(False, description="let from_pretrained run code shipped with the model")
+    backend: Literal["hf", "vllm", "openai"] = Field(
+        "hf",
+        description="'hf': transformers in process; 'vllm': the offline vllm.LLM in process; "
+        "'openai': OpenAI-compatible servers at base_urls (e.g. vLLM's api_server)",
+    )
+    trust_remote_code: bool = Field(False, description="let from_pretrained / vLLM run code shipped with the model")
+    cache: bool = Field(True, description="reuse engine results stored under $DISTILL_HOME/cache (content addressed)")
+    # hf
+    device: str = Field("cpu", description="hf: torch device, e.g. 'cuda'")
+    batch_size: int = Field(64, ge=1, description="hf: sequences per forward / generate call")
+    # vllm
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one model is split over")
+    data_parallel_size: int = Field(1, ge=1, description="vllm: model replicas")
+    max_model_len: Optional[int] = Field(None, ge=2, description="vllm: context length; empty: the model's")
+    dtype: str = Field("float32", description="vllm: 'float32', 'bfloat16', 'float16' or 'auto'")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm on GPU: share of GPU memory it may use")
+    cpu_kv_cache_gib: int = Field(1, ge=1, description="vllm on CPU: KV cache GiB (VLLM_CPU_KVCACHE_SPACE) unless that is set")
+    max_logprobs: int = Field(64, ge=1, description="vllm: the largest k it will return logprobs for")
+    enforce_eager: bool = Field(True, description="vllm: no CUDA graphs / compilation (fast start-up)")
+    # openai
+    base_urls: list[str] = Field([], description="openai: server base URLs, e.g. ['http://127.0.0.1:8000/v1']")
+    served_model_name: str = Field("", description="openai: the model name the servers serve; empty: the card's path")
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai: the environment variable that holds the API key")
+    max_concurrency: int = Field(8, ge=1, description="openai: requests in flight at once, over all servers")
+    timeout_s: float = Field(60.0, gt=0, description="openai: seconds before a request is abandoned and retried")
+    max_retries: int = Field(3, ge=0, description="openai: retries per request, with exponential backoff")
 
-    def load(self, card: dict):
-        return HFEngine.load(
-            card["path"],
-            revision=card.get("revision"),
-            trust_remote_code=self.trust_remote_code,
-            batch_size=self.batch_size,
-            device=self.device,
-        )
+    def load(self, card: dict, cache_dir: Path | None = None):
+        """An engine for `card`'s checkpoint; with `cache_dir`, wrapped in the content-addressed cache."""
+        engine = self._backend(card)
+        if self.cache and cache_dir is not None:
+            return CachedEngine(engine, TeacherCache(cache_dir), model_id=card.get("weights_hash") or card.get("revision"))
+        return engine
+
+    def _backend(self, card: dict):
+        path, revision = card["path"], card.get("revision")
+        if self.backend == "hf":
+            return HFEngine.load(
+                path, revision=revision, trust_remote_code=self.trust_remote_code, batch_size=self.batch_size, device=self.device
+            )
+        if self.backend == "openai":
+            from training.engines.openai import OpenAIEngine
+
+            api_key = dg.EnvVar(self.api_key_env).get_value() if self.api_key_env else None
+            return OpenAIEngine(
+                self.base_urls,
+                self.served_model_name or path,
+                load_tokenizer(path, revision, self.trust_remote_code),
+                api_key=api_key,
+                max_concurrency=self.max_concurrency,
+                timeout_s=self.timeout_s,
+                max_retries=self.max_retries,
+            )
+        return self._vllm(path, revision)
+
+    def _vllm(self, path: str, revision: Optional[str]):
+        from training.engines.vllm import VLLMEngine
+
+        settings = (path, revision, self.trust_remote_code, self.dtype, self.max_model_len, self.max_logprobs,
+                    self.tensor_parallel_size, self.data_parallel_size, self.gpu_memory_utilization,
+                    self.cpu_kv_cache_gib, self.enforce_eager)  # fmt: skip
+        if settings not in _loaded_vllm:
+            close_vllm_engines()
+            _loaded_vllm[settings] = VLLMEngine(*settings)
+        return _loaded_vllm[settings]
+
+
+def close_vllm_engines() -> None:
+    """Stops the offline vLLM engine this process keeps, if any."""
+    for engine in _loaded_vllm.values():
+        engine.close()
+    _loaded_vllm.clear()
 
 
 class DistillStore(dg.ConfigurableResource):

@@ -1,6 +1,11 @@
 """Shared fixtures: a tiny real model on disk, and a fresh DISTILL_HOME / DAGSTER_HOME per test."""
 
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub at test time: everything is built locally
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -36,3 +41,53 @@ def distill_home(tmp_path, monkeypatch):
 def instance(distill_home):
     with dg.DagsterInstance.get() as dagster_instance:
         yield dagster_instance
+
+
+VLLM_MAX_LOGPROBS = 8  # the server's --max-logprobs: k above it must be refused with that flag named
+SERVER_API_KEY = "test-key-from-the-environment"
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(tiny_model_dir):
+    """One offline vLLM engine on the tiny checkpoint for the whole session (start-up ~30 s)."""
+    from training.engines.vllm import VLLMEngine
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    engine = VLLMEngine(str(tiny_model_dir), max_model_len=128, max_logprobs=16)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_model_dir, tmp_path_factory):
+    """One real `vllm.entrypoints.openai.api_server` on 127.0.0.1 for the session; yields its base URL.
+    It requires an API key, given to it (and to the engines) through the environment only."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = open(tmp_path_factory.mktemp("vllm_server") / "server.log", "w")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_API_KEY": SERVER_API_KEY}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir),
+         "--host", "127.0.0.1", "--port", str(port), "--max-logprobs", str(VLLM_MAX_LOGPROBS),
+         "--dtype", "float32", "--max-model-len", "128", "--enforce-eager"],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    base_url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"the vLLM server did not start; see {log.name}")
+            time.sleep(1)
+    yield base_url
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    log.close()

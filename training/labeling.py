@@ -52,6 +52,7 @@ def label(
     """n responses per prompt with the teacher's top-k signal on every response token."""
     if k > len(engine.tokenizer):
         raise ValueError(f"k={k} is larger than the vocabulary ({len(engine.tokenizer)} tokens); lower k")
+    engine.check_signal(k, signal_temperature)
     fitted, dropped, truncated = fit_prompts(engine, prompts, sampling.max_new_tokens, overlong)
     kept = [i for i, ids in enumerate(fitted) if ids is not None]
     prompt_ids = [fitted[i] for i in kept]

@@ -42,8 +42,23 @@ def topk_signal(logits: torch.Tensor, targets: torch.Tensor, k: int, temperature
     logprobs = torch.log_softmax(logits / temperature, dim=-1)
     topk_logprobs, topk_ids = logprobs.topk(k, dim=-1)
     token_logprob = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    tail_mass = (1.0 - topk_logprobs.exp().sum(-1)).clamp(0.0, 1.0)
-    return topk_ids.to(torch.int32), topk_logprobs, token_logprob, tail_mass
+    return topk_ids.to(torch.int32), topk_logprobs, token_logprob, tail_mass(topk_logprobs)
+
+
+def tail_mass(topk_logprobs: torch.Tensor) -> torch.Tensor:
+    """1 − Σ_top-k exp(log p), clamped to [0, 1]."""
+    return (1.0 - topk_logprobs.exp().sum(-1)).clamp(0.0, 1.0)
+
+
+def signal_from_topk(topk_ids: np.ndarray, topk_logprobs: np.ndarray, token_logprob: np.ndarray) -> SparseSignal:
+    """A SparseSignal from a backend's (T, k) top-k ids and logprobs and (T,) actual-token logprobs."""
+    topk_logprobs = np.ascontiguousarray(topk_logprobs, dtype=np.float32)
+    return SparseSignal(
+        np.ascontiguousarray(topk_ids, dtype=np.int32),
+        topk_logprobs,
+        np.ascontiguousarray(token_logprob, dtype=np.float32),
+        tail_mass(torch.from_numpy(topk_logprobs)).numpy(),
+    )
 
 
 def _nested(flat: np.ndarray, lengths: np.ndarray, width: int | None, value_type: pa.DataType) -> pa.Array:
@@ -66,6 +81,21 @@ def signal_columns(signals: list[SparseSignal], logprob_type: pa.DataType = pa.f
         "token_logprob": _nested(cat("token_logprob").astype(np.float32), lengths, None, pa.float32()),
         "tail_mass": _nested(cat("tail_mass").astype(np.float32), lengths, None, pa.float32()),
     }
+
+
+def signals_from_columns(table: pa.Table) -> list[SparseSignal]:
+    """The inverse of `signal_columns`: one SparseSignal per row of a table with the signal columns."""
+    if table.num_rows == 0:
+        return []
+    lengths = pc.list_value_length(table.column("token_logprob")).to_numpy(zero_copy_only=False)
+    splits = np.cumsum(lengths)[:-1]
+    k = int(pc.max(pc.list_value_length(pc.list_flatten(table.column("topk_ids")))).as_py() or 0)
+    topk_ids = _flatten(table.column("topk_ids"), 2).astype(np.int32).reshape(-1, k)
+    topk_logprobs = _flatten(table.column("topk_logprobs"), 2).astype(np.float32).reshape(-1, k)
+    token_logprob = _flatten(table.column("token_logprob"), 1).astype(np.float32)
+    tail = _flatten(table.column("tail_mass"), 1).astype(np.float32)
+    parts = (np.split(a, splits) for a in (topk_ids, topk_logprobs, token_logprob, tail))
+    return [SparseSignal(*pieces) for pieces in zip(*parts)]
 
 
 def signal_statistics(signals: list[SparseSignal]) -> dict[str, float]:

@@ -40,16 +40,34 @@ class Generation:
     completion_ids: list[int]
     text: str
     finish_reason: str  # "stop" (ended with <eos>, which completion_ids includes) or "length"
+    signal: SparseSignal | None = None  # the sparse signal of the completion, when generate was asked for logprobs
+
+
+class EngineRequestsFailed(RuntimeError):
+    """Some items of a batch failed after their retries; `completed` maps item index → result for the
+    rest, so a cache can keep them and a re-run only redoes the failed ones."""
+
+    def __init__(self, failed: int, total: int, first_error: str, completed: dict):
+        super().__init__(f"{failed} of {total} requests failed after retries; the first error: {first_error}")
+        self.failed, self.total, self.completed = failed, total, completed
 
 
 class Engine(Protocol):
-    """A loaded model behind one of the backends."""
+    """A loaded model behind one of the backends: a teacher (labeling, scoring) or a student (rollouts).
 
+    Logprobs are raw model logprobs (before any sampling processor): log_softmax(logits / T).
+    """
+
+    backend: str  # "hf", "vllm" or "openai"
     tokenizer: object
     context_length: int  # the most tokens prompt + completion may have
 
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[Generation]:
-        """n completions per prompt, ordered by (prompt_index, sample_index)."""
+    def check_signal(self, k: int, temperature: float) -> None:
+        """Raises, before any work, if this engine cannot return the top-k signal at `temperature`."""
+
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, logprobs: int = 0) -> list[Generation]:
+        """n completions per prompt, ordered by (prompt_index, sample_index); with logprobs=k each
+        carries the top-k signal (temperature 1) of its own tokens."""
 
     def score(
         self, prompt_ids: list[list[int]], completion_ids: list[list[int]], k: int, temperature: float = 1.0

@@ -9,6 +9,8 @@ from training.signal import SparseSignal, topk_signal
 
 
 class HFEngine:
+    backend = "hf"
+
     def __init__(self, model, tokenizer, batch_size: int = 64, device: str = "cpu"):
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
@@ -32,15 +34,18 @@ class HFEngine:
             mask[i, span] = 1
         return ids.to(self.device), mask.to(self.device)
 
+    def check_signal(self, k: int, temperature: float) -> None:
+        """The full logits are here: any k up to the vocabulary and any temperature."""
+
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[Generation]:
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, logprobs: int = 0) -> list[Generation]:
         eos = self.tokenizer.eos_token_id
         out = []
         for batch_no, start in enumerate(range(0, len(prompt_ids), self.batch_size)):
             ids, mask = self.pad_batch(prompt_ids[start : start + self.batch_size], side="left")
             torch.manual_seed(params.seed * 1_000_003 + batch_no)
             sampled = params.temperature > 0
-            generated = self.model.generate(
+            generated_out = self.model.generate(
                 input_ids=ids,
                 attention_mask=mask,
                 do_sample=sampled,
@@ -51,10 +56,14 @@ class HFEngine:
                 max_new_tokens=params.max_new_tokens,
                 pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=eos,
-            )[:, ids.shape[1] :].cpu()
+                return_dict_in_generate=True,
+                output_logits=logprobs > 0,
+            )
+            generated = generated_out.sequences[:, ids.shape[1] :].cpu()
             is_eos = generated == eos
             has_eos = is_eos.any(dim=1)
             lengths = torch.where(has_eos, is_eos.int().argmax(dim=1) + 1, generated.shape[1])
+            signals = self._generated_signals(generated_out.logits, generated, lengths, logprobs) if logprobs else None
             for row, (tokens, length, stopped) in enumerate(zip(generated.tolist(), lengths.tolist(), has_eos.tolist())):
                 completion = tokens[:length]
                 out.append(
@@ -64,9 +73,21 @@ class HFEngine:
                         completion_ids=completion,
                         text=self.tokenizer.decode(completion, skip_special_tokens=True),
                         finish_reason="stop" if stopped else "length",
+                        signal=signals[row] if signals else None,
                     )
                 )
         return out
+
+    @staticmethod
+    def _generated_signals(step_logits, generated: torch.Tensor, lengths: torch.Tensor, k: int) -> list[SparseSignal]:
+        """The top-k signal of each generated row from generate's raw per-step logits, step by step
+        (never a (rows, steps, vocab) tensor)."""
+        steps = [topk_signal(logits.cpu(), generated[:, t], k) for t, logits in enumerate(step_logits)]
+        topk_ids, topk_logprobs, token_logprob, tail = (torch.stack(part, dim=1).numpy() for part in zip(*steps))
+        return [
+            SparseSignal(topk_ids[r, :n], topk_logprobs[r, :n], token_logprob[r, :n], tail[r, :n])
+            for r, n in enumerate(lengths.tolist())
+        ]
 
     @torch.no_grad()
     def score(

@@ -1,0 +1,67 @@
+"""The content-addressed teacher cache: hits, misses, invalidation, and the offline graph on vLLM."""
+
+import dagster as dg
+import pyarrow.compute as pc
+import pytest
+
+from pipelines.resources import DistillStore, TeacherEngine, close_vllm_engines
+from pipelines.store import Store
+from test_engine_vllm import K, PROMPTS, assert_same_signal, hf_engine, sequences  # noqa: F401 (fixture)
+from test_pipeline import ASSETS, CHECKS, run_config
+from training.engines.base import SamplingParams
+from training.engines.cache import CachedEngine, TeacherCache
+
+
+def test_cache_hits_what_it_stored_and_misses_anything_else(hf_engine, tmp_path):
+    prompts, completions = sequences(hf_engine)
+    cache = TeacherCache(tmp_path / "cache")
+    first = CachedEngine(hf_engine, cache, model_id="weights-a")
+    computed = first.score(prompts, completions, K)
+    assert (first.hits, first.misses) == (0, len(prompts))
+    again = first.score(prompts[::-1], completions[::-1], K)  # another order, same items
+    assert (first.hits, first.misses) == (len(prompts), len(prompts)) and first.hit_rate == 0.5
+    for expected, got in zip(computed[::-1], again):
+        assert_same_signal(expected, got, atol=0)
+    for model_id, k, temperature in [("weights-b", K, 1.0), ("weights-a", K - 1, 1.0), ("weights-a", K, 2.0)]:
+        other = CachedEngine(hf_engine, cache, model_id=model_id)
+        other.score(prompts[:2], completions[:2], k, temperature)
+        assert (other.hits, other.misses) == (0, 2)
+    assert sorted(p.suffix for p in (tmp_path / "cache" / "score").iterdir()) == [".parquet"] * 4
+
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=10, seed=1)
+    sampled = first.generate(prompts[:3], params)
+    mixed = CachedEngine(hf_engine, cache, model_id="weights-a").generate(prompts[1:4], params)
+    assert [g.completion_ids for g in mixed[:4]] == [g.completion_ids for g in sampled[2:]]
+    assert [(g.prompt_index, g.sample_index) for g in mixed] == [(p, s) for p in range(3) for s in range(2)]
+
+
+@pytest.fixture
+def vllm_teacher_engine():
+    yield TeacherEngine(backend="vllm", max_model_len=128, max_logprobs=16)
+    close_vllm_engines()
+
+
+def test_offline_graph_on_vllm_and_a_full_cache_hit_on_rerun(instance, distill_home, vllm_teacher_engine):
+    resources = {"store": DistillStore(), "teacher_engine": vllm_teacher_engine}
+    names = [a.key.to_user_string() for a in ASSETS]
+    result = dg.materialize(ASSETS + CHECKS, instance=instance, resources=resources, run_config=run_config(names))
+    assert result.success
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks["sparse_signal_valid"] and checks["token_round_trip"]
+    metadata = result.asset_materializations_for_node("teacher_labeled")[0].metadata
+    assert metadata["engine"].value == "vllm" and metadata["cache_hit_rate"].value == 0.0
+    store = Store(distill_home)
+    first = store.read_dataset("teacher_labeled")
+    assert first.num_rows == 48
+
+    from assets.datasets import teacher_labeled
+
+    again = dg.materialize(
+        ASSETS + CHECKS, selection=[teacher_labeled], instance=instance, resources=resources,
+        run_config=run_config(["teacher_labeled"]),
+    )  # fmt: skip
+    assert again.success
+    assert again.asset_materializations_for_node("teacher_labeled")[0].metadata["cache_hit_rate"].value == 1.0
+    second = store.read_dataset("teacher_labeled")
+    assert pc.all(pc.not_equal(second["run_id"], first["run_id"])).as_py()
+    assert second.drop_columns(["run_id"]).equals(first.drop_columns(["run_id"]))

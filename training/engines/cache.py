@@ -1,0 +1,147 @@
+"""A content-addressed cache of engine results, and `CachedEngine`, which wraps any engine with it.
+
+    score key    = sha256(model id, prompt ids, completion ids, k, temperature, logprob mode, codec)
+    generate key = sha256(model id, backend, prompt ids, sampling params incl. seed, logprobs k, codec)
+
+The model id is the weights hash (or revision), so a changed teacher misses by construction. Scores are
+backend-independent (the engines agree within 1e-3), so every backend shares them; sampled
+generations depend on the backend's random streams, so the backend is part of their key.
+
+Storage: `<dir>/<kind>/part-<uuid>.parquet`, one file per engine call that had misses (key column +
+the result columns), written to a temp file and renamed into place; lookups are one DuckDB query over
+the kind's files. No pickle anywhere.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from training.engines.base import Engine, EngineRequestsFailed, Generation, SamplingParams
+from training.signal import CODEC, LOGPROB_MODE, SparseSignal, signal_columns, signals_from_columns
+
+
+def content_key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).hexdigest()
+
+
+class TeacherCache:
+    def __init__(self, directory: Path | str):
+        self.directory = Path(directory)
+
+    def get(self, kind: str, keys: list[str]) -> pa.Table:
+        """The stored rows whose key is in `keys` (any order; a key may have several rows)."""
+        files = sorted((self.directory / kind).glob("part-*.parquet"))
+        if not files or not keys:
+            return pa.table({"key": pa.array([], pa.string())})
+        with duckdb.connect() as connection:
+            connection.register("wanted", pa.table({"key": sorted(set(keys))}))
+            paths = ", ".join(f"'{f}'" for f in files)
+            return connection.sql(
+                f"SELECT c.* FROM read_parquet([{paths}], union_by_name = true) c SEMI JOIN wanted USING (key)"
+            ).to_arrow_table()
+
+    def put(self, kind: str, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        directory = self.directory / kind
+        directory.mkdir(parents=True, exist_ok=True)
+        name = f"part-{uuid.uuid4().hex}.parquet"
+        temp = directory / f".{name}.tmp"
+        try:
+            pq.write_table(table, temp, compression="zstd")
+            os.replace(temp, directory / name)
+        finally:
+            temp.unlink(missing_ok=True)
+
+
+class CachedEngine:
+    """Any engine, with its results looked up in `cache` first; counts hits and misses per item
+    (a prompt for generate, a sequence for score)."""
+
+    def __init__(self, engine: Engine, cache: TeacherCache, model_id: str):
+        self.engine, self.cache, self.model_id = engine, cache, model_id
+        self.backend, self.tokenizer, self.context_length = engine.backend, engine.tokenizer, engine.context_length
+        self.hits = self.misses = 0
+
+    @property
+    def hit_rate(self) -> float | None:
+        looked_up = self.hits + self.misses
+        return self.hits / looked_up if looked_up else None
+
+    def check_signal(self, k: int, temperature: float) -> None:
+        self.engine.check_signal(k, temperature)
+
+    def _lookup(self, kind: str, keys: list[str]) -> tuple[pa.Table, list[int]]:
+        found = self.cache.get(kind, keys)
+        present = set(found["key"].to_pylist())
+        missing = [i for i, key in enumerate(keys) if key not in present]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        return found, missing
+
+    def score(
+        self, prompt_ids: list[list[int]], completion_ids: list[list[int]], k: int, temperature: float = 1.0
+    ) -> list[SparseSignal]:
+        keys = [
+            content_key(self.model_id, "score", p, c, k, temperature, LOGPROB_MODE, CODEC)
+            for p, c in zip(prompt_ids, completion_ids)
+        ]
+        found, missing = self._lookup("score", keys)
+        by_key = dict(zip(found["key"].to_pylist(), signals_from_columns(found))) if found.num_rows else {}
+        try:
+            computed = self.engine.score([prompt_ids[i] for i in missing], [completion_ids[i] for i in missing], k, temperature) if missing else []
+            fresh = dict(zip(missing, computed))
+        except EngineRequestsFailed as failure:  # keep what succeeded, so a re-run only redoes the failures
+            self._store_scores({missing[j]: signal for j, signal in failure.completed.items()}, keys)
+            raise
+        self._store_scores(fresh, keys)
+        by_key.update({keys[i]: signal for i, signal in fresh.items()})
+        return [by_key[key] for key in keys]
+
+    def _store_scores(self, signals: dict[int, SparseSignal], keys: list[str]) -> None:
+        if signals:
+            columns = signal_columns(list(signals.values()))
+            self.cache.put("score", pa.table({"key": [keys[i] for i in signals], **columns}))
+
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, logprobs: int = 0) -> list[Generation]:
+        sampling = dataclasses.asdict(params)
+        keys = [content_key(self.model_id, "generate", self.backend, p, sampling, logprobs, CODEC) for p in prompt_ids]
+        found, missing = self._lookup("generate", keys)
+        by_key = {}
+        for row, signal in zip(found.to_pylist(), signals_from_columns(found) if logprobs and found.num_rows else [None] * found.num_rows):
+            generation = Generation(-1, row["sample_index"], row["completion_ids"], row["text"], row["finish_reason"], signal)
+            by_key.setdefault(row["key"], {})[row["sample_index"]] = generation
+        try:
+            fresh = self.engine.generate([prompt_ids[i] for i in missing], params, logprobs) if missing else []
+        except EngineRequestsFailed as failure:
+            self._store_generations([g for gs in failure.completed.values() for g in gs], missing, keys, logprobs)
+            raise
+        self._store_generations(fresh, missing, keys, logprobs)
+        for g in fresh:
+            by_key.setdefault(keys[missing[g.prompt_index]], {})[g.sample_index] = g
+        return [
+            dataclasses.replace(by_key[key][s], prompt_index=i)
+            for i, key in enumerate(keys)
+            for s in sorted(by_key[key])
+        ]
+
+    def _store_generations(self, generations: list[Generation], missing: list[int], keys: list[str], logprobs: int) -> None:
+        if not generations:
+            return
+        columns = {
+            "key": [keys[missing[g.prompt_index]] for g in generations],
+            "sample_index": pa.array([g.sample_index for g in generations], pa.int32()),
+            "completion_ids": pa.array([g.completion_ids for g in generations], pa.list_(pa.int32())),
+            "text": [g.text for g in generations],
+            "finish_reason": [g.finish_reason for g in generations],
+        }
+        if logprobs:
+            columns.update(signal_columns([g.signal for g in generations]))
+        self.cache.put("generate", pa.table(columns))
