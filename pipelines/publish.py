@@ -73,12 +73,13 @@ def publish_dataset(
     inputs: dict[str, str],
     metrics: dict,
     preview_columns: list[str],
+    parent_round: str | None = None,
 ) -> dg.MaterializeResult:
     """Writes `table` atomically, records lineage, refreshes the catalog; returns the metadata."""
     partition = context.partition_key if context.has_partition_key else None
     path = store.write_dataset(name, table, partition)
     version = file_version(path)
-    record_lineage(context, store, config, inputs, {**metrics, "rows": table.num_rows, "data_version": version})
+    record_lineage(context, store, config, inputs, {**metrics, "rows": table.num_rows, "data_version": version}, parent_round)
     refresh_catalog(store)
     schema = dg.TableSchema(columns=[dg.TableColumn(f.name, str(f.type)) for f in table.schema])
     return dg.MaterializeResult(
