@@ -46,7 +46,7 @@ def next_round(instance: dg.DagsterInstance, policy: RoundPolicy) -> tuple[str |
 def round_sensor(context: dg.SensorEvaluationContext):
     key, reason = next_round(context.instance, RoundPolicy.from_environment())
     if key is None:
-        return dg.SkipReason(reason)
+        return dg.SensorResult(skip_reason=reason)
     context.log.info(reason)
     return dg.SensorResult(
         run_requests=[dg.RunRequest(run_key=key, partition_key=key)],
