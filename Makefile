@@ -13,6 +13,7 @@ install: $(INSTALLED)
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)  # the UI test's browser
 	touch $(INSTALLED)
 
 demo: $(INSTALLED)
