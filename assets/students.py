@@ -34,10 +34,33 @@ def training_data(store: Store) -> str:
     return "curated" if store.dataset_path("curated").exists() else "teacher_labeled"
 
 
-def loss_curve(curve: list[dict]) -> dg.MetadataValue:
+def launch_distill(context: dg.AssetExecutionContext, run: DistillConfig, work: Path) -> None:
+    """Runs `python -m training.distill --config run.json` as a subprocess (the plain command a
+    multi-GPU launcher would start instead), logs its output, and fails with its stderr."""
+    run.loss_objective()  # parameter errors before launching anything
+    config_path = work / "run.json"
+    config_path.write_text(json.dumps(asdict(run)))
+    done = subprocess.run([sys.executable, "-m", "training.distill", "--config", config_path], capture_output=True, text=True)
+    for line in done.stdout.splitlines():
+        context.log.info(line)
+    if done.returncode != 0:
+        raise RuntimeError(f"training.distill failed:\n{done.stderr[-3000:]}")
+
+
+def write_evals(store: Store, rows: list[dict], run_id: str, round_key: str | None, file_name: str) -> Path:
+    """Appends eval rows (model, checkpoint, split, metric, value) to `evals`, stamped with the round and run."""
+    table = pa.Table.from_pylist(rows)
+    n = table.num_rows
+    table = table.append_column("round", pa.repeat(pa.scalar(round_key, pa.string()), n))
+    table = table.append_column("run_id", pa.repeat(pa.scalar(run_id), n))
+    table = table.append_column("created_at", pa.repeat(pa.scalar(datetime.now(timezone.utc), pa.timestamp("us", tz="UTC")), n))
+    return store.write_dataset("evals", table, file_name=file_name)
+
+
+def loss_curve(curve: list[dict], title: str = "offline_student training loss") -> dg.MetadataValue:
     figure, axis = plt.subplots(figsize=(6, 3))
     axis.plot([c["step"] for c in curve], [c["loss"] for c in curve])
-    axis.set(xlabel="step", ylabel="loss", yscale="log", title="offline_student training loss")
+    axis.set(xlabel="step", ylabel="loss", yscale="log", title=title)
     return png_markdown(figure, "loss")
 
 
@@ -61,14 +84,7 @@ def offline_student(context: dg.AssetExecutionContext, config: OfflineStudentCon
             **{name: value for name, value in config.model_dump().items() if name not in ("learning_rate",)},
             lr=config.learning_rate,
         )
-        run.loss_objective()  # parameter errors before launching anything
-        config_path = Path(work) / "run.json"
-        config_path.write_text(json.dumps(asdict(run)))
-        done = subprocess.run([sys.executable, "-m", "training.distill", "--config", config_path], capture_output=True, text=True)
-        for line in done.stdout.splitlines():
-            context.log.info(line)
-        if done.returncode != 0:
-            raise RuntimeError(f"training.distill failed:\n{done.stderr[-3000:]}")
+        launch_distill(context, run, Path(work))
         model, tokenizer = load_model(run.output)
         curve = json.loads((Path(run.output) / "curve.json").read_text())
         card = {**model_card("offline_student", model, tokenizer), "objective": config.objective, "parent": student["weights_hash"]}
@@ -116,12 +132,8 @@ def evals(context: dg.AssetExecutionContext, config: EvalsConfig, store: Distill
         context.log.info(f"{name}: {results}")
         rows += [{"model": name, "checkpoint": card["weights_hash"], "split": "eval", "metric": metric, "value": value}
                  for metric, value in results.items()]
-    table = pa.Table.from_pylist(rows)
-    n = table.num_rows
-    table = table.append_column("round", pa.nulls(n, pa.string())).append_column("run_id", pa.repeat(pa.scalar(context.run_id), n))
-    table = table.append_column("created_at", pa.repeat(pa.scalar(datetime.now(timezone.utc), pa.timestamp("us", tz="UTC")), n))
-    path = distill_store.write_dataset("evals", table, file_name=f"part-{context.run_id}.parquet")
-    record_lineage(context, distill_store, config, {"eval_set": file_version(distill_store.dataset_path("eval_set"))}, {"rows": n})
+    path = write_evals(distill_store, rows, context.run_id, None, f"part-{context.run_id}.parquet")
+    record_lineage(context, distill_store, config, {"eval_set": file_version(distill_store.dataset_path("eval_set"))}, {"rows": len(rows)})
     refresh_catalog(distill_store)
     summary = {f"{r['model']}/{r['metric']}": r["value"] for r in rows}
     lines = ["| model | metric | value |", "|---|---|---|"] + [f"| {r['model']} | {r['metric']} | {r['value']:.4f} |" for r in rows]

@@ -3,6 +3,9 @@
 DuckDB allows one writer per database file, so views are refreshed here only, under a file lock;
 readers (`distill query`, notebooks) open the catalog read-only. Views read globs, so files added to
 an existing dataset (a new round) show up without a refresh; a new dataset needs one.
+
+Besides the datasets, `rounds` is a view over `lineage`: one row per on-policy round (its latest
+round_eval), with its parent, checkpoint hashes and headline metrics.
 """
 
 import fcntl
@@ -41,6 +44,24 @@ def view_sql(store: Store, name: str) -> str:
     )
 
 
+ROUNDS_VIEW = """
+CREATE OR REPLACE VIEW rounds AS
+SELECT partition AS round,
+       json_extract_string(input_versions, '$.parent') AS parent,
+       json_extract_string(input_versions, '$.parent_checkpoint') AS parent_checkpoint,
+       json_extract_string(metrics, '$.checkpoint') AS checkpoint,
+       round(json_extract(metrics, '$.greedy_exact_match')::DOUBLE, 4) AS greedy_exact_match,
+       round(json_extract(metrics, '$.sampled_exact_match')::DOUBLE, 4) AS sampled_exact_match,
+       round(json_extract(metrics, '$.parent_greedy_exact_match')::DOUBLE, 4) AS parent_greedy_exact_match,
+       round(json_extract(metrics, '$.improvement')::DOUBLE, 4) AS improvement,
+       round(json_extract(metrics, '$.reverse_kl_on_student_samples')::DOUBLE, 4) AS reverse_kl,
+       round(json_extract(metrics, '$.rollout_reward')::DOUBLE, 4) AS rollout_reward,
+       run_id, created_at
+FROM lineage WHERE asset = 'round_eval'
+QUALIFY row_number() OVER (PARTITION BY partition ORDER BY created_at DESC) = 1
+"""
+
+
 def refresh_catalog(store: Store, attempts: int = 20) -> list[str]:
     """(Re)creates a view per dataset; waits for a reader holding the file, then gives up clearly."""
     names = dataset_names(store)
@@ -50,6 +71,8 @@ def refresh_catalog(store: Store, attempts: int = 20) -> list[str]:
                 with duckdb.connect(str(store.root / "catalog.duckdb")) as connection:
                     for name in names:
                         connection.execute(view_sql(store, name))
+                    if "lineage" in names:
+                        connection.execute(ROUNDS_VIEW)
                 return names
             except duckdb.IOException as error:
                 if attempt == attempts - 1:

@@ -1,14 +1,17 @@
-"""The Dagster code location: assets, checks, jobs and resources."""
+"""The Dagster code location: assets, checks, jobs, the round sensor and schedule, and resources."""
 
 import dagster as dg
 
-from assets import checks, curation, datasets, models, students
-from pipelines.jobs import distill_offline
+from assets import checks, curation, datasets, models, rounds, students
+from pipelines.jobs import distill_offline, distill_round
 from pipelines.resources import DistillStore, TeacherEngine
+from pipelines.sensors import round_schedule, round_sensor
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([models, datasets, curation, students]),
+    assets=dg.load_assets_from_modules([models, datasets, curation, students, rounds]),
     asset_checks=dg.load_asset_checks_from_modules([checks]),
-    jobs=[distill_offline],
+    jobs=[distill_offline, distill_round],
+    sensors=[round_sensor],
+    schedules=[round_schedule],
     resources={"store": DistillStore(), "teacher_engine": TeacherEngine()},
 )

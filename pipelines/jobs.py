@@ -1,9 +1,20 @@
-"""Jobs: `distill_offline` materializes every offline asset (the demo's main job)."""
+"""Jobs: `distill_offline` materializes every offline asset (the demo's main job); `distill_round`
+runs one on-policy round (a partition of `rounds`)."""
 
 import dagster as dg
+
+from pipelines.partitions import rounds
 
 distill_offline = dg.define_asset_job(
     "distill_offline",
     selection=dg.AssetSelection.groups("models", "datasets", "students"),
     description="Teacher and student models, seed prompts, eval set, the teacher-labeled dataset, the offline student and the evals.",
+)
+
+distill_round = dg.define_asset_job(
+    "distill_round",
+    selection=dg.AssetSelection.groups("rounds"),
+    partitions_def=rounds,
+    executor_def=dg.in_process_executor,  # the steps run one after another anyway; one process loads torch once
+    description="One on-policy round: student_rollouts → teacher_feedback → student_checkpoint → round_eval.",
 )

@@ -92,6 +92,7 @@ def publish_dataset(
     preview_columns: list[str],
     multi_asset: bool = False,
     display: dict | None = None,
+    parent_round: str | None = None,
 ) -> dg.MaterializeResult:
     """Writes `table` atomically, records lineage, refreshes the catalog; returns the metadata:
     `metrics` (also in lineage) and `display` (tables, charts: metadata only). In a multi-asset
@@ -100,7 +101,7 @@ def publish_dataset(
     path = store.write_dataset(name, table, partition)
     version = file_version(path)
     record_lineage(context, store, config, inputs, {**metrics, "rows": table.num_rows, "data_version": version},
-                   asset=name if multi_asset else None)
+                   parent_round, asset=name if multi_asset else None)
     refresh_catalog(store)
     schema = dg.TableSchema(columns=[dg.TableColumn(f.name, str(f.type)) for f in table.schema])
     return dg.MaterializeResult(

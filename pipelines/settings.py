@@ -4,6 +4,7 @@ Every field has a default, so the embedded demo needs no configuration. Out-of-r
 when the run starts, before any model is loaded.
 """
 
+import os
 from typing import Literal, Optional
 
 import dagster as dg
@@ -179,3 +180,62 @@ class OfflineStudentConfig(dg.Config):
 
 class EvalsConfig(dg.Config):
     seed: int = Field(0, description="seed of the sampled exact match and the student samples")
+
+
+class StudentRolloutsConfig(dg.Config):
+    """The current student's own samples on prompts drawn from the training data, seeded by round."""
+
+    num_prompts: int = Field(256, ge=1, description="distinct prompts drawn from curated (else teacher_labeled) per round")
+    n: int = Field(2, ge=1, description="samples per prompt")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature; GKD samples at 1")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(96, ge=1)
+    seed: int = Field(0, description="combined with the round number: each round draws other prompts and samples")
+
+
+class TeacherFeedbackConfig(dg.Config):
+    k: int = Field(20, ge=1, description="top-k teacher logprobs stored per rollout token")
+    signal_temperature: float = Field(1.0, gt=0, description="temperature of the stored distributions; 1 is raw")
+    logprob_dtype: Literal["float32", "float16"] = "float32"
+
+
+class StudentCheckpointConfig(dg.Config):
+    """GKD from the parent checkpoint: a share λ of the batches from this round's scored rollouts."""
+
+    mix: float = Field(0.5, ge=0, le=1, description="λ: share of batches from this round's rollouts; the rest from curated")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tv", "skew_kl", "skew_reverse_kl"] = "jsd"
+    beta: float = Field(0.5, ge=0, le=1, description="JSD mixture weight: 0 is forward KL, 1 reverse KL")
+    alpha: float = Field(0.1, gt=0, lt=1, description="skew of the skew KLs")
+    tail_policy: Literal["renormalize", "bucket"] = "renormalize"
+    temperature: float = Field(1.0, gt=0, description="loss temperature τ for teacher and student")
+    nll_weight: float = Field(0.0, ge=0)
+    k: Optional[int] = Field(None, ge=1, description="train on the first k of the stored top-k; empty: all")
+    steps: int = Field(150, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    seed: int = 0
+
+
+class RoundEvalConfig(dg.Config):
+    seed: int = Field(0, description="seed of the sampled exact match and the student samples")
+
+
+class RoundPolicy(dg.Config):
+    """When the sensor (or the schedule) opens the next round. Read from the environment at every
+    evaluation: DISTILL_MAX_ROUNDS, DISTILL_MIN_IMPROVEMENT, DISTILL_ROUNDS_CRON (the schedule's cron,
+    read when the code location loads)."""
+
+    max_rounds: int = Field(5, ge=1, description="no round beyond this many")
+    min_improvement: float = Field(
+        0.0, description="stop when the last round's greedy exact-match gain over its parent is below this"
+    )
+    cron: str = Field("0 */6 * * *", description="the round schedule's cron (the schedule is off by default)")
+
+    @classmethod
+    def from_environment(cls) -> "RoundPolicy":
+        values = {"max_rounds": "DISTILL_MAX_ROUNDS", "min_improvement": "DISTILL_MIN_IMPROVEMENT", "cron": "DISTILL_ROUNDS_CRON"}
+        try:
+            return cls(**{field: os.environ[name] for field, name in values.items() if os.environ.get(name)})
+        except ValueError as error:
+            raise ValueError(f"bad round policy in the environment ({', '.join(values.values())}): {error}") from None

@@ -5,16 +5,20 @@ Layout:
     data/lineage/part-<run>-<asset>[-<key>].parquet  one small file per materialization, never replaced
     models/<name>/<weights hash>/                   HF format (safetensors), content addressed
     models/<name>/card.json                         the current model's card (path, hashes, vocab)
+    models/<name>/round=<key>/card.json             a round's checkpoint card (partitioned models)
+    locks/round=<key>.lock                          held while an asset of that round runs
     catalog.duckdb                                  views over the Parquet (see `catalog.py`)
 
 Every write goes to a hidden temp file in the same directory and is renamed into place, so readers
 see the old file or the new one, never a partial one.
 """
 
+import fcntl
 import json
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
@@ -67,8 +71,9 @@ class Store:
         file_name = f"part-{row['run_id']}-{row['asset']}{suffix}.parquet"
         return self.write_dataset("lineage", pa.Table.from_pylist([row], schema=LINEAGE_SCHEMA), file_name=file_name)
 
-    def save_model(self, name: str, card: dict, save) -> dict:
-        """Saves a checkpoint by content (save(directory) writes it) and makes it `name`'s current card."""
+    def save_model(self, name: str, card: dict, save, partition: str | None = None) -> dict:
+        """Saves a checkpoint by content (save(directory) writes it) and makes it `name`'s current card
+        (or, given a partition, that partition's card)."""
         final = self.root / "models" / name / card["weights_hash"]
         if not final.exists():
             temp = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp"
@@ -78,21 +83,49 @@ class Store:
             finally:
                 shutil.rmtree(temp, ignore_errors=True)
         card = {**card, "path": str(final)}
-        self.write_card(name, card)
+        self.write_card(name, card, partition)
         return card
 
-    def write_card(self, name: str, card: dict) -> None:
-        path = self.root / "models" / name / "card.json"
+    def card_path(self, name: str, partition: str | None = None) -> Path:
+        base = self.root / "models" / name
+        return (base / f"round={partition}" if partition else base) / "card.json"
+
+    def write_card(self, name: str, card: dict, partition: str | None = None) -> None:
+        path = self.card_path(name, partition)
         path.parent.mkdir(parents=True, exist_ok=True)
         temp = path.parent / f".card.json.{uuid.uuid4().hex}.tmp"
         temp.write_text(json.dumps(card, indent=2, sort_keys=True))
         os.replace(temp, path)
 
-    def read_card(self, name: str) -> dict:
-        path = self.root / "models" / name / "card.json"
+    def read_card(self, name: str, partition: str | None = None) -> dict:
+        path = self.card_path(name, partition)
         if not path.exists():
-            raise FileNotFoundError(f"model {name!r} has no checkpoint yet: materialize the `{name}` asset first")
+            where = f" for round {partition}" if partition else ""
+            raise FileNotFoundError(f"model {name!r} has no checkpoint{where} yet: materialize the `{name}` asset{where} first")
         return json.loads(path.read_text())
+
+    @contextmanager
+    def round_lock(self, key: str, holder: str):
+        """Holds locks/round=<key>.lock while `holder` works on round `key`; a second holder fails at
+        once with the first one's name, so two launches of a round never interleave their writes."""
+        path = self.root / "locks" / f"round={key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                raise RuntimeError(
+                    f"round {key} is being materialized by another run ({handle.read().strip() or 'unknown'}); "
+                    "wait for it to finish, then re-run this round"
+                ) from None
+            try:
+                handle.truncate(0)
+                handle.write(holder)
+                handle.flush()
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 LINEAGE_SCHEMA = pa.schema(

@@ -7,6 +7,10 @@ curve.json to `output`, so a launcher (torchrun, accelerate, Dagster Pipes) can 
 
 Objectives: `sft` trains on the teacher's tokens as hard targets (SeqKD); `supervised_kd` minimizes
 a divergence to the stored top-k signal, optionally mixed with NLL (see `training/kd.py`).
+
+On-policy mix (GKD, Algorithm 1): with `rollouts` (the student's own samples, scored by the teacher:
+`teacher_feedback`), each step draws its batch from the rollouts with probability λ = `mix`, else
+from the fixed `data`. λ = 0 is supervised KD, λ = 1 fully on-policy.
 """
 
 import argparse
@@ -46,7 +50,15 @@ class DistillConfig:
     weight_decay: float = 0.01
     seed: int = 0
     teacher_vocab_size: int | None = None
+    rollouts: list[str] = field(default_factory=list)  # Parquet files of teacher-scored student samples
+    mix: float = 0.0  # λ: probability that a step's batch comes from `rollouts`
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not 0.0 <= self.mix <= 1.0:
+            raise ValueError(f"mix λ must be in [0, 1], got {self.mix}")
+        if self.mix > 0 and not self.rollouts:
+            raise ValueError(f"mix λ={self.mix} draws batches from rollouts, but none are given: pass `rollouts` or set mix 0")
 
     def loss_objective(self) -> Objective:
         if self.objective == "sft":
@@ -78,28 +90,43 @@ def check_compatible(table: pa.Table, student_vocab_size: int, teacher_vocab_siz
         )
 
 
-def train_student(model, tokenizer, table: pa.Table, config: DistillConfig, on_step=None) -> list[dict]:
-    """Trains `model` in place on `table`; returns the curve. A non-finite loss stops with an error."""
+def batches(table: pa.Table, batch_size: int, generator: torch.Generator):
+    """Batches of `table`'s rows in a shuffled order, reshuffled after every pass, forever."""
+    while True:
+        order = torch.randperm(table.num_rows, generator=generator)
+        for start in range(0, max(1, len(order) - batch_size + 1), batch_size):
+            yield table.take(pa.array(order[start : start + batch_size].numpy()))
+
+
+def train_student(model, tokenizer, table: pa.Table, config: DistillConfig, on_step=None,
+                  rollouts: pa.Table | None = None) -> list[dict]:
+    """Trains `model` in place on `table` (and on `rollouts` with probability config.mix per step);
+    returns the curve. A non-finite loss stops with an error."""
     objective = config.loss_objective()
-    check_compatible(table, model.config.vocab_size, config.teacher_vocab_size, config.k)
-    stored_temperature = float(table["temperature"][0].as_py())
-    generator = torch.Generator().manual_seed(config.seed)
+    sources = {"fixed": table} if rollouts is None else {"fixed": table, "on_policy": rollouts}
+    for source in sources.values():
+        check_compatible(source, model.config.vocab_size, config.teacher_vocab_size, config.k)
+    temperatures = {name: float(source["temperature"][0].as_py()) for name, source in sources.items()}
+    if len(set(temperatures.values())) > 1:
+        raise ValueError(f"fixed data and rollouts store the teacher at different temperatures {temperatures}: relabel one")
+    if config.mix > 0 and rollouts is None:
+        raise ValueError(f"mix λ={config.mix} needs rollouts")
     torch.manual_seed(config.seed)
+    streams = {name: batches(source, config.batch_size, torch.Generator().manual_seed(config.seed + i))
+               for i, (name, source) in enumerate(sources.items())}
+    coin = torch.Generator().manual_seed(config.seed + len(sources))
     optimizer = adamw(model, config.lr, config.weight_decay)
-    order = torch.randperm(table.num_rows, generator=generator)
     model.train()
-    curve, started, cursor = [], time.perf_counter(), 0
+    curve, started = [], time.perf_counter()
     for step in range(config.steps):
-        if cursor + config.batch_size > len(order):
-            order, cursor = torch.randperm(table.num_rows, generator=generator), 0
-        rows = table.take(pa.array(order[cursor : cursor + config.batch_size].numpy()))
-        cursor += config.batch_size
-        batch = sparse_batch(rows, tokenizer.pad_token_id, config.k)
+        on_policy = config.mix > 0 and torch.rand(1, generator=coin).item() < config.mix
+        source = "on_policy" if on_policy else "fixed"
+        batch = sparse_batch(next(streams[source]), tokenizer.pad_token_id, config.k)
         lr = cosine_lr(step, config.steps, config.lr, config.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        loss, parts = sparse_kd_loss(logits, batch, objective, stored_temperature)
+        loss, parts = sparse_kd_loss(logits, batch, objective, temperatures[source])
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"loss is {loss.item()} at step {step} ({parts}); lower lr (now {lr:.2e}). No checkpoint was written."
@@ -109,7 +136,7 @@ def train_student(model, tokenizer, table: pa.Table, config: DistillConfig, on_s
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         curve.append({
-            "step": step, "loss": loss.item(), **parts, "lr": lr,
+            "step": step, "loss": loss.item(), **parts, "lr": lr, "source": source,
             "completion_tokens": int(batch.targets.numel()), "seconds": time.perf_counter() - started,
         })
         if on_step is not None:
@@ -121,12 +148,13 @@ def train_student(model, tokenizer, table: pa.Table, config: DistillConfig, on_s
 def run(config: DistillConfig) -> list[dict]:
     model, tokenizer = load_model(config.student)
     table = pa.concat_tables([pq.read_table(path) for path in config.data])
+    rollouts = pa.concat_tables([pq.read_table(path) for path in config.rollouts]) if config.rollouts else None
 
     def log_progress(step: int, loss: float) -> None:
         if step % 50 == 0:
             print(f"step {step}/{config.steps} loss {loss:.4f}", flush=True)
 
-    curve = train_student(model, tokenizer, table, config, log_progress)
+    curve = train_student(model, tokenizer, table, config, log_progress, rollouts)
     output = Path(config.output)
     save_model(model, tokenizer, output)
     (output / "curve.json").write_text(json.dumps(curve))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from training.engines.base import Engine, SamplingParams
-from training.labeling import fit_prompts
+from training.labeling import sample
 
 
 @dataclass(frozen=True)
@@ -100,10 +100,12 @@ def write_inputs(
     when the output is not one (counted by the caller and dropped)."""
     if sampling.n != 1:
         raise ValueError("write one input per instruction (n=1); ask for more instructions instead")
-    fitted, _, _ = fit_prompts(engine, [i.text for i in instructions], sampling.max_new_tokens, "drop")
-    if any(ids is None for ids in fitted):
+    if not instructions:
+        return []
+    written, too_long, _ = sample(engine, [i.text for i in instructions], sampling, "drop")
+    if too_long:
         raise ValueError(
-            f"{sum(ids is None for ids in fitted)} instructions do not fit the teacher's context with "
-            f"max_new_tokens={sampling.max_new_tokens}: use fewer demonstrations or shorter templates"
+            f"{too_long} instructions do not fit the teacher's context with max_new_tokens={sampling.max_new_tokens}: "
+            "use fewer demonstrations or shorter templates"
         )
-    return [parse(g.text) for g in engine.generate(fitted, sampling)] if instructions else []
+    return [parse(text) for text in written["completion"].to_pylist()]

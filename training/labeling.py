@@ -40,6 +40,45 @@ def fit_prompts(engine: Engine, prompts: list[str], max_new_tokens: int, overlon
     return fitted, 0, int(overlong_rows.sum())
 
 
+def sample(engine: Engine, prompts: list[str], sampling: SamplingParams, overlong: str = "drop"):
+    """n completions per prompt from `engine`, as token ids. Returns (table, dropped, truncated); the
+    table has one row per completion: prompt_index (into `prompts`), sample_index, prompt_token_ids,
+    completion_token_ids, completion, finish_reason, num_tokens."""
+    fitted, dropped, truncated = fit_prompts(engine, prompts, sampling.max_new_tokens, overlong)
+    kept = [i for i, ids in enumerate(fitted) if ids is not None]
+    prompt_ids = [fitted[i] for i in kept]
+    generations = engine.generate(prompt_ids, sampling) if prompt_ids else []
+    columns = {
+        "prompt_index": pa.array([kept[g.prompt_index] for g in generations], pa.int64()),
+        "sample_index": pa.array([g.sample_index for g in generations], pa.int32()),
+        "prompt_token_ids": pa.array([prompt_ids[g.prompt_index] for g in generations], pa.list_(pa.int32())),
+        "completion_token_ids": pa.array([g.completion_ids for g in generations], pa.list_(pa.int32())),
+        "completion": pa.array([g.text for g in generations], pa.string()),
+        "finish_reason": pa.array([g.finish_reason for g in generations], pa.string()),
+        "num_tokens": pa.array([len(g.completion_ids) for g in generations], pa.int32()),
+    }
+    return pa.table(columns), dropped, truncated
+
+
+def score(
+    engine: Engine, sequences: pa.Table, k: int, signal_temperature: float = 1.0, logprob_type: pa.DataType = pa.float32()
+) -> tuple[dict[str, pa.Array], dict]:
+    """`engine`'s sparse signal on every completion token of `sequences` (prompt_token_ids,
+    completion_token_ids): the signal columns plus k, temperature, logprob_mode and codec, and statistics."""
+    signals = engine.score(
+        sequences["prompt_token_ids"].to_pylist(), sequences["completion_token_ids"].to_pylist(), k, signal_temperature
+    )
+    n = sequences.num_rows
+    columns = {
+        **signal_columns(signals, logprob_type),
+        "k": pa.repeat(pa.scalar(k, pa.int32()), n),
+        "temperature": pa.repeat(pa.scalar(signal_temperature, pa.float32()), n),
+        "logprob_mode": pa.repeat(pa.scalar(LOGPROB_MODE), n),
+        "codec": pa.repeat(pa.scalar(CODEC), n),
+    }
+    return columns, signal_statistics(signals)
+
+
 def label(
     engine: Engine,
     prompts: list[str],
@@ -53,24 +92,9 @@ def label(
     if k > len(engine.tokenizer):
         raise ValueError(f"k={k} is larger than the vocabulary ({len(engine.tokenizer)} tokens); lower k")
     engine.check_signal(k, signal_temperature)
-    fitted, dropped, truncated = fit_prompts(engine, prompts, sampling.max_new_tokens, overlong)
-    kept = [i for i, ids in enumerate(fitted) if ids is not None]
-    prompt_ids = [fitted[i] for i in kept]
-    generations = engine.generate(prompt_ids, sampling) if prompt_ids else []
-    response_prompts = [prompt_ids[g.prompt_index] for g in generations]
-    signals = engine.score(response_prompts, [g.completion_ids for g in generations], k, signal_temperature)
-    columns = {
-        "prompt_index": pa.array([kept[g.prompt_index] for g in generations], pa.int64()),
-        "sample_index": pa.array([g.sample_index for g in generations], pa.int32()),
-        "prompt_token_ids": pa.array(response_prompts, pa.list_(pa.int32())),
-        "completion_token_ids": pa.array([g.completion_ids for g in generations], pa.list_(pa.int32())),
-        "completion": pa.array([g.text for g in generations], pa.string()),
-        "finish_reason": pa.array([g.finish_reason for g in generations], pa.string()),
-        "num_tokens": pa.array([len(g.completion_ids) for g in generations], pa.int32()),
-        **signal_columns(signals, logprob_type),
-        "k": pa.repeat(pa.scalar(k, pa.int32()), len(generations)),
-        "temperature": pa.repeat(pa.scalar(signal_temperature, pa.float32()), len(generations)),
-        "logprob_mode": pa.repeat(pa.scalar(LOGPROB_MODE), len(generations)),
-        "codec": pa.repeat(pa.scalar(CODEC), len(generations)),
-    }
-    return Labeled(pa.table(columns), dropped, truncated, signal_statistics(signals))
+    responses, dropped, truncated = sample(engine, prompts, sampling, overlong)
+    columns, statistics = score(engine, responses, k, signal_temperature, logprob_type)
+    table = responses
+    for name, column in columns.items():
+        table = table.append_column(name, column)
+    return Labeled(table, dropped, truncated, statistics)

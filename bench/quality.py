@@ -1,0 +1,158 @@
+"""The GKD ordering on the embedded task: exact-match gain over the same `student_model` start.
+
+    .venv/bin/python bench/quality.py [--seeds 3] [--tokens 240000] [--rounds 3] [--eval-problems 500]
+
+Needs the demo's teacher, student and teacher_labeled (`make demo`). Arms, each with the same number
+of training tokens (steps are set from the mean completion length of what each step draws):
+  sft_ground_truth   SFT on the task's reference solutions
+  seqkd              SFT on the teacher's greedy outputs (teacher_labeled)
+  λ=0 / 0.5 / 1      supervised KD (fixed data only), mixed, on-policy, each with forward KL,
+                     reverse KL and JSD(0.5) on the stored top-k signal
+Every arm trains in `rounds` segments; before each segment the on-policy arms sample the current
+student (T = 1) on fresh train prompts and the teacher scores the samples (training/feedback.py).
+Prints a markdown table of greedy / sampled exact-match gain (mean ± std over seeds) and writes a PNG.
+"""
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from pipelines.store import Store
+from training.distill import DistillConfig, train_student
+from training.engines.base import SamplingParams
+from training.engines.hf import HFEngine
+from training.evaluate import evaluate
+from training.feedback import teacher_feedback
+from training.labeling import sample, score
+from training.models import load_model
+from training.tasks.arithmetic import parse_prompt, problems
+
+K = 20
+BATCH = 32
+ROLLOUT_PROMPTS = 256
+DIVERGENCES = {"forward_kl": ("forward_kl", 0.5), "reverse_kl": ("reverse_kl", 0.5), "jsd(0.5)": ("jsd", 0.5)}
+
+
+def arms() -> list[dict]:
+    out = [{"arm": "sft_ground_truth", "objective": "sft", "data": "ground_truth", "mix": 0.0, "divergence": "-"},
+           {"arm": "seqkd", "objective": "sft", "data": "teacher_labeled", "mix": 0.0, "divergence": "-"}]
+    for mix, name in [(0.0, "supervised_kd"), (0.5, "mixed"), (1.0, "on_policy")]:
+        for label in DIVERGENCES:
+            out.append({"arm": f"{name} λ={mix}", "objective": "supervised_kd", "data": "teacher_labeled", "mix": mix, "divergence": label})
+    return out
+
+
+def ground_truth_table(teacher: HFEngine, labeled: pa.Table) -> pa.Table:
+    """The reference solutions of the labeled prompts, as token ids (scored by the teacher so that the
+    table has the signal columns a batch needs; SFT only uses the tokens)."""
+    parsed = [parse_prompt(p) for p in labeled["prompt"].to_pylist()]
+    solutions = [p.solution if p is not None else None for p in parsed]
+    keep = [i for i, s in enumerate(solutions) if s is not None]
+    tokenizer = teacher.tokenizer
+    completion_ids = [ids + [tokenizer.eos_token_id] for ids in tokenizer([solutions[i] for i in keep], add_special_tokens=False)["input_ids"]]
+    table = pa.table({
+        "sample_id": pa.array([f"gt{i}" for i in keep]),
+        "prompt_token_ids": labeled["prompt_token_ids"].take(pa.array(keep)),
+        "completion_token_ids": pa.array(completion_ids, pa.list_(pa.int32())),
+    })
+    columns, _ = score(teacher, table, K)
+    for name, column in columns.items():
+        table = table.append_column(name, column)
+    return table.append_column("num_tokens", pc.list_value_length(table["completion_token_ids"]))
+
+
+def rollouts_of(student, tokenizer, teacher: HFEngine, segment: int, seed: int) -> pa.Table:
+    """The student's own samples (T = 1) on fresh train prompts, scored by the teacher."""
+    engine = HFEngine(student, tokenizer, batch_size=128)
+    prompts = [p.prompt for p in problems("train", ROLLOUT_PROMPTS, 1000 + 100 * seed + segment)]
+    samples, _, _ = sample(engine, prompts, SamplingParams(temperature=1.0, max_new_tokens=96, seed=1000 * seed + segment))
+    columns, _ = teacher_feedback(teacher, engine, samples, K)
+    table = samples.append_column("sample_id", pa.array([f"r{segment}-{i}" for i in range(samples.num_rows)]))
+    for name, column in columns.items():
+        table = table.append_column(name, column)
+    return table
+
+
+def mean_tokens(table: pa.Table) -> float:
+    return pc.mean(table["num_tokens"]).as_py()
+
+
+def run_arm(arm: dict, seed: int, start: str, data: dict, teacher: HFEngine, args, eval_problems) -> dict:
+    student, tokenizer = load_model(start)
+    divergence, beta = DIVERGENCES.get(arm["divergence"], ("jsd", 0.5))
+    fixed = data[arm["data"]]
+    tokens_per_segment = args.tokens / args.rounds
+    tokens = 0
+    for segment in range(args.rounds):
+        rollouts = rollouts_of(student, tokenizer, teacher, segment, seed) if arm["mix"] > 0 else None
+        per_step = BATCH * ((1 - arm["mix"]) * mean_tokens(fixed) + (arm["mix"] * mean_tokens(rollouts) if rollouts is not None else 0))
+        config = DistillConfig(
+            student=start, data=["-"], output="-", objective=arm["objective"], divergence=divergence, beta=beta,
+            steps=max(1, round(tokens_per_segment / per_step)), batch_size=BATCH, lr=1e-3, warmup_steps=10,
+            seed=seed * 100 + segment, mix=arm["mix"], rollouts=["-"] if rollouts is not None else [],
+        )
+        curve = train_student(student, tokenizer, fixed, config, rollouts=rollouts)
+        tokens += sum(c["completion_tokens"] for c in curve)
+    results = evaluate(student, tokenizer, [p.prompt for p in eval_problems], [str(p.answer) for p in eval_problems], seed=seed)
+    return {**results, "tokens": tokens}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=240_000, help="completion tokens each arm trains on")
+    parser.add_argument("--rounds", type=int, default=3, help="segments; on-policy arms resample before each")
+    parser.add_argument("--eval-problems", type=int, default=500)
+    parser.add_argument("--arms", default="", help="comma-separated substrings of arm names to run (default: all)")
+    parser.add_argument("--png", default="bench/quality.png")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    store = Store()
+    try:
+        start, teacher_card = store.read_card("student")["path"], store.read_card("teacher")
+        labeled = store.read_dataset("teacher_labeled")
+    except FileNotFoundError as error:
+        raise SystemExit(f"{error}\nRun `make demo` first: the benchmark starts from its teacher, student and teacher_labeled.")
+    teacher = HFEngine.load(teacher_card["path"], batch_size=128)
+    data = {"teacher_labeled": labeled, "ground_truth": ground_truth_table(teacher, labeled)}
+    eval_problems = problems("eval", args.eval_problems, 0)
+    start_model, start_tokenizer = load_model(start)
+    baseline = evaluate(start_model, start_tokenizer, [p.prompt for p in eval_problems], [str(p.answer) for p in eval_problems], seed=0)
+    print(f"start (student_model): greedy {baseline['greedy_exact_match']:.3f}  sampled {baseline['sampled_exact_match']:.3f}", flush=True)
+    selected = [a for a in arms() if not args.arms or any(s in f"{a['arm']} {a['divergence']}" for s in args.arms.split(","))]
+    rows, began = [], time.perf_counter()
+    for arm in selected:
+        runs = [run_arm(arm, seed, start, data, teacher, args, eval_problems) for seed in range(args.seeds)]
+        greedy = [r["greedy_exact_match"] - baseline["greedy_exact_match"] for r in runs]
+        sampled = [r["sampled_exact_match"] - baseline["sampled_exact_match"] for r in runs]
+        spread = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
+        rows.append({**arm, "greedy": statistics.mean(greedy), "greedy_sd": spread(greedy), "sampled": statistics.mean(sampled),
+                     "sampled_sd": spread(sampled), "tokens": round(statistics.mean(r["tokens"] for r in runs))})
+        print(f"{arm['arm']:22s} {arm['divergence']:10s} greedy gain {rows[-1]['greedy']:+.3f} ± {rows[-1]['greedy_sd']:.3f}  "
+              f"sampled gain {rows[-1]['sampled']:+.3f}  tokens {rows[-1]['tokens']:,}  ({time.perf_counter() - began:.0f} s)", flush=True)
+    print(f"\n{args.seeds} seed(s), {args.tokens:,} training tokens per arm, {args.rounds} segments, "
+          f"{args.eval_problems} eval problems; start greedy {baseline['greedy_exact_match']:.3f}\n")
+    print("| arm | divergence | training tokens | greedy EM gain | sampled EM gain |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['arm']} | {r['divergence']} | {r['tokens']:,} | {r['greedy']:+.3f} ± {r['greedy_sd']:.3f} | {r['sampled']:+.3f} ± {r['sampled_sd']:.3f} |")
+    figure, axis = plt.subplots(figsize=(9, 4))
+    labels = [f"{r['arm']}\n{r['divergence']}" for r in rows]
+    axis.bar(range(len(rows)), [r["greedy"] for r in rows], yerr=[r["greedy_sd"] for r in rows], capsize=3)
+    axis.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
+    axis.set(ylabel="greedy exact-match gain over start", title="GKD ordering on the embedded task")
+    figure.tight_layout()
+    figure.savefig(args.png)
+    print(f"\nplot: {Path(args.png).resolve()}  ({time.perf_counter() - began:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Opening on-policy rounds: a sensor opens round r+1 once round r has finished, while fewer than
+`max_rounds` have run and round r improved on its parent by at least `min_improvement`; a schedule
+(off by default) does the same on a cron. The policy comes from the environment (`RoundPolicy`).
+
+Both are off by default (rounds cost compute): turn them on in the UI (Automation), or launch the
+`distill_round` job for a chosen partition by hand.
+"""
+
+import dagster as dg
+
+from pipelines.jobs import distill_round
+from pipelines.partitions import round_key, round_number, rounds
+from pipelines.settings import RoundPolicy
+
+POLICY_HELP = (
+    "Policy from the environment: DISTILL_MAX_ROUNDS (default 5), DISTILL_MIN_IMPROVEMENT (default 0.0: "
+    "stop when a round's greedy exact match falls below its parent's), DISTILL_ROUNDS_CRON (schedule only)."
+)
+
+
+def next_round(instance: dg.DagsterInstance, policy: RoundPolicy) -> tuple[str | None, str]:
+    """(the round to open, why) or (None, why not)."""
+    keys = sorted(instance.get_dynamic_partitions(rounds.name), key=round_number)
+    if not keys:
+        if instance.get_latest_materialization_event(dg.AssetKey("offline_student")) is None:
+            return None, "offline_student has not been materialized: run distill_offline first"
+        return round_key(1), "opening the first round from offline_student"
+    last = keys[-1]
+    if len(keys) >= policy.max_rounds:
+        return None, f"{len(keys)} rounds opened, max_rounds={policy.max_rounds} reached"
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("round_eval"), asset_partitions=[last]), limit=1
+    ).records
+    if not records:
+        return None, f"round {last} has not finished (no round_eval yet): waiting; if its run failed, re-run it"
+    improvement = records[0].asset_materialization.metadata["improvement"].value
+    if improvement < policy.min_improvement:
+        return None, f"plateau: round {last} improved greedy exact match by {improvement:+.4f} < min_improvement={policy.min_improvement}"
+    return round_key(round_number(last) + 1), f"round {last} improved by {improvement:+.4f}"
+
+
+@dg.sensor(
+    job=distill_round, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED,
+    description="Opens the next on-policy round (adds the partition and requests its run). " + POLICY_HELP,
+)
+def round_sensor(context: dg.SensorEvaluationContext):
+    key, reason = next_round(context.instance, RoundPolicy.from_environment())
+    if key is None:
+        return dg.SensorResult(skip_reason=reason)
+    context.log.info(reason)
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(run_key=key, partition_key=key)],
+        dynamic_partitions_requests=[rounds.build_add_request([key])],
+    )
+
+
+@dg.schedule(
+    job=distill_round, cron_schedule=RoundPolicy.from_environment().cron, default_status=dg.DefaultScheduleStatus.STOPPED,
+    description="Periodically opens the next on-policy round, under the same policy as round_sensor. " + POLICY_HELP,
+)
+def round_schedule(context: dg.ScheduleEvaluationContext):
+    key, reason = next_round(context.instance, RoundPolicy.from_environment())
+    if key is None:
+        return dg.SkipReason(reason)
+    context.instance.add_dynamic_partitions(rounds.name, [key])  # schedules cannot return partition requests
+    return dg.RunRequest(run_key=key, partition_key=key)

@@ -1,0 +1,118 @@
+"""On-policy rounds end to end on a tiny configuration: two rounds, lineage r002 → r001 →
+offline_student, the missing-parent error, re-runs, and a second launch of a running round."""
+
+import json
+
+import dagster as dg
+import pyarrow.compute as pc
+import pytest
+
+from assets.rounds import round_eval, student_checkpoint, student_rollouts, teacher_feedback
+from pipelines.catalog import query
+from pipelines.cli import main as distill
+from pipelines.partitions import rounds
+from pipelines.store import Store
+from test_pipeline import ASSETS, RESOURCES, materialize
+
+OFFLINE = [a for a in ASSETS if a.key.to_user_string() != "evals"]  # what a round reads
+
+ROUND_ASSETS = [student_rollouts, teacher_feedback, student_checkpoint, round_eval]
+TINY_ROUND = {
+    "student_rollouts": {"num_prompts": 12, "n": 2, "max_new_tokens": 40},
+    "teacher_feedback": {"k": 8},
+    "student_checkpoint": {"steps": 8, "batch_size": 8},
+}
+
+
+def run_round(instance, key: str, selection=None, **overrides):
+    instance.add_dynamic_partitions(rounds.name, [key])
+    names = [a.key.to_user_string() for a in (selection or ROUND_ASSETS)]
+    config = {name: {**TINY_ROUND.get(name, {}), **overrides.get(name, {})} for name in names}
+    return dg.materialize(
+        ASSETS + ROUND_ASSETS, selection=selection or ROUND_ASSETS, partition_key=key, instance=instance,
+        resources=RESOURCES, run_config={"ops": {n: {"config": c} for n, c in config.items() if c}}, raise_on_error=False,
+    )
+
+
+@pytest.fixture
+def offline(instance, distill_home):
+    assert materialize(instance, selection=OFFLINE).success
+    return Store(distill_home)
+
+
+def error_of(result) -> str:
+    return str(result.get_step_failure_events()[0].step_failure_data.error)
+
+
+def test_two_rounds_end_to_end_with_lineage(instance, offline, distill_home, capsys):
+    missing = run_round(instance, "r002")  # r001 does not exist yet
+    assert not missing.success
+    assert "round r002 starts from round r001's student_checkpoint, which does not exist" in error_of(missing)
+    assert not offline.dataset_path("student_rollouts", "r002").exists()
+
+    first = run_round(instance, "r001")
+    assert first.success
+    second = run_round(instance, "r002")
+    assert second.success
+
+    offline_hash = offline.read_card("offline_student")["weights_hash"]
+    r001, r002 = offline.read_card("student_checkpoint", "r001"), offline.read_card("student_checkpoint", "r002")
+    assert r001["parent_checkpoint"] == offline_hash and r002["parent_checkpoint"] == r001["weights_hash"]
+    assert r001["weights_hash"] != r002["weights_hash"]
+
+    rollouts = offline.read_dataset("student_rollouts", "r002")
+    assert rollouts.num_rows == 24 and set(rollouts["student_weights_hash"].to_pylist()) == {r001["weights_hash"]}
+    assert json.loads(rollouts["sampling"][0].as_py())["temperature"] == 1.0
+    assert rollouts["prompt_id"].to_pylist() != offline.read_dataset("student_rollouts", "r001")["prompt_id"].to_pylist()
+
+    feedback = offline.read_dataset("teacher_feedback", "r001")
+    row = feedback.slice(0, 1).to_pylist()[0]
+    assert len(row["topk_ids"]) == len(row["student_token_logprob"]) == len(row["completion_token_ids"]) == row["num_tokens"]
+    assert len(row["topk_ids"][0]) == row["k"] == 8
+    ratio = sum(row["student_token_logprob"]) - sum(row["token_logprob"])
+    assert row["log_ratio_sum"] == pytest.approx(ratio, abs=1e-4)
+    assert set(pc.unique(feedback["reward"]).to_pylist()) <= {0.0, 1.0}
+
+    _, lineage = query(offline, """
+        SELECT partition, asset, parent_round, json_extract_string(input_versions, '$.parent_checkpoint')
+        FROM lineage WHERE partition IS NOT NULL ORDER BY partition, asset""")
+    assert [(r[0], r[1], r[2]) for r in lineage] == [
+        ("r001", "round_eval", None), ("r001", "student_checkpoint", None), ("r001", "student_rollouts", None),
+        ("r001", "teacher_feedback", None),
+        ("r002", "round_eval", "r001"), ("r002", "student_checkpoint", "r001"), ("r002", "student_rollouts", "r001"),
+        ("r002", "teacher_feedback", "r001"),
+    ]
+    assert {r[3] for r in lineage if r[0] == "r001"} == {offline_hash}
+    assert {r[3] for r in lineage if r[0] == "r002"} == {r001["weights_hash"]}
+
+    _, table = query(offline, "SELECT round, parent, parent_checkpoint, checkpoint, greedy_exact_match, improvement FROM rounds ORDER BY round")
+    assert [(r[0], r[1], r[2], r[3]) for r in table] == [
+        ("r001", "offline_student", offline_hash, r001["weights_hash"]),
+        ("r002", "student_checkpoint[r001]", r001["weights_hash"], r002["weights_hash"]),
+    ]
+    _, evals = query(offline, "SELECT round, count(*) FROM evals WHERE model = 'student_checkpoint' GROUP BY round ORDER BY round")
+    assert evals == [("r001", 3), ("r002", 3)]
+    metadata = second.asset_materializations_for_node("round_eval")[0].metadata
+    assert "data:image/png;base64," in metadata["rounds_plot"].value
+    assert metadata["improvement"].value == pytest.approx(
+        metadata["greedy_exact_match"].value - metadata["parent_greedy_exact_match"].value
+    )
+    assert distill(["--home", str(distill_home), "query", "SELECT round, parent FROM rounds"]) == 0
+    assert "student_checkpoint[r001]" in capsys.readouterr().out
+
+    again = run_round(instance, "r001", selection=[student_rollouts])  # a re-run replaces, lineage keeps both
+    assert again.success
+    assert offline.read_dataset("student_rollouts", "r001")["run_id"].unique().to_pylist() == [again.run_id]
+    assert query(offline, "SELECT count(*) FROM lineage WHERE asset = 'student_rollouts' AND partition = 'r001'")[1] == [(2,)]
+
+    with offline.round_lock("r002", "run other-run, student_rollouts"):  # another launch of r002 is running
+        blocked = run_round(instance, "r002", selection=[student_rollouts])
+    assert not blocked.success
+    assert "round r002 is being materialized by another run (run other-run, student_rollouts)" in error_of(blocked)
+    assert offline.read_dataset("student_rollouts", "r002")["run_id"].unique().to_pylist() == [second.run_id]
+
+
+def test_bad_round_key_is_named(instance):
+    result = run_round(instance, "round-one", selection=[student_rollouts])
+    assert not result.success
+    assert "round key 'round-one' is not of the form r001" in error_of(result)

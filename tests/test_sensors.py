@@ -1,0 +1,72 @@
+"""The round sensor and schedule on a real instance: real materialization events, no runs needed."""
+
+import dagster as dg
+import pytest
+
+from pipelines.definitions import defs
+from pipelines.partitions import rounds
+from pipelines.sensors import round_schedule, round_sensor
+
+
+def finish_round(instance, key: str, improvement: float) -> None:
+    """Records round `key` as finished: a round_eval materialization with its improvement."""
+    instance.add_dynamic_partitions(rounds.name, [key])
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(asset_key="round_eval", partition=key, metadata={"improvement": improvement})
+    )
+
+
+def evaluate(instance):
+    return round_sensor(dg.build_sensor_context(instance=instance, definitions=defs))
+
+
+def test_waits_for_the_offline_student_then_opens_round_one(instance):
+    assert "offline_student has not been materialized" in evaluate(instance).skip_reason.skip_message
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="offline_student"))
+    result = evaluate(instance)
+    assert [r.partition_key for r in result.run_requests] == ["r001"]
+    assert result.dynamic_partitions_requests == [rounds.build_add_request(["r001"])]
+
+
+def test_opens_the_next_round_when_the_last_one_finished(instance):
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="offline_student"))
+    finish_round(instance, "r001", 0.05)
+    instance.add_dynamic_partitions(rounds.name, ["r002"])  # opened, not finished
+    assert "round r002 has not finished" in evaluate(instance).skip_reason.skip_message
+    finish_round(instance, "r002", 0.02)
+    result = evaluate(instance)
+    assert [(r.partition_key, r.run_key) for r in result.run_requests] == [("r003", "r003")]
+    assert round_sensor.job_name == "distill_round"
+    assert result.dynamic_partitions_requests[0].partition_keys == ["r003"]
+
+
+def test_stops_at_max_rounds(instance, monkeypatch):
+    monkeypatch.setenv("DISTILL_MAX_ROUNDS", "2")
+    for key in ["r001", "r002"]:
+        finish_round(instance, key, 0.1)
+    assert "max_rounds=2 reached" in evaluate(instance).skip_reason.skip_message
+    monkeypatch.setenv("DISTILL_MAX_ROUNDS", "3")
+    assert [r.partition_key for r in evaluate(instance).run_requests] == ["r003"]
+
+
+def test_stops_on_a_plateau(instance, monkeypatch):
+    monkeypatch.setenv("DISTILL_MIN_IMPROVEMENT", "0.01")
+    finish_round(instance, "r001", 0.004)
+    assert "plateau: round r001 improved greedy exact match by +0.0040 < min_improvement=0.01" in (
+        evaluate(instance).skip_reason.skip_message
+    )
+
+
+def test_bad_policy_in_the_environment_is_named(instance, monkeypatch):
+    monkeypatch.setenv("DISTILL_MAX_ROUNDS", "many")
+    with pytest.raises(Exception, match="DISTILL_MAX_ROUNDS"):
+        evaluate(instance)
+
+
+def test_schedule_adds_the_partition_and_requests_the_round(instance):
+    assert round_schedule.default_status == dg.DefaultScheduleStatus.STOPPED
+    assert round_sensor.default_status == dg.DefaultSensorStatus.STOPPED
+    finish_round(instance, "r001", 0.1)
+    request = round_schedule(dg.build_schedule_context(instance=instance))
+    assert request.partition_key == "r002"
+    assert instance.get_dynamic_partitions(rounds.name) == ["r001", "r002"]
