@@ -89,7 +89,7 @@ def draw_prompts(table: pa.Table, n: int, seed: str) -> pa.Table:
         ).to_arrow_table()
 
 
-@dg.asset(**ROUND, kinds={"parquet"}, deps=[offline_student, teacher_labeled])
+@dg.asset(**ROUND, kinds={"parquet"}, deps=[offline_student, teacher_labeled, "curated"])
 def student_rollouts(
     context: dg.AssetExecutionContext, config: StudentRolloutsConfig, store: DistillStore, teacher_engine: TeacherEngine
 ):
