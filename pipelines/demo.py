@@ -44,7 +44,8 @@ def main() -> None:
     dagster_home = Path(os.environ.setdefault("DAGSTER_HOME", str(store.root / "dagster")))
     dagster_home.mkdir(parents=True, exist_ok=True)
     if not (dagster_home / "dagster.yaml").exists():  # a persistent instance, shared with `make ui`
-        (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        # pools (`accelerator`: every model-heavy asset) run one step at a time
+        (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 1\n")
     started = time.perf_counter()
     with dg.DagsterInstance.get() as instance:
         result = defs.resolve_job_def("distill_offline").execute_in_process(instance=instance)
