@@ -35,6 +35,16 @@ def test_cache_hits_what_it_stored_and_misses_anything_else(hf_engine, tmp_path)
     assert [(g.prompt_index, g.sample_index) for g in mixed] == [(p, s) for p in range(3) for s in range(2)]
 
 
+def test_identical_prompts_in_one_call_are_independent_samples(hf_engine, tmp_path):
+    prompt = sequences(hf_engine)[0][0]
+    params = SamplingParams(temperature=1.0, max_new_tokens=16, seed=3)
+    cached = CachedEngine(hf_engine, TeacherCache(tmp_path / "cache"), model_id="weights-a")
+    first = [g.completion_ids for g in cached.generate([prompt] * 8, params)]
+    assert len({tuple(c) for c in first}) > 1  # not one sample copied eight times
+    again = CachedEngine(hf_engine, TeacherCache(tmp_path / "cache"), model_id="weights-a")
+    assert [g.completion_ids for g in again.generate([prompt] * 8, params)] == first and again.hit_rate == 1.0
+
+
 @pytest.fixture
 def vllm_teacher_engine():
     yield TeacherEngine(backend="vllm", max_model_len=128, max_logprobs=16)

@@ -1,7 +1,8 @@
 """A content-addressed cache of engine results, and `CachedEngine`, which wraps any engine with it.
 
     score key    = sha256(model id, prompt ids, completion ids, k, temperature, logprob mode, codec)
-    generate key = sha256(model id, backend, prompt ids, sampling params incl. seed, logprobs k, codec)
+    generate key = sha256(model id, backend, prompt ids, sampling params incl. seed, logprobs k, codec,
+                          occurrence: how many identical prompts came before it in the call)
 
 The model id is the weights hash (or revision), so a changed teacher misses by construction. Scores are
 backend-independent (the engines agree within 1e-3), so every backend shares them; sampled
@@ -12,6 +13,7 @@ the result columns), written to a temp file and renamed into place; lookups are 
 the kind's files. No pickle anywhere.
 """
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -112,7 +114,11 @@ class CachedEngine:
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams, logprobs: int = 0) -> list[Generation]:
         sampling = dataclasses.asdict(params)
-        keys = [content_key(self.model_id, "generate", self.backend, p, sampling, logprobs, CODEC) for p in prompt_ids]
+        occurrences = collections.Counter()  # identical prompts in one call are independent samples
+        keys = []
+        for p in prompt_ids:
+            keys.append(content_key(self.model_id, "generate", self.backend, p, sampling, logprobs, CODEC, occurrences[tuple(p)]))
+            occurrences[tuple(p)] += 1
         found, missing = self._lookup("generate", keys)
         by_key = {}
         for row, signal in zip(found.to_pylist(), signals_from_columns(found) if logprobs and found.num_rows else [None] * found.num_rows):
