@@ -82,10 +82,10 @@ def draw_prompts(table: pa.Table, n: int, seed: str) -> pa.Table:
     """n distinct prompts (prompt_id, prompt, answer), ordered by sha256(prompt_id ‖ seed)."""
     with duckdb.connect() as connection:
         connection.register("source_rows", table.select(["prompt_id", "prompt", "answer"]))
-        return connection.execute(
+        return connection.sql(
             "SELECT prompt_id, any_value(prompt) AS prompt, any_value(answer) AS answer FROM source_rows "
             "GROUP BY prompt_id ORDER BY sha256(prompt_id || ?) LIMIT ?",
-            [seed, n],
+            params=[seed, n],
         ).to_arrow_table()
 
 

@@ -30,7 +30,7 @@ SELECT model, checkpoint,
        round(max(value) FILTER (metric = 'greedy_exact_match'), 3) AS greedy_em,
        round(max(value) FILTER (metric = 'sampled_exact_match'), 3) AS sampled_em,
        round(max(value) FILTER (metric = 'reverse_kl_on_student_samples'), 4) AS reverse_kl
-FROM evals WHERE run_id = (SELECT arg_max(run_id, created_at) FROM evals)
+FROM evals WHERE round IS NULL AND run_id = (SELECT arg_max(run_id, created_at) FROM evals WHERE round IS NULL)
 GROUP BY model, checkpoint ORDER BY greedy_em DESC
 """
 
