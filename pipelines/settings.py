@@ -160,10 +160,9 @@ class CuratedConfig(dg.Config):
     selection_similarity: float = Field(0.9, gt=0, le=0.98, description="a candidate this similar to a selected prompt is skipped")
 
 
-class OfflineStudentConfig(dg.Config):
-    objective: Literal["sft", "supervised_kd"] = Field(
-        "supervised_kd", description="'sft': teacher tokens as hard targets (SeqKD); 'supervised_kd': a divergence to the stored top-k"
-    )
+class TrainingConfig(dg.Config):
+    """The divergence to the stored teacher signal and the optimizer, shared by offline and round training."""
+
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "tv", "skew_kl", "skew_reverse_kl"] = "jsd"
     beta: float = Field(0.5, ge=0, le=1, description="JSD mixture weight: 0 is forward KL, 1 reverse KL")
     alpha: float = Field(0.1, gt=0, lt=1, description="skew of the skew KLs")
@@ -176,6 +175,12 @@ class OfflineStudentConfig(dg.Config):
     learning_rate: float = Field(2e-3, gt=0)
     warmup_steps: int = Field(20, ge=0)
     seed: int = 0
+
+
+class OfflineStudentConfig(TrainingConfig):
+    objective: Literal["sft", "supervised_kd"] = Field(
+        "supervised_kd", description="'sft': teacher tokens as hard targets (SeqKD); 'supervised_kd': a divergence to the stored top-k"
+    )
 
 
 class EvalsConfig(dg.Config):
@@ -199,22 +204,13 @@ class TeacherFeedbackConfig(dg.Config):
     logprob_dtype: Literal["float32", "float16"] = "float32"
 
 
-class StudentCheckpointConfig(dg.Config):
+class StudentCheckpointConfig(TrainingConfig):
     """GKD from the parent checkpoint: a share λ of the batches from this round's scored rollouts."""
 
     mix: float = Field(0.5, ge=0, le=1, description="λ: share of batches from this round's rollouts; the rest from curated")
-    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tv", "skew_kl", "skew_reverse_kl"] = "jsd"
-    beta: float = Field(0.5, ge=0, le=1, description="JSD mixture weight: 0 is forward KL, 1 reverse KL")
-    alpha: float = Field(0.1, gt=0, lt=1, description="skew of the skew KLs")
-    tail_policy: Literal["renormalize", "bucket"] = "renormalize"
-    temperature: float = Field(1.0, gt=0, description="loss temperature τ for teacher and student")
-    nll_weight: float = Field(0.0, ge=0)
-    k: Optional[int] = Field(None, ge=1, description="train on the first k of the stored top-k; empty: all")
     steps: int = Field(150, ge=1)
-    batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(10, ge=0)
-    seed: int = 0
 
 
 class RoundEvalConfig(dg.Config):
