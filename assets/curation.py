@@ -120,10 +120,10 @@ def candidates(store: Store) -> tuple[pa.Table, dict[str, str]]:
     tables = [labeled.append_column("origin", pa.repeat(pa.scalar("labeled"), labeled.num_rows))]
     names = ["teacher_labeled"] + [n for n in ("expanded", "synthesized") if store.dataset_path(n).exists()]
     tables += [store.read_dataset(n) for n in names[1:]]
-    for name, table in zip(names, tables):
-        for column in ("teacher_weights_hash", "k"):
+    for column in ("teacher_weights_hash", "k"):
+        first = pc.unique(labeled[column]).to_pylist()
+        for name, table in zip(names[1:], tables[1:]):
             values = pc.unique(table[column]).to_pylist()
-            first = pc.unique(tables[0][column]).to_pylist()
             if values != first:
                 raise ValueError(
                     f"{name} has {column} {values} but teacher_labeled has {first}: re-materialize {name} with the same "
