@@ -26,12 +26,11 @@ test: $(INSTALLED)
 	$(BIN)/python -m pytest -q
 
 ui: $(INSTALLED)
-	mkdir -p $(DAGSTER_HOME)
-	test -f $(DAGSTER_HOME)/dagster.yaml || printf 'telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 1\n' > $(DAGSTER_HOME)/dagster.yaml  # pool accelerator: one model-heavy step at a time
+	$(BIN)/python -m pipelines.instance  # pool accelerator: one model-heavy step at a time
 	$(BIN)/dagster dev -h 127.0.0.1 -p 3000
 
 validate: $(INSTALLED)
-	mkdir -p $(DAGSTER_HOME)
+	$(BIN)/python -m pipelines.instance
 	$(BIN)/dagster definitions validate
 
 bench: $(INSTALLED)

@@ -3,13 +3,13 @@
 
 import os
 import time
-from pathlib import Path
 
 import dagster as dg
 
 from pipelines.catalog import catalog_path, query
 from pipelines.cli import format_table, list_datasets
 from pipelines.definitions import defs
+from pipelines.instance import prepare_dagster_home
 from pipelines.partitions import round_key, rounds
 from pipelines.store import Store
 
@@ -41,11 +41,7 @@ ROUNDS_QUERY = "SELECT round, parent, checkpoint, greedy_exact_match, sampled_ex
 
 def main() -> None:
     store = Store()
-    dagster_home = Path(os.environ.setdefault("DAGSTER_HOME", str(store.root / "dagster")))
-    dagster_home.mkdir(parents=True, exist_ok=True)
-    if not (dagster_home / "dagster.yaml").exists():  # a persistent instance, shared with `make ui`
-        # pools (`accelerator`: every model-heavy asset) run one step at a time
-        (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 1\n")
+    dagster_home = prepare_dagster_home(os.environ.setdefault("DAGSTER_HOME", str(store.root / "dagster")))
     started = time.perf_counter()
     with dg.DagsterInstance.get() as instance:
         result = defs.resolve_job_def("distill_offline").execute_in_process(instance=instance)
