@@ -1,5 +1,7 @@
 """Offline distillation on a real stored signal: batches, compatibility errors, the training loop."""
 
+import itertools
+
 import pyarrow as pa
 import pytest
 import torch
@@ -61,3 +63,30 @@ def test_a_non_finite_loss_stops_with_a_clear_error(tiny_model_dir, labeled):
     config = DistillConfig(student="", data=[], output="", steps=3, batch_size=8)
     with pytest.raises(FloatingPointError, match="No checkpoint was written"):
         train_student(model, tokenizer, labeled, config)
+
+
+def test_fresh_on_policy_batches_are_sampled_from_the_current_student(tiny_model_dir, labeled):
+    """GKD's online form: every on-policy step takes one new batch, sampled from the student as it is
+    at that step (here the tiny model labels its own samples, standing in for the teacher)."""
+    model, tokenizer = load_model(str(tiny_model_dir))
+    sampled_from = []
+
+    def fresh_batches():
+        for i in itertools.count():
+            sampled_from.append(model.lm_head.weight.detach().clone())
+            prompts = [p.prompt for p in problems("train", 8, 1000 + i)]
+            table = label(HFEngine(model, tokenizer, batch_size=8), prompts, SamplingParams(temperature=1.0, max_new_tokens=16, seed=i), k=8).table
+            yield table.append_column("sample_id", pa.array([f"fresh{i}-{j}" for j in range(table.num_rows)]))
+
+    config = DistillConfig(student="", data=[], output="", steps=12, batch_size=8, lr=3e-3, warmup_steps=1, mix=0.5, rollouts=["-"])
+    curve = train_student(model, tokenizer, labeled, config, rollouts=fresh_batches())
+    sources = [c["source"] for c in curve]
+    assert sources.count("on_policy") == len(sampled_from) and 0 < len(sampled_from) < 12
+    assert all(not torch.equal(a, b) for a, b in zip(sampled_from, sampled_from[1:])), "a batch came from stale weights"
+
+    def hotter_batches():
+        table = labeled.slice(0, 8)
+        yield table.set_column(table.schema.get_field_index("temperature"), "temperature", pa.array([2.0] * 8, table["temperature"].type))
+
+    with pytest.raises(ValueError, match="fresh rollouts store the teacher at temperature 2.0, fixed data at 1.0"):
+        train_student(model, tokenizer, labeled, DistillConfig(student="", data=[], output="", steps=3, batch_size=8, mix=1.0, rollouts=["-"]), rollouts=hotter_batches())

@@ -16,6 +16,7 @@ from the fixed `data`. λ = 0 is supervised KD, λ = 1 fully on-policy.
 import argparse
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -98,34 +99,47 @@ def batches(table: pa.Table, batch_size: int, generator: torch.Generator):
 
 
 def train_student(model, tokenizer, table: pa.Table, config: DistillConfig, on_step=None,
-                  rollouts: pa.Table | None = None) -> list[dict]:
-    """Trains `model` in place on `table` (and on `rollouts` with probability config.mix per step);
-    returns the curve. A non-finite loss stops with an error."""
+                  rollouts: pa.Table | Iterator[pa.Table] | None = None) -> list[dict]:
+    """Trains `model` in place on `table`, and with probability config.mix per step on a batch of
+    `rollouts`; returns the curve. A non-finite loss stops with an error.
+
+    `rollouts` is either a table of stored, teacher-scored student samples (a round's
+    `teacher_feedback`, drawn like `table`), or an iterator that yields one fresh scored batch each
+    time an on-policy step asks for it: GKD's online form, where the batch is sampled from the student
+    as it is at that step. Stored tables are checked before training, fresh batches as they come."""
     objective = config.loss_objective()
-    sources = {"fixed": table} if rollouts is None else {"fixed": table, "on_policy": rollouts}
-    for source in sources.values():
+    stored = {"fixed": table} if not isinstance(rollouts, pa.Table) else {"fixed": table, "on_policy": rollouts}
+    for source in stored.values():
         check_compatible(source, model.config.vocab_size, config.teacher_vocab_size, config.k)
-    temperatures = {name: float(source["temperature"][0].as_py()) for name, source in sources.items()}
+    temperatures = {name: float(source["temperature"][0].as_py()) for name, source in stored.items()}
     if len(set(temperatures.values())) > 1:
         raise ValueError(f"fixed data and rollouts store the teacher at different temperatures {temperatures}: relabel one")
     if config.mix > 0 and rollouts is None:
         raise ValueError(f"mix λ={config.mix} needs rollouts")
     torch.manual_seed(config.seed)
     streams = {name: batches(source, config.batch_size, torch.Generator().manual_seed(config.seed + i))
-               for i, (name, source) in enumerate(sources.items())}
-    coin = torch.Generator().manual_seed(config.seed + len(sources))
+               for i, (name, source) in enumerate(stored.items())}
+    if rollouts is not None and "on_policy" not in streams:
+        streams["on_policy"] = rollouts
+    coin = torch.Generator().manual_seed(config.seed + len(streams))
     optimizer = adamw(model, config.lr, config.weight_decay)
-    model.train()
     curve, started = [], time.perf_counter()
     for step in range(config.steps):
         on_policy = config.mix > 0 and torch.rand(1, generator=coin).item() < config.mix
         source = "on_policy" if on_policy else "fixed"
-        batch = sparse_batch(next(streams[source]), tokenizer.pad_token_id, config.k)
+        rows = next(streams[source])  # a fresh batch is sampled here, with the model in eval mode
+        model.train()
+        if source not in stored:
+            check_compatible(rows, model.config.vocab_size, config.teacher_vocab_size, config.k)
+            fresh_temperature = float(rows["temperature"][0].as_py())
+            if fresh_temperature != temperatures["fixed"]:
+                raise ValueError(f"fresh rollouts store the teacher at temperature {fresh_temperature}, fixed data at {temperatures['fixed']}: score them alike")
+        batch = sparse_batch(rows, tokenizer.pad_token_id, config.k)
         lr = cosine_lr(step, config.steps, config.lr, config.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        loss, parts = sparse_kd_loss(logits, batch, objective, temperatures[source])
+        loss, parts = sparse_kd_loss(logits, batch, objective, temperatures["fixed"])
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"loss is {loss.item()} at step {step} ({parts}); lower lr (now {lr:.2e}). No checkpoint was written."
