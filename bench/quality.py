@@ -1,6 +1,7 @@
-"""The GKD ordering on the embedded task: exact-match gain over the same `student_model` start.
+"""The GKD ordering on the embedded task: exact-match gain over the same start (`student_model`, or
+with --start offline_student the distilled student, as GKD starts from supervised fine-tuned students).
 
-    .venv/bin/python bench/quality.py [--seeds 3] [--tokens 240000] [--rounds 3] [--eval-problems 500]
+    .venv/bin/python bench/quality.py [--seeds 3] [--tokens 240000] [--eval-problems 500] [--start student]
 
 Needs the demo's teacher, student and teacher_labeled (`make demo`). Arms, each with the same number
 of training tokens (steps are set from the mean completion length of what each step draws):
@@ -8,12 +9,14 @@ of training tokens (steps are set from the mean completion length of what each s
   seqkd              SFT on the teacher's greedy outputs (teacher_labeled)
   λ=0 / 0.5 / 1      supervised KD (fixed data only), mixed, on-policy, each with forward KL,
                      reverse KL and JSD(0.5) on the stored top-k signal
-Every arm trains in `rounds` segments; before each segment the on-policy arms sample the current
-student (T = 1) on fresh train prompts and the teacher scores the samples (training/feedback.py).
+On-policy batches follow GKD's Algorithm 1: each one is sampled from the student as it is at that step
+(T = 1, no gradient) on fresh train prompts and scored by the teacher (training/feedback.py), so no
+sample is seen twice. Every arm is one run of `train_student` (one optimizer, one lr schedule).
 Prints a markdown table of greedy / sampled exact-match gain (mean ± std over seeds) and writes a PNG.
 """
 
 import argparse
+import itertools
 import statistics
 import time
 from pathlib import Path
@@ -70,16 +73,22 @@ def ground_truth_table(teacher: HFEngine, labeled: pa.Table) -> pa.Table:
     return table.append_column("num_tokens", pc.list_value_length(table["completion_token_ids"]))
 
 
-def rollouts_of(student, tokenizer, teacher: HFEngine, segment: int, seed: int) -> pa.Table:
-    """The student's own samples (T = 1) on fresh train prompts, scored by the teacher."""
+def scored_samples(student, tokenizer, teacher: HFEngine, prompts: list[str], seed: int) -> pa.Table:
+    """The student's own samples (T = 1) on `prompts`, scored by the teacher."""
     engine = HFEngine(student, tokenizer, batch_size=128)
-    prompts = [p.prompt for p in problems("train", ROLLOUT_PROMPTS, 1000 + 100 * seed + segment)]
-    samples, _, _ = sample(engine, prompts, SamplingParams(temperature=1.0, max_new_tokens=96, seed=1000 * seed + segment))
+    samples, _, _ = sample(engine, prompts, SamplingParams(temperature=1.0, max_new_tokens=96, seed=seed))
     columns, _ = teacher_feedback(teacher, engine, samples, K)
-    table = samples.append_column("sample_id", pa.array([f"r{segment}-{i}" for i in range(samples.num_rows)]))
+    table = samples.append_column("sample_id", pa.array([f"s{seed}-{i}" for i in range(samples.num_rows)]))
     for name, column in columns.items():
         table = table.append_column(name, column)
     return table
+
+
+def fresh_rollouts(student, tokenizer, teacher: HFEngine, seed: int):
+    """GKD's on-policy batches: each next() samples the student as it is now on BATCH new train prompts."""
+    for batch in itertools.count():
+        prompts = [p.prompt for p in problems("train", BATCH, 1_000_000 * (seed + 1) + batch)]
+        yield scored_samples(student, tokenizer, teacher, prompts, 1_000_000 * (seed + 1) + batch)
 
 
 def mean_tokens(table: pa.Table) -> float:
@@ -87,38 +96,36 @@ def mean_tokens(table: pa.Table) -> float:
 
 
 def run_arm(arm: dict, seed: int, start: str, data: dict, teacher: HFEngine, args, eval_problems) -> dict:
+    """Steps are set so that the expected completion tokens match args.tokens; on-policy batches are
+    costed at the start student's mean sample length, and the table reports the tokens actually seen."""
     student, tokenizer = load_model(start)
     divergence, beta = DIVERGENCES.get(arm["divergence"], ("jsd", 0.5))
     fixed = data[arm["data"]]
-    tokens_per_segment = args.tokens / args.rounds
-    tokens = 0
-    for segment in range(args.rounds):
-        rollouts = rollouts_of(student, tokenizer, teacher, segment, seed) if arm["mix"] > 0 else None
-        per_step = BATCH * ((1 - arm["mix"]) * mean_tokens(fixed) + (arm["mix"] * mean_tokens(rollouts) if rollouts is not None else 0))
-        config = DistillConfig(
-            student=start, data=["-"], output="-", objective=arm["objective"], divergence=divergence, beta=beta,
-            steps=max(1, round(tokens_per_segment / per_step)), batch_size=BATCH, lr=1e-3, warmup_steps=10,
-            seed=seed * 100 + segment, mix=arm["mix"], rollouts=["-"] if rollouts is not None else [],
-        )
-        curve = train_student(student, tokenizer, fixed, config, rollouts=rollouts)
-        tokens += sum(c["completion_tokens"] for c in curve)
+    per_step = BATCH * ((1 - arm["mix"]) * mean_tokens(fixed) + arm["mix"] * data["on_policy_tokens"])
+    config = DistillConfig(
+        student=start, data=["-"], output="-", objective=arm["objective"], divergence=divergence, beta=beta,
+        steps=max(1, round(args.tokens / per_step)), batch_size=BATCH, lr=1e-3, warmup_steps=10,
+        seed=seed, mix=arm["mix"], rollouts=["-"] if arm["mix"] > 0 else [],
+    )
+    rollouts = fresh_rollouts(student, tokenizer, teacher, seed) if arm["mix"] > 0 else None
+    curve = train_student(student, tokenizer, fixed, config, rollouts=rollouts)
     results = evaluate(student, tokenizer, [p.prompt for p in eval_problems], [str(p.answer) for p in eval_problems], seed=seed)
-    return {**results, "tokens": tokens}
+    return {**results, "tokens": sum(c["completion_tokens"] for c in curve)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=240_000, help="completion tokens each arm trains on")
-    parser.add_argument("--rounds", type=int, default=3, help="segments; on-policy arms resample before each")
     parser.add_argument("--eval-problems", type=int, default=500)
+    parser.add_argument("--start", default="student", help="the model card every arm starts from: student or offline_student")
     parser.add_argument("--arms", default="", help="comma-separated substrings of arm names to run (default: all)")
     parser.add_argument("--png", default="bench/quality.png")
     args = parser.parse_args()
     torch.set_num_threads(2)
     store = Store()
     try:
-        start, teacher_card = store.read_card("student")["path"], store.read_card("teacher")
+        start, teacher_card = store.read_card(args.start)["path"], store.read_card("teacher")
         labeled = store.read_dataset("teacher_labeled")
     except FileNotFoundError as error:
         raise SystemExit(f"{error}\nRun `make demo` first: the benchmark starts from its teacher, student and teacher_labeled.")
@@ -126,8 +133,10 @@ def main() -> None:
     data = {"teacher_labeled": labeled, "ground_truth": ground_truth_table(teacher, labeled)}
     eval_problems = problems("eval", args.eval_problems, 0)
     start_model, start_tokenizer = load_model(start)
+    start_samples = scored_samples(start_model, start_tokenizer, teacher, [p.prompt for p in problems("train", 256, 999)], 999)
+    data["on_policy_tokens"] = mean_tokens(start_samples)
     baseline = evaluate(start_model, start_tokenizer, [p.prompt for p in eval_problems], [str(p.answer) for p in eval_problems], seed=0)
-    print(f"start (student_model): greedy {baseline['greedy_exact_match']:.3f}  sampled {baseline['sampled_exact_match']:.3f}", flush=True)
+    print(f"start ({args.start}): greedy {baseline['greedy_exact_match']:.3f}  sampled {baseline['sampled_exact_match']:.3f}", flush=True)
     selected = [a for a in arms() if not args.arms or any(s in f"{a['arm']} {a['divergence']}" for s in args.arms.split(","))]
     rows, began = [], time.perf_counter()
     for arm in selected:
@@ -139,8 +148,8 @@ def main() -> None:
                      "sampled_sd": spread(sampled), "tokens": round(statistics.mean(r["tokens"] for r in runs))})
         print(f"{arm['arm']:22s} {arm['divergence']:10s} greedy gain {rows[-1]['greedy']:+.3f} ± {rows[-1]['greedy_sd']:.3f}  "
               f"sampled gain {rows[-1]['sampled']:+.3f}  tokens {rows[-1]['tokens']:,}  ({time.perf_counter() - began:.0f} s)", flush=True)
-    print(f"\n{args.seeds} seed(s), {args.tokens:,} training tokens per arm, {args.rounds} segments, "
-          f"{args.eval_problems} eval problems; start greedy {baseline['greedy_exact_match']:.3f}\n")
+    print(f"\n{args.seeds} seed(s), {args.tokens:,} training tokens per arm, on-policy batches sampled fresh at every step, "
+          f"{args.eval_problems} eval problems; start {args.start}, greedy {baseline['greedy_exact_match']:.3f}\n")
     print("| arm | divergence | training tokens | greedy EM gain | sampled EM gain |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['arm']} | {r['divergence']} | {r['tokens']:,} | {r['greedy']:+.3f} ± {r['greedy_sd']:.3f} | {r['sampled']:+.3f} ± {r['sampled_sd']:.3f} |")
