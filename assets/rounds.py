@@ -188,9 +188,17 @@ def student_checkpoint(context: dg.AssetExecutionContext, config: StudentCheckpo
         new_card = {**model_card("student_checkpoint", model, tokenizer), **identity}
         new_card = distill_store.save_model("student_checkpoint", new_card, lambda d: shutil.copytree(run.output, d), partition=key)
         seconds = curve[-1]["seconds"]
+        on_policy_steps = sum(c["source"] == "on_policy" for c in curve)
+        # GKD samples every on-policy batch fresh; a stored round draws each rollout this many times on average
+        rollout_reuse = round(on_policy_steps * config.batch_size / pq.read_metadata(feedback_path).num_rows, 2)
+        if rollout_reuse > 2:
+            context.log.warning(
+                f"each rollout of round {key} was drawn {rollout_reuse} times on average, so training is only loosely on-policy: "
+                "raise student_rollouts num_prompts or n, or lower steps or mix"
+            )
         metrics = {
             "final_loss": curve[-1]["loss"], "steps": len(curve), "train_seconds": round(seconds, 1),
-            "on_policy_steps": sum(c["source"] == "on_policy" for c in curve),
+            "on_policy_steps": on_policy_steps, "rollout_reuse": rollout_reuse,
             "completion_tokens": sum(c["completion_tokens"] for c in curve),
             "completion_tokens_per_second": round(sum(c["completion_tokens"] for c in curve) / seconds),
         }

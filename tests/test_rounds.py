@@ -52,6 +52,8 @@ def test_two_rounds_end_to_end_with_lineage(instance, offline, distill_home, cap
 
     first = run_round(instance, "r001")
     assert first.success
+    trained = first.asset_materializations_for_node("student_checkpoint")[0].metadata  # 24 rollouts, batches of 8
+    assert trained["rollout_reuse"].value == round(trained["on_policy_steps"].value * 8 / 24, 2)
     second = run_round(instance, "r002")
     assert second.success
 
