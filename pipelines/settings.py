@@ -190,7 +190,7 @@ class EvalsConfig(dg.Config):
 class StudentRolloutsConfig(dg.Config):
     """The current student's own samples on prompts drawn from the training data, seeded by round."""
 
-    num_prompts: int = Field(256, ge=1, description="distinct prompts drawn from curated (else teacher_labeled) per round")
+    num_prompts: int = Field(768, ge=1, description="distinct prompts drawn from curated (else teacher_labeled) per round; with n, enough that student_checkpoint draws each rollout about 1.5 times (rollout_reuse)")
     n: int = Field(2, ge=1, description="samples per prompt")
     temperature: float = Field(1.0, gt=0, description="sampling temperature; GKD samples at 1")
     top_p: float = Field(1.0, gt=0, le=1)
