@@ -41,7 +41,6 @@ from training.tasks.arithmetic import parse_prompt, problems
 
 K = 20
 BATCH = 32
-ROLLOUT_PROMPTS = 256
 DIVERGENCES = {"forward_kl": ("forward_kl", 0.5), "reverse_kl": ("reverse_kl", 0.5), "jsd(0.5)": ("jsd", 0.5)}
 
 
@@ -73,10 +72,15 @@ def ground_truth_table(teacher: HFEngine, labeled: pa.Table) -> pa.Table:
     return table.append_column("num_tokens", pc.list_value_length(table["completion_token_ids"]))
 
 
+def own_samples(student, tokenizer, prompts: list[str], seed: int) -> tuple[HFEngine, pa.Table]:
+    """The student's own samples (T = 1) on `prompts`, and the engine that drew them."""
+    engine = HFEngine(student, tokenizer, batch_size=128)
+    return engine, sample(engine, prompts, SamplingParams(temperature=1.0, max_new_tokens=96, seed=seed))[0]
+
+
 def scored_samples(student, tokenizer, teacher: HFEngine, prompts: list[str], seed: int) -> pa.Table:
     """The student's own samples (T = 1) on `prompts`, scored by the teacher."""
-    engine = HFEngine(student, tokenizer, batch_size=128)
-    samples, _, _ = sample(engine, prompts, SamplingParams(temperature=1.0, max_new_tokens=96, seed=seed))
+    engine, samples = own_samples(student, tokenizer, prompts, seed)
     columns, _ = teacher_feedback(teacher, engine, samples, K)
     table = samples.append_column("sample_id", pa.array([f"s{seed}-{i}" for i in range(samples.num_rows)]))
     for name, column in columns.items():
@@ -133,8 +137,7 @@ def main() -> None:
     data = {"teacher_labeled": labeled, "ground_truth": ground_truth_table(teacher, labeled)}
     eval_problems = problems("eval", args.eval_problems, 0)
     start_model, start_tokenizer = load_model(start)
-    start_samples = scored_samples(start_model, start_tokenizer, teacher, [p.prompt for p in problems("train", 256, 999)], 999)
-    data["on_policy_tokens"] = mean_tokens(start_samples)
+    data["on_policy_tokens"] = mean_tokens(own_samples(start_model, start_tokenizer, [p.prompt for p in problems("train", 256, 999)], 999)[1])
     baseline = evaluate(start_model, start_tokenizer, [p.prompt for p in eval_problems], [str(p.answer) for p in eval_problems], seed=0)
     print(f"start ({args.start}): greedy {baseline['greedy_exact_match']:.3f}  sampled {baseline['sampled_exact_match']:.3f}", flush=True)
     selected = [a for a in arms() if not args.arms or any(s in f"{a['arm']} {a['divergence']}" for s in args.arms.split(","))]

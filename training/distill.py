@@ -108,19 +108,23 @@ def train_student(model, tokenizer, table: pa.Table, config: DistillConfig, on_s
     time an on-policy step asks for it: GKD's online form, where the batch is sampled from the student
     as it is at that step. Stored tables are checked before training, fresh batches as they come."""
     objective = config.loss_objective()
-    stored = {"fixed": table} if not isinstance(rollouts, pa.Table) else {"fixed": table, "on_policy": rollouts}
-    for source in stored.values():
-        check_compatible(source, model.config.vocab_size, config.teacher_vocab_size, config.k)
-    temperatures = {name: float(source["temperature"][0].as_py()) for name, source in stored.items()}
-    if len(set(temperatures.values())) > 1:
-        raise ValueError(f"fixed data and rollouts store the teacher at different temperatures {temperatures}: relabel one")
+    check_compatible(table, model.config.vocab_size, config.teacher_vocab_size, config.k)
+    temperature = float(table["temperature"][0].as_py())
+
+    def checked(rows: pa.Table, kind: str) -> pa.Table:
+        check_compatible(rows, model.config.vocab_size, config.teacher_vocab_size, config.k)
+        if (found := float(rows["temperature"][0].as_py())) != temperature:
+            raise ValueError(f"{kind} rollouts store the teacher at temperature {found}, fixed data at {temperature}: score them alike")
+        return rows
+
     if config.mix > 0 and rollouts is None:
         raise ValueError(f"mix λ={config.mix} needs rollouts")
     torch.manual_seed(config.seed)
-    streams = {name: batches(source, config.batch_size, torch.Generator().manual_seed(config.seed + i))
-               for i, (name, source) in enumerate(stored.items())}
-    if rollouts is not None and "on_policy" not in streams:
-        streams["on_policy"] = rollouts
+    streams = {"fixed": batches(table, config.batch_size, torch.Generator().manual_seed(config.seed))}
+    if isinstance(rollouts, pa.Table):
+        streams["on_policy"] = batches(checked(rollouts, "stored"), config.batch_size, torch.Generator().manual_seed(config.seed + 1))
+    elif rollouts is not None:
+        streams["on_policy"] = (checked(rows, "fresh") for rows in rollouts)
     coin = torch.Generator().manual_seed(config.seed + len(streams))
     optimizer = adamw(model, config.lr, config.weight_decay)
     curve, started = [], time.perf_counter()
@@ -129,17 +133,12 @@ def train_student(model, tokenizer, table: pa.Table, config: DistillConfig, on_s
         source = "on_policy" if on_policy else "fixed"
         rows = next(streams[source])  # a fresh batch is sampled here, with the model in eval mode
         model.train()
-        if source not in stored:
-            check_compatible(rows, model.config.vocab_size, config.teacher_vocab_size, config.k)
-            fresh_temperature = float(rows["temperature"][0].as_py())
-            if fresh_temperature != temperatures["fixed"]:
-                raise ValueError(f"fresh rollouts store the teacher at temperature {fresh_temperature}, fixed data at {temperatures['fixed']}: score them alike")
         batch = sparse_batch(rows, tokenizer.pad_token_id, config.k)
         lr = cosine_lr(step, config.steps, config.lr, config.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        loss, parts = sparse_kd_loss(logits, batch, objective, temperatures["fixed"])
+        loss, parts = sparse_kd_loss(logits, batch, objective, temperature)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"loss is {loss.item()} at step {step} ({parts}); lower lr (now {lr:.2e}). No checkpoint was written."
