@@ -11,7 +11,7 @@ from training.engines.cache import CachedEngine, TeacherCache
 from training.engines.hf import HFEngine
 from training.models import load_tokenizer
 
-_loaded_vllm: dict[tuple, object] = {}  # one offline vLLM engine per process: its start-up takes ~30 s
+_resident_vllm: dict[tuple, object] = {}  # at most one started offline vLLM engine per process, by its settings
 
 
 class TeacherEngine(dg.ConfigurableResource):
@@ -74,23 +74,38 @@ class TeacherEngine(dg.ConfigurableResource):
             )
         return self._vllm(path, revision)
 
-    def _vllm(self, path: str, revision: Optional[str]):
+    def _vllm(self, path: str, revision: Optional[str]) -> "VLLMHandle":
+        return VLLMHandle(dict(
+            path=path, revision=revision, trust_remote_code=self.trust_remote_code, dtype=self.dtype,
+            max_model_len=self.max_model_len, max_logprobs=self.max_logprobs, tensor_parallel_size=self.tensor_parallel_size,
+            data_parallel_size=self.data_parallel_size, gpu_memory_utilization=self.gpu_memory_utilization,
+            cpu_kv_cache_gib=self.cpu_kv_cache_gib, enforce_eager=self.enforce_eager,
+        ))
+
+
+class VLLMHandle:
+    """An offline vLLM engine, started on first use. One engine is resident per process (start-up takes
+    ~30 s, and two rarely fit in accelerator memory), so using a handle stops whichever other engine is
+    resident: handles to the teacher and to a student can be held at once and used in turn."""
+
+    def __init__(self, settings: dict):
+        self.settings = settings
+
+    def __getattr__(self, name: str):
         from training.engines.vllm import VLLMEngine
 
-        settings = (path, revision, self.trust_remote_code, self.dtype, self.max_model_len, self.max_logprobs,
-                    self.tensor_parallel_size, self.data_parallel_size, self.gpu_memory_utilization,
-                    self.cpu_kv_cache_gib, self.enforce_eager)  # fmt: skip
-        if settings not in _loaded_vllm:
+        key = tuple(self.settings.items())
+        if key not in _resident_vllm:
             close_vllm_engines()
-            _loaded_vllm[settings] = VLLMEngine(*settings)
-        return _loaded_vllm[settings]
+            _resident_vllm[key] = VLLMEngine(**self.settings)
+        return getattr(_resident_vllm[key], name)
 
 
 def close_vllm_engines() -> None:
     """Stops the offline vLLM engine this process keeps, if any."""
-    for engine in _loaded_vllm.values():
+    for engine in _resident_vllm.values():
         engine.close()
-    _loaded_vllm.clear()
+    _resident_vllm.clear()
 
 
 class DistillStore(dg.ConfigurableResource):

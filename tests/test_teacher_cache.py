@@ -1,6 +1,8 @@
 """The content-addressed teacher cache: hits, misses, invalidation, and the offline graph on vLLM."""
 
 import dagster as dg
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
@@ -10,6 +12,7 @@ from test_engine_vllm import K, PROMPTS, assert_same_signal, hf_engine, sequence
 from test_pipeline import ASSETS, CHECKS, run_config
 from training.engines.base import SamplingParams
 from training.engines.cache import CachedEngine, TeacherCache
+from training.feedback import teacher_feedback
 
 
 def test_cache_hits_what_it_stored_and_misses_anything_else(hf_engine, tmp_path):
@@ -75,3 +78,19 @@ def test_offline_graph_on_vllm_and_a_full_cache_hit_on_rerun(instance, distill_h
     second = store.read_dataset("teacher_labeled")
     assert pc.all(pc.not_equal(second["run_id"], first["run_id"])).as_py()
     assert second.drop_columns(["run_id"]).equals(first.drop_columns(["run_id"]))
+
+
+def test_vllm_handles_to_two_models_are_used_in_turn(tiny_model_dir, hf_engine, vllm_teacher_engine):
+    """teacher_feedback holds the teacher's and the student's engines at once; on vLLM only one is
+    resident, so each handle (re)starts its engine when used. Two settings stand in for two models."""
+    card = {"path": str(tiny_model_dir)}
+    teacher, student = vllm_teacher_engine.load(card), TeacherEngine(backend="vllm", max_model_len=128, max_logprobs=K).load(card)
+    prompts, completions = sequences(hf_engine)
+    rollouts = pa.table({"prompt_token_ids": prompts, "completion_token_ids": completions})
+    columns, _ = teacher_feedback(teacher, student, rollouts, K)
+    reference, _ = teacher_feedback(hf_engine, hf_engine, rollouts, K)
+    for name, depth in (("topk_logprobs", 2), ("token_logprob", 1), ("student_token_logprob", 1)):
+        got, want = columns[name], reference[name]
+        for _ in range(depth):
+            got, want = got.flatten(), want.flatten()
+        np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), atol=1e-3, rtol=0)
