@@ -42,8 +42,8 @@ def no_eval_items(store: DistillStore) -> dg.AssetCheckResult:
     """No curated prompt is an eval prompt (normalized: trimmed, lower case, single spaces)."""
     distill_store = store.open()
     with duckdb.connect() as connection:
-        connection.register("curated_rows", distill_store.read_dataset("curated").select(["prompt"]))
-        connection.register("eval_rows", distill_store.read_dataset("eval_set").select(["prompt"]))
+        connection.register("curated_rows", distill_store.read_dataset("curated", columns=["prompt"]))
+        connection.register("eval_rows", distill_store.read_dataset("eval_set", columns=["prompt"]))
         shared = connection.sql(f"SELECT prompt FROM curated_rows WHERE {normalized('prompt')} IN "
                                 f"(SELECT {normalized('prompt')} FROM eval_rows)").to_arrow_table()["prompt"].to_pylist()
     return dg.AssetCheckResult(passed=not shared, metadata={"shared_with_eval": len(shared), "examples": shared[:5]})
@@ -53,7 +53,7 @@ def no_eval_items(store: DistillStore) -> dg.AssetCheckResult:
 def no_duplicate_text(store: DistillStore) -> dg.AssetCheckResult:
     """No two curated rows have the same normalized prompt and response."""
     with duckdb.connect() as connection:
-        connection.register("curated_rows", store.open().read_dataset("curated").select(["prompt", "completion"]))
+        connection.register("curated_rows", store.open().read_dataset("curated", columns=["prompt", "completion"]))
         duplicates = connection.sql(f"SELECT count(*) - count(DISTINCT ({normalized('prompt')}, completion)) "
                                     "FROM curated_rows").fetchall()[0][0]
     return dg.AssetCheckResult(passed=duplicates == 0, metadata={"duplicates": duplicates})
@@ -63,9 +63,9 @@ def no_duplicate_text(store: DistillStore) -> dg.AssetCheckResult:
 def origin_shares(store: DistillStore) -> dg.AssetCheckResult:
     """Reports the share of each origin among kept rows; warns when an origin with candidates kept none."""
     distill_store = store.open()
-    kept = distill_store.read_dataset("curated")
+    kept = distill_store.read_dataset("curated", columns=["origin"])
     counts = origin_counts(kept)
-    missing = sorted(set(origin_counts(distill_store.read_dataset("curation_dropped"))) - set(counts))
+    missing = sorted(set(origin_counts(distill_store.read_dataset("curation_dropped", columns=["origin"]))) - set(counts))
     return dg.AssetCheckResult(
         passed=not missing,
         severity=dg.AssetCheckSeverity.WARN,

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from assets.datasets import LABELED_PREVIEW, dataset_version, eval_set, label_prompts, seed_prompts, teacher_labeled
+from assets.datasets import dataset_version, eval_set, label_prompts, seed_prompts, teacher_labeled
 from assets.models import teacher_model
 from pipelines.publish import png_markdown, publish_dataset
 from pipelines.resources import DistillStore, TeacherEngine

@@ -104,8 +104,8 @@ def label_prompts(context, engine, card: dict, prompts: pa.Table, config: Labeli
     return table, metrics
 
 
-def dataset_version(store: Store, name: str) -> str:
-    return file_version(store.dataset_path(name))
+def dataset_version(store: Store, name: str, partition: str | None = None) -> str:
+    return file_version(store.dataset_path(name, partition))
 
 
 def _with_lineage(context, responses: pa.Table, prompts: pa.Table, card: dict, sampling: SamplingParams) -> pa.Table:

@@ -23,14 +23,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from assets.datasets import eval_set, teacher_labeled
+from assets.datasets import dataset_version, eval_set, teacher_labeled
 from assets.models import teacher_model
-from assets.students import launch_distill, loss_curve, offline_student, training_data, write_evals
+from assets.students import curve_metrics, launch_distill, loss_curve, offline_student, training_data, write_evals
 from pipelines.catalog import query, refresh_catalog
 from pipelines.partitions import FIRST_PARENT, parent_round, round_number, rounds
 from pipelines.publish import file_version, png_markdown, publish_dataset, record_lineage
 from pipelines.resources import DistillStore, TeacherEngine
-from pipelines.settings import RoundEvalConfig, StudentCheckpointConfig, StudentRolloutsConfig, TeacherFeedbackConfig
+from pipelines.settings import EvalsConfig, StudentCheckpointConfig, StudentRolloutsConfig, TeacherFeedbackConfig
 from pipelines.store import Store, with_content_id
 from training.distill import DistillConfig, check_compatible
 from training.engines.base import SamplingParams
@@ -81,7 +81,7 @@ def claim_round(context: dg.AssetExecutionContext, store: Store):
 def draw_prompts(table: pa.Table, n: int, seed: str) -> pa.Table:
     """n distinct prompts (prompt_id, prompt, answer), ordered by sha256(prompt_id ‖ seed)."""
     with duckdb.connect() as connection:
-        connection.register("source_rows", table.select(["prompt_id", "prompt", "answer"]))
+        connection.register("source_rows", table)
         return connection.sql(
             "SELECT prompt_id, any_value(prompt) AS prompt, any_value(answer) AS answer FROM source_rows "
             "GROUP BY prompt_id ORDER BY sha256(prompt_id || ?) LIMIT ?",
@@ -99,7 +99,7 @@ def student_rollouts(
     parent, previous, card = parent_checkpoint(distill_store, key)
     with claim_round(context, distill_store):
         dataset = training_data(distill_store)
-        prompts = draw_prompts(distill_store.read_dataset(dataset), config.num_prompts, f"{config.seed}/{key}")
+        prompts = draw_prompts(distill_store.read_dataset(dataset, columns=["prompt_id", "prompt", "answer"]), config.num_prompts, f"{config.seed}/{key}")
         sampling = SamplingParams(
             config.n, config.temperature, config.top_p, config.max_new_tokens, config.seed * 1000 + round_number(key)
         )
@@ -116,7 +116,7 @@ def student_rollouts(
             "round": constant(key), "parent_round": constant(previous), "run_id": constant(context.run_id),
         })
         table = with_content_id(table, "sample_id", ["prompt_id", "sample_index", "completion_token_ids", "student_weights_hash", "sampling"])
-        inputs = {dataset: file_version(distill_store.dataset_path(dataset)), "parent": parent, "parent_checkpoint": card["weights_hash"]}
+        inputs = {dataset: dataset_version(distill_store, dataset), "parent": parent, "parent_checkpoint": card["weights_hash"]}
         metrics = {
             "prompts": prompts.num_rows, "rollouts": n, "dropped_overlong_prompts": dropped,
             "mean_tokens": pc.mean(table["num_tokens"]).as_py(), "parent": parent,
@@ -151,7 +151,7 @@ def teacher_feedback(
         }.items():
             table = table.append_column(name, column)
         inputs = {
-            "student_rollouts": file_version(distill_store.dataset_path("student_rollouts", key)),
+            "student_rollouts": dataset_version(distill_store, "student_rollouts", key),
             "teacher_model": teacher["weights_hash"], "parent": parent, "parent_checkpoint": card["weights_hash"],
         }
         metrics = {
@@ -173,35 +173,27 @@ def student_checkpoint(context: dg.AssetExecutionContext, config: StudentCheckpo
     data_path, feedback_path = distill_store.dataset_path(dataset), distill_store.dataset_path("teacher_feedback", key)
     if not feedback_path.exists():
         raise FileNotFoundError(f"round {key} has no teacher_feedback yet: materialize teacher_feedback for {key} first")
-    for path in (data_path, feedback_path):  # before launching anything
-        check_compatible(pq.read_table(path, columns=["sample_id", "k", "topk_ids"]), card["vocab_size"], teacher["vocab_size"], config.k)
+    signals = [pq.read_table(path, columns=["sample_id", "k", "topk_ids"]) for path in (data_path, feedback_path)]
+    for signal in signals:  # before launching anything
+        check_compatible(signal, card["vocab_size"], teacher["vocab_size"], config.k)
     with claim_round(context, distill_store), tempfile.TemporaryDirectory(dir=distill_store.root) as work:
-        settings = config.model_dump(exclude={"learning_rate"})
         run = DistillConfig(
             student=card["path"], data=[str(data_path)], rollouts=[str(feedback_path)], output=f"{work}/checkpoint",
-            teacher_vocab_size=teacher["vocab_size"], lr=config.learning_rate, **settings,
+            teacher_vocab_size=teacher["vocab_size"], **config.distill_settings(),
         )
-        launch_distill(context, run, Path(work))
-        model, tokenizer = load_model(run.output)
-        curve = json.loads((Path(run.output) / "curve.json").read_text())
+        model, tokenizer, curve = launch_distill(context, run, Path(work))
         identity = {"round": key, "parent": parent, "parent_round": previous, "parent_checkpoint": card["weights_hash"], "mix": config.mix}
         new_card = {**model_card("student_checkpoint", model, tokenizer), **identity}
         new_card = distill_store.save_model("student_checkpoint", new_card, lambda d: shutil.copytree(run.output, d), partition=key)
-        seconds = curve[-1]["seconds"]
         on_policy_steps = sum(c["source"] == "on_policy" for c in curve)
         # GKD samples every on-policy batch fresh; a stored round draws each rollout this many times on average
-        rollout_reuse = round(on_policy_steps * config.batch_size / pq.read_metadata(feedback_path).num_rows, 2)
+        rollout_reuse = round(on_policy_steps * config.batch_size / signals[1].num_rows, 2)
         if rollout_reuse > 2:
             context.log.warning(
                 f"each rollout of round {key} was drawn {rollout_reuse} times on average, so training is only loosely on-policy: "
                 "raise student_rollouts num_prompts or n, or lower steps or mix"
             )
-        metrics = {
-            "final_loss": curve[-1]["loss"], "steps": len(curve), "train_seconds": round(seconds, 1),
-            "on_policy_steps": on_policy_steps, "rollout_reuse": rollout_reuse,
-            "completion_tokens": sum(c["completion_tokens"] for c in curve),
-            "completion_tokens_per_second": round(sum(c["completion_tokens"] for c in curve) / seconds),
-        }
+        metrics = {**curve_metrics(curve), "on_policy_steps": on_policy_steps, "rollout_reuse": rollout_reuse}
         inputs = {
             dataset: file_version(data_path), "teacher_feedback": file_version(feedback_path),
             "parent": parent, "parent_checkpoint": card["weights_hash"], "teacher_model": teacher["weights_hash"],
@@ -230,7 +222,7 @@ def rounds_png(store: Store) -> dg.MetadataValue:
 
 
 @dg.asset(**ROUND, kinds={"parquet"}, deps=[student_checkpoint, eval_set])
-def round_eval(context: dg.AssetExecutionContext, config: RoundEvalConfig, store: DistillStore):
+def round_eval(context: dg.AssetExecutionContext, config: EvalsConfig, store: DistillStore):
     """Greedy and sampled exact match on the eval split and reverse KL on the student's own samples,
     for the round's checkpoint and its parent; rows into `evals` with the round."""
     distill_store, key = store.open(), context.partition_key
@@ -249,7 +241,7 @@ def round_eval(context: dg.AssetExecutionContext, config: RoundEvalConfig, store
         rows = [{"model": "student_checkpoint", "checkpoint": card["weights_hash"], "split": "eval", "metric": metric, "value": value}
                 for metric, value in results["student_checkpoint"].items()]
         path = write_evals(distill_store, rows, context.run_id, key, f"part-{context.run_id}-{key}.parquet")
-        feedback = distill_store.read_dataset("teacher_feedback", key)
+        feedback = distill_store.read_dataset("teacher_feedback", key, columns=["reward", "log_ratio_sum", "num_tokens"])
         mine, theirs = results["student_checkpoint"], results[parent]
         metrics = {
             **mine, "checkpoint": card["weights_hash"],
@@ -259,7 +251,7 @@ def round_eval(context: dg.AssetExecutionContext, config: RoundEvalConfig, store
             "rollout_reverse_kl_per_token": pc.sum(feedback["log_ratio_sum"]).as_py() / max(1, pc.sum(feedback["num_tokens"]).as_py()),
         }
         inputs = {
-            "eval_set": file_version(distill_store.dataset_path("eval_set")), "teacher_feedback": file_version(distill_store.dataset_path("teacher_feedback", key)),
+            "eval_set": dataset_version(distill_store, "eval_set"), "teacher_feedback": dataset_version(distill_store, "teacher_feedback", key),
             "parent": parent, "parent_checkpoint": parent_card["weights_hash"], "checkpoint": card["weights_hash"],
         }
         record_lineage(context, distill_store, config, inputs, metrics, previous)

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from assets.datasets import eval_set, teacher_labeled
+from assets.datasets import dataset_version, eval_set, teacher_labeled
 from assets.models import student_model, teacher_model
 from pipelines.publish import file_version, png_markdown, record_lineage
 from pipelines.catalog import refresh_catalog
@@ -34,9 +34,10 @@ def training_data(store: Store) -> str:
     return "curated" if store.dataset_path("curated").exists() else "teacher_labeled"
 
 
-def launch_distill(context: dg.AssetExecutionContext, run: DistillConfig, work: Path) -> None:
+def launch_distill(context: dg.AssetExecutionContext, run: DistillConfig, work: Path) -> tuple:
     """Runs `python -m training.distill --config run.json` as a subprocess (the plain command a
-    multi-GPU launcher would start instead), logs its output, and fails with its stderr."""
+    multi-GPU launcher would start instead), logs its output, and fails with its stderr. Returns the
+    trained (model, tokenizer) and its curve."""
     run.loss_objective()  # parameter errors before launching anything
     config_path = work / "run.json"
     config_path.write_text(json.dumps(asdict(run)))
@@ -45,6 +46,17 @@ def launch_distill(context: dg.AssetExecutionContext, run: DistillConfig, work: 
         context.log.info(line)
     if done.returncode != 0:
         raise RuntimeError(f"training.distill failed:\n{done.stderr[-3000:]}")
+    model, tokenizer = load_model(run.output)
+    return model, tokenizer, json.loads((Path(run.output) / "curve.json").read_text())
+
+
+def curve_metrics(curve: list[dict]) -> dict:
+    """The headline figures of a training curve."""
+    seconds, tokens = curve[-1]["seconds"], sum(c["completion_tokens"] for c in curve)
+    return {
+        "final_loss": curve[-1]["loss"], "steps": len(curve), "train_seconds": round(seconds, 1),
+        "completion_tokens": tokens, "completion_tokens_per_second": round(tokens / seconds),
+    }
 
 
 def write_evals(store: Store, rows: list[dict], run_id: str, round_key: str | None, file_name: str) -> Path:
@@ -80,26 +92,15 @@ def offline_student(context: dg.AssetExecutionContext, config: OfflineStudentCon
     with tempfile.TemporaryDirectory(dir=distill_store.root) as work:
         run = DistillConfig(
             student=student["path"], data=[str(data_path)], output=f"{work}/checkpoint",
-            teacher_vocab_size=teacher["vocab_size"],
-            **{name: value for name, value in config.model_dump().items() if name not in ("learning_rate",)},
-            lr=config.learning_rate,
+            teacher_vocab_size=teacher["vocab_size"], **config.distill_settings(),
         )
-        launch_distill(context, run, Path(work))
-        model, tokenizer = load_model(run.output)
-        curve = json.loads((Path(run.output) / "curve.json").read_text())
+        model, tokenizer, curve = launch_distill(context, run, Path(work))
         card = {**model_card("offline_student", model, tokenizer), "objective": config.objective, "parent": student["weights_hash"]}
         # the whole output: weights, tokenizer, curve.json and the run's distill_config.json
         card = distill_store.save_model("offline_student", card, lambda directory: shutil.copytree(run.output, directory))
         eval_rows = distill_store.read_dataset("eval_set")
         results = evaluate(model, tokenizer, eval_rows["prompt"].to_pylist(), eval_rows["answer"].to_pylist(), seed=config.seed)
-    seconds = curve[-1]["seconds"]
-    metrics = {
-        "final_loss": curve[-1]["loss"],
-        "steps": len(curve),
-        "train_seconds": round(seconds, 1),
-        "completion_tokens_per_second": round(sum(c["completion_tokens"] for c in curve) / seconds),
-        **{f"eval_{name}": value for name, value in results.items()},
-    }
+    metrics = {**curve_metrics(curve), **{f"eval_{name}": value for name, value in results.items()}}
     inputs = {dataset: file_version(data_path), "student_model": student["weights_hash"], "teacher_model": teacher["weights_hash"]}
     record_lineage(context, distill_store, config, inputs, {**card, **metrics})
     return dg.MaterializeResult(
@@ -133,7 +134,7 @@ def evals(context: dg.AssetExecutionContext, config: EvalsConfig, store: Distill
         rows += [{"model": name, "checkpoint": card["weights_hash"], "split": "eval", "metric": metric, "value": value}
                  for metric, value in results.items()]
     path = write_evals(distill_store, rows, context.run_id, None, f"part-{context.run_id}.parquet")
-    record_lineage(context, distill_store, config, {"eval_set": file_version(distill_store.dataset_path("eval_set"))}, {"rows": len(rows)})
+    record_lineage(context, distill_store, config, {"eval_set": dataset_version(distill_store, "eval_set")}, {"rows": len(rows)})
     refresh_catalog(distill_store)
     summary = {f"{r['model']}/{r['metric']}": r["value"] for r in rows}
     lines = ["| model | metric | value |", "|---|---|---|"] + [f"| {r['model']} | {r['metric']} | {r['value']:.4f} |" for r in rows]

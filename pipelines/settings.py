@@ -176,6 +176,10 @@ class TrainingConfig(dg.Config):
     warmup_steps: int = Field(20, ge=0)
     seed: int = 0
 
+    def distill_settings(self) -> dict:
+        """These settings as `DistillConfig` fields (`learning_rate` is its `lr`)."""
+        return {**self.model_dump(exclude={"learning_rate"}), "lr": self.learning_rate}
+
 
 class OfflineStudentConfig(TrainingConfig):
     objective: Literal["sft", "supervised_kd"] = Field(
@@ -211,10 +215,6 @@ class StudentCheckpointConfig(TrainingConfig):
     steps: int = Field(150, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(10, ge=0)
-
-
-class RoundEvalConfig(dg.Config):
-    seed: int = Field(0, description="seed of the sampled exact match and the student samples")
 
 
 class RoundPolicy(dg.Config):

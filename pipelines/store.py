@@ -58,12 +58,13 @@ class Store:
             temp.unlink(missing_ok=True)
         return path
 
-    def read_dataset(self, name: str, partition: str | None = None) -> pa.Table:
+    def read_dataset(self, name: str, partition: str | None = None, columns: list[str] | None = None) -> pa.Table:
+        """The dataset's table (only `columns`, if given); a clear error if it was never materialized."""
         path = self.dataset_path(name, partition)
         if not path.exists():
             where = f" partition {partition!r}" if partition else ""
             raise FileNotFoundError(f"dataset {name!r}{where} has not been materialized yet ({path} is missing)")
-        return pq.read_table(path)
+        return pq.read_table(path, columns=columns)
 
     def append_lineage(self, row: dict) -> Path:
         """One lineage row per materialization, in its own file: re-runs add rows, never replace them."""

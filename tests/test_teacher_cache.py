@@ -8,7 +8,7 @@ import pytest
 
 from pipelines.resources import DistillStore, TeacherEngine, close_vllm_engines
 from pipelines.store import Store
-from test_engine_vllm import K, PROMPTS, assert_same_signal, hf_engine, sequences  # noqa: F401 (fixture)
+from test_engine_vllm import K, assert_same_signal, hf_engine, sequences  # noqa: F401 (fixture)
 from test_pipeline import ASSETS, CHECKS, run_config
 from training.engines.base import SamplingParams
 from training.engines.cache import CachedEngine, TeacherCache
