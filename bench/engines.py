@@ -24,7 +24,7 @@ K = 20
 
 
 def model_directory(argv: list[str], scratch: Path) -> str:
-    from pipelines.store import Store
+    from storage.store import Store
     from training.models import TEACHER_ARCHITECTURE, build_embedded, save_model
 
     if len(argv) > 1:

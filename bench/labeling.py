@@ -15,7 +15,8 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from pipelines.store import Store
+from storage.store import Store
+from training.batches import completion_positions
 from training.engines.base import SamplingParams
 from training.engines.hf import HFEngine
 from training.labeling import label
@@ -55,10 +56,11 @@ def main() -> None:
 
     completions = [g.completion_ids for g in generations]
     tokens = sum(len(p) + len(c) for p, c in zip(prompt_ids, completions))
-    plain = lambda: [
-        engine.model(*engine.pad_batch([p + c for p, c in zip(prompt_ids[s : s + 128], completions[s : s + 128])], "right"))
+    padded = [
+        completion_positions(pa.array(prompt_ids[s : s + 128]), pa.array(completions[s : s + 128]), engine.tokenizer.pad_token_id)[:2]
         for s in range(0, len(prompt_ids), 128)
     ]
+    plain = lambda: [engine.model(input_ids=ids, attention_mask=mask) for ids, mask in padded]
     with torch.no_grad():
         plain()  # warm-up
         _, forward_seconds = timed(plain)

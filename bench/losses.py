@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from training.kd import Objective, SparseBatch, dense_kd_loss, sparse_kd_loss
+from training.kd import LossSettings, SparseBatch, dense_kd_loss, sparse_kd_loss
 
 VOCAB, BATCH, LENGTH, K = 151_936, 4, 512, 20
 
@@ -28,7 +28,7 @@ def run(variant: str) -> None:
     positions = torch.arange(LENGTH - 1).repeat(BATCH)
     targets = torch.randint(0, VOCAB, (n,))
     student_logits = torch.randn(BATCH, LENGTH, VOCAB, requires_grad=True)
-    objective = Objective("jsd", beta=0.5)
+    objective = LossSettings(divergence="jsd", beta=0.5)
     if variant == "dense":
         teacher_logits = torch.randn(BATCH, LENGTH, VOCAB)
         teacher_bytes = teacher_logits.numel() * 4

@@ -29,19 +29,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from pipelines.store import Store
+from storage.store import Store
 from training.distill import DistillConfig, train_student
 from training.engines.base import SamplingParams
 from training.engines.hf import HFEngine
 from training.evaluate import evaluate
-from training.feedback import teacher_feedback
+from training.rollouts import score_rollouts
+from training.signal import SignalSettings
 from training.labeling import sample, score
 from training.models import load_model
 from training.tasks.arithmetic import parse_prompt, problems
+from training.tasks.arithmetic_task import ArithmeticTask
 
 K = 20
 BATCH = 32
 DIVERGENCES = {"forward_kl": ("forward_kl", 0.5), "reverse_kl": ("reverse_kl", 0.5), "jsd(0.5)": ("jsd", 0.5)}
+TASK = ArithmeticTask()
 
 
 def arms() -> list[dict]:
@@ -81,7 +84,7 @@ def own_samples(student, tokenizer, prompts: list[str], seed: int) -> tuple[HFEn
 def scored_samples(student, tokenizer, teacher: HFEngine, prompts: list[str], seed: int) -> pa.Table:
     """The student's own samples (T = 1) on `prompts`, scored by the teacher."""
     engine, samples = own_samples(student, tokenizer, prompts, seed)
-    columns, _ = teacher_feedback(teacher, engine, samples, K)
+    columns, _ = score_rollouts(teacher, engine, samples, SignalSettings(k=K))
     table = samples.append_column("sample_id", pa.array([f"s{seed}-{i}" for i in range(samples.num_rows)]))
     for name, column in columns.items():
         table = table.append_column(name, column)
@@ -108,12 +111,12 @@ def run_arm(arm: dict, seed: int, start: str, data: dict, teacher: HFEngine, arg
     per_step = BATCH * ((1 - arm["mix"]) * mean_tokens(fixed) + arm["mix"] * data["on_policy_tokens"])
     config = DistillConfig(
         student=start, data=["-"], output="-", objective=arm["objective"], divergence=divergence, beta=beta,
-        steps=max(1, round(args.tokens / per_step)), batch_size=BATCH, lr=1e-3, warmup_steps=10,
+        steps=max(1, round(args.tokens / per_step)), batch_size=BATCH, learning_rate=1e-3, warmup_steps=10,
         seed=seed, mix=arm["mix"], rollouts=["-"] if arm["mix"] > 0 else [],
     )
     rollouts = fresh_rollouts(student, tokenizer, teacher, seed) if arm["mix"] > 0 else None
     curve = train_student(student, tokenizer, fixed, config, rollouts=rollouts)
-    results = evaluate(student, tokenizer, [p.prompt for p in eval_problems], [str(p.answer) for p in eval_problems], seed=seed)
+    results = evaluate(student, tokenizer, eval_problems, TASK, seed=seed)
     return {**results, "tokens": sum(c["completion_tokens"] for c in curve)}
 
 
@@ -135,10 +138,10 @@ def main() -> None:
         raise SystemExit(f"{error}\nRun `make demo` first: the benchmark starts from its teacher, student and teacher_labeled.")
     teacher = HFEngine.load(teacher_card["path"], batch_size=128)
     data = {"teacher_labeled": labeled, "ground_truth": ground_truth_table(teacher, labeled)}
-    eval_problems = problems("eval", args.eval_problems, 0)
+    eval_problems = TASK.prompts("eval", args.eval_problems, 0)
     start_model, start_tokenizer = load_model(start)
     data["on_policy_tokens"] = mean_tokens(own_samples(start_model, start_tokenizer, [p.prompt for p in problems("train", 256, 999)], 999)[1])
-    baseline = evaluate(start_model, start_tokenizer, [p.prompt for p in eval_problems], [str(p.answer) for p in eval_problems], seed=0)
+    baseline = evaluate(start_model, start_tokenizer, eval_problems, TASK, seed=0)
     print(f"start ({args.start}): greedy {baseline['greedy_exact_match']:.3f}  sampled {baseline['sampled_exact_match']:.3f}", flush=True)
     selected = [a for a in arms() if not args.arms or any(s in f"{a['arm']} {a['divergence']}" for s in args.arms.split(","))]
     rows, began = [], time.perf_counter()

@@ -1,1 +1,2 @@
-"""Dagster wiring: definitions, resources, settings, the Parquet store, the DuckDB catalog, the CLI."""
+"""Wiring, above the assets: the code location (`definitions.py`), jobs, the round sensor and
+schedule, the Dagster instance `make demo`/`make ui` share, the `distill` CLI and the demo."""

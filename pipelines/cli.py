@@ -3,8 +3,9 @@
 import argparse
 import sys
 
-from pipelines.catalog import dataset_names, query, refresh_catalog
-from pipelines.store import Store, duckdb_identifier
+from storage.catalog import dataset_names, query, refresh_catalog
+from storage.store import Store
+from training.tables import duckdb_identifier
 
 MAX_CELL = 48
 

@@ -3,8 +3,8 @@
 import dagster as dg
 
 from assets import checks, curation, datasets, models, rounds, students
+from assets.resources import ModelEngine, store_resource
 from pipelines.jobs import distill_offline, distill_round
-from pipelines.resources import DistillStore, TeacherEngine
 from pipelines.sensors import round_schedule, round_sensor
 
 defs = dg.Definitions(
@@ -13,5 +13,5 @@ defs = dg.Definitions(
     jobs=[distill_offline, distill_round],
     sensors=[round_sensor],
     schedules=[round_schedule],
-    resources={"store": DistillStore(), "teacher_engine": TeacherEngine()},
+    resources={"store": store_resource, "model_engine": ModelEngine()},
 )

@@ -6,12 +6,12 @@ import time
 
 import dagster as dg
 
-from pipelines.catalog import catalog_path, query
+from storage.catalog import catalog_path, query
 from pipelines.cli import format_table, list_datasets
 from pipelines.definitions import defs
 from pipelines.instance import prepare_dagster_home
-from pipelines.partitions import round_key, rounds
-from pipelines.store import Store
+from assets.partitions import round_key, rounds
+from storage.store import Store
 
 DEMO_QUERY = """
 SELECT teacher, count(*) AS responses, round(avg(num_tokens), 1) AS mean_tokens,

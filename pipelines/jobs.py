@@ -3,7 +3,7 @@ runs one on-policy round (a partition of `rounds`)."""
 
 import dagster as dg
 
-from pipelines.partitions import rounds
+from assets.partitions import rounds
 
 distill_offline = dg.define_asset_job(
     "distill_offline",

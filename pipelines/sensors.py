@@ -6,16 +6,38 @@ Both are off by default (rounds cost compute): turn them on in the UI (Automatio
 `distill_round` job for a chosen partition by hand.
 """
 
-import dagster as dg
+import os
 
+import dagster as dg
+from pydantic import Field
+
+from assets.partitions import round_key, round_number, rounds
 from pipelines.jobs import distill_round
-from pipelines.partitions import round_key, round_number, rounds
-from pipelines.settings import RoundPolicy
 
 POLICY_HELP = (
     "Policy from the environment: DISTILL_MAX_ROUNDS (default 5), DISTILL_MIN_IMPROVEMENT (default 0.0: "
     "stop when a round's greedy exact match falls below its parent's), DISTILL_ROUNDS_CRON (schedule only)."
 )
+
+
+class RoundPolicy(dg.Config):
+    """When the sensor (or the schedule) opens the next round. Read from the environment at every
+    evaluation: DISTILL_MAX_ROUNDS, DISTILL_MIN_IMPROVEMENT, DISTILL_ROUNDS_CRON (the schedule's cron,
+    read when the code location loads)."""
+
+    max_rounds: int = Field(5, ge=1, description="no round beyond this many")
+    min_improvement: float = Field(
+        0.0, description="stop when the last round's greedy exact-match gain over its parent is below this"
+    )
+    cron: str = Field("0 */6 * * *", description="the round schedule's cron (the schedule is off by default)")
+
+    @classmethod
+    def from_environment(cls) -> "RoundPolicy":
+        values = {"max_rounds": "DISTILL_MAX_ROUNDS", "min_improvement": "DISTILL_MIN_IMPROVEMENT", "cron": "DISTILL_ROUNDS_CRON"}
+        try:
+            return cls(**{field: os.environ[name] for field, name in values.items() if os.environ.get(name)})
+        except ValueError as error:
+            raise ValueError(f"bad round policy in the environment ({', '.join(values.values())}): {error}") from None
 
 
 def next_round(instance: dg.DagsterInstance, policy: RoundPolicy) -> tuple[str | None, str]:

@@ -10,7 +10,6 @@ from training.tasks.arithmetic import (
     parse_prompt,
     problems,
     sample_problem,
-    verify,
     verify_column,
 )
 
@@ -26,7 +25,7 @@ def test_worked_steps_reach_the_answer():
         problem = sample_problem(rng, ArithmeticConfig())
         assert replay_steps(problem) == problem.answer, problem
         assert problem.solution.endswith(f"#### {problem.answer}")
-        assert verify(problem.solution, problem.answer)
+        assert extract_answer(problem.solution) == problem.answer
 
 
 def test_examples_of_the_format():
@@ -53,13 +52,9 @@ def test_iid_stream_keeps_repeats():
 def test_verifier_reads_only_the_final_answer():
     assert extract_answer("1+2+0=3c0|3;#### 3") == 3
     assert extract_answer("no answer here") is None
-    assert verify("####  -12", -12) and not verify("#### 13", 12) and not verify("13", 13)
-
-
-def test_verify_column_matches_verify():
-    completions = pa.array(["#### 12", "#### 13", "nothing", "#### 5", None])
-    answers = pa.array(["12", "12", "12", None, "3"])
-    assert verify_column(completions, answers).to_pylist() == [True, False, False, None, False]
+    completions = pa.array(["####  -12", "#### 13", "13", "#### 12", "nothing", "#### 5", None])
+    answers = pa.array(["-12", "12", "13", "12", "12", None, "3"])
+    assert verify_column(completions, answers).to_pylist() == [True, False, False, True, False, None, False]
 
 
 def test_parse_prompt_rejects_what_the_task_does_not_pose():

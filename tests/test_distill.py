@@ -50,7 +50,7 @@ def test_incompatible_inputs_fail_before_training(labeled):
 @pytest.mark.parametrize("objective", ["sft", "supervised_kd"])
 def test_a_short_run_lowers_the_loss(tiny_model_dir, labeled, objective):
     model, tokenizer = load_model(str(tiny_model_dir))
-    config = DistillConfig(student="", data=[], output="", objective=objective, steps=40, batch_size=16, lr=3e-3, warmup_steps=2)
+    config = DistillConfig(student="", data=[], output="", objective=objective, steps=40, batch_size=16, learning_rate=3e-3, warmup_steps=2)
     curve = train_student(model, tokenizer, labeled, config)
     first, last = sum(c["loss"] for c in curve[:5]) / 5, sum(c["loss"] for c in curve[-5:]) / 5
     assert last < 0.8 * first
@@ -78,7 +78,7 @@ def test_fresh_on_policy_batches_are_sampled_from_the_current_student(tiny_model
             table = label(HFEngine(model, tokenizer, batch_size=8), prompts, SamplingParams(temperature=1.0, max_new_tokens=16, seed=i), k=8).table
             yield table.append_column("sample_id", pa.array([f"fresh{i}-{j}" for j in range(table.num_rows)]))
 
-    config = DistillConfig(student="", data=[], output="", steps=12, batch_size=8, lr=3e-3, warmup_steps=1, mix=0.5, rollouts=["-"])
+    config = DistillConfig(student="", data=[], output="", steps=12, batch_size=8, learning_rate=3e-3, warmup_steps=1, mix=0.5, rollouts=["-"])
     curve = train_student(model, tokenizer, labeled, config, rollouts=fresh_batches())
     sources = [c["source"] for c in curve]
     assert sources.count("on_policy") == len(sampled_from) and 0 < len(sampled_from) < 12
@@ -88,5 +88,5 @@ def test_fresh_on_policy_batches_are_sampled_from_the_current_student(tiny_model
         table = labeled.slice(0, 8)
         yield table.set_column(table.schema.get_field_index("temperature"), "temperature", pa.array([2.0] * 8, table["temperature"].type))
 
-    with pytest.raises(ValueError, match="fresh rollouts store the teacher at temperature 2.0, fixed data at 1.0"):
+    with pytest.raises(ValueError, match="on-policy rows store the teacher at temperature 2.0, the fixed data at 1.0"):
         train_student(model, tokenizer, labeled, DistillConfig(student="", data=[], output="", steps=3, batch_size=8, mix=1.0, rollouts=["-"]), rollouts=hotter_batches())

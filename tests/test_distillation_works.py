@@ -3,9 +3,9 @@ and writes valid new problems on request, curation keeps labeled, expanded, evol
 synthesized rows, the warm-started student sits well under the teacher, and offline distillation
 on `curated` raises the student's exact match. The figures every later result is read against."""
 
-from pipelines.catalog import query
+from storage.catalog import query
 from pipelines.definitions import defs
-from pipelines.store import Store
+from storage.store import Store
 
 
 def test_offline_distillation_raises_exact_match(instance, distill_home):

@@ -14,7 +14,7 @@ from training.divergences import (
     sparse_supports,
     total_variation,
 )
-from training.kd import Objective, SparseBatch, sparse_kd_loss
+from training.kd import LossSettings, SparseBatch, sparse_kd_loss
 from training.signal import topk_signal
 
 torch.manual_seed(0)
@@ -66,7 +66,7 @@ def test_gradcheck(name):
 @pytest.mark.parametrize("bad", [dict(beta=1.5), dict(beta=-0.1), dict(alpha=0.0), dict(alpha=1.0)])
 def test_out_of_range_parameters_are_rejected(bad):
     with pytest.raises(ValueError):
-        Objective(**bad)
+        LossSettings(**bad)
 
 
 @pytest.mark.parametrize("tail_policy", ["renormalize", "bucket"])
@@ -97,16 +97,16 @@ def test_sparse_loss_never_needs_teacher_vocabulary_and_temperature_rescales():
         rows=torch.zeros(n, dtype=torch.long), positions=torch.arange(n), targets=targets,
         topk_ids=ids.long(), topk_logprobs=topk_logprobs, tail_mass=tail,
     )
-    loss, parts = sparse_kd_loss(student_logits, batch, Objective("forward_kl", nll_weight=0.5), 1.0)
+    loss, parts = sparse_kd_loss(student_logits, batch, LossSettings(divergence="forward_kl", nll_weight=0.5), 1.0)
     assert loss.item() == pytest.approx(parts["divergence"] + 0.5 * parts["nll"], rel=1e-5)
     # at τ = 2 the renormalized teacher top-k equals the top-k of log_softmax(logits / 2)
-    hot, _ = sparse_kd_loss(student_logits, batch, Objective("forward_kl", temperature=2.0), 1.0)
+    hot, _ = sparse_kd_loss(student_logits, batch, LossSettings(divergence="forward_kl", temperature=2.0), 1.0)
     _, hot_logprobs, _, _ = topk_signal(teacher, targets, k, temperature=2.0)
     log_q = (student_logits[0, :n] / 2).log_softmax(-1)
     log_p, log_q_support = sparse_supports(ids, hot_logprobs, tail, log_q, "renormalize")
     assert hot.item() == pytest.approx(forward_kl(log_p, log_q_support).mean().item(), rel=1e-5)
     with pytest.raises(ValueError, match="bucket tail policy needs the loss temperature"):
-        sparse_kd_loss(student_logits, batch, Objective("forward_kl", tail_policy="bucket", temperature=2.0), 1.0)
+        sparse_kd_loss(student_logits, batch, LossSettings(divergence="forward_kl", tail_policy="bucket", temperature=2.0), 1.0)
 
 
 def test_chunked_sparse_loss_matches_the_plain_expression(monkeypatch):
@@ -118,7 +118,7 @@ def test_chunked_sparse_loss_matches_the_plain_expression(monkeypatch):
     targets = torch.randint(0, vocab, (n,))
     ids, topk_logprobs, _, tail = topk_signal(teacher, targets, k)
     batch = SparseBatch(None, None, torch.zeros(n, dtype=torch.long), torch.arange(n), targets, ids.long(), topk_logprobs, tail)
-    objective = Objective("jsd", beta=0.3, tail_policy="bucket", nll_weight=0.7)
+    objective = LossSettings(divergence="jsd", beta=0.3, tail_policy="bucket", nll_weight=0.7)
     logits = torch.randn(1, n + 1, vocab, dtype=torch.float64, requires_grad=True)
     monkeypatch.setattr(kd, "CHUNK_ELEMENTS", 5 * vocab)  # 3 chunks of ≤ 5 positions
     loss, parts = sparse_kd_loss(logits, batch, objective, 1.0)

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 from conftest import SERVER_API_KEY, VLLM_MAX_LOGPROBS
-from pipelines.store import Store
+from storage.store import Store
 from test_engine_vllm import K, PROMPTS, assert_same_signal, hf_engine, sequences  # noqa: F401 (fixture)
 from training.engines.base import EngineRequestsFailed, SamplingParams
 from training.engines.cache import CachedEngine, TeacherCache
@@ -60,9 +60,9 @@ def test_server_generates_like_the_offline_engine(hf_engine, vllm_engine, vllm_s
 
 
 def test_api_key_comes_from_the_environment(hf_engine, vllm_server, tiny_model_dir, monkeypatch):
-    from pipelines.resources import TeacherEngine
+    from assets.resources import ModelEngine
 
-    resource = TeacherEngine(backend="openai", base_urls=[vllm_server], api_key_env="DISTILL_TEST_KEY", cache=False)
+    resource = ModelEngine(backend="openai", base_urls=[vllm_server], api_key_env="DISTILL_TEST_KEY", cache=False)
     card = {"path": str(tiny_model_dir)}
     monkeypatch.delenv("DISTILL_TEST_KEY", raising=False)
     with pytest.raises(Exception, match="api_key_env"):

@@ -18,15 +18,15 @@ from assets.checks import (
 from assets.datasets import eval_set, seed_prompts, teacher_labeled
 from assets.models import student_model, teacher_model
 from assets.students import evals, offline_student
-from pipelines.catalog import query
+from storage.catalog import query
 from pipelines.cli import main as distill
 from pipelines.definitions import defs
-from pipelines.resources import DistillStore, TeacherEngine
-from pipelines.store import Store
+from assets.resources import ModelEngine, store_resource
+from storage.store import Store
 
 ASSETS = [teacher_model, student_model, seed_prompts, eval_set, teacher_labeled, offline_student, evals]
 CHECKS = [sparse_signal_valid, token_round_trip, vocab_compatible, eval_disjoint_from_train, teacher_reaches_target]
-RESOURCES = {"store": DistillStore(), "teacher_engine": TeacherEngine(batch_size=32)}
+RESOURCES = {"store": store_resource, "model_engine": ModelEngine(batch_size=32)}
 TINY = {
     "teacher_model": {"train_steps": 30, "eval_problems": 16},
     "student_model": {"train_steps": 20, "eval_problems": 16},

@@ -5,7 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from training.prompt_sources import embedded_prompts, load_source, select_prompts
+from training.prompt_sources import load_source, select_prompts
+from training.tasks import get_task
 
 ROWS = [
     {"question": "12+7=", "label": 19},
@@ -16,8 +17,8 @@ ROWS = [
 ]
 
 
-def test_embedded_prompts_carry_answers():
-    table = embedded_prompts("train", 10, 0)
+def test_task_prompts_carry_answers():
+    table = get_task("arithmetic").prompts("train", 10, 0)
     assert table.num_rows == 10 and table.column_names == ["prompt", "answer"]
 
 

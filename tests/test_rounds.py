@@ -8,10 +8,10 @@ import pyarrow.compute as pc
 import pytest
 
 from assets.rounds import round_eval, student_checkpoint, student_rollouts, teacher_feedback
-from pipelines.catalog import query
+from storage.catalog import query
 from pipelines.cli import main as distill
-from pipelines.partitions import rounds
-from pipelines.store import Store
+from assets.partitions import rounds
+from storage.store import Store
 from test_pipeline import ASSETS, RESOURCES, materialize
 
 OFFLINE = [a for a in ASSETS if a.key.to_user_string() != "evals"]  # what a round reads

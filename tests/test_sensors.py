@@ -4,7 +4,7 @@ import dagster as dg
 import pytest
 
 from pipelines.definitions import defs
-from pipelines.partitions import rounds
+from assets.partitions import rounds
 from pipelines.sensors import round_schedule, round_sensor
 
 

@@ -3,9 +3,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.catalog import query, refresh_catalog
+from storage.catalog import query, refresh_catalog
 from pipelines.cli import main as distill
-from pipelines.store import Store, with_content_id
+from storage.store import Store
+from training.tables import with_content_id
 
 
 def test_write_is_atomic_and_replaces_cleanly(tmp_path, monkeypatch):

@@ -6,13 +6,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from pipelines.resources import DistillStore, TeacherEngine, close_vllm_engines
-from pipelines.store import Store
+from assets.resources import ModelEngine, close_vllm_engines, store_resource
+from storage.store import Store
 from test_engine_vllm import K, assert_same_signal, hf_engine, sequences  # noqa: F401 (fixture)
 from test_pipeline import ASSETS, CHECKS, run_config
 from training.engines.base import SamplingParams
 from training.engines.cache import CachedEngine, TeacherCache
-from training.feedback import teacher_feedback
+from training.rollouts import score_rollouts
+from training.signal import SignalSettings
 
 
 def test_cache_hits_what_it_stored_and_misses_anything_else(hf_engine, tmp_path):
@@ -49,13 +50,13 @@ def test_identical_prompts_in_one_call_are_independent_samples(hf_engine, tmp_pa
 
 
 @pytest.fixture
-def vllm_teacher_engine():
-    yield TeacherEngine(backend="vllm", max_model_len=128, max_logprobs=16)
+def vllm_engine_resource():
+    yield ModelEngine(backend="vllm", max_model_len=128, max_logprobs=16)
     close_vllm_engines()
 
 
-def test_offline_graph_on_vllm_and_a_full_cache_hit_on_rerun(instance, distill_home, vllm_teacher_engine):
-    resources = {"store": DistillStore(), "teacher_engine": vllm_teacher_engine}
+def test_offline_graph_on_vllm_and_a_full_cache_hit_on_rerun(instance, distill_home, vllm_engine_resource):
+    resources = {"store": store_resource, "model_engine": vllm_engine_resource}
     names = [a.key.to_user_string() for a in ASSETS]
     result = dg.materialize(ASSETS + CHECKS, instance=instance, resources=resources, run_config=run_config(names))
     assert result.success
@@ -80,15 +81,15 @@ def test_offline_graph_on_vllm_and_a_full_cache_hit_on_rerun(instance, distill_h
     assert second.drop_columns(["run_id"]).equals(first.drop_columns(["run_id"]))
 
 
-def test_vllm_handles_to_two_models_are_used_in_turn(tiny_model_dir, hf_engine, vllm_teacher_engine):
+def test_vllm_handles_to_two_models_are_used_in_turn(tiny_model_dir, hf_engine, vllm_engine_resource):
     """teacher_feedback holds the teacher's and the student's engines at once; on vLLM only one is
     resident, so each handle (re)starts its engine when used. Two settings stand in for two models."""
     card = {"path": str(tiny_model_dir)}
-    teacher, student = vllm_teacher_engine.load(card), TeacherEngine(backend="vllm", max_model_len=128, max_logprobs=K).load(card)
+    teacher, student = vllm_engine_resource.load(card), ModelEngine(backend="vllm", max_model_len=128, max_logprobs=K).load(card)
     prompts, completions = sequences(hf_engine)
     rollouts = pa.table({"prompt_token_ids": prompts, "completion_token_ids": completions})
-    columns, _ = teacher_feedback(teacher, student, rollouts, K)
-    reference, _ = teacher_feedback(hf_engine, hf_engine, rollouts, K)
+    columns, _ = score_rollouts(teacher, student, rollouts, SignalSettings(k=K))
+    reference, _ = score_rollouts(hf_engine, hf_engine, rollouts, SignalSettings(k=K))
     for name, depth in (("topk_logprobs", 2), ("token_logprob", 1), ("student_token_logprob", 1)):
         got, want = columns[name], reference[name]
         for _ in range(depth):

@@ -23,10 +23,13 @@ except MinHash, which is datasketch.
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 from datasketch import MinHash, MinHashLSH
+from pydantic import BaseModel, Field, model_validator
 
 ORIGINS = ["labeled", "expanded", "evolved", "synthesized"]
 NUM_PERM = 128
@@ -34,32 +37,28 @@ MAX_SIMILARITY = 0.98  # the highest threshold MinHash LSH can band with NUM_PER
 EXAMPLES_PER_FILTER = 3
 
 
-@dataclass(frozen=True)
-class CurationSettings:
-    min_prompt_chars: int = 1
-    max_prompt_chars: int = 4000
-    min_response_tokens: int = 1
-    max_response_tokens: int = 4096
-    drop_unfinished: bool = True
-    near_duplicate_threshold: float = 0.8
-    shingle_chars: int = 5
-    decontamination_ngram: int = 8
-    use_verifier: bool = True
-    min_mean_logprob: float = -1.0
-    max_mean_entropy: float = 1.5
-    target_size: int | None = None
-    selection_similarity: float = 0.9
+class CurationSettings(BaseModel):
+    """Every threshold of the filters and the selection, checked before any row is read."""
 
-    def __post_init__(self):
-        for name in ("near_duplicate_threshold", "selection_similarity"):
-            if not 0 < getattr(self, name) <= MAX_SIMILARITY:
-                raise ValueError(f"{name} is a Jaccard similarity threshold in (0, {MAX_SIMILARITY}], got {getattr(self, name)}")
+    min_prompt_chars: int = Field(1, ge=0)
+    max_prompt_chars: int = Field(4000, ge=1)
+    min_response_tokens: int = Field(1, ge=0)
+    max_response_tokens: int = Field(4096, ge=1)
+    drop_unfinished: bool = Field(True, description="drop responses that hit max_new_tokens before <eos>")
+    near_duplicate_threshold: float = Field(0.8, gt=0, le=MAX_SIMILARITY, description="MinHash Jaccard on character shingles")
+    shingle_chars: int = Field(5, ge=1)
+    decontamination_ngram: int = Field(8, ge=1, description="word n-gram shared with the eval split")
+    use_verifier: bool = Field(True, description="drop teacher answers the task verifier rejects")
+    min_mean_logprob: float = Field(-1.0, le=0, description="teacher confidence: mean token logprob of the response")
+    max_mean_entropy: float = Field(1.5, ge=0, description="teacher uncertainty: mean top-k entropy, nats")
+    target_size: Optional[int] = Field(None, ge=1, description="select this many rows by quality score; empty: keep all")
+    selection_similarity: float = Field(0.9, gt=0, le=MAX_SIMILARITY, description="a candidate this similar to a selected prompt is skipped")
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self):
         if self.min_prompt_chars > self.max_prompt_chars or self.min_response_tokens > self.max_response_tokens:
             raise ValueError("a length bound has min > max: swap or widen them")
-        if self.min_mean_logprob > 0 or self.max_mean_entropy < 0:
-            raise ValueError("min_mean_logprob must be ≤ 0 and max_mean_entropy ≥ 0 (they are logprobs and nats)")
-        if self.target_size is not None and self.target_size < 1:
-            raise ValueError(f"target_size must be ≥ 1 or empty, got {self.target_size}")
+        return self
 
 
 @dataclass
@@ -70,8 +69,36 @@ class Curation:
 
 
 def normalized(column: str) -> str:
-    """SQL: the normalized text of `column`, the key of exact deduplication."""
+    """SQL: the normalized text of `column` (trimmed, lower case, runs of whitespace as one space),
+    the one normalization of curation, decontamination and the dataset checks."""
     return f"lower(regexp_replace(trim({column}), '\\s+', ' ', 'g'))"
+
+
+def candidate_pool(tables: dict[str, pa.Table]) -> pa.Table:
+    """The union of `teacher_labeled` (origin `labeled`) and the written datasets in `tables`
+    (`expanded`, `synthesized`: their rows carry their origin). All must come from one teacher with
+    one k, so that the pool carries one teacher's signal, and sample ids must be unique."""
+    labeled = tables["teacher_labeled"]
+    written = {name: table for name, table in tables.items() if name != "teacher_labeled"}
+    for column in ("teacher_weights_hash", "k"):
+        first = pc.unique(labeled[column]).to_pylist()
+        for name, table in written.items():
+            if (values := pc.unique(table[column]).to_pylist()) != first:
+                raise ValueError(
+                    f"{name} has {column} {values} but teacher_labeled has {first}: re-materialize {name} with the same "
+                    "teacher and k, so that curated carries one teacher's signal"
+                )
+    labeled = labeled.append_column("origin", pa.repeat(pa.scalar("labeled"), labeled.num_rows))
+    rows = pa.concat_tables([labeled, *written.values()], promote_options="permissive")
+    if pc.count_distinct(rows["sample_id"]).as_py() != rows.num_rows:
+        raise ValueError("sample_id is not unique across the candidate datasets; re-materialize them")
+    return rows
+
+
+def origin_counts(table: pa.Table) -> dict[str, int]:
+    """Rows per origin."""
+    counts = table["origin"].value_counts()
+    return dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
 
 
 def scored(candidates: pa.Table) -> pa.Table:

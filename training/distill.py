@@ -17,55 +17,59 @@ import argparse
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from pydantic import Field, model_validator
 
-from training.kd import Objective, sparse_batch, sparse_kd_loss
+from training.kd import LossSettings, sparse_batch, sparse_kd_loss
 from training.models import load_model, save_model
 from training.optim import adamw, cosine_lr
 
 
-@dataclass
-class DistillConfig:
+class TrainingSettings(LossSettings):
+    """The loss (inherited: divergence, β, α, tail policy, τ, NLL weight), the objective and the
+    optimizer: shared by offline_student, student_checkpoint, the embedded models and the command."""
+
+    objective: Literal["sft", "supervised_kd"] = Field(
+        "supervised_kd", description="'sft': the sequence's tokens as hard targets (SeqKD on teacher data); "
+        "'supervised_kd': the divergence to the stored top-k"
+    )
+    k: Optional[int] = Field(None, ge=1, description="train on the first k of the stored top-k; empty: all")
+    steps: int = Field(400, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(2e-3, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    seed: int = 0
+    mix: float = Field(0.0, ge=0, le=1, description="λ: the share of steps whose batch is sampled by the student "
+                       "(rollouts); 0 is supervised KD, 1 fully on-policy. Only rounds have rollouts")
+
+    def loss(self) -> LossSettings:
+        """The loss this training minimizes: the divergence settings, or NLL alone for `sft`."""
+        if self.objective == "sft":
+            return LossSettings(divergence="none", nll_weight=1.0)
+        return LossSettings(**self.model_dump(include=set(LossSettings.model_fields)))
+
+
+class DistillConfig(TrainingSettings):
+    """The plain command's run.json: the training settings, and what to train on and where to write."""
+
     student: str  # checkpoint directory or hub id
     data: list[str]  # Parquet files with the sparse teacher signal
     output: str  # where the trained checkpoint and curve.json go
-    objective: str = "supervised_kd"  # sft | supervised_kd
-    divergence: str = "jsd"
-    beta: float = 0.5
-    alpha: float = 0.1
-    tail_policy: str = "renormalize"
-    temperature: float = 1.0
-    nll_weight: float = 0.0
-    k: int | None = None  # use the first k of the stored top-k; None: all
-    steps: int = 300
-    batch_size: int = 32
-    lr: float = 1e-3
-    warmup_steps: int = 20
-    weight_decay: float = 0.01
-    seed: int = 0
-    teacher_vocab_size: int | None = None
-    rollouts: list[str] = field(default_factory=list)  # Parquet files of teacher-scored student samples
-    mix: float = 0.0  # λ: probability that a step's batch comes from `rollouts`
-    extra: dict = field(default_factory=dict)
+    teacher_vocab_size: Optional[int] = None
+    rollouts: list[str] = []  # Parquet files of teacher-scored student samples
 
-    def __post_init__(self):
-        if not 0.0 <= self.mix <= 1.0:
-            raise ValueError(f"mix λ must be in [0, 1], got {self.mix}")
+    @model_validator(mode="after")
+    def _rollouts_for_mix(self):
         if self.mix > 0 and not self.rollouts:
             raise ValueError(f"mix λ={self.mix} draws batches from rollouts, but none are given: pass `rollouts` or set mix 0")
-
-    def loss_objective(self) -> Objective:
-        if self.objective == "sft":
-            return Objective(divergence="none", nll_weight=1.0)
-        if self.objective == "supervised_kd":
-            return Objective(self.divergence, self.beta, self.alpha, self.tail_policy, self.temperature, self.nll_weight)
-        raise ValueError(f"unknown objective {self.objective!r}: use 'sft' or 'supervised_kd'")
+        return self
 
 
 def check_compatible(table: pa.Table, student_vocab_size: int, teacher_vocab_size: int | None, k: int | None) -> None:
@@ -98,50 +102,56 @@ def batches(table: pa.Table, batch_size: int, generator: torch.Generator):
             yield table.take(pa.array(order[start : start + batch_size].numpy()))
 
 
-def train_student(model, tokenizer, table: pa.Table, config: DistillConfig, on_step=None,
-                  rollouts: pa.Table | Iterator[pa.Table] | None = None) -> list[dict]:
-    """Trains `model` in place on `table`, and with probability config.mix per step on a batch of
-    `rollouts`; returns the curve. A non-finite loss stops with an error.
+def train_student(model, tokenizer, data: pa.Table | Iterator[pa.Table], settings: TrainingSettings, on_step=None,
+                  rollouts: pa.Table | Iterator[pa.Table] | None = None, teacher_vocab_size: int | None = None) -> list[dict]:
+    """Trains `model` in place: each step a batch of `data`, or with probability λ = settings.mix a
+    batch of `rollouts`; returns the curve. One loop for SFT (`objective: sft`, rows without a
+    signal are fine) and KD. A non-finite loss stops with an error.
 
-    `rollouts` is either a table of stored, teacher-scored student samples (a round's
-    `teacher_feedback`, drawn like `table`), or an iterator that yields one fresh scored batch each
-    time an on-policy step asks for it: GKD's online form, where the batch is sampled from the student
-    as it is at that step. Stored tables are checked before training, fresh batches as they come."""
-    objective = config.loss_objective()
-    check_compatible(table, model.config.vocab_size, config.teacher_vocab_size, config.k)
-    temperature = float(table["temperature"][0].as_py())
+    `data` and `rollouts` are each either a table, drawn in shuffled batches (stored rows: a
+    curated dataset, a round's `teacher_feedback`), or an iterator that yields one fresh batch each
+    time a step asks for it: GKD's online form, where an on-policy batch is sampled from the
+    student as it is at that step. Tables are checked before training, fresh batches as they come."""
+    objective = settings.loss()
+    vocab_size = model.config.vocab_size
 
     def checked(rows: pa.Table, kind: str) -> pa.Table:
-        check_compatible(rows, model.config.vocab_size, config.teacher_vocab_size, config.k)
-        if (found := float(rows["temperature"][0].as_py())) != temperature:
-            raise ValueError(f"{kind} rollouts store the teacher at temperature {found}, fixed data at {temperature}: score them alike")
+        if "topk_ids" in rows.column_names:
+            check_compatible(rows, vocab_size, teacher_vocab_size, settings.k)
+            if (found := float(rows["temperature"][0].as_py())) != temperature:
+                raise ValueError(f"{kind} rows store the teacher at temperature {found}, the fixed data at {temperature}: score them alike")
         return rows
 
-    if config.mix > 0 and rollouts is None:
-        raise ValueError(f"mix λ={config.mix} needs rollouts")
-    torch.manual_seed(config.seed)
-    streams = {"fixed": batches(table, config.batch_size, torch.Generator().manual_seed(config.seed))}
-    if isinstance(rollouts, pa.Table):
-        streams["on_policy"] = batches(checked(rollouts, "stored"), config.batch_size, torch.Generator().manual_seed(config.seed + 1))
-    elif rollouts is not None:
-        streams["on_policy"] = (checked(rows, "fresh") for rows in rollouts)
-    coin = torch.Generator().manual_seed(config.seed + len(streams))
-    optimizer = adamw(model, config.lr, config.weight_decay)
+    def stream(rows: pa.Table | Iterator[pa.Table], kind: str, seed: int) -> Iterator[pa.Table]:
+        if isinstance(rows, pa.Table):
+            return batches(checked(rows, kind), settings.batch_size, torch.Generator().manual_seed(seed))
+        return (checked(batch, kind) for batch in rows)
+
+    if settings.mix > 0 and rollouts is None:
+        raise ValueError(f"mix λ={settings.mix} needs rollouts")
+    torch.manual_seed(settings.seed)
+    first = data if isinstance(data, pa.Table) else None
+    temperature = float(first["temperature"][0].as_py()) if first is not None and "temperature" in first.column_names else objective.temperature
+    streams = {"fixed": stream(data, "fixed", settings.seed)}
+    if rollouts is not None:
+        streams["on_policy"] = stream(rollouts, "on-policy", settings.seed + 1)
+    coin = torch.Generator().manual_seed(settings.seed + len(streams))
+    optimizer = adamw(model, settings.learning_rate, settings.weight_decay)
     curve, started = [], time.perf_counter()
-    for step in range(config.steps):
-        on_policy = config.mix > 0 and torch.rand(1, generator=coin).item() < config.mix
+    for step in range(settings.steps):
+        on_policy = settings.mix > 0 and torch.rand(1, generator=coin).item() < settings.mix
         source = "on_policy" if on_policy else "fixed"
         rows = next(streams[source])  # a fresh batch is sampled here, with the model in eval mode
         model.train()
-        batch = sparse_batch(rows, tokenizer.pad_token_id, config.k)
-        lr = cosine_lr(step, config.steps, config.lr, config.warmup_steps)
+        batch = sparse_batch(rows, tokenizer.pad_token_id, settings.k)
+        lr = cosine_lr(step, settings.steps, settings.learning_rate, settings.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         loss, parts = sparse_kd_loss(logits, batch, objective, temperature)
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"loss is {loss.item()} at step {step} ({parts}); lower lr (now {lr:.2e}). No checkpoint was written."
+                f"loss is {loss.item()} at step {step} ({parts}); lower learning_rate (now {lr:.2e}). No checkpoint was written."
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -157,6 +167,13 @@ def train_student(model, tokenizer, table: pa.Table, config: DistillConfig, on_s
     return curve
 
 
+def rollout_reuse(curve: list[dict], batch_size: int, stored_rollouts: int) -> float:
+    """How many times a stored round drew each rollout on average: on-policy steps × batch / rollouts.
+    GKD samples every on-policy batch fresh (reuse 1); far above it, training is only loosely on-policy."""
+    on_policy_steps = sum(c["source"] == "on_policy" for c in curve)
+    return round(on_policy_steps * batch_size / max(1, stored_rollouts), 2)
+
+
 def run(config: DistillConfig) -> list[dict]:
     model, tokenizer = load_model(config.student)
     table = pa.concat_tables([pq.read_table(path) for path in config.data])
@@ -166,11 +183,11 @@ def run(config: DistillConfig) -> list[dict]:
         if step % 50 == 0:
             print(f"step {step}/{config.steps} loss {loss:.4f}", flush=True)
 
-    curve = train_student(model, tokenizer, table, config, log_progress, rollouts)
+    curve = train_student(model, tokenizer, table, config, log_progress, rollouts, config.teacher_vocab_size)
     output = Path(config.output)
     save_model(model, tokenizer, output)
     (output / "curve.json").write_text(json.dumps(curve))
-    (output / "distill_config.json").write_text(json.dumps(asdict(config), indent=2))
+    (output / "distill_config.json").write_text(config.model_dump_json(indent=2))
     return curve
 
 
@@ -178,7 +195,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="JSON file with DistillConfig fields")
     args = parser.parse_args()
-    run(DistillConfig(**json.loads(Path(args.config).read_text())))
+    run(DistillConfig.model_validate_json(Path(args.config).read_text()))
 
 
 if __name__ == "__main__":

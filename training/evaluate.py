@@ -1,60 +1,67 @@
-"""Evaluation: exact match (greedy and sampled) and the teacher–student divergence on the
-student's own samples."""
+"""Evaluation: exact match (greedy and sampled) under the task's verifier, and the teacher–student
+divergence on the student's own samples; one path for every model and every asset."""
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from training.engines.base import SamplingParams
+from training.batches import completion_positions
+from training.engines.base import Generation, SamplingParams
 from training.engines.hf import HFEngine
-from training.kd import Objective, dense_kd_loss, sparse_positions
-from training.tasks.arithmetic import Problem, verify, verify_column
+from training.kd import LossSettings, dense_kd_loss
+from training.models import load_model
+from training.tasks import Task
+
+EVAL_BATCH_SIZE = 256
+
+
+def _share_correct(generations: list[Generation], answers: pa.Array, task: Task) -> float | None:
+    """The share of verified completions; None when no prompt has a reference answer."""
+    correct = task.verify(pa.array([g.text for g in generations], pa.string()), answers)
+    return pc.mean(pc.cast(correct, pa.float64())).as_py()
+
+
+def exact_match(model, tokenizer, prompts: pa.Table, task: Task, temperature: float = 0.0, seed: int = 0,
+                max_new_tokens: int = 96) -> float | None:
+    """Share of `prompts` (prompt, answer) whose completion the task verifies (greedy at T = 0)."""
+    engine = HFEngine(model, tokenizer, batch_size=EVAL_BATCH_SIZE)
+    prompt_ids = tokenizer(prompts["prompt"].to_pylist(), add_special_tokens=True)["input_ids"]
+    generations = engine.generate(prompt_ids, SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed))
+    return _share_correct(generations, prompts["answer"], task)
 
 
 @torch.no_grad()
-def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 256) -> list[str]:
-    model.eval()
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
-        generated = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        out += tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    return out
-
-
-def exact_match(model, tokenizer, problems: list[Problem], max_new_tokens: int = 96) -> float:
-    """Share of problems whose greedy completion ends in `#### <the right answer>`."""
-    completions = greedy_completions(model, tokenizer, [p.prompt for p in problems], max_new_tokens)
-    return sum(verify(c, p.answer) for c, p in zip(completions, problems)) / len(problems)
-
-
-@torch.no_grad()
-def evaluate(student, tokenizer, prompts: list[str], answers: list[str], teacher=None, seed: int = 0,
+def evaluate(student, tokenizer, prompts: pa.Table, task: Task, teacher=None, seed: int = 0,
              max_new_tokens: int = 96) -> dict[str, float]:
     """greedy_exact_match, sampled_exact_match (temperature 1), and, given a teacher, the mean
     per-token reverse KL(q‖p) of teacher p and student q on the student's own samples."""
-    engine = HFEngine(student, tokenizer, batch_size=256)
-    prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
-    answer_column = pa.array(answers, pa.string())
+    engine = HFEngine(student, tokenizer, batch_size=EVAL_BATCH_SIZE)
+    prompt_ids = tokenizer(prompts["prompt"].to_pylist(), add_special_tokens=True)["input_ids"]
     metrics = {}
     for name, temperature in [("greedy_exact_match", 0.0), ("sampled_exact_match", 1.0)]:
         generations = engine.generate(prompt_ids, SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed))
-        correct = verify_column(pa.array([g.text for g in generations], pa.string()), answer_column)
-        metrics[name] = pc.mean(pc.cast(correct, pa.float64())).as_py()
+        metrics[name] = _share_correct(generations, prompts["answer"], task)
     if teacher is not None:
-        rows = pa.table({
-            "prompt_token_ids": pa.array(prompt_ids, pa.list_(pa.int32())),
-            "completion_token_ids": pa.array([g.completion_ids for g in generations], pa.list_(pa.int32())),
-        })
-        input_ids, attention_mask, rows_index, positions, targets = sparse_positions(rows, tokenizer.pad_token_id)
+        input_ids, attention_mask, rows, positions, targets = completion_positions(
+            pa.array(prompt_ids, pa.list_(pa.int32())), pa.array([g.completion_ids for g in generations], pa.list_(pa.int32())),
+            tokenizer.pad_token_id,
+        )
         student_logits = student(input_ids=input_ids, attention_mask=attention_mask).logits
         teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits
-        _, parts = dense_kd_loss(student_logits, teacher_logits, rows_index, positions, targets, Objective("reverse_kl"))
+        _, parts = dense_kd_loss(student_logits, teacher_logits, rows, positions, targets, LossSettings(divergence="reverse_kl"))
         metrics["reverse_kl_on_student_samples"] = parts["divergence"]
     return metrics
+
+
+def evaluate_checkpoints(cards: dict[str, dict], teacher_card: dict, prompts: pa.Table, task: Task, seed: int = 0,
+                         log=print) -> dict[str, dict[str, float]]:
+    """`evaluate` for each named model card; every model but the teacher itself also gets its
+    reverse KL to the teacher on its own samples. Returns name → metrics."""
+    teacher, _ = load_model(teacher_card["path"], teacher_card.get("revision"))
+    results = {}
+    for name, card in cards.items():
+        is_teacher = card["weights_hash"] == teacher_card["weights_hash"]
+        model, tokenizer = load_model(card["path"], card.get("revision"))
+        results[name] = evaluate(model, tokenizer, prompts, task, None if is_teacher else teacher, seed)
+        log(f"{name}: {results[name]}")
+    return results

@@ -4,17 +4,27 @@
                                      (Self-Instruct), or one seed to rewrite harder (Evol-Instruct)
     synthesis   x ~ p_T(x | I ⊕ m)   m meta-information: a topic or skill (UltraChat, Phi)
 
-`write_inputs` samples the teacher's continuations and parses each into an input: its first line,
-stripped, or what the task's validator accepts when the task has one. Outputs that do not parse
-are counted and dropped. The kept inputs are then labeled like any prompt (`training.labeling.label`).
+`write_inputs` samples the teacher's continuations; `written_prompts` keeps those the task accepts
+as inputs (`Task.written_input`: for the embedded task a well-formed problem, with its reference
+answer computed; otherwise the first line). Outputs that do not parse are counted and dropped. The
+kept inputs are then labeled like any prompt (`training.labeling.label_table`).
 """
 
+import dataclasses
 import random
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
 
 from training.engines.base import Engine, SamplingParams
 from training.labeling import sample
+from training.tables import with_content_id
+
+if TYPE_CHECKING:
+    from training.tasks import Task
+
+ORIGIN = {"expand": "expanded", "evolve": "evolved", "synthesize": "synthesized"}  # the `origin` of a written row
 
 
 @dataclass(frozen=True)
@@ -32,26 +42,27 @@ class Templates:
         return self.expand.format(demonstrations=shown, next_index=len(demonstrations) + 1)
 
 
-TEMPLATES = {
-    # the instruction language the embedded teacher is trained on (training.tasks.arithmetic_instructions)
-    "embedded": Templates(
-        expand="[expand] {demonstrations} >", demonstration="{prompt};", evolve="[evolve] {seed} >", synthesize="[{topic}] >"
+# for instruction-following teachers: Self-Instruct's task-generation prompt, Evol-Instruct's in-depth
+# rewriting prompt, and an UltraChat-style question prompt for a topic (a task may bring its own)
+SELF_INSTRUCT = Templates(
+    expand="Come up with a series of tasks:\n{demonstrations}Task {next_index}:",
+    demonstration="Task {index}: {prompt}\n",
+    evolve=(
+        "I want you to act as a Prompt Rewriter. Your objective is to rewrite a given prompt into a more "
+        "complex version that famous AI systems find harder to handle, but that humans still understand and "
+        "can answer. Add one more constraint or requirement, or increase the reasoning steps it needs. The "
+        "rewritten prompt must be self-contained and should not add more than 20 words.\n"
+        "#The Given Prompt#:\n{seed}\n#Rewritten Prompt#:\n"
     ),
-    # for instruction-following teachers: Self-Instruct's task-generation prompt, Evol-Instruct's
-    # in-depth rewriting prompt, and an UltraChat-style question prompt for a topic
-    "self_instruct": Templates(
-        expand="Come up with a series of tasks:\n{demonstrations}Task {next_index}:",
-        demonstration="Task {index}: {prompt}\n",
-        evolve=(
-            "I want you to act as a Prompt Rewriter. Your objective is to rewrite a given prompt into a more "
-            "complex version that famous AI systems find harder to handle, but that humans still understand and "
-            "can answer. Add one more constraint or requirement, or increase the reasoning steps it needs. The "
-            "rewritten prompt must be self-contained and should not add more than 20 words.\n"
-            "#The Given Prompt#:\n{seed}\n#Rewritten Prompt#:\n"
-        ),
-        synthesize="Write one new, self-contained question about {topic}. Write only the question.\nQuestion:",
-    ),
-}
+    synthesize="Write one new, self-contained question about {topic}. Write only the question.\nQuestion:",
+)
+
+
+def templates_for(task: "Task", preset: str, **overrides: str | None) -> Templates:
+    """The instruction templates: the task's own (`preset` "task") or Self-Instruct's, with any
+    configured template in place of the preset's."""
+    base = task.templates if preset == "task" else SELF_INSTRUCT
+    return dataclasses.replace(base, **{name: text for name, text in overrides.items() if text is not None})
 
 
 @dataclass
@@ -93,11 +104,8 @@ def first_line(text: str) -> str | None:
     return lines[0] if lines and lines[0] else None
 
 
-def write_inputs(
-    engine: Engine, instructions: list[Instruction], sampling: SamplingParams, parse: Callable[[str], str | None] = first_line
-) -> list[str | None]:
-    """The teacher writes one input per instruction; `parse` maps its output to an input, or to None
-    when the output is not one (counted by the caller and dropped)."""
+def write_inputs(engine: Engine, instructions: list[Instruction], sampling: SamplingParams) -> list[str]:
+    """The teacher's raw output for each instruction, one sample each."""
     if sampling.n != 1:
         raise ValueError("write one input per instruction (n=1); ask for more instructions instead")
     if not instructions:
@@ -108,4 +116,29 @@ def write_inputs(
             f"{too_long} instructions do not fit the teacher's context with max_new_tokens={sampling.max_new_tokens}: "
             "use fewer demonstrations or shorter templates"
         )
-    return [parse(text) for text in written["completion"].to_pylist()]
+    return written["completion"].to_pylist()
+
+
+def written_prompts(instructions: list[Instruction], outputs: list[str], seeds: list[str], task: "Task") -> tuple[pa.Table, dict]:
+    """The valid inputs among the teacher's outputs, as a prompt table (prompt_id, prompt, answer,
+    origin, instruction, instruction_index, parent_prompts, topic; `task.written_input` decides
+    validity and the reference answer), and the report: instructions, unparsed outputs, and how
+    well the outputs follow their instructions."""
+    parsed = [task.written_input(text) for text in outputs]
+    kept = [i for i, found in enumerate(parsed) if found is not None]
+    if not kept:
+        raise ValueError(f"none of the teacher's {len(instructions)} outputs is a valid input: check the templates and the teacher")
+    prompts = pa.table({
+        "prompt": pa.array([parsed[i][0] for i in kept], pa.string()),
+        "answer": pa.array([parsed[i][1] for i in kept], pa.string()),
+        "origin": pa.array([ORIGIN[instructions[i].operator] for i in kept], pa.string()),
+        "instruction": pa.array([instructions[i].text for i in kept], pa.string()),
+        "instruction_index": pa.array(kept, pa.int32()),
+        "parent_prompts": pa.array([[seeds[p] for p in instructions[i].parents] for i in kept], pa.list_(pa.string())),
+        "topic": pa.array([instructions[i].topic for i in kept], pa.string()),
+    })
+    written = [found[0] if found else None for found in parsed]
+    report = {"instructions": len(instructions), "unparsed_outputs": len(instructions) - len(kept),
+              **task.following_report(instructions, written, seeds)}
+    prompts = with_content_id(prompts, "prompt_id", ["prompt"])
+    return prompts.select(["prompt_id", *prompts.column_names[:-1]]), report

@@ -8,12 +8,14 @@ loss = (1/N) Σ_i D(p_i ‖ q_i)  (+ w_nll · (1/N) Σ_i −log q_i(y_i) when mi
 """
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
+from pydantic import BaseModel, Field, model_validator
 
+from training.batches import completion_positions, flat_values
 from training.divergences import divergence, sparse_supports
 
 
@@ -24,70 +26,27 @@ class SparseBatch:
     rows: torch.Tensor  # (N,) sequence of each completion token
     positions: torch.Tensor  # (N,) logits position that predicts it
     targets: torch.Tensor  # (N,) the completion token
-    topk_ids: torch.Tensor  # (N, k)
-    topk_logprobs: torch.Tensor  # (N, k), at the stored temperature
-    tail_mass: torch.Tensor  # (N,)
-
-
-def _flat(column: pa.ChunkedArray | pa.Array, depth: int) -> np.ndarray:
-    for _ in range(depth):
-        column = pc.list_flatten(column)
-    return column.to_numpy(zero_copy_only=False)
-
-
-def _lengths(column) -> np.ndarray:
-    return pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
-
-
-def _ranks(lengths: np.ndarray) -> np.ndarray:
-    """0, 1, …, n_b − 1 for every b, concatenated."""
-    return np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-
-
-def sparse_positions(rows: pa.Table, pad_token_id: int):
-    """(input_ids, attention_mask, rows, positions, targets) for prompt ⊕ completion sequences.
-
-    input_ids are right-padded (B, L); completion token i of sequence b is predicted by the logits
-    at (b, prompt_length_b + i − 1). Built with array indexing, no loop over rows or tokens.
-    """
-    prompt_lengths = _lengths(rows["prompt_token_ids"])
-    completion_lengths = _lengths(rows["completion_token_ids"])
-    lengths = prompt_lengths + completion_lengths
-    batch = len(lengths)
-    row_of_token = torch.from_numpy(np.repeat(np.arange(batch), lengths))
-    column_of_token = _ranks(lengths)
-    is_prompt = torch.from_numpy(column_of_token < np.repeat(prompt_lengths, lengths))
-    values = torch.empty(int(lengths.sum()), dtype=torch.long)
-    values[is_prompt] = torch.from_numpy(_flat(rows["prompt_token_ids"], 1).astype(np.int64))
-    targets = torch.from_numpy(_flat(rows["completion_token_ids"], 1).astype(np.int64))
-    values[~is_prompt] = targets
-    input_ids = torch.full((batch, int(lengths.max())), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    column = torch.from_numpy(column_of_token)
-    input_ids[row_of_token, column] = values
-    attention_mask[row_of_token, column] = 1
-    completion_rows = torch.from_numpy(np.repeat(np.arange(batch), completion_lengths))
-    positions = torch.from_numpy(np.repeat(prompt_lengths, completion_lengths) + _ranks(completion_lengths) - 1)
-    return input_ids, attention_mask, completion_rows, positions, targets
+    topk_ids: torch.Tensor | None  # (N, k); None for rows without a teacher signal (SFT data)
+    topk_logprobs: torch.Tensor | None  # (N, k), at the stored temperature
+    tail_mass: torch.Tensor | None  # (N,)
 
 
 def sparse_batch(rows: pa.Table, pad_token_id: int, k: int | None = None) -> SparseBatch:
-    """Tensors for a slice of a teacher-signal table (teacher_labeled, curated, teacher_feedback).
+    """Tensors for a slice of a token table: prompt_token_ids and completion_token_ids, and the
+    teacher signal when the table has it (teacher_labeled, curated, teacher_feedback).
 
     `k` keeps the first k of the stored top-k (they are sorted); the rest joins the tail mass.
     """
-    input_ids, attention_mask, completion_rows, positions, targets = sparse_positions(rows, pad_token_id)
+    tensors = completion_positions(rows["prompt_token_ids"], rows["completion_token_ids"], pad_token_id)
+    if "topk_ids" not in rows.column_names:
+        return SparseBatch(*tensors, topk_ids=None, topk_logprobs=None, tail_mass=None)
     stored_k = int(rows["k"][0].as_py())
     keep = k or stored_k
-    topk_ids = _flat(rows["topk_ids"], 2).reshape(-1, stored_k)
-    topk_logprobs = _flat(rows["topk_logprobs"], 2).astype(np.float32).reshape(-1, stored_k)
-    tail = _flat(rows["tail_mass"], 1).astype(np.float32) + np.exp(topk_logprobs[:, keep:]).sum(-1)
+    topk_ids = flat_values(rows["topk_ids"], 2).reshape(-1, stored_k)
+    topk_logprobs = flat_values(rows["topk_logprobs"], 2).astype(np.float32).reshape(-1, stored_k)
+    tail = flat_values(rows["tail_mass"], 1).astype(np.float32) + np.exp(topk_logprobs[:, keep:]).sum(-1)
     return SparseBatch(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        rows=completion_rows,
-        positions=positions,
-        targets=targets,
+        *tensors,
         topk_ids=torch.from_numpy(topk_ids[:, :keep].astype(np.int64)),
         topk_logprobs=torch.from_numpy(np.ascontiguousarray(topk_logprobs[:, :keep])),
         tail_mass=torch.from_numpy(np.clip(tail, 0.0, 1.0)),
@@ -104,32 +63,32 @@ def nll(log_q: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -log_q.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-@dataclass(frozen=True)
-class Objective:
-    """What the student minimizes per completion token, averaged over the batch's tokens."""
+class LossSettings(BaseModel):
+    """What the student minimizes per completion token, averaged over the batch's completion tokens:
+    D(p‖q) of teacher p and student q, both at log_softmax(logits / τ), plus w_nll · NLL."""
 
-    divergence: str = "jsd"  # forward_kl | reverse_kl | jsd | tv | skew_kl | skew_reverse_kl | none (pure NLL)
-    beta: float = 0.5
-    alpha: float = 0.1
-    tail_policy: str = "renormalize"  # renormalize | bucket
-    temperature: float = 1.0  # τ of the loss: both distributions at log_softmax(logits / τ)
-    nll_weight: float = 0.0
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tv", "skew_kl", "skew_reverse_kl", "none"] = Field(
+        "jsd", description="'none' trains on NLL alone (set nll_weight > 0)"
+    )
+    beta: float = Field(0.5, ge=0, le=1, description="JSD mixture weight: 0 is forward KL, 1 reverse KL")
+    alpha: float = Field(0.1, gt=0, lt=1, description="skew of the skew KLs")
+    tail_policy: Literal["renormalize", "bucket"] = Field(
+        "renormalize", description="the mass outside the stored top-k: renormalize both over the top-k, or a (k+1)-th bucket"
+    )
+    temperature: float = Field(1.0, gt=0, description="loss temperature τ, applied to teacher and student alike")
+    nll_weight: float = Field(0.0, ge=0, description="weight of NLL on the sequence's tokens, added to the divergence")
 
-    def __post_init__(self):
-        if not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"β must be in [0, 1], got {self.beta}")
-        if not 0.0 < self.alpha < 1.0:
-            raise ValueError(f"α must be in (0, 1), got {self.alpha}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+    @model_validator(mode="after")
+    def _something_to_minimize(self):
         if self.divergence == "none" and self.nll_weight <= 0:
             raise ValueError("divergence 'none' trains on NLL alone: set nll_weight > 0")
+        return self
 
 
 CHUNK_ELEMENTS = 2**22  # positions per chunk × vocab: ~16 MB per float32 temporary
 
 
-def _sparse_sums(selected_logits, targets, topk_ids, teacher_logprobs, tail_mass, objective: Objective):
+def _sparse_sums(selected_logits, targets, topk_ids, teacher_logprobs, tail_mass, objective: LossSettings):
     """(Σ divergence, Σ nll) over some positions, from their (n, V) student logits."""
     log_q = torch.log_softmax(selected_logits.float() / objective.temperature, dim=-1)
     nll_sum = nll(log_q, targets).sum()
@@ -158,8 +117,8 @@ class _ChunkedSparseLoss(torch.autograd.Function):
             piece = slice(start, start + chunk)
             with torch.enable_grad():
                 selected = logits[rows[piece], positions[piece]].detach().requires_grad_(grad is not None)
-                chunk_sums = _sparse_sums(selected, targets[piece], topk_ids[piece], teacher_logprobs[piece],
-                                          tail_mass[piece], objective)
+                signal = [t[piece] if t is not None else None for t in (topk_ids, teacher_logprobs, tail_mass)]
+                chunk_sums = _sparse_sums(selected, targets[piece], *signal, objective)
                 if grad is not None:
                     (chunk_grad,) = torch.autograd.grad((chunk_sums * weights).sum() / n, selected)
                     grad.index_put_((rows[piece], positions[piece]), chunk_grad.to(grad.dtype), accumulate=True)
@@ -175,7 +134,7 @@ class _ChunkedSparseLoss(torch.autograd.Function):
         return grad.mul_(grad_loss), None, None, None, None, None, None, None, None
 
 
-def sparse_kd_loss(student_logits: torch.Tensor, batch: SparseBatch, objective: Objective, stored_temperature: float):
+def sparse_kd_loss(student_logits: torch.Tensor, batch: SparseBatch, objective: LossSettings, stored_temperature: float):
     """Mean over completion tokens of D(p‖q) on the stored top-k signal (+ weighted NLL).
 
     The stored teacher log-probs are at `stored_temperature`; at loss temperature τ they are
@@ -184,7 +143,9 @@ def sparse_kd_loss(student_logits: torch.Tensor, batch: SparseBatch, objective: 
     Returns (loss, {"divergence": …, "nll": …}).
     """
     teacher_logprobs = batch.topk_logprobs
-    if objective.temperature != stored_temperature:
+    if objective.divergence != "none" and teacher_logprobs is None:
+        raise ValueError(f"divergence {objective.divergence!r} needs the teacher's signal, and these rows have none")
+    if objective.divergence != "none" and objective.temperature != stored_temperature:
         if objective.tail_policy == "bucket":
             raise ValueError(
                 f"the bucket tail policy needs the loss temperature ({objective.temperature}) to equal the "
@@ -202,7 +163,7 @@ def sparse_kd_loss(student_logits: torch.Tensor, batch: SparseBatch, objective: 
     return loss, parts
 
 
-def dense_kd_loss(student_logits, teacher_logits, rows, positions, targets, objective: Objective):
+def dense_kd_loss(student_logits, teacher_logits, rows, positions, targets, objective: LossSettings):
     """The same objective with the teacher's full logits in the loop (no top-k, no tail)."""
     log_q = student_logprobs_at(student_logits, rows, positions, objective.temperature)
     parts = {"nll": nll(log_q, targets).mean()}

@@ -4,13 +4,43 @@ Generation and scoring are separate engine calls, so the stored logprobs are alw
 distribution at `signal_temperature`, whatever temperature or top_p sampled the response.
 """
 
+import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, model_validator
 
 from training.engines.base import Engine, SamplingParams
-from training.signal import CODEC, LOGPROB_MODE, signal_columns, signal_statistics
+from training.signal import CODEC, LOGPROB_MODE, SignalSettings, signal_columns, signal_statistics
+from training.tables import join_prompts, with_constants, with_content_id
+
+if TYPE_CHECKING:
+    from training.tasks import Task
+
+
+class LabelingSettings(SignalSettings):
+    """How the teacher answers prompts (and, inherited, what of its distribution is stored)."""
+
+    n: int = Field(1, ge=1, description="responses per prompt")
+    temperature: float = Field(0.0, ge=0, description="sampling temperature of the responses; 0 is greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(96, ge=1, description="the longest embedded solution is ~75 tokens")
+    seed: int = 0
+    overlong_prompts: Literal["drop", "truncate"] = Field(
+        "drop", description="prompts that leave no room for max_new_tokens: drop them, or keep their last tokens"
+    )
+
+    @model_validator(mode="after")
+    def _samples_differ(self):
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError(f"n={self.n} greedy responses would all be the same: set temperature > 0 or n = 1")
+        return self
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.n, self.temperature, self.top_p, self.max_new_tokens, self.seed)
 
 
 @dataclass
@@ -98,3 +128,39 @@ def label(
     for name, column in columns.items():
         table = table.append_column(name, column)
     return Labeled(table, dropped, truncated, statistics)
+
+
+def label_table(engine: Engine, prompts: pa.Table, settings: LabelingSettings, card: dict, task: "Task", run_id: str,
+                id_columns: tuple = ()) -> tuple[pa.Table, dict]:
+    """Teacher responses to `prompts` (prompt_id, prompt, answer, and any extra columns, carried onto
+    each response) with the sparse signal, the task's verdict (`correct`) and the teacher's identity;
+    returns (table, metrics). `sample_id` hashes the prompt, the response, the teacher, the sampling
+    and `id_columns`."""
+    sampling = settings.sampling()
+    labeled = label(engine, prompts["prompt"].to_pylist(), sampling, settings.k, settings.signal_temperature,
+                    settings.overlong_prompts, settings.logprob_type())
+    table = join_prompts(labeled.table, prompts.drop_columns([c for c in ("task", "source", "run_id") if c in prompts.column_names]))
+    table = table.append_column("correct", task.verify(table["completion"], table["answer"]))
+    table = with_constants(
+        table, teacher=card["name"], teacher_revision=card.get("revision"), teacher_weights_hash=card["weights_hash"],
+        tokenizer_hash=card["tokenizer_hash"], sampling=json.dumps(sampling.__dict__, sort_keys=True), run_id=run_id,
+    )
+    identity = ["prompt_id", "sample_index", "completion_token_ids", "teacher_weights_hash", "sampling", *id_columns]
+    table = with_content_id(table, "sample_id", identity)
+    correct = table["correct"].drop_null()
+    metrics = {
+        **labeled.statistics,
+        "responses": table.num_rows,
+        "dropped_overlong_prompts": labeled.dropped_overlong,
+        "truncated_overlong_prompts": labeled.truncated_overlong,
+        "teacher_accuracy": pc.mean(pc.cast(correct, pa.float64())).as_py() if len(correct) else None,
+        "stopped_share": finished_share(table),
+        "engine": engine.backend,
+        "cache_hit_rate": getattr(engine, "hit_rate", None),
+    }
+    return table, metrics
+
+
+def finished_share(table: pa.Table) -> float | None:
+    """The share of completions that ended with <eos> (finish_reason 'stop') rather than the length limit."""
+    return pc.mean(pc.cast(pc.equal(table["finish_reason"], "stop"), pa.float64())).as_py()

@@ -14,8 +14,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from training.tokenizer import build_char_tokenizer, chat_template_hash, tokenizer_hash
 
-EMBEDDED = "embedded"
-
 
 @dataclass(frozen=True)
 class Architecture:

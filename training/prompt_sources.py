@@ -1,4 +1,4 @@
-"""Prompts from the embedded task, local files, or any `datasets.load_dataset` source, as Arrow.
+"""Prompts from the task's generator, local files, or any `datasets.load_dataset` source, as Arrow.
 
 Rows whose prompt is missing, not a string, or blank are dropped and counted, never fatal.
 """
@@ -9,14 +9,10 @@ import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from training.tasks.arithmetic import problems
+from training.tables import with_constants, with_content_id
+from training.tasks import Task
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-def embedded_prompts(split: str, n: int, seed: int) -> pa.Table:
-    chosen = problems(split, n, seed)
-    return pa.table({"prompt": [p.prompt for p in chosen], "answer": [str(p.answer) for p in chosen]})
 
 
 def _file_builder(files: list[str]) -> str:
@@ -65,3 +61,19 @@ def select_prompts(table: pa.Table, prompt_column: str, answer_column: str | Non
         selected["answer"] = pc.cast(table.column(answer_column), pa.string())
     kept = pa.table(selected).filter(usable)
     return kept.slice(0, limit), table.num_rows - kept.num_rows
+
+
+def prompt_table(task: Task, source: str, split: str, num_prompts: int, seed: int, files: list[str], dataset: str | None,
+                 subset: str | None, prompt_column: str, answer_column: str | None, run_id: str) -> tuple[pa.Table, int]:
+    """The prompt table of a source (prompt_id, prompt, answer, task, source, run_id), at most
+    `num_prompts` rows; `embedded` generates them with the task. Returns (table, rows dropped)."""
+    if source == "embedded":
+        table, dropped = task.prompts(split, num_prompts, seed), 0
+    else:
+        table, dropped = select_prompts(load_source(source, split, files, dataset, subset), prompt_column, answer_column, num_prompts)
+    if table.num_rows == 0:
+        raise ValueError(f"the prompt source has no usable prompts ({dropped} rows dropped as empty or non-string)")
+    if "answer" not in table.column_names:
+        table = table.append_column("answer", pa.nulls(table.num_rows, pa.string()))
+    table = with_constants(with_content_id(table, "prompt_id", ["prompt"]), task=task.name, source=source, run_id=run_id)
+    return table.select(["prompt_id", "prompt", "answer", "task", "source", "run_id"]), dropped

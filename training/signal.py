@@ -13,14 +13,29 @@ Codec `topk-v1`; a sampled, importance-weighted codec would get a new codec name
 """
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from pydantic import BaseModel, Field
 
 CODEC = "topk-v1"
 LOGPROB_MODE = "raw"
+
+
+class SignalSettings(BaseModel):
+    """What of the teacher's distribution is stored per token (teacher_labeled, teacher_feedback)."""
+
+    k: int = Field(20, ge=1, description="top-k teacher logprobs stored per token")
+    signal_temperature: float = Field(
+        1.0, gt=0, description="temperature of the stored distribution, log_softmax(logits / T); 1 is raw"
+    )
+    logprob_dtype: Literal["float32", "float16"] = "float32"
+
+    def logprob_type(self) -> pa.DataType:
+        return pa.float16() if self.logprob_dtype == "float16" else pa.float32()
 
 
 @dataclass
@@ -111,7 +126,6 @@ def signal_statistics(signals: list[SparseSignal]) -> dict[str, float]:
         "mean_tail_mass": float(np.concatenate([s.tail_mass for s in signals]).mean()),
         "mean_token_logprob": float(np.concatenate([s.token_logprob for s in signals]).mean()),
     }
-
 
 
 def _flatten(column: pa.ChunkedArray, depth: int) -> np.ndarray:

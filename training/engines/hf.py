@@ -1,8 +1,10 @@
 """The in-process transformers engine: batched `generate` and teacher-forced `score`."""
 
 import numpy as np
+import pyarrow as pa
 import torch
 
+from training.batches import completion_positions, left_padded, list_lengths
 from training.engines.base import Generation, SamplingParams
 from training.models import load_model
 from training.signal import SparseSignal, topk_signal
@@ -23,17 +25,6 @@ class HFEngine:
         model, tokenizer = load_model(name_or_path, revision, trust_remote_code)
         return cls(model, tokenizer, **kwargs)
 
-    def pad_batch(self, rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask) with pads on the left (generation) or right (scoring)."""
-        length = max(len(r) for r in rows)
-        ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):
-            span = slice(length - len(row), length) if side == "left" else slice(0, len(row))
-            ids[i, span] = torch.tensor(row, dtype=torch.long)
-            mask[i, span] = 1
-        return ids.to(self.device), mask.to(self.device)
-
     def check_signal(self, k: int, temperature: float) -> None:
         """The full logits are here: any k up to the vocabulary and any temperature."""
 
@@ -42,7 +33,7 @@ class HFEngine:
         eos = self.tokenizer.eos_token_id
         out = []
         for batch_no, start in enumerate(range(0, len(prompt_ids), self.batch_size)):
-            ids, mask = self.pad_batch(prompt_ids[start : start + self.batch_size], side="left")
+            ids, mask = (t.to(self.device) for t in left_padded(prompt_ids[start : start + self.batch_size], self.tokenizer.pad_token_id))
             torch.manual_seed(params.seed * 1_000_003 + batch_no)
             sampled = params.temperature > 0
             generated_out = self.model.generate(
@@ -95,22 +86,12 @@ class HFEngine:
     ) -> list[SparseSignal]:
         signals = []
         for start in range(0, len(prompt_ids), self.batch_size):
-            prompts = prompt_ids[start : start + self.batch_size]
-            completions = completion_ids[start : start + self.batch_size]
-            ids, mask = self.pad_batch([p + c for p, c in zip(prompts, completions)], side="right")
-            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-            prompt_lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-            completion_lengths = torch.tensor([len(c) for c in completions])
-            position = torch.arange(logits.shape[1], device=self.device)
-            # logits at position t predict token t+1: completion tokens are predicted from P−1 … P+C−2
-            predicts_completion = (position >= prompt_lengths[:, None] - 1) & (
-                position < (prompt_lengths + completion_lengths.to(self.device))[:, None] - 1
-            )
-            topk_ids, topk_logprobs, token_logprob, tail_mass = topk_signal(
-                logits[predicts_completion], ids[:, 1:][predicts_completion], k, temperature
-            )
-            parts = [t.cpu().numpy() for t in (topk_ids, topk_logprobs, token_logprob, tail_mass)]
-            splits = completion_lengths.cumsum(0)[:-1].numpy()
-            for pieces in zip(*(np.split(part, splits) for part in parts)):
-                signals.append(SparseSignal(*pieces))
+            prompts = pa.array(prompt_ids[start : start + self.batch_size], pa.list_(pa.int64()))
+            completions = pa.array(completion_ids[start : start + self.batch_size], pa.list_(pa.int64()))
+            ids, mask, rows, positions, targets = completion_positions(prompts, completions, self.tokenizer.pad_token_id)
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            signal = topk_signal(logits[rows, positions], targets.to(self.device), k, temperature)
+            parts = [t.cpu().numpy() for t in signal]
+            splits = np.cumsum(list_lengths(completions))[:-1]
+            signals += [SparseSignal(*pieces) for pieces in zip(*(np.split(part, splits) for part in parts))]
         return signals

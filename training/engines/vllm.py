@@ -86,7 +86,7 @@ class VLLMEngine:
         check_raw_temperature(temperature)
         if k > self.max_logprobs:
             raise ValueError(
-                f"k={k} is above this vLLM engine's max_logprobs={self.max_logprobs}: raise the teacher_engine's "
+                f"k={k} is above this vLLM engine's max_logprobs={self.max_logprobs}: raise the model_engine's "
                 f"max_logprobs to at least {k}, or lower k"
             )
 

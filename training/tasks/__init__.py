@@ -1,1 +1,62 @@
-"""Embedded tasks: seeded generators of (prompt, answer) problems with exact verifiers."""
+"""Tasks: what "correct" means for a set of prompts, and what the teacher may write for it.
+
+A `Task` is chosen by name: the `task` setting of `seed_prompts` and `eval_set`, stored in their
+`task` column, so that every asset downstream reads it from its data. `get_task(name)` returns it.
+
+    arithmetic   the embedded task: worked multi-digit arithmetic, `#### <number>`, exact verifier,
+                 and the embedded teacher's instruction language for writing new problems
+    none         prompts without a verifier (free-form questions): `correct` stays null
+
+A new task is one module with a class that implements `Task`, and one line in `TASKS`.
+"""
+
+from typing import Protocol
+
+import pyarrow as pa
+
+from training.expansion import Instruction, Templates
+
+
+class Task(Protocol):
+    name: str
+    templates: Templates  # how instructions to write new inputs are phrased (`templates: task`)
+
+    def prompts(self, split: str, n: int, seed: int) -> pa.Table:
+        """`n` generated (prompt, answer) rows of `split` ("train" or "eval"); tasks without a
+        generator raise, naming the settings that load prompts from files or datasets."""
+
+    def verify(self, completions: pa.Array, answers: pa.Array) -> pa.Array:
+        """Per row: is the completion's final answer the reference answer? Null without a reference."""
+
+    def written_input(self, text: str) -> tuple[str, str | None] | None:
+        """The input a teacher output states and its reference answer (None when the task cannot
+        compute one), or None when the output is not a valid input of this task."""
+
+    def can_evolve(self, prompt: str) -> bool:
+        """Whether a seed prompt has a harder variant (Evol-Instruct)."""
+
+    def default_topics(self) -> dict[str, float]:
+        """Topic → weight for synthesis when none are configured; empty when the task has none."""
+
+    def following_report(self, instructions: list[Instruction], written: list[str | None], seeds: list[str]) -> dict:
+        """Shares of written inputs that do what their instruction asked (empty when unknowable)."""
+
+
+from training.tasks.arithmetic_task import ArithmeticTask  # noqa: E402 (they implement Task, above)
+from training.tasks.no_reference import NoReferenceTask  # noqa: E402
+
+TASKS: dict[str, type] = {"arithmetic": ArithmeticTask, "none": NoReferenceTask}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}: use one of {sorted(TASKS)}")
+    return TASKS[name]()
+
+
+def task_of(table: pa.Table) -> Task:
+    """The task of a prompt table (seed_prompts, eval_set), from its `task` column."""
+    names = table["task"].unique().drop_null().to_pylist() if "task" in table.column_names else []
+    if len(names) != 1:
+        raise ValueError(f"the prompts name tasks {names}, not one: re-materialize seed_prompts and eval_set with one `task`")
+    return get_task(names[0])

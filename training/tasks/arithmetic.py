@@ -8,7 +8,7 @@ right, one step per digit, GSM8K-style chain of thought made synthetic and exact
     a last carry gets a step of its own, so the answer is a copy of the last digits
     47*8=      →   7*8=56+0=6c5|6;4*8=32+5=7c3|76;c3|376;#### 376   (the product is written first)
 
-The final answer follows `####`, as in GSM8K; `verify` compares only that number.
+The final answer follows `####`, as in GSM8K; `verify_column` compares only that number.
 
 Splits are decided by a hash of the problem text, so train and eval are disjoint by construction
 and every seeded stream is reproducible.
@@ -92,19 +92,14 @@ class Problem:
         return ";".join(steps) + f";#### {self.answer}"
 
 
-def verify(completion: str, answer: int) -> bool:
-    """Exact match on the final answer: the first `#### N` in the completion equals `answer`."""
-    found = extract_answer(completion)
-    return found is not None and found == answer
-
-
 def extract_answer(completion: str) -> int | None:
     match = ANSWER_RE.search(completion)
     return int(match.group("answer")) if match else None
 
 
 def verify_column(completions: pa.Array, answers: pa.Array) -> pa.Array:
-    """`verify` over Arrow columns: null where there is no integer reference answer."""
+    """Exact match on the final answer, per row: the first `#### N` in the completion equals the
+    reference; null where there is no integer reference answer."""
     found = pc.struct_field(pc.extract_regex(completions, ANSWER_RE.pattern), "answer")
     is_integer = pc.fill_null(pc.match_substring_regex(answers, r"^-?\d+$"), False)
     reference = pc.cast(pc.if_else(is_integer, answers, None), pa.int64())

@@ -12,11 +12,11 @@ parses an output, `follows` says whether it does what the instruction asked.
 
 import random
 
-from training.expansion import TEMPLATES
+from training.expansion import Templates
 from training.tasks.arithmetic import ArithmeticConfig, Problem, is_eval, parse_prompt, problems, sample_problem
 
 OPERATIONS = {"+": "add", "-": "sub", "*": "mul"}
-LANGUAGE = TEMPLATES["embedded"]
+LANGUAGE = Templates(expand="[expand] {demonstrations} >", demonstration="{prompt};", evolve="[evolve] {seed} >", synthesize="[{topic}] >")
 
 
 def topic(problem: Problem) -> str:

@@ -1,4 +1,4 @@
-"""The Parquet store under DISTILL_HOME: datasets, model checkpoints, and their cards.
+"""The Parquet store under DISTILL_HOME: datasets, model checkpoints, their cards, lineage and evals.
 
 Layout:
     data/<dataset>/[round=<key>/]part-0.parquet   zstd Parquet, one file per (dataset, partition)
@@ -21,9 +21,12 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-import duckdb
+from datetime import datetime, timezone
+
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from storage.lineage import LINEAGE_SCHEMA, file_version
 
 DEFAULT_HOME = ".distill"
 
@@ -66,11 +69,23 @@ class Store:
             raise FileNotFoundError(f"dataset {name!r}{where} has not been materialized yet ({path} is missing)")
         return pq.read_table(path, columns=columns)
 
+    def dataset_version(self, name: str, partition: str | None = None) -> str:
+        """The data version of a materialized dataset: sha256 of its Parquet bytes."""
+        return file_version(self.dataset_path(name, partition))
+
     def append_lineage(self, row: dict) -> Path:
         """One lineage row per materialization, in its own file: re-runs add rows, never replace them."""
         suffix = f"-{row['partition']}" if row.get("partition") else ""
         file_name = f"part-{row['run_id']}-{row['asset']}{suffix}.parquet"
         return self.write_dataset("lineage", pa.Table.from_pylist([row], schema=LINEAGE_SCHEMA), file_name=file_name)
+
+    def append_evals(self, rows: list[dict], run_id: str, round_key: str | None) -> Path:
+        """Eval rows (model, checkpoint, split, metric, value), stamped with the round and the run, in
+        a file of their own: every run adds rows."""
+        stamp = {"round": round_key, "run_id": run_id, "created_at": datetime.now(timezone.utc)}
+        table = pa.Table.from_pylist([{**row, **stamp} for row in rows], schema=EVALS_SCHEMA)
+        suffix = f"-{round_key}" if round_key else ""
+        return self.write_dataset("evals", table, file_name=f"part-{run_id}{suffix}.parquet")
 
     def save_model(self, name: str, card: dict, save, partition: str | None = None) -> dict:
         """Saves a checkpoint by content (save(directory) writes it) and makes it `name`'s current card
@@ -129,29 +144,15 @@ class Store:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-LINEAGE_SCHEMA = pa.schema(
+EVALS_SCHEMA = pa.schema(
     [
-        ("asset", pa.string()),
-        ("partition", pa.string()),
+        ("model", pa.string()),
+        ("checkpoint", pa.string()),
+        ("split", pa.string()),
+        ("metric", pa.string()),
+        ("value", pa.float64()),
+        ("round", pa.string()),
         ("run_id", pa.string()),
-        ("parent_round", pa.string()),
-        ("input_versions", pa.string()),  # JSON: input name → data version / hash
-        ("config_hash", pa.string()),
-        ("code_version", pa.string()),
-        ("metrics", pa.string()),  # JSON
         ("created_at", pa.timestamp("us", tz="UTC")),
     ]
 )
-
-
-def with_content_id(table: pa.Table, name: str, columns: list[str]) -> pa.Table:
-    """Adds `name` = the first 16 hex digits of sha256 over `columns` (as JSON), computed in DuckDB."""
-    parts = ", ".join(f"to_json({duckdb_identifier(c)})::VARCHAR" for c in columns)
-    with duckdb.connect() as connection:
-        connection.register("source_rows", table)
-        ids = connection.sql(f"SELECT substr(sha256(concat_ws('|', {parts})), 1, 16) AS id FROM source_rows")
-        return table.append_column(name, ids.to_arrow_table().column("id"))
-
-
-def duckdb_identifier(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'

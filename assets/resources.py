@@ -1,4 +1,5 @@
-"""Resources: the model engine and the store, configurable in the UI and in `definitions.py`."""
+"""Resources: the model engine (which backend runs a model) and the store (where data lives),
+configurable in the UI launchpad and in `pipelines/definitions.py`."""
 
 from pathlib import Path
 from typing import Literal, Optional
@@ -6,7 +7,7 @@ from typing import Literal, Optional
 import dagster as dg
 from pydantic import Field
 
-from pipelines.store import Store
+from storage.store import Store
 from training.engines.cache import CachedEngine, TeacherCache
 from training.engines.hf import HFEngine
 from training.models import load_tokenizer
@@ -14,9 +15,9 @@ from training.models import load_tokenizer
 _resident_vllm: dict[tuple, object] = {}  # at most one started offline vLLM engine per process, by its settings
 
 
-class TeacherEngine(dg.ConfigurableResource):
+class ModelEngine(dg.ConfigurableResource):
     """Which backend runs a model card's checkpoint: the teacher's (labeling, scoring) or a student's
-    (rollouts). Assets call `load(card)` and use the `Engine` interface only, so switching the backend
+    (rollouts, their logprobs). Assets call `load(card)` and use the `Engine` interface only, so switching the backend
     here changes no asset, and the stored datasets are the same."""
 
     backend: Literal["hf", "vllm", "openai"] = Field(
@@ -108,10 +109,7 @@ def close_vllm_engines() -> None:
     _resident_vllm.clear()
 
 
-class DistillStore(dg.ConfigurableResource):
-    """Where datasets, checkpoints and the catalog live; empty means $DISTILL_HOME or ./.distill."""
-
-    home: str = Field("", description="data root; empty: $DISTILL_HOME, else ./.distill")
-
-    def open(self) -> Store:
-        return Store(self.home or None)
+@dg.resource(config_schema={"home": dg.Field(str, default_value="", description="data root; empty: $DISTILL_HOME, else ./.distill")})
+def store_resource(context: dg.InitResourceContext) -> Store:
+    """Where datasets, checkpoints and the catalog live; assets receive the `Store` itself."""
+    return Store(context.resource_config["home"] or None)

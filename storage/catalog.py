@@ -15,7 +15,8 @@ from pathlib import Path
 
 import duckdb
 
-from pipelines.store import Store, duckdb_identifier
+from storage.store import Store
+from training.tables import duckdb_identifier
 
 
 @contextmanager

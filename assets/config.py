@@ -1,0 +1,166 @@
+"""Run configuration of the assets, as Dagster `Config`: editable in the UI launchpad.
+
+A setting that `training/` also uses is declared there once (labeling, signal, curation, loss and
+optimizer) and inherited here, so the launchpad and the plain commands share its defaults and
+checks. Every field has a default, so the embedded demo needs no configuration. Out-of-range values
+fail when the run starts, before any model is loaded.
+"""
+
+from typing import Literal, Optional
+
+import dagster as dg
+from pydantic import Field, model_validator
+
+from training.curation import CurationSettings
+from training.distill import TrainingSettings
+from training.labeling import LabelingSettings
+from training.signal import SignalSettings
+
+EMBEDDED = "embedded"
+
+
+class ModelConfig(dg.Config):
+    """A model: the embedded one (trained here with SFT on the task), or a configured one (recorded)."""
+
+    model: str = Field(
+        EMBEDDED,
+        description="'embedded' builds the tiny arithmetic model; anything else is a hub id or a local "
+        "directory, loaded with from_pretrained and recorded, not trained",
+    )
+    revision: Optional[str] = Field(None, description="hub revision (branch, tag or commit) of `model`")
+    trust_remote_code: bool = Field(False, description="let from_pretrained run code shipped with the model")
+    seed: int = 0
+    learning_rate: float = Field(3e-3, gt=0, description="embedded: SFT learning rate")
+    eval_problems: int = Field(500, ge=1, description="embedded: eval-split problems for the exact-match figure")
+
+
+class TeacherModelConfig(ModelConfig):
+    train_steps: int = Field(700, ge=1, description="embedded: SFT steps")
+    batch_size: int = Field(80, ge=1)
+    instruction_share: float = Field(
+        0.2, ge=0, lt=1, description="embedded: share of each batch in the instruction language (writing new problems)"
+    )
+
+
+class StudentModelConfig(ModelConfig):
+    train_steps: int = Field(550, ge=1, description="embedded: SFT warm-start steps, landing the student between 20% and 60% exact match")
+    batch_size: int = Field(64, ge=1)
+    instruction_share: float = Field(0.0, ge=0, lt=1, description="embedded: the student only solves")
+
+
+class PromptSourceConfig(dg.Config):
+    source: Literal["embedded", "files", "datasets"] = Field(
+        "embedded",
+        description="'embedded': the task's generator; 'files': local jsonl/json/parquet/csv `files`; "
+        "'datasets': datasets.load_dataset(`dataset`, `subset`, split=`split`)",
+    )
+    task: str = Field(
+        "arithmetic",
+        description="what 'correct' means for these prompts (training/tasks): 'arithmetic' (the embedded task) "
+        "or 'none' (no verifier); stored on every row, read by every asset downstream",
+    )
+    num_prompts: int = Field(512, ge=1, description="prompts to generate (embedded) or the most to keep")
+    seed: int = 0
+    files: list[str] = Field([], description="local files for source 'files' (one format)")
+    dataset: Optional[str] = Field(None, description="dataset path or hub id for source 'datasets'")
+    subset: Optional[str] = Field(None, description="dataset configuration name")
+    split: str = "train"
+    prompt_column: str = "prompt"
+    answer_column: Optional[str] = Field(None, description="column with the reference answer, if any")
+
+    @model_validator(mode="after")
+    def _source_has_input(self):
+        if self.source == "files" and not self.files:
+            raise ValueError("source 'files' needs `files`: a list of local .jsonl/.json/.parquet/.csv paths")
+        if self.source == "datasets" and not self.dataset:
+            raise ValueError("source 'datasets' needs `dataset`: a path or hub id for datasets.load_dataset")
+        return self
+
+
+class SeedPromptsConfig(PromptSourceConfig):
+    """The inputs the teacher labels; embedded: the arithmetic train split."""
+
+    num_prompts: int = Field(2048, ge=1, description="prompts to generate (embedded) or the most to keep")
+
+
+class EvalSetConfig(PromptSourceConfig):
+    """Held-out problems; embedded: the arithmetic eval split, disjoint from train by construction."""
+
+    num_prompts: int = Field(500, ge=1, description="problems to generate (embedded) or the most to keep")
+    split: str = "test"
+
+
+class TeacherLabeledConfig(LabelingSettings, dg.Config):
+    """The teacher answers every seed prompt (n responses each) and its top-k signal is stored."""
+
+
+class WritingConfig(LabelingSettings, dg.Config):
+    """How the teacher writes new inputs; they are then labeled like seed prompts."""
+
+    templates: Literal["task", "self_instruct"] = Field(
+        "task",
+        description="'task': the task's own instruction templates (for the embedded task, the tiny teacher's "
+        "instruction language); 'self_instruct': Self-Instruct, Evol-Instruct and UltraChat-style prompts for "
+        "instruction-following teachers",
+    )
+    write_temperature: float = Field(1.0, ge=0, description="sampling temperature of the written inputs")
+    write_max_new_tokens: int = Field(24, ge=1, description="the longest input the teacher may write")
+
+
+class ExpandedConfig(WritingConfig):
+    num_expanded: int = Field(512, ge=0, description="Self-Instruct requests, each with `demonstrations` seeds")
+    demonstrations: int = Field(3, ge=1)
+    num_evolved: int = Field(256, ge=0, description="seeds rewritten into a harder variant (Evol-Instruct)")
+    expand_template: Optional[str] = Field(None, description="overrides the preset; has {demonstrations} and {next_index}")
+    demonstration_template: Optional[str] = Field(None, description="overrides the preset; has {index} and {prompt}")
+    evolve_template: Optional[str] = Field(None, description="overrides the preset; has {seed}")
+
+
+class SynthesizedConfig(WritingConfig):
+    num_synthesized: int = Field(512, ge=1, description="inputs to write from topics")
+    topics: dict[str, float] = Field({}, description="topic or skill → weight; empty: the task's own topics (the embedded task: every (op, digits, carries) equally)")
+    synthesize_template: Optional[str] = Field(None, description="overrides the preset; has {topic}")
+
+    @model_validator(mode="after")
+    def _weights_positive(self):
+        bad = {t: w for t, w in self.topics.items() if not w > 0}
+        if bad:
+            raise ValueError(f"topic weights must be > 0: {bad}")
+        return self
+
+
+class CuratedConfig(CurationSettings, dg.Config):
+    """Filters over labeled, expanded, evolved and synthesized rows, then a selection (see training/curation.py)."""
+
+
+class OfflineStudentConfig(TrainingSettings, dg.Config):
+    """Offline distillation on the stored teacher signal (SeqKD or supervised KD); `mix` must stay 0."""
+
+
+class StudentCheckpointConfig(TrainingSettings, dg.Config):
+    """GKD from the parent checkpoint: a share λ (`mix`) of the batches from this round's scored
+    rollouts. A round trains shorter and gentler than offline_student, so these defaults differ."""
+
+    mix: float = Field(0.5, ge=0, le=1, description="λ: share of batches from this round's rollouts; the rest from curated")
+    steps: int = Field(150, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+
+
+class EvalsConfig(dg.Config):
+    seed: int = Field(0, description="seed of the sampled exact match and the student samples")
+
+
+class StudentRolloutsConfig(dg.Config):
+    """The current student's own samples on prompts drawn from the training data, seeded by round."""
+
+    num_prompts: int = Field(768, ge=1, description="distinct prompts drawn from curated (else teacher_labeled) per round; with n, enough that student_checkpoint draws each rollout about 1.5 times (rollout_reuse)")
+    n: int = Field(2, ge=1, description="samples per prompt")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature; GKD samples at 1")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(96, ge=1)
+    seed: int = Field(0, description="combined with the round number: each round draws other prompts and samples")
+
+
+class TeacherFeedbackConfig(SignalSettings, dg.Config):
+    """What of the teacher's distribution is stored on every rollout token."""

@@ -1,0 +1,74 @@
+"""What `offline_student` and `student_checkpoint` share: which dataset a student trains on, and one
+function that distills a student by the plain command and saves it by content."""
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import dagster as dg
+import matplotlib.pyplot as plt
+import pyarrow.parquet as pq
+
+from assets.publish import png_markdown
+from storage.store import Store
+from training.distill import DistillConfig, TrainingSettings, check_compatible
+from training.models import load_model, model_card
+
+
+def training_dataset_name(store: Store) -> str:
+    """`curated` when it has been built, else `teacher_labeled`."""
+    return "curated" if store.dataset_path("curated").exists() else "teacher_labeled"
+
+
+def _launch_distill(context: dg.AssetExecutionContext, run: DistillConfig, work: Path) -> list[dict]:
+    """Runs `python -m training.distill --config run.json` as a subprocess (the plain command a
+    multi-GPU launcher would start instead), logs its output, and fails with its stderr. Returns the
+    training curve."""
+    config_path = work / "run.json"
+    config_path.write_text(run.model_dump_json())
+    done = subprocess.run([sys.executable, "-m", "training.distill", "--config", config_path], capture_output=True, text=True)
+    for line in done.stdout.splitlines():
+        context.log.info(line)
+    if done.returncode != 0:
+        raise RuntimeError(f"training.distill failed:\n{done.stderr[-3000:]}")
+    return json.loads((Path(run.output) / "curve.json").read_text())
+
+
+def distill_and_save(context: dg.AssetExecutionContext, store: Store, name: str, settings: TrainingSettings, start: dict,
+                     teacher: dict, data: list[Path], rollouts: list[Path] = (), card: dict | None = None,
+                     partition: str | None = None) -> tuple[dict, list[dict]]:
+    """Distills the student `start` (a model card) on `data` (and `rollouts`, drawn with probability
+    `settings.mix`) by the plain command, and saves the whole output (weights, tokenizer, curve.json,
+    distill_config.json) by content as model `name` (a round's checkpoint with `partition`), its card
+    extended by `card`. Bad input stops before anything is launched. Returns (card, curve)."""
+    for path in [*data, *rollouts]:
+        check_compatible(pq.read_table(path, columns=["sample_id", "k", "topk_ids"]), start["vocab_size"], teacher["vocab_size"], settings.k)
+    with tempfile.TemporaryDirectory(dir=store.root) as work:
+        run = DistillConfig(
+            **settings.model_dump(), student=start["path"], data=[str(p) for p in data], rollouts=[str(p) for p in rollouts],
+            output=f"{work}/checkpoint", teacher_vocab_size=teacher["vocab_size"],
+        )
+        curve = _launch_distill(context, run, Path(work))
+        model, tokenizer = load_model(run.output)
+        saved = store.save_model(name, {**model_card(name, model, tokenizer), **(card or {})},
+                                 lambda directory: shutil.copytree(run.output, directory), partition=partition)
+    return saved, curve
+
+
+def curve_metrics(curve: list[dict]) -> dict:
+    """The headline figures of a training curve."""
+    seconds, tokens = curve[-1]["seconds"], sum(c["completion_tokens"] for c in curve)
+    return {
+        "final_loss": curve[-1]["loss"], "steps": len(curve), "train_seconds": round(seconds, 1),
+        "completion_tokens": tokens, "completion_tokens_per_second": round(tokens / seconds),
+    }
+
+
+def loss_curve(curve: list[dict], title: str) -> dg.MetadataValue:
+    figure, axis = plt.subplots(figsize=(6, 3))
+    axis.plot([c["step"] for c in curve], [c["loss"] for c in curve])
+    axis.set(xlabel="step", ylabel="loss", yscale="log", title=title)
+    return png_markdown(figure, "loss")

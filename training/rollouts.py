@@ -1,0 +1,93 @@
+"""On-policy rollouts (GKD): the student samples, the teacher scores the student's own tokens.
+
+The student q samples y ~ q(· | x) on prompts drawn from the training data. The teacher p scores
+every sampled token into the sparse signal (top-k, the token's logprob, tail mass), and the student
+scores the same tokens, so that per sequence
+
+    log_ratio_sum = Σ_t [log q(y_t | x, y_<t) − log p(y_t | x, y_<t)]
+
+is a one-sample Monte-Carlo estimate of the sequence-level reverse KL(q‖p) (its mean over samples
+converges to it, since y ~ q). Both sides are at the signal temperature (1, the raw model, by default).
+"""
+
+import json
+from typing import TYPE_CHECKING
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from training.engines.base import Engine, SamplingParams
+from training.labeling import finished_share, sample, score
+from training.signal import SignalSettings
+from training.tables import join_prompts, with_constants, with_content_id
+
+if TYPE_CHECKING:
+    from training.tasks import Task
+
+
+def draw_prompts(table: pa.Table, n: int, seed: str) -> pa.Table:
+    """n distinct prompts (prompt_id, prompt, answer), ordered by sha256(prompt_id ‖ seed)."""
+    with duckdb.connect() as connection:
+        connection.register("source_rows", table)
+        return connection.sql(
+            "SELECT prompt_id, any_value(prompt) AS prompt, any_value(answer) AS answer FROM source_rows "
+            "GROUP BY prompt_id ORDER BY sha256(prompt_id || ?) LIMIT ?",
+            params=[seed, n],
+        ).to_arrow_table()
+
+
+def sample_rollouts(student: Engine, prompts: pa.Table, sampling: SamplingParams, identity: dict) -> tuple[pa.Table, dict]:
+    """n samples per prompt from the student, with the prompt columns and `identity` (student,
+    weights and tokenizer hashes, round, run) stamped on every row; returns (table, metrics)."""
+    samples, dropped, _ = sample(student, prompts["prompt"].to_pylist(), sampling, "drop")
+    table = with_constants(join_prompts(samples, prompts), **identity, sampling=json.dumps(sampling.__dict__, sort_keys=True))
+    table = with_content_id(table, "sample_id", ["prompt_id", "sample_index", "completion_token_ids", "student_weights_hash", "sampling"])
+    metrics = {
+        "prompts": prompts.num_rows, "rollouts": table.num_rows, "dropped_overlong_prompts": dropped,
+        "mean_tokens": pc.mean(table["num_tokens"]).as_py(), "stopped_share": finished_share(table),
+    }
+    return table, metrics
+
+
+def sequence_sums(per_token: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Σ over each list of a list<float> column, vectorized (empty lists sum to 0)."""
+    per_token = per_token.combine_chunks() if isinstance(per_token, pa.ChunkedArray) else per_token
+    lengths = pc.list_value_length(per_token).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = pc.list_flatten(per_token).to_numpy(zero_copy_only=False).astype(np.float64)
+    running = np.concatenate([[0.0], np.cumsum(values)])
+    ends = np.cumsum(lengths)
+    return pa.array(running[ends] - running[ends - lengths], pa.float64())
+
+
+def score_rollouts(teacher: Engine, student: Engine, rollouts: pa.Table, settings: SignalSettings) -> tuple[dict[str, pa.Array], dict]:
+    """The teacher's sparse signal on every rollout token, the student's logprob of each token, and
+    the per-sequence log-ratio sum. Returns (columns, statistics)."""
+    k, temperature = settings.k, settings.signal_temperature
+    if k > len(teacher.tokenizer):
+        raise ValueError(f"k={k} is larger than the teacher's vocabulary ({len(teacher.tokenizer)} tokens); lower k")
+    columns, statistics = score(teacher, rollouts, k, temperature, settings.logprob_type())
+    student_columns, _ = score(student, rollouts, 1, temperature)  # q at the same temperature as p
+    student_logprob = student_columns["token_logprob"]
+    log_ratio = pc.subtract(pc.list_flatten(student_logprob), pc.list_flatten(columns["token_logprob"]))
+    per_token_ratio = pa.ListArray.from_arrays(student_logprob.offsets, log_ratio)
+    columns["student_token_logprob"] = student_logprob
+    columns["log_ratio_sum"] = sequence_sums(per_token_ratio)
+    tokens = max(1, len(log_ratio))
+    statistics["reverse_kl_per_token"] = float(pc.sum(log_ratio).as_py() or 0.0) / tokens
+    return columns, statistics
+
+
+def feedback_table(teacher: Engine, student: Engine, rollouts: pa.Table, settings: SignalSettings, teacher_card: dict,
+                   task: "Task") -> tuple[pa.Table, dict]:
+    """The rollouts with the teacher's feedback: the signal columns of `score_rollouts`, the task's
+    `reward` (null without a reference answer) and the teacher's identity; returns (table, metrics)."""
+    columns, statistics = score_rollouts(teacher, student, rollouts, settings)
+    reward = pc.cast(task.verify(rollouts["completion"], rollouts["answer"]), pa.float64())
+    table = rollouts
+    for name, column in {**columns, "reward": reward}.items():
+        table = table.append_column(name, column)
+    table = with_constants(table, teacher=teacher_card["name"], teacher_weights_hash=teacher_card["weights_hash"])
+    metrics = {**statistics, "mean_reward": pc.mean(reward).as_py(), "mean_log_ratio_sum": pc.mean(table["log_ratio_sum"]).as_py()}
+    return table, metrics

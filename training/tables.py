@@ -1,0 +1,36 @@
+"""Arrow table building shared by labeling, expansion, rollouts and feedback: content-hash ids,
+constant columns, and carrying prompt columns onto the rows generated from them."""
+
+import duckdb
+import pyarrow as pa
+
+
+def with_content_id(table: pa.Table, name: str, columns: list[str]) -> pa.Table:
+    """Adds `name` = the first 16 hex digits of sha256 over `columns` (as JSON), computed in DuckDB."""
+    parts = ", ".join(f"to_json({duckdb_identifier(c)})::VARCHAR" for c in columns)
+    with duckdb.connect() as connection:
+        connection.register("source_rows", table)
+        ids = connection.sql(f"SELECT substr(sha256(concat_ws('|', {parts})), 1, 16) AS id FROM source_rows")
+        return table.append_column(name, ids.to_arrow_table().column("id"))
+
+
+def with_constants(table: pa.Table, **values) -> pa.Table:
+    """Appends one column per keyword, the same value on every row (a string unless it is an
+    Arrow scalar): the identity stamps of a table (model, hashes, sampling, round, run)."""
+    for name, value in values.items():
+        scalar = value if isinstance(value, pa.Scalar) else pa.scalar(value, pa.string())
+        table = table.append_column(name, pa.repeat(scalar, table.num_rows))
+    return table
+
+
+def join_prompts(generated: pa.Table, prompts: pa.Table) -> pa.Table:
+    """The prompt columns of `prompts` (row `prompt_index` of each generated row), then the generated
+    columns but `prompt_index`."""
+    prompt_rows = prompts.take(generated["prompt_index"])
+    columns = {name: prompt_rows[name] for name in prompt_rows.column_names}
+    columns.update({name: generated[name] for name in generated.column_names if name != "prompt_index"})
+    return pa.table(columns)
+
+
+def duckdb_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'

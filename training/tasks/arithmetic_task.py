@@ -1,0 +1,52 @@
+"""The `arithmetic` task: the problems and verifier of `arithmetic.py` with the instruction language
+of `arithmetic_instructions.py`, behind the `Task` seam."""
+
+import pyarrow as pa
+
+from training.expansion import Instruction
+from training.tasks.arithmetic import ArithmeticConfig, parse_prompt, problems, verify_column
+from training.tasks.arithmetic_instructions import LANGUAGE, all_topics, can_evolve, following_report, written_problem
+
+
+class ArithmeticTask:
+    name = "arithmetic"
+    templates = LANGUAGE
+
+    def __init__(self, config: ArithmeticConfig = ArithmeticConfig()):
+        self.config = config
+
+    def prompts(self, split: str, n: int, seed: int) -> pa.Table:
+        chosen = problems(split, n, seed, self.config)
+        return pa.table({"prompt": [p.prompt for p in chosen], "answer": [str(p.answer) for p in chosen]})
+
+    def verify(self, completions: pa.Array, answers: pa.Array) -> pa.Array:
+        return verify_column(completions, answers)
+
+    def written_input(self, text: str) -> tuple[str, str | None] | None:
+        problem = written_problem(text, self.config)
+        return (problem.prompt, str(problem.answer)) if problem else None
+
+    def can_evolve(self, prompt: str) -> bool:
+        problem = parse_prompt(prompt)
+        return problem is not None and can_evolve(problem, self.config)
+
+    def default_topics(self) -> dict[str, float]:
+        return {topic: 1.0 for topic in all_topics(self.config)}
+
+    def following_report(self, instructions: list[Instruction], written: list[str | None], seeds: list[str]) -> dict:
+        """Per operator: the share of valid problems and of problems that follow the instruction."""
+        report = {}
+        for operator in sorted({i.operator for i in instructions}):
+            rows = [r for r, i in enumerate(instructions) if i.operator == operator]
+            requested = [self._requested(instructions[r], seeds) for r in rows]
+            report.update(following_report(operator, requested, [written[r] for r in rows]))
+        return report
+
+    @staticmethod
+    def _requested(instruction: Instruction, seeds: list[str]):
+        """What an instruction asked for: the demonstrations, the seed, or the topic."""
+        if instruction.operator == "expand":
+            return [parse_prompt(seeds[p]) for p in instruction.parents]
+        if instruction.operator == "evolve":
+            return parse_prompt(seeds[instruction.parents[0]])
+        return instruction.topic
