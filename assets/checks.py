@@ -2,10 +2,9 @@
 eval/train disjointness, and the curated dataset's guarantees."""
 
 import dagster as dg
-import duckdb
 
 from storage.store import Store
-from training.curation import normalized, origin_counts
+from training.curation import duplicate_rows, origin_counts, shared_prompts
 from training.embedded import TARGET_EXACT_MATCH
 from training.models import load_tokenizer
 from training.signal import signal_violations
@@ -35,21 +34,14 @@ def curated_signal_valid(store: dg.ResourceParam[Store]) -> dg.AssetCheckResult:
 @dg.asset_check(asset="curated", additional_deps=["eval_set"], blocking=True)
 def no_eval_items(store: dg.ResourceParam[Store]) -> dg.AssetCheckResult:
     """No curated prompt is an eval prompt (normalized: trimmed, lower case, single spaces)."""
-    with duckdb.connect() as connection:
-        connection.register("curated_rows", store.read_dataset("curated", columns=["prompt"]))
-        connection.register("eval_rows", store.read_dataset("eval_set", columns=["prompt"]))
-        shared = connection.sql(f"SELECT prompt FROM curated_rows WHERE {normalized('prompt')} IN "
-                                f"(SELECT {normalized('prompt')} FROM eval_rows)").to_arrow_table()["prompt"].to_pylist()
+    shared = shared_prompts(store.read_dataset("curated", columns=["prompt"]), store.read_dataset("eval_set", columns=["prompt"]))
     return dg.AssetCheckResult(passed=not shared, metadata={"shared_with_eval": len(shared), "examples": shared[:5]})
 
 
 @dg.asset_check(asset="curated", blocking=True)
 def no_duplicate_text(store: dg.ResourceParam[Store]) -> dg.AssetCheckResult:
     """No two curated rows have the same normalized prompt and response."""
-    with duckdb.connect() as connection:
-        connection.register("curated_rows", store.read_dataset("curated", columns=["prompt", "completion"]))
-        duplicates = connection.sql(f"SELECT count(*) - count(DISTINCT ({normalized('prompt')}, completion)) "
-                                    "FROM curated_rows").fetchall()[0][0]
+    duplicates = duplicate_rows(store.read_dataset("curated", columns=["prompt", "completion"]))
     return dg.AssetCheckResult(passed=duplicates == 0, metadata={"duplicates": duplicates})
 
 
@@ -125,13 +117,9 @@ def vocab_compatible(store: dg.ResourceParam[Store]) -> dg.AssetCheckResult:
 @dg.asset_check(asset="eval_set", additional_deps=["seed_prompts"], blocking=True)
 def eval_disjoint_from_train(store: dg.ResourceParam[Store]) -> dg.AssetCheckResult:
     """No eval prompt appears among the seed prompts (normalized as curation does)."""
-    with duckdb.connect() as connection:
-        connection.register("eval_rows", store.read_dataset("eval_set", columns=["prompt"]))
-        connection.register("seed_rows", store.read_dataset("seed_prompts", columns=["prompt"]))
-        shared = connection.sql(f"SELECT prompt FROM eval_rows WHERE {normalized('prompt')} IN "
-                                f"(SELECT {normalized('prompt')} FROM seed_rows)").to_arrow_table()["prompt"].to_pylist()
-        evaluated = connection.sql("SELECT count(*) FROM eval_rows").fetchall()[0][0]
+    eval_prompts = store.read_dataset("eval_set", columns=["prompt"])
+    shared = shared_prompts(eval_prompts, store.read_dataset("seed_prompts", columns=["prompt"]))
     return dg.AssetCheckResult(
         passed=not shared,
-        metadata={"eval_prompts": evaluated, "shared_with_train": len(shared), "examples": shared[:5]},
+        metadata={"eval_prompts": eval_prompts.num_rows, "shared_with_train": len(shared), "examples": shared[:5]},
     )

@@ -36,7 +36,7 @@ from training.engines.hf import HFEngine
 from training.evaluate import evaluate
 from training.rollouts import score_rollouts
 from training.signal import SignalSettings
-from training.labeling import sample, score
+from training.labeling import sample, score, with_columns
 from training.models import load_model
 from training.tasks.arithmetic import parse_prompt, problems
 from training.tasks.arithmetic_task import ArithmeticTask
@@ -69,10 +69,8 @@ def ground_truth_table(teacher: HFEngine, labeled: pa.Table) -> pa.Table:
         "prompt_token_ids": labeled["prompt_token_ids"].take(pa.array(keep)),
         "completion_token_ids": pa.array(completion_ids, pa.list_(pa.int32())),
     })
-    columns, _ = score(teacher, table, K)
-    for name, column in columns.items():
-        table = table.append_column(name, column)
-    return table.append_column("num_tokens", pc.list_value_length(table["completion_token_ids"]))
+    signal, _ = score(teacher, table, K)
+    return with_columns(table, signal).append_column("num_tokens", pc.list_value_length(table["completion_token_ids"]))
 
 
 def own_samples(student, tokenizer, prompts: list[str], seed: int) -> tuple[HFEngine, pa.Table]:
@@ -86,9 +84,7 @@ def scored_samples(student, tokenizer, teacher: HFEngine, prompts: list[str], se
     engine, samples = own_samples(student, tokenizer, prompts, seed)
     columns, _ = score_rollouts(teacher, engine, samples, SignalSettings(k=K))
     table = samples.append_column("sample_id", pa.array([f"s{seed}-{i}" for i in range(samples.num_rows)]))
-    for name, column in columns.items():
-        table = table.append_column(name, column)
-    return table
+    return with_columns(table, columns)
 
 
 def fresh_rollouts(student, tokenizer, teacher: HFEngine, seed: int):

@@ -1,6 +1,11 @@
 """`make demo`: materialize the offline graph on the embedded default, run two on-policy rounds
-(r001, r002), then show the data and the per-round table."""
+(r001, r002), then show the data and the per-round table.
 
+    python -m pipelines.demo [--seed N]   # N seeds every model, dataset and training (default 0);
+                                          # the eval split stays the same, so figures compare
+"""
+
+import argparse
 import os
 import time
 
@@ -37,23 +42,37 @@ GROUP BY model, checkpoint ORDER BY greedy_em DESC
 
 DEMO_ROUNDS = 2
 ROUNDS_QUERY = "SELECT round, parent, checkpoint, greedy_exact_match, sampled_exact_match, improvement, reverse_kl, rollout_reward FROM rounds ORDER BY round"
+SEEDED = {
+    "distill_offline": ["teacher_model", "student_model", "seed_prompts", "teacher_labeled", "expanded", "synthesized",
+                        "offline_student", "evals"],
+    "distill_round": ["student_rollouts", "student_checkpoint", "round_eval"],
+}
+
+
+def seeded(job: str, seed: int) -> dict:
+    """The run config that sets `seed` on every seeded asset of `job` (none for the default, 0)."""
+    return {"ops": {name: {"config": {"seed": seed}} for name in SEEDED[job]}} if seed else {}
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description="Materialize the embedded demo: the offline graph, then two rounds.")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every model, dataset and training (default 0)")
+    seed = parser.parse_args().seed
     store = Store()
     dagster_home = prepare_dagster_home(os.environ.setdefault("DAGSTER_HOME", str(store.root / "dagster")))
     started = time.perf_counter()
     with dg.DagsterInstance.get() as instance:
-        result = defs.resolve_job_def("distill_offline").execute_in_process(instance=instance)
+        result = defs.resolve_job_def("distill_offline").execute_in_process(instance=instance, run_config=seeded("distill_offline", seed))
         if not result.success:
             raise SystemExit("the demo run failed; see the log above")
         for number in range(1, DEMO_ROUNDS + 1):  # what the round sensor does when enabled
             key = round_key(number)
             instance.add_dynamic_partitions(rounds.name, [key])
-            if not defs.resolve_job_def("distill_round").execute_in_process(instance=instance, partition_key=key).success:
+            run = defs.resolve_job_def("distill_round").execute_in_process(instance=instance, partition_key=key, run_config=seeded("distill_round", seed))
+            if not run.success:
                 raise SystemExit(f"round {key} failed; see the log above")
     teacher = store.read_card("teacher")
-    print(f"\nDone in {time.perf_counter() - started:.0f} s.")
+    print(f"\nDone in {time.perf_counter() - started:.0f} s (seed {seed}).")
     print(f"Teacher: {teacher['num_parameters']:,} parameters, eval exact match {teacher['eval_exact_match']:.3f}")
     student = store.read_card("student")
     print(f"Student: {student['num_parameters']:,} parameters, SFT warm start exact match {student['eval_exact_match']:.3f}")

@@ -93,5 +93,5 @@ def test_vllm_handles_to_two_models_are_used_in_turn(tiny_model_dir, hf_engine, 
     for name, depth in (("topk_logprobs", 2), ("token_logprob", 1), ("student_token_logprob", 1)):
         got, want = columns[name], reference[name]
         for _ in range(depth):
-            got, want = got.flatten(), want.flatten()
+            got, want = pc.list_flatten(got), pc.list_flatten(want)
         np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), atol=1e-3, rtol=0)

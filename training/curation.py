@@ -31,6 +31,8 @@ import pyarrow.compute as pc
 from datasketch import MinHash, MinHashLSH
 from pydantic import BaseModel, Field, model_validator
 
+from training.tables import with_constants
+
 ORIGINS = ["labeled", "expanded", "evolved", "synthesized"]
 NUM_PERM = 128
 MAX_SIMILARITY = 0.98  # the highest threshold MinHash LSH can band with NUM_PERM permutations
@@ -88,11 +90,22 @@ def candidate_pool(tables: dict[str, pa.Table]) -> pa.Table:
                     f"{name} has {column} {values} but teacher_labeled has {first}: re-materialize {name} with the same "
                     "teacher and k, so that curated carries one teacher's signal"
                 )
-    labeled = labeled.append_column("origin", pa.repeat(pa.scalar("labeled"), labeled.num_rows))
+    labeled = with_constants(labeled, origin="labeled")
     rows = pa.concat_tables([labeled, *written.values()], promote_options="permissive")
     if pc.count_distinct(rows["sample_id"]).as_py() != rows.num_rows:
         raise ValueError("sample_id is not unique across the candidate datasets; re-materialize them")
     return rows
+
+
+def shared_prompts(rows: pa.Table, others: pa.Table) -> list[str]:
+    """The prompts of `rows` whose normalized text is also a prompt of `others`."""
+    return _sql(rows, f"SELECT prompt FROM rows WHERE {normalized('prompt')} IN (SELECT {normalized('prompt')} FROM others)",
+                others=others)["prompt"].to_pylist()
+
+
+def duplicate_rows(rows: pa.Table) -> int:
+    """How many rows repeat an earlier row's normalized prompt and completion."""
+    return _sql(rows, f"SELECT count(*) - count(DISTINCT ({normalized('prompt')}, completion)) AS n FROM rows")["n"][0].as_py()
 
 
 def origin_counts(table: pa.Table) -> dict[str, int]:
@@ -142,7 +155,7 @@ def curate(candidates: pa.Table, eval_prompts: list[str], settings: CurationSett
         reasons = apply(rows)  # sample_id, reason
         removed = _sql(rows, "SELECT r.sample_id, r.prompt, r.origin, q.reason FROM rows r JOIN reasons q USING (sample_id)", reasons=reasons)
         rows = _sql(rows, "SELECT * FROM rows ANTI JOIN reasons USING (sample_id) ORDER BY origin_rank, sample_id", reasons=reasons)
-        removed = removed.append_column("filter", pa.repeat(pa.scalar(name), removed.num_rows))
+        removed = with_constants(removed, filter=name)
         dropped.append(removed.select(["sample_id", "prompt", "origin", "filter", "reason"]))
         funnel.append({"filter": name, "setting": setting, "rows_in": rows.num_rows + removed.num_rows, "rows_out": rows.num_rows,
                        "examples": [f"{p} ({r})" for p, r in zip(removed["prompt"].to_pylist(), removed["reason"].to_pylist())][:EXAMPLES_PER_FILTER]})

@@ -92,21 +92,25 @@ def sample(engine: Engine, prompts: list[str], sampling: SamplingParams, overlon
 
 def score(
     engine: Engine, sequences: pa.Table, k: int, signal_temperature: float = 1.0, logprob_type: pa.DataType = pa.float32()
-) -> tuple[dict[str, pa.Array], dict]:
+) -> tuple[pa.Table, dict]:
     """`engine`'s sparse signal on every completion token of `sequences` (prompt_token_ids,
-    completion_token_ids): the signal columns plus k, temperature, logprob_mode and codec, and statistics."""
+    completion_token_ids): a table of the signal columns plus k, temperature, logprob_mode and codec,
+    one row per sequence, and statistics."""
     signals = engine.score(
         sequences["prompt_token_ids"].to_pylist(), sequences["completion_token_ids"].to_pylist(), k, signal_temperature
     )
-    n = sequences.num_rows
-    columns = {
-        **signal_columns(signals, logprob_type),
-        "k": pa.repeat(pa.scalar(k, pa.int32()), n),
-        "temperature": pa.repeat(pa.scalar(signal_temperature, pa.float32()), n),
-        "logprob_mode": pa.repeat(pa.scalar(LOGPROB_MODE), n),
-        "codec": pa.repeat(pa.scalar(CODEC), n),
-    }
-    return columns, signal_statistics(signals)
+    table = with_constants(
+        pa.table(signal_columns(signals, logprob_type)), k=pa.scalar(k, pa.int32()),
+        temperature=pa.scalar(signal_temperature, pa.float32()), logprob_mode=LOGPROB_MODE, codec=CODEC,
+    )
+    return table, signal_statistics(signals)
+
+
+def with_columns(table: pa.Table, columns: pa.Table) -> pa.Table:
+    """`table` with every column of `columns` (as many rows) appended."""
+    for name in columns.column_names:
+        table = table.append_column(name, columns[name])
+    return table
 
 
 def label(
@@ -123,11 +127,8 @@ def label(
         raise ValueError(f"k={k} is larger than the vocabulary ({len(engine.tokenizer)} tokens); lower k")
     engine.check_signal(k, signal_temperature)
     responses, dropped, truncated = sample(engine, prompts, sampling, overlong)
-    columns, statistics = score(engine, responses, k, signal_temperature, logprob_type)
-    table = responses
-    for name, column in columns.items():
-        table = table.append_column(name, column)
-    return Labeled(table, dropped, truncated, statistics)
+    signal, statistics = score(engine, responses, k, signal_temperature, logprob_type)
+    return Labeled(with_columns(responses, signal), dropped, truncated, statistics)
 
 
 def label_table(engine: Engine, prompts: pa.Table, settings: LabelingSettings, card: dict, task: "Task", run_id: str,

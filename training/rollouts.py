@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from training.engines.base import Engine, SamplingParams
-from training.labeling import finished_share, sample, score
+from training.labeling import finished_share, sample, score, with_columns
 from training.signal import SignalSettings
 from training.tables import join_prompts, with_constants, with_content_id
 
@@ -61,33 +61,31 @@ def sequence_sums(per_token: pa.Array | pa.ChunkedArray) -> pa.Array:
     return pa.array(running[ends] - running[ends - lengths], pa.float64())
 
 
-def score_rollouts(teacher: Engine, student: Engine, rollouts: pa.Table, settings: SignalSettings) -> tuple[dict[str, pa.Array], dict]:
-    """The teacher's sparse signal on every rollout token, the student's logprob of each token, and
-    the per-sequence log-ratio sum. Returns (columns, statistics)."""
+def score_rollouts(teacher: Engine, student: Engine, rollouts: pa.Table, settings: SignalSettings) -> tuple[pa.Table, dict]:
+    """The teacher's sparse signal on every rollout token, the student's logprob of each token
+    (`student_token_logprob`), and the per-sequence `log_ratio_sum`, as a table of columns to add to
+    the rollouts; and statistics."""
     k, temperature = settings.k, settings.signal_temperature
     if k > len(teacher.tokenizer):
         raise ValueError(f"k={k} is larger than the teacher's vocabulary ({len(teacher.tokenizer)} tokens); lower k")
     columns, statistics = score(teacher, rollouts, k, temperature, settings.logprob_type())
     student_columns, _ = score(student, rollouts, 1, temperature)  # q at the same temperature as p
-    student_logprob = student_columns["token_logprob"]
-    log_ratio = pc.subtract(pc.list_flatten(student_logprob), pc.list_flatten(columns["token_logprob"]))
+    student_logprob = student_columns["token_logprob"].combine_chunks()
+    log_ratio = pc.subtract(pc.list_flatten(student_logprob), pc.list_flatten(columns["token_logprob"].combine_chunks()))
     per_token_ratio = pa.ListArray.from_arrays(student_logprob.offsets, log_ratio)
-    columns["student_token_logprob"] = student_logprob
-    columns["log_ratio_sum"] = sequence_sums(per_token_ratio)
-    tokens = max(1, len(log_ratio))
-    statistics["reverse_kl_per_token"] = float(pc.sum(log_ratio).as_py() or 0.0) / tokens
+    columns = columns.append_column("student_token_logprob", student_logprob)
+    columns = columns.append_column("log_ratio_sum", sequence_sums(per_token_ratio))
+    statistics["reverse_kl_per_token"] = float(pc.sum(log_ratio).as_py() or 0.0) / max(1, len(log_ratio))
     return columns, statistics
 
 
 def feedback_table(teacher: Engine, student: Engine, rollouts: pa.Table, settings: SignalSettings, teacher_card: dict,
                    task: "Task") -> tuple[pa.Table, dict]:
-    """The rollouts with the teacher's feedback: the signal columns of `score_rollouts`, the task's
-    `reward` (null without a reference answer) and the teacher's identity; returns (table, metrics)."""
+    """The rollouts with the teacher's feedback: the columns of `score_rollouts`, the task's `reward`
+    (null without a reference answer) and the teacher's identity; returns (table, metrics)."""
     columns, statistics = score_rollouts(teacher, student, rollouts, settings)
     reward = pc.cast(task.verify(rollouts["completion"], rollouts["answer"]), pa.float64())
-    table = rollouts
-    for name, column in {**columns, "reward": reward}.items():
-        table = table.append_column(name, column)
+    table = with_columns(rollouts, columns).append_column("reward", reward)
     table = with_constants(table, teacher=teacher_card["name"], teacher_weights_hash=teacher_card["weights_hash"])
     metrics = {**statistics, "mean_reward": pc.mean(reward).as_py(), "mean_log_ratio_sum": pc.mean(table["log_ratio_sum"]).as_py()}
     return table, metrics
