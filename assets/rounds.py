@@ -150,6 +150,7 @@ def student_checkpoint(context: dg.AssetExecutionContext, config: StudentCheckpo
 def rounds_png(store: Store) -> dg.MetadataValue:
     """Greedy and sampled exact match over all rounds so far (round 0: the first parent)."""
     _, rows = query(store, "SELECT round, parent_greedy_exact_match, greedy_exact_match, sampled_exact_match FROM rounds ORDER BY round")
+    rows = [[float("nan") if value is None else value for value in row] for row in rows]  # no reference answers: no point
     figure, axis = plt.subplots(figsize=(6, 3))
     numbers = [0] + [round_number(r[0]) for r in rows]
     axis.plot(numbers, [rows[0][1]] + [r[2] for r in rows], marker="o", label="greedy exact match")

@@ -55,7 +55,10 @@ def next_round(instance: dg.DagsterInstance, policy: RoundPolicy) -> tuple[str |
     ).records
     if not records:
         return None, f"round {last} has not finished (no round_eval yet): waiting; if its run failed, re-run it"
-    improvement = records[0].asset_materialization.metadata["improvement"].value
+    found = records[0].asset_materialization.metadata.get("improvement")
+    if found is None:
+        return None, f"round {last} has no exact-match improvement (its prompts have no reference answers): open rounds by hand"
+    improvement = found.value
     if improvement < policy.min_improvement:
         return None, f"plateau: round {last} improved greedy exact match by {improvement:+.4f} < min_improvement={policy.min_improvement}"
     return round_key(round_number(last) + 1), f"round {last} improved by {improvement:+.4f}"

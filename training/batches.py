@@ -62,6 +62,6 @@ def left_padded(prompt_ids: list[list[int]], pad_token_id: int) -> tuple[torch.T
     columns = torch.from_numpy(np.repeat(width - lengths, lengths) + _ranks(lengths))
     input_ids = torch.full((len(lengths), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
-    input_ids[rows, columns] = torch.from_numpy(flat_values(column, 1))
+    input_ids[rows, columns] = torch.from_numpy(flat_values(column, 1).astype(np.int64))
     attention_mask[rows, columns] = 1
     return input_ids, attention_mask
