@@ -10,7 +10,7 @@ of training tokens (steps are set from the mean completion length of what each s
   λ=0 / 0.5 / 1      supervised KD (fixed data only), mixed, on-policy, each with forward KL,
                      reverse KL and JSD(0.5) on the stored top-k signal
 On-policy batches follow GKD's Algorithm 1: each one is sampled from the student as it is at that step
-(T = 1, no gradient) on fresh train prompts and scored by the teacher (training/feedback.py), so no
+(T = 1, no gradient) on fresh train prompts and scored by the teacher (training/rollouts.py), so no
 sample is seen twice. Every arm is one run of `train_student` (one optimizer, one lr schedule).
 Prints a markdown table of greedy / sampled exact-match gain (mean ± std over seeds) and writes a PNG.
 """
