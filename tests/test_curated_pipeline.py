@@ -8,8 +8,8 @@ from assets import checks
 from assets.curation import curated, expanded, synthesized
 from assets.datasets import eval_set, seed_prompts, teacher_labeled
 from assets.models import teacher_model
-from storage.catalog import query
 from assets.resources import ModelEngine, store_resource
+from storage.catalog import query
 from storage.store import Store
 from training.tasks.arithmetic import problems
 

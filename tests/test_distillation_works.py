@@ -3,8 +3,8 @@ and writes valid new problems on request, curation keeps labeled, expanded, evol
 synthesized rows, the warm-started student sits well under the teacher, and offline distillation
 on `curated` raises the student's exact match. The figures every later result is read against."""
 
-from storage.catalog import query
 from pipelines.definitions import defs
+from storage.catalog import query
 from storage.store import Store
 
 

@@ -17,11 +17,12 @@ from assets.checks import (
 )
 from assets.datasets import eval_set, seed_prompts, teacher_labeled
 from assets.models import student_model, teacher_model
+from assets.publish import rounded
+from assets.resources import ModelEngine, store_resource
 from assets.students import evals, offline_student
-from storage.catalog import query
 from pipelines.cli import main as distill
 from pipelines.definitions import defs
-from assets.resources import ModelEngine, store_resource
+from storage.catalog import query
 from storage.store import Store
 
 ASSETS = [teacher_model, student_model, seed_prompts, eval_set, teacher_labeled, offline_student, evals]
@@ -98,6 +99,9 @@ def test_offline_graph_end_to_end(instance, distill_home, capsys):
     assert offline["trained_on"].value == "teacher_labeled" and offline["steps"].value == 20
     assert "data:image/png;base64," in offline["loss_curve"].value
     assert 0 <= offline["eval_greedy_exact_match"].value <= 1
+    figures = [entry.value for entries in (metadata, offline) for entry in entries.values() if isinstance(entry.value, float)]
+    assert len(figures) > 5 and all(figure == rounded(figure) for figure in figures)  # the UI shows 4 significant digits
+    assert rounded(0.04799999999999993) == 0.048 and rounded(-0.00084449) == -0.0008445 and rounded(3.0) == 3.0
     checkpoint = Path(store.read_card("offline_student")["path"])
     assert (checkpoint / "model.safetensors").exists() and len(json.loads((checkpoint / "curve.json").read_text())) == 20
     assert distill(["--home", str(distill_home), "query", "SELECT count(*) AS n FROM teacher_labeled"]) == 0

@@ -7,10 +7,10 @@ import dagster as dg
 import pyarrow.compute as pc
 import pytest
 
-from assets.rounds import round_eval, student_checkpoint, student_rollouts, teacher_feedback
-from storage.catalog import query
-from pipelines.cli import main as distill
 from assets.partitions import rounds
+from assets.rounds import round_eval, student_checkpoint, student_rollouts, teacher_feedback
+from pipelines.cli import main as distill
+from storage.catalog import query
 from storage.store import Store
 from test_pipeline import ASSETS, RESOURCES, materialize
 

@@ -3,8 +3,8 @@
 import dagster as dg
 import pytest
 
-from pipelines.definitions import defs
 from assets.partitions import rounds
+from pipelines.definitions import defs
 from pipelines.sensors import round_schedule, round_sensor
 
 

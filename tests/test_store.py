@@ -3,8 +3,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from storage.catalog import query, refresh_catalog
 from pipelines.cli import main as distill
+from storage.catalog import query, refresh_catalog
 from storage.store import Store
 from training.tables import with_content_id
 
