@@ -134,7 +134,14 @@ class CuratedConfig(CurationSettings, dg.Config):
 
 
 class OfflineStudentConfig(TrainingSettings, dg.Config):
-    """Offline distillation on the stored teacher signal (SeqKD or supervised KD); `mix` must stay 0."""
+    """Offline distillation on the stored teacher signal (SeqKD or supervised KD); `mix` stays 0."""
+
+    @model_validator(mode="after")
+    def _no_rollouts_offline(self):
+        if self.mix:
+            raise ValueError(f"offline_student has no rollouts to mix in (mix={self.mix}): leave mix at 0; "
+                             "rounds mix on-policy batches in (student_checkpoint's mix)")
+        return self
 
 
 class StudentCheckpointConfig(TrainingSettings, dg.Config):

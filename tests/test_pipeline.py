@@ -153,6 +153,9 @@ def test_bad_config_fails_at_config_time(instance):
     result = materialize(instance, selection=[teacher_labeled], teacher_labeled={"n": 3, "temperature": 0.0})
     assert not result.success
     assert "greedy responses would all be the same" in str(result.get_step_failure_events()[0].step_failure_data.error)
+    result = materialize(instance, selection=[offline_student], offline_student={"mix": 0.5})
+    assert not result.success
+    assert "offline_student has no rollouts to mix in" in str(result.get_step_failure_events()[0].step_failure_data.error)
 
 
 def test_missing_prompt_column_names_the_columns(instance, distill_home):
