@@ -8,6 +8,11 @@ Besides the datasets, `rounds` is a view over `lineage`: one row per on-policy r
 round_eval), with its parent, checkpoint hashes and headline metrics.
 """
 
+# Annotations stay strings: an evaluated `duckdb.DuckDBPyConnection` below would be kept alive past
+# interpreter exit (through dagster's and torch's long-lived objects), and duckdb's nanobind
+# bindings would then print a wall of "leaked instance" warnings after every command.
+from __future__ import annotations
+
 import fcntl
 import time
 from contextlib import contextmanager
