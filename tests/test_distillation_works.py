@@ -11,7 +11,10 @@ from storage.store import Store
 def test_offline_distillation_raises_exact_match(instance, distill_home):
     result = defs.resolve_job_def("distill_offline").execute_in_process(
         instance=instance,
-        run_config={"ops": {"seed_prompts": {"config": {"num_prompts": 1024}}, "eval_set": {"config": {"num_prompts": 200}}}},
+        run_config={"ops": {
+            "seed_prompts": {"config": {"num_prompts": 1024}}, "eval_set": {"config": {"num_prompts": 200}},
+            "expanded": {"config": {"num_expanded": 192, "num_evolved": 96}}, "synthesized": {"config": {"num_synthesized": 192}},
+        }},
     )
     assert result.success
     store = Store(distill_home)
