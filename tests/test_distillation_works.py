@@ -1,4 +1,4 @@
-"""The whole offline graph at its embedded defaults (a few minutes): the teacher reaches its target
+"""The whole offline graph at its embedded defaults, smaller where only time is saved (a few minutes): the teacher reaches its target
 and writes valid new problems on request, curation keeps labeled, expanded, evolved and
 synthesized rows, the warm-started student sits well under the teacher, and offline distillation
 on `curated` raises the student's exact match. The figures every later result is read against."""
@@ -14,6 +14,8 @@ def test_offline_distillation_raises_exact_match(instance, distill_home):
         run_config={"ops": {
             "seed_prompts": {"config": {"num_prompts": 1024}}, "eval_set": {"config": {"num_prompts": 200}},
             "expanded": {"config": {"num_expanded": 192, "num_evolved": 96}}, "synthesized": {"config": {"num_synthesized": 192}},
+            "teacher_model": {"config": {"eval_problems": 200}}, "student_model": {"config": {"eval_problems": 200}},
+            "offline_student": {"config": {"steps": 300}},
         }},
     )
     assert result.success
