@@ -105,7 +105,7 @@ def curated(context: dg.AssetExecutionContext, config: CuratedConfig, store: dg.
     names = ["teacher_labeled", *(n for n in WRITTEN_DATASETS if store.dataset_path(n).exists())]
     rows = candidate_pool({name: store.read_dataset(name) for name in names})
     inputs = {name: store.dataset_version(name) for name in [*names, "eval_set"]}
-    result = curate(rows, store.read_dataset("eval_set")["prompt"].to_pylist(), config)
+    result = curate(rows, store.read_dataset("eval_set", columns=["prompt"])["prompt"].to_pylist(), config)
     stamped = lambda table: with_constants(table, curation_run_id=context.run_id)
     report = pa.Table.from_pylist([{**f, "dropped": f["rows_in"] - f["rows_out"]} for f in result.funnel])
     metrics = {"candidates": rows.num_rows, "kept": result.kept.num_rows,

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import dagster as dg
 import matplotlib.pyplot as plt
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from assets.config import EvalsConfig, StudentCheckpointConfig, StudentRolloutsConfig, TeacherFeedbackConfig
 from assets.partitions import FIRST_PARENT, parent_round, round_number, rounds
@@ -123,9 +124,9 @@ def student_checkpoint(context: dg.AssetExecutionContext, config: StudentCheckpo
         raise FileNotFoundError(f"round {key} has no teacher_feedback yet: materialize teacher_feedback for {key} first")
     with claim_round(context, store):
         identity = {"round": key, "parent": parent, "parent_round": previous, "parent_checkpoint": card["weights_hash"], "mix": config.mix}
-        new_card, curve = distill_and_save(context, store, "student_checkpoint", config, card, teacher, [store.dataset_path(dataset)],
+        new_card, curve, _ = distill_and_save(context, store, "student_checkpoint", config, card, teacher, [store.dataset_path(dataset)],
                                            [feedback_path], card=identity, partition=key)
-        reuse = rollout_reuse(curve, config.batch_size, store.read_dataset("teacher_feedback", key, columns=["sample_id"]).num_rows)
+        reuse = rollout_reuse(curve, config.batch_size, pq.read_metadata(feedback_path).num_rows)
         if reuse > MAX_ROLLOUT_REUSE:
             context.log.warning(
                 f"each rollout of round {key} was drawn {reuse} times on average, so training is only loosely on-policy: "

@@ -39,11 +39,12 @@ def _launch_distill(context: dg.AssetExecutionContext, run: DistillConfig, work:
 
 def distill_and_save(context: dg.AssetExecutionContext, store: Store, name: str, settings: TrainingSettings, start: dict,
                      teacher: dict, data: list[Path], rollouts: list[Path] = (), card: dict | None = None,
-                     partition: str | None = None) -> tuple[dict, list[dict]]:
+                     partition: str | None = None) -> tuple[dict, list[dict], tuple]:
     """Distills the student `start` (a model card) on `data` (and `rollouts`, drawn with probability
     `settings.mix`) by the plain command, and saves the whole output (weights, tokenizer, curve.json,
     distill_config.json) by content as model `name` (a round's checkpoint with `partition`), its card
-    extended by `card`. Bad input stops before anything is launched. Returns (card, curve)."""
+    extended by `card`. Bad input stops before anything is launched. Returns (card, curve, the
+    trained (model, tokenizer))."""
     for path in [*data, *rollouts]:
         check_compatible(pq.read_table(path, columns=["sample_id", "k", "topk_ids"]), start["vocab_size"], teacher["vocab_size"], settings.k)
     with tempfile.TemporaryDirectory(dir=store.root) as work:
@@ -55,7 +56,7 @@ def distill_and_save(context: dg.AssetExecutionContext, store: Store, name: str,
         model, tokenizer = load_model(run.output)
         saved = store.save_model(name, {**model_card(name, model, tokenizer), **(card or {})},
                                  lambda directory: shutil.copytree(run.output, directory), partition=partition)
-    return saved, curve
+    return saved, curve, (model, tokenizer)
 
 
 def curve_metrics(curve: list[dict]) -> dict:

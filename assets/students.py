@@ -8,7 +8,6 @@ from assets.publish import metadata, publish_evals, record_lineage, rounded
 from assets.student_runs import curve_metrics, distill_and_save, loss_curve, training_dataset_name
 from storage.store import Store
 from training.evaluate import evaluate, evaluate_checkpoints
-from training.models import load_model
 from training.tasks import task_of
 
 MODELS = ["teacher", "student", "offline_student"]
@@ -23,10 +22,10 @@ def offline_student(context: dg.AssetExecutionContext, config: OfflineStudentCon
     trained by the plain command `python -m training.distill`."""
     student, teacher = store.read_card("student"), store.read_card("teacher")
     dataset = training_dataset_name(store)
-    card, curve = distill_and_save(context, store, "offline_student", config, student, teacher, [store.dataset_path(dataset)],
-                                   card={"objective": config.objective, "parent": student["weights_hash"]})
+    card, curve, (model, tokenizer) = distill_and_save(context, store, "offline_student", config, student, teacher,
+                                                       [store.dataset_path(dataset)],
+                                                       card={"objective": config.objective, "parent": student["weights_hash"]})
     eval_rows = store.read_dataset("eval_set")
-    model, tokenizer = load_model(card["path"])
     results = evaluate(model, tokenizer, eval_rows, task_of(eval_rows), seed=config.seed)
     metrics = {**curve_metrics(curve), **{f"eval_{name}": value for name, value in results.items()}}
     inputs = {dataset: store.dataset_version(dataset), "student_model": student["weights_hash"], "teacher_model": teacher["weights_hash"]}

@@ -11,11 +11,11 @@ import time
 
 import dagster as dg
 
-from storage.catalog import catalog_path, query
+from assets.partitions import round_key, rounds
 from pipelines.cli import format_table, list_datasets
 from pipelines.definitions import defs
 from pipelines.instance import prepare_dagster_home
-from assets.partitions import round_key, rounds
+from storage.catalog import catalog_path, query
 from storage.store import Store
 
 DEMO_QUERY = """

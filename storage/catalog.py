@@ -74,7 +74,7 @@ def refresh_catalog(store: Store, attempts: int = 20) -> list[str]:
     with _catalog_lock(store):
         for attempt in range(attempts):
             try:
-                with duckdb.connect(str(store.root / "catalog.duckdb")) as connection:
+                with duckdb.connect(str(catalog_path(store))) as connection:
                     for name in names:
                         connection.execute(view_sql(store, name))
                     if "lineage" in names:
@@ -83,7 +83,7 @@ def refresh_catalog(store: Store, attempts: int = 20) -> list[str]:
             except duckdb.IOException as error:
                 if attempt == attempts - 1:
                     raise RuntimeError(
-                        f"cannot refresh {store.root / 'catalog.duckdb'}: another process holds it ({error}). "
+                        f"cannot refresh {catalog_path(store)}: another process holds it ({error}). "
                         "Close other DuckDB connections to the catalog and run `distill refresh`."
                     ) from error
                 time.sleep(0.25 * (attempt + 1))
@@ -91,7 +91,7 @@ def refresh_catalog(store: Store, attempts: int = 20) -> list[str]:
 
 
 def connect_read_only(store: Store) -> duckdb.DuckDBPyConnection:
-    path = store.root / "catalog.duckdb"
+    path = catalog_path(store)
     if not path.exists():
         raise FileNotFoundError(f"no catalog at {path}: materialize an asset first (`make demo`)")
     return duckdb.connect(str(path), read_only=True)

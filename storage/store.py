@@ -19,9 +19,8 @@ import os
 import shutil
 import uuid
 from contextlib import contextmanager
-from pathlib import Path
-
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -56,6 +56,6 @@ def train_embedded(
         return token_rows(tokenizer, [p.prompt for p in solved] + [i for i, _ in written], [p.solution for p in solved] + [w for _, w in written])
 
     curve = train_student(model, tokenizer, map(batch, range(settings.steps)), settings, on_step)
-    evaluation = ArithmeticTask(task).prompts("eval", eval_problems, settings.seed)
-    accuracy = exact_match(model, tokenizer, evaluation, ArithmeticTask(task))
+    arithmetic = ArithmeticTask(task)
+    accuracy = exact_match(model, tokenizer, arithmetic.prompts("eval", eval_problems, settings.seed), arithmetic)
     return model, tokenizer, curve, accuracy, time.perf_counter() - started

@@ -15,19 +15,24 @@ from training.tasks import Task
 EVAL_BATCH_SIZE = 256
 
 
-def _share_correct(generations: list[Generation], answers: pa.Array, task: Task) -> float | None:
-    """The share of verified completions; None when no prompt has a reference answer."""
+def _verified(engine: HFEngine, prompt_ids: list[list[int]], answers: pa.Array, task: Task, temperature: float, seed: int,
+              max_new_tokens: int) -> tuple[float | None, list[Generation]]:
+    """One completion per prompt and the share the task verifies (None when no prompt has a
+    reference answer); returns (share, completions)."""
+    generations = engine.generate(prompt_ids, SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed))
     correct = task.verify(pa.array([g.text for g in generations], pa.string()), answers)
-    return pc.mean(pc.cast(correct, pa.float64())).as_py()
+    return pc.mean(pc.cast(correct, pa.float64())).as_py(), generations
+
+
+def _prompt_ids(tokenizer, prompts: pa.Table) -> list[list[int]]:
+    return tokenizer(prompts["prompt"].to_pylist(), add_special_tokens=True)["input_ids"]
 
 
 def exact_match(model, tokenizer, prompts: pa.Table, task: Task, temperature: float = 0.0, seed: int = 0,
                 max_new_tokens: int = 96) -> float | None:
     """Share of `prompts` (prompt, answer) whose completion the task verifies (greedy at T = 0)."""
     engine = HFEngine(model, tokenizer, batch_size=EVAL_BATCH_SIZE)
-    prompt_ids = tokenizer(prompts["prompt"].to_pylist(), add_special_tokens=True)["input_ids"]
-    generations = engine.generate(prompt_ids, SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed))
-    return _share_correct(generations, prompts["answer"], task)
+    return _verified(engine, _prompt_ids(tokenizer, prompts), prompts["answer"], task, temperature, seed, max_new_tokens)[0]
 
 
 @torch.no_grad()
@@ -36,11 +41,10 @@ def evaluate(student, tokenizer, prompts: pa.Table, task: Task, teacher=None, se
     """greedy_exact_match, sampled_exact_match (temperature 1), and, given a teacher, the mean
     per-token reverse KL(q‖p) of teacher p and student q on the student's own samples."""
     engine = HFEngine(student, tokenizer, batch_size=EVAL_BATCH_SIZE)
-    prompt_ids = tokenizer(prompts["prompt"].to_pylist(), add_special_tokens=True)["input_ids"]
+    prompt_ids = _prompt_ids(tokenizer, prompts)
     metrics = {}
     for name, temperature in [("greedy_exact_match", 0.0), ("sampled_exact_match", 1.0)]:
-        generations = engine.generate(prompt_ids, SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed))
-        metrics[name] = _share_correct(generations, prompts["answer"], task)
+        metrics[name], generations = _verified(engine, prompt_ids, prompts["answer"], task, temperature, seed, max_new_tokens)
     if teacher is not None:
         input_ids, attention_mask, rows, positions, targets = completion_positions(
             pa.array(prompt_ids, pa.list_(pa.int32())), pa.array([g.completion_ids for g in generations], pa.list_(pa.int32())),
@@ -57,11 +61,13 @@ def evaluate_checkpoints(cards: dict[str, dict], teacher_card: dict, prompts: pa
                          log=print) -> dict[str, dict[str, float]]:
     """`evaluate` for each named model card; every model but the teacher itself also gets its
     reverse KL to the teacher on its own samples. Returns name → metrics."""
-    teacher, _ = load_model(teacher_card["path"], teacher_card.get("revision"))
+    teacher, teacher_tokenizer = load_model(teacher_card["path"], teacher_card.get("revision"))
     results = {}
     for name, card in cards.items():
-        is_teacher = card["weights_hash"] == teacher_card["weights_hash"]
-        model, tokenizer = load_model(card["path"], card.get("revision"))
-        results[name] = evaluate(model, tokenizer, prompts, task, None if is_teacher else teacher, seed)
+        if card["weights_hash"] == teacher_card["weights_hash"]:  # the teacher itself: no divergence to itself
+            results[name] = evaluate(teacher, teacher_tokenizer, prompts, task, None, seed)
+        else:
+            model, tokenizer = load_model(card["path"], card.get("revision"))
+            results[name] = evaluate(model, tokenizer, prompts, task, teacher, seed)
         log(f"{name}: {results[name]}")
     return results
