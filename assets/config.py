@@ -65,8 +65,14 @@ class PromptSourceConfig(dg.Config):
     dataset: Optional[str] = Field(None, description="dataset path or hub id for source 'datasets'")
     subset: Optional[str] = Field(None, description="dataset configuration name")
     split: str = "train"
-    prompt_column: str = "prompt"
+    prompt_column: str = Field(
+        "prompt", description="the column with the prompt: text, or a conversation (a list of {role, content}, e.g. "
+        "'messages'; turns after the last user turn are cut, as they are the reply the teacher replaces)"
+    )
     answer_column: Optional[str] = Field(None, description="column with the reference answer, if any")
+    system_prompt: Optional[str] = Field(
+        None, description="a system turn put first in every conversation that has none (needs chat-template models)"
+    )
 
     @model_validator(mode="after")
     def _source_has_input(self):

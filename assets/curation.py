@@ -33,11 +33,13 @@ WRITTEN_DATASETS = ("expanded", "synthesized")
 
 def _publish_written(context, store: Store, model_engine: ModelEngine, config: WritingConfig, task: Task,
                      instructions: list[Instruction], seeds: list[str], name: str, inputs: dict) -> dg.MaterializeResult:
-    """The teacher writes an input per instruction; the valid ones are labeled and published as `name`."""
+    """The teacher writes an input per instruction; the valid ones are labeled (with the seeds' system
+    prompt) and published as `name`."""
     card = store.read_card("teacher")
     engine = model_engine.load(card, cache_dir=store.root / "cache")
     writing = SamplingParams(1, config.write_temperature, 1.0, config.write_max_new_tokens, config.seed)
-    prompts, report = written_prompts(instructions, write_inputs(engine, instructions, writing), seeds, task)
+    system_prompt = store.read_dataset("seed_prompts", columns=["system_prompt"])["system_prompt"][0].as_py()
+    prompts, report = written_prompts(instructions, write_inputs(engine, instructions, writing), seeds, task, system_prompt)
     table, metrics = label_table(engine, prompts, config, card, task, context.run_id, id_columns=("origin", "instruction_index"))
     return publish_dataset(context, store, name, table, config=config, inputs={**inputs, "teacher_model": card["weights_hash"]},
                            metrics={**report, **metrics}, preview=WRITTEN_PREVIEW)

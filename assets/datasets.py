@@ -20,10 +20,12 @@ def _publish_prompts(context, store: Store, name: str, config: PromptSourceConfi
     split = embedded_split if config.source == "embedded" else config.split
     table, dropped = prompt_table(get_task(config.task), config.source, split, config.num_prompts, config.seed,
                                   config.files, config.dataset, config.subset, config.prompt_column, config.answer_column,
-                                  context.run_id)
+                                  config.system_prompt, context.run_id)
     if dropped:
-        context.log.warning(f"dropped {dropped} rows with an empty or non-string {config.prompt_column!r}")
-    metrics = {"dropped_invalid_prompts": dropped, "unique_prompts": pc.count_distinct(table["prompt_id"]).as_py()}
+        context.log.warning(f"dropped rows of {config.prompt_column!r}, by reason: {dropped}")
+    metrics = {"dropped_invalid_prompts": sum(dropped.values()), **{f"dropped: {reason}": n for reason, n in dropped.items()},
+               "unique_prompts": pc.count_distinct(table["prompt_id"]).as_py(), "conversations": table["messages"].num_rows - table["messages"].null_count,
+               "with_reference_answers": table["answer"].num_rows - table["answer"].null_count}
     return publish_dataset(context, store, name, table, config=config, inputs={}, metrics=metrics, preview=PROMPT_PREVIEW)
 
 

@@ -27,7 +27,7 @@ from storage.store import Store
 from training.distill import rollout_reuse
 from training.engines.base import SamplingParams
 from training.evaluate import evaluate_checkpoints
-from training.rollouts import draw_prompts, feedback_table, sample_rollouts
+from training.rollouts import PROMPT_COLUMNS, draw_prompts, feedback_table, sample_rollouts
 from training.tasks import task_of
 
 IN_PROGRESS = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
@@ -79,7 +79,7 @@ def student_rollouts(
     parent, previous, card = parent_checkpoint(store, key)
     with claim_round(context, store):
         dataset = training_dataset_name(store)
-        prompts = draw_prompts(store.read_dataset(dataset, columns=["prompt_id", "prompt", "answer"]), config.num_prompts, f"{config.seed}/{key}")
+        prompts = draw_prompts(store.read_dataset(dataset, columns=PROMPT_COLUMNS), config.num_prompts, f"{config.seed}/{key}")
         sampling = SamplingParams(config.n, config.temperature, config.top_p, config.max_new_tokens, config.seed * 1000 + round_number(key))
         identity = {"student": parent, "student_weights_hash": card["weights_hash"], "tokenizer_hash": card["tokenizer_hash"],
                     "round": key, "parent_round": previous, "run_id": context.run_id}

@@ -72,7 +72,7 @@ def main() -> None:
     )
 
     for dtype_name, dtype in [("float32", pa.float32()), ("float16", pa.float16())]:
-        labeled, seconds = timed(lambda: label(engine, prompts, SamplingParams(temperature=1.0), K, logprob_type=dtype))
+        labeled, seconds = timed(lambda: label(engine, pa.table({"prompt": prompts}), SamplingParams(temperature=1.0), K, logprob_type=dtype))
         with tempfile.TemporaryDirectory() as directory:
             path = Store(directory).write_dataset("teacher_labeled", labeled.table)
             size = Path(path).stat().st_size

@@ -76,7 +76,7 @@ def ground_truth_table(teacher: HFEngine, labeled: pa.Table) -> pa.Table:
 def own_samples(student, tokenizer, prompts: list[str], seed: int) -> tuple[HFEngine, pa.Table]:
     """The student's own samples (T = 1) on `prompts`, and the engine that drew them."""
     engine = HFEngine(student, tokenizer, batch_size=128)
-    return engine, sample(engine, prompts, SamplingParams(temperature=1.0, max_new_tokens=96, seed=seed))[0]
+    return engine, sample(engine, pa.table({"prompt": prompts}), SamplingParams(temperature=1.0, max_new_tokens=96, seed=seed))[0]
 
 
 def scored_samples(student, tokenizer, teacher: HFEngine, prompts: list[str], seed: int) -> pa.Table:

@@ -20,7 +20,7 @@ def labeled(tiny_model_dir):
     """A real teacher-signal table: the tiny model labels 48 prompts (it is its own teacher)."""
     engine = HFEngine.load(str(tiny_model_dir), batch_size=16)
     prompts = [p.prompt for p in problems("train", 48, 0)]
-    table = label(engine, prompts, SamplingParams(temperature=1.0, max_new_tokens=24), k=8).table
+    table = label(engine, pa.table({"prompt": prompts}), SamplingParams(temperature=1.0, max_new_tokens=24), k=8).table
     return table.append_column("sample_id", pa.array([f"s{i}" for i in range(table.num_rows)]))
 
 
@@ -75,7 +75,7 @@ def test_fresh_on_policy_batches_are_sampled_from_the_current_student(tiny_model
         for i in itertools.count():
             sampled_from.append(model.lm_head.weight.detach().clone())
             prompts = [p.prompt for p in problems("train", 8, 1000 + i)]
-            table = label(HFEngine(model, tokenizer, batch_size=8), prompts, SamplingParams(temperature=1.0, max_new_tokens=16, seed=i), k=8).table
+            table = label(HFEngine(model, tokenizer, batch_size=8), pa.table({"prompt": prompts}), SamplingParams(temperature=1.0, max_new_tokens=16, seed=i), k=8).table
             yield table.append_column("sample_id", pa.array([f"fresh{i}-{j}" for j in range(table.num_rows)]))
 
     config = DistillConfig(student="", data=[], output="", steps=12, batch_size=8, learning_rate=3e-3, warmup_steps=1, mix=0.5, rollouts=["-"])

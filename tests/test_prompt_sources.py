@@ -35,12 +35,43 @@ def test_local_files_drop_and_count_unusable_prompts(tmp_path, suffix):
     kept, dropped = select_prompts(source, "question", "label", limit=100)
     assert kept["prompt"].to_pylist() == ["12+7=", "4*9="]
     assert kept["answer"].to_pylist() == ["19", "36"]
-    assert dropped == 3
+    assert sum(dropped.values()) == 3 and dropped["blank"] == (2 if suffix != ".csv" else 1)
 
 
-def test_non_string_prompt_column_is_dropped_not_fatal():
+def test_a_mixed_type_column_keeps_every_string_and_counts_the_rest(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": p}) for p in ["What is 2+2?", 5, ["a", "b"], None, "", "Name a prime."]))
+    kept, dropped = select_prompts(load_source("files", "train", files=[str(path)]), "prompt", None, limit=10)
+    assert kept["prompt"].to_pylist() == ["What is 2+2?", "Name a prime."]
+    assert dropped == {"not a string (a number)": 1, "not a string (a list)": 1, "missing": 1, "blank": 1}
     kept, dropped = select_prompts(pa.table({"prompt": [1, 2]}), "prompt", None, limit=10)
-    assert kept.num_rows == 0 and dropped == 2
+    assert kept.num_rows == 0 and dropped == {"not a string (a number)": 2}
+
+
+def test_conversations_are_cut_at_the_last_user_turn_and_checked(tmp_path):
+    chats = [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
+         {"role": "assistant", "content": "the reply to replace"}],
+        [{"role": "bot", "content": "x"}],
+        [{"role": "system", "content": "only a system turn"}],
+    ]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join(json.dumps({"messages": m}) for m in chats))
+    kept, dropped = select_prompts(load_source("files", "train", files=[str(path)]), "messages", None, limit=10)
+    assert kept["messages"].to_pylist() == [chats[0], chats[1][:3]]
+    assert kept["prompt"].to_pylist() == ["Hi", "user: q1\nassistant: a1\nuser: q2"]
+    assert dropped == {"a turn with an unknown role": 1, "no user turn": 1}
+
+
+def test_a_malformed_file_is_named_with_the_reason(tmp_path):
+    good, bad = tmp_path / "good.csv", tmp_path / "bad.csv"
+    good.write_text("prompt\nhello\n")
+    bad.write_text("prompt,answer\nhello,1\nx,2,3,4\n")
+    with pytest.raises(ValueError, match=r"cannot read the prompt file .*bad\.csv: ParserError: .*Expected 2 fields in line 3"):
+        load_source("files", "train", files=[str(good), str(bad)])
+    with pytest.raises(ValueError, match=r"cannot read dataset '.*no_such_dataset'"):
+        load_source("datasets", "train", dataset=str(tmp_path / "no_such_dataset"))
 
 
 def test_missing_column_names_the_columns_there_are():

@@ -136,6 +136,10 @@ def curate(candidates: pa.Table, eval_prompts: list[str], settings: CurationSett
     """Runs the filters in order; raises, naming the filter that removed the most, if none are left."""
     rows = scored(candidates)
     s = settings
+    verifier = "off"
+    if s.use_verifier:
+        verifiable = rows["correct"].null_count < rows.num_rows
+        verifier = "task verifier on the teacher's answer" if verifiable else "skipped: no row has a reference answer to verify"
     steps = [
         ("length", f"prompt {s.min_prompt_chars}–{s.max_prompt_chars} chars, response {s.min_response_tokens}–"
          f"{s.max_response_tokens} tokens{', finished' if s.drop_unfinished else ''}", lambda t: _length(t, s)),
@@ -144,7 +148,7 @@ def curate(candidates: pa.Table, eval_prompts: list[str], settings: CurationSett
          lambda t: near_duplicates(t, s.near_duplicate_threshold, s.shingle_chars)),
         ("decontamination", f"{s.decontamination_ngram}-word n-gram shared with the eval split",
          lambda t: _contaminated(t, eval_prompts, s.decontamination_ngram)),
-        ("verifier", "task verifier on the teacher's answer" if s.use_verifier else "off", lambda t: _verifier(t, s.use_verifier)),
+        ("verifier", verifier, lambda t: _verifier(t, s.use_verifier)),
         ("confidence", f"mean logprob ≥ {s.min_mean_logprob}, mean top-k entropy ≤ {s.max_mean_entropy}",
          lambda t: _confidence(t, s.min_mean_logprob, s.max_mean_entropy)),
         ("selection", f"top {s.target_size} by quality score, similarity < {s.selection_similarity}" if s.target_size else "off",

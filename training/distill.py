@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import Field, model_validator
 
+from training.chat import prompt_ids_for
 from training.kd import LossSettings, sparse_batch, sparse_kd_loss
 from training.models import load_model, save_model
 from training.optim import adamw, cosine_lr
@@ -111,11 +112,13 @@ def train_student(model, tokenizer, data: pa.Table | Iterator[pa.Table], setting
     `data` and `rollouts` are each either a table, drawn in shuffled batches (stored rows: a
     curated dataset, a round's `teacher_feedback`), or an iterator that yields one fresh batch each
     time a step asks for it: GKD's online form, where an on-policy batch is sampled from the
-    student as it is at that step. Tables are checked before training, fresh batches as they come."""
+    student as it is at that step. Tables are checked before training, fresh batches as they come;
+    prompts rendered with another chat template than the student's are rendered anew with its own."""
     objective = settings.loss()
     vocab_size = model.config.vocab_size
 
     def checked(rows: pa.Table, kind: str) -> pa.Table:
+        rows = rows.set_column(rows.schema.get_field_index("prompt_token_ids"), "prompt_token_ids", prompt_ids_for(tokenizer, rows))
         if "topk_ids" in rows.column_names:
             check_compatible(rows, vocab_size, teacher_vocab_size, settings.k)
             if (found := float(rows["temperature"][0].as_py())) != temperature:

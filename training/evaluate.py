@@ -6,6 +6,7 @@ import pyarrow.compute as pc
 import torch
 
 from training.batches import completion_positions
+from training.chat import render
 from training.engines.base import Generation, SamplingParams
 from training.engines.hf import HFEngine
 from training.kd import LossSettings, dense_kd_loss
@@ -24,15 +25,11 @@ def _verified(engine: HFEngine, prompt_ids: list[list[int]], answers: pa.Array, 
     return pc.mean(pc.cast(correct, pa.float64())).as_py(), generations
 
 
-def _prompt_ids(tokenizer, prompts: pa.Table) -> list[list[int]]:
-    return tokenizer(prompts["prompt"].to_pylist(), add_special_tokens=True)["input_ids"]
-
-
 def exact_match(model, tokenizer, prompts: pa.Table, task: Task, temperature: float = 0.0, seed: int = 0,
                 max_new_tokens: int = 96) -> float | None:
     """Share of `prompts` (prompt, answer) whose completion the task verifies (greedy at T = 0)."""
     engine = HFEngine(model, tokenizer, batch_size=EVAL_BATCH_SIZE)
-    return _verified(engine, _prompt_ids(tokenizer, prompts), prompts["answer"], task, temperature, seed, max_new_tokens)[0]
+    return _verified(engine, render(tokenizer, prompts), prompts["answer"], task, temperature, seed, max_new_tokens)[0]
 
 
 @torch.no_grad()
@@ -41,7 +38,7 @@ def evaluate(student, tokenizer, prompts: pa.Table, task: Task, teacher=None, se
     """greedy_exact_match, sampled_exact_match (temperature 1), and, given a teacher, the mean
     per-token reverse KL(q‖p) of teacher p and student q on the student's own samples."""
     engine = HFEngine(student, tokenizer, batch_size=EVAL_BATCH_SIZE)
-    prompt_ids = _prompt_ids(tokenizer, prompts)
+    prompt_ids = render(tokenizer, prompts)
     metrics = {}
     for name, temperature in [("greedy_exact_match", 0.0), ("sampled_exact_match", 1.0)]:
         metrics[name], generations = _verified(engine, prompt_ids, prompts["answer"], task, temperature, seed, max_new_tokens)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from training.chat import with_conversation_columns
 from training.engines.base import Engine, SamplingParams
 from training.labeling import sample
 from training.tables import with_content_id
@@ -110,7 +111,7 @@ def write_inputs(engine: Engine, instructions: list[Instruction], sampling: Samp
         raise ValueError("write one input per instruction (n=1); ask for more instructions instead")
     if not instructions:
         return []
-    written, too_long, _ = sample(engine, [i.text for i in instructions], sampling, "drop")
+    written, too_long, _ = sample(engine, pa.table({"prompt": [i.text for i in instructions]}), sampling, "drop")
     if too_long:
         raise ValueError(
             f"{too_long} instructions do not fit the teacher's context with max_new_tokens={sampling.max_new_tokens}: "
@@ -119,17 +120,19 @@ def write_inputs(engine: Engine, instructions: list[Instruction], sampling: Samp
     return written["completion"].to_pylist()
 
 
-def written_prompts(instructions: list[Instruction], outputs: list[str], seeds: list[str], task: "Task") -> tuple[pa.Table, dict]:
-    """The valid inputs among the teacher's outputs, as a prompt table (prompt_id, prompt, answer,
-    origin, instruction, instruction_index, parent_prompts, topic; `task.written_input` decides
-    validity and the reference answer), and the report: instructions, unparsed outputs, and how
-    well the outputs follow their instructions."""
+def written_prompts(instructions: list[Instruction], outputs: list[str], seeds: list[str], task: "Task",
+                    system_prompt: str | None = None) -> tuple[pa.Table, dict]:
+    """The valid inputs among the teacher's outputs, as a prompt table (prompt_id, prompt, messages,
+    system_prompt (the seeds'), answer, origin, instruction, instruction_index, parent_prompts,
+    topic; `task.written_input` decides validity and the reference answer), and the report:
+    instructions, unparsed outputs, and how well the outputs follow their instructions."""
     parsed = [task.written_input(text) for text in outputs]
     kept = [i for i, found in enumerate(parsed) if found is not None]
     if not kept:
         raise ValueError(f"none of the teacher's {len(instructions)} outputs is a valid input: check the templates and the teacher")
+    prompts = with_conversation_columns(pa.table({"prompt": pa.array([parsed[i][0] for i in kept], pa.string())}), system_prompt)
     prompts = pa.table({
-        "prompt": pa.array([parsed[i][0] for i in kept], pa.string()),
+        **{name: prompts[name] for name in prompts.column_names},
         "answer": pa.array([parsed[i][1] for i in kept], pa.string()),
         "origin": pa.array([ORIGIN[instructions[i].operator] for i in kept], pa.string()),
         "instruction": pa.array([instructions[i].text for i in kept], pa.string()),
@@ -140,5 +143,5 @@ def written_prompts(instructions: list[Instruction], outputs: list[str], seeds: 
     written = [found[0] if found else None for found in parsed]
     report = {"instructions": len(instructions), "unparsed_outputs": len(instructions) - len(kept),
               **task.following_report(instructions, written, seeds)}
-    prompts = with_content_id(prompts, "prompt_id", ["prompt"])
+    prompts = with_content_id(prompts, "prompt_id", ["prompt", "messages", "system_prompt"])
     return prompts.select(["prompt_id", *prompts.column_names[:-1]]), report

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
+from training.chat import prompt_ids_for, prompt_rendering, render
 from training.engines.base import Engine, SamplingParams
 from training.signal import CODEC, LOGPROB_MODE, SignalSettings, signal_columns, signal_statistics
 from training.tables import join_prompts, with_constants, with_content_id
@@ -29,6 +30,7 @@ class LabelingSettings(SignalSettings):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(96, ge=1, description="the longest embedded solution is ~75 tokens")
     seed: int = 0
+    stop: list[str] = Field([], description="strings that end a response (besides the model's end-of-turn ids), kept in it")
     overlong_prompts: Literal["drop", "truncate"] = Field(
         "drop", description="prompts that leave no room for max_new_tokens: drop them, or keep their last tokens"
     )
@@ -40,7 +42,7 @@ class LabelingSettings(SignalSettings):
         return self
 
     def sampling(self) -> SamplingParams:
-        return SamplingParams(self.n, self.temperature, self.top_p, self.max_new_tokens, self.seed)
+        return SamplingParams(self.n, self.temperature, self.top_p, self.max_new_tokens, self.seed, tuple(self.stop))
 
 
 @dataclass
@@ -51,16 +53,17 @@ class Labeled:
     statistics: dict
 
 
-def fit_prompts(engine: Engine, prompts: list[str], max_new_tokens: int, overlong: str):
-    """Token ids per prompt with room for `max_new_tokens` in the context; overlong ones are dropped
-    (None) or keep their last tokens. Returns (ids or None per prompt, dropped, truncated)."""
+def fit_prompts(engine: Engine, prompts: pa.Table, max_new_tokens: int, overlong: str):
+    """Token ids per prompt row, rendered for the engine's model (`training.chat.render`), with room
+    for `max_new_tokens` in the context; overlong ones are dropped (None) or keep their last tokens.
+    Returns (ids or None per prompt, dropped, truncated)."""
     budget = engine.context_length - max_new_tokens
     if budget < 1:
         raise ValueError(
             f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
             f"{engine.context_length}-token context; lower max_new_tokens"
         )
-    encoded = engine.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    encoded = render(engine.tokenizer, prompts)
     lengths = np.array([len(ids) for ids in encoded])
     overlong_rows = lengths > budget
     if overlong == "drop":
@@ -70,10 +73,11 @@ def fit_prompts(engine: Engine, prompts: list[str], max_new_tokens: int, overlon
     return fitted, 0, int(overlong_rows.sum())
 
 
-def sample(engine: Engine, prompts: list[str], sampling: SamplingParams, overlong: str = "drop"):
-    """n completions per prompt from `engine`, as token ids. Returns (table, dropped, truncated); the
-    table has one row per completion: prompt_index (into `prompts`), sample_index, prompt_token_ids,
-    completion_token_ids, completion, finish_reason, num_tokens."""
+def sample(engine: Engine, prompts: pa.Table, sampling: SamplingParams, overlong: str = "drop"):
+    """n completions per prompt row (`prompt`, optionally `messages`, `system_prompt`) from `engine`,
+    as token ids. Returns (table, dropped, truncated); the table has one row per completion:
+    prompt_index (into `prompts`), sample_index, prompt_token_ids (as the model saw them),
+    prompt_rendering, completion_token_ids, completion, finish_reason, num_tokens."""
     fitted, dropped, truncated = fit_prompts(engine, prompts, sampling.max_new_tokens, overlong)
     kept = [i for i, ids in enumerate(fitted) if ids is not None]
     prompt_ids = [fitted[i] for i in kept]
@@ -82,6 +86,7 @@ def sample(engine: Engine, prompts: list[str], sampling: SamplingParams, overlon
         "prompt_index": pa.array([kept[g.prompt_index] for g in generations], pa.int64()),
         "sample_index": pa.array([g.sample_index for g in generations], pa.int32()),
         "prompt_token_ids": pa.array([prompt_ids[g.prompt_index] for g in generations], pa.list_(pa.int32())),
+        "prompt_rendering": pa.array([prompt_rendering(engine.tokenizer)] * len(generations), pa.string()),
         "completion_token_ids": pa.array([g.completion_ids for g in generations], pa.list_(pa.int32())),
         "completion": pa.array([g.text for g in generations], pa.string()),
         "finish_reason": pa.array([g.finish_reason for g in generations], pa.string()),
@@ -94,10 +99,11 @@ def score(
     engine: Engine, sequences: pa.Table, k: int, signal_temperature: float = 1.0, logprob_type: pa.DataType = pa.float32()
 ) -> tuple[pa.Table, dict]:
     """`engine`'s sparse signal on every completion token of `sequences` (prompt_token_ids,
-    completion_token_ids): a table of the signal columns plus k, temperature, logprob_mode and codec,
-    one row per sequence, and statistics."""
+    completion_token_ids; the prompts rendered anew when another template rendered them, see
+    `training.chat.prompt_ids_for`): a table of the signal columns plus k, temperature, logprob_mode
+    and codec, one row per sequence, and statistics."""
     signals = engine.score(
-        sequences["prompt_token_ids"].to_pylist(), sequences["completion_token_ids"].to_pylist(), k, signal_temperature
+        prompt_ids_for(engine.tokenizer, sequences).to_pylist(), sequences["completion_token_ids"].to_pylist(), k, signal_temperature
     )
     table = with_constants(
         pa.table(signal_columns(signals, logprob_type)), k=pa.scalar(k, pa.int32()),
@@ -115,14 +121,14 @@ def with_columns(table: pa.Table, columns: pa.Table) -> pa.Table:
 
 def label(
     engine: Engine,
-    prompts: list[str],
+    prompts: pa.Table,
     sampling: SamplingParams,
     k: int,
     signal_temperature: float = 1.0,
     overlong: str = "drop",
     logprob_type: pa.DataType = pa.float32(),
 ) -> Labeled:
-    """n responses per prompt with the teacher's top-k signal on every response token."""
+    """n responses per prompt row with the teacher's top-k signal on every response token."""
     if k > len(engine.tokenizer):
         raise ValueError(f"k={k} is larger than the vocabulary ({len(engine.tokenizer)} tokens); lower k")
     engine.check_signal(k, signal_temperature)
@@ -138,7 +144,7 @@ def label_table(engine: Engine, prompts: pa.Table, settings: LabelingSettings, c
     returns (table, metrics). `sample_id` hashes the prompt, the response, the teacher, the sampling
     and `id_columns`."""
     sampling = settings.sampling()
-    labeled = label(engine, prompts["prompt"].to_pylist(), sampling, settings.k, settings.signal_temperature,
+    labeled = label(engine, prompts, sampling, settings.k, settings.signal_temperature,
                     settings.overlong_prompts, settings.logprob_type())
     table = join_prompts(labeled.table, prompts.drop_columns([c for c in ("task", "source", "run_id") if c in prompts.column_names]))
     table = table.append_column("correct", task.verify(table["completion"], table["answer"]))
@@ -163,5 +169,6 @@ def label_table(engine: Engine, prompts: pa.Table, settings: LabelingSettings, c
 
 
 def finished_share(table: pa.Table) -> float | None:
-    """The share of completions that ended with <eos> (finish_reason 'stop') rather than the length limit."""
+    """The share of completions that ended at an end-of-turn id or stop string (finish_reason 'stop')
+    rather than at the length limit."""
     return pc.mean(pc.cast(pc.equal(table["finish_reason"], "stop"), pa.float64())).as_py()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from training.tokenizer import build_char_tokenizer, chat_template_hash, tokenizer_hash
 
@@ -78,6 +78,22 @@ def load_model(name_or_path: str, revision: str | None = None, trust_remote_code
             "that is reachable from this machine"
         ) from error
     return model.eval(), tokenizer
+
+
+def end_of_turn_ids(generation_config: GenerationConfig | None, tokenizer) -> list[int]:
+    """The ids generation stops at: the tokenizer's eos and every eos_token_id of the model's
+    generation_config (chat models list their end-of-turn token there, e.g. Qwen's <|im_end|>)."""
+    configured = getattr(generation_config, "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    return sorted({i for i in [tokenizer.eos_token_id, *configured] if i is not None})
+
+
+def load_generation_config(name_or_path: str, revision: str | None = None) -> GenerationConfig | None:
+    """The model's generation_config.json, or None when it has none (then only the tokenizer's eos stops)."""
+    try:
+        return GenerationConfig.from_pretrained(name_or_path, revision=revision)
+    except OSError:
+        return None
 
 
 def weights_hash(model) -> str:

@@ -1,14 +1,19 @@
 """Prompts from the task's generator, local files, or any `datasets.load_dataset` source, as Arrow.
 
-Rows whose prompt is missing, not a string, or blank are dropped and counted, never fatal.
+The prompt column holds text or conversations (`messages`: a list of {role, content}, multi-turn,
+OpenAI style); a `system_prompt` may be set for all rows. Rows whose prompt is unusable are dropped
+and counted by reason, never fatal; a file that cannot be parsed is an error that names it.
 """
 
+import collections
 from pathlib import Path
 
 import datasets
+import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from training.chat import MESSAGES, with_conversation_columns
 from training.tables import with_constants, with_content_id
 from training.tasks import Task
 
@@ -29,6 +34,15 @@ def _file_builder(files: list[str]) -> str:
     return builders.pop()
 
 
+def _loaded(load, what: str) -> pa.Table:
+    """`load()`'s dataset as Arrow, or an error that names `what` and the reason."""
+    try:
+        return load().with_format("arrow")[:]
+    except Exception as error:
+        reason = error.__cause__ or error  # datasets wraps the parser's error (line and column) in a generic one
+        raise ValueError(f"cannot read {what}: {type(reason).__name__}: {reason}") from error
+
+
 def load_source(
     source: str,
     split: str,
@@ -36,44 +50,99 @@ def load_source(
     dataset: str | None = None,
     subset: str | None = None,
 ) -> pa.Table:
-    """The whole split as an Arrow table, through `datasets.load_dataset` (local files included)."""
+    """The whole split as an Arrow table, through `datasets.load_dataset` (local files included). A
+    file that cannot be parsed is named, with the parser's reason."""
     if source == "files":
-        loaded = datasets.load_dataset(_file_builder(files), data_files={split: list(files)}, split=split)
-    elif source == "datasets":
-        loaded = datasets.load_dataset(dataset, subset, split=split)
-    else:
-        raise ValueError(f"unknown prompt source {source!r}: use 'embedded', 'files' or 'datasets'")
-    return loaded.with_format("arrow")[:]
+        builder = _file_builder(files)
+        try:
+            return _loaded(lambda: datasets.load_dataset(builder, data_files={split: list(files)}, split=split), f"the files {files}")
+        except ValueError:
+            for file in files:  # which one: each alone, only now that reading them together failed
+                _loaded(lambda: datasets.load_dataset(builder, data_files={split: [file]}, split=split), f"the prompt file {file}")
+            raise
+    if source == "datasets":
+        return _loaded(
+            lambda: datasets.load_dataset(dataset, subset, split=split),
+            f"dataset {dataset!r} (subset {subset!r}, split {split!r}); give a local path or a hub id reachable from here",
+        )
+    raise ValueError(f"unknown prompt source {source!r}: use 'embedded', 'files' or 'datasets'")
 
 
-def select_prompts(table: pa.Table, prompt_column: str, answer_column: str | None, limit: int):
-    """Columns `prompt` (and `answer`) of usable rows, at most `limit`; returns (table, dropped)."""
+ROLES = "('system', 'user', 'assistant')"
+TEXT_REASON = """CASE WHEN p IS NULL THEN 'missing' WHEN json_type(p) = 'NULL' THEN 'missing'
+    WHEN json_type(p) IN ('BIGINT', 'UBIGINT', 'DOUBLE') THEN 'not a string (a number)'
+    WHEN json_type(p) = 'ARRAY' THEN 'not a string (a list)'
+    WHEN json_type(p) <> 'VARCHAR' THEN 'not a string (' || lower(json_type(p)) || ')'
+    WHEN trim(p ->> '$') = '' THEN 'blank' END"""
+CONVERSATION_REASON = f"""CASE WHEN p IS NULL OR len(p) = 0 THEN 'missing'
+    WHEN len(list_filter(p, lambda m: m.role IS NULL OR m.role NOT IN {ROLES})) > 0 THEN 'a turn with an unknown role'
+    WHEN len(list_filter(p, lambda m: m.content IS NULL)) > 0 THEN 'a turn without content'
+    WHEN NOT list_contains(list_transform(p, lambda m: m.role), 'user') THEN 'no user turn' END"""
+# up to the last user turn (a dataset of whole chats ends with the reply to replace)
+TO_LAST_USER = "p[1 : len(p) + 1 - list_position(list_reverse(list_transform(p, lambda m: m.role)), 'user')]"
+# one text per conversation, for dedup, decontamination and display: a lone user turn's content, else
+# `role: content` lines; system turns left out
+FLATTENED = """CASE WHEN len(list_filter(c, lambda m: m.role <> 'system')) = 1 THEN list_filter(c, lambda m: m.role = 'user')[1].content
+    ELSE array_to_string(list_transform(list_filter(c, lambda m: m.role <> 'system'), lambda m: m.role || ': ' || m.content), chr(10)) END"""
+
+
+def _json_text(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray, str]:
+    """(column, the SQL that makes its values JSON text), so one rule handles strings, numbers, lists
+    and nulls: a column `datasets` read as JSON (mixed types) already is; any other is cast to JSON."""
+    if isinstance(column.type, pa.ExtensionType):
+        return pa.chunked_array([chunk.storage for chunk in column.chunks], column.type.storage_type), "p"
+    return column, "to_json(p)"
+
+
+def select_prompts(table: pa.Table, prompt_column: str, answer_column: str | None, limit: int) -> tuple[pa.Table, dict[str, int]]:
+    """Columns `prompt`, `messages` (and `answer`) of usable rows, at most `limit`; returns (table,
+    rows dropped by reason). The prompt column holds text, or conversations (a list of {role,
+    content}): a row is dropped when its prompt is missing, blank or not a string, or its
+    conversation has an unknown role, a turn without content or no user turn."""
     for column in filter(None, (prompt_column, answer_column)):
         if column not in table.column_names:
             raise ValueError(f"no column {column!r} in the prompt source; its columns are {table.column_names}")
     prompt = table.column(prompt_column)
-    if not pa.types.is_string(prompt.type) and not pa.types.is_large_string(prompt.type):
-        usable = pa.repeat(pa.scalar(False), table.num_rows)
+    answer = pc.cast(table.column(answer_column), pa.string()) if answer_column else pa.nulls(table.num_rows, pa.string())
+    values, as_json = _json_text(prompt)
+    rows = pa.table({"p": values, "answer": answer})
+    conversational = pa.types.is_list(prompt.type) or pa.types.is_large_list(prompt.type)
+    if conversational:
+        sql = f"""WITH checked AS (SELECT *, {CONVERSATION_REASON} AS reason FROM rows),
+                       cut AS (SELECT *, CASE WHEN reason IS NULL THEN {TO_LAST_USER} END AS c FROM checked)
+                  SELECT {FLATTENED} AS prompt, c AS messages, answer, reason FROM cut"""
     else:
-        usable = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(prompt)), 0), False)
-    selected = {"prompt": prompt}
-    if answer_column:
-        selected["answer"] = pc.cast(table.column(answer_column), pa.string())
-    kept = pa.table(selected).filter(usable)
-    return kept.slice(0, limit), table.num_rows - kept.num_rows
+        sql = f"""WITH j AS (SELECT {as_json} AS p, answer FROM rows)
+                  SELECT p ->> '$' AS prompt, NULL::STRUCT(role VARCHAR, content VARCHAR)[] AS messages, answer,
+                         {TEXT_REASON} AS reason FROM j"""
+    with duckdb.connect() as connection:
+        connection.register("rows", rows)
+        checked = connection.sql(sql).to_arrow_table()
+    usable = pc.is_null(checked["reason"])
+    dropped = dict(collections.Counter(checked["reason"].drop_null().to_pylist()))
+    kept = checked.filter(usable).select(["prompt", "messages", "answer"])
+    kept = kept.set_column(1, "messages", kept["messages"].cast(MESSAGES))
+    return kept.slice(0, limit), dropped
+
+
+PROMPT_COLUMNS = ["prompt_id", "prompt", "messages", "system_prompt", "answer", "task", "source", "run_id"]
 
 
 def prompt_table(task: Task, source: str, split: str, num_prompts: int, seed: int, files: list[str], dataset: str | None,
-                 subset: str | None, prompt_column: str, answer_column: str | None, run_id: str) -> tuple[pa.Table, int]:
-    """The prompt table of a source (prompt_id, prompt, answer, task, source, run_id), at most
-    `num_prompts` rows; `embedded` generates them with the task. Returns (table, rows dropped)."""
+                 subset: str | None, prompt_column: str, answer_column: str | None, system_prompt: str | None,
+                 run_id: str) -> tuple[pa.Table, dict[str, int]]:
+    """The prompt table of a source (PROMPT_COLUMNS), at most `num_prompts` rows; `embedded`
+    generates them with the task. `prompt_id` hashes the prompt, the conversation and the system
+    prompt. Returns (table, rows dropped by reason)."""
     if source == "embedded":
-        table, dropped = task.prompts(split, num_prompts, seed), 0
+        table, dropped = task.prompts(split, num_prompts, seed), {}
     else:
         table, dropped = select_prompts(load_source(source, split, files, dataset, subset), prompt_column, answer_column, num_prompts)
     if table.num_rows == 0:
-        raise ValueError(f"the prompt source has no usable prompts ({dropped} rows dropped as empty or non-string)")
+        raise ValueError(f"the prompt source has no usable prompts (rows dropped, by reason: {dropped})")
     if "answer" not in table.column_names:
         table = table.append_column("answer", pa.nulls(table.num_rows, pa.string()))
-    table = with_constants(with_content_id(table, "prompt_id", ["prompt"]), task=task.name, source=source, run_id=run_id)
-    return table.select(["prompt_id", "prompt", "answer", "task", "source", "run_id"]), dropped
+    table = with_conversation_columns(table, system_prompt)
+    table = with_constants(with_content_id(table, "prompt_id", ["prompt", "messages", "system_prompt"]),
+                           task=task.name, source=source, run_id=run_id)
+    return table.select(PROMPT_COLUMNS), dropped

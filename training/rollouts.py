@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from training.chat import with_conversation_columns
 from training.engines.base import Engine, SamplingParams
 from training.labeling import finished_share, sample, score, with_columns
 from training.signal import SignalSettings
@@ -27,13 +28,17 @@ if TYPE_CHECKING:
     from training.tasks import Task
 
 
+PROMPT_COLUMNS = ["prompt_id", "prompt", "messages", "system_prompt", "answer"]
+
+
 def draw_prompts(table: pa.Table, n: int, seed: str) -> pa.Table:
-    """n distinct prompts (prompt_id, prompt, answer), ordered by sha256(prompt_id ‖ seed)."""
+    """n distinct prompts (PROMPT_COLUMNS), ordered by sha256(prompt_id ‖ seed)."""
+    table = with_conversation_columns(table)
+    values = ", ".join(f"any_value({c}) AS {c}" for c in PROMPT_COLUMNS[1:])
     with duckdb.connect() as connection:
         connection.register("source_rows", table)
         return connection.sql(
-            "SELECT prompt_id, any_value(prompt) AS prompt, any_value(answer) AS answer FROM source_rows "
-            "GROUP BY prompt_id ORDER BY sha256(prompt_id || ?) LIMIT ?",
+            f"SELECT prompt_id, {values} FROM source_rows GROUP BY prompt_id ORDER BY sha256(prompt_id || ?) LIMIT ?",
             params=[seed, n],
         ).to_arrow_table()
 
@@ -41,7 +46,7 @@ def draw_prompts(table: pa.Table, n: int, seed: str) -> pa.Table:
 def sample_rollouts(student: Engine, prompts: pa.Table, sampling: SamplingParams, identity: dict) -> tuple[pa.Table, dict]:
     """n samples per prompt from the student, with the prompt columns and `identity` (student,
     weights and tokenizer hashes, round, run) stamped on every row; returns (table, metrics)."""
-    samples, dropped, _ = sample(student, prompts["prompt"].to_pylist(), sampling, "drop")
+    samples, dropped, _ = sample(student, prompts, sampling, "drop")
     table = with_constants(join_prompts(samples, prompts), **identity, sampling=json.dumps(sampling.__dict__, sort_keys=True))
     table = with_content_id(table, "sample_id", ["prompt_id", "sample_index", "completion_token_ids", "student_weights_hash", "sampling"])
     metrics = {

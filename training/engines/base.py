@@ -12,13 +12,16 @@ from training.signal import SparseSignal
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How completions are sampled. temperature 0 means greedy."""
+    """How completions are sampled. temperature 0 means greedy. A completion ends at any of the
+    model's end-of-turn ids (kept as its last token) or once its text contains a `stop` string (the
+    token that completes it kept)."""
 
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
     seed: int = 0
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.n < 1:
@@ -39,8 +42,24 @@ class Generation:
     sample_index: int
     completion_ids: list[int]
     text: str
-    finish_reason: str  # "stop" (ended with <eos>, which completion_ids includes) or "length"
+    finish_reason: str  # "stop" (an end-of-turn id, which completion_ids includes, or a stop string) or "length"
     signal: SparseSignal | None = None  # the sparse signal of the completion, when generate was asked for logprobs
+
+
+def stop_string_end(tokenizer, ids: list[int], stop: tuple[str, ...]) -> int | None:
+    """How many of `ids` it takes for the decoded text to contain a stop string (the completing token
+    included), or None: a binary search over prefixes, a few decodes per completion."""
+    def stopped(n: int) -> bool:
+        text = tokenizer.decode(ids[:n], skip_special_tokens=True)
+        return any(s in text for s in stop)
+
+    if not stop or not stopped(len(ids)):
+        return None
+    low, high = 1, len(ids)
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if stopped(middle) else (middle + 1, high)
+    return low
 
 
 class EngineRequestsFailed(RuntimeError):
@@ -60,6 +79,7 @@ class Engine(Protocol):
 
     backend: str  # "hf", "vllm" or "openai"
     tokenizer: object
+    end_of_turn_ids: list[int]  # generation stops at each (`training.models.end_of_turn_ids`)
     context_length: int  # the most tokens prompt + completion may have
 
     def check_signal(self, k: int, temperature: float) -> None:

@@ -70,6 +70,7 @@ class CachedEngine:
     def __init__(self, engine: Engine, cache: TeacherCache, model_id: str):
         self.engine, self.cache, self.model_id = engine, cache, model_id
         self.backend, self.tokenizer, self.context_length = engine.backend, engine.tokenizer, engine.context_length
+        self.end_of_turn_ids = engine.end_of_turn_ids
         self.hits = self.misses = 0
 
     @property
@@ -117,7 +118,8 @@ class CachedEngine:
         occurrences = collections.Counter()  # identical prompts in one call are independent samples
         keys = []
         for p in prompt_ids:
-            keys.append(content_key(self.model_id, "generate", self.backend, p, sampling, logprobs, CODEC, occurrences[tuple(p)]))
+            keys.append(content_key(self.model_id, "generate", self.backend, p, sampling, self.end_of_turn_ids, logprobs, CODEC,
+                                    occurrences[tuple(p)]))
             occurrences[tuple(p)] += 1
         found, missing = self._lookup("generate", keys)
         by_key = {}

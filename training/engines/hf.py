@@ -5,8 +5,8 @@ import pyarrow as pa
 import torch
 
 from training.batches import completion_positions, left_padded, list_lengths
-from training.engines.base import Generation, SamplingParams
-from training.models import load_model
+from training.engines.base import Generation, SamplingParams, stop_string_end
+from training.models import end_of_turn_ids, load_model
 from training.signal import SparseSignal, topk_signal
 
 
@@ -19,6 +19,7 @@ class HFEngine:
         self.batch_size = batch_size
         self.device = device
         self.context_length = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+        self.end_of_turn_ids = end_of_turn_ids(model.generation_config, tokenizer)
 
     @classmethod
     def load(cls, name_or_path: str, revision: str | None = None, trust_remote_code: bool = False, **kwargs):
@@ -30,7 +31,6 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams, logprobs: int = 0) -> list[Generation]:
-        eos = self.tokenizer.eos_token_id
         out = []
         for batch_no, start in enumerate(range(0, len(prompt_ids), self.batch_size)):
             ids, mask = (t.to(self.device) for t in left_padded(prompt_ids[start : start + self.batch_size], self.tokenizer.pad_token_id))
@@ -46,16 +46,16 @@ class HFEngine:
                 num_return_sequences=params.n,
                 max_new_tokens=params.max_new_tokens,
                 pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=eos,
+                eos_token_id=self.end_of_turn_ids,
+                stop_strings=list(params.stop) or None,
+                tokenizer=self.tokenizer if params.stop else None,
                 return_dict_in_generate=True,
                 output_logits=logprobs > 0,
             )
             generated = generated_out.sequences[:, ids.shape[1] :].cpu()
-            is_eos = generated == eos
-            has_eos = is_eos.any(dim=1)
-            lengths = torch.where(has_eos, is_eos.int().argmax(dim=1) + 1, generated.shape[1])
+            lengths, stopped = self._completion_lengths(generated, params.stop)
             signals = self._generated_signals(generated_out.logits, generated, lengths, logprobs) if logprobs else None
-            for row, (tokens, length, stopped) in enumerate(zip(generated.tolist(), lengths.tolist(), has_eos.tolist())):
+            for row, (tokens, length, ended) in enumerate(zip(generated.tolist(), lengths.tolist(), stopped.tolist())):
                 completion = tokens[:length]
                 out.append(
                     Generation(
@@ -63,11 +63,24 @@ class HFEngine:
                         sample_index=row % params.n,
                         completion_ids=completion,
                         text=self.tokenizer.decode(completion, skip_special_tokens=True),
-                        finish_reason="stop" if stopped else "length",
+                        finish_reason="stop" if ended else "length",
                         signal=signals[row] if signals else None,
                     )
                 )
         return out
+
+    def _completion_lengths(self, generated: torch.Tensor, stop: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens per completion, whether it stopped): up to and including its first end-of-turn id,
+        or the token that completes a stop string if that comes first (the rest is padding)."""
+        is_end = torch.isin(generated, torch.tensor(self.end_of_turn_ids))
+        stopped = is_end.any(dim=1)
+        lengths = torch.where(stopped, is_end.int().argmax(dim=1) + 1, generated.shape[1])
+        if stop:
+            for row, tokens in enumerate(generated.tolist()):
+                end = stop_string_end(self.tokenizer, tokens[: lengths[row]], stop)
+                if end is not None:
+                    lengths[row], stopped[row] = end, True
+        return lengths, stopped
 
     @staticmethod
     def _generated_signals(step_logits, generated: torch.Tensor, lengths: torch.Tensor, k: int) -> list[SparseSignal]:

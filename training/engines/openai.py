@@ -51,11 +51,13 @@ class OpenAIEngine:
         timeout_s: float = 60.0,
         max_retries: int = 3,
         backoff_s: float = 0.5,
+        end_of_turn_ids: list[int] | None = None,
     ):
         if not base_urls:
             raise ValueError("the openai backend needs base_urls, e.g. ['http://127.0.0.1:8000/v1']")
         self.base_urls = [url.rstrip("/") for url in base_urls]
         self.model, self.tokenizer, self.api_key = model, tokenizer, api_key
+        self.end_of_turn_ids = end_of_turn_ids or [tokenizer.eos_token_id]
         self.max_concurrency, self.timeout_s = max_concurrency, timeout_s
         self.max_retries, self.backoff_s = max_retries, backoff_s
         self.context_length = self._check_served_model() - 1  # the prompt must leave room for one output token
@@ -137,14 +139,14 @@ class OpenAIEngine:
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams, logprobs: int = 0) -> list[Generation]:
         if logprobs:
             self.check_signal(logprobs, 1.0)
-        eos = self.tokenizer.eos_token_id
         payload = {
             "n": params.n,
             "temperature": params.temperature,
             "top_p": params.top_p,
             "max_tokens": params.max_new_tokens,
             "seed": params.seed,
-            "stop_token_ids": [eos],
+            "stop_token_ids": self.end_of_turn_ids,
+            **({"stop": list(params.stop), "include_stop_str_in_output": True} if params.stop else {}),
             "return_token_ids": True,
             "return_tokens_as_token_ids": True,
             **({"logprobs": logprobs} if logprobs else {}),
@@ -158,7 +160,7 @@ class OpenAIEngine:
                     sample_index=s,
                     completion_ids=c["token_ids"],
                     text=self.tokenizer.decode(c["token_ids"], skip_special_tokens=True),
-                    finish_reason="stop" if c["token_ids"] and c["token_ids"][-1] == eos else "length",
+                    finish_reason="stop" if c["finish_reason"] == "stop" else "length",
                     signal=sampled_signal(c["logprobs"], logprobs) if logprobs else None,
                 )
                 for s, c in enumerate(choices)

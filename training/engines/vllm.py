@@ -1,7 +1,8 @@
 """The vLLM engine: the offline `vllm.LLM`, for the teacher (labeling, scoring) and students (rollouts).
 
-generate: one `SamplingParams(n, temperature, top_p, max_tokens, seed)` for every prompt; with
-`logprobs=k`, the top-k of every generated token. score: prompt ⊕ completion as one prompt with
+generate: one `SamplingParams(n, temperature, top_p, max_tokens, seed, stop_token_ids, stop)` for
+every prompt, stopping at the model's end-of-turn ids and stop strings (kept in the output, as the hf
+engine keeps them); with `logprobs=k`, the top-k of every generated token. score: prompt ⊕ completion as one prompt with
 `prompt_logprobs=k` (and max_tokens=1). With `flat_logprobs` vLLM returns k+1 entries per position,
 the actual token first and then the top-k by rank, so the signal is a reshape, not a per-token loop.
 
@@ -20,7 +21,7 @@ import os
 import numpy as np
 
 from training.engines.base import Generation, SamplingParams
-from training.models import load_tokenizer
+from training.models import end_of_turn_ids, load_generation_config, load_tokenizer
 from training.signal import SparseSignal, signal_from_topk
 
 LOGPROBS_MODE = "raw_logprobs"
@@ -59,6 +60,7 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         self.tokenizer = load_tokenizer(path, revision, trust_remote_code)
+        self.end_of_turn_ids = end_of_turn_ids(load_generation_config(path, revision), self.tokenizer)
         self.llm = vllm.LLM(
             model=path,
             revision=revision,
@@ -97,7 +99,6 @@ class VLLMEngine:
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams, logprobs: int = 0) -> list[Generation]:
         if logprobs:
             self.check_signal(logprobs, 1.0)
-        eos = self.tokenizer.eos_token_id
         outputs = self._run(
             prompt_ids,
             n=params.n,
@@ -105,9 +106,11 @@ class VLLMEngine:
             top_p=params.top_p,
             max_tokens=params.max_new_tokens,
             seed=params.seed,
-            stop_token_ids=[eos],
+            stop_token_ids=self.end_of_turn_ids,
+            stop=list(params.stop) or None,
+            include_stop_str_in_output=True,
             logprobs=logprobs or None,
-            detokenize=False,
+            detokenize=bool(params.stop),  # stop strings are matched on the text
         )
         generations = []
         for prompt_index, output in enumerate(outputs):
@@ -119,7 +122,7 @@ class VLLMEngine:
                         sample_index=sample_index,
                         completion_ids=tokens,
                         text=self.tokenizer.decode(tokens, skip_special_tokens=True),
-                        finish_reason="stop" if tokens and tokens[-1] == eos else "length",
+                        finish_reason="stop" if completion.finish_reason == "stop" else "length",
                         signal=flat_signal(completion.logprobs, len(tokens), logprobs) if logprobs else None,
                     )
                 )
