@@ -56,8 +56,10 @@ class PromptSourceConfig(dg.Config):
     )
     task: str = Field(
         "arithmetic",
-        description="what 'correct' means for these prompts (training/tasks): 'arithmetic' (the embedded task) "
-        "or 'none' (no verifier); stored on every row, read by every asset downstream",
+        description="what 'correct' means for these prompts (training/tasks): 'arithmetic' (the embedded task), "
+        "'gsm8k' (#### <number>), 'boxed' (\\boxed{…}), 'exact' (normalized string match), 'regex:<pattern with "
+        "(?P<answer>…)>', 'module.path:function' (your verifier (completion, reference) → bool | float), or 'none' "
+        "(no verifier); stored on every row, read by every asset downstream",
     )
     num_prompts: int = Field(512, ge=1, description="prompts to generate (embedded) or the most to keep")
     seed: int = 0

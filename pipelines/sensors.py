@@ -1,6 +1,7 @@
 """Opening on-policy rounds: a sensor opens round r+1 once round r has finished, while fewer than
-`max_rounds` have run and round r improved on its parent by at least `min_improvement`; a schedule
-(off by default) does the same on a cron. The policy comes from the environment (`RoundPolicy`).
+`max_rounds` have run and round r improved on its parent by at least `min_improvement` on the
+policy's `metric`; a schedule (off by default) does the same on a cron. The policy comes from the
+environment (`RoundPolicy`).
 
 Both are off by default (rounds cost compute): turn them on in the UI (Automation), or launch the
 `distill_round` job for a chosen partition by hand.
@@ -9,14 +10,17 @@ Both are off by default (rounds cost compute): turn them on in the UI (Automatio
 import os
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from assets.partitions import round_key, round_number, rounds
 from pipelines.jobs import distill_round
 
+LOWER_IS_BETTER = {"reverse_kl_on_student_samples", "forward_kl_on_teacher_samples", "student_nll_on_teacher_samples"}
+METRICS = sorted(LOWER_IS_BETTER | {"greedy_exact_match", "sampled_exact_match", "teacher_logprob_on_student_samples"})
 POLICY_HELP = (
     "Policy from the environment: DISTILL_MAX_ROUNDS (default 5), DISTILL_MIN_IMPROVEMENT (default 0.0: "
-    "stop when a round's greedy exact match falls below its parent's), DISTILL_ROUNDS_CRON (schedule only)."
+    "stop when a round does worse than its parent), DISTILL_ROUND_METRIC (default 'auto': greedy exact match when "
+    "the task verifies, else the reverse KL on the student's samples going down), DISTILL_ROUNDS_CRON (schedule only)."
 )
 
 
@@ -27,17 +31,38 @@ class RoundPolicy(dg.Config):
 
     max_rounds: int = Field(5, ge=1, description="no round beyond this many")
     min_improvement: float = Field(
-        0.0, description="stop when the last round's greedy exact-match gain over its parent is below this"
+        0.0, description="stop when the last round's gain over its parent on `metric` is below this (for a "
+        "lower-is-better metric, the gain is the decrease)"
     )
+    metric: str = Field("auto", description=f"the round_eval metric that must improve: 'auto' or one of {METRICS}")
     cron: str = Field("0 */6 * * *", description="the round schedule's cron (the schedule is off by default)")
 
     @classmethod
     def from_environment(cls) -> "RoundPolicy":
-        values = {"max_rounds": "DISTILL_MAX_ROUNDS", "min_improvement": "DISTILL_MIN_IMPROVEMENT", "cron": "DISTILL_ROUNDS_CRON"}
+        values = {"max_rounds": "DISTILL_MAX_ROUNDS", "min_improvement": "DISTILL_MIN_IMPROVEMENT", "metric": "DISTILL_ROUND_METRIC",
+                  "cron": "DISTILL_ROUNDS_CRON"}
         try:
             return cls(**{field: os.environ[name] for field, name in values.items() if os.environ.get(name)})
         except ValueError as error:
             raise ValueError(f"bad round policy in the environment ({', '.join(values.values())}): {error}") from None
+
+    @model_validator(mode="after")
+    def _known_metric(self):
+        if self.metric != "auto" and self.metric not in METRICS:
+            raise ValueError(f"unknown round metric {self.metric!r}: use 'auto' or one of {METRICS}")
+        return self
+
+    def gain(self, evaluation: dict) -> tuple[str, float | None]:
+        """(metric, the round's gain over its parent on it) from round_eval's metadata; 'auto' is greedy
+        exact match when the task verifies, else the reverse KL on the student's own samples."""
+        metric = self.metric
+        if metric == "auto":
+            verified = evaluation.get("greedy_exact_match") is not None
+            metric = "greedy_exact_match" if verified else "reverse_kl_on_student_samples"
+        mine, parent = evaluation.get(metric), evaluation.get(f"parent_{metric}")
+        if mine is None or parent is None:
+            return metric, None
+        return metric, (parent - mine) if metric in LOWER_IS_BETTER else (mine - parent)
 
 
 def next_round(instance: dg.DagsterInstance, policy: RoundPolicy) -> tuple[str | None, str]:
@@ -55,13 +80,13 @@ def next_round(instance: dg.DagsterInstance, policy: RoundPolicy) -> tuple[str |
     ).records
     if not records:
         return None, f"round {last} has not finished (no round_eval yet): waiting; if its run failed, re-run it"
-    found = records[0].asset_materialization.metadata.get("improvement")
-    if found is None:
-        return None, f"round {last} has no exact-match improvement (its prompts have no reference answers): open rounds by hand"
-    improvement = found.value
-    if improvement < policy.min_improvement:
-        return None, f"plateau: round {last} improved greedy exact match by {improvement:+.4f} < min_improvement={policy.min_improvement}"
-    return round_key(round_number(last) + 1), f"round {last} improved by {improvement:+.4f}"
+    evaluation = {name: value.value for name, value in records[0].asset_materialization.metadata.items()}
+    metric, gain = policy.gain(evaluation)
+    if gain is None:
+        return None, f"round {last} has no {metric} for itself and its parent (no reference answers?): set DISTILL_ROUND_METRIC to another metric"
+    if gain < policy.min_improvement:
+        return None, f"plateau: round {last} improved {metric} by {gain:+.4f} < min_improvement={policy.min_improvement}"
+    return round_key(round_number(last) + 1), f"round {last} improved {metric} by {gain:+.4f}"
 
 
 @dg.sensor(

@@ -61,6 +61,10 @@ SELECT partition AS round,
        round(json_extract(metrics, '$.parent_greedy_exact_match')::DOUBLE, 4) AS parent_greedy_exact_match,
        round(json_extract(metrics, '$.improvement')::DOUBLE, 4) AS improvement,
        round(json_extract(metrics, '$.reverse_kl_on_student_samples')::DOUBLE, 4) AS reverse_kl,
+       round(json_extract(metrics, '$.parent_reverse_kl_on_student_samples')::DOUBLE, 4) AS parent_reverse_kl,
+       round(json_extract(metrics, '$.teacher_logprob_on_student_samples')::DOUBLE, 4) AS teacher_logprob,
+       round(json_extract(metrics, '$.forward_kl_on_teacher_samples')::DOUBLE, 4) AS forward_kl,
+       round(json_extract(metrics, '$.student_nll_on_teacher_samples')::DOUBLE, 4) AS student_nll,
        round(json_extract(metrics, '$.rollout_reward')::DOUBLE, 4) AS rollout_reward,
        run_id, created_at
 FROM lineage WHERE asset = 'round_eval'

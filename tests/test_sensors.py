@@ -8,12 +8,12 @@ from pipelines.definitions import defs
 from pipelines.sensors import round_schedule, round_sensor
 
 
-def finish_round(instance, key: str, improvement: float) -> None:
-    """Records round `key` as finished: a round_eval materialization with its improvement."""
+def finish_round(instance, key: str, improvement: float, **metrics) -> None:
+    """Records round `key` as finished: a round_eval materialization with its metrics and its
+    parent's (greedy exact match `improvement` above the parent's, unless `metrics` are given)."""
     instance.add_dynamic_partitions(rounds.name, [key])
-    instance.report_runless_asset_event(
-        dg.AssetMaterialization(asset_key="round_eval", partition=key, metadata={"improvement": improvement})
-    )
+    metrics = metrics or {"greedy_exact_match": 0.5 + improvement, "parent_greedy_exact_match": 0.5}
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="round_eval", partition=key, metadata=metrics))
 
 
 def evaluate(instance):
@@ -52,9 +52,21 @@ def test_stops_at_max_rounds(instance, monkeypatch):
 def test_stops_on_a_plateau(instance, monkeypatch):
     monkeypatch.setenv("DISTILL_MIN_IMPROVEMENT", "0.01")
     finish_round(instance, "r001", 0.004)
-    assert "plateau: round r001 improved greedy exact match by +0.0040 < min_improvement=0.01" in (
+    assert "plateau: round r001 improved greedy_exact_match by +0.0040 < min_improvement=0.01" in (
         evaluate(instance).skip_reason.skip_message
     )
+
+
+def test_without_reference_answers_the_reverse_kl_must_go_down(instance, monkeypatch):
+    finish_round(instance, "r001", 0, reverse_kl_on_student_samples=0.30, parent_reverse_kl_on_student_samples=0.40)
+    assert [r.partition_key for r in evaluate(instance).run_requests] == ["r002"]
+    finish_round(instance, "r002", 0, reverse_kl_on_student_samples=0.45, parent_reverse_kl_on_student_samples=0.30)
+    assert "plateau: round r002 improved reverse_kl_on_student_samples by -0.1500" in evaluate(instance).skip_reason.skip_message
+    monkeypatch.setenv("DISTILL_ROUND_METRIC", "greedy_exact_match")
+    assert "round r002 has no greedy_exact_match" in evaluate(instance).skip_reason.skip_message
+    monkeypatch.setenv("DISTILL_ROUND_METRIC", "accuracy")
+    with pytest.raises(Exception, match="unknown round metric 'accuracy'"):
+        evaluate(instance)
 
 
 def test_bad_policy_in_the_environment_is_named(instance, monkeypatch):

@@ -73,7 +73,7 @@ class Curation:
 def normalized(column: str) -> str:
     """SQL: the normalized text of `column` (trimmed, lower case, runs of whitespace as one space),
     the one normalization of curation, decontamination and the dataset checks."""
-    return f"lower(regexp_replace(trim({column}), '\\s+', ' ', 'g'))"
+    return f"lower(trim(regexp_replace({column}, '\\s+', ' ', 'g')))"
 
 
 def candidate_pool(tables: dict[str, pa.Table]) -> pa.Table:

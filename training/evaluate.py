@@ -1,5 +1,14 @@
-"""Evaluation: exact match (greedy and sampled) under the task's verifier, and the teacher–student
-divergence on the student's own samples; one path for every model and every asset."""
+"""Evaluation: one path for every model and every asset.
+
+Task metrics (None when no eval prompt has a reference answer):
+    greedy_exact_match, sampled_exact_match (T = 1)       the share the task verifies
+Task-free metrics, against the teacher p (each model q renders the prompts with its own template):
+    reverse_kl_on_student_samples         mean over tokens y_t ~ q of KL(q‖p)(· | x, y_<t)
+    teacher_logprob_on_student_samples    mean over tokens y_t ~ q of log p(y_t | x, y_<t)
+    forward_kl_on_teacher_samples         mean over tokens y_t ~ p of KL(p‖q)(· | x, y_<t)
+    student_nll_on_teacher_samples        mean over tokens y_t ~ p of −log q(y_t | x, y_<t)
+The teacher's samples (T = 1, seeded) are held-out teacher responses, drawn once per evaluation.
+"""
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -7,9 +16,10 @@ import torch
 
 from training.batches import completion_positions
 from training.chat import render
+from training.divergences import forward_kl, reverse_kl
 from training.engines.base import Generation, SamplingParams
 from training.engines.hf import HFEngine
-from training.kd import LossSettings, dense_kd_loss
+from training.kd import nll, student_logprobs_at
 from training.models import load_model
 from training.tasks import Task
 
@@ -32,39 +42,78 @@ def exact_match(model, tokenizer, prompts: pa.Table, task: Task, temperature: fl
     return _verified(engine, render(tokenizer, prompts), prompts["answer"], task, temperature, seed, max_new_tokens)[0]
 
 
+def _completion_logprobs(model, prompt_ids: list[list[int]], completions: list[list[int]], pad_token_id: int):
+    """log softmax of `model` at every completion position of prompt ⊕ completion: (N, V), and the N targets."""
+    input_ids, attention_mask, rows, positions, targets = completion_positions(
+        pa.array(prompt_ids, pa.list_(pa.int32())), pa.array(completions, pa.list_(pa.int32())), pad_token_id
+    )
+    return student_logprobs_at(model(input_ids=input_ids, attention_mask=attention_mask).logits, rows, positions), targets
+
+
 @torch.no_grad()
-def evaluate(student, tokenizer, prompts: pa.Table, task: Task, teacher=None, seed: int = 0,
-             max_new_tokens: int = 96) -> dict[str, float]:
-    """greedy_exact_match, sampled_exact_match (temperature 1), and, given a teacher, the mean
-    per-token reverse KL(q‖p) of teacher p and student q on the student's own samples."""
+def _against_teacher(student, tokenizer, teacher, teacher_tokenizer, prompts: pa.Table, completions: list[list[int]],
+                     sampled_by_student: bool) -> dict[str, float]:
+    """Per-token means over `completions` (sampled by the student, else by the teacher) of the
+    metrics in the module docstring, in batches of EVAL_BATCH_SIZE sequences."""
+    student_ids, teacher_ids = render(tokenizer, prompts), render(teacher_tokenizer, prompts)
+    sums, tokens = {"divergence": 0.0, "logprob": 0.0}, 0
+    for start in range(0, len(completions), EVAL_BATCH_SIZE):
+        batch = slice(start, start + EVAL_BATCH_SIZE)
+        log_q, targets = _completion_logprobs(student, student_ids[batch], completions[batch], tokenizer.pad_token_id)
+        log_p, _ = _completion_logprobs(teacher, teacher_ids[batch], completions[batch], teacher_tokenizer.pad_token_id)
+        if sampled_by_student:
+            sums["divergence"] += reverse_kl(log_p, log_q).sum().item()
+            sums["logprob"] += -nll(log_p, targets).sum().item()
+        else:
+            sums["divergence"] += forward_kl(log_p, log_q).sum().item()
+            sums["logprob"] += nll(log_q, targets).sum().item()
+        tokens += len(targets)
+    names = (("reverse_kl_on_student_samples", "teacher_logprob_on_student_samples") if sampled_by_student
+             else ("forward_kl_on_teacher_samples", "student_nll_on_teacher_samples"))
+    return {name: sums[part] / max(1, tokens) for name, part in zip(names, ("divergence", "logprob"))}
+
+
+def teacher_samples(teacher, teacher_tokenizer, prompts: pa.Table, seed: int = 0, max_new_tokens: int = 96) -> list[list[int]]:
+    """Held-out teacher responses: one sample (T = 1) per eval prompt."""
+    engine = HFEngine(teacher, teacher_tokenizer, batch_size=EVAL_BATCH_SIZE)
+    params = SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, seed=seed)
+    return [g.completion_ids for g in engine.generate(render(teacher_tokenizer, prompts), params)]
+
+
+@torch.no_grad()
+def evaluate(student, tokenizer, prompts: pa.Table, task: Task, teacher=None, seed: int = 0, max_new_tokens: int = 96,
+             teacher_tokenizer=None, teacher_responses: list[list[int]] | None = None) -> dict[str, float]:
+    """The task metrics, and given a teacher the task-free ones (see the module docstring);
+    `teacher_responses` are the teacher's samples, drawn here when not given."""
     engine = HFEngine(student, tokenizer, batch_size=EVAL_BATCH_SIZE)
     prompt_ids = render(tokenizer, prompts)
     metrics = {}
     for name, temperature in [("greedy_exact_match", 0.0), ("sampled_exact_match", 1.0)]:
         metrics[name], generations = _verified(engine, prompt_ids, prompts["answer"], task, temperature, seed, max_new_tokens)
     if teacher is not None:
-        input_ids, attention_mask, rows, positions, targets = completion_positions(
-            pa.array(prompt_ids, pa.list_(pa.int32())), pa.array([g.completion_ids for g in generations], pa.list_(pa.int32())),
-            tokenizer.pad_token_id,
-        )
-        student_logits = student(input_ids=input_ids, attention_mask=attention_mask).logits
-        teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits
-        _, parts = dense_kd_loss(student_logits, teacher_logits, rows, positions, targets, LossSettings(divergence="reverse_kl"))
-        metrics["reverse_kl_on_student_samples"] = parts["divergence"]
+        teacher_tokenizer = teacher_tokenizer or tokenizer
+        if teacher_responses is None:
+            teacher_responses = teacher_samples(teacher, teacher_tokenizer, prompts, seed, max_new_tokens)
+        own = [g.completion_ids for g in generations]
+        metrics.update(_against_teacher(student, tokenizer, teacher, teacher_tokenizer, prompts, own, True))
+        metrics.update(_against_teacher(student, tokenizer, teacher, teacher_tokenizer, prompts, teacher_responses, False))
     return metrics
 
 
 def evaluate_checkpoints(cards: dict[str, dict], teacher_card: dict, prompts: pa.Table, task: Task, seed: int = 0,
                          log=print) -> dict[str, dict[str, float]]:
-    """`evaluate` for each named model card; every model but the teacher itself also gets its
-    reverse KL to the teacher on its own samples. Returns name → metrics."""
+    """`evaluate` for each named model card; every model but the teacher itself also gets the
+    task-free metrics against the teacher, on one set of teacher samples. Returns name → metrics."""
     teacher, teacher_tokenizer = load_model(teacher_card["path"], teacher_card.get("revision"))
+    responses = None
     results = {}
     for name, card in cards.items():
         if card["weights_hash"] == teacher_card["weights_hash"]:  # the teacher itself: no divergence to itself
             results[name] = evaluate(teacher, teacher_tokenizer, prompts, task, None, seed)
         else:
+            responses = responses or teacher_samples(teacher, teacher_tokenizer, prompts, seed)
             model, tokenizer = load_model(card["path"], card.get("revision"))
-            results[name] = evaluate(model, tokenizer, prompts, task, teacher, seed)
+            results[name] = evaluate(model, tokenizer, prompts, task, teacher, seed, teacher_tokenizer=teacher_tokenizer,
+                                     teacher_responses=responses)
         log(f"{name}: {results[name]}")
     return results

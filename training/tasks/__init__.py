@@ -1,4 +1,4 @@
-"""Tasks: what "correct" means for a set of prompts, and what the teacher may write for it.
+r"""Tasks: what "correct" means for a set of prompts, and what the teacher may write for it.
 
 A `Task` is chosen by name: the `task` setting of `seed_prompts` and `eval_set`, stored in their
 `task` column, so that every asset downstream reads it from its data. `get_task(name)` returns it.
@@ -6,6 +6,14 @@ A `Task` is chosen by name: the `task` setting of `seed_prompts` and `eval_set`,
     arithmetic   the embedded task: worked multi-digit arithmetic, `#### <number>`, exact verifier,
                  and the embedded teacher's instruction language for writing new problems
     none         prompts without a verifier (free-form questions): `correct` stays null
+
+and for prompts with reference answers, from files or datasets (answers.py):
+
+    gsm8k            the number after the first `#### `, commas, `$` and trailing zeros aside
+    boxed            the content of the last `\boxed{...}`, LaTeX spacing and `\left`/`\right` aside
+    exact            the whole completion, case and runs of whitespace aside
+    regex:<pattern>  the group `answer` of the pattern's first match, as `exact`
+    module:function  the user's `function(completion, reference) -> bool | float` (≥ 0.5 is correct)
 
 A new task is one module with a class that implements `Task`, and one line in `TASKS`.
 """
@@ -42,16 +50,24 @@ class Task(Protocol):
         """Shares of written inputs that do what their instruction asked (empty when unknowable)."""
 
 
-from training.tasks.arithmetic_task import ArithmeticTask  # noqa: E402 (they implement Task, above)
+from training.tasks.answers import BoxedTask, ExactTask, FunctionTask, GSM8KTask, RegexTask  # noqa: E402 (they implement Task, above)
+from training.tasks.arithmetic_task import ArithmeticTask  # noqa: E402
 from training.tasks.no_reference import NoReferenceTask  # noqa: E402
 
-TASKS: dict[str, type] = {"arithmetic": ArithmeticTask, "none": NoReferenceTask}
+TASKS: dict[str, type] = {"arithmetic": ArithmeticTask, "none": NoReferenceTask, "gsm8k": GSM8KTask, "boxed": BoxedTask,
+                          "exact": ExactTask}
 
 
 def get_task(name: str) -> Task:
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}: use one of {sorted(TASKS)}")
-    return TASKS[name]()
+    """The task a name stands for: one of `TASKS`, `regex:<pattern>`, or `module.path:function`."""
+    if name in TASKS:
+        return TASKS[name]()
+    if name.startswith("regex:"):
+        return RegexTask(name.removeprefix("regex:"))
+    if ":" in name:
+        return FunctionTask(name)
+    raise ValueError(f"unknown task {name!r}: use one of {sorted(TASKS)}, regex:<pattern> with a group (?P<answer>...), "
+                     "or module.path:function for your own verifier")
 
 
 def task_of(table: pa.Table) -> Task:

@@ -14,7 +14,7 @@ class NoReferenceTask:
     templates = SELF_INSTRUCT
 
     def prompts(self, split: str, n: int, seed: int) -> pa.Table:
-        raise ValueError("task 'none' has no generated prompts: set source 'files' or 'datasets'")
+        raise ValueError(f"task {self.name!r} has no generated prompts: set source 'files' or 'datasets'")
 
     def verify(self, completions: pa.Array, answers: pa.Array) -> pa.Array:
         return pa.nulls(len(completions), pa.bool_())
