@@ -24,8 +24,8 @@ def _publish_prompts(context, store: Store, name: str, config: PromptSourceConfi
     if dropped:
         context.log.warning(f"dropped rows of {config.prompt_column!r}, by reason: {dropped}")
     metrics = {"dropped_invalid_prompts": sum(dropped.values()), **{f"dropped: {reason}": n for reason, n in dropped.items()},
-               "unique_prompts": pc.count_distinct(table["prompt_id"]).as_py(), "conversations": table["messages"].num_rows - table["messages"].null_count,
-               "with_reference_answers": table["answer"].num_rows - table["answer"].null_count}
+               "unique_prompts": pc.count_distinct(table["prompt_id"]).as_py(), "conversations": len(table) - table["messages"].null_count,
+               "with_reference_answers": len(table) - table["answer"].null_count}
     return publish_dataset(context, store, name, table, config=config, inputs={}, metrics=metrics, preview=PROMPT_PREVIEW)
 
 

@@ -1,9 +1,10 @@
-"""The `distill` command: list datasets and query them with DuckDB (read-only)."""
+"""The `distill` command: list datasets, query them with DuckDB (read-only), export them for other trainers."""
 
 import argparse
 import sys
 
 from storage.catalog import dataset_names, query, refresh_catalog
+from storage.export import FILE_TYPES, FORMATS, export_dataset
 from storage.store import Store
 from training.tables import duckdb_identifier
 
@@ -38,11 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     run_query = commands.add_parser("query", help="run a read-only SQL query on catalog.duckdb")
     run_query.add_argument("sql")
     commands.add_parser("refresh", help="recreate the catalog's views over the Parquet files")
+    export = commands.add_parser("export", help="write a dataset in a format other trainers load as is (storage/export.py)")
+    export.add_argument("dataset")
+    export.add_argument("--format", choices=FORMATS, required=True, help="trl: prompt/completion; messages; axolotl: messages + top-k")
+    export.add_argument("--out", required=True, help="directory for train.parquet (or train.jsonl)")
+    export.add_argument("--as", dest="file_type", choices=FILE_TYPES, default="parquet")
+    export.add_argument("--partition", help="a round, for the round datasets (student_rollouts, teacher_feedback)")
     args = parser.parse_args(argv)
     store = Store(args.home)
     try:
         if args.command == "refresh":
             print("views:", ", ".join(refresh_catalog(store)) or "(none)")
+        elif args.command == "export":
+            path = export_dataset(store.read_dataset(args.dataset, args.partition), args.format, args.out, args.file_type)
+            print(f"wrote {path}")
         elif args.command == "datasets":
             print(format_table(*list_datasets(store)))
         else:

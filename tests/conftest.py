@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from training.models import STUDENT_ARCHITECTURE, build_embedded, save_model
+from training.tasks.arithmetic import problems
 
 torch.set_num_threads(2)
 
@@ -26,6 +27,47 @@ def tiny_model_dir(tmp_path_factory):
     model, tokenizer = build_embedded(STUDENT_ARCHITECTURE, seed=0)
     save_model(model, tokenizer, directory)
     return directory
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+OTHER_TEMPLATE = (  # the student's: the same tokens, laid out differently
+    "{% for m in messages %}<|im_start|>{{ m['role'] | upper }}: {{ m['content'] }}<|im_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>ASSISTANT: {% endif %}"
+)
+
+
+def build_chat_pair(directory):
+    """A Qwen2 teacher and a smaller Qwen2 student (not Llama) on one byte-level BPE tokenizer trained
+    here, with Qwen's chat tokens: <|im_end|> ends a turn and is listed in generation_config's
+    eos_token_id beside the tokenizer's eos <|endoftext|>. Their chat templates differ."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    corpus = [p.prompt + " " + str(p.answer) for p in problems("train", 400, 0)] + ["What is the capital of France? Paris."] * 20
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus, vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    paths = {}
+    for name, hidden, layers, template in [("teacher", 64, 2, CHATML), ("student", 32, 1, OTHER_TEMPLATE)]:
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                            additional_special_tokens=["<|im_start|>", "<|im_end|>"], chat_template=template)
+        ends = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
+        config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                             num_attention_heads=hidden // 32, num_key_value_heads=hidden // 32, max_position_embeddings=256,
+                             eos_token_id=ends, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+        torch.manual_seed(len(name))
+        model = Qwen2ForCausalLM(config)
+        model.generation_config = GenerationConfig(eos_token_id=ends, pad_token_id=tokenizer.pad_token_id)
+        paths[name] = directory / name
+        save_model(model, tokenizer, paths[name])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def chat_pair(tmp_path_factory):
+    return build_chat_pair(tmp_path_factory.mktemp("chat_pair"))
 
 
 @pytest.fixture

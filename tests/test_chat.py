@@ -1,0 +1,130 @@
+"""Chat models: prompts rendered with each model's own template, end-of-turn stops, and the offline
+job and a round on conversations without reference answers with a non-Llama, BPE-tokenized pair
+whose templates differ; then an export TRL and axolotl load."""
+
+import json
+
+import dagster as dg
+import datasets
+import pyarrow as pa
+import pytest
+
+from assets.datasets import eval_set, seed_prompts, teacher_labeled
+from assets.models import student_model, teacher_model
+from assets.partitions import rounds
+from assets.resources import ModelEngine, store_resource
+from assets.rounds import round_eval, student_checkpoint, student_rollouts, teacher_feedback
+from assets.students import evals, offline_student
+from pipelines.cli import main as distill
+from storage.catalog import query
+from storage.store import Store
+from training.chat import MESSAGES, prompt_ids_for, prompt_rendering, render
+from training.engines.base import SamplingParams
+from training.engines.hf import HFEngine
+from training.models import load_model, load_tokenizer
+
+SYSTEM = "You are terse."
+TWO_TURNS = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]
+
+
+def test_each_model_renders_with_its_own_template(chat_pair, tiny_model_dir):
+    rows = pa.table({"prompt": ["12+7=", "And 3+3?"], "messages": pa.array([None, TWO_TURNS], MESSAGES), "system_prompt": [SYSTEM, None]})
+    teacher, student = load_tokenizer(str(chat_pair["teacher"])), load_tokenizer(str(chat_pair["student"]))
+    assert [teacher.decode(ids) for ids in render(teacher, rows)] == [
+        "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\n12+7=<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\nAnd 3+3?<|im_end|>\n"
+        "<|im_start|>assistant\n",
+    ]
+    assert student.decode(render(student, rows)[0]) == "<|im_start|>SYSTEM: You are terse.<|im_end|><|im_start|>USER: 12+7=<|im_end|><|im_start|>ASSISTANT: "
+    assert prompt_rendering(teacher) != prompt_rendering(student)
+    raw = load_tokenizer(str(tiny_model_dir))  # the embedded tokenizer: no template, <bos> + text
+    assert raw.decode(render(raw, rows.slice(0, 1).drop_columns(["system_prompt"]))[0]) == "<bos>12+7="
+    with pytest.raises(ValueError, match="no chat template"):
+        render(raw, rows)
+
+
+def test_generation_stops_at_the_end_of_turn_and_at_stop_strings(chat_pair):
+    model, tokenizer = load_model(str(chat_pair["teacher"]))
+    engine = HFEngine(model, tokenizer, batch_size=32)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert engine.end_of_turn_ids == sorted([tokenizer.eos_token_id, im_end])  # from generation_config, beyond the eos
+    prompts = render(tokenizer, pa.table({"prompt": [f"{i}+{i}=" for i in range(32)]}))
+    generations = engine.generate(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=24, seed=1))
+    at_end = [g for g in generations if im_end in g.completion_ids]
+    assert at_end, "no sample reached <|im_end|>: pick another seed"
+    for g in generations:
+        ends = [i for i, t in enumerate(g.completion_ids) if t in engine.end_of_turn_ids]
+        assert ends in ([], [len(g.completion_ids) - 1])  # only ever the last token
+        assert (g.finish_reason == "stop") == bool(ends)
+    stopped = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=24, seed=1, stop=("1",)))
+    with_stop = [g for g in stopped if "1" in g.text]
+    assert with_stop and all(g.finish_reason == "stop" and "1" not in tokenizer.decode(g.completion_ids[:-1]) for g in with_stop)
+
+
+CHAT_ASSETS = [teacher_model, student_model, seed_prompts, eval_set, teacher_labeled, offline_student, evals]
+ROUND_ASSETS = [student_rollouts, teacher_feedback, student_checkpoint, round_eval]
+
+
+def chat_config(chat_pair, seeds, evals_file) -> dict:
+    source = {"source": "files", "prompt_column": "messages", "task": "none", "system_prompt": SYSTEM}
+    config = {
+        "teacher_model": {"model": str(chat_pair["teacher"])},
+        "student_model": {"model": str(chat_pair["student"])},
+        "seed_prompts": {**source, "files": [str(seeds)]},
+        "eval_set": {**source, "files": [str(evals_file)], "split": "train"},
+        "teacher_labeled": {"n": 1, "temperature": 1.0, "max_new_tokens": 16, "k": 8},
+        "offline_student": {"steps": 4, "batch_size": 4},
+        "student_rollouts": {"num_prompts": 8, "n": 1, "max_new_tokens": 16},
+        "teacher_feedback": {"k": 8},
+        "student_checkpoint": {"steps": 4, "batch_size": 4},
+    }
+    return {"ops": {name: {"config": value} for name, value in config.items()}}
+
+
+def test_chat_pair_offline_job_round_and_export_without_answers(chat_pair, instance, distill_home, tmp_path):
+    seeds, evals_file = tmp_path / "seeds.jsonl", tmp_path / "evals.jsonl"
+    seeds.write_text("\n".join(json.dumps({"messages": m}) for m in [TWO_TURNS] + [[{"role": "user", "content": f"{i}*{i}=?"}] for i in range(11)]))
+    evals_file.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"{i}-{i}=?"}]}) for i in range(6)))
+    run_config = chat_config(chat_pair, seeds, evals_file)
+    resources = {"store": store_resource, "model_engine": ModelEngine(batch_size=16)}
+    offline = dg.materialize(CHAT_ASSETS, instance=instance, resources=resources,
+                             run_config={"ops": {k: v for k, v in run_config["ops"].items() if k in {a.key.to_user_string() for a in CHAT_ASSETS}}})
+    assert offline.success
+    store = Store(distill_home)
+    labeled = store.read_dataset("teacher_labeled")
+    teacher_tokenizer = load_tokenizer(str(chat_pair["teacher"]))
+    first = labeled.filter(pa.compute.equal(labeled["prompt"], "user: What is 2+2?\nassistant: 4\nuser: And 3+3?"))
+    assert teacher_tokenizer.decode(first["prompt_token_ids"][0].as_py()).startswith("<|im_start|>system\nYou are terse.<|im_end|>")
+    assert set(labeled["prompt_rendering"].to_pylist()) == {prompt_rendering(teacher_tokenizer)}
+    assert labeled["correct"].null_count == labeled.num_rows  # no reference answers: nothing judged
+    student_tokenizer = load_tokenizer(str(chat_pair["student"]))
+    trained_on = prompt_ids_for(student_tokenizer, first)  # what training feeds the student: its own template
+    assert student_tokenizer.decode(trained_on[0].as_py()).startswith("<|im_start|>SYSTEM: You are terse.<|im_end|>")
+
+    instance.add_dynamic_partitions(rounds.name, ["r001"])
+    round_ops = {k: v for k, v in run_config["ops"].items() if k in {a.key.to_user_string() for a in ROUND_ASSETS}}
+    first_round = dg.materialize(CHAT_ASSETS + ROUND_ASSETS, selection=ROUND_ASSETS, partition_key="r001", instance=instance,
+                                 resources=resources, run_config={"ops": round_ops})
+    assert first_round.success
+    evaluation = first_round.asset_materializations_for_node("round_eval")[0].metadata
+    for metric in ["reverse_kl_on_student_samples", "teacher_logprob_on_student_samples", "forward_kl_on_teacher_samples",
+                   "student_nll_on_teacher_samples", "parent_reverse_kl_on_student_samples"]:
+        assert metric in evaluation
+    assert "greedy_exact_match" not in evaluation  # no answers: no task metric, rather than a wrong one
+    rollouts = store.read_dataset("student_rollouts", "r001")
+    assert student_tokenizer.decode(rollouts["prompt_token_ids"][0].as_py()).startswith("<|im_start|>SYSTEM: You are terse.")
+    _, rows = query(store, "SELECT round, greedy_exact_match, reverse_kl, forward_kl FROM rounds")
+    assert rows[0][0] == "r001" and rows[0][1] is None and rows[0][2] > 0 and rows[0][3] > 0
+
+    for format in ["trl", "messages", "axolotl"]:
+        assert distill(["export", "curated" if store.dataset_path("curated").exists() else "teacher_labeled", "--format", format,
+                        "--out", str(tmp_path / format)]) == 0
+    trl = datasets.load_dataset("parquet", data_files=str(tmp_path / "trl" / "train.parquet"), split="train")
+    assert trl[0]["prompt"][0] == {"role": "system", "content": SYSTEM} and trl[0]["completion"][0]["role"] == "assistant"
+    messages = datasets.load_dataset("parquet", data_files=str(tmp_path / "messages" / "train.parquet"), split="train")
+    assert messages[0]["messages"][-1]["role"] == "assistant" and messages[0]["messages"][-2]["role"] == "user"
+    kd = datasets.load_dataset("parquet", data_files=str(tmp_path / "axolotl" / "train.parquet"), split="train")
+    assert kd.features["target_token_ids"] == datasets.List(datasets.List(datasets.Value("int32")))
+    assert kd.features["logprobs"] == datasets.List(datasets.List(datasets.Value("float32")))
+    row = labeled.filter(pa.compute.equal(labeled["sample_id"], kd[0]["sample_id"]))
+    assert kd[0]["target_token_ids"] == row["topk_ids"][0].as_py() and len(kd[0]["logprobs"]) == row["num_tokens"][0].as_py()
