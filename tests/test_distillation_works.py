@@ -13,7 +13,7 @@ def test_offline_distillation_raises_exact_match(instance, distill_home):
         instance=instance,
         run_config={"ops": {
             "seed_prompts": {"config": {"num_prompts": 1024}}, "eval_set": {"config": {"num_prompts": 200}},
-            "expanded": {"config": {"num_expanded": 192, "num_evolved": 96}}, "synthesized": {"config": {"num_synthesized": 192}},
+            "expanded": {"config": {"num_expanded": 128, "num_evolved": 64}}, "synthesized": {"config": {"num_synthesized": 128}},
             "teacher_model": {"config": {"eval_problems": 200}}, "student_model": {"config": {"eval_problems": 200}},
             "offline_student": {"config": {"steps": 300}},
         }},

@@ -75,7 +75,7 @@ def test_offline_graph_end_to_end(instance, distill_home, capsys):
     assert len(row["topk_ids"][0]) == row["k"] == 8
     assert row["teacher_weights_hash"] == store.read_card("teacher")["weights_hash"]
     assert row["logprob_mode"] == "raw" and row["codec"] == "topk-v1" and row["temperature"] == 1.0
-    assert json.loads(row["sampling"]) == {"n": 2, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 40, "seed": 0}
+    assert json.loads(row["sampling"]) == {"n": 2, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 40, "seed": 0, "stop": []}
     assert row["run_id"] == result.run_id and len(row["sample_id"]) == 16
     assert len(set(labeled["sample_id"].to_pylist())) == 48
 

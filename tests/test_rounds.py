@@ -93,7 +93,7 @@ def test_two_rounds_end_to_end_with_lineage(instance, offline, distill_home, cap
         ("r002", "student_checkpoint[r001]", r001["weights_hash"], r002["weights_hash"]),
     ]
     _, evals = query(offline, "SELECT round, count(*) FROM evals WHERE model = 'student_checkpoint' GROUP BY round ORDER BY round")
-    assert evals == [("r001", 3), ("r002", 3)]
+    assert evals == [("r001", 6), ("r002", 6)]  # exact match greedy and sampled, and the four task-free metrics
     metadata = second.asset_materializations_for_node("round_eval")[0].metadata
     assert "data:image/png;base64," in metadata["rounds_plot"].value
     assert metadata["improvement"].value == pytest.approx(
