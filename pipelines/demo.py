@@ -34,14 +34,16 @@ EVALS_QUERY = """
 SELECT model, checkpoint,
        round(max(value) FILTER (metric = 'greedy_exact_match'), 3) AS greedy_em,
        round(max(value) FILTER (metric = 'sampled_exact_match'), 3) AS sampled_em,
-       round(max(value) FILTER (metric = 'reverse_kl_on_student_samples'), 4) AS reverse_kl
+       round(max(value) FILTER (metric = 'reverse_kl_on_student_samples'), 4) AS reverse_kl,
+       round(max(value) FILTER (metric = 'forward_kl_on_teacher_samples'), 4) AS forward_kl
 FROM evals WHERE round IS NULL AND run_id = (SELECT arg_max(run_id, created_at) FROM evals WHERE round IS NULL)
 GROUP BY model, checkpoint ORDER BY greedy_em DESC
 """
 
 
 DEMO_ROUNDS = 2
-ROUNDS_QUERY = "SELECT round, parent, checkpoint, greedy_exact_match, sampled_exact_match, improvement, reverse_kl, rollout_reward FROM rounds ORDER BY round"
+ROUNDS_QUERY = ("SELECT round, parent, checkpoint, greedy_exact_match, sampled_exact_match, improvement, reverse_kl, forward_kl, "
+                "rollout_reward FROM rounds ORDER BY round")
 SEEDED = {
     "distill_offline": ["teacher_model", "student_model", "seed_prompts", "teacher_labeled", "expanded", "synthesized",
                         "offline_student", "evals"],

@@ -75,7 +75,7 @@ def test_offline_graph_end_to_end(instance, distill_home, capsys):
     assert len(row["topk_ids"][0]) == row["k"] == 8
     assert row["teacher_weights_hash"] == store.read_card("teacher")["weights_hash"]
     assert row["logprob_mode"] == "raw" and row["codec"] == "topk-v1" and row["temperature"] == 1.0
-    assert json.loads(row["sampling"]) == {"n": 2, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 40, "seed": 0, "stop": []}
+    assert json.loads(row["sampling"]) == {"n": 2, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 40, "seed": 0}
     assert row["run_id"] == result.run_id and len(row["sample_id"]) == 16
     assert len(set(labeled["sample_id"].to_pylist())) == 48
 
@@ -89,10 +89,9 @@ def test_offline_graph_end_to_end(instance, distill_home, capsys):
         "eval_set", "evals", "offline_student", "seed_prompts", "student_model", "teacher_labeled", "teacher_model"
     ]
     columns, rows = query(store, "SELECT model, metric FROM evals ORDER BY model, metric")
-    assert rows == [
-        ("offline_student", "greedy_exact_match"), ("offline_student", "reverse_kl_on_student_samples"),
-        ("offline_student", "sampled_exact_match"), ("student", "greedy_exact_match"),
-        ("student", "reverse_kl_on_student_samples"), ("student", "sampled_exact_match"),
+    student_metrics = ["forward_kl_on_teacher_samples", "greedy_exact_match", "reverse_kl_on_student_samples",
+                       "sampled_exact_match", "student_nll_on_teacher_samples", "teacher_logprob_on_student_samples"]
+    assert rows == [("offline_student", m) for m in student_metrics] + [("student", m) for m in student_metrics] + [
         ("teacher", "greedy_exact_match"), ("teacher", "sampled_exact_match"),
     ]
     offline = result.asset_materializations_for_node("offline_student")[0].metadata

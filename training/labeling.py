@@ -4,7 +4,6 @@ Generation and scoring are separate engine calls, so the stored logprobs are alw
 distribution at `signal_temperature`, whatever temperature or top_p sampled the response.
 """
 
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -150,7 +149,7 @@ def label_table(engine: Engine, prompts: pa.Table, settings: LabelingSettings, c
     table = table.append_column("correct", task.verify(table["completion"], table["answer"]))
     table = with_constants(
         table, teacher=card["name"], teacher_revision=card.get("revision"), teacher_weights_hash=card["weights_hash"],
-        tokenizer_hash=card["tokenizer_hash"], sampling=json.dumps(sampling.__dict__, sort_keys=True), run_id=run_id,
+        tokenizer_hash=card["tokenizer_hash"], sampling=sampling.as_json(), run_id=run_id,
     )
     identity = ["prompt_id", "sample_index", "completion_token_ids", "teacher_weights_hash", "sampling", *id_columns]
     table = with_content_id(table, "sample_id", identity)

@@ -10,7 +10,6 @@ is a one-sample Monte-Carlo estimate of the sequence-level reverse KL(q‖p) (it
 converges to it, since y ~ q). Both sides are at the signal temperature (1, the raw model, by default).
 """
 
-import json
 from typing import TYPE_CHECKING
 
 import duckdb
@@ -47,7 +46,7 @@ def sample_rollouts(student: Engine, prompts: pa.Table, sampling: SamplingParams
     """n samples per prompt from the student, with the prompt columns and `identity` (student,
     weights and tokenizer hashes, round, run) stamped on every row; returns (table, metrics)."""
     samples, dropped, _ = sample(student, prompts, sampling, "drop")
-    table = with_constants(join_prompts(samples, prompts), **identity, sampling=json.dumps(sampling.__dict__, sort_keys=True))
+    table = with_constants(join_prompts(samples, prompts), **identity, sampling=sampling.as_json())
     table = with_content_id(table, "sample_id", ["prompt_id", "sample_index", "completion_token_ids", "student_weights_hash", "sampling"])
     metrics = {
         "prompts": prompts.num_rows, "rollouts": table.num_rows, "dropped_overlong_prompts": dropped,

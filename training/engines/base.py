@@ -4,6 +4,7 @@ Token ids go in and out (never decoded strings, which are lossy), so the transfo
 OpenAI-compatible backends are interchangeable and their stored results comparable.
 """
 
+import json
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,6 +33,12 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
+
+    def as_json(self) -> str:
+        """The sampling as JSON, for `sampling` columns and sample ids; `stop` only when set, so the ids
+        of rows sampled without stop strings do not change with it."""
+        fields = {name: value for name, value in self.__dict__.items() if name != "stop" or value}
+        return json.dumps(fields, sort_keys=True)
 
 
 @dataclass
