@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny real model on disk, and a fresh DISTILL_HOME / DAGSTER_HOME per test."""
+"""Shared fixtures: tiny real chat models on disk, a vLLM engine and server on one of them, and a fresh
+DISTILL_HOME / DAGSTER_HOME per test."""
 
 import os
 import socket
@@ -14,19 +15,10 @@ import dagster as dg
 import pytest
 import torch
 
-from training.models import STUDENT_ARCHITECTURE, build_embedded, save_model
+from training.models import save_model
 from training.tasks.arithmetic import problems
 
 torch.set_num_threads(2)
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """A randomly initialised embedded-architecture Llama saved in HF format."""
-    directory = tmp_path_factory.mktemp("tiny_model")
-    model, tokenizer = build_embedded(STUDENT_ARCHITECTURE, seed=0)
-    save_model(model, tokenizer, directory)
-    return directory
 
 
 CHATML = (
@@ -68,6 +60,14 @@ def build_chat_pair(directory):
 @pytest.fixture(scope="session")
 def chat_pair(tmp_path_factory):
     return build_chat_pair(tmp_path_factory.mktemp("chat_pair"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(chat_pair):
+    """The tiny model the engine tests share: the chat pair's teacher, a randomly initialised Qwen2 on a
+    byte-level BPE tokenizer, whose <|im_end|> ends a turn (the embedded Llama is trained by the
+    pipeline tests)."""
+    return chat_pair["teacher"]
 
 
 @pytest.fixture

@@ -22,12 +22,13 @@ from training.chat import MESSAGES, prompt_ids_for, prompt_rendering, render
 from training.engines.base import SamplingParams
 from training.engines.hf import HFEngine
 from training.models import load_model, load_tokenizer
+from training.tokenizer import build_char_tokenizer
 
 SYSTEM = "You are terse."
 TWO_TURNS = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]
 
 
-def test_each_model_renders_with_its_own_template(chat_pair, tiny_model_dir):
+def test_each_model_renders_with_its_own_template(chat_pair):
     rows = pa.table({"prompt": ["12+7=", "And 3+3?"], "messages": pa.array([None, TWO_TURNS], MESSAGES), "system_prompt": [SYSTEM, None]})
     teacher, student = load_tokenizer(str(chat_pair["teacher"])), load_tokenizer(str(chat_pair["student"]))
     assert [teacher.decode(ids) for ids in render(teacher, rows)] == [
@@ -37,7 +38,7 @@ def test_each_model_renders_with_its_own_template(chat_pair, tiny_model_dir):
     ]
     assert student.decode(render(student, rows)[0]) == "<|im_start|>SYSTEM: You are terse.<|im_end|><|im_start|>USER: 12+7=<|im_end|><|im_start|>ASSISTANT: "
     assert prompt_rendering(teacher) != prompt_rendering(student)
-    raw = load_tokenizer(str(tiny_model_dir))  # the embedded tokenizer: no template, <bos> + text
+    raw = build_char_tokenizer()  # the embedded tokenizer: no template, <bos> + text
     assert raw.decode(render(raw, rows.slice(0, 1).drop_columns(["system_prompt"]))[0]) == "<bos>12+7="
     with pytest.raises(ValueError, match="no chat template"):
         render(raw, rows)

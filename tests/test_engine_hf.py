@@ -27,8 +27,8 @@ def test_generate_n_per_prompt_is_seeded(engine):
     assert [g.completion_ids for g in first] != [g.completion_ids for g in other]
     for g in first:
         assert len(g.completion_ids) <= 12
-        assert (g.finish_reason == "stop") == (g.completion_ids[-1] == engine.tokenizer.eos_token_id)
-        assert engine.tokenizer.pad_token_id not in g.completion_ids or g.finish_reason == "length"
+        assert (g.finish_reason == "stop") == (g.completion_ids[-1] in engine.end_of_turn_ids)
+        assert not set(g.completion_ids[:-1]) & {engine.tokenizer.pad_token_id, *engine.end_of_turn_ids}
 
 
 def test_greedy_does_not_depend_on_batching(engine):

@@ -49,6 +49,14 @@ def test_server_generates_like_the_offline_engine(hf_engine, vllm_engine, vllm_s
     prompts = hf_engine.tokenizer(PROMPTS, add_special_tokens=True)["input_ids"]
     greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
     assert [g.completion_ids for g in server.generate(prompts, greedy)] == [g.completion_ids for g in vllm_engine.generate(prompts, greedy)]
+    written = {hf_engine.tokenizer.decode([t]) for g in vllm_engine.generate(prompts, greedy) for t in g.completion_ids[2:6]}
+    stop = sorted(w for w in written if w.strip() and w.isascii() and w.isprintable())
+    with pytest.raises(ValueError, match="at most 4 stop strings"):
+        server.generate(prompts, SamplingParams(stop=("a", "b", "c", "d", "e")))
+    stopped = SamplingParams(temperature=0.0, max_new_tokens=12, stop=tuple(stop[:4]))
+    served, offline = server.generate(prompts, stopped), vllm_engine.generate(prompts, stopped)
+    assert [(g.completion_ids, g.finish_reason) for g in served] == [(g.completion_ids, g.finish_reason) for g in offline]
+    assert sum(g.finish_reason == "stop" for g in served) >= 3
     sampled = SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=11)
     first, again = server.generate(prompts, sampled, logprobs=4), server.generate(prompts, sampled)
     assert [(g.prompt_index, g.sample_index) for g in first] == [(p, s) for p in range(5) for s in range(2)]

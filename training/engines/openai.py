@@ -28,6 +28,7 @@ from training.engines.vllm import check_raw_temperature
 from training.signal import SparseSignal, signal_from_topk
 
 RETRIED_STATUS = {408, 429, 500, 502, 503, 504}
+MAX_STOP_STRINGS = 4  # the OpenAI API's limit, which vLLM's server enforces
 
 
 class RequestRejected(RuntimeError):
@@ -137,6 +138,9 @@ class OpenAIEngine:
         return [results[i] for i in range(count)]
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams, logprobs: int = 0) -> list[Generation]:
+        if len(params.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"the OpenAI completions API takes at most {MAX_STOP_STRINGS} stop strings, {len(params.stop)} are "
+                             "configured: keep the 4 that matter (end-of-turn ids need none), or use the vllm or hf backend")
         if logprobs:
             self.check_signal(logprobs, 1.0)
         payload = {
