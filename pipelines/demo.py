@@ -86,7 +86,7 @@ def main() -> None:
     print(format_table(*query(store, FUNNEL_QUERY)))
     print(f"\n$ distill query \"{ORIGIN_QUERY}\"\n")
     print(format_table(*query(store, ORIGIN_QUERY)))
-    print("\nEvals on the eval split (greedy and sampled exact match, reverse KL to the teacher on own samples):\n")
+    print("\nEvals on the eval split (greedy and sampled exact match; reverse KL on own samples and forward KL on teacher samples, to the teacher):\n")
     print(format_table(*query(store, EVALS_QUERY)))
     print(f"\nOn-policy rounds (GKD, λ = 0.5, JSD β = 0.5):\n\n$ distill query \"{ROUNDS_QUERY}\"\n")
     print(format_table(*query(store, ROUNDS_QUERY)))
