@@ -21,7 +21,7 @@ from assets.config import EvalsConfig, StudentCheckpointConfig, StudentRolloutsC
 from assets.partitions import FIRST_PARENT, parent_round, round_number, rounds
 from assets.publish import metadata, png_markdown, publish_dataset, publish_evals, record_lineage
 from assets.resources import ModelEngine
-from assets.student_runs import curve_metrics, distill_and_save, loss_curve, training_dataset_name
+from assets.student_runs import chat_templates, curve_metrics, distill_and_save, loss_curve, training_dataset_name
 from storage.catalog import query, refresh_catalog
 from storage.store import Store
 from training.distill import rollout_reuse
@@ -136,6 +136,7 @@ def student_checkpoint(context: dg.AssetExecutionContext, config: StudentCheckpo
         inputs = {
             dataset: store.dataset_version(dataset), "teacher_feedback": store.dataset_version("teacher_feedback", key),
             "parent": parent, "parent_checkpoint": card["weights_hash"], "teacher_model": teacher["weights_hash"],
+            **chat_templates(teacher, card),
         }
         record_lineage(context, store, config, inputs, {**metrics, "checkpoint": new_card["weights_hash"]}, previous)
     return dg.MaterializeResult(
@@ -149,15 +150,21 @@ def student_checkpoint(context: dg.AssetExecutionContext, config: StudentCheckpo
 
 
 def rounds_png(store: Store) -> dg.MetadataValue:
-    """Greedy and sampled exact match over all rounds so far (round 0: the first parent)."""
-    _, rows = query(store, "SELECT round, parent_greedy_exact_match, greedy_exact_match, sampled_exact_match FROM rounds ORDER BY round")
+    """Over all rounds so far (round 0: the first parent): greedy and sampled exact match, and on a
+    second axis the reverse KL to the teacher on the student's own samples (the one curve when the
+    prompts have no reference answers)."""
+    _, rows = query(store, "SELECT round, parent_greedy_exact_match, greedy_exact_match, sampled_exact_match, "
+                           "parent_reverse_kl, reverse_kl FROM rounds ORDER BY round")
     rows = [[float("nan") if value is None else value for value in row] for row in rows]  # no reference answers: no point
     figure, axis = plt.subplots(figsize=(6, 3))
     numbers = [0] + [round_number(r[0]) for r in rows]
     axis.plot(numbers, [rows[0][1]] + [r[2] for r in rows], marker="o", label="greedy exact match")
     axis.plot(numbers[1:], [r[3] for r in rows], marker="s", label="sampled exact match (T=1)")
     axis.set(xlabel="round (0: offline_student)", ylabel="exact match", title="on-policy rounds")
-    axis.legend()
+    divergence = axis.twinx()
+    divergence.plot(numbers, [rows[0][4]] + [r[5] for r in rows], marker="^", color="tab:red", label="reverse KL, own samples")
+    divergence.set(ylabel="reverse KL per token")
+    figure.legend(loc="lower right", fontsize="small")
     return png_markdown(figure, "rounds")
 
 

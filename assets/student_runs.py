@@ -59,6 +59,12 @@ def distill_and_save(context: dg.AssetExecutionContext, store: Store, name: str,
     return saved, curve, (model, tokenizer)
 
 
+def chat_templates(teacher: dict, student: dict) -> dict:
+    """The two chat templates a distillation involves, for lineage: the teacher rendered the stored
+    prompts with its own, the student trains on them rendered with its own (None: raw text)."""
+    return {"teacher_chat_template": teacher.get("chat_template_hash"), "student_chat_template": student.get("chat_template_hash")}
+
+
 def curve_metrics(curve: list[dict]) -> dict:
     """The headline figures of a training curve."""
     seconds, tokens = curve[-1]["seconds"], sum(c["completion_tokens"] for c in curve)

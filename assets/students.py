@@ -5,7 +5,7 @@ import dagster as dg
 
 from assets.config import EvalsConfig, OfflineStudentConfig
 from assets.publish import metadata, publish_evals, record_lineage, rounded
-from assets.student_runs import curve_metrics, distill_and_save, loss_curve, training_dataset_name
+from assets.student_runs import chat_templates, curve_metrics, distill_and_save, loss_curve, training_dataset_name
 from storage.store import Store
 from training.evaluate import evaluate, evaluate_checkpoints
 from training.tasks import task_of
@@ -28,7 +28,8 @@ def offline_student(context: dg.AssetExecutionContext, config: OfflineStudentCon
     eval_rows = store.read_dataset("eval_set")
     results = evaluate(model, tokenizer, eval_rows, task_of(eval_rows), seed=config.seed)
     metrics = {**curve_metrics(curve), **{f"eval_{name}": value for name, value in results.items()}}
-    inputs = {dataset: store.dataset_version(dataset), "student_model": student["weights_hash"], "teacher_model": teacher["weights_hash"]}
+    inputs = {dataset: store.dataset_version(dataset), "student_model": student["weights_hash"], "teacher_model": teacher["weights_hash"],
+              **chat_templates(teacher, student)}
     record_lineage(context, store, config, inputs, {**card, **metrics})
     return dg.MaterializeResult(
         metadata={

@@ -116,6 +116,11 @@ def test_chat_pair_offline_job_round_and_export_without_answers(chat_pair, insta
     assert student_tokenizer.decode(rollouts["prompt_token_ids"][0].as_py()).startswith("<|im_start|>SYSTEM: You are terse.")
     _, rows = query(store, "SELECT round, greedy_exact_match, reverse_kl, forward_kl FROM rounds")
     assert rows[0][0] == "r001" and rows[0][1] is None and rows[0][2] > 0 and rows[0][3] > 0
+    _, rows = query(store, "SELECT asset, input_versions FROM lineage WHERE asset IN ('offline_student', 'student_checkpoint')")
+    for asset, inputs in rows:  # both templates in lineage: the teacher's rendered the data, the student's trained on it
+        inputs = json.loads(inputs)
+        assert inputs["teacher_chat_template"] == prompt_rendering(teacher_tokenizer), asset
+        assert inputs["student_chat_template"] == prompt_rendering(student_tokenizer), asset
 
     for format in ["trl", "messages", "axolotl"]:
         assert distill(["export", "curated" if store.dataset_path("curated").exists() else "teacher_labeled", "--format", format,

@@ -12,9 +12,9 @@ def test_offline_distillation_raises_exact_match(instance, distill_home):
     result = defs.resolve_job_def("distill_offline").execute_in_process(
         instance=instance,
         run_config={"ops": {
-            "seed_prompts": {"config": {"num_prompts": 1024}}, "eval_set": {"config": {"num_prompts": 200}},
+            "seed_prompts": {"config": {"num_prompts": 1024}}, "eval_set": {"config": {"num_prompts": 120}},
             "expanded": {"config": {"num_expanded": 128, "num_evolved": 64}}, "synthesized": {"config": {"num_synthesized": 128}},
-            "teacher_model": {"config": {"eval_problems": 200}}, "student_model": {"config": {"eval_problems": 200}},
+            "teacher_model": {"config": {"eval_problems": 120}}, "student_model": {"config": {"eval_problems": 120}},
             "offline_student": {"config": {"steps": 300}},
         }},
     )

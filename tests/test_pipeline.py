@@ -56,6 +56,8 @@ def materialize(instance, selection=None, **overrides):
 
 
 def test_offline_graph_end_to_end(instance, distill_home, capsys):
+    """The graph, a clean re-run, then on the same models: k above the stored k refused, overlong
+    prompts dropped or truncated and counted."""
     result = materialize(instance)
     assert result.success
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
@@ -111,13 +113,13 @@ def test_offline_graph_end_to_end(instance, distill_home, capsys):
     assert store.read_dataset("teacher_labeled")["run_id"].unique().to_pylist() == [again.run_id]
     assert query(store, "SELECT count(*) FROM lineage WHERE asset = 'teacher_labeled'")[1] == [(2,)]
 
+    rejected = materialize(instance, selection=[offline_student], offline_student={"k": 50})  # above the stored top-8
+    assert not rejected.success
+    assert "k=50 is larger than the stored top-8" in str(rejected.get_step_failure_events()[0].step_failure_data.error)
 
-def test_overlong_prompts_are_dropped_or_truncated_and_counted(instance, distill_home):
-    assert materialize(instance, selection=[teacher_model, seed_prompts]).success
-    # the embedded context is 128 tokens: 100 new tokens leave 28 for the prompt
-    long_prompt = "1" * 40 + "+1="
+    # overlong prompts, on the same teacher: the embedded context is 128 tokens, 100 new tokens leave 28 for the prompt
     path = distill_home / "long.jsonl"
-    path.write_text(json.dumps({"prompt": long_prompt}) + "\n" + json.dumps({"prompt": "1+1="}) + "\n")
+    path.write_text(json.dumps({"prompt": "1" * 40 + "+1="}) + "\n" + json.dumps({"prompt": "1+1="}) + "\n")
     files = {"source": "files", "files": [str(path)]}
     for policy, kept, counter in [("drop", 1, "dropped_overlong_prompts"), ("truncate", 2, "truncated_overlong_prompts")]:
         result = materialize(
@@ -127,9 +129,9 @@ def test_overlong_prompts_are_dropped_or_truncated_and_counted(instance, distill
             teacher_labeled={"n": 1, "temperature": 0.0, "max_new_tokens": 100, "overlong_prompts": policy},
         )
         assert result.success
-        metadata = result.asset_materializations_for_node("teacher_labeled")[0].metadata
-        assert metadata[counter].value == 1
-        assert metadata["dagster/row_count"].value == kept
+        labeled = result.asset_materializations_for_node("teacher_labeled")[0].metadata
+        assert labeled[counter].value == 1
+        assert labeled["dagster/row_count"].value == kept
 
 
 def test_configured_model_is_recorded_not_trained(instance, distill_home, tiny_model_dir):
@@ -175,10 +177,3 @@ def test_definitions_load_and_validate(distill_home):
         capture_output=True, text=True, cwd=Path(__file__).parent.parent,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-
-
-def test_offline_student_rejects_k_above_the_stored_k(instance):
-    assert materialize(instance, selection=[teacher_model, student_model, seed_prompts, teacher_labeled]).success
-    result = materialize(instance, selection=[offline_student], offline_student={"k": 50})
-    assert not result.success
-    assert "k=50 is larger than the stored top-8" in str(result.get_step_failure_events()[0].step_failure_data.error)
