@@ -56,6 +56,31 @@ def test_a_short_run_lowers_the_loss(tiny_model_dir, labeled, objective):
     assert last < 0.8 * first
 
 
+def test_accumulation_and_checkpointing_leave_the_step_unchanged(tiny_model_dir, labeled):
+    """One global batch of 8 in micro-batches of 3 (3 + 3 + 2 sequences, unequal token counts) takes the
+    step that one batch of 8 takes, because every micro-batch is divided by the global batch's tokens;
+    gradient checkpointing recomputes the same activations."""
+    results = []
+    for options in [{}, {"micro_batch_size": 3}, {"gradient_checkpointing": True}]:
+        model, tokenizer = load_model(str(tiny_model_dir))
+        config = DistillConfig(student="", data=[], output="", steps=2, batch_size=8, learning_rate=1e-2, warmup_steps=0,
+                               nll_weight=1.0, **options)  # the KD path with an NLL term: a loss far from 0
+        curve = train_student(model, tokenizer, labeled, config)
+        results.append(([c["loss"] for c in curve], [c["nll"] for c in curve], model.lm_head.weight.detach().clone()))
+    (losses, nlls, weights), *others = results
+    for other_losses, other_nlls, other_weights in others:
+        assert other_losses == pytest.approx(losses, rel=1e-5) and other_nlls == pytest.approx(nlls, rel=1e-5)
+        torch.testing.assert_close(other_weights, weights, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no GPU")
+def test_cuda_without_a_gpu_fails_before_training(tiny_model_dir, labeled):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    config = DistillConfig(student="", data=[], output="", steps=1, device="cuda")
+    with pytest.raises(ValueError, match="torch sees no CUDA device here: set device 'auto' or 'cpu'"):
+        train_student(model, tokenizer, labeled, config)
+
+
 def test_a_non_finite_loss_stops_with_a_clear_error(tiny_model_dir, labeled):
     model, tokenizer = load_model(str(tiny_model_dir))
     with torch.no_grad():

@@ -15,6 +15,7 @@ from the fixed `data`. λ = 0 is supervised KD, λ = 1 fully on-policy.
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import Field, model_validator
 
+from training.batches import list_lengths
 from training.chat import prompt_ids_for
 from training.kd import LossSettings, sparse_batch, sparse_kd_loss
 from training.models import load_model, save_model
@@ -49,6 +51,14 @@ class TrainingSettings(LossSettings):
     seed: int = 0
     mix: float = Field(0.0, ge=0, le=1, description="λ: the share of steps whose batch is sampled by the student "
                        "(rollouts); 0 is supervised KD, 1 fully on-policy. Only rounds have rollouts")
+    device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="'auto': bf16 autocast on CUDA, fp32 on the CPU; weights and optimizer stay fp32 either way"
+    )
+    micro_batch_size: Optional[int] = Field(
+        None, ge=1, description="sequences per forward/backward; gradients accumulate to batch_size (empty: batch_size)"
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% more time")
 
     def loss(self) -> LossSettings:
         """The loss this training minimizes: the divergence settings, or NLL alone for `sft`."""
@@ -71,6 +81,22 @@ class DistillConfig(TrainingSettings):
         if self.mix > 0 and not self.rollouts:
             raise ValueError(f"mix λ={self.mix} draws batches from rollouts, but none are given: pass `rollouts` or set mix 0")
         return self
+
+
+def training_device(name: str) -> torch.device:
+    """The device `name` stands for; CUDA requested where there is none is an error before any work."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for, but torch sees no CUDA device here: set device 'auto' or 'cpu'")
+    return device
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CUDA under 'auto' (or anywhere under 'bf16'); a no-op context for fp32."""
+    enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def check_compatible(table: pa.Table, student_vocab_size: int, teacher_vocab_size: int | None, k: int | None) -> None:
@@ -116,6 +142,12 @@ def train_student(model, tokenizer, data: pa.Table | Iterator[pa.Table], setting
     prompts rendered with another chat template than the student's are rendered anew with its own."""
     objective = settings.loss()
     vocab_size = model.config.vocab_size
+    device = training_device(settings.device)
+    model.to(device)
+    use_cache = getattr(model.config, "use_cache", None)
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False  # a cache is for generation; with checkpointing it is refused anyway
 
     def checked(rows: pa.Table, kind: str) -> pa.Table:
         rows = rows.set_column(rows.schema.get_field_index("prompt_token_ids"), "prompt_token_ids", prompt_ids_for(tokenizer, rows))
@@ -146,28 +178,48 @@ def train_student(model, tokenizer, data: pa.Table | Iterator[pa.Table], setting
         source = "on_policy" if on_policy else "fixed"
         rows = next(streams[source])  # a fresh batch is sampled here, with the model in eval mode
         model.train()
-        batch = sparse_batch(rows, tokenizer.pad_token_id, settings.k)
         lr = cosine_lr(step, settings.steps, settings.learning_rate, settings.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        loss, parts = sparse_kd_loss(logits, batch, objective, temperature)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {loss.item()} at step {step} ({parts}); lower learning_rate (now {lr:.2e}). No checkpoint was written."
-            )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, parts, tokens = accumulate_gradients(model, rows, tokenizer.pad_token_id, settings, objective, temperature, device)
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss} at step {step} ({parts}); lower learning_rate (now {lr:.2e}). No checkpoint was written."
+            )
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         curve.append({
-            "step": step, "loss": loss.item(), **parts, "lr": lr, "source": source,
-            "completion_tokens": int(batch.targets.numel()), "seconds": time.perf_counter() - started,
+            "step": step, "loss": loss, **parts, "lr": lr, "source": source,
+            "completion_tokens": tokens, "seconds": time.perf_counter() - started,
         })
         if on_step is not None:
-            on_step(step, loss.item())
+            on_step(step, loss)
+    if settings.gradient_checkpointing:  # the saved checkpoint generates with its cache, as it came
+        model.gradient_checkpointing_disable()
+        model.config.use_cache = use_cache
     model.eval()
     return curve
+
+
+def accumulate_gradients(model, rows: pa.Table, pad_token_id: int, settings: TrainingSettings, objective: LossSettings,
+                         temperature: float, device: torch.device) -> tuple[float, dict, int]:
+    """Forward and backward over `rows` (the global batch) in micro-batches of `micro_batch_size`
+    sequences, each loss divided by the global batch's completion tokens N, so the accumulated
+    gradient is that of loss = (1/N) Σ_tokens ℓ whatever the split. Returns (loss, mean parts, N)."""
+    tokens = int(list_lengths(rows["completion_token_ids"]).sum())
+    micro = settings.micro_batch_size or rows.num_rows
+    loss, sums = 0.0, {}
+    for start in range(0, rows.num_rows, micro):
+        batch = sparse_batch(rows.slice(start, micro), pad_token_id, settings.k).to(device)
+        with autocast(device, settings.precision):
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        part_loss, parts = sparse_kd_loss(logits, batch, objective, temperature, normalizer=tokens)
+        part_loss.backward()
+        loss += part_loss.item()
+        for name, mean in parts.items():
+            sums[name] = sums.get(name, 0.0) + mean * batch.targets.numel()
+    return loss, {name: total / max(1, tokens) for name, total in sums.items()}, tokens
 
 
 def rollout_reuse(curve: list[dict], batch_size: int, stored_rollouts: int) -> float:

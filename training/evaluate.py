@@ -47,7 +47,9 @@ def _completion_logprobs(model, prompt_ids: list[list[int]], completions: list[l
     input_ids, attention_mask, rows, positions, targets = completion_positions(
         pa.array(prompt_ids, pa.list_(pa.int32())), pa.array(completions, pa.list_(pa.int32())), pad_token_id
     )
-    return student_logprobs_at(model(input_ids=input_ids, attention_mask=attention_mask).logits, rows, positions), targets
+    device = next(model.parameters()).device
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+    return student_logprobs_at(logits, rows.to(device), positions.to(device)), targets.to(device)
 
 
 @torch.no_grad()

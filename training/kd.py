@@ -5,6 +5,9 @@ completion token is predicted: by the logits at (rows[i], positions[i]) of the (
 Only those N positions get a log-softmax over the vocabulary, and the teacher side stays (N, k).
 
 loss = (1/N) Σ_i D(p_i ‖ q_i)  (+ w_nll · (1/N) Σ_i −log q_i(y_i) when mixed with NLL)
+
+With gradient accumulation N is the completion tokens of the whole (global) batch, not of the
+micro-batch (`normalizer`), so the loss does not depend on how a batch is split.
 """
 
 from dataclasses import dataclass
@@ -29,6 +32,9 @@ class SparseBatch:
     topk_ids: torch.Tensor | None  # (N, k); None for rows without a teacher signal (SFT data)
     topk_logprobs: torch.Tensor | None  # (N, k), at the stored temperature
     tail_mass: torch.Tensor | None  # (N,)
+
+    def to(self, device) -> "SparseBatch":
+        return SparseBatch(*(t.to(device, non_blocking=True) if t is not None else None for t in self.__dict__.values()))
 
 
 def sparse_batch(rows: pa.Table, pad_token_id: int, k: int | None = None) -> SparseBatch:
@@ -100,19 +106,19 @@ def _sparse_sums(selected_logits, targets, topk_ids, teacher_logprobs, tail_mass
 
 
 class _ChunkedSparseLoss(torch.autograd.Function):
-    """loss = w_div · mean D + w_nll · mean NLL over N positions, chunk by chunk.
+    """loss = (w_div · Σ D + w_nll · Σ NLL) / normalizer over N positions, chunk by chunk.
 
     The gradient of each chunk is computed in the forward pass and added into one buffer shaped like
     the logits (as fused-loss kernels do), so only one chunk's (chunk, V) temporaries are ever alive.
-    Outputs (loss, [mean divergence, mean nll]); only the loss is differentiable.
+    Outputs (loss, [mean divergence, mean nll] over these N); only the loss is differentiable.
     """
 
     @staticmethod
-    def forward(ctx, logits, rows, positions, targets, topk_ids, teacher_logprobs, tail_mass, objective, weights):
+    def forward(ctx, logits, rows, positions, targets, topk_ids, teacher_logprobs, tail_mass, objective, weights, normalizer):
         n = rows.shape[0]
         chunk = max(1, CHUNK_ELEMENTS // logits.shape[-1])
         grad = torch.zeros_like(logits) if ctx.needs_input_grad[0] else None
-        sums = torch.zeros(2)
+        sums = torch.zeros(2, device=logits.device)
         for start in range(0, n, chunk):
             piece = slice(start, start + chunk)
             with torch.enable_grad():
@@ -120,22 +126,24 @@ class _ChunkedSparseLoss(torch.autograd.Function):
                 signal = [t[piece] if t is not None else None for t in (topk_ids, teacher_logprobs, tail_mass)]
                 chunk_sums = _sparse_sums(selected, targets[piece], *signal, objective)
                 if grad is not None:
-                    (chunk_grad,) = torch.autograd.grad((chunk_sums * weights).sum() / n, selected)
+                    (chunk_grad,) = torch.autograd.grad((chunk_sums * weights).sum() / normalizer, selected)
                     grad.index_put_((rows[piece], positions[piece]), chunk_grad.to(grad.dtype), accumulate=True)
             sums += chunk_sums.detach()
-        means = sums / n
+        means = sums / max(1, n)
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(means)
-        return (means * weights).sum(), means
+        return (sums * weights).sum() / normalizer, means
 
     @staticmethod
     def backward(ctx, grad_loss, grad_means):
         (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_loss), None, None, None, None, None, None, None, None
+        return grad.mul_(grad_loss), None, None, None, None, None, None, None, None, None
 
 
-def sparse_kd_loss(student_logits: torch.Tensor, batch: SparseBatch, objective: LossSettings, stored_temperature: float):
-    """Mean over completion tokens of D(p‖q) on the stored top-k signal (+ weighted NLL).
+def sparse_kd_loss(student_logits: torch.Tensor, batch: SparseBatch, objective: LossSettings, stored_temperature: float,
+                   normalizer: int | None = None):
+    """Σ over completion tokens of D(p‖q) on the stored top-k signal (+ weighted NLL), divided by
+    `normalizer`: the global batch's completion tokens (default: this batch's, i.e. the mean).
 
     The stored teacher log-probs are at `stored_temperature`; at loss temperature τ they are
     rescaled, log p_τ = log p_T · T/τ, which is exact on the renormalized top-k support.
@@ -152,10 +160,10 @@ def sparse_kd_loss(student_logits: torch.Tensor, batch: SparseBatch, objective: 
                 f"stored signal's ({stored_temperature}): the tail mass cannot be rescaled"
             )
         teacher_logprobs = teacher_logprobs * (stored_temperature / objective.temperature)
-    weights = torch.tensor([0.0 if objective.divergence == "none" else 1.0, objective.nll_weight])
+    weights = torch.tensor([0.0 if objective.divergence == "none" else 1.0, objective.nll_weight], device=student_logits.device)
     loss, means = _ChunkedSparseLoss.apply(
         student_logits, batch.rows, batch.positions, batch.targets, batch.topk_ids, teacher_logprobs,
-        batch.tail_mass, objective, weights,
+        batch.tail_mass, objective, weights, normalizer or max(1, batch.rows.shape[0]),
     )
     parts = {"nll": means[1].item()}
     if objective.divergence != "none":

@@ -13,11 +13,12 @@ from training.signal import SparseSignal, topk_signal
 class HFEngine:
     backend = "hf"
 
-    def __init__(self, model, tokenizer, batch_size: int = 64, device: str = "cpu"):
-        self.model = model.to(device).eval()
+    def __init__(self, model, tokenizer, batch_size: int = 64, device: str | None = None):
+        """`device`: where the model runs; None leaves it where it is (a student being trained)."""
+        self.model = (model.to(device) if device else model).eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.device = device
+        self.device = next(model.parameters()).device
         self.context_length = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
         self.end_of_turn_ids = end_of_turn_ids(model.generation_config, tokenizer)
 
