@@ -1,9 +1,10 @@
-"""The Dagster code location: assets, checks, jobs, the round sensor and schedule, and resources."""
+"""The Dagster code location: assets, checks, jobs, the round and dead-run sensors, the round schedule, and resources."""
 
 import dagster as dg
 
 from assets import checks, curation, datasets, models, rounds, students
 from assets.resources import ModelEngine, store_resource
+from pipelines.dead_runs import dead_run_sensor
 from pipelines.jobs import distill_offline, distill_round
 from pipelines.sensors import round_schedule, round_sensor
 
@@ -11,7 +12,7 @@ defs = dg.Definitions(
     assets=dg.load_assets_from_modules([models, datasets, curation, students, rounds]),
     asset_checks=dg.load_asset_checks_from_modules([checks]),
     jobs=[distill_offline, distill_round],
-    sensors=[round_sensor],
+    sensors=[round_sensor, dead_run_sensor],
     schedules=[round_schedule],
     resources={"store": store_resource, "model_engine": ModelEngine()},
 )

@@ -1,6 +1,8 @@
 """The Dagster instance that `make demo` and `make ui` share: $DAGSTER_HOME with a dagster.yaml whose
 pool limit lets one step of pool `accelerator` (every asset that loads a model) run at a time, across
-all runs. An existing dagster.yaml is the user's and is never overwritten.
+all runs, and with the daemon's run monitoring (runs stuck starting or canceling are failed, slots of
+finished runs freed); runs whose process was killed are released by `pipelines/dead_runs.py`. An
+existing dagster.yaml is the user's and is never overwritten.
 
     python -m pipelines.instance      # prepares $DAGSTER_HOME
 """
@@ -13,6 +15,10 @@ INSTANCE_YAML = """telemetry:
 concurrency:
   pools:
     default_limit: 1
+run_monitoring:
+  enabled: true
+  max_resume_run_attempts: 0
+  free_slots_after_run_end_seconds: 60
 """
 
 
