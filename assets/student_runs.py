@@ -5,7 +5,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import dagster as dg
@@ -43,19 +42,24 @@ def distill_and_save(context: dg.AssetExecutionContext, store: Store, name: str,
     """Distills the student `start` (a model card) on `data` (and `rollouts`, drawn with probability
     `settings.mix`) by the plain command, and saves the whole output (weights, tokenizer, curve.json,
     distill_config.json) by content as model `name` (a round's checkpoint with `partition`), its card
-    extended by `card`. Bad input stops before anything is launched. Returns (card, curve, the
-    trained (model, tokenizer))."""
+    extended by `card`. Bad input stops before anything is launched. The work happens in
+    work/<name>/<partition>/ under the store, kept when the training fails or is killed, so that with
+    `checkpoint_every` a re-run with the same settings and inputs resumes it. Returns (card, curve,
+    the trained (model, tokenizer))."""
     for path in [*data, *rollouts]:
         check_compatible(pq.read_table(path, columns=["sample_id", "k", "topk_ids"]), start["vocab_size"], teacher["vocab_size"], settings.k)
-    with tempfile.TemporaryDirectory(dir=store.root) as work:
-        run = DistillConfig(
-            **settings.model_dump(), student=start["path"], data=[str(p) for p in data], rollouts=[str(p) for p in rollouts],
-            output=f"{work}/checkpoint", teacher_vocab_size=teacher["vocab_size"],
-        )
-        curve = _launch_distill(context, run, Path(work))
-        model, tokenizer = load_model(run.output)
-        saved = store.save_model(name, {**model_card(name, model, tokenizer), **(card or {})},
-                                 lambda directory: shutil.copytree(run.output, directory), partition=partition)
+    work = store.root / "work" / name / (partition or "all")  # stable: a killed training resumes from it
+    shutil.rmtree(work / "checkpoint", ignore_errors=True)  # a killed run's partial output (its resumable state stays)
+    work.mkdir(parents=True, exist_ok=True)
+    run = DistillConfig(
+        **settings.model_dump(), student=start["path"], data=[str(p) for p in data], rollouts=[str(p) for p in rollouts],
+        output=str(work / "checkpoint"), teacher_vocab_size=teacher["vocab_size"],
+    )
+    curve = _launch_distill(context, run, work)
+    model, tokenizer = load_model(run.output)
+    saved = store.save_model(name, {**model_card(name, model, tokenizer), **(card or {})},
+                             lambda directory: shutil.copytree(run.output, directory), partition=partition)
+    shutil.rmtree(work)
     return saved, curve, (model, tokenizer)
 
 

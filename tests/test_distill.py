@@ -1,8 +1,15 @@
 """Offline distillation on a real stored signal: batches, compatibility errors, the training loop."""
 
 import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -115,3 +122,32 @@ def test_fresh_on_policy_batches_are_sampled_from_the_current_student(tiny_model
 
     with pytest.raises(ValueError, match="on-policy rows store the teacher at temperature 2.0, the fixed data at 1.0"):
         train_student(model, tokenizer, labeled, DistillConfig(student="", data=[], output="", steps=3, batch_size=8, mix=1.0, rollouts=["-"]), rollouts=hotter_batches())
+
+
+def test_a_killed_training_resumes_along_the_same_curve(tiny_model_dir, labeled, tmp_path):
+    """`python -m training.distill` with checkpoint_every, killed with kill -9 after a checkpoint and
+    launched again, resumes from it and ends on the curve of an uninterrupted training."""
+    pq.write_table(labeled, tmp_path / "data.parquet")
+    settings = dict(student=str(tiny_model_dir), data=[str(tmp_path / "data.parquet")], steps=120, batch_size=8,
+                    learning_rate=3e-3, warmup_steps=2, nll_weight=1.0)
+    model, tokenizer = load_model(str(tiny_model_dir))
+    uninterrupted = train_student(model, tokenizer, labeled, DistillConfig(**settings, output=""))
+
+    output = tmp_path / "student"
+    (tmp_path / "run.json").write_text(DistillConfig(**settings, output=str(output), checkpoint_every=10).model_dump_json())
+    command = [sys.executable, "-m", "training.distill", "--config", str(tmp_path / "run.json")]
+    latest = tmp_path / "student.state" / "latest.json"
+    training = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    while not (latest.exists() and json.loads(latest.read_text())["step"] >= 19):
+        assert training.poll() is None, "the training ended before it could be killed"
+        time.sleep(0.01)
+    os.kill(training.pid, signal.SIGKILL)
+    training.wait()
+    killed_after = json.loads(latest.read_text())["step"]
+    assert 19 <= killed_after < 119 and not (output / "curve.json").exists()
+
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    resumed = json.loads((output / "curve.json").read_text())
+    assert [c["step"] for c in resumed] == list(range(120))
+    assert [c["loss"] for c in resumed] == pytest.approx([c["loss"] for c in uninterrupted], rel=1e-5)
+    assert not (tmp_path / "student.state").exists()  # trained: the resumable state is removed

@@ -14,8 +14,10 @@ from the fixed `data`. λ = 0 is supervised KD, λ = 1 fully on-policy.
 """
 
 import argparse
+import hashlib
 import json
 import math
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +34,7 @@ from training.chat import prompt_ids_for
 from training.kd import LossSettings, sparse_batch, sparse_kd_loss
 from training.models import load_model, save_model
 from training.optim import adamw, cosine_lr
+from training.resume import ShuffledBatches, load_state, save_state
 
 
 class TrainingSettings(LossSettings):
@@ -59,6 +62,9 @@ class TrainingSettings(LossSettings):
         None, ge=1, description="sequences per forward/backward; gradients accumulate to batch_size (empty: batch_size)"
     )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% more time")
+    checkpoint_every: Optional[int] = Field(
+        None, ge=1, description="steps between resumable checkpoints (weights, optimizer, RNG, data position); empty: none"
+    )
 
     def loss(self) -> LossSettings:
         """The loss this training minimizes: the divergence settings, or NLL alone for `sft`."""
@@ -75,6 +81,7 @@ class DistillConfig(TrainingSettings):
     output: str  # where the trained checkpoint and curve.json go
     teacher_vocab_size: Optional[int] = None
     rollouts: list[str] = []  # Parquet files of teacher-scored student samples
+    state_dir: Optional[str] = None  # resumable checkpoints (with checkpoint_every); empty: <output>.state
 
     @model_validator(mode="after")
     def _rollouts_for_mix(self):
@@ -121,16 +128,9 @@ def check_compatible(table: pa.Table, student_vocab_size: int, teacher_vocab_siz
         )
 
 
-def batches(table: pa.Table, batch_size: int, generator: torch.Generator):
-    """Batches of `table`'s rows in a shuffled order, reshuffled after every pass, forever."""
-    while True:
-        order = torch.randperm(table.num_rows, generator=generator)
-        for start in range(0, max(1, len(order) - batch_size + 1), batch_size):
-            yield table.take(pa.array(order[start : start + batch_size].numpy()))
-
-
 def train_student(model, tokenizer, data: pa.Table | Iterator[pa.Table], settings: TrainingSettings, on_step=None,
-                  rollouts: pa.Table | Iterator[pa.Table] | None = None, teacher_vocab_size: int | None = None) -> list[dict]:
+                  rollouts: pa.Table | Iterator[pa.Table] | None = None, teacher_vocab_size: int | None = None,
+                  state_dir: Path | None = None, fingerprint: str = "") -> list[dict]:
     """Trains `model` in place: each step a batch of `data`, or with probability λ = settings.mix a
     batch of `rollouts`; returns the curve. One loop for SFT (`objective: sft`, rows without a
     signal are fine) and KD. A non-finite loss stops with an error.
@@ -139,7 +139,11 @@ def train_student(model, tokenizer, data: pa.Table | Iterator[pa.Table], setting
     curated dataset, a round's `teacher_feedback`), or an iterator that yields one fresh batch each
     time a step asks for it: GKD's online form, where an on-policy batch is sampled from the
     student as it is at that step. Tables are checked before training, fresh batches as they come;
-    prompts rendered with another chat template than the student's are rendered anew with its own."""
+    prompts rendered with another chat template than the student's are rendered anew with its own.
+
+    With `state_dir` and `settings.checkpoint_every`, the training state is saved every that many
+    steps, and a training of the same `fingerprint` (settings and inputs) resumes from the last one
+    (`training/resume.py`); fresh batches are sampled anew after a resume."""
     objective = settings.loss()
     vocab_size = model.config.vocab_size
     device = training_device(settings.device)
@@ -159,7 +163,7 @@ def train_student(model, tokenizer, data: pa.Table | Iterator[pa.Table], setting
 
     def stream(rows: pa.Table | Iterator[pa.Table], kind: str, seed: int) -> Iterator[pa.Table]:
         if isinstance(rows, pa.Table):
-            return batches(checked(rows, kind), settings.batch_size, torch.Generator().manual_seed(seed))
+            return ShuffledBatches(checked(rows, kind), settings.batch_size, seed)
         return (checked(batch, kind) for batch in rows)
 
     if settings.mix > 0 and rollouts is None:
@@ -172,8 +176,10 @@ def train_student(model, tokenizer, data: pa.Table | Iterator[pa.Table], setting
         streams["on_policy"] = stream(rollouts, "on-policy", settings.seed + 1)
     coin = torch.Generator().manual_seed(settings.seed + len(streams))
     optimizer = adamw(model, settings.learning_rate, settings.weight_decay)
-    curve, started = [], time.perf_counter()
-    for step in range(settings.steps):
+    resumed = load_state(state_dir, fingerprint, model, optimizer, coin, streams)
+    first_step, curve = (resumed[0] + 1, resumed[1]) if resumed else (0, [])
+    started = time.perf_counter() - (curve[-1]["seconds"] if curve else 0.0)
+    for step in range(first_step, settings.steps):
         on_policy = settings.mix > 0 and torch.rand(1, generator=coin).item() < settings.mix
         source = "on_policy" if on_policy else "fixed"
         rows = next(streams[source])  # a fresh batch is sampled here, with the model in eval mode
@@ -195,6 +201,8 @@ def train_student(model, tokenizer, data: pa.Table | Iterator[pa.Table], setting
         })
         if on_step is not None:
             on_step(step, loss)
+        if state_dir is not None and settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.steps:
+            save_state(state_dir, fingerprint, step, model, optimizer, coin, streams, curve)
     if settings.gradient_checkpointing:  # the saved checkpoint generates with its cache, as it came
         model.gradient_checkpointing_disable()
         model.config.use_cache = use_cache
@@ -229,7 +237,21 @@ def rollout_reuse(curve: list[dict], batch_size: int, stored_rollouts: int) -> f
     return round(on_policy_steps * batch_size / max(1, stored_rollouts), 2)
 
 
+def run_fingerprint(config: DistillConfig) -> str:
+    """What makes a training resumable by another launch: the same settings (but where it writes and
+    how often it checkpoints) and the same student and data files (path, size, modification time)."""
+    def identity(path: str) -> list:
+        files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else [Path(path)]
+        return [path, [(f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]]
+
+    settings = config.model_dump(exclude={"output", "state_dir", "checkpoint_every"})
+    inputs = [identity(p) for p in [config.student, *config.data, *config.rollouts]]
+    return hashlib.sha256(json.dumps([settings, inputs], sort_keys=True).encode()).hexdigest()[:16]
+
+
 def run(config: DistillConfig) -> list[dict]:
+    """Trains and writes the checkpoint, curve.json and distill_config.json to `output`; with
+    `checkpoint_every`, a killed run launched again resumes from its last checkpoint."""
     model, tokenizer = load_model(config.student)
     table = pa.concat_tables([pq.read_table(path) for path in config.data])
     rollouts = pa.concat_tables([pq.read_table(path) for path in config.rollouts]) if config.rollouts else None
@@ -238,11 +260,14 @@ def run(config: DistillConfig) -> list[dict]:
         if step % 50 == 0:
             print(f"step {step}/{config.steps} loss {loss:.4f}", flush=True)
 
-    curve = train_student(model, tokenizer, table, config, log_progress, rollouts, config.teacher_vocab_size)
+    state_dir = Path(config.state_dir or f"{config.output}.state")
+    curve = train_student(model, tokenizer, table, config, log_progress, rollouts, config.teacher_vocab_size,
+                          state_dir, run_fingerprint(config))
     output = Path(config.output)
     save_model(model, tokenizer, output)
     (output / "curve.json").write_text(json.dumps(curve))
     (output / "distill_config.json").write_text(config.model_dump_json(indent=2))
+    shutil.rmtree(state_dir, ignore_errors=True)  # trained: nothing left to resume
     return curve
 
 

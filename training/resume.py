@@ -1,0 +1,99 @@
+"""Resumable training: every `checkpoint_every` steps the whole training state is written, so that a
+training killed at any point continues from its last checkpoint along the same curve. No pickle:
+
+    <directory>/step-<n>/model.safetensors       the weights
+    <directory>/step-<n>/optimizer.safetensors   AdamW's moments and step counts
+    <directory>/step-<n>/random.safetensors      the global RNG, the λ coin, the data orders
+    <directory>/step-<n>/state.json              step, data positions, optimizer groups, curve
+    <directory>/latest.json                      the last complete checkpoint and the run's fingerprint
+
+A checkpoint is written whole before latest.json names it (os.replace), so a kill while writing
+leaves the previous one in force. A checkpoint of another run (its `fingerprint`: settings and
+inputs) is ignored: changed settings or data start afresh.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+
+class ShuffledBatches:
+    """Batches of `table`'s rows in a shuffled order, reshuffled after every pass, forever. Its
+    generator, order and position are part of the training state."""
+
+    def __init__(self, table: pa.Table, batch_size: int, seed: int):
+        self.table, self.batch_size = table, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order, self.position = None, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> pa.Table:
+        if self.order is None or self.position >= max(1, len(self.order) - self.batch_size + 1):
+            self.order, self.position = torch.randperm(self.table.num_rows, generator=self.generator), 0
+        rows = self.order[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return self.table.take(pa.array(rows.numpy()))
+
+
+def save_state(directory: Path, fingerprint: str, step: int, model, optimizer, coin: torch.Generator,
+               streams: dict, curve: list[dict]) -> None:
+    """Writes the state after `step` as step-<step>/, names it in latest.json, removes older ones."""
+    final = directory / f"step-{step}"
+    partial = directory / f".step-{step}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    save_model(model, str(partial / "model.safetensors"))
+    optimizer_state = optimizer.state_dict()
+    save_file({f"{index}.{name}": value.detach().cpu().contiguous() for index, moments in optimizer_state["state"].items()
+               for name, value in moments.items()}, str(partial / "optimizer.safetensors"))
+    shuffled = {name: batches for name, batches in streams.items() if isinstance(batches, ShuffledBatches) and batches.order is not None}
+    save_file({"torch": torch.get_rng_state(), "coin": coin.get_state(),
+               **{f"{name}.generator": b.generator.get_state() for name, b in shuffled.items()},
+               **{f"{name}.order": b.order for name, b in shuffled.items()}}, str(partial / "random.safetensors"))
+    (partial / "state.json").write_text(json.dumps({
+        "step": step, "positions": {name: b.position for name, b in shuffled.items()},
+        "param_groups": optimizer_state["param_groups"], "curve": curve,
+    }))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+    pointer = directory / ".latest.json.tmp"
+    pointer.write_text(json.dumps({"checkpoint": final.name, "fingerprint": fingerprint, "step": step}))
+    os.replace(pointer, directory / "latest.json")
+    for older in directory.glob("step-*"):
+        if older != final:
+            shutil.rmtree(older, ignore_errors=True)
+
+
+def load_state(directory: Path | None, fingerprint: str, model, optimizer, coin: torch.Generator,
+               streams: dict) -> tuple[int, list[dict]] | None:
+    """Restores the last checkpoint of this run (same fingerprint) into model, optimizer, coin and
+    streams; returns (its step, the curve so far), or None when there is none to resume."""
+    latest = directory / "latest.json" if directory else None
+    if latest is None or not latest.exists():
+        return None
+    pointer = json.loads(latest.read_text())
+    if pointer["fingerprint"] != fingerprint:
+        return None
+    checkpoint = directory / pointer["checkpoint"]
+    state = json.loads((checkpoint / "state.json").read_text())
+    load_model(model, str(checkpoint / "model.safetensors"), device=str(next(model.parameters()).device))
+    moments = load_file(str(checkpoint / "optimizer.safetensors"))
+    by_index: dict[int, dict] = {}
+    for key, value in moments.items():
+        index, name = key.split(".", 1)
+        by_index.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": by_index, "param_groups": state["param_groups"]})
+    random = load_file(str(checkpoint / "random.safetensors"))
+    torch.set_rng_state(random["torch"])
+    coin.set_state(random["coin"])
+    for name, position in state["positions"].items():
+        streams[name].generator.set_state(random[f"{name}.generator"])
+        streams[name].order, streams[name].position = random[f"{name}.order"], position
+    return state["step"], state["curve"]
