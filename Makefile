@@ -26,7 +26,7 @@ demo: $(INSTALLED)
 	$(BIN)/python -m pipelines.demo
 
 test: $(INSTALLED) browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 ui: $(INSTALLED)
 	$(BIN)/python -m pipelines.instance  # pool accelerator: one model-heavy step at a time

@@ -12,6 +12,7 @@ from test_engine_vllm import K, assert_same_signal, hf_engine, sequences  # noqa
 from test_pipeline import ASSETS, CHECKS, run_config
 from training.engines.base import SamplingParams
 from training.engines.cache import CachedEngine, TeacherCache
+from training.engines.hf import HFEngine
 from training.rollouts import score_rollouts
 from training.signal import SignalSettings
 
@@ -55,7 +56,7 @@ def vllm_engine_resource():
     close_vllm_engines()
 
 
-def test_offline_graph_on_vllm_and_a_full_cache_hit_on_rerun(instance, distill_home, vllm_engine_resource):
+def test_offline_graph_on_vllm_a_full_cache_hit_on_rerun_and_two_handles_in_turn(instance, distill_home, vllm_engine_resource):
     resources = {"store": store_resource, "model_engine": vllm_engine_resource}
     names = [a.key.to_user_string() for a in ASSETS]
     result = dg.materialize(ASSETS + CHECKS, instance=instance, resources=resources, run_config=run_config(names))
@@ -80,16 +81,16 @@ def test_offline_graph_on_vllm_and_a_full_cache_hit_on_rerun(instance, distill_h
     assert pc.all(pc.not_equal(second["run_id"], first["run_id"])).as_py()
     assert second.drop_columns(["run_id"]).equals(first.drop_columns(["run_id"]))
 
-
-def test_vllm_handles_to_two_models_are_used_in_turn(tiny_model_dir, hf_engine, vllm_engine_resource):
-    """teacher_feedback holds the teacher's and the student's engines at once; on vLLM only one is
-    resident, so each handle (re)starts its engine when used. Two settings stand in for two models."""
-    card = {"path": str(tiny_model_dir)}
-    teacher, student = vllm_engine_resource.load(card), ModelEngine(backend="vllm", max_model_len=128, max_logprobs=K).load(card)
-    prompts, completions = sequences(hf_engine)
-    rollouts = pa.table({"prompt_token_ids": prompts, "completion_token_ids": completions})
+    # teacher_feedback holds the teacher's and the student's engines at once; on vLLM only one is
+    # resident, so each handle (re)starts its engine when used. The teacher's engine is still resident
+    # from the graph; the student stands in with other settings, so the two handles take turns.
+    card = store.read_card("teacher")
+    teacher = vllm_engine_resource.load(card)
+    student = ModelEngine(backend="vllm", max_model_len=128, max_logprobs=K).load(card)
+    reference_engine = HFEngine.load(card["path"], batch_size=16)
+    rollouts = first.select(["prompt_token_ids", "completion_token_ids"]).slice(0, 6)
     columns, _ = score_rollouts(teacher, student, rollouts, SignalSettings(k=K))
-    reference, _ = score_rollouts(hf_engine, hf_engine, rollouts, SignalSettings(k=K))
+    reference, _ = score_rollouts(reference_engine, reference_engine, rollouts, SignalSettings(k=K))
     for name, depth in (("topk_logprobs", 2), ("token_logprob", 1), ("student_token_logprob", 1)):
         got, want = columns[name], reference[name]
         for _ in range(depth):
