@@ -60,6 +60,9 @@ def distill_and_save(context: dg.AssetExecutionContext, store: Store, name: str,
     saved = store.save_model(name, {**model_card(name, model, tokenizer), **(card or {})},
                              lambda directory: shutil.copytree(run.output, directory), partition=partition)
     shutil.rmtree(work)
+    for parent in (work.parent, work.parent.parent):  # work/<name>/ and work/, once nothing else is in progress
+        if not any(parent.iterdir()):
+            parent.rmdir()
     return saved, curve, (model, tokenizer)
 
 
