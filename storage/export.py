@@ -21,14 +21,11 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from training.chat import RAW, with_conversation_columns
+from training.chat import CONVERSATION, RAW, with_conversation_columns
 
 FORMATS = ("trl", "messages", "axolotl")
 FILE_TYPES = ("parquet", "jsonl")
 
-CONVERSATION = """CASE WHEN system_prompt IS NOT NULL AND coalesce(messages[1].role, 'user') <> 'system'
-    THEN list_prepend({'role': 'system', 'content': system_prompt}, coalesce(messages, [{'role': 'user', 'content': prompt}]))
-    ELSE coalesce(messages, [{'role': 'user', 'content': prompt}]) END"""
 REPLY = "[{'role': 'assistant', 'content': completion}]"
 
 

@@ -14,6 +14,7 @@ beside their `prompt_token_ids`, so a model with another template re-renders the
 template while sharing a vocabulary.
 """
 
+import duckdb
 import pyarrow as pa
 
 from training.tokenizer import chat_template_hash
@@ -27,19 +28,19 @@ def prompt_rendering(tokenizer) -> str:
     return chat_template_hash(tokenizer) or RAW
 
 
+# SQL over a prompt table: the conversation of each row, its messages, else its prompt as one user
+# turn, with the row's system prompt first unless the conversation has one (also used by the export)
+CONVERSATION = """CASE WHEN system_prompt IS NOT NULL AND coalesce(messages[1].role, 'user') <> 'system'
+    THEN list_prepend({'role': 'system', 'content': system_prompt}, coalesce(messages, [{'role': 'user', 'content': prompt}]))
+    ELSE coalesce(messages, [{'role': 'user', 'content': prompt}]) END"""
+
+
 def conversations(prompts: pa.Table) -> list[list[dict]]:
-    """The conversation of each row: its messages, else its prompt as one user turn, with the
-    row's system prompt first unless the conversation has one."""
-    texts = prompts["prompt"].to_pylist()
-    messages = prompts["messages"].to_pylist() if "messages" in prompts.column_names else [None] * len(texts)
-    systems = prompts["system_prompt"].to_pylist() if "system_prompt" in prompts.column_names else [None] * len(texts)
-    result = []
-    for text, turns, system in zip(texts, messages, systems):
-        turns = turns or [{"role": "user", "content": text}]
-        if system and turns[0]["role"] != "system":
-            turns = [{"role": "system", "content": system}, *turns]
-        result.append(turns)
-    return result
+    """The conversation of each row (`CONVERSATION`), as lists of {role, content}."""
+    with duckdb.connect() as connection:
+        connection.register("rows", with_conversation_columns(prompts.select([c for c in prompts.column_names
+                                                                              if c in ("prompt", "messages", "system_prompt")])))
+        return connection.sql(f"SELECT {CONVERSATION} AS c FROM rows").to_arrow_table()["c"].to_pylist()
 
 
 def is_conversation(prompts: pa.Table) -> bool:

@@ -53,11 +53,11 @@ def _completion_logprobs(model, prompt_ids: list[list[int]], completions: list[l
 
 
 @torch.no_grad()
-def _against_teacher(student, tokenizer, teacher, teacher_tokenizer, prompts: pa.Table, completions: list[list[int]],
-                     sampled_by_student: bool) -> dict[str, float]:
+def _against_teacher(student, tokenizer, teacher, teacher_tokenizer, student_ids: list[list[int]], teacher_ids: list[list[int]],
+                     completions: list[list[int]], sampled_by_student: bool) -> dict[str, float]:
     """Per-token means over `completions` (sampled by the student, else by the teacher) of the
-    metrics in the module docstring, in batches of EVAL_BATCH_SIZE sequences."""
-    student_ids, teacher_ids = render(tokenizer, prompts), render(teacher_tokenizer, prompts)
+    metrics in the module docstring, each model on its own rendering of the prompts, in batches of
+    EVAL_BATCH_SIZE sequences."""
     sums, tokens = {"divergence": 0.0, "logprob": 0.0}, 0
     for start in range(0, len(completions), EVAL_BATCH_SIZE):
         batch = slice(start, start + EVAL_BATCH_SIZE)
@@ -97,8 +97,10 @@ def evaluate(student, tokenizer, prompts: pa.Table, task: Task, teacher=None, se
         if teacher_responses is None:
             teacher_responses = teacher_samples(teacher, teacher_tokenizer, prompts, seed, max_new_tokens)
         own = [g.completion_ids for g in generations]
-        metrics.update(_against_teacher(student, tokenizer, teacher, teacher_tokenizer, prompts, own, True))
-        metrics.update(_against_teacher(student, tokenizer, teacher, teacher_tokenizer, prompts, teacher_responses, False))
+        teacher_ids = render(teacher_tokenizer, prompts)
+        for completions, sampled_by_student in [(own, True), (teacher_responses, False)]:
+            metrics.update(_against_teacher(student, tokenizer, teacher, teacher_tokenizer, prompt_ids, teacher_ids, completions,
+                                            sampled_by_student))
     return metrics
 
 
