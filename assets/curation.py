@@ -2,6 +2,8 @@
 evolution) and from topics (synthesis), every input is labeled like a seed prompt, and the union
 is filtered and selected into `curated`, the dataset students train on."""
 
+import dataclasses
+import functools
 import random
 
 import dagster as dg
@@ -9,21 +11,23 @@ import matplotlib.pyplot as plt
 import pyarrow as pa
 
 from assets.config import CuratedConfig, ExpandedConfig, SynthesizedConfig, WritingConfig
+from assets.executor import ShardExecutor, ShardWork
 from assets.publish import png_markdown, publish_dataset
 from assets.resources import ModelEngine
 from storage.store import Store
 from training.curation import candidate_pool, curate, origin_counts
 from training.engines.base import SamplingParams
 from training.expansion import (
-    Instruction,
     evolution_instructions,
     expansion_instructions,
+    instruction_table,
+    instructions_of,
     synthesis_instructions,
     templates_for,
     write_inputs,
     written_prompts,
 )
-from training.labeling import label_table
+from training.labeling import LabelingSettings, label_table
 from training.tables import with_constants
 from training.tasks import Task, task_of
 
@@ -31,22 +35,38 @@ WRITTEN_PREVIEW = ["sample_id", "origin", "instruction", "prompt", "completion",
 WRITTEN_DATASETS = ("expanded", "synthesized")
 
 
-def _publish_written(context, store: Store, model_engine: ModelEngine, config: WritingConfig, task: Task,
-                     instructions: list[Instruction], seeds: list[str], name: str, inputs: dict) -> dg.MaterializeResult:
+def write_and_label_shard(engines: dict, rows: pa.Table, index: int, *, writing: SamplingParams, labeling: LabelingSettings,
+                          card: dict, task: Task, system_prompt: str | None, run_id: str):
+    """A shard of instructions: the teacher writes an input per instruction, the valid ones are labeled."""
+    engine = engines["teacher"]
+    instructions, seeds = instructions_of(rows)
+    writing = dataclasses.replace(writing, seed=writing.seed + index)
+    prompts, report = written_prompts(instructions, write_inputs(engine, instructions, writing), seeds, task, system_prompt,
+                                      first_index=rows["instruction_index"][0].as_py())
+    table, metrics = label_table(engine, prompts, labeling, card, task, run_id, id_columns=("origin", "instruction_index"), shard=index)
+    return table, {**report, **metrics}
+
+
+def _publish_written(context, store: Store, model_engine: ModelEngine, shard_executor: ShardExecutor, config: WritingConfig,
+                     task: Task, instructions: pa.Table, name: str, inputs: dict) -> dg.MaterializeResult:
     """The teacher writes an input per instruction; the valid ones are labeled (with the seeds' system
-    prompt) and published as `name`."""
+    prompt) and published as `name`, shard by shard."""
     card = store.read_card("teacher")
-    engine = model_engine.load(card, cache_dir=store.root / "cache")
-    writing = SamplingParams(1, config.write_temperature, 1.0, config.write_max_new_tokens, config.seed)
     system_prompt = store.read_dataset("seed_prompts", columns=["system_prompt"])["system_prompt"][0].as_py()
-    prompts, report = written_prompts(instructions, write_inputs(engine, instructions, writing), seeds, task, system_prompt)
-    table, metrics = label_table(engine, prompts, config, card, task, context.run_id, id_columns=("origin", "instruction_index"))
-    return publish_dataset(context, store, name, table, config=config, inputs={**inputs, "teacher_model": card["weights_hash"]},
-                           metrics={**report, **metrics}, preview=WRITTEN_PREVIEW)
+    inputs = {**inputs, "teacher_model": card["weights_hash"]}
+    source = store.write_work_file(instructions, f"{name}.instructions.parquet")
+    writing = SamplingParams(1, config.write_temperature, 1.0, config.write_max_new_tokens, config.seed)
+    step = functools.partial(write_and_label_shard, writing=writing, labeling=LabelingSettings(**config.model_dump()), card=card, task=task, system_prompt=system_prompt,
+                             run_id=context.run_id)
+    work = ShardWork(name, [source], {"teacher": (model_engine.model_dump(), card, store.root / "cache")}, step,
+                     settings={"config": config.model_dump(), "engine": model_engine.backend})
+    shards, metrics = shard_executor.run(context, store, work, None, inputs)
+    return publish_dataset(context, store, name, shards, config=config, inputs=inputs, metrics=metrics, preview=WRITTEN_PREVIEW)
 
 
 @dg.asset(group_name="datasets", pool="accelerator", kinds={"parquet"}, deps=["teacher_model", "seed_prompts"])
-def expanded(context: dg.AssetExecutionContext, config: ExpandedConfig, store: dg.ResourceParam[Store], model_engine: ModelEngine):
+def expanded(context: dg.AssetExecutionContext, config: ExpandedConfig, store: dg.ResourceParam[Store], model_engine: ModelEngine,
+             shard_executor: ShardExecutor):
     """New inputs the teacher writes from seed demonstrations (Self-Instruct) and harder rewrites of
     seeds (Evol-Instruct), labeled with the teacher's responses and sparse signal."""
     seed_rows = store.read_dataset("seed_prompts", columns=["prompt", "task"])
@@ -58,11 +78,13 @@ def expanded(context: dg.AssetExecutionContext, config: ExpandedConfig, store: d
     evolvable = [i for i, seed in enumerate(seeds) if task.can_evolve(seed)]
     instructions += evolution_instructions(seeds, rng.sample(evolvable, min(config.num_evolved, len(evolvable))), templates)
     inputs = {"seed_prompts": store.dataset_version("seed_prompts")}
-    return _publish_written(context, store, model_engine, config, task, instructions, seeds, "expanded", inputs)
+    return _publish_written(context, store, model_engine, shard_executor, config, task, instruction_table(instructions, seeds),
+                            "expanded", inputs)
 
 
 @dg.asset(group_name="datasets", pool="accelerator", kinds={"parquet"}, deps=["teacher_model", "seed_prompts"])
-def synthesized(context: dg.AssetExecutionContext, config: SynthesizedConfig, store: dg.ResourceParam[Store], model_engine: ModelEngine):
+def synthesized(context: dg.AssetExecutionContext, config: SynthesizedConfig, store: dg.ResourceParam[Store],
+                model_engine: ModelEngine, shard_executor: ShardExecutor):
     """New inputs the teacher writes for weighted topics (meta-information), labeled like the seeds."""
     task = task_of(store.read_dataset("seed_prompts", columns=["task"]))
     topics = config.topics or task.default_topics()
@@ -71,7 +93,8 @@ def synthesized(context: dg.AssetExecutionContext, config: SynthesizedConfig, st
     templates = templates_for(task, config.templates, synthesize=config.synthesize_template)
     instructions = synthesis_instructions(random.Random(f"synthesized/{config.seed}"), topics, config.num_synthesized, templates)
     inputs = {"seed_prompts": store.dataset_version("seed_prompts")}
-    return _publish_written(context, store, model_engine, config, task, instructions, [], "synthesized", inputs)
+    return _publish_written(context, store, model_engine, shard_executor, config, task, instruction_table(instructions, []),
+                            "synthesized", inputs)
 
 
 def funnel_chart(funnel: list[dict]) -> dg.MetadataValue:
@@ -104,7 +127,7 @@ CURATION_INPUTS = ["teacher_labeled", *WRITTEN_DATASETS, "eval_set"]
     ],
 )
 def curated(context: dg.AssetExecutionContext, config: CuratedConfig, store: dg.ResourceParam[Store]):
-    names = ["teacher_labeled", *(n for n in WRITTEN_DATASETS if store.dataset_path(n).exists())]
+    names = ["teacher_labeled", *(n for n in WRITTEN_DATASETS if store.has_dataset(n))]
     rows = candidate_pool({name: store.read_dataset(name) for name in names})
     inputs = {name: store.dataset_version(name) for name in [*names, "eval_set"]}
     result = curate(rows, store.read_dataset("eval_set", columns=["prompt"])["prompt"].to_pylist(), config)

@@ -1,14 +1,17 @@
 """`seed_prompts`, `eval_set` and `teacher_labeled`: prompts in, teacher responses with the sparse
 teacher signal out, as Parquet under DISTILL_HOME."""
 
+import functools
+
 import dagster as dg
 import pyarrow.compute as pc
 
 from assets.config import EvalSetConfig, PromptSourceConfig, SeedPromptsConfig, TeacherLabeledConfig
+from assets.executor import ShardExecutor, ShardWork
 from assets.publish import publish_dataset
 from assets.resources import ModelEngine
 from storage.store import Store
-from training.labeling import label_table
+from training.labeling import LabelingSettings, label_table
 from training.prompt_sources import prompt_table
 from training.tasks import get_task, task_of
 
@@ -41,15 +44,21 @@ def eval_set(context: dg.AssetExecutionContext, config: EvalSetConfig, store: dg
     return _publish_prompts(context, store, "eval_set", config, "eval")
 
 
+def label_shard(engines: dict, prompts, index: int, *, settings: LabelingSettings, card: dict, task, run_id: str):
+    return label_table(engines["teacher"], prompts, settings, card, task, run_id, shard=index)
+
+
 @dg.asset(group_name="datasets", pool="accelerator", kinds={"parquet"}, deps=["teacher_model", seed_prompts])
-def teacher_labeled(
-    context: dg.AssetExecutionContext, config: TeacherLabeledConfig, store: dg.ResourceParam[Store], model_engine: ModelEngine
-):
-    """Teacher responses, n per seed prompt, with the teacher's top-k logprobs on every token."""
+def teacher_labeled(context: dg.AssetExecutionContext, config: TeacherLabeledConfig, store: dg.ResourceParam[Store],
+                    model_engine: ModelEngine, shard_executor: ShardExecutor):
+    """Teacher responses, n per seed prompt, with the teacher's top-k logprobs on every token, shard
+    by shard (`shard_executor`)."""
     card = store.read_card("teacher")
-    seeds = store.read_dataset("seed_prompts")
-    engine = model_engine.load(card, cache_dir=store.root / "cache")
-    table, metrics = label_table(engine, seeds, config, card, task_of(seeds), context.run_id)
+    task = task_of(store.read_dataset("seed_prompts", columns=["task"]))
+    step = functools.partial(label_shard, settings=LabelingSettings(**config.model_dump()), card=card, task=task, run_id=context.run_id)
+    work = ShardWork("teacher_labeled", store.shard_paths("seed_prompts"), {"teacher": (model_engine.model_dump(), card, store.root / "cache")},
+                     step, settings={"config": config.model_dump(), "engine": model_engine.backend})
     inputs = {"seed_prompts": store.dataset_version("seed_prompts"), "teacher_model": card["weights_hash"]}
-    return publish_dataset(context, store, "teacher_labeled", table, config=config, inputs=inputs, metrics=metrics,
+    shards, metrics = shard_executor.run(context, store, work, None, inputs)
+    return publish_dataset(context, store, "teacher_labeled", shards, config=config, inputs=inputs, metrics=metrics,
                            preview=LABELED_PREVIEW)

@@ -1,4 +1,4 @@
-"""Publishing a materialization: write the Parquet, add the lineage row, refresh the catalog, and
+"""Publishing a materialization: publish the Parquet shards, add the lineage row, refresh the catalog, and
 describe it all in Dagster metadata (floats rounded to 4 significant digits for the UI; lineage
 keeps them whole)."""
 
@@ -12,9 +12,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from storage.catalog import refresh_catalog
-from storage.lineage import file_version, lineage_row
+from storage.lineage import lineage_row
+from storage.shards import ShardedWrite
 from storage.store import Store
 
 PREVIEW_ROWS = 5
@@ -66,34 +68,37 @@ def record_lineage(context: dg.AssetExecutionContext, store: Store, config: dg.C
     store.append_lineage(lineage_row(_output_key(context, asset), partition, context.run_id, parent_round, inputs, settings, metrics))
 
 
-def publish_dataset(context: dg.AssetExecutionContext, store: Store, name: str, table: pa.Table, *, config: dg.Config | None,
-                    inputs: dict[str, str], metrics: dict, preview: list[str], display: dict | None = None,
-                    parent_round: str | None = None) -> dg.MaterializeResult:
-    """Writes `table` atomically as dataset `name` (the context's partition, if any), records
-    lineage, refreshes the catalog; returns the MaterializeResult: `metrics` (also in lineage),
-    `display` (tables, charts: metadata only) and the `preview` columns of the first rows. In a
-    multi-asset the output's asset key is `name`."""
+def publish_dataset(context: dg.AssetExecutionContext, store: Store, name: str, data: pa.Table | ShardedWrite, *,
+                    config: dg.Config | None, inputs: dict[str, str], metrics: dict, preview: list[str],
+                    display: dict | None = None, parent_round: str | None = None) -> dg.MaterializeResult:
+    """Publishes `data` (a table, or the finished shards of a `ShardedWrite`) as the new version of
+    dataset `name` (the context's partition, if any), records lineage, refreshes the catalog;
+    returns the MaterializeResult: `metrics` (also in lineage), `display` (tables, charts: metadata
+    only) and the `preview` columns of the first rows. In a multi-asset the output's asset key is `name`."""
     partition = context.partition_key if context.has_partition_key else None
     multi_asset = len(context.assets_def.keys) > 1
-    path = store.write_dataset(name, table, partition)
-    version = file_version(path)
-    record_lineage(context, store, config, inputs, {**metrics, "rows": table.num_rows, "data_version": version},
+    manifest = data.publish() if isinstance(data, ShardedWrite) else store.write_dataset(name, data, partition)
+    paths = store.shard_paths(name, partition)
+    record_lineage(context, store, config, inputs, {**metrics, "rows": manifest["rows"], "data_version": manifest["data_version"]},
                    parent_round, asset=name if multi_asset else None)
     refresh_catalog(store)
-    schema = dg.TableSchema(columns=[dg.TableColumn(f.name, str(f.type)) for f in table.schema])
+    first = pq.ParquetFile(paths[0])
+    head = first.read_row_group(0, columns=[c for c in preview if c in first.schema_arrow.names]) if first.num_row_groups else pa.table({})
+    schema = dg.TableSchema(columns=[dg.TableColumn(f.name, str(f.type)) for f in first.schema_arrow])
     return dg.MaterializeResult(
         asset_key=name if multi_asset else None,
         metadata={
-            "dagster/row_count": table.num_rows,
+            "dagster/row_count": manifest["rows"],
             "dagster/column_schema": schema,
-            "path": dg.MetadataValue.path(str(path)),
-            "bytes": path.stat().st_size,
-            "preview": dg.MetadataValue.md(markdown_preview(table, preview)),
+            "path": dg.MetadataValue.path(str(paths[0].parent)),
+            "shards": len(paths),
+            "bytes": sum(path.stat().st_size for path in paths),
+            "preview": dg.MetadataValue.md(markdown_preview(head, preview)),
             "inputs": dg.MetadataValue.json(inputs),
             **metadata(metrics),
             **(display or {}),
         },
-        data_version=dg.DataVersion(version),
+        data_version=dg.DataVersion(manifest["data_version"]),
     )
 
 

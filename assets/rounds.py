@@ -10,14 +10,17 @@ The parent is round r−1's checkpoint (offline_student for r001), read through 
 recorded in metadata and in `lineage` (parent_round, parent checkpoint hash, input data versions).
 """
 
+import dataclasses
+import functools
 from contextlib import contextmanager
 
 import dagster as dg
 import matplotlib.pyplot as plt
+import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from assets.config import EvalsConfig, StudentCheckpointConfig, StudentRolloutsConfig, TeacherFeedbackConfig
+from assets.executor import ShardExecutor, ShardWork
 from assets.partitions import FIRST_PARENT, parent_round, round_number, rounds
 from assets.publish import metadata, png_markdown, publish_dataset, publish_evals, record_lineage
 from assets.resources import ModelEngine
@@ -28,6 +31,7 @@ from training.distill import rollout_reuse
 from training.engines.base import SamplingParams
 from training.evaluate import evaluate_checkpoints
 from training.rollouts import PROMPT_COLUMNS, draw_prompts, feedback_table, sample_rollouts
+from training.signal import SignalSettings
 from training.tasks import task_of
 
 IN_PROGRESS = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
@@ -69,10 +73,17 @@ def claim_round(context: dg.AssetExecutionContext, store: Store):
         yield
 
 
+def rollout_shard(engines: dict, prompts: pa.Table, index: int, *, sampling: SamplingParams, identity: dict):
+    return sample_rollouts(engines["student"], prompts, dataclasses.replace(sampling, seed=sampling.seed + index), identity)
+
+
+def feedback_shard(engines: dict, rollouts: pa.Table, index: int, *, settings: SignalSettings, teacher: dict, task):
+    return feedback_table(engines["teacher"], engines["student"], rollouts, settings, teacher, task)
+
+
 @dg.asset(**ROUND, kinds={"parquet"}, deps=["offline_student", "teacher_labeled", "curated"])
-def student_rollouts(
-    context: dg.AssetExecutionContext, config: StudentRolloutsConfig, store: dg.ResourceParam[Store], model_engine: ModelEngine
-):
+def student_rollouts(context: dg.AssetExecutionContext, config: StudentRolloutsConfig, store: dg.ResourceParam[Store],
+                     model_engine: ModelEngine, shard_executor: ShardExecutor):
     """Completions sampled from the current student (round r−1's checkpoint; offline_student for r001)
     on prompts drawn from curated (else teacher_labeled), n per prompt, seeded by the round."""
     key = context.partition_key
@@ -83,31 +94,37 @@ def student_rollouts(
         sampling = SamplingParams(config.n, config.temperature, config.top_p, config.max_new_tokens, config.seed * 1000 + round_number(key))
         identity = {"student": parent, "student_weights_hash": card["weights_hash"], "tokenizer_hash": card["tokenizer_hash"],
                     "round": key, "parent_round": previous, "run_id": context.run_id}
-        table, metrics = sample_rollouts(model_engine.load(card), prompts, sampling, identity)
         inputs = {dataset: store.dataset_version(dataset), "parent": parent, "parent_checkpoint": card["weights_hash"]}
-        return publish_dataset(context, store, "student_rollouts", table, config=config, inputs=inputs,
+        source = store.write_work_file(prompts, f"student_rollouts.prompts.{key}.parquet")
+        work = ShardWork("student_rollouts", [source], {"student": (model_engine.model_dump(), card, None)},
+                         functools.partial(rollout_shard, sampling=sampling, identity=identity),
+                         settings={"config": config.model_dump(), "engine": model_engine.backend})
+        shards, metrics = shard_executor.run(context, store, work, key, inputs)
+        return publish_dataset(context, store, "student_rollouts", shards, config=config, inputs=inputs,
                                metrics={**metrics, "parent": parent}, preview=["sample_id", "prompt", "completion", "num_tokens"],
                                parent_round=previous)
 
 
 @dg.asset(**ROUND, kinds={"parquet"}, deps=[student_rollouts, "teacher_model", "seed_prompts"])
-def teacher_feedback(
-    context: dg.AssetExecutionContext, config: TeacherFeedbackConfig, store: dg.ResourceParam[Store], model_engine: ModelEngine
-):
+def teacher_feedback(context: dg.AssetExecutionContext, config: TeacherFeedbackConfig, store: dg.ResourceParam[Store],
+                     model_engine: ModelEngine, shard_executor: ShardExecutor):
     """The teacher scores every rollout token (top-k, the token's logprob, tail mass); per sequence the
     student–teacher log-ratio sum (a reverse-KL estimate) and the verifier's reward."""
     key = context.partition_key
     parent, previous, card = parent_checkpoint(store, key)
     teacher = store.read_card("teacher")
     with claim_round(context, store):
-        rollouts = store.read_dataset("student_rollouts", key)
         task = task_of(store.read_dataset("seed_prompts", columns=["task"]))
-        table, metrics = feedback_table(model_engine.load(teacher), model_engine.load(card), rollouts, config, teacher, task)
         inputs = {
             "student_rollouts": store.dataset_version("student_rollouts", key),
             "teacher_model": teacher["weights_hash"], "parent": parent, "parent_checkpoint": card["weights_hash"],
         }
-        return publish_dataset(context, store, "teacher_feedback", table, config=config, inputs=inputs, metrics=metrics,
+        work = ShardWork("teacher_feedback", store.shard_paths("student_rollouts", key),
+                         {"teacher": (model_engine.model_dump(), teacher, None), "student": (model_engine.model_dump(), card, None)},
+                         functools.partial(feedback_shard, settings=SignalSettings(**config.model_dump()), teacher=teacher, task=task),
+                         settings={"config": config.model_dump(), "engine": model_engine.backend})
+        shards, metrics = shard_executor.run(context, store, work, key, inputs)
+        return publish_dataset(context, store, "teacher_feedback", shards, config=config, inputs=inputs, metrics=metrics,
                                preview=["sample_id", "completion", "reward", "log_ratio_sum"], parent_round=previous)
 
 
@@ -119,14 +136,14 @@ def student_checkpoint(context: dg.AssetExecutionContext, config: StudentCheckpo
     parent, previous, card = parent_checkpoint(store, key)
     teacher = store.read_card("teacher")
     dataset = training_dataset_name(store)
-    feedback_path = store.dataset_path("teacher_feedback", key)
-    if not feedback_path.exists():
+    if not store.has_dataset("teacher_feedback", key):
         raise FileNotFoundError(f"round {key} has no teacher_feedback yet: materialize teacher_feedback for {key} first")
     with claim_round(context, store):
+        feedback = store.shard_paths("teacher_feedback", key)
         identity = {"round": key, "parent": parent, "parent_round": previous, "parent_checkpoint": card["weights_hash"], "mix": config.mix}
-        new_card, curve, _ = distill_and_save(context, store, "student_checkpoint", config, card, teacher, [store.dataset_path(dataset)],
-                                           [feedback_path], card=identity, partition=key)
-        reuse = rollout_reuse(curve, config.batch_size, pq.read_metadata(feedback_path).num_rows)
+        new_card, curve, _ = distill_and_save(context, store, "student_checkpoint", config, card, teacher, store.shard_paths(dataset),
+                                              feedback, card=identity, partition=key)
+        reuse = rollout_reuse(curve, config.batch_size, store.dataset_rows("teacher_feedback", key))
         if reuse > MAX_ROLLOUT_REUSE:
             context.log.warning(
                 f"each rollout of round {key} was drawn {reuse} times on average, so training is only loosely on-policy: "

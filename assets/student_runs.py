@@ -19,7 +19,7 @@ from training.models import load_model, model_card
 
 def training_dataset_name(store: Store) -> str:
     """`curated` when it has been built, else `teacher_labeled`."""
-    return "curated" if store.dataset_path("curated").exists() else "teacher_labeled"
+    return "curated" if store.has_dataset("curated") else "teacher_labeled"
 
 
 def _launch_distill(context: dg.AssetExecutionContext, run: DistillConfig, work: Path) -> list[dict]:

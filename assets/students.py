@@ -23,7 +23,7 @@ def offline_student(context: dg.AssetExecutionContext, config: OfflineStudentCon
     student, teacher = store.read_card("student"), store.read_card("teacher")
     dataset = training_dataset_name(store)
     card, curve, (model, tokenizer) = distill_and_save(context, store, "offline_student", config, student, teacher,
-                                                       [store.dataset_path(dataset)],
+                                                       store.shard_paths(dataset),
                                                        card={"objective": config.objective, "parent": student["weights_hash"]})
     eval_rows = store.read_dataset("eval_set")
     results = evaluate(model, tokenizer, eval_rows, task_of(eval_rows), seed=config.seed)

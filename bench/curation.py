@@ -71,7 +71,7 @@ def main() -> None:
     for step in result.funnel:
         print(f"  {step['filter']:<16} {step['rows_in']:>8,} → {step['rows_out']:>8,}")
     store = Store()
-    if store.dataset_path("curation_report").exists():
+    if store.has_dataset("curation_report"):
         print(f"\nDemo funnel ({store.root}):")
         columns, table = query(store, "SELECT filter, rows_in, dropped, rows_out FROM curation_report")
         for row in table:

@@ -10,7 +10,6 @@ freshly initialised model of the teacher's architecture (speed does not depend o
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import pyarrow as pa
 import torch
@@ -74,8 +73,9 @@ def main() -> None:
     for dtype_name, dtype in [("float32", pa.float32()), ("float16", pa.float16())]:
         labeled, seconds = timed(lambda: label(engine, pa.table({"prompt": prompts}), SamplingParams(temperature=1.0), K, logprob_type=dtype))
         with tempfile.TemporaryDirectory() as directory:
-            path = Store(directory).write_dataset("teacher_labeled", labeled.table)
-            size = Path(path).stat().st_size
+            store = Store(directory)
+            store.write_dataset("teacher_labeled", labeled.table)
+            size = sum(path.stat().st_size for path in store.shard_paths("teacher_labeled"))
         response_tokens = labeled.statistics["tokens"]
         print(
             f"stored at k={K}, {dtype_name} logprobs: {size / response_tokens:.1f} bytes per response token "

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from assets import checks, curation, datasets, models, rounds, students
+from assets.executor import ShardExecutor
 from assets.resources import ModelEngine, store_resource
 from pipelines.dead_runs import dead_run_sensor
 from pipelines.jobs import distill_offline, distill_round
@@ -14,5 +15,5 @@ defs = dg.Definitions(
     jobs=[distill_offline, distill_round],
     sensors=[round_sensor, dead_run_sensor],
     schedules=[round_schedule],
-    resources={"store": store_resource, "model_engine": ModelEngine()},
+    resources={"store": store_resource, "model_engine": ModelEngine(), "shard_executor": ShardExecutor()},
 )

@@ -1,8 +1,9 @@
 """The DuckDB catalog: `catalog.duckdb` holds one view per dataset over its Parquet files.
 
 DuckDB allows one writer per database file, so views are refreshed here only, under a file lock;
-readers (`distill query`, notebooks) open the catalog read-only. Views read globs, so files added to
-an existing dataset (a new round) show up without a refresh; a new dataset needs one.
+readers (`distill query`, notebooks) open the catalog read-only. Views read globs through the
+current-version symlinks, so a new version or a new round shows up without a refresh; a new dataset
+needs one.
 
 Besides the datasets, `rounds` is a view over `lineage`: one row per on-policy round (its latest
 round_eval), with its parent, checkpoint hashes and headline metrics.
@@ -39,11 +40,20 @@ def dataset_names(store: Store) -> list[str]:
     data = store.root / "data"
     if not data.exists():
         return []
-    return sorted(d.name for d in data.iterdir() if d.is_dir() and any(d.glob("**/part-*.parquet")))
+    return sorted(d.name for d in data.iterdir() if d.is_dir() and not d.name.startswith(".") and _files(d))
+
+
+def _files(directory: Path) -> str | None:
+    """The glob of a dataset's current files: its shards, or each round's (symlinks, which DuckDB's
+    `*` follows and `**` does not)."""
+    for pattern in ("part-*.parquet", "round=*/part-*.parquet"):
+        if any(directory.glob(pattern)):
+            return str(directory / pattern)
+    return None
 
 
 def view_sql(store: Store, name: str) -> str:
-    glob = str(store.root / "data" / name / "**" / "part-*.parquet").replace("'", "''")
+    glob = _files(store.root / "data" / name).replace("'", "''")
     return (
         f"CREATE OR REPLACE VIEW {duckdb_identifier(name)} AS SELECT * FROM "
         f"read_parquet('{glob}', hive_partitioning = true, union_by_name = true)"

@@ -4,7 +4,6 @@ versions, config hash, code version, metrics), and the versions it is made of.""
 import hashlib
 import json
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pyarrow as pa
 
@@ -23,15 +22,6 @@ LINEAGE_SCHEMA = pa.schema(
         ("created_at", pa.timestamp("us", tz="UTC")),
     ]
 )
-
-
-def file_version(path: Path) -> str:
-    """sha256 of a file's bytes: the data version of a Parquet output."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def config_hash(settings: dict) -> str:

@@ -1,16 +1,19 @@
 """The Parquet store under DISTILL_HOME: datasets, model checkpoints, their cards, lineage and evals.
 
 Layout:
-    data/<dataset>/[round=<key>/]part-0.parquet   zstd Parquet, one file per (dataset, partition)
+    data/<dataset>[/round=<key>] -> versions/...    the current version of a dataset (see `shards.py`)
+    versions/<dataset>/[round=<key>/]<version>/     zstd Parquet shards part-*.parquet + _manifest.json
+    work/<dataset>/<key | all>/<fingerprint>/       the finished shards of a run not yet published
     data/lineage/part-<run>-<asset>[-<key>].parquet  one small file per materialization, never replaced
+    data/evals/part-<run>[-<key>].parquet            likewise
     models/<name>/<weights hash>/                   HF format (safetensors), content addressed
     models/<name>/card.json                         the current model's card (path, hashes, vocab)
     models/<name>/round=<key>/card.json             a round's checkpoint card (partitioned models)
     locks/round=<key>.lock                          held while an asset of that round runs
     catalog.duckdb                                  views over the Parquet (see `catalog.py`)
 
-Every write goes to a hidden temp file in the same directory and is renamed into place, so readers
-see the old file or the new one, never a partial one.
+Every file is written to a hidden temp file and renamed into place, and a dataset's new version
+replaces the old one by one symlink switch, so readers see the old data or the new, never a part.
 """
 
 import fcntl
@@ -18,6 +21,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,9 +29,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.lineage import LINEAGE_SCHEMA, file_version
+from storage.lineage import LINEAGE_SCHEMA
+from storage.shards import MANIFEST, ShardedWrite, current_link, write_json, write_parquet
 
 DEFAULT_HOME = ".distill"
+ROWS_PER_SHARD = 1 << 20  # rows per shard of a table written whole (`write_dataset`)
 
 
 def distill_home() -> Path:
@@ -39,44 +45,87 @@ class Store:
         self.root = Path(root).resolve() if root is not None else distill_home()
 
     def dataset_dir(self, name: str, partition: str | None = None) -> Path:
-        base = self.root / "data" / name
-        return base / f"round={partition}" if partition else base
+        """The dataset's current version (a symlink: resolve it to hold on to one version)."""
+        return current_link(self.root, name, partition)
 
-    def dataset_path(self, name: str, partition: str | None = None) -> Path:
-        return self.dataset_dir(name, partition) / "part-0.parquet"
+    def has_dataset(self, name: str, partition: str | None = None) -> bool:
+        return any(self.dataset_dir(name, partition).glob("part-*.parquet"))
 
-    def write_dataset(self, name: str, table: pa.Table, partition: str | None = None, file_name: str = "part-0.parquet") -> Path:
-        """Atomically writes (or replaces) one Parquet file of `name`; returns its path."""
-        directory = self.dataset_dir(name, partition)
-        directory.mkdir(parents=True, exist_ok=True)
-        for stale in directory.glob(".*.tmp"):
-            stale.unlink()
-        path = directory / file_name
-        temp = directory / f".{file_name}.{uuid.uuid4().hex}.tmp"
-        try:
-            pq.write_table(table, temp, compression="zstd")
-            os.replace(temp, path)
-        finally:
-            temp.unlink(missing_ok=True)
-        return path
-
-    def read_dataset(self, name: str, partition: str | None = None, columns: list[str] | None = None) -> pa.Table:
-        """The dataset's table (only `columns`, if given); a clear error if it was never materialized."""
-        path = self.dataset_path(name, partition)
+    def manifest(self, name: str, partition: str | None = None) -> dict:
+        """The current version's manifest (shards, rows, data_version); a clear error if the dataset
+        was never materialized."""
+        path = self.dataset_dir(name, partition).resolve() / MANIFEST
         if not path.exists():
             where = f" partition {partition!r}" if partition else ""
-            raise FileNotFoundError(f"dataset {name!r}{where} has not been materialized yet ({path} is missing)")
-        return pq.read_table(path, columns=columns)
+            raise FileNotFoundError(f"dataset {name!r}{where} has not been materialized yet ({path.parent} has no {MANIFEST})")
+        return json.loads(path.read_text())
+
+    def shard_paths(self, name: str, partition: str | None = None) -> list[Path]:
+        """The current version's shards, as paths of that version (a later publish does not move them)."""
+        directory = self.dataset_dir(name, partition).resolve()
+        return [directory / shard["file"] for shard in self.manifest(name, partition)["shards"]]
+
+    def read_dataset(self, name: str, partition: str | None = None, columns: list[str] | None = None) -> pa.Table:
+        """The whole dataset (only `columns`, if given): for what fits in memory. Streaming readers
+        use `iter_rows`."""
+        tables = [pq.read_table(path, columns=columns) for path in self.shard_paths(name, partition)]
+        return pa.concat_tables(tables, promote_options="permissive")
+
+    def iter_rows(self, name: str, partition: str | None = None, rows: int = ROWS_PER_SHARD,
+                  columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """The dataset in consecutive slices of `rows` rows (the last one shorter), reading one
+        batch at a time: memory is bounded by a slice, not the dataset."""
+        pending, count = [], 0
+        for path in self.shard_paths(name, partition):
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=rows, columns=columns):
+                pending.append(pa.Table.from_batches([batch]))
+                count += batch.num_rows
+                while count >= rows:
+                    table = pa.concat_tables(pending, promote_options="permissive")
+                    yield table.slice(0, rows)
+                    pending, count = [table.slice(rows)], count - rows
+        if count:
+            yield pa.concat_tables(pending, promote_options="permissive")
 
     def dataset_version(self, name: str, partition: str | None = None) -> str:
-        """The data version of a materialized dataset: sha256 of its Parquet bytes."""
-        return file_version(self.dataset_path(name, partition))
+        """The data version of a materialized dataset: sha256 over its shards' sha256s."""
+        return self.manifest(name, partition)["data_version"]
+
+    def dataset_rows(self, name: str, partition: str | None = None) -> int:
+        return self.manifest(name, partition)["rows"]
+
+    def sharded_write(self, name: str, partition: str | None, fingerprint: str) -> ShardedWrite:
+        """A materialization of `name` written shard by shard (see `storage.shards`): resumable
+        under the same `fingerprint`."""
+        return ShardedWrite(self.root, name, partition, fingerprint)
+
+    def write_dataset(self, name: str, table: pa.Table, partition: str | None = None, rows_per_shard: int = ROWS_PER_SHARD) -> dict:
+        """Publishes `table` as the new version of `name` in shards of `rows_per_shard` rows; returns
+        the manifest."""
+        writer = self.sharded_write(name, partition, f"whole-{uuid.uuid4().hex}")
+        for index, start in enumerate(range(0, max(1, table.num_rows), rows_per_shard)):
+            writer.write(index, table.slice(start, rows_per_shard))
+        return writer.publish()
+
+    def write_work_file(self, table: pa.Table, file_name: str) -> Path:
+        """A model asset's generated inputs (e.g. the writing instructions), as work/<file_name>."""
+        path = self.root / "work" / file_name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_parquet(table, path)
+        return path
+
+    def append_file(self, name: str, table: pa.Table, file_name: str) -> Path:
+        """Adds one file to an append-only dataset (lineage, evals): every run adds, none replaces."""
+        directory = self.root / "data" / name
+        directory.mkdir(parents=True, exist_ok=True)
+        write_parquet(table, directory / file_name)
+        return directory / file_name
 
     def append_lineage(self, row: dict) -> Path:
         """One lineage row per materialization, in its own file: re-runs add rows, never replace them."""
         suffix = f"-{row['partition']}" if row.get("partition") else ""
         file_name = f"part-{row['run_id']}-{row['asset']}{suffix}.parquet"
-        return self.write_dataset("lineage", pa.Table.from_pylist([row], schema=LINEAGE_SCHEMA), file_name=file_name)
+        return self.append_file("lineage", pa.Table.from_pylist([row], schema=LINEAGE_SCHEMA), file_name)
 
     def append_evals(self, rows: list[dict], run_id: str, round_key: str | None) -> Path:
         """Eval rows (model, checkpoint, split, metric, value), stamped with the round and the run, in
@@ -84,7 +133,7 @@ class Store:
         stamp = {"round": round_key, "run_id": run_id, "created_at": datetime.now(timezone.utc)}
         table = pa.Table.from_pylist([{**row, **stamp} for row in rows], schema=EVALS_SCHEMA)
         suffix = f"-{round_key}" if round_key else ""
-        return self.write_dataset("evals", table, file_name=f"part-{run_id}{suffix}.parquet")
+        return self.append_file("evals", table, f"part-{run_id}{suffix}.parquet")
 
     def save_model(self, name: str, card: dict, save, partition: str | None = None) -> dict:
         """Saves a checkpoint by content (save(directory) writes it) and makes it `name`'s current card
@@ -108,9 +157,7 @@ class Store:
     def write_card(self, name: str, card: dict, partition: str | None = None) -> None:
         path = self.card_path(name, partition)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.parent / f".card.json.{uuid.uuid4().hex}.tmp"
-        temp.write_text(json.dumps(card, indent=2, sort_keys=True))
-        os.replace(temp, path)
+        write_json(card, path)
 
     def read_card(self, name: str, partition: str | None = None) -> dict:
         path = self.card_path(name, partition)

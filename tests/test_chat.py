@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 
 from assets.datasets import eval_set, seed_prompts, teacher_labeled
+from assets.executor import ShardExecutor
 from assets.models import student_model, teacher_model
 from assets.partitions import rounds
 from assets.resources import ModelEngine, store_resource
@@ -87,7 +88,7 @@ def test_chat_pair_offline_job_round_and_export_without_answers(chat_pair, insta
     seeds.write_text("\n".join(json.dumps({"messages": m}) for m in [TWO_TURNS] + [[{"role": "user", "content": f"{i}*{i}=?"}] for i in range(11)]))
     evals_file.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"{i}-{i}=?"}]}) for i in range(6)))
     run_config = chat_config(chat_pair, seeds, evals_file)
-    resources = {"store": store_resource, "model_engine": ModelEngine(batch_size=16)}
+    resources = {"store": store_resource, "model_engine": ModelEngine(batch_size=16), "shard_executor": ShardExecutor()}
     offline = dg.materialize(CHAT_ASSETS, instance=instance, resources=resources,
                              run_config={"ops": {k: v for k, v in run_config["ops"].items() if k in {a.key.to_user_string() for a in CHAT_ASSETS}}})
     assert offline.success
@@ -123,7 +124,7 @@ def test_chat_pair_offline_job_round_and_export_without_answers(chat_pair, insta
         assert inputs["student_chat_template"] == prompt_rendering(student_tokenizer), asset
 
     for format in ["trl", "messages", "axolotl"]:
-        assert distill(["export", "curated" if store.dataset_path("curated").exists() else "teacher_labeled", "--format", format,
+        assert distill(["export", "curated" if store.has_dataset("curated") else "teacher_labeled", "--format", format,
                         "--out", str(tmp_path / format)]) == 0
     trl = datasets.load_dataset("parquet", data_files=str(tmp_path / "trl" / "train.parquet"), split="train")
     assert trl[0]["prompt"][0] == {"role": "system", "content": SYSTEM} and trl[0]["completion"][0]["role"] == "assistant"

@@ -7,6 +7,7 @@ import dagster as dg
 from assets import checks
 from assets.curation import curated, expanded, synthesized
 from assets.datasets import eval_set, seed_prompts, teacher_labeled
+from assets.executor import ShardExecutor
 from assets.models import teacher_model
 from assets.resources import ModelEngine, store_resource
 from storage.catalog import query
@@ -15,7 +16,7 @@ from training.tasks.arithmetic import problems
 
 ASSETS = [teacher_model, seed_prompts, eval_set, teacher_labeled, expanded, synthesized, curated]
 CURATED_CHECKS = [checks.curated_signal_valid, checks.no_eval_items, checks.no_duplicate_text, checks.origin_shares]
-RESOURCES = {"store": store_resource, "model_engine": ModelEngine(batch_size=32)}
+RESOURCES = {"store": store_resource, "model_engine": ModelEngine(batch_size=32), "shard_executor": ShardExecutor()}
 LABELING = {"max_new_tokens": 40, "k": 8}
 # a 30-step teacher writes no valid arithmetic, so the seeds are a file of questions without answers
 # under task `none` (no verifier; a written input is the first line of the output), and short

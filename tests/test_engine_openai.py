@@ -35,9 +35,12 @@ def test_three_engines_agree_and_store_interchangeable_parquet(hf_engine, vllm_e
         signals = engine.score(prompts, completions, K)
         for expected, got in zip(reference, signals):
             assert_same_signal(expected, got)
-        path = Store(tmp_path / engine.backend).write_dataset("signal", pa.table(signal_columns(signals)))
-        tables[engine.backend] = pa.parquet.read_table(path)
-    tables["hf"] = pa.parquet.read_table(Store(tmp_path / "hf").write_dataset("signal", pa.table(signal_columns(reference))))
+        store = Store(tmp_path / engine.backend)
+        store.write_dataset("signal", pa.table(signal_columns(signals)))
+        tables[engine.backend] = store.read_dataset("signal")
+    hf = Store(tmp_path / "hf")
+    hf.write_dataset("signal", pa.table(signal_columns(reference)))
+    tables["hf"] = hf.read_dataset("signal")
     assert tables["hf"].schema == tables["vllm"].schema == tables["openai"].schema
     for name in ("vllm", "openai"):
         for expected, got in zip(reference, signals_from_columns(tables[name])):

@@ -16,6 +16,7 @@ from assets.checks import (
     vocab_compatible,
 )
 from assets.datasets import eval_set, seed_prompts, teacher_labeled
+from assets.executor import ShardExecutor
 from assets.models import student_model, teacher_model
 from assets.publish import rounded
 from assets.resources import ModelEngine, store_resource
@@ -27,7 +28,7 @@ from storage.store import Store
 
 ASSETS = [teacher_model, student_model, seed_prompts, eval_set, teacher_labeled, offline_student, evals]
 CHECKS = [sparse_signal_valid, token_round_trip, vocab_compatible, eval_disjoint_from_train, teacher_reaches_target]
-RESOURCES = {"store": store_resource, "model_engine": ModelEngine(batch_size=32)}
+RESOURCES = {"store": store_resource, "model_engine": ModelEngine(batch_size=32), "shard_executor": ShardExecutor()}
 TINY = {
     "teacher_model": {"train_steps": 30, "eval_problems": 16},
     "student_model": {"train_steps": 20, "eval_problems": 16},

@@ -48,7 +48,7 @@ def test_two_rounds_end_to_end_with_lineage(instance, offline, distill_home, cap
     missing = run_round(instance, "r002")  # r001 does not exist yet
     assert not missing.success
     assert "round r002 starts from round r001's student_checkpoint, which does not exist" in error_of(missing)
-    assert not offline.dataset_path("student_rollouts", "r002").exists()
+    assert not offline.has_dataset("student_rollouts", "r002")
 
     first = run_round(instance, "r001")
     assert first.success

@@ -9,10 +9,11 @@ from storage.store import Store
 from training.tables import with_content_id
 
 
-def test_write_is_atomic_and_replaces_cleanly(tmp_path, monkeypatch):
+def test_a_new_version_replaces_the_old_at_once_and_a_crash_leaves_the_old(tmp_path, monkeypatch):
     store = Store(tmp_path)
-    path = store.write_dataset("things", pa.table({"x": [1, 2, 3]}))
-    assert pq.read_table(path)["x"].to_pylist() == [1, 2, 3]
+    store.write_dataset("things", pa.table({"x": list(range(10))}), rows_per_shard=4)
+    assert [p.name for p in store.shard_paths("things")] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    first = store.dataset_version("things")
 
     def crash(table, where, **kwargs):
         with open(where, "wb") as handle:
@@ -23,10 +24,40 @@ def test_write_is_atomic_and_replaces_cleanly(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="mid-write"):
         store.write_dataset("things", pa.table({"x": [9]}))
     monkeypatch.undo()
-    assert pq.read_table(path)["x"].to_pylist() == [1, 2, 3]  # the old data is intact
-    assert sorted(p.name for p in path.parent.iterdir()) == ["part-0.parquet"]  # nothing half-written
+    assert store.read_dataset("things")["x"].to_pylist() == list(range(10))  # the old version is whole and current
+    assert store.dataset_version("things") == first
+    assert sorted(p.name for p in store.dataset_dir("things").iterdir()) == [
+        "_manifest.json", "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]  # nothing half-written
+    old = store.dataset_dir("things").resolve()
     store.write_dataset("things", pa.table({"x": [4]}))
-    assert store.read_dataset("things")["x"].to_pylist() == [4]
+    assert store.read_dataset("things")["x"].to_pylist() == [4] and store.dataset_version("things") != first
+    assert not old.exists()  # the replaced version is gone; readers of the link never saw a mix
+
+
+def test_sharded_write_resumes_under_the_same_fingerprint_and_restarts_under_another(tmp_path):
+    store = Store(tmp_path)
+    writer = store.sharded_write("labeled", "r001", "fingerprint-a")
+    writer.write(0, pa.table({"x": [1, 2]}), {"tokens": 5})
+    assert not store.has_dataset("labeled", "r001")  # nothing is visible before publish
+    assert store.sharded_write("labeled", "r001", "fingerprint-a").done()[0]["tokens"] == 5  # a re-run finds shard 0
+    assert store.sharded_write("labeled", "r001", "fingerprint-b").done() == {}  # other settings: afresh
+    writer = store.sharded_write("labeled", "r001", "fingerprint-b")
+    writer.write(1, pa.table({"x": [3]}))
+    with pytest.raises(RuntimeError, match=r"shards \[0\] are missing"):
+        writer.publish()
+    writer.write(0, pa.table({"x": [1, 2]}))
+    assert writer.publish()["rows"] == 3
+    assert not (tmp_path / "work" / "labeled" / "r001").exists()
+    assert [t.to_pylist() for t in map(lambda t: t["x"], store.iter_rows("labeled", "r001", rows=2))] == [[1, 2], [3]]
+
+
+def test_a_store_of_single_files_moves_to_versions_on_its_next_write(tmp_path):
+    store = Store(tmp_path)
+    legacy = tmp_path / "data" / "things"
+    legacy.mkdir(parents=True)
+    pq.write_table(pa.table({"x": [1]}), legacy / "part-0.parquet")
+    store.write_dataset("things", pa.table({"x": [2]}))
+    assert store.dataset_dir("things").is_symlink() and store.read_dataset("things")["x"].to_pylist() == [2]
 
 
 def test_missing_dataset_names_the_asset(tmp_path):

@@ -6,6 +6,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
+from assets.executor import ShardExecutor
 from assets.resources import ModelEngine, close_vllm_engines, store_resource
 from storage.store import Store
 from test_engine_vllm import K, assert_same_signal, hf_engine, sequences  # noqa: F401 (fixture)
@@ -57,7 +58,7 @@ def vllm_engine_resource():
 
 
 def test_offline_graph_on_vllm_a_full_cache_hit_on_rerun_and_two_handles_in_turn(instance, distill_home, vllm_engine_resource):
-    resources = {"store": store_resource, "model_engine": vllm_engine_resource}
+    resources = {"store": store_resource, "model_engine": vllm_engine_resource, "shard_executor": ShardExecutor()}
     names = [a.key.to_user_string() for a in ASSETS]
     result = dg.materialize(ASSETS + CHECKS, instance=instance, resources=resources, run_config=run_config(names))
     assert result.success

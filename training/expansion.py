@@ -99,6 +99,28 @@ def synthesis_instructions(rng: random.Random, topics: dict[str, float], n: int,
     return [Instruction(templates.synthesize.format(topic=t), "synthesize", [], t) for t in drawn]
 
 
+def instruction_table(instructions: list[Instruction], seeds: list[str]) -> pa.Table:
+    """Instructions as rows (instruction_index, text, operator, parent_prompts, topic): what a shard
+    of the writing work reads (`instructions_of` turns a shard back into instructions and seeds)."""
+    return pa.table({
+        "instruction_index": pa.array(range(len(instructions)), pa.int32()),
+        "text": pa.array([i.text for i in instructions], pa.string()),
+        "operator": pa.array([i.operator for i in instructions], pa.string()),
+        "parent_prompts": pa.array([[seeds[p] for p in i.parents] for i in instructions], pa.list_(pa.string())),
+        "topic": pa.array([i.topic for i in instructions], pa.string()),
+    })
+
+
+def instructions_of(rows: pa.Table) -> tuple[list[Instruction], list[str]]:
+    """(instructions, the seeds they name, numbered within the shard) from rows of `instruction_table`."""
+    instructions, seeds = [], []
+    for row in rows.to_pylist():
+        instructions.append(Instruction(row["text"], row["operator"], list(range(len(seeds), len(seeds) + len(row["parent_prompts"]))),
+                                        row["topic"]))
+        seeds += row["parent_prompts"]
+    return instructions, seeds
+
+
 def first_line(text: str) -> str | None:
     """A written input: the first non-empty line of the output, stripped."""
     lines = [line.strip() for line in text.strip().split("\n")]
@@ -121,11 +143,12 @@ def write_inputs(engine: Engine, instructions: list[Instruction], sampling: Samp
 
 
 def written_prompts(instructions: list[Instruction], outputs: list[str], seeds: list[str], task: "Task",
-                    system_prompt: str | None = None) -> tuple[pa.Table, dict]:
+                    system_prompt: str | None = None, first_index: int = 0) -> tuple[pa.Table, dict]:
     """The valid inputs among the teacher's outputs, as a prompt table (prompt_id, prompt, messages,
     system_prompt (the seeds'), answer, origin, instruction, instruction_index, parent_prompts,
     topic; `task.written_input` decides validity and the reference answer), and the report:
-    instructions, unparsed outputs, and how well the outputs follow their instructions."""
+    instructions, unparsed outputs, and how well the outputs follow their instructions. The
+    instructions are numbered from `first_index` (where a shard of them starts)."""
     parsed = [task.written_input(text) for text in outputs]
     kept = [i for i, found in enumerate(parsed) if found is not None]
     if not kept:
@@ -136,7 +159,7 @@ def written_prompts(instructions: list[Instruction], outputs: list[str], seeds: 
         "answer": pa.array([parsed[i][1] for i in kept], pa.string()),
         "origin": pa.array([ORIGIN[instructions[i].operator] for i in kept], pa.string()),
         "instruction": pa.array([instructions[i].text for i in kept], pa.string()),
-        "instruction_index": pa.array(kept, pa.int32()),
+        "instruction_index": pa.array([first_index + i for i in kept], pa.int32()),
         "parent_prompts": pa.array([[seeds[p] for p in instructions[i].parents] for i in kept], pa.list_(pa.string())),
         "topic": pa.array([instructions[i].topic for i in kept], pa.string()),
     })

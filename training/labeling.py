@@ -40,8 +40,9 @@ class LabelingSettings(SignalSettings):
             raise ValueError(f"n={self.n} greedy responses would all be the same: set temperature > 0 or n = 1")
         return self
 
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(self.n, self.temperature, self.top_p, self.max_new_tokens, self.seed, tuple(self.stop))
+    def sampling(self, shard: int = 0) -> SamplingParams:
+        """The sampling of shard `shard` of the inputs: each shard its own seed (seed + shard)."""
+        return SamplingParams(self.n, self.temperature, self.top_p, self.max_new_tokens, self.seed + shard, tuple(self.stop))
 
 
 @dataclass
@@ -137,12 +138,12 @@ def label(
 
 
 def label_table(engine: Engine, prompts: pa.Table, settings: LabelingSettings, card: dict, task: "Task", run_id: str,
-                id_columns: tuple = ()) -> tuple[pa.Table, dict]:
+                id_columns: tuple = (), shard: int = 0) -> tuple[pa.Table, dict]:
     """Teacher responses to `prompts` (prompt_id, prompt, answer, and any extra columns, carried onto
     each response) with the sparse signal, the task's verdict (`correct`) and the teacher's identity;
     returns (table, metrics). `sample_id` hashes the prompt, the response, the teacher, the sampling
-    and `id_columns`."""
-    sampling = settings.sampling()
+    and `id_columns`. `shard` numbers the slice of a dataset `prompts` is (its seed, see `sampling`)."""
+    sampling = settings.sampling(shard)
     labeled = label(engine, prompts, sampling, settings.k, settings.signal_temperature,
                     settings.overlong_prompts, settings.logprob_type())
     table = join_prompts(labeled.table, prompts.drop_columns([c for c in ("task", "source", "run_id") if c in prompts.column_names]))
