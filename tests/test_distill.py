@@ -151,3 +151,21 @@ def test_a_killed_training_resumes_along_the_same_curve(tiny_model_dir, labeled,
     assert [c["step"] for c in resumed] == list(range(120))
     assert [c["loss"] for c in resumed] == pytest.approx([c["loss"] for c in uninterrupted], rel=1e-5)
     assert not (tmp_path / "student.state").exists()  # trained: the resumable state is removed
+
+
+def test_torchrun_with_two_processes_follows_the_curve_of_one(tiny_model_dir, labeled, tmp_path):
+    """`torchrun --nproc-per-node 2 -m training.distill` (DDP on gloo, two CPU processes) gives the
+    loss curve of one process with the same global batch, with micro-batches of unequal counts."""
+    pq.write_table(labeled, tmp_path / "data.parquet")
+    settings = dict(student=str(tiny_model_dir), data=[str(tmp_path / "data.parquet")], steps=10, batch_size=7, micro_batch_size=2,
+                    learning_rate=3e-3, warmup_steps=2, nll_weight=1.0)
+    model, tokenizer = load_model(str(tiny_model_dir))
+    one = train_student(model, tokenizer, labeled, DistillConfig(**settings, output=""))
+    (tmp_path / "run.json").write_text(DistillConfig(**settings, output=str(tmp_path / "student")).model_dump_json())
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    subprocess.run([*torchrun, "-m", "training.distill", "--config", str(tmp_path / "run.json")], check=True,
+                   stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    two = json.loads((tmp_path / "student" / "curve.json").read_text())
+    assert [c["completion_tokens"] for c in two] == [c["completion_tokens"] for c in one]
+    assert [c["loss"] for c in two] == pytest.approx([c["loss"] for c in one], rel=1e-4)
+    assert (tmp_path / "student" / "model.safetensors").exists()  # written once, by rank 0

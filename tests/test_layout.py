@@ -18,7 +18,7 @@ FORBIDDEN = {
     "storage": {"dagster", "assets", "pipelines"},
     "assets": {"pipelines"},
 }
-SHARED_ASSET_MODULES = {"config", "publish", "resources", "partitions", "student_runs"}  # beside the assets, not assets
+SHARED_ASSET_MODULES = {"config", "executor", "publish", "resources", "partitions", "student_runs"}  # beside the assets, not assets
 
 
 def imported_packages(path: Path) -> set[str]:

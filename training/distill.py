@@ -1,6 +1,7 @@
 """Offline distillation of a student on a stored teacher-signal dataset; also a plain command:
 
     python -m training.distill --config run.json
+    torchrun --nproc-per-node N -m training.distill --config run.json     (data parallel, see parallel.py)
 
 run.json holds the `DistillConfig` fields. The command writes an HF checkpoint (safetensors) and
 curve.json to `output`, so a launcher (torchrun, accelerate, Dagster Pipes) can run it anywhere.
@@ -29,6 +30,7 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import Field, model_validator
 
+from training import parallel
 from training.batches import list_lengths
 from training.chat import prompt_ids_for
 from training.kd import LossSettings, sparse_batch, sparse_kd_loss
@@ -146,12 +148,16 @@ def train_student(model, tokenizer, data: pa.Table | Iterator[pa.Table], setting
     (`training/resume.py`); fresh batches are sampled anew after a resume."""
     objective = settings.loss()
     vocab_size = model.config.vocab_size
-    device = training_device(settings.device)
+    device = parallel.local_device(training_device(settings.device))
+    processes = parallel.world()[1]
+    if settings.batch_size < processes:
+        raise ValueError(f"batch_size {settings.batch_size} is smaller than the {processes} processes: each needs rows of every batch")
     model.to(device)
     use_cache = getattr(model.config, "use_cache", None)
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False  # a cache is for generation; with checkpointing it is refused anyway
+    trained = parallel.wrap(model)  # DDP under torchrun (see training/parallel.py)
 
     def checked(rows: pa.Table, kind: str) -> pa.Table:
         rows = rows.set_column(rows.schema.get_field_index("prompt_token_ids"), "prompt_token_ids", prompt_ids_for(tokenizer, rows))
@@ -188,7 +194,7 @@ def train_student(model, tokenizer, data: pa.Table | Iterator[pa.Table], setting
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        loss, parts, tokens = accumulate_gradients(model, rows, tokenizer.pad_token_id, settings, objective, temperature, device)
+        loss, parts, tokens = accumulate_gradients(trained, rows, tokenizer.pad_token_id, settings, objective, temperature, device)
         if not math.isfinite(loss):
             raise FloatingPointError(
                 f"loss is {loss} at step {step} ({parts}); lower learning_rate (now {lr:.2e}). No checkpoint was written."
@@ -201,7 +207,8 @@ def train_student(model, tokenizer, data: pa.Table | Iterator[pa.Table], setting
         })
         if on_step is not None:
             on_step(step, loss)
-        if state_dir is not None and settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.steps:
+        if (state_dir is not None and settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0
+                and step + 1 < settings.steps and parallel.is_writer()):
             save_state(state_dir, fingerprint, step, model, optimizer, coin, streams, curve)
     if settings.gradient_checkpointing:  # the saved checkpoint generates with its cache, as it came
         model.gradient_checkpointing_disable()
@@ -212,22 +219,29 @@ def train_student(model, tokenizer, data: pa.Table | Iterator[pa.Table], setting
 
 def accumulate_gradients(model, rows: pa.Table, pad_token_id: int, settings: TrainingSettings, objective: LossSettings,
                          temperature: float, device: torch.device) -> tuple[float, dict, int]:
-    """Forward and backward over `rows` (the global batch) in micro-batches of `micro_batch_size`
-    sequences, each loss divided by the global batch's completion tokens N, so the accumulated
-    gradient is that of loss = (1/N) Σ_tokens ℓ whatever the split. Returns (loss, mean parts, N)."""
+    """Forward and backward over this process's share of `rows` (the global batch; all of it in one
+    process) in micro-batches of `micro_batch_size` sequences, each loss divided by the global
+    batch's completion tokens N, so the accumulated gradient is that of loss = (1/N) Σ_tokens ℓ
+    whatever the split into micro-batches or processes (`training/parallel.py`). Returns (loss,
+    mean parts, N), summed over the processes."""
     tokens = int(list_lengths(rows["completion_token_ids"]).sum())
-    micro = settings.micro_batch_size or rows.num_rows
+    mine = rows.slice(*parallel.rank_slice(rows.num_rows))
+    processes = parallel.world()[1]
+    micro = settings.micro_batch_size or max(1, mine.num_rows)
+    starts = range(0, mine.num_rows, micro)
     loss, sums = 0.0, {}
-    for start in range(0, rows.num_rows, micro):
-        batch = sparse_batch(rows.slice(start, micro), pad_token_id, settings.k).to(device)
-        with autocast(device, settings.precision):
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        part_loss, parts = sparse_kd_loss(logits, batch, objective, temperature, normalizer=tokens)
-        part_loss.backward()
+    for index, start in enumerate(starts):
+        batch = sparse_batch(mine.slice(start, micro), pad_token_id, settings.k).to(device)
+        with parallel.no_sync(model, last=index == len(starts) - 1):
+            with autocast(device, settings.precision):
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            part_loss, parts = sparse_kd_loss(logits, batch, objective, temperature, normalizer=tokens)
+            (part_loss * processes).backward()  # DDP averages over processes; the sum is wanted
         loss += part_loss.item()
         for name, mean in parts.items():
             sums[name] = sums.get(name, 0.0) + mean * batch.targets.numel()
-    return loss, {name: total / max(1, tokens) for name, total in sums.items()}, tokens
+    loss, *totals = parallel.summed([loss, *sums.values()])
+    return loss, {name: total / max(1, tokens) for name, total in zip(sums, totals)}, tokens
 
 
 def rollout_reuse(curve: list[dict], batch_size: int, stored_rollouts: int) -> float:
@@ -252,22 +266,25 @@ def run_fingerprint(config: DistillConfig) -> str:
 def run(config: DistillConfig) -> list[dict]:
     """Trains and writes the checkpoint, curve.json and distill_config.json to `output`; with
     `checkpoint_every`, a killed run launched again resumes from its last checkpoint."""
+    parallel.start_process_group(config.device)
     model, tokenizer = load_model(config.student)
     table = pa.concat_tables([pq.read_table(path) for path in config.data])
     rollouts = pa.concat_tables([pq.read_table(path) for path in config.rollouts]) if config.rollouts else None
 
     def log_progress(step: int, loss: float) -> None:
-        if step % 50 == 0:
+        if step % 50 == 0 and parallel.is_writer():
             print(f"step {step}/{config.steps} loss {loss:.4f}", flush=True)
 
     state_dir = Path(config.state_dir or f"{config.output}.state")
     curve = train_student(model, tokenizer, table, config, log_progress, rollouts, config.teacher_vocab_size,
                           state_dir, run_fingerprint(config))
-    output = Path(config.output)
-    save_model(model, tokenizer, output)
-    (output / "curve.json").write_text(json.dumps(curve))
-    (output / "distill_config.json").write_text(config.model_dump_json(indent=2))
-    shutil.rmtree(state_dir, ignore_errors=True)  # trained: nothing left to resume
+    if parallel.is_writer():
+        output = Path(config.output)
+        save_model(model, tokenizer, output)
+        (output / "curve.json").write_text(json.dumps(curve))
+        (output / "distill_config.json").write_text(config.model_dump_json(indent=2))
+        shutil.rmtree(state_dir, ignore_errors=True)  # trained: nothing left to resume
+    parallel.barrier()
     return curve
 
 
