@@ -26,7 +26,7 @@ demo: $(INSTALLED)
 	$(BIN)/python -m pipelines.demo
 
 test: $(INSTALLED) browser
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15  # two workers: one takes the longest file while the other takes the rest
+	$(BIN)/python -m pytest -q --durations=15
 
 ui: $(INSTALLED)
 	$(BIN)/python -m pipelines.instance  # pool accelerator: one model-heavy step at a time

@@ -23,12 +23,14 @@ def training_dataset_name(store: Store) -> str:
 
 
 def _launch_distill(context: dg.AssetExecutionContext, run: DistillConfig, work: Path) -> list[dict]:
-    """Runs `python -m training.distill --config run.json` as a subprocess (the plain command a
-    multi-GPU launcher would start instead), logs its output, and fails with its stderr. Returns the
-    training curve."""
+    """Runs `python -m training.distill --config run.json` as a subprocess (under torchrun with
+    `processes` > 1), logs its output, and fails with its stderr. Returns the training curve."""
     config_path = work / "run.json"
     config_path.write_text(run.model_dump_json())
-    done = subprocess.run([sys.executable, "-m", "training.distill", "--config", config_path], capture_output=True, text=True)
+    launcher = [sys.executable]
+    if run.processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(run.processes)]
+    done = subprocess.run([*launcher, "-m", "training.distill", "--config", config_path], capture_output=True, text=True)
     for line in done.stdout.splitlines():
         context.log.info(line)
     if done.returncode != 0:

@@ -64,6 +64,8 @@ class TrainingSettings(LossSettings):
         None, ge=1, description="sequences per forward/backward; gradients accumulate to batch_size (empty: batch_size)"
     )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% more time")
+    processes: int = Field(1, ge=1, description="training processes on this node; above 1 the assets launch "
+                           "`torchrun --standalone --nproc-per-node N` (DDP: one per GPU, or gloo on the CPU)")
     checkpoint_every: Optional[int] = Field(
         None, ge=1, description="steps between resumable checkpoints (weights, optimizer, RNG, data position); empty: none"
     )
