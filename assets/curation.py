@@ -61,7 +61,9 @@ def _publish_written(context, store: Store, model_engine: ModelEngine, shard_exe
     work = ShardWork(name, [source], {"teacher": (model_engine.model_dump(), card, store.root / "cache")}, step,
                      settings={"config": config.model_dump(), "engine": model_engine.backend})
     shards, metrics = shard_executor.run(context, store, work, None, inputs)
-    return publish_dataset(context, store, name, shards, config=config, inputs=inputs, metrics=metrics, preview=WRITTEN_PREVIEW)
+    result = publish_dataset(context, store, name, shards, config=config, inputs=inputs, metrics=metrics, preview=WRITTEN_PREVIEW)
+    source.unlink()
+    return result
 
 
 @dg.asset(group_name="datasets", pool="accelerator", kinds={"parquet"}, deps=["teacher_model", "seed_prompts"])

@@ -100,9 +100,11 @@ def student_rollouts(context: dg.AssetExecutionContext, config: StudentRolloutsC
                          functools.partial(rollout_shard, sampling=sampling, identity=identity),
                          settings={"config": config.model_dump(), "engine": model_engine.backend})
         shards, metrics = shard_executor.run(context, store, work, key, inputs)
-        return publish_dataset(context, store, "student_rollouts", shards, config=config, inputs=inputs,
-                               metrics={**metrics, "parent": parent}, preview=["sample_id", "prompt", "completion", "num_tokens"],
-                               parent_round=previous)
+        result = publish_dataset(context, store, "student_rollouts", shards, config=config, inputs=inputs,
+                                 metrics={**metrics, "parent": parent}, preview=["sample_id", "prompt", "completion", "num_tokens"],
+                                 parent_round=previous)
+        source.unlink()
+        return result
 
 
 @dg.asset(**ROUND, kinds={"parquet"}, deps=[student_rollouts, "teacher_model", "seed_prompts"])
