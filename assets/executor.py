@@ -62,10 +62,10 @@ def load_engines(engines: dict[str, tuple]) -> dict:
 def run_shard(work: ShardWork, engines: dict, shard_size: int, directory: Path, index: int) -> dict:
     """Reads shard `index` of the source, runs the step, writes the shard into `directory`; returns its figures."""
     started = time.perf_counter()
-    table, figures = work.step(engines, read_slice(work.source, index * shard_size, shard_size), index)
+    rows = read_slice(work.source, index * shard_size, shard_size)
+    table, figures = work.step(engines, rows, index)
     tokens = (pc.sum(table["num_tokens"]).as_py() or 0) if "num_tokens" in table.column_names else 0
-    figures = {**figures, "inputs": min(shard_size, source_rows(work.source) - index * shard_size),
-               "completion_tokens": tokens, "seconds": time.perf_counter() - started}
+    figures = {**figures, "inputs": rows.num_rows, "completion_tokens": tokens, "seconds": time.perf_counter() - started}
     write_shard(directory, index, table, figures)
     return figures
 
@@ -144,35 +144,26 @@ class ShardExecutor(dg.ConfigurableResource):
     def _map_shards(self, work: ShardWork, directory: Path, todo: list[int], progress) -> None:
         import ray
 
-        replica = functools.partial(_Replica, work, self.shard_size, directory)
-        shards = ray.data.from_items([{"index": i} for i in todo], override_num_blocks=max(1, len(todo)))
+        shards = ray.data.from_items([{"index": i} for i in todo], override_num_blocks=len(todo))
         results = shards.map_batches(
-            _RayReplica, fn_constructor_args=(replica,), batch_size=1, concurrency=min(self.replicas, max(1, len(todo))),
-            num_cpus=self.num_cpus_per_replica, num_gpus=self.num_gpus_per_replica,
+            _Replica, fn_constructor_args=(work, self.shard_size, directory), batch_size=1,
+            concurrency=min(self.replicas, len(todo)), num_cpus=self.num_cpus_per_replica, num_gpus=self.num_gpus_per_replica,
         )
         for count, row in enumerate(results.iter_rows(), 1):
             progress(count, json.loads(row["figures"]))
 
 
 class _Replica:
-    """One engine replica: the models loaded once, then shard after shard."""
+    """One engine replica, a Ray Data actor: the models loaded once, then shard after shard (a batch
+    of shard indices in, their figures out)."""
 
     def __init__(self, work: ShardWork, shard_size: int, directory: Path):
         self.work, self.shard_size, self.directory = work, shard_size, directory
         self.engines = load_engines(work.engines)
 
-    def __call__(self, index: int) -> dict:
-        return run_shard(self.work, self.engines, self.shard_size, self.directory, index)
-
-
-class _RayReplica:
-    """A Ray Data actor around a `_Replica`: a batch of shard indices in, their figures out."""
-
-    def __init__(self, make_replica):
-        self.replica = make_replica()
-
     def __call__(self, batch: dict) -> dict:
-        return {"figures": [json.dumps(self.replica(int(i)), default=str) for i in batch["index"]]}
+        figures = [run_shard(self.work, self.engines, self.shard_size, self.directory, int(i)) for i in batch["index"]]
+        return {"figures": [json.dumps(f, default=str) for f in figures]}
 
 
 def _log_progress(context, name: str, total: int, resumed: int, started: float, count: int, figures: dict) -> None:

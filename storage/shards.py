@@ -73,8 +73,8 @@ class ShardedWrite:
         self.directory = parent / fingerprint
         if parent.exists():
             for stale in parent.iterdir():
-                if stale != self.directory:
-                    shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+                if stale.is_dir() and stale != self.directory:
+                    shutil.rmtree(stale)
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def done(self) -> dict[int, dict]:
