@@ -37,6 +37,7 @@ class ModelConfig(dg.Config):
 class TeacherModelConfig(ModelConfig):
     train_steps: int = Field(700, ge=1, description="embedded: SFT steps")
     batch_size: int = Field(80, ge=1)
+    micro_batch_size: Optional[int] = Field(40, ge=1, description="embedded: sequences per forward/backward, sorted by length (less padding)")
     instruction_share: float = Field(
         0.2, ge=0, lt=1, description="embedded: share of each batch in the instruction language (writing new problems)"
     )
@@ -45,6 +46,7 @@ class TeacherModelConfig(ModelConfig):
 class StudentModelConfig(ModelConfig):
     train_steps: int = Field(550, ge=1, description="embedded: SFT warm-start steps, landing the student between 20% and 60% exact match")
     batch_size: int = Field(64, ge=1)
+    micro_batch_size: Optional[int] = Field(32, ge=1, description="embedded: sequences per forward/backward, sorted by length (less padding)")
     instruction_share: float = Field(0.0, ge=0, lt=1, description="embedded: the student only solves")
 
 

@@ -26,7 +26,7 @@ def _train_and_save(context, store: Store, name: str, config: TeacherModelConfig
                     architecture: Architecture) -> dg.MaterializeResult:
     """Trains an embedded model from scratch with SFT on the task, evaluates it, saves it by content."""
     settings = TrainingSettings(objective="sft", steps=config.train_steps, batch_size=config.batch_size,
-                                learning_rate=config.learning_rate, warmup_steps=EMBEDDED_WARMUP_STEPS, seed=config.seed)
+                                micro_batch_size=config.micro_batch_size, learning_rate=config.learning_rate, warmup_steps=EMBEDDED_WARMUP_STEPS, seed=config.seed)
     log_every = max(1, config.train_steps // 10)
 
     def log_progress(step: int, loss: float) -> None:

