@@ -35,12 +35,17 @@ class ModelConfig(dg.Config):
 
 
 class TeacherModelConfig(ModelConfig):
-    train_steps: int = Field(700, ge=1, description="embedded: SFT steps")
+    train_steps: int = Field(900, ge=1, description="embedded: SFT steps")
     batch_size: int = Field(80, ge=1)
     micro_batch_size: Optional[int] = Field(40, ge=1, description="embedded: sequences per forward/backward, sorted by length (less padding)")
     instruction_share: float = Field(
         0.2, ge=0, lt=1, description="embedded: share of each batch in the instruction language (writing new problems)"
     )
+    correction_share: float = Field(
+        0.25, ge=0, lt=1, description="embedded: share of the solutions that continue truly after a wrong step "
+        "(so the teacher has an opinion on a student's mistakes)"
+    )
+    varied_steps: bool = Field(True, description="embedded: write each step short or long at random (more than one valid way)")
 
 
 class StudentModelConfig(ModelConfig):
@@ -48,6 +53,8 @@ class StudentModelConfig(ModelConfig):
     batch_size: int = Field(64, ge=1)
     micro_batch_size: Optional[int] = Field(32, ge=1, description="embedded: sequences per forward/backward, sorted by length (less padding)")
     instruction_share: float = Field(0.0, ge=0, lt=1, description="embedded: the student only solves")
+    correction_share: float = Field(0.0, ge=0, lt=1, description="embedded: the warm start sees reference solutions only")
+    varied_steps: bool = Field(False, description="embedded: the warm start sees reference solutions only")
 
 
 class PromptSourceConfig(dg.Config):

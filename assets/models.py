@@ -34,13 +34,16 @@ def _train_and_save(context, store: Store, name: str, config: TeacherModelConfig
             context.log.info(f"step {step}/{config.train_steps} loss {loss:.4f}")
 
     model, tokenizer, curve, accuracy, seconds = train_embedded(
-        architecture, settings, config.eval_problems, instruction_share=config.instruction_share, on_step=log_progress
+        architecture, settings, config.eval_problems, instruction_share=config.instruction_share,
+        correction_share=config.correction_share, varied_steps=config.varied_steps, on_step=log_progress,
     )
     card = {
         **model_card(f"embedded-{name}", model, tokenizer),
         "eval_exact_match": accuracy,
         "train_steps": config.train_steps,
         "instruction_share": config.instruction_share,
+        "correction_share": config.correction_share,
+        "varied_steps": config.varied_steps,
         "train_seconds": round(seconds, 1),
         "final_loss": curve[-1]["loss"],
         "context_length": model.config.max_position_embeddings,

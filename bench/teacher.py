@@ -1,29 +1,87 @@
-"""Trains the embedded teacher as `teacher_model` does and prints time and eval exact match.
+"""The embedded teacher as `teacher_model` trains it, against today's recipe (reference solutions only):
+what each has to teach a student. Prints, per recipe, over eval problems:
 
-    .venv/bin/python bench/teacher.py [steps]
+  greedy exact match                 the share of eval problems solved (target ≥ 0.95)
+  corrected-prefix exact match       greedy continuation after a prefix with one wrong step (a
+                                     student's mistake): does the teacher recover the true answer?
+  entropy, tail mass, off-argmax     on the teacher's own samples (T = 1): mean token entropy (nats,
+                                     full distribution), mass beyond the top-20, 1 − p(argmax)
+
+    .venv/bin/python bench/teacher.py [--steps 700] [--eval-problems 500]
 """
 
-import sys
+import argparse
+import random
 
+import pyarrow as pa
 import torch
 
-from training.embedded import train_embedded
-from training.models import STUDENT_ARCHITECTURE, TEACHER_ARCHITECTURE
+from assets.config import TeacherModelConfig
+from assets.models import EMBEDDED_WARMUP_STEPS
 from training.distill import TrainingSettings
+from training.embedded import train_embedded
+from training.engines.base import SamplingParams
+from training.engines.hf import HFEngine
+from training.evaluate import _completion_logprobs
+from training.models import TEACHER_ARCHITECTURE
+from training.signal import tail_mass
+from training.tasks.arithmetic import problems
+from training.tasks.arithmetic_task import ArithmeticTask
+
+TASK = ArithmeticTask()
+
+
+def corrected_prefix_exact_match(engine: HFEngine, n: int) -> float:
+    """Greedy continuations of eval problems after a prefix with one wrong step; the share whose answer is true."""
+    rng = random.Random("bench/corrected")
+    chosen = problems("eval", n, 0)
+    prompts = [p.prompt + p.corrected(rng)[0] for p in chosen]
+    ids = engine.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    generations = engine.generate(ids, SamplingParams(temperature=0.0, max_new_tokens=64))  # within the 128 positions
+    correct = TASK.verify(pa.array([g.text for g in generations]), pa.array([str(p.answer) for p in chosen]))
+    return sum(correct.to_pylist()) / n
+
+
+@torch.no_grad()
+def distribution_figures(engine: HFEngine, n: int, k: int = 20) -> dict[str, float]:
+    """Mean token entropy, tail mass beyond the top-k and 1 − p(argmax) over the teacher's own samples."""
+    prompts = TASK.prompts("eval", n, 0)
+    ids = engine.tokenizer(prompts["prompt"].to_pylist(), add_special_tokens=True)["input_ids"]
+    samples = [g.completion_ids for g in engine.generate(ids, SamplingParams(temperature=1.0, max_new_tokens=96, seed=0))]
+    logprobs, _ = _completion_logprobs(engine.model, ids, samples, engine.tokenizer.pad_token_id)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return {
+        "entropy": entropy.mean().item(),
+        "tail_mass": tail_mass(logprobs.topk(k, dim=-1).values).mean().item(),
+        "off_argmax": (1 - logprobs.max(-1).values.exp()).mean().item(),
+    }
 
 
 def main() -> None:
-    steps = int(sys.argv[1]) if len(sys.argv) > 1 else 700
-    print(f"torch threads: {torch.get_num_threads()}")
-    settings = TrainingSettings(objective="sft", steps=steps, batch_size=80, learning_rate=3e-3, warmup_steps=50)  # teacher_model's
-    for name, architecture in [("teacher", TEACHER_ARCHITECTURE), ("student alone", STUDENT_ARCHITECTURE)]:
-        model, tokenizer, curve, accuracy, seconds = train_embedded(architecture, settings, eval_problems=1000, instruction_share=0.2)
-        params = sum(p.numel() for p in model.parameters())
-        print(
-            f"{name:14s} params {params:>9,}  steps {steps}  final loss {curve[-1]['loss']:.4f}  "
-            f"train+eval {seconds:.0f} s  greedy exact match (1000 eval problems) {accuracy:.3f}",
-            flush=True,
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=TeacherModelConfig().train_steps)
+    parser.add_argument("--eval-problems", type=int, default=500)
+    args = parser.parse_args()
+    config = TeacherModelConfig()
+    settings = TrainingSettings(objective="sft", steps=args.steps, batch_size=config.batch_size, micro_batch_size=config.micro_batch_size,
+                                learning_rate=config.learning_rate, warmup_steps=EMBEDDED_WARMUP_STEPS, seed=config.seed)
+    recipes = {
+        "today (reference solutions)": {"correction_share": 0.0, "varied_steps": False},
+        f"new (corrections {config.correction_share}, varied steps)": {"correction_share": config.correction_share,
+                                                                      "varied_steps": config.varied_steps},
+    }
+    print(f"torch threads {torch.get_num_threads()}, {args.steps} steps of {config.batch_size}, {args.eval_problems} eval problems\n")
+    print("| recipe | train s | greedy EM | corrected-prefix EM | entropy (nats) | tail mass (top-20) | 1 − p(argmax) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, recipe in recipes.items():
+        model, tokenizer, _, accuracy, seconds = train_embedded(
+            TEACHER_ARCHITECTURE, settings, args.eval_problems, instruction_share=config.instruction_share, **recipe
         )
+        engine = HFEngine(model, tokenizer, batch_size=256)
+        corrected = corrected_prefix_exact_match(engine, args.eval_problems)
+        figures = distribution_figures(engine, args.eval_problems)
+        print(f"| {name} | {seconds:.0f} | {accuracy:.3f} | {corrected:.3f} | {figures['entropy']:.4f} | "
+              f"{figures['tail_mass']:.1e} | {figures['off_argmax']:.4f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -132,5 +132,5 @@ def switch(link: Path, target: Path) -> None:
     if link.is_dir() and not link.is_symlink():
         os.replace(link, target.parent / f"legacy-{uuid.uuid4().hex[:6]}")
     temp = link.parent / f".{link.name}.{uuid.uuid4().hex}.tmp"
-    temp.symlink_to(target, target_is_directory=True)
+    temp.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)  # relative: the store can be moved or copied
     os.replace(temp, link)

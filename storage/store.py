@@ -58,7 +58,10 @@ class Store:
         if not path.exists():
             where = f" partition {partition!r}" if partition else ""
             raise FileNotFoundError(f"dataset {name!r}{where} has not been materialized yet ({path.parent} has no {MANIFEST})")
-        return json.loads(path.read_text())
+        card = json.loads(path.read_text())
+        if "store_path" in card:  # a checkpoint in this store: relative, so the store can be moved or copied
+            card["path"] = str(self.root / card.pop("store_path"))
+        return card
 
     def shard_paths(self, name: str, partition: str | None = None) -> list[Path]:
         """The current version's shards, as paths of that version (a later publish does not move them)."""
@@ -137,7 +140,7 @@ class Store:
 
     def save_model(self, name: str, card: dict, save, partition: str | None = None) -> dict:
         """Saves a checkpoint by content (save(directory) writes it) and makes it `name`'s current card
-        (or, given a partition, that partition's card)."""
+        (or, given a partition, that partition's card); the card read back has its absolute `path`."""
         final = self.root / "models" / name / card["weights_hash"]
         if not final.exists():
             temp = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp"
@@ -146,9 +149,8 @@ class Store:
                 os.replace(temp, final)
             finally:
                 shutil.rmtree(temp, ignore_errors=True)
-        card = {**card, "path": str(final)}
-        self.write_card(name, card, partition)
-        return card
+        self.write_card(name, {**card, "store_path": str(final.relative_to(self.root))}, partition)
+        return self.read_card(name, partition)
 
     def card_path(self, name: str, partition: str | None = None) -> Path:
         base = self.root / "models" / name
@@ -164,7 +166,10 @@ class Store:
         if not path.exists():
             where = f" for round {partition}" if partition else ""
             raise FileNotFoundError(f"model {name!r} has no checkpoint{where} yet: materialize the `{name}` asset{where} first")
-        return json.loads(path.read_text())
+        card = json.loads(path.read_text())
+        if "store_path" in card:  # a checkpoint in this store: relative, so the store can be moved or copied
+            card["path"] = str(self.root / card.pop("store_path"))
+        return card
 
     @contextmanager
     def round_lock(self, key: str, holder: str):

@@ -100,10 +100,19 @@ def vllm_engine(tiny_model_dir):
     engine.close()
 
 
-@pytest.fixture(scope="session")
-def vllm_server(tiny_model_dir, tmp_path_factory):
-    """One real `vllm.entrypoints.openai.api_server` on 127.0.0.1 for the session; yields its base URL.
+def pytest_collection_modifyitems(config, items):
+    config.starts_vllm_server = any("vllm_server" in item.fixturenames for item in items)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def vllm_server_process(request, tmp_path_factory):
+    """One real `vllm.entrypoints.openai.api_server` on 127.0.0.1 for the session, launched before the
+    first test when any collected test needs it, so that its start-up (~40 s) overlaps other tests.
     It requires an API key, given to it (and to the engines) through the environment only."""
+    if not request.config.starts_vllm_server:
+        yield None
+        return
+    tiny_model_dir = request.getfixturevalue("tiny_model_dir")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -115,6 +124,19 @@ def vllm_server(tiny_model_dir, tmp_path_factory):
          "--dtype", "float32", "--max-model-len", "128", "--enforce-eager"],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )  # fmt: skip
+    yield server, port, log
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(vllm_server_process):
+    """The base URL of the session's vLLM server, once it answers /health."""
+    server, port, log = vllm_server_process
     base_url = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 180
     while True:
@@ -126,10 +148,36 @@ def vllm_server(tiny_model_dir, tmp_path_factory):
                 server.kill()
                 raise RuntimeError(f"the vLLM server did not start; see {log.name}")
             time.sleep(1)
-    yield base_url
-    server.terminate()
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        server.kill()
-    log.close()
+    return base_url
+
+
+@pytest.fixture(scope="session")
+def tiny_offline_store(tmp_path_factory):
+    """The offline graph a round reads (test_pipeline's tiny settings, all but `evals`), materialized
+    once per session in a store and Dagster home of its own; tests take a copy (`copy_store`)."""
+    from test_pipeline import ASSETS, RESOURCES, run_config
+
+    home = tmp_path_factory.mktemp("tiny_offline")
+    offline = [a for a in ASSETS if a.key.to_user_string() != "evals"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DISTILL_HOME", str(home / "distill"))
+        patch.setenv("DAGSTER_HOME", str(home / "dagster"))
+        (home / "dagster").mkdir()
+        with dg.DagsterInstance.get() as instance:
+            names = [a.key.to_user_string() for a in offline]
+            assert dg.materialize(offline, instance=instance, resources=RESOURCES, run_config=run_config(names)).success
+    return home / "distill"
+
+
+def copy_store(template, destination):
+    """A copy of a whole store (relative links and card paths make it valid where it lands), its
+    catalog rebuilt for the new place."""
+    import shutil
+
+    from storage.catalog import refresh_catalog
+    from storage.store import Store
+
+    shutil.copytree(template, destination, symlinks=True, ignore=shutil.ignore_patterns("catalog.*"))
+    store = Store(destination)
+    refresh_catalog(store)
+    return store

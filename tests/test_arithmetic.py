@@ -34,6 +34,31 @@ def test_examples_of_the_format():
     assert Problem(302, "-", 15).solution == "2-5-0=7b1|7;0-1-1=8b1|87;3-0-1=2b0|287;#### 287"
 
 
+def step_results(solution: str) -> list[str]:
+    """What each step concludes (`3c1|3`, `c1|1203`, `#### 1203`), however it was written."""
+    return [step.split("=")[-1] for step in solution.split(";")]
+
+
+def test_a_step_written_long_or_short_and_a_corrected_solution_reach_the_true_answer():
+    """The teacher's training data: varied steps conclude as the reference does; after a wrong step
+    the continuation carries on from the true state, so a wrong prefix still ends in the true answer."""
+    rng = random.Random(0)
+    extra_lengths = set()
+    for _ in range(2000):
+        problem = sample_problem(rng, ArithmeticConfig())
+        written = problem.written(rng)
+        assert step_results(written) == step_results(problem.solution)
+        extra_lengths.add(len(written) - len(problem.solution))
+        prefix, continuation = problem.corrected(rng)
+        assert prefix.endswith(";") and extract_answer(continuation) == problem.answer
+        results, reference = step_results(prefix + continuation), step_results(problem.solution)
+        wrong = [i for i, (got, want) in enumerate(zip(results, reference)) if got != want]
+        assert wrong == [prefix.count(";") - 1], (prefix, continuation)  # one wrong step: the prefix's last
+    assert len(extra_lengths) > 3  # long steps appear, in varying numbers
+    assert Problem(347, "+", 856).steps(random.Random(1), varied=True)[0] == "7+6+0=13=3c1|3"
+    assert Problem(302, "-", 15).steps(random.Random(1), varied=True)[0] == "2-5-0=-3=7b1|7"
+
+
 def test_generator_is_seeded_and_splits_are_disjoint():
     assert problems("train", 300, 1) == problems("train", 300, 1)
     assert problems("train", 300, 1) != problems("train", 300, 2)

@@ -14,7 +14,8 @@ def test_offline_distillation_raises_exact_match(instance, distill_home):
         run_config={"ops": {
             "seed_prompts": {"config": {"num_prompts": 1024}}, "eval_set": {"config": {"num_prompts": 120}},
             "expanded": {"config": {"num_expanded": 128, "num_evolved": 64}}, "synthesized": {"config": {"num_synthesized": 128}},
-            "teacher_model": {"config": {"eval_problems": 120}}, "student_model": {"config": {"eval_problems": 120}},
+            # the reference-solution teacher (700 steps): the default one with corrections trains 900 (bench/teacher.py)
+            "teacher_model": {"config": {"eval_problems": 120, "train_steps": 700, "correction_share": 0.0, "varied_steps": False}}, "student_model": {"config": {"eval_problems": 120}},
             "offline_student": {"config": {"steps": 300}},
         }},
     )

@@ -11,10 +11,8 @@ from assets.partitions import rounds
 from assets.rounds import round_eval, student_checkpoint, student_rollouts, teacher_feedback
 from pipelines.cli import main as distill
 from storage.catalog import query
-from storage.store import Store
-from test_pipeline import ASSETS, RESOURCES, materialize
-
-OFFLINE = [a for a in ASSETS if a.key.to_user_string() != "evals"]  # what a round reads
+from conftest import copy_store
+from test_pipeline import ASSETS, RESOURCES
 
 ROUND_ASSETS = [student_rollouts, teacher_feedback, student_checkpoint, round_eval]
 TINY_ROUND = {
@@ -35,9 +33,8 @@ def run_round(instance, key: str, selection=None, **overrides):
 
 
 @pytest.fixture
-def offline(instance, distill_home):
-    assert materialize(instance, selection=OFFLINE).success
-    return Store(distill_home)
+def offline(instance, distill_home, tiny_offline_store):
+    return copy_store(tiny_offline_store, distill_home)
 
 
 def error_of(result) -> str:

@@ -1,4 +1,4 @@
-"""The content-addressed teacher cache: hits, misses, invalidation, and the offline graph on vLLM."""
+"""The content-addressed teacher cache: hits, misses, invalidation, and labeling on vLLM."""
 
 import dagster as dg
 import numpy as np
@@ -6,7 +6,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
+from assets.datasets import eval_set, seed_prompts, teacher_labeled
 from assets.executor import ShardExecutor
+from assets.models import teacher_model
 from assets.resources import ModelEngine, close_vllm_engines, store_resource
 from storage.store import Store
 from test_engine_vllm import K, assert_same_signal, hf_engine, sequences  # noqa: F401 (fixture)
@@ -57,10 +59,11 @@ def vllm_engine_resource():
     close_vllm_engines()
 
 
-def test_offline_graph_on_vllm_a_full_cache_hit_on_rerun_and_two_handles_in_turn(instance, distill_home, vllm_engine_resource):
+def test_labeling_on_vllm_a_full_cache_hit_on_rerun_and_two_handles_in_turn(instance, distill_home, vllm_engine_resource):
     resources = {"store": store_resource, "model_engine": vllm_engine_resource, "shard_executor": ShardExecutor()}
-    names = [a.key.to_user_string() for a in ASSETS]
-    result = dg.materialize(ASSETS + CHECKS, instance=instance, resources=resources, run_config=run_config(names))
+    labeling = [teacher_model, seed_prompts, eval_set, teacher_labeled]  # what the cache concerns
+    names = [a.key.to_user_string() for a in labeling]
+    result = dg.materialize(ASSETS + CHECKS, selection=labeling, instance=instance, resources=resources, run_config=run_config(names))
     assert result.success
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks["sparse_signal_valid"] and checks["token_round_trip"]
@@ -69,8 +72,6 @@ def test_offline_graph_on_vllm_a_full_cache_hit_on_rerun_and_two_handles_in_turn
     store = Store(distill_home)
     first = store.read_dataset("teacher_labeled")
     assert first.num_rows == 48
-
-    from assets.datasets import teacher_labeled
 
     again = dg.materialize(
         ASSETS + CHECKS, selection=[teacher_labeled], instance=instance, resources=resources,

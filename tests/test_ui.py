@@ -13,11 +13,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-import dagster as dg
 import pytest
 
-from test_pipeline import run_config
-from test_rounds import OFFLINE, RESOURCES, TINY_ROUND
+from conftest import copy_store
+from test_rounds import TINY_ROUND
 
 ROOT = Path(__file__).parent.parent
 ARTIFACTS = ROOT / ".artifacts"
@@ -48,18 +47,13 @@ def graphql(url: str, query: str, variables: dict | None = None) -> dict:
 
 
 @pytest.fixture(scope="module")
-def webserver(tmp_path_factory):
-    """The offline graph materialized (tiny) in a fresh instance, then the webserver on it."""
+def webserver(tmp_path_factory, tiny_offline_store):
+    """A copy of the tiny offline store in a fresh instance, then the webserver on it."""
     home = tmp_path_factory.mktemp("ui")
     env = {**os.environ, "DISTILL_HOME": str(home / "distill"), "DAGSTER_HOME": str(home / "dagster")}
     (home / "dagster").mkdir()
     (home / "dagster" / "dagster.yaml").write_text(INSTANCE_YAML)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DISTILL_HOME", env["DISTILL_HOME"])
-        patch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
-        with dg.DagsterInstance.get() as instance:
-            names = [a.key.to_user_string() for a in OFFLINE]
-            assert dg.materialize(OFFLINE, instance=instance, resources=RESOURCES, run_config=run_config(names)).success
+    copy_store(tiny_offline_store, home / "distill")
     port = free_port()
     log = open(home / "webserver.log", "w")
     server = subprocess.Popen(

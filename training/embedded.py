@@ -32,12 +32,19 @@ def train_embedded(
     eval_problems: int = 500,
     task: ArithmeticConfig = ArithmeticConfig(),
     instruction_share: float = 0.0,
+    correction_share: float = 0.0,
+    varied_steps: bool = False,
     on_step=None,
 ):
     """A fresh model trained with SFT (`settings.objective` must be 'sft') on `steps × batch_size`
-    train examples drawn i.i.d.: worked solutions, and an `instruction_share` of every batch in the
-    instruction language (the teacher writes new problems for expansion and synthesis; see
-    `arithmetic_instructions`).
+    train examples drawn i.i.d. Every batch holds:
+      - worked solutions: the reference ones, or with `varied_steps` each step written short or long
+        at random (`Problem.written`), so the model's distribution is not one-hot where a step begins;
+      - a `correction_share` of corrected solutions: a prefix with one wrong step (a student's
+        mistake, in the prompt: no loss on it) and the true continuation (`Problem.corrected`), so
+        that the model, as a teacher, has something to say about a student's wrong prefix;
+      - an `instruction_share` in the instruction language (the teacher writes new problems for
+        expansion and synthesis; see `arithmetic_instructions`).
 
     Returns (model, tokenizer, curve, eval exact match, seconds).
     """
@@ -49,11 +56,18 @@ def train_embedded(
     solving = settings.batch_size - per_batch
     train = problems("train", settings.steps * solving, settings.seed, task, distinct=False)
     instructions = instruction_examples(random.Random(f"instructions/{settings.seed}"), settings.steps * per_batch, task)
+    writing = random.Random(f"solutions/{settings.seed}")
+    pairs = [
+        problem.corrected(writing) if writing.random() < correction_share
+        else ("", problem.written(writing) if varied_steps else problem.solution)
+        for problem in train
+    ]
 
     def batch(step: int) -> pa.Table:
-        solved = train[step * solving : (step + 1) * solving]
+        solved = range(step * solving, (step + 1) * solving)
         written = instructions[step * per_batch : (step + 1) * per_batch]
-        return token_rows(tokenizer, [p.prompt for p in solved] + [i for i, _ in written], [p.solution for p in solved] + [w for _, w in written])
+        return token_rows(tokenizer, [train[i].prompt + pairs[i][0] for i in solved] + [i for i, _ in written],
+                          [pairs[i][1] for i in solved] + [w for _, w in written])
 
     curve = train_student(model, tokenizer, map(batch, range(settings.steps)), settings, on_step)
     arithmetic = ArithmeticTask(task)

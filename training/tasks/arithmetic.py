@@ -77,19 +77,51 @@ class Problem:
         """Digits of the longer operand."""
         return max(len(str(self.a)), len(str(self.b)))
 
-    @property
-    def solution(self) -> str:
-        """Worked steps, one per digit of `a` (or of the longer operand), then `#### answer`."""
+    def steps(self, rng: random.Random | None = None, varied: bool = False, mistake_at: int | None = None) -> list[str]:
+        """The worked steps, without `#### answer`. A digit step can be written two valid ways: short,
+        `7+6+0=3c1|3`, or long, `7+6+0=13=3c1|3`, which shows the step's total first; `varied` takes
+        either at even odds per step (`rng`), else all are short (the reference solution).
+        `mistake_at=i` writes digit step i wrong, a wrong digit or carry as a student errs (`rng`),
+        while every other step stays true: the steps after it continue from the true state."""
         carry, suffix, steps = 0, "", []
         flag = "b" if self.op == "-" else "c"
-        for x, y, digit, carry_out in self.digit_steps():
+        for index, (x, y, digit, carry_out) in enumerate(self.digit_steps()):
             text = f"{x}*{y}={x * y}+{carry}" if self.op == "*" else f"{x}{self.op}{y}{self.op}{carry}"
+            if varied and rng.random() < 0.5:
+                text += f"={digit - 10 * carry_out if self.op == '-' else digit + 10 * carry_out}"  # the step's total
+            shown_digit, shown_carry = _wrong_step(rng, self.op, digit, carry_out) if index == mistake_at else (digit, carry_out)
+            steps.append(f"{text}={shown_digit}{flag}{shown_carry}|{shown_digit}{suffix}")
             suffix = f"{digit}{suffix}"
-            steps.append(f"{text}={digit}{flag}{carry_out}|{suffix}")
             carry = carry_out
         if carry and self.op != "-":
             steps.append(f"c{carry}|{carry}{suffix}")
-        return ";".join(steps) + f";#### {self.answer}"
+        return steps
+
+    @property
+    def solution(self) -> str:
+        """The reference solution: short worked steps, one per digit of `a` (or of the longer
+        operand), then `#### answer`."""
+        return ";".join(self.steps()) + f";#### {self.answer}"
+
+    def written(self, rng: random.Random) -> str:
+        """A solution with each step written short or long at random: as correct as `solution`."""
+        return ";".join(self.steps(rng, varied=True)) + f";#### {self.answer}"
+
+    def corrected(self, rng: random.Random) -> tuple[str, str]:
+        """(prefix, continuation): varied steps up to a wrong digit step, then the true steps after it
+        and the true answer. Trained on these, a teacher has an opinion on a student's wrong prefix:
+        carry on from the true state, not from the mistake."""
+        index = rng.randrange(len(self.digit_steps()))
+        steps = self.steps(rng, varied=True, mistake_at=index)
+        return ";".join(steps[: index + 1]) + ";", ";".join(steps[index + 1 :] + [f"#### {self.answer}"])
+
+
+def _wrong_step(rng: random.Random, op: str, digit: int, carry_out: int) -> tuple[int, int]:
+    """A step's (digit, carry) with one of them wrong, at even odds."""
+    if rng.random() < 0.5:
+        return rng.choice([d for d in range(10) if d != digit]), carry_out
+    carries = range(9) if op == "*" else range(2)
+    return digit, rng.choice([c for c in carries if c != carry_out])
 
 
 def extract_answer(completion: str) -> int | None:
