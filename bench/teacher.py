@@ -7,7 +7,7 @@ what each has to teach a student. Prints, per recipe, over eval problems:
   entropy, tail mass, off-argmax     on the teacher's own samples (T = 1): mean token entropy (nats,
                                      full distribution), mass beyond the top-20, 1 − p(argmax)
 
-    .venv/bin/python bench/teacher.py [--steps 700] [--eval-problems 500]
+    .venv/bin/python bench/teacher.py [--steps 900] [--correction-share 0.25] [--eval-problems 500]
 """
 
 import argparse
@@ -60,6 +60,7 @@ def distribution_figures(engine: HFEngine, n: int, k: int = 20) -> dict[str, flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=TeacherModelConfig().train_steps)
+    parser.add_argument("--correction-share", type=float, default=TeacherModelConfig().correction_share)
     parser.add_argument("--eval-problems", type=int, default=500)
     args = parser.parse_args()
     config = TeacherModelConfig()
@@ -67,8 +68,8 @@ def main() -> None:
                                 learning_rate=config.learning_rate, warmup_steps=EMBEDDED_WARMUP_STEPS, seed=config.seed)
     recipes = {
         "today (reference solutions)": {"correction_share": 0.0, "varied_steps": False},
-        f"new (corrections {config.correction_share}, varied steps)": {"correction_share": config.correction_share,
-                                                                      "varied_steps": config.varied_steps},
+        f"new (corrections {args.correction_share}, varied steps)": {"correction_share": args.correction_share,
+                                                                    "varied_steps": config.varied_steps},
     }
     print(f"torch threads {torch.get_num_threads()}, {args.steps} steps of {config.batch_size}, {args.eval_problems} eval problems\n")
     print("| recipe | train s | greedy EM | corrected-prefix EM | entropy (nats) | tail mass (top-20) | 1 − p(argmax) |")
