@@ -58,10 +58,7 @@ class Store:
         if not path.exists():
             where = f" partition {partition!r}" if partition else ""
             raise FileNotFoundError(f"dataset {name!r}{where} has not been materialized yet ({path.parent} has no {MANIFEST})")
-        card = json.loads(path.read_text())
-        if "store_path" in card:  # a checkpoint in this store: relative, so the store can be moved or copied
-            card["path"] = str(self.root / card.pop("store_path"))
-        return card
+        return json.loads(path.read_text())
 
     def shard_paths(self, name: str, partition: str | None = None) -> list[Path]:
         """The current version's shards, as paths of that version (a later publish does not move them)."""

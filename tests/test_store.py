@@ -60,6 +60,19 @@ def test_a_store_of_single_files_moves_to_versions_on_its_next_write(tmp_path):
     assert store.dataset_dir("things").is_symlink() and store.read_dataset("things")["x"].to_pylist() == [2]
 
 
+def test_a_moved_store_keeps_its_datasets_and_checkpoints(tmp_path):
+    store = Store(tmp_path / "here")
+    store.write_dataset("teacher_labeled", pa.table({"x": [1, 2]}))
+    card = store.save_model("teacher", {"weights_hash": "abc"}, lambda directory: directory.mkdir(parents=True))
+    assert card["path"] == str(tmp_path / "here" / "models" / "teacher" / "abc")
+    (tmp_path / "here").rename(tmp_path / "there")
+    moved = Store(tmp_path / "there")
+    assert moved.read_dataset("teacher_labeled")["x"].to_pylist() == [1, 2]
+    assert moved.read_card("teacher")["path"] == str(tmp_path / "there" / "models" / "teacher" / "abc")
+    refresh_catalog(moved)
+    assert query(moved, "SELECT sum(x) FROM teacher_labeled")[1] == [(3,)]
+
+
 def test_missing_dataset_names_the_asset(tmp_path):
     with pytest.raises(FileNotFoundError, match="'seed_prompts' has not been materialized"):
         Store(tmp_path).read_dataset("seed_prompts")
