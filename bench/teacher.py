@@ -58,12 +58,12 @@ def distribution_figures(engine: HFEngine, n: int, k: int = 20) -> dict[str, flo
 
 
 def main() -> None:
+    config = TeacherModelConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=TeacherModelConfig().train_steps)
-    parser.add_argument("--correction-share", type=float, default=TeacherModelConfig().correction_share)
+    parser.add_argument("--steps", type=int, default=config.train_steps)
+    parser.add_argument("--correction-share", type=float, default=config.correction_share)
     parser.add_argument("--eval-problems", type=int, default=500)
     args = parser.parse_args()
-    config = TeacherModelConfig()
     settings = TrainingSettings(objective="sft", steps=args.steps, batch_size=config.batch_size, micro_batch_size=config.micro_batch_size,
                                 learning_rate=config.learning_rate, warmup_steps=EMBEDDED_WARMUP_STEPS, seed=config.seed)
     recipes = {
