@@ -161,16 +161,6 @@ class OfflineStudentConfig(TrainingSettings, dg.Config):
         return self
 
 
-class StudentCheckpointConfig(TrainingSettings, dg.Config):
-    """GKD from the parent checkpoint: a share λ (`mix`) of the batches from this round's scored
-    rollouts. A round trains shorter and gentler than offline_student, so these defaults differ."""
-
-    mix: float = Field(0.5, ge=0, le=1, description="λ: share of batches from this round's rollouts; the rest from curated")
-    steps: int = Field(150, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(10, ge=0)
-
-
 class EvalsConfig(dg.Config):
     seed: int = Field(0, description="seed of the sampled exact match and the student samples")
 
@@ -188,3 +178,25 @@ class StudentRolloutsConfig(dg.Config):
 
 class TeacherFeedbackConfig(SignalSettings, dg.Config):
     """What of the teacher's distribution is stored on every rollout token."""
+
+
+class OnlineRolloutsConfig(StudentRolloutsConfig, SignalSettings):
+    """An online round's sampling (as student_rollouts') and the teacher's signal on it (as teacher_feedback's)."""
+
+    n: int = Field(1, ge=1, description="samples per prompt")
+
+
+class StudentCheckpointConfig(TrainingSettings, dg.Config):
+    """GKD from the parent checkpoint: a share λ (`mix`) of the batches from this round's scored
+    rollouts. A round trains shorter and gentler than offline_student, so these defaults differ."""
+
+    mix: float = Field(0.5, ge=0, le=1, description="λ: share of batches from this round's rollouts; the rest from curated")
+    steps: int = Field(150, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    online: bool = Field(
+        False, description="GKD's Algorithm 1 inside the round: every on-policy step samples a fresh batch from the student "
+        "as it is, the teacher scores it, and the batch is appended to online_feedback[r] with its policy_step and staleness "
+        "(student_rollouts and teacher_feedback are then not needed). false: train on the stored teacher_feedback[r]"
+    )
+    online_rollouts: OnlineRolloutsConfig = Field(OnlineRolloutsConfig(), description="online: how the student samples and what of the teacher is kept")

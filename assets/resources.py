@@ -10,7 +10,6 @@ from pydantic import Field
 from storage.store import Store
 from training.engines.cache import CachedEngine, TeacherCache
 from training.engines.hf import HFEngine
-from training.models import end_of_turn_ids, load_generation_config, load_tokenizer
 
 _resident_vllm: dict[tuple, object] = {}  # at most one started offline vLLM engine per process, by its settings
 
@@ -64,16 +63,9 @@ class ModelEngine(dg.ConfigurableResource):
             from training.engines.openai import OpenAIEngine
 
             api_key = dg.EnvVar(self.api_key_env).get_value() if self.api_key_env else None
-            tokenizer = load_tokenizer(path, revision, self.trust_remote_code)
-            return OpenAIEngine(
-                self.base_urls,
-                self.served_model_name or path,
-                tokenizer,
-                api_key=api_key,
-                max_concurrency=self.max_concurrency,
-                timeout_s=self.timeout_s,
-                max_retries=self.max_retries,
-                end_of_turn_ids=end_of_turn_ids(load_generation_config(path, revision), tokenizer),
+            return OpenAIEngine.for_checkpoint(
+                path, self.base_urls, self.served_model_name, api_key, revision, self.trust_remote_code,
+                max_concurrency=self.max_concurrency, timeout_s=self.timeout_s, max_retries=self.max_retries,
             )
         return self._vllm(path, revision)
 

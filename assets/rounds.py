@@ -6,6 +6,11 @@
     student_checkpoint[r]  GKD from the parent: a share λ of the batches from the rollouts
     round_eval[r]          exact match and reverse KL on own samples, against the parent
 
+An online round (student_checkpoint's `online: true`) needs neither student_rollouts nor
+teacher_feedback: every on-policy step samples a fresh batch from the student as it is, the teacher
+scores it, and the step trains on it (GKD's Algorithm 1, `training/online.py`); the batches are
+published as online_feedback[r], every row with its policy_step and staleness.
+
 The parent is round r−1's checkpoint (offline_student for r001), read through the store by key and
 recorded in metadata and in `lineage` (parent_round, parent checkpoint hash, input data versions).
 """
@@ -13,11 +18,13 @@ recorded in metadata and in `lineage` (parent_round, parent checkpoint hash, inp
 import dataclasses
 import functools
 from contextlib import contextmanager
+from pathlib import Path
 
 import dagster as dg
 import matplotlib.pyplot as plt
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from assets.config import EvalsConfig, StudentCheckpointConfig, StudentRolloutsConfig, TeacherFeedbackConfig
 from assets.executor import ShardExecutor, ShardWork
@@ -30,9 +37,10 @@ from storage.store import Store
 from training.distill import rollout_reuse
 from training.engines.base import SamplingParams
 from training.evaluate import evaluate_checkpoints
-from training.rollouts import PROMPT_COLUMNS, draw_prompts, feedback_table, sample_rollouts
+from training.online import OnlineSettings
+from training.rollouts import PROMPT_COLUMNS, draw_prompts, feedback_table, sample_rollouts, student_scored_again
 from training.signal import SignalSettings
-from training.tasks import task_of
+from training.tasks import task_name_of, task_of
 
 IN_PROGRESS = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
 ROUND = dict(partitions_def=rounds, group_name="rounds", pool="accelerator")
@@ -69,7 +77,7 @@ def claim_round(context: dg.AssetExecutionContext, store: Store):
             f"round {key} is already being run by run {older[0]}: wait for it to finish (or cancel it in the UI), "
             "then re-run this round"
         )
-    with store.round_lock(key, f"run {context.run_id}, {context.asset_key.to_user_string()}"):
+    with store.round_lock(key, f"run {context.run_id}, {', '.join(k.to_user_string() for k in sorted(context.selected_asset_keys))}"):
         yield
 
 
@@ -78,7 +86,7 @@ def rollout_shard(engines: dict, prompts: pa.Table, index: int, *, sampling: Sam
 
 
 def feedback_shard(engines: dict, rollouts: pa.Table, index: int, *, settings: SignalSettings, teacher: dict, task):
-    return feedback_table(engines["teacher"], engines["student"], rollouts, settings, teacher, task)
+    return feedback_table(engines["teacher"], engines.get("student"), rollouts, settings, teacher, task)
 
 
 @dg.asset(**ROUND, kinds={"parquet"}, deps=["offline_student", "teacher_labeled", "curated"])
@@ -121,8 +129,11 @@ def teacher_feedback(context: dg.AssetExecutionContext, config: TeacherFeedbackC
             "student_rollouts": store.dataset_version("student_rollouts", key),
             "teacher_model": teacher["weights_hash"], "parent": parent, "parent_checkpoint": card["weights_hash"],
         }
-        work = ShardWork("teacher_feedback", store.shard_paths("student_rollouts", key),
-                         {"teacher": (model_engine.model_dump(), teacher, None), "student": (model_engine.model_dump(), card, None)},
+        rollouts = store.shard_paths("student_rollouts", key)
+        engines = {"teacher": (model_engine.model_dump(), teacher, None)}
+        if not rollouts or student_scored_again(pq.read_schema(rollouts[0]).empty_table(), SignalSettings(**config.model_dump())):
+            engines["student"] = (model_engine.model_dump(), card, None)  # rollouts stored without their sampled logprobs
+        work = ShardWork("teacher_feedback", rollouts, engines,
                          functools.partial(feedback_shard, settings=SignalSettings(**config.model_dump()), teacher=teacher, task=task),
                          settings={"config": config.model_dump(), "engine": model_engine.backend})
         shards, metrics = shard_executor.run(context, store, work, key, inputs)
@@ -130,35 +141,55 @@ def teacher_feedback(context: dg.AssetExecutionContext, config: TeacherFeedbackC
                                preview=["sample_id", "completion", "reward", "log_ratio_sum"], parent_round=previous)
 
 
-@dg.asset(**ROUND, kinds={"pytorch"}, deps=[teacher_feedback])
-def student_checkpoint(context: dg.AssetExecutionContext, config: StudentCheckpointConfig, store: dg.ResourceParam[Store]):
-    """GKD from the parent checkpoint, by the plain command `python -m training.distill`: with
-    probability λ (`mix`) a batch is this round's scored rollouts, else the fixed curated data."""
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec("student_checkpoint", deps=[teacher_feedback], kinds={"pytorch"},
+                     description="GKD from the parent checkpoint, by the plain command `python -m training.distill`: with "
+                                 "probability λ (`mix`) a batch is the student's own samples scored by the teacher (this "
+                                 "round's teacher_feedback, or with `online` a fresh one), else the fixed curated data."),
+        dg.AssetSpec("online_feedback", deps=["curated", "teacher_model"], kinds={"parquet"}, skippable=True,
+                     description="Online rounds only: every batch the student sampled during training and trained on, "
+                                 "scored by the teacher, with policy_step, trained_at_step and staleness."),
+    ],
+    **ROUND,
+)
+def student_checkpoint(context: dg.AssetExecutionContext, config: StudentCheckpointConfig, store: dg.ResourceParam[Store],
+                       model_engine: ModelEngine):
     key = context.partition_key
     parent, previous, card = parent_checkpoint(store, key)
     teacher = store.read_card("teacher")
     dataset = training_dataset_name(store)
-    if not store.has_dataset("teacher_feedback", key):
-        raise FileNotFoundError(f"round {key} has no teacher_feedback yet: materialize teacher_feedback for {key} first")
+    if not config.online and not store.has_dataset("teacher_feedback", key):
+        raise FileNotFoundError(f"round {key} has no teacher_feedback yet: materialize teacher_feedback for {key} first, "
+                                "or train online (student_checkpoint config online: true)")
+    online = online_settings(store, config, model_engine, key, context.run_id, (parent, previous, card), teacher) if config.online else None
     with claim_round(context, store):
-        feedback = store.shard_paths("teacher_feedback", key)
-        identity = {"round": key, "parent": parent, "parent_round": previous, "parent_checkpoint": card["weights_hash"], "mix": config.mix}
+        feedback = [] if config.online else store.shard_paths("teacher_feedback", key)
+        identity = {"round": key, "parent": parent, "parent_round": previous, "parent_checkpoint": card["weights_hash"],
+                    "mix": config.mix, "online": config.online}
         new_card, curve, _ = distill_and_save(context, store, "student_checkpoint", config, card, teacher, store.shard_paths(dataset),
-                                              feedback, card=identity, partition=key)
-        reuse = rollout_reuse(curve, config.batch_size, store.dataset_rows("teacher_feedback", key))
-        if reuse > MAX_ROLLOUT_REUSE:
-            context.log.warning(
-                f"each rollout of round {key} was drawn {reuse} times on average, so training is only loosely on-policy: "
-                "raise student_rollouts num_prompts or n, or lower steps or mix"
-            )
-        metrics = {**curve_metrics(curve), "on_policy_steps": sum(c["source"] == "on_policy" for c in curve), "rollout_reuse": reuse}
-        inputs = {
-            dataset: store.dataset_version(dataset), "teacher_feedback": store.dataset_version("teacher_feedback", key),
-            "parent": parent, "parent_checkpoint": card["weights_hash"], "teacher_model": teacher["weights_hash"],
-            **chat_templates(teacher, card),
-        }
-        record_lineage(context, store, config, inputs, {**metrics, "checkpoint": new_card["weights_hash"]}, previous)
-    return dg.MaterializeResult(
+                                              feedback, card=identity, partition=key, online=online)
+        on_policy = [c for c in curve if c["source"] == "on_policy"]
+        metrics = {**curve_metrics(curve), "on_policy_steps": len(on_policy),
+                   "mean_staleness": sum(c["staleness"] for c in on_policy) / len(on_policy) if on_policy else None,
+                   "max_staleness": max((c["staleness"] for c in on_policy), default=None)}
+        inputs = {dataset: store.dataset_version(dataset), "parent": parent, "parent_checkpoint": card["weights_hash"],
+                  "teacher_model": teacher["weights_hash"], **chat_templates(teacher, card)}
+        if config.online:
+            if on_policy:  # else (λ small, few steps) no batch was sampled and there is nothing to publish
+                yield publish_online_feedback(context, store, config, online, {**inputs, "checkpoint": new_card["weights_hash"]}, previous)
+            Path(online.prompts).unlink()
+        else:
+            inputs["teacher_feedback"] = store.dataset_version("teacher_feedback", key)
+            metrics["rollout_reuse"] = reuse = rollout_reuse(curve, config.batch_size, store.dataset_rows("teacher_feedback", key))
+            if reuse > MAX_ROLLOUT_REUSE:
+                context.log.warning(
+                    f"each rollout of round {key} was drawn {reuse} times on average, so training is only loosely on-policy: "
+                    "raise student_rollouts num_prompts or n, lower steps or mix, or train online"
+                )
+        record_lineage(context, store, config, inputs, {**metrics, "checkpoint": new_card["weights_hash"]}, previous, asset="student_checkpoint")
+    yield dg.MaterializeResult(
+        asset_key="student_checkpoint",
         metadata={
             **metadata(metrics), "checkpoint": new_card["weights_hash"], "path": dg.MetadataValue.path(new_card["path"]),
             "parent": parent, "parent_checkpoint": card["weights_hash"], "inputs": dg.MetadataValue.json(inputs),
@@ -166,6 +197,50 @@ def student_checkpoint(context: dg.AssetExecutionContext, config: StudentCheckpo
         },
         data_version=dg.DataVersion(new_card["weights_hash"]),
     )
+
+
+def online_settings(store: Store, config: StudentCheckpointConfig, model_engine: ModelEngine, key: str, run_id: str,
+                    parent: tuple, teacher: dict) -> OnlineSettings:
+    """What the training needs to sample and score online: the round's prompts (drawn as
+    student_rollouts draws them), the teacher and its engine (in process, or the openai backend's
+    servers), and the identity stamped on every row. Fails before training on an engine it cannot use."""
+    if model_engine.backend == "vllm":
+        raise ValueError("online rounds score in the training process, with transformers (model_engine backend 'hf') or "
+                         "on OpenAI-compatible servers (backend 'openai', e.g. vLLM's api_server serving the teacher); "
+                         "the offline 'vllm' backend serves stored rounds: set online false, or serve the teacher")
+    name, previous, card = parent
+    sampling = config.online_rollouts
+    dataset = training_dataset_name(store)
+    prompts = draw_prompts(store.read_dataset(dataset, columns=PROMPT_COLUMNS), sampling.num_prompts, f"{sampling.seed}/{key}")
+    remote = model_engine.backend == "openai"
+    return OnlineSettings(
+        **sampling.model_dump(include=set(SignalSettings.model_fields) | {"n", "temperature", "top_p", "max_new_tokens"}),
+        seed=sampling.seed * 1000 + round_number(key),
+        prompts=str(store.write_work_file(prompts, f"student_checkpoint.prompts.{key}.parquet")),
+        batches=str(store.root / "work" / "online_batches" / key),
+        teacher=teacher["path"], teacher_card={"name": teacher["name"], "weights_hash": teacher["weights_hash"]},
+        task=task_name_of(store.read_dataset("seed_prompts", columns=["task"])),
+        identity={"student": name, "student_weights_hash": card["weights_hash"], "tokenizer_hash": card["tokenizer_hash"],
+                  "round": key, "parent_round": previous, "run_id": run_id},
+        teacher_base_urls=model_engine.base_urls if remote else [], teacher_served_model_name=model_engine.served_model_name if remote else "",
+        teacher_api_key_env=model_engine.api_key_env or None, revision=teacher.get("revision"),
+        trust_remote_code=model_engine.trust_remote_code,
+    )
+
+
+def publish_online_feedback(context: dg.AssetExecutionContext, store: Store, config: StudentCheckpointConfig,
+                            online: OnlineSettings, inputs: dict, previous: str | None) -> dg.MaterializeResult:
+    """The online round's scored batches, one shard per on-policy step (read one at a time), published
+    as online_feedback[r]; the batches and the drawn prompts are then removed."""
+    batches = sorted(Path(online.batches).glob("step-*.parquet"))
+    writer = store.sharded_write("online_feedback", context.partition_key, f"online-{context.run_id}")
+    for index, path in enumerate(batches):
+        writer.write(index, pq.read_table(path))
+    result = publish_dataset(context, store, "online_feedback", writer, config=config, inputs=inputs,
+                             metrics={"batches": len(batches)}, parent_round=previous,
+                             preview=["policy_step", "staleness", "completion", "reward", "log_ratio_sum"])
+    store.remove_work(Path(online.batches))
+    return result
 
 
 def rounds_png(store: Store) -> dg.MetadataValue:
@@ -187,7 +262,7 @@ def rounds_png(store: Store) -> dg.MetadataValue:
     return png_markdown(figure, "rounds")
 
 
-@dg.asset(**ROUND, kinds={"parquet"}, deps=[student_checkpoint, "eval_set"])
+@dg.asset(**ROUND, kinds={"parquet"}, deps=["student_checkpoint", "eval_set"])
 def round_eval(context: dg.AssetExecutionContext, config: EvalsConfig, store: dg.ResourceParam[Store]):
     """Greedy and sampled exact match on the eval split and reverse KL on the student's own samples,
     for the round's checkpoint and its parent; rows into `evals` with the round."""
@@ -199,18 +274,20 @@ def round_eval(context: dg.AssetExecutionContext, config: EvalsConfig, store: dg
         cards = {"student_checkpoint": card, parent: parent_card}
         results = evaluate_checkpoints(cards, store.read_card("teacher"), eval_rows, task_of(eval_rows), config.seed, context.log.info)
         path, _ = publish_evals(context, store, {"student_checkpoint": results["student_checkpoint"]}, cards, key)
-        feedback = store.read_dataset("teacher_feedback", key, columns=["reward", "log_ratio_sum", "num_tokens"])
+        scored = "online_feedback" if card.get("online") else "teacher_feedback"  # the student's samples it trained on
+        feedback = store.read_dataset(scored, key, columns=["reward", "log_ratio_sum", "num_tokens"]) if store.has_dataset(scored, key) else None
         mine, theirs = results["student_checkpoint"], results[parent]
         gain = None if mine["greedy_exact_match"] is None else mine["greedy_exact_match"] - theirs["greedy_exact_match"]
         metrics = {
             **mine, "checkpoint": card["weights_hash"],
             **{f"parent_{name}": value for name, value in theirs.items()},
             "improvement": gain,
-            "rollout_reward": pc.mean(feedback["reward"]).as_py(),
-            "rollout_reverse_kl_per_token": pc.sum(feedback["log_ratio_sum"]).as_py() / max(1, pc.sum(feedback["num_tokens"]).as_py()),
+            "rollout_reward": pc.mean(feedback["reward"]).as_py() if feedback is not None else None,
+            "rollout_reverse_kl_per_token": pc.sum(feedback["log_ratio_sum"]).as_py() / max(1, pc.sum(feedback["num_tokens"]).as_py())
+            if feedback is not None else None,
         }
         inputs = {
-            "eval_set": store.dataset_version("eval_set"), "teacher_feedback": store.dataset_version("teacher_feedback", key),
+            "eval_set": store.dataset_version("eval_set"), scored: store.dataset_version(scored, key) if feedback is not None else None,
             "parent": parent, "parent_checkpoint": parent_card["weights_hash"], "checkpoint": card["weights_hash"],
         }
         record_lineage(context, store, config, inputs, metrics, previous)

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from assets.publish import png_markdown
 from storage.store import Store
 from training.distill import DistillConfig, TrainingSettings, check_compatible
+from training.online import OnlineSettings
 from training.models import load_model, model_card
 
 
@@ -40,9 +41,9 @@ def _launch_distill(context: dg.AssetExecutionContext, run: DistillConfig, work:
 
 def distill_and_save(context: dg.AssetExecutionContext, store: Store, name: str, settings: TrainingSettings, start: dict,
                      teacher: dict, data: list[Path], rollouts: list[Path] = (), card: dict | None = None,
-                     partition: str | None = None) -> tuple[dict, list[dict], tuple]:
-    """Distills the student `start` (a model card) on `data` (and `rollouts`, drawn with probability
-    `settings.mix`) by the plain command, and saves the whole output (weights, tokenizer, curve.json,
+                     partition: str | None = None, online: OnlineSettings | None = None) -> tuple[dict, list[dict], tuple]:
+    """Distills the student `start` (a model card) on `data` (and `rollouts`, or with `online` fresh
+    samples, drawn with probability `settings.mix`) by the plain command, and saves the whole output (weights, tokenizer, curve.json,
     distill_config.json) by content as model `name` (a round's checkpoint with `partition`), its card
     extended by `card`. Bad input stops before anything is launched. The work happens in
     work/<name>/<partition>/ under the store, kept when the training fails or is killed, so that with
@@ -54,17 +55,14 @@ def distill_and_save(context: dg.AssetExecutionContext, store: Store, name: str,
     shutil.rmtree(work / "checkpoint", ignore_errors=True)  # a killed run's partial output (its resumable state stays)
     work.mkdir(parents=True, exist_ok=True)
     run = DistillConfig(
-        **settings.model_dump(), student=start["path"], data=[str(p) for p in data], rollouts=[str(p) for p in rollouts],
-        output=str(work / "checkpoint"), teacher_vocab_size=teacher["vocab_size"],
+        **settings.model_dump(include=set(TrainingSettings.model_fields)), student=start["path"], data=[str(p) for p in data], rollouts=[str(p) for p in rollouts],
+        output=str(work / "checkpoint"), teacher_vocab_size=teacher["vocab_size"], online=online,
     )
     curve = _launch_distill(context, run, work)
     model, tokenizer = load_model(run.output)
     saved = store.save_model(name, {**model_card(name, model, tokenizer), **(card or {})},
                              lambda directory: shutil.copytree(run.output, directory), partition=partition)
-    shutil.rmtree(work)
-    for parent in (work.parent, work.parent.parent):  # work/<name>/ and work/, once nothing else is in progress
-        if not any(parent.iterdir()):
-            parent.rmdir()
+    store.remove_work(work)
     return saved, curve, (model, tokenizer)
 
 

@@ -6,13 +6,13 @@ from assets import checks, curation, datasets, models, rounds, students
 from assets.executor import ShardExecutor
 from assets.resources import ModelEngine, store_resource
 from pipelines.dead_runs import dead_run_sensor
-from pipelines.jobs import distill_offline, distill_round
+from pipelines.jobs import distill_offline, distill_round, distill_round_online
 from pipelines.sensors import round_schedule, round_sensor
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules([models, datasets, curation, students, rounds]),
     asset_checks=dg.load_asset_checks_from_modules([checks]),
-    jobs=[distill_offline, distill_round],
+    jobs=[distill_offline, distill_round, distill_round_online],
     sensors=[round_sensor, dead_run_sensor],
     schedules=[round_schedule],
     resources={"store": store_resource, "model_engine": ModelEngine(), "shard_executor": ShardExecutor()},

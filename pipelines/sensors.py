@@ -8,19 +8,21 @@ Both are off by default (rounds cost compute): turn them on in the UI (Automatio
 """
 
 import os
+from typing import Literal
 
 import dagster as dg
 from pydantic import Field, model_validator
 
 from assets.partitions import round_key, round_number, rounds
-from pipelines.jobs import distill_round
+from pipelines.jobs import ONLINE_CONFIG, ONLINE_ROUND, distill_round
 
 LOWER_IS_BETTER = {"reverse_kl_on_student_samples", "forward_kl_on_teacher_samples", "student_nll_on_teacher_samples"}
 METRICS = sorted(LOWER_IS_BETTER | {"greedy_exact_match", "sampled_exact_match", "teacher_logprob_on_student_samples"})
 POLICY_HELP = (
     "Policy from the environment: DISTILL_MAX_ROUNDS (default 5), DISTILL_MIN_IMPROVEMENT (default 0.0: "
     "stop when a round does worse than its parent), DISTILL_ROUND_METRIC (default 'auto': greedy exact match when "
-    "the task verifies, else the reverse KL on the student's samples going down), DISTILL_ROUNDS_CRON (schedule only)."
+    "the task verifies, else the reverse KL on the student's samples going down), DISTILL_ROUND_MODE ('stored', the "
+    "default, or 'online'), DISTILL_ROUNDS_CRON (schedule only)."
 )
 
 
@@ -35,12 +37,16 @@ class RoundPolicy(dg.Config):
         "lower-is-better metric, the gain is the decrease)"
     )
     metric: str = Field("auto", description=f"the round_eval metric that must improve: 'auto' or one of {METRICS}")
+    mode: Literal["stored", "online"] = Field(
+        "stored", description="'stored': rollouts sampled once, scored, then trained on; 'online': student_checkpoint "
+        "samples and scores a fresh batch at every on-policy step (GKD's Algorithm 1)"
+    )
     cron: str = Field("0 */6 * * *", description="the round schedule's cron (the schedule is off by default)")
 
     @classmethod
     def from_environment(cls) -> "RoundPolicy":
         values = {"max_rounds": "DISTILL_MAX_ROUNDS", "min_improvement": "DISTILL_MIN_IMPROVEMENT", "metric": "DISTILL_ROUND_METRIC",
-                  "cron": "DISTILL_ROUNDS_CRON"}
+                  "mode": "DISTILL_ROUND_MODE", "cron": "DISTILL_ROUNDS_CRON"}
         try:
             return cls(**{field: os.environ[name] for field, name in values.items() if os.environ.get(name)})
         except ValueError as error:
@@ -89,17 +95,27 @@ def next_round(instance: dg.DagsterInstance, policy: RoundPolicy) -> tuple[str |
     return round_key(round_number(last) + 1), f"round {last} improved {metric} by {gain:+.4f}"
 
 
+def round_request(key: str, policy: RoundPolicy) -> dg.RunRequest:
+    """The run of round `key`: the whole distill_round job (stored), or in online mode only the online
+    round's assets (student_checkpoint, online_feedback, round_eval) with `online: true`."""
+    if policy.mode == "online":
+        return dg.RunRequest(run_key=key, partition_key=key, asset_selection=[dg.AssetKey(name) for name in ONLINE_ROUND],
+                             run_config=ONLINE_CONFIG)
+    return dg.RunRequest(run_key=key, partition_key=key)
+
+
 @dg.sensor(
     job=distill_round, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED,
     description="Opens the next on-policy round (adds the partition and requests its run). " + POLICY_HELP,
 )
 def round_sensor(context: dg.SensorEvaluationContext):
-    key, reason = next_round(context.instance, RoundPolicy.from_environment())
+    policy = RoundPolicy.from_environment()
+    key, reason = next_round(context.instance, policy)
     if key is None:
         return dg.SensorResult(skip_reason=reason)
     context.log.info(reason)
     return dg.SensorResult(
-        run_requests=[dg.RunRequest(run_key=key, partition_key=key)],
+        run_requests=[round_request(key, policy)],
         dynamic_partitions_requests=[rounds.build_add_request([key])],
     )
 
@@ -109,8 +125,9 @@ def round_sensor(context: dg.SensorEvaluationContext):
     description="Periodically opens the next on-policy round, under the same policy as round_sensor. " + POLICY_HELP,
 )
 def round_schedule(context: dg.ScheduleEvaluationContext):
-    key, reason = next_round(context.instance, RoundPolicy.from_environment())
+    policy = RoundPolicy.from_environment()
+    key, reason = next_round(context.instance, policy)
     if key is None:
         return dg.SkipReason(reason)
     context.instance.add_dynamic_partitions(rounds.name, [key])  # schedules cannot return partition requests
-    return dg.RunRequest(run_key=key, partition_key=key)
+    return round_request(key, policy)

@@ -114,6 +114,14 @@ class Store:
         write_parquet(table, path)
         return path
 
+    def remove_work(self, directory: Path) -> None:
+        """Removes a finished work directory under work/, and its parents up to work/ itself once they are empty."""
+        shutil.rmtree(directory, ignore_errors=True)
+        for parent in directory.parents:
+            if parent == self.root or any(parent.iterdir()):
+                break
+            parent.rmdir()
+
     def append_file(self, name: str, table: pa.Table, file_name: str) -> Path:
         """Adds one file to an append-only dataset (lineage, evals): every run adds, none replaces."""
         directory = self.root / "data" / name

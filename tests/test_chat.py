@@ -104,7 +104,7 @@ def test_chat_pair_offline_job_round_and_export_without_answers(chat_pair, insta
     assert student_tokenizer.decode(trained_on[0].as_py()).startswith("<|im_start|>SYSTEM: You are terse.<|im_end|>")
 
     instance.add_dynamic_partitions(rounds.name, ["r001"])
-    round_ops = {k: v for k, v in run_config["ops"].items() if k in {a.key.to_user_string() for a in ROUND_ASSETS}}
+    round_ops = {k: v for k, v in run_config["ops"].items() if k in {a.op.name for a in ROUND_ASSETS}}
     first_round = dg.materialize(CHAT_ASSETS + ROUND_ASSETS, selection=ROUND_ASSETS, partition_key="r001", instance=instance,
                                  resources=resources, run_config={"ops": round_ops})
     assert first_round.success

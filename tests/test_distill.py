@@ -19,6 +19,7 @@ from training.engines.hf import HFEngine
 from training.kd import sparse_batch
 from training.labeling import label
 from training.models import load_model
+from training.online import OnlineRollouts, OnlineSettings
 from training.tasks.arithmetic import problems
 
 
@@ -122,6 +123,33 @@ def test_fresh_on_policy_batches_are_sampled_from_the_current_student(tiny_model
 
     with pytest.raises(ValueError, match="on-policy rows store the teacher at temperature 2.0, the fixed data at 1.0"):
         train_student(model, tokenizer, labeled, DistillConfig(student="", data=[], output="", steps=3, batch_size=8, mix=1.0, rollouts=["-"]), rollouts=hotter_batches())
+
+
+def test_online_rollouts_append_each_on_policy_batch_with_its_policy_step(tiny_model_dir, labeled, tmp_path):
+    """OnlineRollouts (the tiny model is its own teacher): every on-policy step writes the batch it
+    trains on, sampled at that step (staleness 0); a resumed training forgets the batches from its step on."""
+    model, tokenizer = load_model(str(tiny_model_dir))
+    arithmetic = problems("train", 6, 7)
+    pq.write_table(pa.table({"prompt_id": [f"p{i}" for i in range(6)], "prompt": [p.prompt for p in arithmetic],
+                             "answer": [str(p.answer) for p in arithmetic]}), tmp_path / "prompts.parquet")
+    settings = OnlineSettings(prompts=str(tmp_path / "prompts.parquet"), batches=str(tmp_path / "batches"), teacher=str(tiny_model_dir),
+                              teacher_card={"name": "teacher", "weights_hash": "t"}, task="arithmetic", k=8, n=2, max_new_tokens=16,
+                              identity={"student": "student", "student_weights_hash": "s"})
+    online = OnlineRollouts(model, tokenizer, settings.teacher_engine("cpu"), settings, batch_size=8)
+    config = DistillConfig(student="", data=[], output="", steps=8, batch_size=8, learning_rate=3e-3, warmup_steps=1, mix=0.5, online=settings)
+    curve = train_student(model, tokenizer, labeled, config, rollouts=online)
+    on_policy = [c["step"] for c in curve if c["source"] == "on_policy"]
+    assert 1 < len(on_policy) < 8 and all(c["staleness"] == 0 for c in curve if c["source"] == "on_policy")
+    written = sorted((tmp_path / "batches").glob("step-*.parquet"))
+    assert [p.name for p in written] == [f"step-{step:06d}.parquet" for step in on_policy]
+    for step, path in zip(on_policy, written):
+        batch = pq.read_table(path)
+        assert batch.num_rows == 8 and set(batch["policy_step"].to_pylist()) == set(batch["trained_at_step"].to_pylist()) == {step}
+        assert {"topk_ids", "student_token_logprob", "log_ratio_sum", "reward"} <= set(batch.column_names)
+    online.forget_from(on_policy[1])
+    assert sorted((tmp_path / "batches").glob("step-*.parquet")) == written[:1]
+    with pytest.raises(ValueError, match="online sampling runs in one training process"):
+        DistillConfig(student="", data=[], output="", mix=1.0, online=settings, processes=2)
 
 
 def test_a_killed_training_resumes_along_the_same_curve(tiny_model_dir, labeled, tmp_path):

@@ -13,7 +13,7 @@ from pipelines.instance import INSTANCE_YAML, prepare_dagster_home
 
 MODEL_ASSETS = {
     "teacher_model", "student_model", "teacher_labeled", "expanded", "synthesized", "offline_student", "evals",
-    "student_rollouts", "teacher_feedback", "student_checkpoint", "round_eval",
+    "student_rollouts", "teacher_feedback", "student_checkpoint", "online_feedback", "round_eval",
 }
 HOLD_SECONDS = 3.0
 

@@ -4,6 +4,7 @@ offline_student, the missing-parent error, re-runs, and a second launch of a run
 import json
 
 import dagster as dg
+import numpy as np
 import pyarrow.compute as pc
 import pytest
 
@@ -11,6 +12,8 @@ from assets.partitions import rounds
 from assets.rounds import round_eval, student_checkpoint, student_rollouts, teacher_feedback
 from pipelines.cli import main as distill
 from storage.catalog import query
+from training.engines.hf import HFEngine
+from training.labeling import score
 from conftest import copy_store
 from test_pipeline import ASSETS, RESOURCES
 
@@ -24,7 +27,7 @@ TINY_ROUND = {
 
 def run_round(instance, key: str, selection=None, **overrides):
     instance.add_dynamic_partitions(rounds.name, [key])
-    names = [a.key.to_user_string() for a in (selection or ROUND_ASSETS)]
+    names = [a.op.name for a in (selection or ROUND_ASSETS)]
     config = {name: {**TINY_ROUND.get(name, {}), **overrides.get(name, {})} for name in names}
     return dg.materialize(
         ASSETS + ROUND_ASSETS, selection=selection or ROUND_ASSETS, partition_key=key, instance=instance,
@@ -71,6 +74,7 @@ def test_two_rounds_end_to_end_with_lineage(instance, offline, distill_home, cap
     ratio = sum(row["student_token_logprob"]) - sum(row["token_logprob"])
     assert row["log_ratio_sum"] == pytest.approx(ratio, abs=1e-4)
     assert set(pc.unique(feedback["reward"]).to_pylist()) <= {0.0, 1.0}
+    assert trained["max_staleness"].value > 0  # stored rollouts: sampled by the parent, drawn at later steps
 
     _, lineage = query(offline, """
         SELECT partition, asset, parent_round, json_extract_string(input_versions, '$.parent_checkpoint')
@@ -109,6 +113,41 @@ def test_two_rounds_end_to_end_with_lineage(instance, offline, distill_home, cap
     assert not blocked.success
     assert "round r002 is being materialized by another run (run other-run, student_rollouts)" in error_of(blocked)
     assert offline.read_dataset("student_rollouts", "r002")["run_id"].unique().to_pylist() == [second.run_id]
+
+
+def sampled_logprobs_match_a_scoring_pass(rollouts, checkpoint: str) -> None:
+    """The student logprobs kept from sampling are those a teacher-forced pass of the sampler gives."""
+    scored, _ = score(HFEngine.load(checkpoint), rollouts, 1)
+    np.testing.assert_allclose(pc.list_flatten(rollouts["student_token_logprob"]).to_numpy(),
+                               pc.list_flatten(scored["token_logprob"]).to_numpy(), atol=1e-4)
+
+
+def test_online_round_appends_every_batch_it_trains_on(instance, offline):
+    online = {"online": True, "mix": 1.0, "online_rollouts": {"num_prompts": 10, "n": 2, "max_new_tokens": 40, "k": 8}}
+    result = run_round(instance, "r001", selection=[student_checkpoint, round_eval], student_checkpoint=online)
+    assert result.success
+    trained = result.asset_materializations_for_node("student_checkpoint")
+    assert {m.asset_key.to_user_string() for m in trained} == {"student_checkpoint", "online_feedback"}
+    checkpoint = next(m.metadata for m in trained if m.asset_key.to_user_string() == "student_checkpoint")
+    assert checkpoint["on_policy_steps"].value == 8 and checkpoint["max_staleness"].value == 0
+
+    batches = offline.read_dataset("online_feedback", "r001")  # GKD's Algorithm 1: one fresh batch of 8 per step
+    _, per_step = query(offline, "SELECT policy_step, trained_at_step, max(staleness), count(*) FROM online_feedback "
+                                 "WHERE round = 'r001' GROUP BY ALL ORDER BY 1")
+    assert per_step == [(step, step, 0, 8) for step in range(8)]
+    assert set(batches["student_weights_hash"].to_pylist()) == {offline.read_card("offline_student")["weights_hash"]}
+    assert len(set(batches["prompt_id"].to_pylist())) == 10  # 4 prompts per step, cycling through the round's 10
+    first = batches.filter(pc.equal(batches["policy_step"], 0))  # sampled before any update: by offline_student
+    sampled_logprobs_match_a_scoring_pass(first, offline.read_card("offline_student")["path"])
+    row = batches.slice(0, 1).to_pylist()[0]
+    assert row["log_ratio_sum"] == pytest.approx(sum(row["student_token_logprob"]) - sum(row["token_logprob"]), abs=1e-4)
+    assert not offline.has_dataset("student_rollouts", "r001") and not offline.has_dataset("teacher_feedback", "r001")
+    assert not (offline.root / "work" / "online_batches").exists()
+
+    evaluation = result.asset_materializations_for_node("round_eval")[0].metadata
+    assert evaluation["inputs"].value["online_feedback"] == offline.dataset_version("online_feedback", "r001")
+    _, lineage = query(offline, "SELECT asset FROM lineage WHERE partition = 'r001' ORDER BY asset")
+    assert lineage == [("online_feedback",), ("round_eval",), ("student_checkpoint",)]
 
 
 def test_bad_round_key_is_named(instance):

@@ -40,6 +40,18 @@ def test_opens_the_next_round_when_the_last_one_finished(instance):
     assert result.dynamic_partitions_requests[0].partition_keys == ["r003"]
 
 
+def test_online_mode_requests_the_online_round(instance, monkeypatch):
+    monkeypatch.setenv("DISTILL_ROUND_MODE", "online")
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="offline_student"))
+    request = evaluate(instance).run_requests[0]
+    assert request.asset_selection == [dg.AssetKey(k) for k in ("student_checkpoint", "online_feedback", "round_eval")]
+    job = defs.resolve_job_def("distill_round")
+    assert dg.validate_run_config(job, request.run_config)["ops"]["student_checkpoint"]["config"]["online"] is True
+    monkeypatch.setenv("DISTILL_ROUND_MODE", "sometimes")
+    with pytest.raises(ValueError, match="DISTILL_ROUND_MODE"):
+        evaluate(instance)
+
+
 def test_stops_at_max_rounds(instance, monkeypatch):
     monkeypatch.setenv("DISTILL_MAX_ROUNDS", "2")
     for key in ["r001", "r002"]:

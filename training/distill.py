@@ -9,9 +9,12 @@ curve.json to `output`, so a launcher (torchrun, accelerate, Dagster Pipes) can 
 Objectives: `sft` trains on the teacher's tokens as hard targets (SeqKD); `supervised_kd` minimizes
 a divergence to the stored top-k signal, optionally mixed with NLL (see `training/kd.py`).
 
-On-policy mix (GKD, Algorithm 1): with `rollouts` (the student's own samples, scored by the teacher:
-`teacher_feedback`), each step draws its batch from the rollouts with probability λ = `mix`, else
-from the fixed `data`. λ = 0 is supervised KD, λ = 1 fully on-policy.
+On-policy mix (GKD, Algorithm 1): each step draws its batch from the student's own samples, scored by
+the teacher, with probability λ = `mix`, else from the fixed `data`. λ = 0 is supervised KD, λ = 1
+fully on-policy. The samples are either stored `rollouts` (a round's `teacher_feedback`, sampled by
+the parent before step 0), or, with `online`, sampled fresh at every on-policy step by the student as
+it is and appended to `online.batches` (`training/online.py`). Each on-policy step records its
+staleness: the optimizer updates between the policy that sampled the batch and the one it trains.
 """
 
 import argparse
@@ -36,6 +39,7 @@ from training.batches import list_lengths
 from training.chat import prompt_ids_for
 from training.kd import LossSettings, sparse_batch, sparse_kd_loss
 from training.models import load_model, save_model
+from training.online import OnlineRollouts, OnlineSettings
 from training.optim import adamw, cosine_lr
 from training.resume import ShuffledBatches, load_state, save_state
 
@@ -87,12 +91,19 @@ class DistillConfig(TrainingSettings):
     output: str  # where the trained checkpoint and curve.json go
     teacher_vocab_size: Optional[int] = None
     rollouts: list[str] = []  # Parquet files of teacher-scored student samples
+    online: Optional[OnlineSettings] = None  # sample every on-policy batch fresh instead (training/online.py)
     state_dir: Optional[str] = None  # resumable checkpoints (with checkpoint_every); empty: <output>.state
 
     @model_validator(mode="after")
     def _rollouts_for_mix(self):
-        if self.mix > 0 and not self.rollouts:
-            raise ValueError(f"mix λ={self.mix} draws batches from rollouts, but none are given: pass `rollouts` or set mix 0")
+        if self.mix > 0 and not self.rollouts and self.online is None:
+            raise ValueError(f"mix λ={self.mix} draws batches from rollouts, but none are given: pass `rollouts` "
+                             "or `online`, or set mix 0")
+        if self.online is not None and self.rollouts:
+            raise ValueError("give either stored `rollouts` or `online` sampling, not both")
+        if self.online is not None and self.processes > 1:
+            raise ValueError(f"online sampling runs in one training process, not {self.processes}: set processes 1, "
+                             "or use stored rounds (online: false) with data-parallel training")
         return self
 
 
@@ -135,17 +146,20 @@ def check_compatible(table: pa.Table, student_vocab_size: int, teacher_vocab_siz
 
 
 def train_student(model, tokenizer, data: pa.Table | Iterator[pa.Table], settings: TrainingSettings, on_step=None,
-                  rollouts: pa.Table | Iterator[pa.Table] | None = None, teacher_vocab_size: int | None = None,
+                  rollouts: pa.Table | Iterator[pa.Table] | OnlineRollouts | None = None, teacher_vocab_size: int | None = None,
                   state_dir: Path | None = None, fingerprint: str = "") -> list[dict]:
     """Trains `model` in place: each step a batch of `data`, or with probability λ = settings.mix a
     batch of `rollouts`; returns the curve. One loop for SFT (`objective: sft`, rows without a
     signal are fine) and KD. A non-finite loss stops with an error.
 
     `data` and `rollouts` are each either a table, drawn in shuffled batches (stored rows: a
-    curated dataset, a round's `teacher_feedback`), or an iterator that yields one fresh batch each
-    time a step asks for it: GKD's online form, where an on-policy batch is sampled from the
-    student as it is at that step. Tables are checked before training, fresh batches as they come;
-    prompts rendered with another chat template than the student's are rendered anew with its own.
+    curated dataset, a round's `teacher_feedback`), or an iterator that yields one batch each time
+    a step asks for it (the embedded models' fresh problems); `rollouts` may also be an
+    `OnlineRollouts`, called with the step: GKD's online form, where an on-policy batch is sampled
+    from the student as it is at that step. Tables are checked before training, other batches as
+    they come; prompts rendered with another chat template than the student's are rendered anew
+    with its own. On-policy steps record their `staleness`: step − the batch's `policy_step` (stored
+    rollouts have none: the parent sampled them before step 0).
 
     With `state_dir` and `settings.checkpoint_every`, the training state is saved every that many
     steps, and a training of the same `fingerprint` (settings and inputs) resumes from the last one
@@ -171,9 +185,11 @@ def train_student(model, tokenizer, data: pa.Table | Iterator[pa.Table], setting
                 raise ValueError(f"{kind} rows store the teacher at temperature {found}, the fixed data at {temperature}: score them alike")
         return rows
 
-    def stream(rows: pa.Table | Iterator[pa.Table], kind: str, seed: int) -> Iterator[pa.Table]:
+    def stream(rows: pa.Table | Iterator[pa.Table] | OnlineRollouts, kind: str, seed: int):
         if isinstance(rows, pa.Table):
             return ShuffledBatches(checked(rows, kind), settings.batch_size, seed)
+        if isinstance(rows, OnlineRollouts):
+            return lambda step: checked(rows(step), kind)
         return (checked(batch, kind) for batch in rows)
 
     if settings.mix > 0 and rollouts is None:
@@ -188,11 +204,14 @@ def train_student(model, tokenizer, data: pa.Table | Iterator[pa.Table], setting
     optimizer = adamw(model, settings.learning_rate, settings.weight_decay)
     resumed = load_state(state_dir, fingerprint, model, optimizer, coin, streams)
     first_step, curve = (resumed[0] + 1, resumed[1]) if resumed else (0, [])
+    if isinstance(rollouts, OnlineRollouts):
+        rollouts.forget_from(first_step)
     started = time.perf_counter() - (curve[-1]["seconds"] if curve else 0.0)
     for step in range(first_step, settings.steps):
         on_policy = settings.mix > 0 and torch.rand(1, generator=coin).item() < settings.mix
         source = "on_policy" if on_policy else "fixed"
-        rows = next(streams[source])  # a fresh batch is sampled here, with the model in eval mode
+        draw = streams[source]
+        rows = draw(step) if callable(draw) else next(draw)  # a fresh batch is sampled here, with the model in eval mode
         model.train()
         lr = cosine_lr(step, settings.steps, settings.learning_rate, settings.warmup_steps)
         for group in optimizer.param_groups:
@@ -208,6 +227,7 @@ def train_student(model, tokenizer, data: pa.Table | Iterator[pa.Table], setting
         curve.append({
             "step": step, "loss": loss, **parts, "lr": lr, "source": source,
             "completion_tokens": tokens, "seconds": time.perf_counter() - started,
+            **({"staleness": step - policy_step(rows)} if on_policy else {}),
         })
         if on_step is not None:
             on_step(step, loss)
@@ -252,6 +272,12 @@ def accumulate_gradients(model, rows: pa.Table, pad_token_id: int, settings: Tra
     return loss, {name: total / max(1, tokens) for name, total in zip(sums, totals)}, tokens
 
 
+def policy_step(rows: pa.Table) -> int:
+    """The optimizer step of the policy that sampled an on-policy batch: its `policy_step` column
+    (online rounds), else 0 (a stored round's rollouts, sampled by the parent before step 0)."""
+    return pc.min(rows["policy_step"]).as_py() if "policy_step" in rows.column_names else 0
+
+
 def rollout_reuse(curve: list[dict], batch_size: int, stored_rollouts: int) -> float:
     """How many times a stored round drew each rollout on average: on-policy steps × batch / rollouts.
     GKD samples every on-policy batch fresh (reuse 1); far above it, training is only loosely on-policy."""
@@ -278,6 +304,9 @@ def run(config: DistillConfig) -> list[dict]:
     model, tokenizer = load_model(config.student)
     table = pa.concat_tables([pq.read_table(path) for path in config.data])
     rollouts = pa.concat_tables([pq.read_table(path) for path in config.rollouts]) if config.rollouts else None
+    if config.online is not None:
+        device = training_device(config.device)
+        rollouts = OnlineRollouts(model.to(device), tokenizer, config.online.teacher_engine(device), config.online, config.batch_size)
 
     def log_progress(step: int, loss: float) -> None:
         if step % 50 == 0 and parallel.is_writer():

@@ -73,15 +73,16 @@ def fit_prompts(engine: Engine, prompts: pa.Table, max_new_tokens: int, overlong
     return fitted, 0, int(overlong_rows.sum())
 
 
-def sample(engine: Engine, prompts: pa.Table, sampling: SamplingParams, overlong: str = "drop"):
+def sample(engine: Engine, prompts: pa.Table, sampling: SamplingParams, overlong: str = "drop", logprob_column: str | None = None):
     """n completions per prompt row (`prompt`, optionally `messages`, `system_prompt`) from `engine`,
     as token ids. Returns (table, dropped, truncated); the table has one row per completion:
     prompt_index (into `prompts`), sample_index, prompt_token_ids (as the model saw them),
-    prompt_rendering, completion_token_ids, completion, finish_reason, num_tokens."""
+    prompt_rendering, completion_token_ids, completion, finish_reason, num_tokens; with
+    `logprob_column`, also each sampled token's raw logprob (T = 1) as the engine sampled it, under that name."""
     fitted, dropped, truncated = fit_prompts(engine, prompts, sampling.max_new_tokens, overlong)
     kept = [i for i, ids in enumerate(fitted) if ids is not None]
     prompt_ids = [fitted[i] for i in kept]
-    generations = engine.generate(prompt_ids, sampling) if prompt_ids else []
+    generations = engine.generate(prompt_ids, sampling, logprobs=1 if logprob_column else 0) if prompt_ids else []
     columns = {
         "prompt_index": pa.array([kept[g.prompt_index] for g in generations], pa.int64()),
         "sample_index": pa.array([g.sample_index for g in generations], pa.int32()),
@@ -92,6 +93,8 @@ def sample(engine: Engine, prompts: pa.Table, sampling: SamplingParams, overlong
         "finish_reason": pa.array([g.finish_reason for g in generations], pa.string()),
         "num_tokens": pa.array([len(g.completion_ids) for g in generations], pa.int32()),
     }
+    if logprob_column:
+        columns[logprob_column] = pa.array([g.signal.token_logprob for g in generations], pa.list_(pa.float32()))
     return pa.table(columns), dropped, truncated
 
 
@@ -113,9 +116,10 @@ def score(
 
 
 def with_columns(table: pa.Table, columns: pa.Table) -> pa.Table:
-    """`table` with every column of `columns` (as many rows) appended."""
+    """`table` with every column of `columns` (as many rows) appended, or put in place of its namesake."""
     for name in columns.column_names:
-        table = table.append_column(name, columns[name])
+        index = table.schema.get_field_index(name)
+        table = table.set_column(index, name, columns[name]) if index >= 0 else table.append_column(name, columns[name])
     return table
 
 

@@ -8,6 +8,9 @@ scores the same tokens, so that per sequence
 
 is a one-sample Monte-Carlo estimate of the sequence-level reverse KL(q‖p) (its mean over samples
 converges to it, since y ~ q). Both sides are at the signal temperature (1, the raw model, by default).
+The student's side, log q(y_t | …), is kept from sampling (the engine's raw logprob of the token it
+drew), so scoring takes no second student pass; only rollouts stored without it, or a signal
+temperature other than 1, have the student score its tokens again.
 """
 
 from typing import TYPE_CHECKING
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
 
 
 PROMPT_COLUMNS = ["prompt_id", "prompt", "messages", "system_prompt", "answer"]
+STUDENT_LOGPROB = "student_token_logprob"
 
 
 def draw_prompts(table: pa.Table, n: int, seed: str) -> pa.Table:
@@ -43,9 +47,10 @@ def draw_prompts(table: pa.Table, n: int, seed: str) -> pa.Table:
 
 
 def sample_rollouts(student: Engine, prompts: pa.Table, sampling: SamplingParams, identity: dict) -> tuple[pa.Table, dict]:
-    """n samples per prompt from the student, with the prompt columns and `identity` (student,
-    weights and tokenizer hashes, round, run) stamped on every row; returns (table, metrics)."""
-    samples, dropped, _ = sample(student, prompts, sampling, "drop")
+    """n samples per prompt from the student, each token's logprob as sampled (`student_token_logprob`),
+    with the prompt columns and `identity` (student, weights and tokenizer hashes, round, run) stamped on
+    every row; returns (table, metrics)."""
+    samples, dropped, _ = sample(student, prompts, sampling, "drop", logprob_column=STUDENT_LOGPROB)
     table = with_constants(join_prompts(samples, prompts), **identity, sampling=sampling.as_json())
     table = with_content_id(table, "sample_id", ["prompt_id", "sample_index", "completion_token_ids", "student_weights_hash", "sampling"])
     metrics = {
@@ -65,25 +70,37 @@ def sequence_sums(per_token: pa.Array | pa.ChunkedArray) -> pa.Array:
     return pa.array(running[ends] - running[ends - lengths], pa.float64())
 
 
-def score_rollouts(teacher: Engine, student: Engine, rollouts: pa.Table, settings: SignalSettings) -> tuple[pa.Table, dict]:
+def student_scored_again(rollouts: pa.Table, settings: SignalSettings) -> bool:
+    """Whether scoring `rollouts` needs a student pass: when they were stored without the logprobs
+    they were sampled with, or the signal temperature is not the raw model's (sampled logprobs are at T = 1)."""
+    return STUDENT_LOGPROB not in rollouts.column_names or settings.signal_temperature != 1.0
+
+
+def score_rollouts(teacher: Engine, student: Engine | None, rollouts: pa.Table, settings: SignalSettings) -> tuple[pa.Table, dict]:
     """The teacher's sparse signal on every rollout token, the student's logprob of each token
-    (`student_token_logprob`), and the per-sequence `log_ratio_sum`, as a table of columns to add to
-    the rollouts; and statistics."""
+    (`student_token_logprob`: as sampled, else scored by `student`), and the per-sequence
+    `log_ratio_sum`, as a table of columns to add to the rollouts (the sampled logprobs stay where
+    they are); and statistics."""
     k, temperature = settings.k, settings.signal_temperature
     if k > len(teacher.tokenizer):
         raise ValueError(f"k={k} is larger than the teacher's vocabulary ({len(teacher.tokenizer)} tokens); lower k")
     columns, statistics = score(teacher, rollouts, k, temperature, settings.logprob_type())
-    student_columns, _ = score(student, rollouts, 1, temperature)  # q at the same temperature as p
-    student_logprob = student_columns["token_logprob"].combine_chunks()
+    if student_scored_again(rollouts, settings):
+        if student is None:
+            raise ValueError(f"these rollouts need the student to score them again (no {STUDENT_LOGPROB}, or signal "
+                             f"temperature {temperature} ≠ 1): pass the student engine")
+        student_logprob = score(student, rollouts, 1, temperature)[0]["token_logprob"].combine_chunks()  # q at p's temperature
+        columns = columns.append_column(STUDENT_LOGPROB, student_logprob)
+    else:
+        student_logprob = rollouts[STUDENT_LOGPROB].combine_chunks()
     log_ratio = pc.subtract(pc.list_flatten(student_logprob), pc.list_flatten(columns["token_logprob"].combine_chunks()))
     per_token_ratio = pa.ListArray.from_arrays(student_logprob.offsets, log_ratio)
-    columns = columns.append_column("student_token_logprob", student_logprob)
     columns = columns.append_column("log_ratio_sum", sequence_sums(per_token_ratio))
     statistics["reverse_kl_per_token"] = float(pc.sum(log_ratio).as_py() or 0.0) / max(1, len(log_ratio))
     return columns, statistics
 
 
-def feedback_table(teacher: Engine, student: Engine, rollouts: pa.Table, settings: SignalSettings, teacher_card: dict,
+def feedback_table(teacher: Engine, student: Engine | None, rollouts: pa.Table, settings: SignalSettings, teacher_card: dict,
                    task: "Task") -> tuple[pa.Table, dict]:
     """The rollouts with the teacher's feedback: the columns of `score_rollouts`, the task's `reward`
     (null without a reference answer) and the teacher's identity; returns (table, metrics)."""

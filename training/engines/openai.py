@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from training.engines.base import EngineRequestsFailed, Generation, SamplingParams
+from training.models import end_of_turn_ids, load_generation_config, load_tokenizer
 from training.engines.vllm import check_raw_temperature
 from training.signal import SparseSignal, signal_from_topk
 
@@ -62,6 +63,15 @@ class OpenAIEngine:
         self.max_concurrency, self.timeout_s = max_concurrency, timeout_s
         self.max_retries, self.backoff_s = max_retries, backoff_s
         self.context_length = self._check_served_model() - 1  # the prompt must leave room for one output token
+
+    @classmethod
+    def for_checkpoint(cls, path: str, base_urls: list[str], served_model_name: str = "", api_key: str | None = None,
+                       revision: str | None = None, trust_remote_code: bool = False, **options) -> "OpenAIEngine":
+        """The servers at `base_urls` serving checkpoint `path` (under `served_model_name`, else `path`),
+        with its tokenizer and the end-of-turn ids of its generation config."""
+        tokenizer = load_tokenizer(path, revision, trust_remote_code)
+        end_of_turn = end_of_turn_ids(load_generation_config(path, revision), tokenizer)
+        return cls(base_urls, served_model_name or path, tokenizer, api_key=api_key, end_of_turn_ids=end_of_turn, **options)
 
     def _request(self, path: str, payload: dict | None = None, item: int = 0) -> dict:
         """GET (payload None) or POST JSON to base_urls[item % n] + path, with retries and backoff."""

@@ -70,9 +70,14 @@ def get_task(name: str) -> Task:
                      "or module.path:function for your own verifier")
 
 
-def task_of(table: pa.Table) -> Task:
-    """The task of a prompt table (seed_prompts, eval_set), from its `task` column."""
+def task_name_of(table: pa.Table) -> str:
+    """The name of the task of a prompt table (seed_prompts, eval_set): its `task` column's one value."""
     names = table["task"].unique().drop_null().to_pylist() if "task" in table.column_names else []
     if len(names) != 1:
         raise ValueError(f"the prompts name tasks {names}, not one: re-materialize seed_prompts and eval_set with one `task`")
-    return get_task(names[0])
+    return names[0]
+
+
+def task_of(table: pa.Table) -> Task:
+    """The task of a prompt table (seed_prompts, eval_set), from its `task` column."""
+    return get_task(task_name_of(table))

@@ -1,0 +1,102 @@
+"""Online rounds, GKD's Algorithm 1 inside one training: every on-policy step samples a fresh batch
+from the student as it is at that step (T = 1, no gradient through sampling), the teacher scores it,
+and the scored batch is appended to the round's dataset before the step trains on it, so that every
+token the student trained on stays queryable with the policy that sampled it:
+
+    policy_step      optimizer updates the student had had when it sampled the batch
+    trained_at_step  the step that trained on it
+    staleness        trained_at_step − policy_step   (0 here; a stored round's rollouts are sampled
+                     by the parent before step 0, so their staleness is the step that draws them)
+
+The student's logprobs of its tokens come from sampling (no second student pass); the teacher is
+in this process (transformers, on the training device) or behind OpenAI-compatible servers (vLLM's
+api_server), as `OnlineSettings.teacher_base_urls` says.
+"""
+
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, Field
+
+from training.engines.base import Engine, SamplingParams
+from training.engines.hf import HFEngine
+from training.rollouts import feedback_table, sample_rollouts
+from training.signal import SignalSettings
+from training.tables import with_constants
+from training.tasks import get_task
+
+
+class OnlineSettings(SignalSettings):
+    """What an online round needs besides the training settings: the prompts to sample on, where the
+    scored batches go, the teacher, and how the student samples (GKD: T = 1)."""
+
+    prompts: str = Field(description="Parquet file of the round's prompts (prompt_id, prompt, messages, system_prompt, answer)")
+    batches: str = Field(description="directory the scored batches are written to, one Parquet file per on-policy step")
+    teacher: str = Field(description="the teacher's checkpoint directory or hub id")
+    teacher_card: dict = Field(description="the teacher's model card (name, weights_hash), stamped on every row")
+    task: str = Field("none", description="the task that verifies rewards (training/tasks)")
+    n: int = Field(1, ge=1, description="samples per prompt")
+    temperature: float = Field(1.0, gt=0, description="the student's sampling temperature; GKD samples at 1")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(96, ge=1)
+    seed: int = 0
+    identity: dict = Field(description="stamped on every row: student, student_weights_hash (part of sample_id), round, run")
+    teacher_base_urls: list[str] = Field([], description="empty: the teacher runs here with transformers; else "
+                                         "OpenAI-compatible servers that serve it (e.g. vLLM's api_server)")
+    teacher_served_model_name: str = Field("", description="the name the servers serve the teacher under; empty: `teacher`")
+    teacher_api_key_env: Optional[str] = Field("OPENAI_API_KEY", description="the environment variable with the servers' API key")
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+
+    def sampling(self, step: int) -> SamplingParams:
+        return SamplingParams(self.n, self.temperature, self.top_p, self.max_new_tokens, self.seed + step)
+
+    def teacher_engine(self, device) -> Engine:
+        if not self.teacher_base_urls:
+            return HFEngine.load(self.teacher, self.revision, self.trust_remote_code, device=str(device))
+        from training.engines.openai import OpenAIEngine
+
+        api_key = os.environ.get(self.teacher_api_key_env) if self.teacher_api_key_env else None
+        return OpenAIEngine.for_checkpoint(self.teacher, self.teacher_base_urls, self.teacher_served_model_name, api_key,
+                                           self.revision, self.trust_remote_code)
+
+
+class OnlineRollouts:
+    """Called with the step, returns that step's on-policy batch: `batch_size` fresh samples of the
+    live `model` on the next prompts (in the round's order, cycling), scored by `teacher` and written
+    to <batches>/step-<step>.parquet (whole or not at all; a resumed training writes its steps again)."""
+
+    def __init__(self, model, tokenizer, teacher: Engine, settings: OnlineSettings, batch_size: int):
+        self.model, self.tokenizer, self.teacher, self.settings = model, tokenizer, teacher, settings
+        self.prompts = pq.read_table(settings.prompts)
+        if self.prompts.num_rows == 0:
+            raise ValueError(f"the online round has no prompts to sample on ({settings.prompts} is empty)")
+        self.batch_size = batch_size
+        self.per_batch = math.ceil(batch_size / settings.n)
+        self.task = get_task(settings.task)
+        self.directory = Path(settings.batches)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def forget_from(self, step: int) -> None:
+        """Removes the batches of `step` and later: a killed training's, sampled again when it resumes at `step`."""
+        for path in self.directory.glob("step-*.parquet"):
+            if int(path.stem.removeprefix("step-")) >= step:
+                path.unlink()
+
+    def __call__(self, step: int) -> pa.Table:
+        positions = pa.array([(step * self.per_batch + i) % self.prompts.num_rows for i in range(self.per_batch)])
+        student = HFEngine(self.model, self.tokenizer, batch_size=self.per_batch)  # the student as it is now (eval mode)
+        identity = {**self.settings.identity, "policy_step": pa.scalar(step, pa.int32())}
+        rollouts, _ = sample_rollouts(student, self.prompts.take(positions), self.settings.sampling(step), identity)
+        scored, _ = feedback_table(self.teacher, None, rollouts.slice(0, self.batch_size), self.settings,
+                                   self.settings.teacher_card, self.task)
+        scored = with_constants(scored, trained_at_step=pa.scalar(step, pa.int32()), staleness=pa.scalar(0, pa.int32()))
+        partial = self.directory / f".step-{step:06d}.parquet.partial"
+        pq.write_table(scored, partial, compression="zstd")
+        os.replace(partial, self.directory / f"step-{step:06d}.parquet")
+        return scored
+
