@@ -184,6 +184,8 @@ class OnlineRolloutsConfig(StudentRolloutsConfig, SignalSettings):
     """An online round's sampling (as student_rollouts') and the teacher's signal on it (as teacher_feedback's)."""
 
     n: int = Field(1, ge=1, description="samples per prompt")
+    pipelined: bool = Field(False, description="sample and score the next batch while the current one trains (staleness 1; "
+                            "a second copy of the student's weights)")
 
 
 class StudentCheckpointConfig(TrainingSettings, dg.Config):

@@ -214,7 +214,7 @@ def online_settings(store: Store, config: StudentCheckpointConfig, model_engine:
     prompts = draw_prompts(store.read_dataset(dataset, columns=PROMPT_COLUMNS), sampling.num_prompts, f"{sampling.seed}/{key}")
     remote = model_engine.backend == "openai"
     return OnlineSettings(
-        **sampling.model_dump(include=set(SignalSettings.model_fields) | {"n", "temperature", "top_p", "max_new_tokens"}),
+        **sampling.model_dump(include=set(SignalSettings.model_fields) | {"n", "temperature", "top_p", "max_new_tokens", "pipelined"}),
         seed=sampling.seed * 1000 + round_number(key),
         prompts=str(store.write_work_file(prompts, f"student_checkpoint.prompts.{key}.parquet")),
         batches=str(store.root / "work" / "online_batches" / key),

@@ -9,15 +9,18 @@ of training tokens (steps are set from the mean completion length of what each s
   seqkd              SFT on the teacher's greedy outputs (teacher_labeled)
   λ=0 / 0.5 / 1      supervised KD (fixed data only), mixed, on-policy, each with forward KL,
                      reverse KL and JSD(0.5) on the stored top-k signal
-On-policy batches follow GKD's Algorithm 1: each one is sampled from the student as it is at that step
-(T = 1, no gradient) on fresh train prompts and scored by the teacher (training/rollouts.py), so no
-sample is seen twice. Every arm is one run of `train_student` (one optimizer, one lr schedule).
+  stored λ=0.5 / 1   JSD(0.5), the on-policy batches drawn from rollouts sampled once from the start
+                     (a stored round's defaults: 768 prompts × 2), so they grow stale as training goes
+On-policy batches of the λ arms follow GKD's Algorithm 1, as an online round does (training/online.py):
+each one is sampled from the student as it is at that step (T = 1, no gradient) on fresh train prompts
+and scored by the teacher, so no sample is seen twice. Every arm is one run of `train_student` (one
+optimizer, one lr schedule).
 Prints a markdown table of greedy / sampled exact-match gain (mean ± std over seeds) and writes a PNG.
 """
 
 import argparse
-import itertools
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
 from storage.store import Store
@@ -34,10 +38,11 @@ from training.distill import DistillConfig, train_student
 from training.engines.base import SamplingParams
 from training.engines.hf import HFEngine
 from training.evaluate import evaluate
-from training.rollouts import score_rollouts
-from training.signal import SignalSettings
+from training.rollouts import feedback_table, sample_rollouts
 from training.labeling import sample, score, with_columns
 from training.models import load_model
+from training.online import OnlineRollouts, OnlineSettings
+from training.signal import SignalSettings
 from training.tasks.arithmetic import parse_prompt, problems
 from training.tasks.arithmetic_task import ArithmeticTask
 
@@ -53,6 +58,9 @@ def arms() -> list[dict]:
     for mix, name in [(0.0, "supervised_kd"), (0.5, "mixed"), (1.0, "on_policy")]:
         for label in DIVERGENCES:
             out.append({"arm": f"{name} λ={mix}", "objective": "supervised_kd", "data": "teacher_labeled", "mix": mix, "divergence": label})
+    for mix in (0.5, 1.0):
+        out.append({"arm": f"stored λ={mix}", "objective": "supervised_kd", "data": "teacher_labeled", "mix": mix,
+                    "divergence": "jsd(0.5)", "stored": True})
     return out
 
 
@@ -79,19 +87,28 @@ def own_samples(student, tokenizer, prompts: list[str], seed: int) -> tuple[HFEn
     return engine, sample(engine, pa.table({"prompt": prompts}), SamplingParams(temperature=1.0, max_new_tokens=96, seed=seed))[0]
 
 
-def scored_samples(student, tokenizer, teacher: HFEngine, prompts: list[str], seed: int) -> pa.Table:
-    """The student's own samples (T = 1) on `prompts`, scored by the teacher."""
-    engine, samples = own_samples(student, tokenizer, prompts, seed)
-    columns, _ = score_rollouts(teacher, engine, samples, SignalSettings(k=K))
-    table = samples.append_column("sample_id", pa.array([f"s{seed}-{i}" for i in range(samples.num_rows)]))
-    return with_columns(table, columns)
+def train_prompts(n: int, seed: int) -> pa.Table:
+    """n train problems as a prompt table (prompt_id, prompt, answer)."""
+    return TASK.prompts("train", n, 1_000_000 * (seed + 1)).append_column("prompt_id", pa.array([f"q{seed}-{i}" for i in range(n)]))
 
 
-def fresh_rollouts(student, tokenizer, teacher: HFEngine, seed: int):
-    """GKD's on-policy batches: each next() samples the student as it is now on BATCH new train prompts."""
-    for batch in itertools.count():
-        prompts = [p.prompt for p in problems("train", BATCH, 1_000_000 * (seed + 1) + batch)]
-        yield scored_samples(student, tokenizer, teacher, prompts, 1_000_000 * (seed + 1) + batch)
+def online_rollouts(student, tokenizer, teacher: HFEngine, seed: int, steps: int, directory: str, pipelined: bool = False) -> OnlineRollouts:
+    """GKD's on-policy batches, as an online round draws them: each step samples the student as it is
+    then (pipelined: one step earlier) on BATCH new train prompts, and the teacher scores them."""
+    pq.write_table(train_prompts(steps * BATCH, seed), f"{directory}/prompts.parquet")
+    settings = OnlineSettings(prompts=f"{directory}/prompts.parquet", batches=f"{directory}/batches", teacher="-", k=K, seed=seed,
+                              teacher_card={"name": "teacher", "weights_hash": "-"}, task="arithmetic", pipelined=pipelined,
+                              identity={"student": "start", "student_weights_hash": "-"})
+    return OnlineRollouts(student, tokenizer, teacher, settings, BATCH)
+
+
+def stored_rollouts(student, tokenizer, teacher: HFEngine, seed: int) -> pa.Table:
+    """A stored round's rollouts: 768 prompts × 2 samples from the start, scored once by the teacher."""
+    sampling = SamplingParams(n=2, temperature=1.0, max_new_tokens=96, seed=seed)
+    rollouts, _ = sample_rollouts(HFEngine(student, tokenizer, batch_size=128), train_prompts(768, seed), sampling,
+                                  {"student": "start", "student_weights_hash": "-"})
+    return feedback_table(teacher, None, rollouts, SignalSettings(k=K),
+                          {"name": "teacher", "weights_hash": "-"}, TASK)[0]
 
 
 def mean_tokens(table: pa.Table) -> float:
@@ -105,13 +122,20 @@ def run_arm(arm: dict, seed: int, start: str, data: dict, teacher: HFEngine, arg
     divergence, beta = DIVERGENCES.get(arm["divergence"], ("jsd", 0.5))
     fixed = data[arm["data"]]
     per_step = BATCH * ((1 - arm["mix"]) * mean_tokens(fixed) + arm["mix"] * data["on_policy_tokens"])
+    steps = max(1, round(args.tokens / per_step))
     config = DistillConfig(
         student=start, data=["-"], output="-", objective=arm["objective"], divergence=divergence, beta=beta,
-        steps=max(1, round(args.tokens / per_step)), batch_size=BATCH, learning_rate=1e-3, warmup_steps=10,
+        steps=steps, batch_size=BATCH, learning_rate=1e-3, warmup_steps=10,
         seed=seed, mix=arm["mix"], rollouts=["-"] if arm["mix"] > 0 else [],
     )
-    rollouts = fresh_rollouts(student, tokenizer, teacher, seed) if arm["mix"] > 0 else None
-    curve = train_student(student, tokenizer, fixed, config, rollouts=rollouts)
+    with tempfile.TemporaryDirectory() as directory:
+        if arm["mix"] == 0:
+            rollouts = None
+        elif arm.get("stored"):
+            rollouts = stored_rollouts(student, tokenizer, teacher, seed)
+        else:
+            rollouts = online_rollouts(student, tokenizer, teacher, seed, steps, directory)
+        curve = train_student(student, tokenizer, fixed, config, rollouts=rollouts)
     results = evaluate(student, tokenizer, eval_problems, TASK, seed=seed)
     return {**results, "tokens": sum(c["completion_tokens"] for c in curve)}
 

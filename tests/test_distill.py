@@ -148,6 +148,14 @@ def test_online_rollouts_append_each_on_policy_batch_with_its_policy_step(tiny_m
         assert {"topk_ids", "student_token_logprob", "log_ratio_sum", "reward"} <= set(batch.column_names)
     online.forget_from(on_policy[1])
     assert sorted((tmp_path / "batches").glob("step-*.parquet")) == written[:1]
+
+    pipelined = settings.model_copy(update={"pipelined": True, "batches": str(tmp_path / "pipelined")})
+    config = config.model_copy(update={"mix": 1.0, "steps": 4, "online": pipelined})
+    curve = train_student(model, tokenizer, labeled, config, rollouts=OnlineRollouts(model, tokenizer, online.teacher, pipelined, 8))
+    assert [c["staleness"] for c in curve] == [0, 1, 1, 1]  # the first batch is sampled at once, each later one a step ahead
+    batches = [pq.read_table(path) for path in sorted((tmp_path / "pipelined").glob("step-*.parquet"))]
+    assert [(b["policy_step"][0].as_py(), b["trained_at_step"][0].as_py(), b["staleness"][0].as_py()) for b in batches] == [
+        (0, 0, 0), (0, 1, 1), (1, 2, 1), (2, 3, 1)]
     with pytest.raises(ValueError, match="online sampling runs in one training process"):
         DistillConfig(student="", data=[], output="", mix=1.0, online=settings, processes=2)
 
