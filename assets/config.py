@@ -54,7 +54,8 @@ class StudentModelConfig(ModelConfig):
     micro_batch_size: Optional[int] = Field(32, ge=1, description="embedded: sequences per forward/backward, sorted by length (less padding)")
     instruction_share: float = Field(0.0, ge=0, lt=1, description="embedded: the student only solves")
     correction_share: float = Field(0.0, ge=0, lt=1, description="embedded: the warm start sees reference solutions only")
-    varied_steps: bool = Field(False, description="embedded: the warm start sees reference solutions only")
+    varied_steps: bool = Field(True, description="embedded: the warm start sees both ways of writing a step, as the "
+                               "teacher writes them (a pretrained student knows more than one way to write)")
 
 
 class PromptSourceConfig(dg.Config):

@@ -18,7 +18,7 @@ def test_offline_distillation_raises_exact_match(instance, distill_home):
             # the default one, with corrections and varied steps, trains 900 × 80 (bench/teacher.py)
             "teacher_model": {"config": {"eval_problems": 120, "train_steps": 700, "batch_size": 40, "correction_share": 0.0,
                                          "varied_steps": False}},
-            "student_model": {"config": {"eval_problems": 120}},
+            "student_model": {"config": {"eval_problems": 120, "varied_steps": False}},  # the warm start of that teacher's style
             "offline_student": {"config": {"steps": 300}},
         }},
     )
