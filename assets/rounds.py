@@ -162,8 +162,8 @@ def student_checkpoint(context: dg.AssetExecutionContext, config: StudentCheckpo
     if not config.online and not store.has_dataset("teacher_feedback", key):
         raise FileNotFoundError(f"round {key} has no teacher_feedback yet: materialize teacher_feedback for {key} first, "
                                 "or train online (student_checkpoint config online: true)")
-    online = online_settings(store, config, model_engine, key, context.run_id, (parent, previous, card), teacher) if config.online else None
     with claim_round(context, store):
+        online = online_settings(store, config, model_engine, key, context.run_id, (parent, previous, card), teacher) if config.online else None
         feedback = [] if config.online else store.shard_paths("teacher_feedback", key)
         identity = {"round": key, "parent": parent, "parent_round": previous, "parent_checkpoint": card["weights_hash"],
                     "mix": config.mix, "online": config.online}
