@@ -28,7 +28,7 @@ from typing import Optional
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from training.engines.base import Engine, SamplingParams
 from training.engines.hf import HFEngine
@@ -122,4 +122,3 @@ class OnlineRollouts:
         pq.write_table(scored, partial, compression="zstd")
         os.replace(partial, self.directory / f"step-{step:06d}.parquet")
         return scored
-

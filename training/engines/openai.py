@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from training.engines.base import EngineRequestsFailed, Generation, SamplingParams
-from training.models import end_of_turn_ids, load_generation_config, load_tokenizer
 from training.engines.vllm import check_raw_temperature
+from training.models import end_of_turn_ids, load_generation_config, load_tokenizer
 from training.signal import SparseSignal, signal_from_topk
 
 RETRIED_STATUS = {408, 429, 500, 502, 503, 504}
