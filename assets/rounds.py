@@ -129,12 +129,12 @@ def teacher_feedback(context: dg.AssetExecutionContext, config: TeacherFeedbackC
             "student_rollouts": store.dataset_version("student_rollouts", key),
             "teacher_model": teacher["weights_hash"], "parent": parent, "parent_checkpoint": card["weights_hash"],
         }
-        rollouts = store.shard_paths("student_rollouts", key)
+        rollouts, signal = store.shard_paths("student_rollouts", key), SignalSettings(**config.model_dump())
         engines = {"teacher": (model_engine.model_dump(), teacher, None)}
-        if not rollouts or student_scored_again(pq.read_schema(rollouts[0]).empty_table(), SignalSettings(**config.model_dump())):
+        if not rollouts or student_scored_again(pq.read_schema(rollouts[0]).empty_table(), signal):
             engines["student"] = (model_engine.model_dump(), card, None)  # rollouts stored without their sampled logprobs
         work = ShardWork("teacher_feedback", rollouts, engines,
-                         functools.partial(feedback_shard, settings=SignalSettings(**config.model_dump()), teacher=teacher, task=task),
+                         functools.partial(feedback_shard, settings=signal, teacher=teacher, task=task),
                          settings={"config": config.model_dump(), "engine": model_engine.backend})
         shards, metrics = shard_executor.run(context, store, work, key, inputs)
         return publish_dataset(context, store, "teacher_feedback", shards, config=config, inputs=inputs, metrics=metrics,
@@ -262,6 +262,16 @@ def rounds_png(store: Store) -> dg.MetadataValue:
     return png_markdown(figure, "rounds")
 
 
+def rollout_figures(store: Store, dataset: str, key: str) -> dict:
+    """The mean reward and the reverse KL per token (Σ log-ratio / tokens) of the round's scored
+    rollouts in `dataset`; None when the round has none (an online round without on-policy steps)."""
+    if not store.has_dataset(dataset, key):
+        return {"rollout_reward": None, "rollout_reverse_kl_per_token": None}
+    rollouts = store.read_dataset(dataset, key, columns=["reward", "log_ratio_sum", "num_tokens"])
+    return {"rollout_reward": pc.mean(rollouts["reward"]).as_py(),
+            "rollout_reverse_kl_per_token": pc.sum(rollouts["log_ratio_sum"]).as_py() / max(1, pc.sum(rollouts["num_tokens"]).as_py())}
+
+
 @dg.asset(**ROUND, kinds={"parquet"}, deps=["student_checkpoint", "eval_set"])
 def round_eval(context: dg.AssetExecutionContext, config: EvalsConfig, store: dg.ResourceParam[Store]):
     """Greedy and sampled exact match on the eval split and reverse KL on the student's own samples,
@@ -275,19 +285,16 @@ def round_eval(context: dg.AssetExecutionContext, config: EvalsConfig, store: dg
         results = evaluate_checkpoints(cards, store.read_card("teacher"), eval_rows, task_of(eval_rows), config.seed, context.log.info)
         path, _ = publish_evals(context, store, {"student_checkpoint": results["student_checkpoint"]}, cards, key)
         scored = "online_feedback" if card.get("online") else "teacher_feedback"  # the student's samples it trained on
-        feedback = store.read_dataset(scored, key, columns=["reward", "log_ratio_sum", "num_tokens"]) if store.has_dataset(scored, key) else None
+        trained_on = rollout_figures(store, scored, key)
         mine, theirs = results["student_checkpoint"], results[parent]
         gain = None if mine["greedy_exact_match"] is None else mine["greedy_exact_match"] - theirs["greedy_exact_match"]
         metrics = {
             **mine, "checkpoint": card["weights_hash"],
             **{f"parent_{name}": value for name, value in theirs.items()},
-            "improvement": gain,
-            "rollout_reward": pc.mean(feedback["reward"]).as_py() if feedback is not None else None,
-            "rollout_reverse_kl_per_token": pc.sum(feedback["log_ratio_sum"]).as_py() / max(1, pc.sum(feedback["num_tokens"]).as_py())
-            if feedback is not None else None,
+            "improvement": gain, **trained_on,
         }
         inputs = {
-            "eval_set": store.dataset_version("eval_set"), scored: store.dataset_version(scored, key) if feedback is not None else None,
+            "eval_set": store.dataset_version("eval_set"), scored: store.dataset_version(scored, key) if store.has_dataset(scored, key) else None,
             "parent": parent, "parent_checkpoint": parent_card["weights_hash"], "checkpoint": card["weights_hash"],
         }
         record_lineage(context, store, config, inputs, metrics, previous)

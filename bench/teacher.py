@@ -22,7 +22,7 @@ from training.distill import TrainingSettings
 from training.embedded import train_embedded
 from training.engines.base import SamplingParams
 from training.engines.hf import HFEngine
-from training.evaluate import _completion_logprobs
+from training.evaluate import completion_logprobs
 from training.models import TEACHER_ARCHITECTURE
 from training.signal import tail_mass
 from training.tasks.arithmetic import problems
@@ -48,7 +48,7 @@ def distribution_figures(engine: HFEngine, n: int, k: int = 20) -> dict[str, flo
     prompts = TASK.prompts("eval", n, 0)
     ids = engine.tokenizer(prompts["prompt"].to_pylist(), add_special_tokens=True)["input_ids"]
     samples = [g.completion_ids for g in engine.generate(ids, SamplingParams(temperature=1.0, max_new_tokens=96, seed=0))]
-    logprobs, _ = _completion_logprobs(engine.model, ids, samples, engine.tokenizer.pad_token_id)
+    logprobs, _ = completion_logprobs(engine.model, ids, samples, engine.tokenizer.pad_token_id)
     entropy = -(logprobs.exp() * logprobs).sum(-1)
     return {
         "entropy": entropy.mean().item(),

@@ -42,7 +42,7 @@ def exact_match(model, tokenizer, prompts: pa.Table, task: Task, temperature: fl
     return _verified(engine, render(tokenizer, prompts), prompts["answer"], task, temperature, seed, max_new_tokens)[0]
 
 
-def _completion_logprobs(model, prompt_ids: list[list[int]], completions: list[list[int]], pad_token_id: int):
+def completion_logprobs(model, prompt_ids: list[list[int]], completions: list[list[int]], pad_token_id: int):
     """log softmax of `model` at every completion position of prompt ⊕ completion: (N, V), and the N targets."""
     input_ids, attention_mask, rows, positions, targets = completion_positions(
         pa.array(prompt_ids, pa.list_(pa.int32())), pa.array(completions, pa.list_(pa.int32())), pad_token_id
@@ -61,8 +61,8 @@ def _against_teacher(student, tokenizer, teacher, teacher_tokenizer, student_ids
     sums, tokens = {"divergence": 0.0, "logprob": 0.0}, 0
     for start in range(0, len(completions), EVAL_BATCH_SIZE):
         batch = slice(start, start + EVAL_BATCH_SIZE)
-        log_q, targets = _completion_logprobs(student, student_ids[batch], completions[batch], tokenizer.pad_token_id)
-        log_p, _ = _completion_logprobs(teacher, teacher_ids[batch], completions[batch], teacher_tokenizer.pad_token_id)
+        log_q, targets = completion_logprobs(student, student_ids[batch], completions[batch], tokenizer.pad_token_id)
+        log_p, _ = completion_logprobs(teacher, teacher_ids[batch], completions[batch], teacher_tokenizer.pad_token_id)
         if sampled_by_student:
             sums["divergence"] += reverse_kl(log_p, log_q).sum().item()
             sums["logprob"] += -nll(log_p, targets).sum().item()
