@@ -6,7 +6,7 @@ import collections
 import dagster as dg
 
 from storage.store import Store
-from training.curation import duplicate_rows, origin_counts, shared_prompts
+from training.curation import duplicate_rows, origin_counts, parquet, shared_prompts
 from training.embedded import TARGET_EXACT_MATCH
 from training.models import load_tokenizer
 from training.signal import signal_violations
@@ -44,28 +44,27 @@ def curated_signal_valid(store: dg.ResourceParam[Store]) -> dg.AssetCheckResult:
 @dg.asset_check(asset="curated", additional_deps=["eval_set"], blocking=True)
 def no_eval_items(store: dg.ResourceParam[Store]) -> dg.AssetCheckResult:
     """No curated prompt is an eval prompt (normalized: trimmed, lower case, single spaces)."""
-    shared = shared_prompts(store.read_dataset("curated", columns=["prompt"]), store.read_dataset("eval_set", columns=["prompt"]))
+    shared = shared_prompts(parquet(store.shard_paths("curated")), parquet(store.shard_paths("eval_set")))
     return dg.AssetCheckResult(passed=not shared, metadata={"shared_with_eval": len(shared), "examples": shared[:5]})
 
 
 @dg.asset_check(asset="curated", blocking=True)
 def no_duplicate_text(store: dg.ResourceParam[Store]) -> dg.AssetCheckResult:
     """No two curated rows have the same normalized prompt and response."""
-    duplicates = duplicate_rows(store.read_dataset("curated", columns=["prompt", "completion"]))
+    duplicates = duplicate_rows(parquet(store.shard_paths("curated")))
     return dg.AssetCheckResult(passed=duplicates == 0, metadata={"duplicates": duplicates})
 
 
 @dg.asset_check(asset="curated")
 def origin_shares(store: dg.ResourceParam[Store]) -> dg.AssetCheckResult:
     """Reports the share of each origin among kept rows; warns when an origin with candidates kept none."""
-    kept = store.read_dataset("curated", columns=["origin"])
-    counts = origin_counts(kept)
-    missing = sorted(set(origin_counts(store.read_dataset("curation_dropped", columns=["origin"]))) - set(counts))
+    counts = origin_counts(parquet(store.shard_paths("curated")))
+    missing = sorted(set(origin_counts(parquet(store.shard_paths("curation_dropped")))) - set(counts))
     return dg.AssetCheckResult(
         passed=not missing,
         severity=dg.AssetCheckSeverity.WARN,
         description=f"no kept rows from {missing}: every candidate of theirs was filtered out" if missing else None,
-        metadata={f"share_{o}": round(n / kept.num_rows, 4) for o, n in sorted(counts.items())},
+        metadata={f"share_{o}": round(n / sum(counts.values()), 4) for o, n in sorted(counts.items())},
     )
 
 
@@ -127,9 +126,8 @@ def vocab_compatible(store: dg.ResourceParam[Store]) -> dg.AssetCheckResult:
 @dg.asset_check(asset="eval_set", additional_deps=["seed_prompts"], blocking=True)
 def eval_disjoint_from_train(store: dg.ResourceParam[Store]) -> dg.AssetCheckResult:
     """No eval prompt appears among the seed prompts (normalized as curation does)."""
-    eval_prompts = store.read_dataset("eval_set", columns=["prompt"])
-    shared = shared_prompts(eval_prompts, store.read_dataset("seed_prompts", columns=["prompt"]))
+    shared = shared_prompts(parquet(store.shard_paths("eval_set")), parquet(store.shard_paths("seed_prompts")))
     return dg.AssetCheckResult(
         passed=not shared,
-        metadata={"eval_prompts": eval_prompts.num_rows, "shared_with_train": len(shared), "examples": shared[:5]},
+        metadata={"eval_prompts": store.dataset_rows("eval_set"), "shared_with_train": len(shared), "examples": shared[:5]},
     )

@@ -150,6 +150,9 @@ class SynthesizedConfig(WritingConfig):
 class CuratedConfig(CurationSettings, dg.Config):
     """Filters over labeled, expanded, evolved and synthesized rows, then a selection (see training/curation.py)."""
 
+    memory_limit: str = Field("2GB", description="DuckDB's memory for curation (e.g. '2GB', '64GB'); past it, it spills to the "
+                                                 "run's work directory, so more memory is faster, never required")
+
 
 class OfflineStudentConfig(TrainingSettings, dg.Config):
     """Offline distillation on the stored teacher signal (SeqKD or supervised KD); `mix` stays 0."""

@@ -5,6 +5,7 @@ is filtered and selected into `curated`, the dataset students train on."""
 import dataclasses
 import functools
 import random
+from collections.abc import Iterable
 
 import dagster as dg
 import matplotlib.pyplot as plt
@@ -14,8 +15,9 @@ from assets.config import CuratedConfig, ExpandedConfig, SynthesizedConfig, Writ
 from assets.executor import ShardExecutor, ShardWork
 from assets.publish import png_markdown, publish_dataset
 from assets.resources import ModelEngine
-from storage.store import Store
-from training.curation import candidate_pool, curate, origin_counts
+from storage.shards import ShardedWrite
+from storage.store import ROWS_PER_SHARD, Store
+from training.curation import candidate_pool, connect, curate, kept_rows, origin_counts
 from training.engines.base import SamplingParams
 from training.expansion import (
     evolution_instructions,
@@ -130,20 +132,43 @@ CURATION_INPUTS = ["teacher_labeled", *WRITTEN_DATASETS, "eval_set"]
 )
 def curated(context: dg.AssetExecutionContext, config: CuratedConfig, store: dg.ResourceParam[Store]):
     names = ["teacher_labeled", *(n for n in WRITTEN_DATASETS if store.has_dataset(n))]
-    rows = candidate_pool({name: store.read_dataset(name) for name in names})
+    sources = {name: store.shard_paths(name) for name in names}
     inputs = {name: store.dataset_version(name) for name in [*names, "eval_set"]}
-    result = curate(rows, store.read_dataset("eval_set", columns=["prompt"])["prompt"].to_pylist(), config)
-    stamped = lambda table: with_constants(table, curation_run_id=context.run_id)
-    report = pa.Table.from_pylist([{**f, "dropped": f["rows_in"] - f["rows_out"]} for f in result.funnel])
-    metrics = {"candidates": rows.num_rows, "kept": result.kept.num_rows,
-               **{f"candidates_{o}": n for o, n in origin_counts(rows).items()},
-               **{f"kept_{o}": n for o, n in origin_counts(result.kept).items()}}
-    context.log.info("\n" + funnel_markdown(result.funnel))
-    common = dict(config=config, inputs=inputs)
-    yield publish_dataset(context, store, "curation_dropped", stamped(result.dropped), **common,
-                          metrics={"dropped": result.dropped.num_rows}, preview=["sample_id", "origin", "filter", "reason"])
-    yield publish_dataset(context, store, "curation_report", stamped(report), **common, metrics=metrics,
-                          preview=["filter", "rows_in", "rows_out"])
-    display = {"funnel": dg.MetadataValue.md(funnel_markdown(result.funnel)), "funnel_chart": funnel_chart(result.funnel)}
-    yield publish_dataset(context, store, "curated", stamped(result.kept), **common, metrics=metrics,
-                          preview=["sample_id", "origin", "prompt", "completion", "quality_score"], display=display)
+    eval_prompts = store.read_dataset("eval_set", columns=["prompt"])["prompt"].to_pylist()
+    work = store.root / "work" / "curated" / context.run_id  # DuckDB's database: it spills there past its memory limit
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        with connect(work / "curation.duckdb", config.memory_limit) as connection:
+            candidate_pool(connection, sources)
+            funnel = curate(connection, eval_prompts, config)
+            metrics = {"candidates": funnel[0]["rows_in"], "kept": funnel[-1]["rows_out"],
+                       **{f"candidates_{o}": n for o, n in origin_counts("candidates", connection).items()},
+                       **{f"kept_{o}": n for o, n in origin_counts("kept", connection).items()}}
+            context.log.info("\n" + funnel_markdown(funnel))
+            common = dict(config=config, inputs=inputs)
+            dropped = connection.sql("SELECT * FROM dropped ORDER BY rowid").to_arrow_reader(ROWS_PER_SHARD)
+            yield publish_dataset(context, store, "curation_dropped", _shards(store, "curation_dropped", context.run_id, dropped,
+                                                                              dropped.schema), **common,
+                                  metrics={"dropped": metrics["candidates"] - metrics["kept"]}, preview=["sample_id", "origin", "filter", "reason"])
+            report = pa.Table.from_pylist([{**f, "dropped": f["rows_in"] - f["rows_out"]} for f in funnel])
+            yield publish_dataset(context, store, "curation_report", with_constants(report, curation_run_id=context.run_id), **common,
+                                  metrics=metrics, preview=["filter", "rows_in", "rows_out"])
+            display = {"funnel": dg.MetadataValue.md(funnel_markdown(funnel)), "funnel_chart": funnel_chart(funnel)}
+            yield publish_dataset(context, store, "curated", _shards(store, "curated", context.run_id, kept_rows(connection, sources)),
+                                  **common, metrics=metrics, preview=["sample_id", "origin", "prompt", "completion", "quality_score"],
+                                  display=display)
+    finally:
+        store.remove_work(work)
+
+
+def _shards(store: Store, name: str, run_id: str, tables: Iterable, schema: pa.Schema | None = None) -> ShardedWrite:
+    """`tables` (Arrow tables or record batches, one per shard; with none, one empty shard of `schema`),
+    stamped with the curation run, as the shards of a new version of `name`."""
+    writer = store.sharded_write(name, None, f"curation-{run_id}")
+    count = 0
+    for count, table in enumerate(tables, 1):
+        writer.write(count - 1, with_constants(pa.Table.from_batches([table]) if isinstance(table, pa.RecordBatch) else table,
+                                               curation_run_id=run_id))
+    if count == 0:
+        writer.write(0, with_constants(schema.empty_table(), curation_run_id=run_id))
+    return writer

@@ -1,30 +1,62 @@
-"""Curation throughput: MinHash near-duplicate filtering and the whole filter chain on 100,000
-synthetic rows (target: near duplicates under 60 s on 2 cores), then the funnel of the demo
-configuration if `make demo` has built `curated` under DISTILL_HOME.
+"""Curation at scale: the whole filter chain (near duplicates by MinHash LSH, selection to half)
+over synthetic candidates at two sizes ten times apart, each in a fresh process that reads the
+Parquet shards and writes the kept rows shard by shard, as the `curated` asset does; prints seconds,
+rows/s and peak RSS (flat memory: the two within ~1.2×), then the demo's funnel if `make demo` has
+built `curated` under DISTILL_HOME.
 
-    .venv/bin/python bench/curation.py [rows]
+    .venv/bin/python bench/curation.py [--rows 100000 1000000] [--memory-limit 1GB]
 
 The synthetic rows are sentences drawn from a small vocabulary, a tenth of them copies of another
-row with a few characters edited (near duplicates by construction) and a hundredth exact copies.
+row with two characters edited (near duplicates by construction) and a hundredth exact copies, in
+shards of 100,000 rows with a 4-token response and its top-2 signal.
 """
 
+import argparse
+import json
 import random
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pyarrow as pa
-import torch
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from storage.catalog import query
 from storage.store import Store
-from training.curation import CurationSettings, curate, near_duplicates, scored
 
 WORDS = ("teacher student token logprob divergence round rollout sample prompt answer model data tail mass "
          "carry digit problem solve write expand evolve topic skill filter select score quality").split()
+SHARD_ROWS = 100_000
+TOKENS = 4
+
+CHILD = """
+import json, resource, sys, time
+from pathlib import Path
+import pyarrow.parquet as pq
+from training.curation import CurationSettings, candidate_pool, connect, curate, kept_rows
+directory, memory_limit = Path(sys.argv[1]), sys.argv[2]
+sources = {"teacher_labeled": sorted(directory.glob("part-*.parquet"))}
+started = time.perf_counter()
+with connect(directory / "curation.duckdb", memory_limit) as connection:
+    candidate_pool(connection, sources)
+    rows = connection.execute("SELECT count(*) FROM candidates").fetchall()[0][0]
+    funnel = curate(connection, ["teacher student token logprob divergence round rollout sample"],
+                    CurationSettings(target_size=rows // 2))
+    kept = 0
+    for index, table in enumerate(kept_rows(connection, sources)):
+        pq.write_table(table, directory / f"kept-{index:05d}.parquet")
+        kept += table.num_rows
+print(json.dumps({"seconds": time.perf_counter() - started, "kept": kept, "funnel": funnel,
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
 
 
-def synthetic_rows(n: int, seed: int = 0) -> tuple[int, pa.Table]:
-    """(how many rows are planted near duplicates, the rows)."""
+def write_candidates(directory: Path, n: int, seed: int = 0) -> int:
+    """Writes n synthetic candidates as Parquet shards; returns how many are planted near duplicates."""
     rng = random.Random(seed)
     prompts, planted = [], 0
     for i in range(n):
@@ -38,38 +70,48 @@ def synthetic_rows(n: int, seed: int = 0) -> tuple[int, pa.Table]:
             prompts.append(prompts[rng.randrange(i)])
         else:
             prompts.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 16))) + f" #{i}")
-    tokens = 4
-    return planted, pa.table({
-        "sample_id": [f"{i:08d}" for i in range(n)],
-        "prompt": prompts,
-        "completion": ["ok"] * n,
-        "origin": ["labeled"] * n,
-        "num_tokens": pa.array([tokens] * n, pa.int32()),
-        "finish_reason": ["stop"] * n,
-        "correct": pa.nulls(n, pa.bool_()),
-        "answer": pa.nulls(n, pa.string()),
-        "token_logprob": pa.array([[-0.1] * tokens] * n, pa.list_(pa.float32())),
-        "topk_logprobs": pa.array([[[-0.1, -3.0]] * tokens] * n, pa.list_(pa.list_(pa.float32()))),
-    })
+    for shard, start in enumerate(range(0, n, SHARD_ROWS)):
+        size = min(SHARD_ROWS, n - start)
+        pq.write_table(pa.table({
+            "sample_id": [f"{i:09d}" for i in range(start, start + size)],
+            "prompt": prompts[start : start + size],
+            "completion": ["ok"] * size,
+            "num_tokens": pa.array([TOKENS] * size, pa.int32()),
+            "finish_reason": ["stop"] * size,
+            "correct": pa.nulls(size, pa.bool_()),
+            "answer": pa.nulls(size, pa.string()),
+            "k": pa.array([2] * size, pa.int32()),
+            "teacher_weights_hash": ["synthetic"] * size,
+            "token_logprob": pa.array([[-0.1] * TOKENS] * size, pa.list_(pa.float32())),
+            "topk_ids": pa.array([[[1, 2]] * TOKENS] * size, pa.list_(pa.list_(pa.int32()))),
+            "topk_logprobs": pa.array([[[-0.1, -3.0]] * TOKENS] * size, pa.list_(pa.list_(pa.float32()))),
+        }), directory / f"part-{shard:05d}.parquet")
+    return planted
 
 
 def main() -> None:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
-    print(f"torch threads {torch.get_num_threads()}; {n:,} synthetic rows")
-    planted, table = synthetic_rows(n)
-    rows = scored(table)
-    started = time.perf_counter()
-    dropped = near_duplicates(rows, threshold=0.8, size=5)
-    seconds = time.perf_counter() - started
-    print(f"near duplicates (MinHash LSH, 128 permutations, 5-char shingles, Jaccard ≥ 0.8): {seconds:.1f} s, "
-          f"{n / seconds:,.0f} rows/s, {dropped.num_rows:,} dropped of {planted:,} planted with two characters edited")
-    started = time.perf_counter()
-    result = curate(table, eval_prompts=["teacher student token logprob divergence round rollout sample"],
-                    settings=CurationSettings(target_size=n // 2))
-    seconds = time.perf_counter() - started
-    print(f"whole chain incl. selection to {n // 2:,}: {seconds:.1f} s")
-    for step in result.funnel:
-        print(f"  {step['filter']:<16} {step['rows_in']:>8,} → {step['rows_out']:>8,}")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, nargs=2, default=[100_000, 1_000_000])
+    parser.add_argument("--memory-limit", default="1GB", help="DuckDB's memory limit (the `curated` asset's `memory_limit`)")
+    args = parser.parse_args()
+    print(f"DuckDB memory_limit {args.memory_limit}; near duplicates: 128 permutations, 5-char shingles, Jaccard ≥ 0.8")
+    rss = {}
+    for n in args.rows:
+        with tempfile.TemporaryDirectory() as directory:
+            planted = write_candidates(Path(directory), n)
+            done = subprocess.run([sys.executable, "-c", CHILD, directory, args.memory_limit], capture_output=True, text=True,
+                                  cwd=Path(__file__).resolve().parents[1])
+            if done.returncode:
+                raise RuntimeError(done.stderr[-2000:])
+            figures = json.loads(done.stdout.strip().splitlines()[-1])
+        near = next(f for f in figures["funnel"] if f["filter"] == "near_duplicate")
+        rss[n] = figures["peak_rss_mib"]
+        print(f"{n:>10,} candidates: {figures['seconds']:,.1f} s ({n / figures['seconds']:,.0f} rows/s), peak RSS {rss[n]:,.0f} MiB, "
+              f"near duplicates dropped {near['rows_in'] - near['rows_out']:,} (planted {planted:,}), kept {figures['kept']:,}")
+        for step in figures["funnel"]:
+            print(f"      {step['filter']:<16} {step['rows_in']:>10,} → {step['rows_out']:>10,}")
+    small, large = args.rows
+    print(f"peak RSS {large:,} / {small:,} candidates: {rss[large] / rss[small]:.2f}×")
     store = Store()
     if store.has_dataset("curation_report"):
         print(f"\nDemo funnel ({store.root}):")

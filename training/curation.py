@@ -6,8 +6,8 @@ Filters, in order (a row is dropped by the first that rejects it):
                      max_new_tokens before <eos> are unfinished
     exact_duplicate  the same normalized prompt and response twice (normalized: trimmed,
                      lower case, runs of whitespace as one space)
-    near_duplicate   MinHash LSH on character n-grams of the normalized prompt: a prompt whose
-                     estimated Jaccard similarity to an earlier kept prompt is ≥ threshold
+    near_duplicate   a prompt whose Jaccard similarity to an earlier kept prompt is ≥ threshold,
+                     J(A, B) = |A ∩ B| / |A ∪ B| over the character n-grams of the normalized prompts
     decontamination  the prompt shares a word n-gram with an eval prompt (texts shorter than n
                      words compare whole)
     verifier         the task verifier rejects the teacher's answer (rejection sampling)
@@ -18,25 +18,36 @@ Filters, in order (a row is dropped by the first that rejects it):
                      prompt is ≥ `selection_similarity` similar to one already selected
 
 "Earlier" is the origin order labeled, expanded, evolved, synthesized, then sample_id, so a seed
-prompt wins over a teacher-written copy of it. Rows are Arrow tables; the work is DuckDB SQL,
-except MinHash, which is datasketch.
+prompt wins over a teacher-written copy of it.
+
+Scale: the work is DuckDB SQL in one connection over the candidates' Parquet shards. The filters see
+only the light columns and the scores (table `kept`), never the signal; the whole rows are read
+back one source file at a time (`kept_rows`). A connection on disk spills past its memory limit, so
+millions of candidates need no more memory than DuckDB is given. Similar prompts are found with
+MinHash LSH: numpy hashes a block of shingles at a time, a DuckDB join on band buckets gives the
+candidate pairs, and their Jaccard similarity is computed exactly over the shingles. Python walks
+only those pairs, never every row.
 """
 
-from dataclasses import dataclass
+import functools
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Optional
 
 import duckdb
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-from datasketch import MinHash, MinHashLSH
 from pydantic import BaseModel, Field, model_validator
-
-from training.tables import with_constants
 
 ORIGINS = ["labeled", "expanded", "evolved", "synthesized"]
 NUM_PERM = 128
 MAX_SIMILARITY = 0.98  # the highest threshold MinHash LSH can band with NUM_PERM permutations
 EXAMPLES_PER_FILTER = 3
+SHINGLES_PER_BLOCK = 1 << 16  # shingles hashed at once (NUM_PERM × 8 bytes each: 64 MiB)
+FALSE_NEGATIVE_WEIGHT = 0.9  # LSH banding: a missed pair weighs 9× a needless candidate (see `lsh_bands`)
+LABELED_ORIGIN = ", 'labeled' AS origin"  # teacher_labeled's rows carry no origin column
+SCORES = ["mean_token_logprob", "mean_topk_entropy", "quality_score"]
 
 
 class CurationSettings(BaseModel):
@@ -63,234 +74,311 @@ class CurationSettings(BaseModel):
         return self
 
 
-@dataclass
-class Curation:
-    kept: pa.Table  # the candidates that passed, with score columns
-    dropped: pa.Table  # sample_id, prompt, origin, filter, reason: one row per dropped candidate
-    funnel: list[dict]  # per filter: filter, setting, rows_in, rows_out, examples
-
-
 def normalized(column: str) -> str:
     """SQL: the normalized text of `column` (trimmed, lower case, runs of whitespace as one space),
     the one normalization of curation, decontamination and the dataset checks."""
     return f"lower(trim(regexp_replace({column}, '\\s+', ' ', 'g')))"
 
 
-def candidate_pool(tables: dict[str, pa.Table]) -> pa.Table:
-    """The union of `teacher_labeled` (origin `labeled`) and the written datasets in `tables`
-    (`expanded`, `synthesized`: their rows carry their origin). All must come from one teacher with
-    one k, so that the pool carries one teacher's signal, and sample ids must be unique."""
-    labeled = tables["teacher_labeled"]
-    written = {name: table for name, table in tables.items() if name != "teacher_labeled"}
+def connect(path: Path, memory_limit: str) -> duckdb.DuckDBPyConnection:
+    """The DuckDB database curation works in, at `path`: past `memory_limit` it spills to disk beside it."""
+    return duckdb.connect(str(path), config={"memory_limit": memory_limit})
+
+
+def parquet(paths: list[Path], filename: bool = False) -> str:
+    """SQL: the rows of the Parquet files `paths`, columns matched by name (with `filename`, the file
+    each row came from)."""
+    files = ", ".join("'" + str(path).replace("'", "''") + "'" for path in paths)
+    return f"read_parquet([{files}], union_by_name = true{', filename = true' if filename else ''})"
+
+
+def candidate_pool(connection: duckdb.DuckDBPyConnection, sources: dict[str, list[Path]]) -> None:
+    """Creates the view `candidates` over the shards of `teacher_labeled` (origin `labeled`) and of the
+    written datasets in `sources` (`expanded`, `synthesized`: their rows carry their origin), with
+    each row's `filename`. All must come from one teacher with one k, so that the pool carries one
+    teacher's signal, and sample ids must be unique."""
+    distinct = lambda name, column: connection.execute(f"SELECT DISTINCT {column} FROM {parquet(sources[name])} ORDER BY 1").fetchall()
     for column in ("teacher_weights_hash", "k"):
-        first = pc.unique(labeled[column]).to_pylist()
-        for name, table in written.items():
-            if (values := pc.unique(table[column]).to_pylist()) != first:
+        first = distinct("teacher_labeled", column)
+        for name in sources:
+            if name != "teacher_labeled" and (values := distinct(name, column)) != first:
                 raise ValueError(
-                    f"{name} has {column} {values} but teacher_labeled has {first}: re-materialize {name} with the same "
-                    "teacher and k, so that curated carries one teacher's signal"
+                    f"{name} has {column} {[v for v, in values]} but teacher_labeled has {[v for v, in first]}: re-materialize "
+                    f"{name} with the same teacher and k, so that curated carries one teacher's signal"
                 )
-    labeled = with_constants(labeled, origin="labeled")
-    rows = pa.concat_tables([labeled, *written.values()], promote_options="permissive")
-    if pc.count_distinct(rows["sample_id"]).as_py() != rows.num_rows:
+    selects = [f"SELECT *{LABELED_ORIGIN if name == 'teacher_labeled' else ''} FROM {parquet(paths, filename=True)}"
+               for name, paths in sources.items()]
+    connection.execute(f"CREATE OR REPLACE VIEW candidates AS {' UNION ALL BY NAME '.join(selects)}")
+    if _value(connection, "SELECT count(*) - count(DISTINCT sample_id) FROM candidates"):
         raise ValueError("sample_id is not unique across the candidate datasets; re-materialize them")
-    return rows
 
 
-def shared_prompts(rows: pa.Table, others: pa.Table) -> list[str]:
-    """The prompts of `rows` whose normalized text is also a prompt of `others`."""
-    return _sql(rows, f"SELECT prompt FROM rows WHERE {normalized('prompt')} IN (SELECT {normalized('prompt')} FROM others)",
-                others=others)["prompt"].to_pylist()
+def kept_rows(connection: duckdb.DuckDBPyConnection, sources: dict[str, list[Path]]) -> Iterator[pa.Table]:
+    """The whole rows `curate` kept, with their scores, one source file at a time (in the order of
+    `sources`, then origin and sample_id), all with the schema of the pool: memory is bounded by a
+    file. `kept` is ordered by file, so each file's lookup reads only its part."""
+    schema = connection.sql(f"SELECT c.* EXCLUDE (filename), {', '.join(f'k.{c}' for c in SCORES)} "
+                            "FROM candidates c JOIN kept k USING (sample_id) LIMIT 0").to_arrow_table().schema
+    for name, paths in sources.items():
+        origin = LABELED_ORIGIN if name == "teacher_labeled" else ""
+        for path in paths:
+            table = connection.sql(
+                f"""SELECT c.*{origin}, {', '.join(f'k.{c}' for c in SCORES)}
+                    FROM {parquet([path])} c JOIN (SELECT * FROM kept WHERE filename = $file) k USING (sample_id)
+                    ORDER BY k.origin_rank, c.sample_id""", params={"file": str(path)}).to_arrow_table()
+            if table.num_rows:
+                yield pa.table({f.name: table[f.name] if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+                                for f in schema}).cast(schema)
 
 
-def duplicate_rows(rows: pa.Table) -> int:
-    """How many rows repeat an earlier row's normalized prompt and completion."""
-    return _sql(rows, f"SELECT count(*) - count(DISTINCT ({normalized('prompt')}, completion)) AS n FROM rows")["n"][0].as_py()
+def shared_prompts(rows: str, others: str) -> list[str]:
+    """The prompts of the relation `rows` (SQL) whose normalized text is also a prompt of `others`."""
+    return [p for p, in _fetch(f"SELECT prompt FROM {rows} WHERE {normalized('prompt')} IN (SELECT {normalized('prompt')} FROM {others})")]
 
 
-def origin_counts(table: pa.Table) -> dict[str, int]:
-    """Rows per origin."""
-    counts = table["origin"].value_counts()
-    return dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
+def duplicate_rows(rows: str) -> int:
+    """How many rows of the relation `rows` (SQL) repeat an earlier row's normalized prompt and completion."""
+    return _fetch(f"SELECT coalesce(sum(n - 1), 0) FROM (SELECT count(*) AS n FROM {rows} "
+                  f"GROUP BY {normalized('prompt')}, completion)")[0][0]
 
 
-def scored(candidates: pa.Table) -> pa.Table:
-    """Adds normalized_prompt, origin_rank, mean_token_logprob, mean_topk_entropy, quality_score."""
-    unknown = set(candidates["origin"].unique().to_pylist()) - set(ORIGINS)
-    if unknown:
-        raise ValueError(f"unknown origins {sorted(unknown)}; expected some of {ORIGINS}")
-    ranks = ", ".join(f"'{o}'" for o in ORIGINS)
-    return _sql(
-        candidates,
-        f"""SELECT *, {normalized('prompt')} AS normalized_prompt,
-                   list_position([{ranks}], origin) AS origin_rank,
-                   list_avg(token_logprob) AS mean_token_logprob,
-                   list_avg(list_transform(topk_logprobs, lambda t: list_sum(list_transform(t, lambda x: -exp(x) * x))))
-                       AS mean_topk_entropy,
-                   exp(list_avg(token_logprob)) * ln(1 + num_tokens) AS quality_score
-            FROM rows ORDER BY origin_rank, sample_id""",
-    )
+def origin_counts(rows: str, connection: duckdb.DuckDBPyConnection | None = None) -> dict[str, int]:
+    """Rows per origin of the relation `rows` (SQL)."""
+    return dict(_fetch(f"SELECT origin, count(*) FROM {rows} GROUP BY 1 ORDER BY 1", connection))
 
 
-def curate(candidates: pa.Table, eval_prompts: list[str], settings: CurationSettings) -> Curation:
-    """Runs the filters in order; raises, naming the filter that removed the most, if none are left."""
-    rows = scored(candidates)
+def _value(connection: duckdb.DuckDBPyConnection, sql: str):
+    """The first value of the first row of `sql` (the whole result fetched: DuckDB 2 refuses new work
+    on a connection while a result is unfinished)."""
+    return connection.execute(sql).fetchall()[0][0]
+
+
+def _fetch(sql: str, connection: duckdb.DuckDBPyConnection | None = None) -> list[tuple]:
+    """The rows of `sql`, in `connection` or else a connection of its own."""
+    if connection is not None:
+        return connection.execute(sql).fetchall()
+    with duckdb.connect() as own:
+        return own.execute(sql).fetchall()
+
+
+def curate(connection: duckdb.DuckDBPyConnection, eval_prompts: list[str], settings: CurationSettings) -> list[dict]:
+    """Runs the filters in order over the view `candidates`; returns the funnel (per filter: filter,
+    setting, rows_in, rows_out, examples) and leaves in `connection` the tables `kept` (the light
+    columns and scores of the rows that passed, with their `filename`) and `dropped` (sample_id,
+    prompt, origin, filter, reason). Raises, naming the filter that removed the most, if none are left."""
+    _score(connection)
+    connection.execute("CREATE OR REPLACE TABLE dropped (sample_id VARCHAR, prompt VARCHAR, origin VARCHAR, filter VARCHAR, reason VARCHAR)")
     s = settings
     verifier = "off"
     if s.use_verifier:
-        verifiable = rows["correct"].null_count < rows.num_rows
+        verifiable = _value(connection, "SELECT count(correct) > 0 FROM kept")
         verifier = "task verifier on the teacher's answer" if verifiable else "skipped: no row has a reference answer to verify"
     steps = [
         ("length", f"prompt {s.min_prompt_chars}–{s.max_prompt_chars} chars, response {s.min_response_tokens}–"
-         f"{s.max_response_tokens} tokens{', finished' if s.drop_unfinished else ''}", lambda t: _length(t, s)),
+         f"{s.max_response_tokens} tokens{', finished' if s.drop_unfinished else ''}", lambda: _length(s)),
         ("exact_duplicate", "normalized prompt + response", _exact_duplicates),
         ("near_duplicate", f"Jaccard ≥ {s.near_duplicate_threshold} on {s.shingle_chars}-char shingles",
-         lambda t: near_duplicates(t, s.near_duplicate_threshold, s.shingle_chars)),
+         lambda: _near_duplicates(connection, s.near_duplicate_threshold, s.shingle_chars)),
         ("decontamination", f"{s.decontamination_ngram}-word n-gram shared with the eval split",
-         lambda t: _contaminated(t, eval_prompts, s.decontamination_ngram)),
-        ("verifier", verifier, lambda t: _verifier(t, s.use_verifier)),
+         lambda: _contaminated(connection, eval_prompts, s.decontamination_ngram)),
+        ("verifier", verifier, lambda: _verifier(s.use_verifier)),
         ("confidence", f"mean logprob ≥ {s.min_mean_logprob}, mean top-k entropy ≤ {s.max_mean_entropy}",
-         lambda t: _confidence(t, s.min_mean_logprob, s.max_mean_entropy)),
+         lambda: _confidence(s.min_mean_logprob, s.max_mean_entropy)),
         ("selection", f"top {s.target_size} by quality score, similarity < {s.selection_similarity}" if s.target_size else "off",
-         lambda t: _select(t, s.target_size, s.selection_similarity, s.shingle_chars)),
+         lambda: _select(connection, s.target_size, s.selection_similarity, s.shingle_chars)),
     ]
-    funnel, dropped = [], []
-    for name, setting, apply in steps:
-        reasons = apply(rows)  # sample_id, reason
-        removed = _sql(rows, "SELECT r.sample_id, r.prompt, r.origin, q.reason FROM rows r JOIN reasons q USING (sample_id)", reasons=reasons)
-        rows = _sql(rows, "SELECT * FROM rows ANTI JOIN reasons USING (sample_id) ORDER BY origin_rank, sample_id", reasons=reasons)
-        removed = with_constants(removed, filter=name)
-        dropped.append(removed.select(["sample_id", "prompt", "origin", "filter", "reason"]))
-        funnel.append({"filter": name, "setting": setting, "rows_in": rows.num_rows + removed.num_rows, "rows_out": rows.num_rows,
-                       "examples": [f"{p} ({r})" for p, r in zip(removed["prompt"].to_pylist(), removed["reason"].to_pylist())][:EXAMPLES_PER_FILTER]})
-        if rows.num_rows == 0:
+    funnel = []
+    for name, setting, reasons in steps:
+        rows_in = _value(connection, "SELECT count(*) FROM kept")
+        connection.execute(f"CREATE OR REPLACE TABLE reasons AS {reasons()}")
+        connection.execute("INSERT INTO dropped SELECT k.sample_id, k.prompt, k.origin, $filter, r.reason "
+                           "FROM kept k JOIN reasons r USING (sample_id) ORDER BY k.origin_rank, k.sample_id", {"filter": name})
+        connection.execute("DELETE FROM kept WHERE sample_id IN (SELECT sample_id FROM reasons)")
+        rows_out = _value(connection, "SELECT count(*) FROM kept")
+        examples = connection.execute("SELECT format('{} ({})', prompt, reason) FROM dropped WHERE filter = $filter ORDER BY rowid "
+                                      f"LIMIT {EXAMPLES_PER_FILTER}", {"filter": name}).fetchall()
+        funnel.append({"filter": name, "setting": setting, "rows_in": rows_in, "rows_out": rows_out, "examples": [e for e, in examples]})
+        if rows_out == 0:
             worst = max(funnel, key=lambda f: f["rows_in"] - f["rows_out"])
             raise ValueError(
                 f"curation left no rows: `{worst['filter']}` ({worst['setting']}) removed the most, "
                 f"{worst['rows_in'] - worst['rows_out']} of {worst['rows_in']}; loosen it"
             )
-    return Curation(rows.drop_columns(["normalized_prompt", "origin_rank"]), pa.concat_tables(dropped), funnel)
+    return funnel
 
 
-def _sql(rows: pa.Table, sql: str, **tables: pa.Table) -> pa.Table:
-    with duckdb.connect() as connection:
-        connection.register("rows", rows)
-        for name, table in tables.items():
-            connection.register(name, table)
-        return connection.sql(sql).to_arrow_table()
+def _score(connection: duckdb.DuckDBPyConnection) -> None:
+    """Table `kept`: the light columns of every candidate with normalized_prompt, origin_rank,
+    mean_token_logprob, mean_topk_entropy and quality_score, ordered by file."""
+    unknown = set(origin_counts("candidates", connection)) - set(ORIGINS)
+    if unknown:
+        raise ValueError(f"unknown origins {sorted(unknown)}; expected some of {ORIGINS}")
+    ranks = ", ".join(f"'{o}'" for o in ORIGINS)
+    connection.execute(
+        f"""CREATE OR REPLACE TABLE kept AS
+            SELECT sample_id, prompt, completion, origin, num_tokens, finish_reason, correct, answer, filename,
+                   {normalized('prompt')} AS normalized_prompt,
+                   list_position([{ranks}], origin) AS origin_rank,
+                   list_avg(token_logprob) AS mean_token_logprob,
+                   list_avg(list_transform(topk_logprobs, lambda t: list_sum(list_transform(t, lambda x: -exp(x) * x))))
+                       AS mean_topk_entropy,
+                   exp(list_avg(token_logprob)) * ln(1 + num_tokens) AS quality_score
+            FROM candidates ORDER BY filename, origin_rank, sample_id""")
 
 
-def _reasons(sample_ids: list[str], reasons: list[str]) -> pa.Table:
-    return pa.table({"sample_id": pa.array(sample_ids, pa.string()), "reason": pa.array(reasons, pa.string())})
-
-
-def _length(rows: pa.Table, s: CurationSettings) -> pa.Table:
-    return _sql(
-        rows,
-        f"""SELECT sample_id, CASE
+def _length(s: CurationSettings) -> str:
+    return f"""SELECT sample_id, CASE
                 WHEN length(prompt) < {s.min_prompt_chars} THEN format('prompt has {{}} chars < {s.min_prompt_chars}', length(prompt))
                 WHEN length(prompt) > {s.max_prompt_chars} THEN format('prompt has {{}} chars > {s.max_prompt_chars}', length(prompt))
                 WHEN num_tokens < {s.min_response_tokens} THEN format('response has {{}} tokens < {s.min_response_tokens}', num_tokens)
                 WHEN num_tokens > {s.max_response_tokens} THEN format('response has {{}} tokens > {s.max_response_tokens}', num_tokens)
                 WHEN {s.drop_unfinished} AND finish_reason = 'length' THEN 'response hit max_new_tokens before <eos>'
-            END AS reason FROM rows WHERE reason IS NOT NULL""",
-    )
+            END AS reason FROM kept WHERE reason IS NOT NULL"""
 
 
-def _exact_duplicates(rows: pa.Table) -> pa.Table:
-    return _sql(
-        rows,
-        """SELECT sample_id, format('exact duplicate of {}', first_kept) AS reason FROM (
-               SELECT sample_id, first_value(sample_id) OVER same AS first_kept, row_number() OVER same AS copy
-               FROM rows WINDOW same AS (PARTITION BY normalized_prompt, completion ORDER BY origin_rank, sample_id))
-           WHERE copy > 1""",
-    )
+def _exact_duplicates() -> str:
+    return """SELECT sample_id, format('exact duplicate of {}', first_kept) AS reason FROM (
+                  SELECT sample_id, first_value(sample_id) OVER same AS first_kept, row_number() OVER same AS copy
+                  FROM kept WINDOW same AS (PARTITION BY normalized_prompt, completion ORDER BY origin_rank, sample_id))
+              WHERE copy > 1"""
 
 
-def shingles(text: str, size: int) -> list[bytes]:
-    """Character `size`-grams of `text` (the whole text when shorter)."""
-    grams = {text[i : i + size] for i in range(max(1, len(text) - size + 1))}
-    return [g.encode() for g in grams]
+@functools.cache
+def lsh_bands(threshold: float) -> tuple[int, int]:
+    """(bands b, rows r), b·r ≤ NUM_PERM, for MinHash LSH at `threshold`: two texts of similarity s
+    share a bucket with probability P(s) = 1 − (1 − s^r)^b; minimizes the weighted error
+    (1 − w)·∫₀ᵗ P + w·∫ₜ¹ (1 − P) with w = FALSE_NEGATIVE_WEIGHT: a false positive costs only an exact
+    Jaccard count, a false negative a missed duplicate (at 0.8: b = 14, r = 9, P(0.8) = 0.87, P(0.9) = 0.999)."""
+    s = np.linspace(0, 1, 201)
+    b, r = np.meshgrid(np.arange(1, NUM_PERM + 1), np.arange(1, NUM_PERM + 1), indexing="ij")
+    fits = b * r <= NUM_PERM
+    p = 1 - (1 - s[None, None, :] ** r[..., None]) ** b[..., None]
+    error = np.where(s < threshold, (1 - FALSE_NEGATIVE_WEIGHT) * p, FALSE_NEGATIVE_WEIGHT * (1 - p)).mean(axis=-1)
+    best = np.unravel_index(np.where(fits, error, np.inf).argmin(), error.shape)
+    return int(b[best]), int(r[best])
 
 
-def minhashes(texts: list[str], size: int) -> list[MinHash]:
-    return MinHash.bulk([shingles(t, size) for t in texts], num_perm=NUM_PERM)
+def similar_pairs(connection: duckdb.DuckDBPyConnection, texts: str, threshold: float, size: int) -> pa.Table:
+    """Pairs (earlier, later) of the texts in table `texts` (columns id, text) with Jaccard
+    similarity ≥ `threshold` over their character `size`-grams (the whole text when shorter), sorted
+    by later, earlier; with column `jaccard`.
+
+    MinHash: h_i(S) = min_{x ∈ S} ⌊((a_i·x + b_i) mod 2⁶⁴) / 2³²⌋ over 32-bit shingle hashes x, for random
+    64-bit (a_i, b_i) (multiply-add-shift hashing: no division);
+    texts whose signatures agree on every row of some band (`lsh_bands`) are candidates, and the
+    candidates' Jaccard similarity is then counted exactly."""
+    connection.execute(
+        f"""CREATE OR REPLACE TABLE shingles AS
+            SELECT DISTINCT id, hash(substr(text, i, {size})) >> 32 AS shingle
+            FROM (SELECT id, text, unnest(range(1, greatest(2, length(text) - {size} + 2))) AS i FROM {texts}) ORDER BY id""")
+    bands, rows = lsh_bands(threshold)
+    rng = np.random.default_rng(1)
+    a, b = (rng.integers(1, 1 << 64, bands * rows, dtype=np.uint64, endpoint=False) for _ in range(2))
+    mix = rng.integers(1, 1 << 63, rows, dtype=np.uint64) | np.uint64(1)
+    connection.execute("CREATE OR REPLACE TABLE buckets (id BIGINT, band INTEGER, bucket UBIGINT)")
+    reading = connection.cursor()  # a second connection to the database: `connection` inserts while it reads
+    reader = reading.sql("SELECT id, shingle FROM shingles").to_arrow_reader(SHINGLES_PER_BLOCK)
+    ids, hashes = np.empty(0, np.int64), np.empty(0, np.uint64)
+    for batch in itertools.chain(reader, [None]):
+        if batch is not None:
+            ids = np.concatenate([ids, batch["id"].to_numpy()])
+            hashes = np.concatenate([hashes, batch["shingle"].to_numpy()])
+        complete = len(ids) if batch is None else int(np.searchsorted(ids, ids[-1])) if len(ids) else 0
+        if complete:  # every shingle of ids[:complete] is here; the last id may continue in the next batch
+            starts = np.flatnonzero(np.r_[True, ids[1:complete] != ids[: complete - 1]])
+            values = np.multiply(hashes[:complete, None], a)  # in place from here: one (shingles × permutations) array
+            values += b
+            values >>= np.uint64(32)
+            values = values.astype(np.uint32)
+            signatures = np.minimum.reduceat(values, starts, axis=0).reshape(-1, bands, rows)
+            keys = (signatures * mix).sum(axis=2, dtype=np.uint64)  # wraps mod 2⁶⁴: a hash of each band
+            block = pa.table({"id": np.repeat(ids[starts], bands), "band": np.tile(np.arange(bands, dtype=np.int32), len(starts)),
+                              "bucket": keys.reshape(-1)})
+            connection.register("block", block)
+            connection.execute("INSERT INTO buckets SELECT * FROM block")
+            connection.unregister("block")
+            ids, hashes = ids[complete:], hashes[complete:]
+    reading.close()
+    return connection.sql(
+        f"""WITH pairs AS (SELECT DISTINCT x.id AS earlier, y.id AS later FROM buckets x JOIN buckets y USING (band, bucket)
+                           WHERE x.id < y.id),
+                 sizes AS (SELECT id, count(*) AS n FROM shingles GROUP BY id),
+                 shared AS (SELECT earlier, later, count(*) AS n FROM pairs
+                            JOIN shingles x ON x.id = earlier JOIN shingles y ON y.id = later AND y.shingle = x.shingle
+                            GROUP BY ALL)
+            SELECT earlier, later, shared.n / (e.n + l.n - shared.n) AS jaccard
+            FROM shared JOIN sizes e ON e.id = earlier JOIN sizes l ON l.id = later
+            WHERE jaccard >= {threshold} ORDER BY later, earlier""").to_arrow_table()
 
 
-def near_duplicates(rows: pa.Table, threshold: float, size: int) -> pa.Table:
-    """Walks the distinct prompts in order; one within `threshold` of a kept prompt is dropped."""
-    prompts = _sql(rows, "SELECT normalized_prompt, first(sample_id ORDER BY origin_rank, sample_id) AS first_id, "
-                   "min(origin_rank) AS rank FROM rows GROUP BY 1 ORDER BY rank, first_id")
-    texts, first_ids = prompts["normalized_prompt"].to_pylist(), prompts["first_id"].to_pylist()
-    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
-    hashes = minhashes(texts, size)
-    near: dict[str, str] = {}
-    for i, (text, minhash) in enumerate(zip(texts, hashes)):
-        matches = [(hashes[j].jaccard(minhash), j) for j in lsh.query(minhash)]
-        best = max(matches, default=(0.0, -1))
-        if best[0] >= threshold:
-            near[text] = f"near duplicate of {first_ids[best[1]]} (Jaccard ≈ {best[0]:.2f})"
-        else:
-            lsh.insert(i, minhash)
-    if not near:
-        return _reasons([], [])
-    found = pa.table({"normalized_prompt": list(near), "reason": list(near.values())})
-    return _sql(rows, "SELECT sample_id, reason FROM rows JOIN found USING (normalized_prompt)", found=found)
+def later_similar(pairs: pa.Table) -> pa.Table:
+    """Walks `pairs` (earlier, later, jaccard; sorted by later) in order: a text is dropped when it
+    is similar to an earlier text that was not dropped. Returns (id, similar_to, jaccard) of the
+    dropped texts, each with its most similar kept predecessor."""
+    dropped: dict[int, tuple[int, float]] = {}
+    for earlier, later, jaccard in zip(*(pairs[c].to_pylist() for c in ("earlier", "later", "jaccard"))):
+        if earlier not in dropped and jaccard > dropped.get(later, (-1, 0.0))[1]:
+            dropped[later] = (earlier, jaccard)
+    return pa.table({"id": pa.array(list(dropped), pa.int64()), "similar_to": pa.array([e for e, _ in dropped.values()], pa.int64()),
+                     "jaccard": pa.array([j for _, j in dropped.values()], pa.float64())})
 
 
-def _contaminated(rows: pa.Table, eval_prompts: list[str], n: int) -> pa.Table:
+def _similar_reasons(connection: duckdb.DuckDBPyConnection, order: str, threshold: float, size: int) -> None:
+    """Tables `texts` (the distinct normalized prompts of `kept`, numbered by their first row in
+    `order`, with that row's sample_id) and `similar_texts` (`later_similar` over them)."""
+    connection.execute(
+        f"""CREATE OR REPLACE TABLE texts AS
+            SELECT row_number() OVER (ORDER BY first_row) AS id, normalized_prompt AS text, first_row.sample_id AS first_id
+            FROM (SELECT normalized_prompt, min({{'key': ({order}), 'sample_id': sample_id}}) AS first_row FROM kept GROUP BY 1)""")
+    similar = later_similar(similar_pairs(connection, "texts", threshold, size))
+    connection.register("similar_walk", similar)
+    connection.execute("CREATE OR REPLACE TABLE similar_texts AS SELECT s.id, t.first_id AS similar_to, s.jaccard "
+                       "FROM similar_walk s JOIN texts t ON t.id = s.similar_to")
+    connection.unregister("similar_walk")
+
+
+def _near_duplicates(connection: duckdb.DuckDBPyConnection, threshold: float, size: int) -> str:
+    _similar_reasons(connection, "origin_rank, sample_id", threshold, size)
+    return """SELECT k.sample_id, format('near duplicate of {} (Jaccard {:.2f})', s.similar_to, s.jaccard) AS reason
+              FROM kept k JOIN texts t ON t.text = k.normalized_prompt JOIN similar_texts s USING (id)"""
+
+
+def _contaminated(connection: duckdb.DuckDBPyConnection, eval_prompts: list[str], n: int) -> str:
     grams = lambda column: f"""CASE WHEN len(string_split({normalized(column)}, ' ')) < {n} THEN [{normalized(column)}]
         ELSE list_transform(range(1, len(string_split({normalized(column)}, ' ')) - {n} + 2),
                             lambda i: array_to_string(string_split({normalized(column)}, ' ')[i:i + {n} - 1], ' ')) END"""
-    evals = pa.table({"prompt": pa.array(eval_prompts, pa.string())})
-    return _sql(
-        rows,
-        f"""WITH eval_grams AS (SELECT DISTINCT unnest({grams('prompt')}) AS gram FROM evals),
-                 row_grams AS (SELECT sample_id, unnest({grams('prompt')}) AS gram FROM rows)
-            SELECT sample_id, format('shares "{{}}" with the eval split', first(gram ORDER BY gram)) AS reason
-            FROM row_grams JOIN eval_grams USING (gram) GROUP BY sample_id""",
-        evals=evals,
-    )
+    connection.register("evals", pa.table({"prompt": pa.array(eval_prompts, pa.string())}))
+    return f"""WITH eval_grams AS (SELECT DISTINCT unnest({grams('prompt')}) AS gram FROM evals),
+                    row_grams AS (SELECT sample_id, unnest({grams('prompt')}) AS gram FROM kept)
+               SELECT sample_id, format('shares "{{}}" with the eval split', first(gram ORDER BY gram)) AS reason
+               FROM row_grams JOIN eval_grams USING (gram) GROUP BY sample_id"""
 
 
-def _verifier(rows: pa.Table, use: bool) -> pa.Table:
-    if not use:
-        return _reasons([], [])
-    return _sql(rows, "SELECT sample_id, format('the task verifier rejects the answer (expected {})', answer) AS reason "
-                      "FROM rows WHERE correct = false")
+def _verifier(use: bool) -> str:
+    return ("SELECT sample_id, format('the task verifier rejects the answer (expected {})', answer) AS reason "
+            f"FROM kept WHERE {use} AND correct = false")
 
 
-def _confidence(rows: pa.Table, min_logprob: float, max_entropy: float) -> pa.Table:
-    return _sql(
-        rows,
-        f"""SELECT sample_id, CASE
+def _confidence(min_logprob: float, max_entropy: float) -> str:
+    return f"""SELECT sample_id, CASE
                 WHEN mean_token_logprob < {min_logprob} THEN format('mean token logprob {{:.3f}} < {min_logprob}', mean_token_logprob)
                 WHEN mean_topk_entropy > {max_entropy} THEN format('mean top-k entropy {{:.3f}} > {max_entropy}', mean_topk_entropy)
-            END AS reason FROM rows WHERE reason IS NOT NULL""",
-    )
+            END AS reason FROM kept WHERE reason IS NOT NULL"""
 
 
-def _select(rows: pa.Table, target: int | None, similarity: float, size: int) -> pa.Table:
-    """Deita-style: best quality score first; a candidate too similar to a selected prompt is skipped."""
-    if target is None or rows.num_rows <= target:
-        return _reasons([], [])
-    ranked = _sql(rows, "SELECT sample_id, normalized_prompt, quality_score FROM rows ORDER BY quality_score DESC, sample_id")
-    ids, texts, scores = (ranked[c].to_pylist() for c in ("sample_id", "normalized_prompt", "quality_score"))
-    lsh = MinHashLSH(threshold=similarity, num_perm=NUM_PERM)
-    selected: dict[str, tuple[str, MinHash]] = {}  # normalized prompt → (its first selected sample_id, MinHash)
-    kept, dropped_ids, reasons = 0, [], []
-    for sample_id, text, score, minhash in zip(ids, texts, scores, minhashes(texts, size)):
-        if kept >= target:
-            dropped_ids.append(sample_id)
-            reasons.append(f"below the selection cut (quality score {score:.3f})")
-            continue
-        if text not in selected:  # another response to a selected prompt needs no similarity check
-            close = max(((selected[o][1].jaccard(minhash), o) for o in lsh.query(minhash)), default=(0.0, ""))
-            if close[0] >= similarity:
-                dropped_ids.append(sample_id)
-                reasons.append(f"too similar to selected {selected[close[1]][0]} (Jaccard ≈ {close[0]:.2f})")
-                continue
-            selected[text] = (sample_id, minhash)
-            lsh.insert(text, minhash)
-        kept += 1
-    return _reasons(dropped_ids, reasons)
+def _select(connection: duckdb.DuckDBPyConnection, target: int | None, similarity: float, size: int) -> str:
+    """Deita-style: best quality score first; a candidate whose prompt is too similar to a selected
+    prompt is skipped (another response to a selected prompt is not); the rest up to `target` are kept."""
+    if target is None or _value(connection, "SELECT count(*) FROM kept") <= target:
+        return "SELECT sample_id, NULL::VARCHAR AS reason FROM kept WHERE false"
+    _similar_reasons(connection, "-quality_score, sample_id", similarity, size)
+    return f"""WITH ranked AS (
+                   SELECT k.sample_id, k.quality_score, s.similar_to, s.jaccard, s.id IS NOT NULL AS skipped,
+                          coalesce(sum(CASE WHEN s.id IS NULL THEN 1 ELSE 0 END) OVER (
+                              ORDER BY k.quality_score DESC, k.sample_id ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)
+                              AS selected_before
+                   FROM kept k JOIN texts t ON t.text = k.normalized_prompt LEFT JOIN similar_texts s USING (id))
+               SELECT sample_id, CASE
+                   WHEN selected_before >= {target} THEN format('below the selection cut (quality score {{:.3f}})', quality_score)
+                   WHEN skipped THEN format('too similar to selected {{}} (Jaccard {{:.2f}})', similar_to, jaccard)
+               END AS reason FROM ranked WHERE reason IS NOT NULL"""
