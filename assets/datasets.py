@@ -1,10 +1,11 @@
 """`seed_prompts`, `eval_set` and `teacher_labeled`: prompts in, teacher responses with the sparse
 teacher signal out, as Parquet under DISTILL_HOME."""
 
+import collections
 import functools
 
 import dagster as dg
-import pyarrow.compute as pc
+import duckdb
 
 from assets.config import EvalSetConfig, PromptSourceConfig, SeedPromptsConfig, TeacherLabeledConfig
 from assets.executor import ShardExecutor, ShardWork
@@ -12,7 +13,8 @@ from assets.publish import publish_dataset
 from assets.resources import ModelEngine
 from storage.store import Store
 from training.labeling import LabelingSettings, label_table
-from training.prompt_sources import prompt_table
+from training.prompt_sources import prompt_tables
+from training.tables import parquet
 from training.tasks import get_task, task_of
 
 PROMPT_PREVIEW = ["prompt_id", "prompt", "answer"]
@@ -20,16 +22,24 @@ LABELED_PREVIEW = ["sample_id", "prompt", "completion", "correct", "num_tokens"]
 
 
 def _publish_prompts(context, store: Store, name: str, config: PromptSourceConfig, embedded_split: str) -> dg.MaterializeResult:
+    """The prompts of the configured source, written slice by slice as the shards of `name`."""
     split = embedded_split if config.source == "embedded" else config.split
-    table, dropped = prompt_table(get_task(config.task), config.source, split, config.num_prompts, config.seed,
-                                  config.files, config.dataset, config.subset, config.prompt_column, config.answer_column,
-                                  config.system_prompt, context.run_id)
+    slices = prompt_tables(get_task(config.task), config.source, split, config.num_prompts, config.seed, config.files,
+                           config.dataset, config.subset, config.prompt_column, config.answer_column, config.system_prompt,
+                           context.run_id)
+    writer, dropped = store.sharded_write(name, None, f"prompts-{context.run_id}"), collections.Counter()
+    for index, (table, reasons) in enumerate(slices):
+        writer.write(index, table)
+        dropped.update(reasons)
     if dropped:
-        context.log.warning(f"dropped rows of {config.prompt_column!r}, by reason: {dropped}")
+        context.log.warning(f"dropped rows of {config.prompt_column!r}, by reason: {dict(dropped)}")
+    with duckdb.connect() as connection:
+        unique, conversations, answers = connection.execute(
+            f"SELECT count(DISTINCT prompt_id), count(messages), count(answer) FROM {parquet(sorted(writer.directory.glob('part-*.parquet')))}"
+        ).fetchall()[0]
     metrics = {"dropped_invalid_prompts": sum(dropped.values()), **{f"dropped: {reason}": n for reason, n in dropped.items()},
-               "unique_prompts": pc.count_distinct(table["prompt_id"]).as_py(), "conversations": len(table) - table["messages"].null_count,
-               "with_reference_answers": len(table) - table["answer"].null_count}
-    return publish_dataset(context, store, name, table, config=config, inputs={}, metrics=metrics, preview=PROMPT_PREVIEW)
+               "unique_prompts": unique, "conversations": conversations, "with_reference_answers": answers}
+    return publish_dataset(context, store, name, writer, config=config, inputs={}, metrics=metrics, preview=PROMPT_PREVIEW)
 
 
 @dg.asset(group_name="datasets", kinds={"parquet"})

@@ -38,7 +38,7 @@ from training.distill import rollout_reuse
 from training.engines.base import SamplingParams
 from training.evaluate import evaluate_checkpoints
 from training.online import OnlineSettings
-from training.rollouts import PROMPT_COLUMNS, draw_prompts, feedback_table, sample_rollouts, student_scored_again
+from training.rollouts import draw_prompts, feedback_table, sample_rollouts, student_scored_again
 from training.signal import SignalSettings
 from training.tasks import task_name_of, task_of
 
@@ -98,7 +98,7 @@ def student_rollouts(context: dg.AssetExecutionContext, config: StudentRolloutsC
     parent, previous, card = parent_checkpoint(store, key)
     with claim_round(context, store):
         dataset = training_dataset_name(store)
-        prompts = draw_prompts(store.read_dataset(dataset, columns=PROMPT_COLUMNS), config.num_prompts, f"{config.seed}/{key}")
+        prompts = draw_prompts(store.shard_paths(dataset), config.num_prompts, f"{config.seed}/{key}")
         sampling = SamplingParams(config.n, config.temperature, config.top_p, config.max_new_tokens, config.seed * 1000 + round_number(key))
         identity = {"student": parent, "student_weights_hash": card["weights_hash"], "tokenizer_hash": card["tokenizer_hash"],
                     "round": key, "parent_round": previous, "run_id": context.run_id}
@@ -211,7 +211,7 @@ def online_settings(store: Store, config: StudentCheckpointConfig, model_engine:
     name, previous, card = parent
     sampling = config.online_rollouts
     dataset = training_dataset_name(store)
-    prompts = draw_prompts(store.read_dataset(dataset, columns=PROMPT_COLUMNS), sampling.num_prompts, f"{sampling.seed}/{key}")
+    prompts = draw_prompts(store.shard_paths(dataset), sampling.num_prompts, f"{sampling.seed}/{key}")
     remote = model_engine.backend == "openai"
     return OnlineSettings(
         **sampling.model_dump(include=set(SignalSettings.model_fields) | {"n", "temperature", "top_p", "max_new_tokens", "pipelined"}),

@@ -14,7 +14,7 @@ from storage.store import Store
 from test_engine_vllm import K, assert_same_signal, hf_engine, sequences  # noqa: F401 (fixture)
 from test_pipeline import ASSETS, CHECKS, run_config
 from training.engines.base import SamplingParams
-from training.engines.cache import CachedEngine, TeacherCache
+from training.engines.cache import FANOUT, CachedEngine, TeacherCache
 from training.engines.hf import HFEngine
 from training.rollouts import score_rollouts
 from training.signal import SignalSettings
@@ -41,6 +41,17 @@ def test_cache_hits_what_it_stored_and_misses_anything_else(hf_engine, tmp_path)
     mixed = CachedEngine(hf_engine, cache, model_id="weights-a").generate(prompts[1:4], params)
     assert [g.completion_ids for g in mixed[:4]] == [g.completion_ids for g in sampled[2:]]
     assert [(g.prompt_index, g.sample_index) for g in mixed] == [(p, s) for p in range(3) for s in range(2)]
+
+
+def test_compaction_merges_each_full_level_into_one_file_and_loses_no_row(tmp_path):
+    cache = TeacherCache(tmp_path / "cache")
+    calls = FANOUT * FANOUT + 1
+    for i in range(calls):
+        cache.put("score", pa.table({"key": [f"k{i}"], "value": [i]}))
+    files = sorted(p.name.split("-")[1] if "-L" in p.name else "L0" for p in (tmp_path / "cache" / "score").glob("part-*.parquet"))
+    assert files == ["L0", "L2"]  # 256 calls: 16 level-1 files, merged into one level-2 file
+    found = cache.get("score", [f"k{i}" for i in range(calls)])
+    assert sorted(zip(found["key"].to_pylist(), found["value"].to_pylist())) == sorted((f"k{i}", i) for i in range(calls))
 
 
 def test_identical_prompts_in_one_call_are_independent_samples(hf_engine, tmp_path):

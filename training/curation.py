@@ -40,6 +40,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, Field, model_validator
 
+from training.tables import parquet
+
 ORIGINS = ["labeled", "expanded", "evolved", "synthesized"]
 NUM_PERM = 128
 MAX_SIMILARITY = 0.98  # the highest threshold MinHash LSH can band with NUM_PERM permutations
@@ -83,13 +85,6 @@ def normalized(column: str) -> str:
 def connect(path: Path, memory_limit: str) -> duckdb.DuckDBPyConnection:
     """The DuckDB database curation works in, at `path`: past `memory_limit` it spills to disk beside it."""
     return duckdb.connect(str(path), config={"memory_limit": memory_limit})
-
-
-def parquet(paths: list[Path], filename: bool = False) -> str:
-    """SQL: the rows of the Parquet files `paths`, columns matched by name (with `filename`, the file
-    each row came from)."""
-    files = ", ".join("'" + str(path).replace("'", "''") + "'" for path in paths)
-    return f"read_parquet([{files}], union_by_name = true{', filename = true' if filename else ''})"
 
 
 def candidate_pool(connection: duckdb.DuckDBPyConnection, sources: dict[str, list[Path]]) -> None:

@@ -6,6 +6,7 @@ and counted by reason, never fatal; a file that cannot be parsed is an error tha
 """
 
 import collections
+from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
@@ -125,24 +126,35 @@ def select_prompts(table: pa.Table, prompt_column: str, answer_column: str | Non
     return kept.slice(0, limit), dropped
 
 
+SLICE_ROWS = 1 << 18  # source rows read at a time by `prompt_tables`
 PROMPT_COLUMNS = ["prompt_id", "prompt", "messages", "system_prompt", "answer", "task", "source", "run_id"]
 
 
-def prompt_table(task: Task, source: str, split: str, num_prompts: int, seed: int, files: list[str], dataset: str | None,
-                 subset: str | None, prompt_column: str, answer_column: str | None, system_prompt: str | None,
-                 run_id: str) -> tuple[pa.Table, dict[str, int]]:
-    """The prompt table of a source (PROMPT_COLUMNS), at most `num_prompts` rows; `embedded`
-    generates them with the task. `prompt_id` hashes the prompt, the conversation and the system
-    prompt. Returns (table, rows dropped by reason)."""
+def prompt_tables(task: Task, source: str, split: str, num_prompts: int, seed: int, files: list[str], dataset: str | None,
+                  subset: str | None, prompt_column: str, answer_column: str | None, system_prompt: str | None,
+                  run_id: str) -> Iterator[tuple[pa.Table, dict[str, int]]]:
+    """The prompt table of a source (PROMPT_COLUMNS), at most `num_prompts` rows, in slices of at most
+    SLICE_ROWS source rows (memory is bounded by a slice: `datasets` memory-maps the source), each
+    with the rows it dropped by reason; `embedded` generates them with the task. `prompt_id` hashes
+    the prompt, the conversation and the system prompt. Raises if no row is usable."""
     if source == "embedded":
-        table, dropped = task.prompts(split, num_prompts, seed), {}
+        table, select = task.prompts(split, num_prompts, seed), lambda rows, limit: (rows, {})
     else:
-        table, dropped = select_prompts(load_source(source, split, files, dataset, subset), prompt_column, answer_column, num_prompts)
-    if table.num_rows == 0:
-        raise ValueError(f"the prompt source has no usable prompts (rows dropped, by reason: {dropped})")
-    if "answer" not in table.column_names:
-        table = table.append_column("answer", pa.nulls(table.num_rows, pa.string()))
-    table = with_conversation_columns(table, system_prompt)
-    table = with_constants(with_content_id(table, "prompt_id", ["prompt", "messages", "system_prompt"]),
-                           task=task.name, source=source, run_id=run_id)
-    return table.select(PROMPT_COLUMNS), dropped
+        table = load_source(source, split, files, dataset, subset)
+        select = lambda rows, limit: select_prompts(rows, prompt_column, answer_column, limit)
+    left, dropped = num_prompts, collections.Counter()
+    for start in range(0, table.num_rows, SLICE_ROWS):
+        rows, reasons = select(table.slice(start, SLICE_ROWS), left)
+        dropped.update(reasons)
+        if rows.num_rows:
+            if "answer" not in rows.column_names:
+                rows = rows.append_column("answer", pa.nulls(rows.num_rows, pa.string()))
+            rows = with_conversation_columns(rows, system_prompt)
+            rows = with_constants(with_content_id(rows, "prompt_id", ["prompt", "messages", "system_prompt"]),
+                                  task=task.name, source=source, run_id=run_id)
+            yield rows.select(PROMPT_COLUMNS), reasons
+        left -= rows.num_rows
+        if left == 0:
+            return
+    if left == num_prompts:
+        raise ValueError(f"the prompt source has no usable prompts (rows dropped, by reason: {dict(dropped)})")

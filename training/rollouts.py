@@ -13,6 +13,7 @@ drew), so scoring takes no second student pass; only rollouts stored without it,
 temperature other than 1, have the student score its tokens again.
 """
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import duckdb
@@ -24,7 +25,7 @@ from training.chat import with_conversation_columns
 from training.engines.base import Engine, SamplingParams
 from training.labeling import finished_share, sample, score, with_columns
 from training.signal import SignalSettings
-from training.tables import join_prompts, with_constants, with_content_id
+from training.tables import join_prompts, parquet, with_constants, with_content_id
 
 if TYPE_CHECKING:
     from training.tasks import Task
@@ -34,16 +35,18 @@ PROMPT_COLUMNS = ["prompt_id", "prompt", "messages", "system_prompt", "answer"]
 STUDENT_LOGPROB = "student_token_logprob"
 
 
-def draw_prompts(table: pa.Table, n: int, seed: str) -> pa.Table:
-    """n distinct prompts (PROMPT_COLUMNS), ordered by sha256(prompt_id ‖ seed)."""
-    table = with_conversation_columns(table)
+def draw_prompts(paths: list[Path], n: int, seed: str) -> pa.Table:
+    """n distinct prompts (PROMPT_COLUMNS) of the Parquet shards `paths`, ordered by
+    sha256(prompt_id ‖ seed): the ids are drawn first, then only their rows are read, so memory is
+    bounded by the n prompts (DuckDB spills the distinct ids of a big dataset to disk)."""
     values = ", ".join(f"any_value({c}) AS {c}" for c in PROMPT_COLUMNS[1:])
     with duckdb.connect() as connection:
-        connection.register("source_rows", table)
-        return connection.sql(
-            f"SELECT prompt_id, {values} FROM source_rows GROUP BY prompt_id ORDER BY sha256(prompt_id || ?) LIMIT ?",
-            params=[seed, n],
-        ).to_arrow_table()
+        drawn = connection.sql(
+            f"""WITH drawn AS (SELECT prompt_id, sha256(prompt_id || $seed) AS draw FROM (SELECT DISTINCT prompt_id FROM {parquet(paths)})
+                               ORDER BY draw LIMIT $n)
+                SELECT prompt_id, {values} FROM {parquet(paths)} JOIN drawn USING (prompt_id)
+                GROUP BY prompt_id, draw ORDER BY draw""", params={"seed": seed, "n": n}).to_arrow_table()
+    return with_conversation_columns(drawn)
 
 
 def sample_rollouts(student: Engine, prompts: pa.Table, sampling: SamplingParams, identity: dict) -> tuple[pa.Table, dict]:

@@ -1,5 +1,8 @@
 """Arrow table building shared by labeling, expansion, rollouts and feedback: content-hash ids,
-constant columns, and carrying prompt columns onto the rows generated from them."""
+constant columns, carrying prompt columns onto the rows generated from them, and the SQL that
+reads a dataset's shards."""
+
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
@@ -34,3 +37,10 @@ def join_prompts(generated: pa.Table, prompts: pa.Table) -> pa.Table:
 
 def duckdb_identifier(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+def parquet(paths: list[Path], filename: bool = False) -> str:
+    """SQL: the rows of the Parquet files `paths`, columns matched by name (with `filename`, the file
+    each row came from)."""
+    files = ", ".join("'" + str(path).replace("'", "''") + "'" for path in paths)
+    return f"read_parquet([{files}], union_by_name = true{', filename = true' if filename else ''})"

@@ -9,12 +9,14 @@ backend-independent (the engines agree within 1e-3), so every backend shares the
 generations depend on the backend's random streams, so the backend is part of their key.
 
 Storage: `<dir>/<kind>/part-<uuid>.parquet`, one file per engine call that had misses (key column +
-the result columns), written to a temp file and renamed into place; lookups are one DuckDB query over
-the kind's files. No pickle anywhere.
+the result columns), written to a temp file and renamed into place, and merged size-tiered
+(`compact`: at most FANOUT files per level); lookups are one DuckDB query over the kind's files.
+No pickle anywhere.
 """
 
 import collections
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -27,6 +29,10 @@ import pyarrow.parquet as pq
 
 from training.engines.base import Engine, EngineRequestsFailed, Generation, SamplingParams
 from training.signal import CODEC, LOGPROB_MODE, SparseSignal, signal_columns, signals_from_columns
+from training.tables import parquet
+
+
+FANOUT = 16  # files of one level merged into one of the next (`TeacherCache.compact`)
 
 
 def content_key(*parts) -> str:
@@ -39,17 +45,22 @@ class TeacherCache:
 
     def get(self, kind: str, keys: list[str]) -> pa.Table:
         """The stored rows whose key is in `keys` (any order; a key may have several rows)."""
-        files = sorted((self.directory / kind).glob("part-*.parquet"))
-        if not files or not keys:
+        if not keys:
             return pa.table({"key": pa.array([], pa.string())})
-        with duckdb.connect() as connection:
-            connection.register("wanted", pa.table({"key": sorted(set(keys))}))
-            paths = ", ".join(f"'{f}'" for f in files)
-            return connection.sql(
-                f"SELECT c.* FROM read_parquet([{paths}], union_by_name = true) c SEMI JOIN wanted USING (key)"
-            ).to_arrow_table()
+        for attempt in range(2):  # a compaction in another process may remove a file between the listing and the read
+            files = sorted((self.directory / kind).glob("part-*.parquet"))
+            if not files:
+                return pa.table({"key": pa.array([], pa.string())})
+            try:
+                with duckdb.connect() as connection:
+                    connection.register("wanted", pa.table({"key": sorted(set(keys))}))
+                    return connection.sql(f"SELECT c.* FROM {parquet(files)} c SEMI JOIN wanted USING (key)").to_arrow_table()
+            except duckdb.IOException:
+                if attempt:
+                    raise
 
     def put(self, kind: str, table: pa.Table) -> None:
+        """Adds `table` as a new level-0 file of `kind`, then compacts (see `compact`)."""
         if table.num_rows == 0:
             return
         directory = self.directory / kind
@@ -61,6 +72,33 @@ class TeacherCache:
             os.replace(temp, directory / name)
         finally:
             temp.unlink(missing_ok=True)
+        self.compact(kind)
+
+    def compact(self, kind: str) -> None:
+        """Size-tiered: FANOUT files of one level are merged into one file of the next level
+        (part-<uuid> is level 0, part-L<n>-<uuid> level n), so a cache written in w calls has at most
+        FANOUT files per level, log_FANOUT(w) levels, and every row is rewritten once per level.
+        One process compacts at a time (a lock file; the others skip); the merged file lands by
+        rename before its sources are removed, so a crash leaves duplicates (harmless), never a loss."""
+        directory = self.directory / kind
+        with open(self.directory / f".{kind}.compaction.lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return
+            level = 0
+            while len(files := sorted(directory.glob(f"part-{f'L{level}-' if level else ''}[0-9a-f]*.parquet"))) >= FANOUT:
+                merged = directory / f"part-L{level + 1}-{uuid.uuid4().hex}.parquet"
+                temp = directory / f".{merged.name}.tmp"
+                try:
+                    with duckdb.connect() as connection:
+                        connection.execute(f"COPY (SELECT * FROM {parquet(files)}) TO '{temp}' (FORMAT parquet, COMPRESSION zstd)")
+                    os.replace(temp, merged)
+                finally:
+                    temp.unlink(missing_ok=True)
+                for file in files:
+                    file.unlink()
+                level += 1
 
 
 class CachedEngine:
