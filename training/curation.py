@@ -29,6 +29,10 @@ candidate pairs, and their Jaccard similarity is computed exactly over the shing
 only those pairs, never every row.
 """
 
+# Annotations stay strings, as in storage/catalog.py: an evaluated `duckdb.DuckDBPyConnection`
+# outlives the interpreter and duckdb's bindings print "leaked instance" warnings at every exit.
+from __future__ import annotations
+
 import functools
 import itertools
 from collections.abc import Iterator
@@ -92,7 +96,7 @@ def candidate_pool(connection: duckdb.DuckDBPyConnection, sources: dict[str, lis
     written datasets in `sources` (`expanded`, `synthesized`: their rows carry their origin), with
     each row's `filename`. All must come from one teacher with one k, so that the pool carries one
     teacher's signal, and sample ids must be unique."""
-    distinct = lambda name, column: connection.execute(f"SELECT DISTINCT {column} FROM {parquet(sources[name])} ORDER BY 1").fetchall()
+    distinct = lambda name, column: _fetch(f"SELECT DISTINCT {column} FROM {parquet(sources[name])} ORDER BY 1", connection)
     for column in ("teacher_weights_hash", "k"):
         first = distinct("teacher_labeled", column)
         for name in sources:
@@ -104,7 +108,7 @@ def candidate_pool(connection: duckdb.DuckDBPyConnection, sources: dict[str, lis
     selects = [f"SELECT *{LABELED_ORIGIN if name == 'teacher_labeled' else ''} FROM {parquet(paths, filename=True)}"
                for name, paths in sources.items()]
     connection.execute(f"CREATE OR REPLACE VIEW candidates AS {' UNION ALL BY NAME '.join(selects)}")
-    if _value(connection, "SELECT count(*) - count(DISTINCT sample_id) FROM candidates"):
+    if _fetch("SELECT count(*) - count(DISTINCT sample_id) FROM candidates", connection)[0][0]:
         raise ValueError("sample_id is not unique across the candidate datasets; re-materialize them")
 
 
@@ -142,14 +146,9 @@ def origin_counts(rows: str, connection: duckdb.DuckDBPyConnection | None = None
     return dict(_fetch(f"SELECT origin, count(*) FROM {rows} GROUP BY 1 ORDER BY 1", connection))
 
 
-def _value(connection: duckdb.DuckDBPyConnection, sql: str):
-    """The first value of the first row of `sql` (the whole result fetched: DuckDB 2 refuses new work
-    on a connection while a result is unfinished)."""
-    return connection.execute(sql).fetchall()[0][0]
-
-
 def _fetch(sql: str, connection: duckdb.DuckDBPyConnection | None = None) -> list[tuple]:
-    """The rows of `sql`, in `connection` or else a connection of its own."""
+    """The rows of `sql`, in `connection` or else a connection of its own (all of them fetched: DuckDB 2
+    refuses new work on a connection while a result is unfinished)."""
     if connection is not None:
         return connection.execute(sql).fetchall()
     with duckdb.connect() as own:
@@ -166,7 +165,7 @@ def curate(connection: duckdb.DuckDBPyConnection, eval_prompts: list[str], setti
     s = settings
     verifier = "off"
     if s.use_verifier:
-        verifiable = _value(connection, "SELECT count(correct) > 0 FROM kept")
+        verifiable = _fetch("SELECT count(correct) > 0 FROM kept", connection)[0][0]
         verifier = "task verifier on the teacher's answer" if verifiable else "skipped: no row has a reference answer to verify"
     steps = [
         ("length", f"prompt {s.min_prompt_chars}–{s.max_prompt_chars} chars, response {s.min_response_tokens}–"
@@ -184,12 +183,12 @@ def curate(connection: duckdb.DuckDBPyConnection, eval_prompts: list[str], setti
     ]
     funnel = []
     for name, setting, reasons in steps:
-        rows_in = _value(connection, "SELECT count(*) FROM kept")
+        rows_in = _fetch("SELECT count(*) FROM kept", connection)[0][0]
         connection.execute(f"CREATE OR REPLACE TABLE reasons AS {reasons()}")
         connection.execute("INSERT INTO dropped SELECT k.sample_id, k.prompt, k.origin, $filter, r.reason "
                            "FROM kept k JOIN reasons r USING (sample_id) ORDER BY k.origin_rank, k.sample_id", {"filter": name})
         connection.execute("DELETE FROM kept WHERE sample_id IN (SELECT sample_id FROM reasons)")
-        rows_out = _value(connection, "SELECT count(*) FROM kept")
+        rows_out = _fetch("SELECT count(*) FROM kept", connection)[0][0]
         examples = connection.execute("SELECT format('{} ({})', prompt, reason) FROM dropped WHERE filter = $filter ORDER BY rowid "
                                       f"LIMIT {EXAMPLES_PER_FILTER}", {"filter": name}).fetchall()
         funnel.append({"filter": name, "setting": setting, "rows_in": rows_in, "rows_out": rows_out, "examples": [e for e, in examples]})
@@ -364,7 +363,7 @@ def _confidence(min_logprob: float, max_entropy: float) -> str:
 def _select(connection: duckdb.DuckDBPyConnection, target: int | None, similarity: float, size: int) -> str:
     """Deita-style: best quality score first; a candidate whose prompt is too similar to a selected
     prompt is skipped (another response to a selected prompt is not); the rest up to `target` are kept."""
-    if target is None or _value(connection, "SELECT count(*) FROM kept") <= target:
+    if target is None or _fetch("SELECT count(*) FROM kept", connection)[0][0] <= target:
         return "SELECT sample_id, NULL::VARCHAR AS reason FROM kept WHERE false"
     _similar_reasons(connection, "-quality_score, sample_id", similarity, size)
     return f"""WITH ranked AS (

@@ -44,17 +44,21 @@ class TeacherCache:
         self.directory = Path(directory)
 
     def get(self, kind: str, keys: list[str]) -> pa.Table:
-        """The stored rows whose key is in `keys` (any order; a key may have several rows)."""
-        if not keys:
-            return pa.table({"key": pa.array([], pa.string())})
+        """The stored rows whose key is in `keys` (any order; a key may have several rows). Only the
+        key column of every file is scanned; whole rows are read from the files that hold a hit."""
+        none = pa.table({"key": pa.array([], pa.string())})
         for attempt in range(2):  # a compaction in another process may remove a file between the listing and the read
             files = sorted((self.directory / kind).glob("part-*.parquet"))
-            if not files:
-                return pa.table({"key": pa.array([], pa.string())})
+            if not files or not keys:
+                return none
             try:
                 with duckdb.connect() as connection:
                     connection.register("wanted", pa.table({"key": sorted(set(keys))}))
-                    return connection.sql(f"SELECT c.* FROM {parquet(files)} c SEMI JOIN wanted USING (key)").to_arrow_table()
+                    holding = connection.execute(f"SELECT DISTINCT filename FROM {parquet(files, filename=True)} "
+                                                 "SEMI JOIN wanted USING (key) ORDER BY 1").fetchall()
+                    if not holding:
+                        return none
+                    return connection.sql(f"SELECT c.* FROM {parquet([f for f, in holding])} c SEMI JOIN wanted USING (key)").to_arrow_table()
             except duckdb.IOException:
                 if attempt:
                     raise
