@@ -147,9 +147,9 @@ def curated(context: dg.AssetExecutionContext, config: CuratedConfig, store: dg.
             context.log.info("\n" + funnel_markdown(funnel))
             common = dict(config=config, inputs=inputs)
             dropped = connection.sql("SELECT * FROM dropped ORDER BY rowid").to_arrow_reader(ROWS_PER_SHARD)
-            yield publish_dataset(context, store, "curation_dropped", _shards(store, "curation_dropped", context.run_id, dropped,
-                                                                              dropped.schema), **common,
-                                  metrics={"dropped": metrics["candidates"] - metrics["kept"]}, preview=["sample_id", "origin", "filter", "reason"])
+            shards = _shards(store, "curation_dropped", context.run_id, (pa.Table.from_batches([b]) for b in dropped), dropped.schema)
+            yield publish_dataset(context, store, "curation_dropped", shards, **common, metrics={"dropped": metrics["candidates"] - metrics["kept"]},
+                                  preview=["sample_id", "origin", "filter", "reason"])
             report = pa.Table.from_pylist([{**f, "dropped": f["rows_in"] - f["rows_out"]} for f in funnel])
             yield publish_dataset(context, store, "curation_report", with_constants(report, curation_run_id=context.run_id), **common,
                                   metrics=metrics, preview=["filter", "rows_in", "rows_out"])
@@ -161,14 +161,13 @@ def curated(context: dg.AssetExecutionContext, config: CuratedConfig, store: dg.
         store.remove_work(work)
 
 
-def _shards(store: Store, name: str, run_id: str, tables: Iterable, schema: pa.Schema | None = None) -> ShardedWrite:
-    """`tables` (Arrow tables or record batches, one per shard; with none, one empty shard of `schema`),
-    stamped with the curation run, as the shards of a new version of `name`."""
+def _shards(store: Store, name: str, run_id: str, tables: Iterable[pa.Table], schema: pa.Schema | None = None) -> ShardedWrite:
+    """`tables`, one per shard and stamped with the curation run, as the shards of a new version of
+    `name` (with no tables, one empty shard of `schema`)."""
     writer = store.sharded_write(name, None, f"curation-{run_id}")
     count = 0
     for count, table in enumerate(tables, 1):
-        writer.write(count - 1, with_constants(pa.Table.from_batches([table]) if isinstance(table, pa.RecordBatch) else table,
-                                               curation_run_id=run_id))
+        writer.write(count - 1, with_constants(table, curation_run_id=run_id))
     if count == 0:
         writer.write(0, with_constants(schema.empty_table(), curation_run_id=run_id))
     return writer

@@ -45,8 +45,8 @@ def read_slice(paths: list[Path], start: int, rows: int) -> pa.Table:
         for group in range(metadata.num_row_groups):
             size = metadata.row_group(group).num_rows
             if offset + size > start and offset < start + rows:
-                table = pq.ParquetFile(path).read_row_group(group)
-                pieces.append(table.slice(max(0, start - offset), start + rows - offset))
+                first, end = max(0, start - offset), min(size, start + rows - offset)  # within the row group
+                pieces.append(pq.ParquetFile(path).read_row_group(group).slice(first, end - first))
             offset += size
     return pa.concat_tables(pieces, promote_options="permissive") if pieces else pa.table({})
 

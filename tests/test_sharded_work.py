@@ -11,11 +11,13 @@ import time
 
 import dagster as dg
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from assets.datasets import seed_prompts, teacher_labeled
-from assets.executor import ShardExecutor
+from assets.executor import ShardExecutor, read_slice
 from assets.models import teacher_model
 from assets.resources import ModelEngine, store_resource
 from storage.store import Store
@@ -67,7 +69,17 @@ def reference(chat_pair, tmp_path_factory):
     run_config = labeling_run_config(chat_pair, seeds)
     figures = label(directory / "uninterrupted", run_config, ShardExecutor(shard_size=SHARD_SIZE))
     assert figures["shards"].value == PROMPTS // SHARD_SIZE and figures["shards_resumed"].value == 0
+    prompts = Store(directory / "uninterrupted").read_dataset("teacher_labeled", columns=["prompt"])["prompt"]
+    assert sorted(prompts.to_pylist()) == sorted(f"{i} plus {i} makes" for i in range(PROMPTS))  # each seed once
     return run_config, rows(directory / "uninterrupted"), directory
+
+
+def test_read_slice_reads_exactly_its_rows_across_row_groups_and_files(tmp_path):
+    for name, start in [("a", 0), ("b", 10)]:
+        pq.write_table(pa.table({"i": range(start, start + 10)}), tmp_path / f"{name}.parquet", row_group_size=6)
+    paths = [tmp_path / "a.parquet", tmp_path / "b.parquet"]
+    assert [read_slice(paths, start, 3)["i"].to_pylist() for start in range(0, 20, 3)] == [
+        list(range(start, min(20, start + 3))) for start in range(0, 20, 3)]
 
 
 def test_a_killed_labeling_resumes_where_it_stopped(reference):

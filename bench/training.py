@@ -1,0 +1,102 @@
+"""Training throughput and memory (issue 14): completion tokens/s of `python -m training.distill`
+with 1 process and under `torchrun --nproc-per-node 2` (DDP on gloo, the same global batch), and
+peak RSS per process with and without gradient checkpointing, for the embedded student and a
+~50M-parameter Llama built locally, on synthetic sparse teacher signal (top-20 per token). Each
+run is a fresh process (peak RSS belongs to it alone); tokens/s leaves out the first step (warm-up).
+
+    .venv/bin/python bench/training.py [--steps 12] [--batch-size 16]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from training.models import STUDENT_ARCHITECTURE, Architecture, build_embedded, save_model  # noqa: E402
+
+K = 20
+STUDENTS = {  # name → (architecture, prompt tokens, completion tokens)
+    "embedded student": (STUDENT_ARCHITECTURE, 16, 96),
+    "~50M Llama": (Architecture(hidden_size=640, num_hidden_layers=10, num_attention_heads=10, intermediate_size=1792,
+                                max_position_embeddings=512), 64, 384),
+}
+CHILD = """
+import json, resource, sys
+from pathlib import Path
+from training.distill import DistillConfig, run
+from training import parallel
+config = DistillConfig.model_validate_json(Path(sys.argv[1]).read_text())
+run(config)
+rank, _ = parallel.world()
+print(json.dumps({"rank": rank, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
+"""
+
+
+def signal_rows(n: int, prompt: int, completion: int, vocab: int, seed: int = 0) -> pa.Table:
+    """n rows of random tokens with a random sorted top-K teacher signal on every completion token."""
+    rng = np.random.default_rng(seed)
+    topk = np.sort(np.log(rng.dirichlet(np.ones(K + 1), size=(n, completion))[..., :K]), axis=-1)[..., ::-1].astype(np.float32)
+    ids = rng.integers(4, vocab, size=(n, completion, K), dtype=np.int32)
+    return pa.table({
+        "prompt_token_ids": pa.array(list(rng.integers(4, vocab, size=(n, prompt), dtype=np.int32)), pa.list_(pa.int32())),
+        "completion_token_ids": pa.array(list(ids[..., 0]), pa.list_(pa.int32())),
+        "k": pa.array([K] * n, pa.int32()),
+        "topk_ids": pa.array([list(row) for row in ids], pa.list_(pa.list_(pa.int32()))),
+        "topk_logprobs": pa.array([list(row) for row in topk], pa.list_(pa.list_(pa.float32()))),
+        "token_logprob": pa.array(list(topk[..., 0]), pa.list_(pa.float32())),
+        "tail_mass": pa.array(list(1 - np.exp(topk).sum(-1)), pa.list_(pa.float32())),
+    })
+
+
+def train(directory: Path, name: str, processes: int, checkpointing: bool, args) -> dict:
+    config = {"student": str(directory / "student"), "data": [str(directory / "data.parquet")], "output": str(directory / name),
+              "steps": args.steps, "batch_size": args.batch_size, "warmup_steps": 0, "gradient_checkpointing": checkpointing,
+              "device": "cpu", "processes": processes}
+    (directory / f"{name}.json").write_text(json.dumps(config))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"] if processes > 1 else [sys.executable]
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}
+    done = subprocess.run([*launcher, str(directory / "child.py"), str(directory / f"{name}.json")], capture_output=True, text=True,
+                          env=environment)
+    if done.returncode:
+        raise RuntimeError(done.stderr[-3000:])
+    ranks = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"rank"')]
+    curve = json.loads((directory / name / "curve.json").read_text())
+    seconds = curve[-1]["seconds"] - curve[0]["seconds"]
+    return {"tokens_per_s": sum(c["completion_tokens"] for c in curve[1:]) / seconds,
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in ranks), "final_loss": curve[-1]["loss"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+    print(f"{os.cpu_count()} CPUs, {args.steps} steps of {args.batch_size} sequences, top-{K} signal, fp32 on the CPU")
+    for student, (architecture, prompt, completion) in STUDENTS.items():
+        with tempfile.TemporaryDirectory() as directory:
+            directory = Path(directory)
+            (directory / "child.py").write_text(CHILD)
+            model, tokenizer = build_embedded(architecture, seed=0)
+            save_model(model, tokenizer, directory / "student")
+            parameters = sum(p.numel() for p in model.parameters())
+            pq.write_table(signal_rows(args.steps * args.batch_size, prompt, completion, len(tokenizer)), directory / "data.parquet")
+            print(f"\n{student}: {parameters / 1e6:.1f}M parameters, {prompt} prompt + {completion} completion tokens per sequence")
+            for processes, checkpointing in [(1, False), (2, False), (1, True)]:
+                figures = train(directory, f"p{processes}-gc{int(checkpointing)}", processes, checkpointing, args)
+                print(f"  {processes} process{'es' if processes > 1 else '  '}, gradient checkpointing {'on ' if checkpointing else 'off'}: "
+                      f"{figures['tokens_per_s']:>8,.0f} completion tokens/s, peak RSS {figures['peak_rss_mib']:>6,.0f} MiB per process, "
+                      f"final loss {figures['final_loss']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
