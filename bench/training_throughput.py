@@ -4,7 +4,10 @@ peak RSS per process with and without gradient checkpointing, for the embedded s
 ~50M-parameter Llama built locally, on synthetic sparse teacher signal (top-20 per token). Each
 run is a fresh process (peak RSS belongs to it alone); tokens/s leaves out the first step (warm-up).
 
-    .venv/bin/python bench/training.py [--steps 12] [--batch-size 16]
+    .venv/bin/python bench/training_throughput.py [--steps 6]
+
+(Not bench/training.py: a module of that name in bench/ would shadow the `training` package for the
+other benchmarks, which run with bench/ first on sys.path.)
 """
 
 import argparse
@@ -25,10 +28,10 @@ sys.path.insert(0, str(ROOT))
 from training.models import STUDENT_ARCHITECTURE, Architecture, build_embedded, save_model  # noqa: E402
 
 K = 20
-STUDENTS = {  # name → (architecture, prompt tokens, completion tokens)
-    "embedded student": (STUDENT_ARCHITECTURE, 16, 96),
+STUDENTS = {  # name → (architecture, prompt tokens, completion tokens, sequences per batch)
+    "embedded student": (STUDENT_ARCHITECTURE, 16, 96, 32),
     "~50M Llama": (Architecture(hidden_size=640, num_hidden_layers=10, num_attention_heads=10, intermediate_size=1792,
-                                max_position_embeddings=512), 64, 384),
+                                max_position_embeddings=512), 64, 192, 8),
 }
 CHILD = """
 import json, resource, sys
@@ -58,9 +61,9 @@ def signal_rows(n: int, prompt: int, completion: int, vocab: int, seed: int = 0)
     })
 
 
-def train(directory: Path, name: str, processes: int, checkpointing: bool, args) -> dict:
+def train(directory: Path, name: str, processes: int, checkpointing: bool, steps: int, batch_size: int) -> dict:
     config = {"student": str(directory / "student"), "data": [str(directory / "data.parquet")], "output": str(directory / name),
-              "steps": args.steps, "batch_size": args.batch_size, "warmup_steps": 0, "gradient_checkpointing": checkpointing,
+              "steps": steps, "batch_size": batch_size, "warmup_steps": 0, "gradient_checkpointing": checkpointing,
               "device": "cpu", "processes": processes}
     (directory / f"{name}.json").write_text(json.dumps(config))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"] if processes > 1 else [sys.executable]
@@ -78,21 +81,21 @@ def train(directory: Path, name: str, processes: int, checkpointing: bool, args)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args()
-    print(f"{os.cpu_count()} CPUs, {args.steps} steps of {args.batch_size} sequences, top-{K} signal, fp32 on the CPU")
-    for student, (architecture, prompt, completion) in STUDENTS.items():
+    print(f"{os.cpu_count()} CPUs, {args.steps} steps, top-{K} signal, fp32 on the CPU")
+    for student, (architecture, prompt, completion, batch_size) in STUDENTS.items():
         with tempfile.TemporaryDirectory() as directory:
             directory = Path(directory)
             (directory / "child.py").write_text(CHILD)
             model, tokenizer = build_embedded(architecture, seed=0)
             save_model(model, tokenizer, directory / "student")
             parameters = sum(p.numel() for p in model.parameters())
-            pq.write_table(signal_rows(args.steps * args.batch_size, prompt, completion, len(tokenizer)), directory / "data.parquet")
-            print(f"\n{student}: {parameters / 1e6:.1f}M parameters, {prompt} prompt + {completion} completion tokens per sequence")
+            pq.write_table(signal_rows(args.steps * batch_size, prompt, completion, len(tokenizer)), directory / "data.parquet")
+            print(f"\n{student}: {parameters / 1e6:.1f}M parameters, batches of {batch_size} × ({prompt} prompt + {completion} "
+                  "completion tokens)")
             for processes, checkpointing in [(1, False), (2, False), (1, True)]:
-                figures = train(directory, f"p{processes}-gc{int(checkpointing)}", processes, checkpointing, args)
+                figures = train(directory, f"p{processes}-gc{int(checkpointing)}", processes, checkpointing, args.steps, batch_size)
                 print(f"  {processes} process{'es' if processes > 1 else '  '}, gradient checkpointing {'on ' if checkpointing else 'off'}: "
                       f"{figures['tokens_per_s']:>8,.0f} completion tokens/s, peak RSS {figures['peak_rss_mib']:>6,.0f} MiB per process, "
                       f"final loss {figures['final_loss']:.4f}")
