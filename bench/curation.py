@@ -55,17 +55,25 @@ print(json.dumps({"seconds": time.perf_counter() - started, "kept": kept, "funne
 """
 
 
-def write_candidates(directory: Path, n: int, seed: int = 0) -> int:
-    """Writes n synthetic candidates as Parquet shards; returns how many are planted near duplicates."""
+def jaccard(a: str, b: str, size: int = 5) -> float:
+    x, y = ({t[i : i + size] for i in range(max(1, len(t) - size + 1))} for t in (a, b))
+    return len(x & y) / len(x | y)
+
+
+def write_candidates(directory: Path, n: int, seed: int = 0) -> tuple[int, int]:
+    """Writes n synthetic candidates as Parquet shards; returns (planted near duplicates, how many of
+    them are within Jaccard 0.8 of the row they copy)."""
     rng = random.Random(seed)
-    prompts, planted = [], 0
+    prompts, planted, similar = [], 0, 0
     for i in range(n):
         if i and rng.random() < 0.10:  # a near duplicate of an earlier row: two characters edited
-            text = list(prompts[rng.randrange(i)])
+            source = prompts[rng.randrange(i)]
+            text = list(source)
             for _ in range(2):
                 text[rng.randrange(len(text))] = rng.choice("abcdefghijklmnopqrstuvwxyz")
             prompts.append("".join(text))
             planted += 1
+            similar += jaccard(source.lower(), prompts[-1].lower()) >= 0.8
         elif i and rng.random() < 0.01:
             prompts.append(prompts[rng.randrange(i)])
         else:
@@ -86,7 +94,7 @@ def write_candidates(directory: Path, n: int, seed: int = 0) -> int:
             "topk_ids": pa.array([[[1, 2]] * TOKENS] * size, pa.list_(pa.list_(pa.int32()))),
             "topk_logprobs": pa.array([[[-0.1, -3.0]] * TOKENS] * size, pa.list_(pa.list_(pa.float32()))),
         }), directory / f"part-{shard:05d}.parquet")
-    return planted
+    return planted, similar
 
 
 def main() -> None:
@@ -98,7 +106,7 @@ def main() -> None:
     rss = {}
     for n in args.rows:
         with tempfile.TemporaryDirectory() as directory:
-            planted = write_candidates(Path(directory), n)
+            planted, similar = write_candidates(Path(directory), n)
             done = subprocess.run([sys.executable, "-c", CHILD, directory, args.memory_limit], capture_output=True, text=True,
                                   cwd=Path(__file__).resolve().parents[1])
             if done.returncode:
@@ -107,7 +115,8 @@ def main() -> None:
         near = next(f for f in figures["funnel"] if f["filter"] == "near_duplicate")
         rss[n] = figures["peak_rss_mib"]
         print(f"{n:>10,} candidates: {figures['seconds']:,.1f} s ({n / figures['seconds']:,.0f} rows/s), peak RSS {rss[n]:,.0f} MiB, "
-              f"near duplicates dropped {near['rows_in'] - near['rows_out']:,} (planted {planted:,}), kept {figures['kept']:,}")
+              f"near duplicates dropped {near['rows_in'] - near['rows_out']:,} (planted {planted:,}, {similar:,} of them with Jaccard ≥ 0.8), "
+              f"kept {figures['kept']:,}")
         for step in figures["funnel"]:
             print(f"      {step['filter']:<16} {step['rows_in']:>10,} → {step['rows_out']:>10,}")
     small, large = args.rows

@@ -11,6 +11,8 @@ of training tokens (steps are set from the mean completion length of what each s
                      reverse KL and JSD(0.5) on the stored top-k signal
   stored λ=0.5 / 1   JSD(0.5), the on-policy batches drawn from rollouts sampled once from the start
                      (a stored round's defaults: 768 prompts × 2), so they grow stale as training goes
+  distillm-2 λ=0.5   DistiLLM-2's split: skew KL (α = 0.1) on the teacher's data, skew reverse KL on
+                     the student's fresh samples (`on_policy_divergence`)
 On-policy batches of the λ arms follow GKD's Algorithm 1, as an online round does (training/online.py):
 each one is sampled from the student as it is at that step (T = 1, no gradient) on fresh train prompts
 and scored by the teacher, so no sample is seen twice. Every arm is one run of `train_student` (one
@@ -48,7 +50,8 @@ from training.tasks.arithmetic_task import ArithmeticTask
 
 K = 20
 BATCH = 32
-DIVERGENCES = {"forward_kl": ("forward_kl", 0.5), "reverse_kl": ("reverse_kl", 0.5), "jsd(0.5)": ("jsd", 0.5)}
+DIVERGENCES = {"forward_kl": ("forward_kl", 0.5), "reverse_kl": ("reverse_kl", 0.5), "jsd(0.5)": ("jsd", 0.5),
+               "skew_kl": ("skew_kl", 0.5)}
 TASK = ArithmeticTask()
 
 
@@ -61,6 +64,8 @@ def arms() -> list[dict]:
     for mix in (0.5, 1.0):
         out.append({"arm": f"stored λ={mix}", "objective": "supervised_kd", "data": "teacher_labeled", "mix": mix,
                     "divergence": "jsd(0.5)", "stored": True})
+    out.append({"arm": "distillm-2 λ=0.5", "objective": "supervised_kd", "data": "teacher_labeled", "mix": 0.5,
+                "divergence": "skew_kl", "on_policy_divergence": "skew_reverse_kl"})  # α = 0.1 both ways
     return out
 
 
@@ -125,7 +130,7 @@ def run_arm(arm: dict, seed: int, start: str, data: dict, teacher: HFEngine, arg
     steps = max(1, round(args.tokens / per_step))
     config = DistillConfig(
         student=start, data=["-"], output="-", objective=arm["objective"], divergence=divergence, beta=beta,
-        steps=steps, batch_size=BATCH, learning_rate=1e-3, warmup_steps=10,
+        steps=steps, batch_size=BATCH, learning_rate=1e-3, warmup_steps=10, on_policy_divergence=arm.get("on_policy_divergence", "same"),
         seed=seed, mix=arm["mix"], rollouts=["-"] if arm["mix"] > 0 else [],
     )
     with tempfile.TemporaryDirectory() as directory:

@@ -81,6 +81,18 @@ def test_accumulation_and_checkpointing_leave_the_step_unchanged(tiny_model_dir,
         torch.testing.assert_close(other_weights, weights, atol=1e-5, rtol=1e-4)
 
 
+def test_on_policy_batches_take_the_on_policy_divergence(tiny_model_dir, labeled):
+    """DistiLLM-2's split: with on_policy_divergence, a fully on-policy training follows the curve of
+    one with that divergence throughout, not of its fixed-data divergence."""
+    curves = {}
+    for name, losses in [("split", {"divergence": "skew_kl", "on_policy_divergence": "skew_reverse_kl"}),
+                         ("reverse", {"divergence": "skew_reverse_kl"}), ("forward", {"divergence": "skew_kl"})]:
+        model, tokenizer = load_model(str(tiny_model_dir))
+        config = DistillConfig(student="", data=[], output="", steps=3, batch_size=8, mix=1.0, rollouts=["-"], **losses)
+        curves[name] = [c["loss"] for c in train_student(model, tokenizer, labeled, config, rollouts=labeled)]
+    assert curves["split"] == pytest.approx(curves["reverse"], rel=1e-6) and curves["split"] != pytest.approx(curves["forward"], rel=1e-3)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no GPU")
 def test_cuda_without_a_gpu_fails_before_training(tiny_model_dir, labeled):
     model, tokenizer = load_model(str(tiny_model_dir))

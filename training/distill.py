@@ -37,6 +37,7 @@ from pydantic import Field, model_validator
 from training import parallel
 from training.batches import list_lengths
 from training.chat import prompt_ids_for
+from training.divergences import DIVERGENCES
 from training.kd import LossSettings, sparse_batch, sparse_kd_loss
 from training.models import load_model, save_model
 from training.online import OnlineRollouts, OnlineSettings
@@ -75,12 +76,20 @@ class TrainingSettings(LossSettings):
     checkpoint_every: Optional[int] = Field(
         None, ge=1, description="steps between resumable checkpoints (weights, optimizer, RNG, data position); empty: none"
     )
+    on_policy_divergence: Literal[("same", *DIVERGENCES)] = Field(
+        "same", description="the divergence of on-policy batches ('same': `divergence`). DistiLLM-2: skew_kl on the fixed "
+        "(teacher) data, skew_reverse_kl on the student's samples"
+    )
 
-    def loss(self) -> LossSettings:
-        """The loss this training minimizes: the divergence settings, or NLL alone for `sft`."""
+    def loss(self, source: str = "fixed") -> LossSettings:
+        """The loss a batch from `source` ('fixed' or 'on_policy') is trained with: the divergence
+        settings (`on_policy_divergence` for on-policy batches, when set), or NLL alone for `sft`."""
         if self.objective == "sft":
             return LossSettings(divergence="none", nll_weight=1.0)
-        return LossSettings(**self.model_dump(include=set(LossSettings.model_fields)))
+        settings = self.model_dump(include=set(LossSettings.model_fields))
+        if source == "on_policy" and self.on_policy_divergence != "same":
+            settings["divergence"] = self.on_policy_divergence
+        return LossSettings(**settings)
 
 
 class DistillConfig(TrainingSettings):
@@ -217,7 +226,8 @@ def train_student(model, tokenizer, data: pa.Table | Iterator[pa.Table], setting
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        loss, parts, tokens = accumulate_gradients(trained, rows, tokenizer.pad_token_id, settings, objective, temperature, device)
+        loss, parts, tokens = accumulate_gradients(trained, rows, tokenizer.pad_token_id, settings, settings.loss(source), temperature,
+                                                   device)
         if not math.isfinite(loss):
             raise FloatingPointError(
                 f"loss is {loss} at step {step} ({parts}); lower learning_rate (now {lr:.2e}). No checkpoint was written."
