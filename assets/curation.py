@@ -5,6 +5,7 @@ is filtered and selected into `curated`, the dataset students train on."""
 import dataclasses
 import functools
 import random
+import shutil
 from collections.abc import Iterable
 
 import dagster as dg
@@ -16,7 +17,7 @@ from assets.executor import ShardExecutor, ShardWork
 from assets.publish import png_markdown, publish_dataset
 from assets.resources import ModelEngine
 from storage.shards import ShardedWrite
-from storage.store import ROWS_PER_SHARD, Store
+from storage.store import Store
 from training.curation import candidate_pool, connect, curate, kept_rows, origin_counts
 from training.engines.base import SamplingParams
 from training.expansion import (
@@ -116,6 +117,7 @@ def funnel_markdown(funnel: list[dict]) -> str:
 
 
 CURATION_INPUTS = ["teacher_labeled", *WRITTEN_DATASETS, "eval_set"]
+DROPPED_ROWS_PER_SHARD = 1 << 17  # curation_dropped's rows (prompts of up to max_prompt_chars) per shard
 
 
 @dg.multi_asset(
@@ -136,6 +138,8 @@ def curated(context: dg.AssetExecutionContext, config: CuratedConfig, store: dg.
     inputs = {name: store.dataset_version(name) for name in [*names, "eval_set"]}
     eval_prompts = store.read_dataset("eval_set", columns=["prompt"])["prompt"].to_pylist()
     work = store.root / "work" / "curated" / context.run_id  # DuckDB's database: it spills there past its memory limit
+    for killed in work.parent.glob("*"):  # what a killed curation left (its database and spill files)
+        shutil.rmtree(killed, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     try:
         with connect(work / "curation.duckdb", config.memory_limit) as connection:
@@ -146,7 +150,7 @@ def curated(context: dg.AssetExecutionContext, config: CuratedConfig, store: dg.
                        **{f"kept_{o}": n for o, n in origin_counts("kept", connection).items()}}
             context.log.info("\n" + funnel_markdown(funnel))
             common = dict(config=config, inputs=inputs)
-            dropped = connection.sql("SELECT * FROM dropped ORDER BY rowid").to_arrow_reader(ROWS_PER_SHARD)
+            dropped = connection.sql("SELECT * FROM dropped ORDER BY rowid").to_arrow_reader(DROPPED_ROWS_PER_SHARD)
             shards = _shards(store, "curation_dropped", context.run_id, (pa.Table.from_batches([b]) for b in dropped), dropped.schema)
             yield publish_dataset(context, store, "curation_dropped", shards, **common, metrics={"dropped": metrics["candidates"] - metrics["kept"]},
                                   preview=["sample_id", "origin", "filter", "reason"])

@@ -146,5 +146,6 @@ def test_similar_pairs_finds_the_planted_near_copies_with_their_exact_jaccard():
     assert set(exact) == {(i, 200 + i) for i in range(30)}
     with duckdb.connect() as connection:
         connection.register("texts", pa.table({"id": range(len(texts)), "text": texts}))
-        found = similar_pairs(connection, "texts", 0.8, 5).to_pylist()
+        similar_pairs(connection, "texts", 0.8, 5)
+        found = connection.sql("SELECT * FROM pairs").to_arrow_table().to_pylist()
     assert {(p["earlier"], p["later"]): p["jaccard"] for p in found} == pytest.approx(exact)

@@ -115,7 +115,8 @@ def candidate_pool(connection: duckdb.DuckDBPyConnection, sources: dict[str, lis
 def kept_rows(connection: duckdb.DuckDBPyConnection, sources: dict[str, list[Path]]) -> Iterator[pa.Table]:
     """The whole rows `curate` kept, with their scores, one source file at a time (in the order of
     `sources`, then origin and sample_id), all with the schema of the pool: memory is bounded by a
-    file. `kept` is ordered by file, so each file's lookup reads only its part."""
+    file. `kept` is ordered by `file_key` (an integer: DuckDB skips row groups by its min and max), so
+    each file's lookup reads only its part."""
     schema = connection.sql(f"SELECT c.* EXCLUDE (filename), {', '.join(f'k.{c}' for c in SCORES)} "
                             "FROM candidates c JOIN kept k USING (sample_id) LIMIT 0").to_arrow_table().schema
     for name, paths in sources.items():
@@ -123,7 +124,7 @@ def kept_rows(connection: duckdb.DuckDBPyConnection, sources: dict[str, list[Pat
         for path in paths:
             table = connection.sql(
                 f"""SELECT c.*{origin}, {', '.join(f'k.{c}' for c in SCORES)}
-                    FROM {parquet([path])} c JOIN (SELECT * FROM kept WHERE filename = $file) k USING (sample_id)
+                    FROM {parquet([path])} c JOIN (SELECT * FROM kept WHERE file_key = hash($file)) k USING (sample_id)
                     ORDER BY k.origin_rank, c.sample_id""", params={"file": str(path)}).to_arrow_table()
             if table.num_rows:
                 yield pa.table({f.name: table[f.name] if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
@@ -158,7 +159,7 @@ def _fetch(sql: str, connection: duckdb.DuckDBPyConnection | None = None) -> lis
 def curate(connection: duckdb.DuckDBPyConnection, eval_prompts: list[str], settings: CurationSettings) -> list[dict]:
     """Runs the filters in order over the view `candidates`; returns the funnel (per filter: filter,
     setting, rows_in, rows_out, examples) and leaves in `connection` the tables `kept` (the light
-    columns and scores of the rows that passed, with their `filename`) and `dropped` (sample_id,
+    columns and scores of the rows that passed, with `file_key`, the hash of their file) and `dropped` (sample_id,
     prompt, origin, filter, reason). Raises, naming the filter that removed the most, if none are left."""
     _score(connection)
     connection.execute("CREATE OR REPLACE TABLE dropped (sample_id VARCHAR, prompt VARCHAR, origin VARCHAR, filter VARCHAR, reason VARCHAR)")
@@ -203,21 +204,21 @@ def curate(connection: duckdb.DuckDBPyConnection, eval_prompts: list[str], setti
 
 def _score(connection: duckdb.DuckDBPyConnection) -> None:
     """Table `kept`: the light columns of every candidate with normalized_prompt, origin_rank,
-    mean_token_logprob, mean_topk_entropy and quality_score, ordered by file."""
+    mean_token_logprob, mean_topk_entropy and quality_score, ordered by file (`file_key`)."""
     unknown = set(origin_counts("candidates", connection)) - set(ORIGINS)
     if unknown:
         raise ValueError(f"unknown origins {sorted(unknown)}; expected some of {ORIGINS}")
     ranks = ", ".join(f"'{o}'" for o in ORIGINS)
     connection.execute(
         f"""CREATE OR REPLACE TABLE kept AS
-            SELECT sample_id, prompt, completion, origin, num_tokens, finish_reason, correct, answer, filename,
+            SELECT sample_id, prompt, completion, origin, num_tokens, finish_reason, correct, answer, hash(filename) AS file_key,
                    {normalized('prompt')} AS normalized_prompt,
                    list_position([{ranks}], origin) AS origin_rank,
                    list_avg(token_logprob) AS mean_token_logprob,
                    list_avg(list_transform(topk_logprobs, lambda t: list_sum(list_transform(t, lambda x: -exp(x) * x))))
                        AS mean_topk_entropy,
                    exp(list_avg(token_logprob)) * ln(1 + num_tokens) AS quality_score
-            FROM candidates ORDER BY filename, origin_rank, sample_id""")
+            FROM candidates ORDER BY file_key, origin_rank, sample_id""")
 
 
 def _length(s: CurationSettings) -> str:
@@ -252,10 +253,10 @@ def lsh_bands(threshold: float) -> tuple[int, int]:
     return int(b[best]), int(r[best])
 
 
-def similar_pairs(connection: duckdb.DuckDBPyConnection, texts: str, threshold: float, size: int) -> pa.Table:
-    """Pairs (earlier, later) of the texts in table `texts` (columns id, text) with Jaccard
-    similarity ≥ `threshold` over their character `size`-grams (the whole text when shorter), sorted
-    by later, earlier; with column `jaccard`.
+def similar_pairs(connection: duckdb.DuckDBPyConnection, texts: str, threshold: float, size: int) -> None:
+    """Table `pairs`: the pairs (earlier, later) of the texts in table `texts` (columns id, text) with
+    Jaccard similarity `jaccard` ≥ `threshold` over their character `size`-grams (the whole text
+    when shorter).
 
     MinHash: h_i(S) = min_{x ∈ S} ⌊((a_i·x + b_i) mod 2⁶⁴) / 2³²⌋ over 32-bit shingle hashes x, for random
     64-bit (a_i, b_i) (multiply-add-shift hashing: no division);
@@ -271,14 +272,15 @@ def similar_pairs(connection: duckdb.DuckDBPyConnection, texts: str, threshold: 
     mix = rng.integers(1, 1 << 63, rows, dtype=np.uint64) | np.uint64(1)
     connection.execute("CREATE OR REPLACE TABLE buckets (id BIGINT, band INTEGER, bucket UBIGINT)")
     reading = connection.cursor()  # a second connection to the database: `connection` inserts while it reads
-    reader = reading.sql("SELECT id, shingle FROM shingles").to_arrow_reader(SHINGLES_PER_BLOCK)
+    reader = reading.sql("SELECT id, shingle FROM shingles ORDER BY id").to_arrow_reader(SHINGLES_PER_BLOCK)
     ids, hashes = np.empty(0, np.int64), np.empty(0, np.uint64)
     for batch in itertools.chain(reader, [None]):
         if batch is not None:
             ids = np.concatenate([ids, batch["id"].to_numpy()])
             hashes = np.concatenate([hashes, batch["shingle"].to_numpy()])
-        complete = len(ids) if batch is None else int(np.searchsorted(ids, ids[-1])) if len(ids) else 0
-        if complete:  # every shingle of ids[:complete] is here; the last id may continue in the next batch
+        last_id_start = int(np.searchsorted(ids, ids[-1])) if len(ids) else 0
+        complete = len(ids) if batch is None else last_id_start  # the last id may continue in the next batch
+        if complete:  # every shingle of ids[:complete] is here
             starts = np.flatnonzero(np.r_[True, ids[1:complete] != ids[: complete - 1]])
             values = np.multiply(hashes[:complete, None], a)  # in place from here: one (shingles × permutations) array
             values += b
@@ -293,26 +295,28 @@ def similar_pairs(connection: duckdb.DuckDBPyConnection, texts: str, threshold: 
             connection.unregister("block")
             ids, hashes = ids[complete:], hashes[complete:]
     reading.close()
-    return connection.sql(
-        f"""WITH pairs AS (SELECT DISTINCT x.id AS earlier, y.id AS later FROM buckets x JOIN buckets y USING (band, bucket)
+    connection.execute(
+        f"""CREATE OR REPLACE TABLE pairs AS
+            WITH candidates AS (SELECT DISTINCT x.id AS earlier, y.id AS later FROM buckets x JOIN buckets y USING (band, bucket)
                            WHERE x.id < y.id),
                  sizes AS (SELECT id, count(*) AS n FROM shingles GROUP BY id),
-                 shared AS (SELECT earlier, later, count(*) AS n FROM pairs
+                 shared AS (SELECT earlier, later, count(*) AS n FROM candidates
                             JOIN shingles x ON x.id = earlier JOIN shingles y ON y.id = later AND y.shingle = x.shingle
                             GROUP BY ALL)
             SELECT earlier, later, shared.n / (e.n + l.n - shared.n) AS jaccard
             FROM shared JOIN sizes e ON e.id = earlier JOIN sizes l ON l.id = later
-            WHERE jaccard >= {threshold} ORDER BY later, earlier""").to_arrow_table()
+            WHERE jaccard >= {threshold}""")
 
 
-def later_similar(pairs: pa.Table) -> pa.Table:
-    """Walks `pairs` (earlier, later, jaccard; sorted by later) in order: a text is dropped when it
-    is similar to an earlier text that was not dropped. Returns (id, similar_to, jaccard) of the
-    dropped texts, each with its most similar kept predecessor."""
+def later_similar(connection: duckdb.DuckDBPyConnection) -> pa.Table:
+    """Walks table `pairs` (earlier, later, jaccard) by later, then earlier, a batch at a time: a text
+    is dropped when it is similar to an earlier text that was not dropped. Returns (id, similar_to,
+    jaccard) of the dropped texts, each with its most similar kept predecessor."""
     dropped: dict[int, tuple[int, float]] = {}
-    for earlier, later, jaccard in zip(*(pairs[c].to_pylist() for c in ("earlier", "later", "jaccard"))):
-        if earlier not in dropped and jaccard > dropped.get(later, (-1, 0.0))[1]:
-            dropped[later] = (earlier, jaccard)
+    for batch in connection.sql("SELECT earlier, later, jaccard FROM pairs ORDER BY later, earlier").to_arrow_reader(1 << 16):
+        for earlier, later, jaccard in zip(*(batch[c].to_pylist() for c in ("earlier", "later", "jaccard"))):
+            if earlier not in dropped and jaccard > dropped.get(later, (-1, 0.0))[1]:
+                dropped[later] = (earlier, jaccard)
     return pa.table({"id": pa.array(list(dropped), pa.int64()), "similar_to": pa.array([e for e, _ in dropped.values()], pa.int64()),
                      "jaccard": pa.array([j for _, j in dropped.values()], pa.float64())})
 
@@ -324,7 +328,8 @@ def _similar_reasons(connection: duckdb.DuckDBPyConnection, order: str, threshol
         f"""CREATE OR REPLACE TABLE texts AS
             SELECT row_number() OVER (ORDER BY first_row) AS id, normalized_prompt AS text, first_row.sample_id AS first_id
             FROM (SELECT normalized_prompt, min({{'key': ({order}), 'sample_id': sample_id}}) AS first_row FROM kept GROUP BY 1)""")
-    similar = later_similar(similar_pairs(connection, "texts", threshold, size))
+    similar_pairs(connection, "texts", threshold, size)
+    similar = later_similar(connection)
     connection.register("similar_walk", similar)
     connection.execute("CREATE OR REPLACE TABLE similar_texts AS SELECT s.id, t.first_id AS similar_to, s.jaccard "
                        "FROM similar_walk s JOIN texts t ON t.id = s.similar_to")
@@ -373,6 +378,7 @@ def _select(connection: duckdb.DuckDBPyConnection, target: int | None, similarit
                               AS selected_before
                    FROM kept k JOIN texts t ON t.text = k.normalized_prompt LEFT JOIN similar_texts s USING (id))
                SELECT sample_id, CASE
-                   WHEN selected_before >= {target} THEN format('below the selection cut (quality score {{:.3f}})', quality_score)
+                   WHEN selected_before >= {target} THEN format('below the selection cut (quality score {{}})',
+                                                                coalesce(printf('%.3f', quality_score), 'none'))
                    WHEN skipped THEN format('too similar to selected {{}} (Jaccard {{:.2f}})', similar_to, jaccard)
                END AS reason FROM ranked WHERE reason IS NOT NULL"""

@@ -135,7 +135,7 @@ def prompt_tables(task: Task, source: str, split: str, num_prompts: int, seed: i
                   run_id: str) -> Iterator[tuple[pa.Table, dict[str, int]]]:
     """The prompt table of a source (PROMPT_COLUMNS), at most `num_prompts` rows, in slices of at most
     SLICE_ROWS source rows (memory is bounded by a slice: `datasets` memory-maps the source), each
-    with the rows it dropped by reason; `embedded` generates them with the task. `prompt_id` hashes
+    with the rows it dropped by reason (a slice may keep none); rows are read until `num_prompts` are kept; `embedded` generates them with the task. `prompt_id` hashes
     the prompt, the conversation and the system prompt. Raises if no row is usable."""
     if source == "embedded":
         table, select = task.prompts(split, num_prompts, seed), lambda rows, limit: (rows, {})
@@ -146,13 +146,12 @@ def prompt_tables(task: Task, source: str, split: str, num_prompts: int, seed: i
     for start in range(0, table.num_rows, SLICE_ROWS):
         rows, reasons = select(table.slice(start, SLICE_ROWS), left)
         dropped.update(reasons)
-        if rows.num_rows:
-            if "answer" not in rows.column_names:
-                rows = rows.append_column("answer", pa.nulls(rows.num_rows, pa.string()))
-            rows = with_conversation_columns(rows, system_prompt)
-            rows = with_constants(with_content_id(rows, "prompt_id", ["prompt", "messages", "system_prompt"]),
-                                  task=task.name, source=source, run_id=run_id)
-            yield rows.select(PROMPT_COLUMNS), reasons
+        if "answer" not in rows.column_names:
+            rows = rows.append_column("answer", pa.nulls(rows.num_rows, pa.string()))
+        rows = with_conversation_columns(rows, system_prompt)
+        rows = with_constants(with_content_id(rows, "prompt_id", ["prompt", "messages", "system_prompt"]),
+                              task=task.name, source=source, run_id=run_id)
+        yield rows.select(PROMPT_COLUMNS), reasons
         left -= rows.num_rows
         if left == 0:
             return

@@ -20,7 +20,9 @@ import fcntl
 import hashlib
 import json
 import os
+import time
 import uuid
+import warnings
 from pathlib import Path
 
 import duckdb
@@ -33,6 +35,7 @@ from training.tables import parquet
 
 
 FANOUT = 16  # files of one level merged into one of the next (`TeacherCache.compact`)
+READ_ATTEMPTS = 4  # a lookup lists the files again when a compaction removed one under it
 
 
 def content_key(*parts) -> str:
@@ -47,7 +50,7 @@ class TeacherCache:
         """The stored rows whose key is in `keys` (any order; a key may have several rows). Only the
         key column of every file is scanned; whole rows are read from the files that hold a hit."""
         none = pa.table({"key": pa.array([], pa.string())})
-        for attempt in range(2):  # a compaction in another process may remove a file between the listing and the read
+        for attempt in range(READ_ATTEMPTS):  # a compaction in another process may remove a file between the listing and the read
             files = sorted((self.directory / kind).glob("part-*.parquet"))
             if not files or not keys:
                 return none
@@ -60,8 +63,9 @@ class TeacherCache:
                         return none
                     return connection.sql(f"SELECT c.* FROM {parquet([f for f, in holding])} c SEMI JOIN wanted USING (key)").to_arrow_table()
             except duckdb.IOException:
-                if attempt:
+                if attempt == READ_ATTEMPTS - 1:
                     raise
+                time.sleep(0.1 * (attempt + 1))
 
     def put(self, kind: str, table: pa.Table) -> None:
         """Adds `table` as a new level-0 file of `kind`, then compacts (see `compact`)."""
@@ -76,14 +80,18 @@ class TeacherCache:
             os.replace(temp, directory / name)
         finally:
             temp.unlink(missing_ok=True)
-        self.compact(kind)
+        try:
+            self.compact(kind)
+        except (OSError, duckdb.Error) as error:  # the rows are stored; a merge left undone is retried by the next put
+            warnings.warn(f"teacher cache: compacting {directory} failed ({error}); it is retried at the next write")
 
     def compact(self, kind: str) -> None:
         """Size-tiered: FANOUT files of one level are merged into one file of the next level
         (part-<uuid> is level 0, part-L<n>-<uuid> level n), so a cache written in w calls has at most
         FANOUT files per level, log_FANOUT(w) levels, and every row is rewritten once per level.
-        One process compacts at a time (a lock file; the others skip); the merged file lands by
-        rename before its sources are removed, so a crash leaves duplicates (harmless), never a loss."""
+        One process compacts at a time (an `flock` on a lock file, which NFS honours across machines;
+        the others skip); the merged file lands by rename before its sources are removed, so a crash
+        leaves duplicates (harmless), never a loss, and a reader that lost a file lists them again."""
         directory = self.directory / kind
         with open(self.directory / f".{kind}.compaction.lock", "a") as lock:
             try:
@@ -101,7 +109,7 @@ class TeacherCache:
                 finally:
                     temp.unlink(missing_ok=True)
                 for file in files:
-                    file.unlink()
+                    file.unlink(missing_ok=True)
                 level += 1
 
 
