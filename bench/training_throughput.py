@@ -54,6 +54,7 @@ def signal_rows(n: int, prompt: int, completion: int, vocab: int, seed: int = 0)
         "prompt_token_ids": pa.array(list(rng.integers(4, vocab, size=(n, prompt), dtype=np.int32)), pa.list_(pa.int32())),
         "completion_token_ids": pa.array(list(ids[..., 0]), pa.list_(pa.int32())),
         "k": pa.array([K] * n, pa.int32()),
+        "temperature": pa.array([1.0] * n, pa.float32()),
         "topk_ids": pa.array([list(row) for row in ids], pa.list_(pa.list_(pa.int32()))),
         "topk_logprobs": pa.array([list(row) for row in topk], pa.list_(pa.list_(pa.float32()))),
         "token_logprob": pa.array(list(topk[..., 0]), pa.list_(pa.float32())),
