@@ -115,6 +115,14 @@ def test_selection_prefers_quality_and_skips_near_copies_of_selected_prompts():
     assert selection["s01"].startswith("too similar to selected s00") and selection["s03"].startswith("below the selection cut")
 
 
+def test_a_row_without_a_quality_score_still_falls_below_the_cut():
+    empty = {"num_tokens": 0, "token_logprob": [], "topk_logprobs": []}  # no response tokens: no mean logprob, no score
+    result = run_curation(rows({"prompt": "Write a haiku about the sea"}, {"prompt": "Name three prime numbers", **empty}),
+                          [], CurationSettings(min_response_tokens=0, target_size=1))
+    assert result.kept["sample_id"].to_pylist() == ["s00"]
+    assert dropped_by(result, "selection") == {"s01": "below the selection cut (quality score none)"}
+
+
 def test_nothing_left_names_the_filter_that_removed_most():
     with pytest.raises(ValueError, match="`verifier`.*removed the most, 2 of 2"):
         run_curation(rows({"prompt": "1+1=", "correct": False}, {"prompt": "1+2=", "correct": False}), [], CurationSettings())
