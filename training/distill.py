@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR, open_dagster_pipes
 from pydantic import Field, model_validator
 
 from training import parallel
@@ -43,6 +45,9 @@ from training.models import load_model, save_model
 from training.online import OnlineRollouts, OnlineSettings
 from training.optim import adamw, cosine_lr
 from training.resume import ShuffledBatches, load_state, save_state
+
+
+REPORT_EVERY = 50  # steps between progress lines
 
 
 class TrainingSettings(LossSettings):
@@ -307,9 +312,10 @@ def run_fingerprint(config: DistillConfig) -> str:
     return hashlib.sha256(json.dumps([settings, inputs], sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run(config: DistillConfig) -> list[dict]:
+def run(config: DistillConfig, report=print) -> list[dict]:
     """Trains and writes the checkpoint, curve.json and distill_config.json to `output`; with
-    `checkpoint_every`, a killed run launched again resumes from its last checkpoint."""
+    `checkpoint_every`, a killed run launched again resumes from its last checkpoint. Progress
+    lines go to `report` (stdout; under Dagster, the run's log)."""
     parallel.start_process_group(config.device)
     model, tokenizer = load_model(config.student)
     table = pa.concat_tables([pq.read_table(path) for path in config.data])
@@ -319,8 +325,8 @@ def run(config: DistillConfig) -> list[dict]:
         rollouts = OnlineRollouts(model.to(device), tokenizer, config.online.teacher_engine(device), config.online, config.batch_size)
 
     def log_progress(step: int, loss: float) -> None:
-        if step % 50 == 0 and parallel.is_writer():
-            print(f"step {step}/{config.steps} loss {loss:.4f}", flush=True)
+        if (step % REPORT_EVERY == 0 or step + 1 == config.steps) and parallel.is_writer():
+            report(f"step {step}/{config.steps} loss {loss:.4f}")
 
     state_dir = Path(config.state_dir or f"{config.output}.state")
     curve = train_student(model, tokenizer, table, config, log_progress, rollouts, config.teacher_vocab_size,
@@ -339,7 +345,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="JSON file with DistillConfig fields")
     args = parser.parse_args()
-    run(DistillConfig.model_validate_json(Path(args.config).read_text()))
+    config = DistillConfig.model_validate_json(Path(args.config).read_text())
+    if DAGSTER_PIPES_CONTEXT_ENV_VAR in os.environ and int(os.environ.get("RANK", "0")) == 0:
+        with open_dagster_pipes() as pipes:  # launched by a Dagster asset: progress streams into its run's log
+            run(config, report=pipes.log.info)
+    else:
+        run(config, report=lambda line: print(line, flush=True))
 
 
 if __name__ == "__main__":
