@@ -2,11 +2,9 @@
 function that distills a student by the plain command and saves it by content."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import dagster as dg
@@ -27,19 +25,13 @@ def training_dataset_name(store: Store) -> str:
 
 def _launch_distill(context: dg.AssetExecutionContext, run: DistillConfig, work: Path) -> list[dict]:
     """Runs `python -m training.distill --config run.json` as a subprocess (under torchrun with
-    `processes` > 1) in a Dagster Pipes session, so its progress streams into the run's log while it
-    trains; logs the rest of its output, and fails with its stderr. Returns the training curve."""
+    `processes` > 1), logs its output, and fails with its stderr. Returns the training curve."""
     config_path = work / "run.json"
     config_path.write_text(run.model_dump_json())
     launcher = [sys.executable]
     if run.processes > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(run.processes)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", dg.PreviewWarning)  # raised by dagster's own session code, not by a call of ours
-        with dg.open_pipes_session(context=context, context_injector=dg.PipesEnvContextInjector(),
-                                   message_reader=dg.PipesTempFileMessageReader()) as session:
-            done = subprocess.run([*launcher, "-m", "training.distill", "--config", config_path], capture_output=True, text=True,
-                                  env={**os.environ, **session.get_bootstrap_env_vars()})
+    done = subprocess.run([*launcher, "-m", "training.distill", "--config", config_path], capture_output=True, text=True)
     for line in done.stdout.splitlines():
         context.log.info(line)
     if done.returncode != 0:

@@ -21,7 +21,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -33,7 +32,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR, open_dagster_pipes
 from pydantic import Field, model_validator
 
 from training import parallel
@@ -45,9 +43,6 @@ from training.models import load_model, save_model
 from training.online import OnlineRollouts, OnlineSettings
 from training.optim import adamw, cosine_lr
 from training.resume import ShuffledBatches, load_state, save_state
-
-
-REPORT_EVERY = 50  # steps between progress lines
 
 
 class TrainingSettings(LossSettings):
@@ -312,10 +307,9 @@ def run_fingerprint(config: DistillConfig) -> str:
     return hashlib.sha256(json.dumps([settings, inputs], sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run(config: DistillConfig, report=print) -> list[dict]:
+def run(config: DistillConfig) -> list[dict]:
     """Trains and writes the checkpoint, curve.json and distill_config.json to `output`; with
-    `checkpoint_every`, a killed run launched again resumes from its last checkpoint. Progress
-    lines go to `report` (stdout; under Dagster, the run's log)."""
+    `checkpoint_every`, a killed run launched again resumes from its last checkpoint."""
     parallel.start_process_group(config.device)
     model, tokenizer = load_model(config.student)
     table = pa.concat_tables([pq.read_table(path) for path in config.data])
@@ -325,8 +319,8 @@ def run(config: DistillConfig, report=print) -> list[dict]:
         rollouts = OnlineRollouts(model.to(device), tokenizer, config.online.teacher_engine(device), config.online, config.batch_size)
 
     def log_progress(step: int, loss: float) -> None:
-        if (step % REPORT_EVERY == 0 or step + 1 == config.steps) and parallel.is_writer():
-            report(f"step {step}/{config.steps} loss {loss:.4f}")
+        if step % 50 == 0 and parallel.is_writer():
+            print(f"step {step}/{config.steps} loss {loss:.4f}", flush=True)
 
     state_dir = Path(config.state_dir or f"{config.output}.state")
     curve = train_student(model, tokenizer, table, config, log_progress, rollouts, config.teacher_vocab_size,
@@ -345,12 +339,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="JSON file with DistillConfig fields")
     args = parser.parse_args()
-    config = DistillConfig.model_validate_json(Path(args.config).read_text())
-    if DAGSTER_PIPES_CONTEXT_ENV_VAR in os.environ and int(os.environ.get("RANK", "0")) == 0:
-        with open_dagster_pipes() as pipes:  # launched by a Dagster asset: progress streams into its run's log
-            run(config, report=pipes.log.info)
-    else:
-        run(config, report=lambda line: print(line, flush=True))
+    run(DistillConfig.model_validate_json(Path(args.config).read_text()))
 
 
 if __name__ == "__main__":
