@@ -169,9 +169,8 @@ def _shards(store: Store, name: str, run_id: str, tables: Iterable[pa.Table], sc
     """`tables`, one per shard and stamped with the curation run, as the shards of a new version of
     `name` (with no tables, one empty shard of `schema`)."""
     writer = store.sharded_write(name, None, f"curation-{run_id}")
-    count = 0
-    for count, table in enumerate(tables, 1):
-        writer.write(count - 1, with_constants(table, curation_run_id=run_id))
-    if count == 0:
-        writer.write(0, with_constants(schema.empty_table(), curation_run_id=run_id))
+    for table in tables:
+        writer.append(with_constants(table, curation_run_id=run_id))
+    if not writer.appended:
+        writer.append(with_constants(schema.empty_table(), curation_run_id=run_id))
     return writer

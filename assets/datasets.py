@@ -28,11 +28,9 @@ def _publish_prompts(context, store: Store, name: str, config: PromptSourceConfi
                            config.dataset, config.subset, config.prompt_column, config.answer_column, config.system_prompt,
                            context.run_id)
     writer, dropped = store.sharded_write(name, None, f"prompts-{context.run_id}"), collections.Counter()
-    shards = 0
     for table, reasons in slices:
         if table.num_rows:
-            writer.write(shards, table)
-            shards += 1
+            writer.append(table)
         dropped.update(reasons)
     if dropped:
         context.log.warning(f"dropped rows of {config.prompt_column!r}, by reason: {dict(dropped)}")

@@ -76,6 +76,7 @@ class ShardedWrite:
                 if stale.is_dir() and stale != self.directory:
                     shutil.rmtree(stale)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.appended = 0
 
     def done(self) -> dict[int, dict]:
         """Finished shards: index → the figures written with it."""
@@ -87,6 +88,11 @@ class ShardedWrite:
 
     def write(self, index: int, table: pa.Table, figures: dict | None = None) -> None:
         write_shard(self.directory, index, table, figures or {})
+
+    def append(self, table: pa.Table) -> None:
+        """Writes `table` as the next shard of a write made in order (shards 0, 1, 2, … of this object)."""
+        self.write(self.appended, table)
+        self.appended += 1
 
     def publish(self) -> dict:
         """Makes the finished shards the dataset's current version at once; returns the manifest

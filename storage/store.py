@@ -103,8 +103,8 @@ class Store:
         """Publishes `table` as the new version of `name` in shards of `rows_per_shard` rows; returns
         the manifest."""
         writer = self.sharded_write(name, partition, f"whole-{uuid.uuid4().hex}")
-        for index, start in enumerate(range(0, max(1, table.num_rows), rows_per_shard)):
-            writer.write(index, table.slice(start, rows_per_shard))
+        for start in range(0, max(1, table.num_rows), rows_per_shard):
+            writer.append(table.slice(start, rows_per_shard))
         return writer.publish()
 
     def write_work_file(self, table: pa.Table, file_name: str) -> Path:
