@@ -174,12 +174,15 @@ def test_online_rollouts_append_each_on_policy_batch_with_its_policy_step(tiny_m
 
 def test_a_killed_training_resumes_along_the_same_curve(tiny_model_dir, labeled, tmp_path):
     """`python -m training.distill` with checkpoint_every, killed with kill -9 after a checkpoint and
-    launched again, resumes from it and ends on the curve of an uninterrupted training."""
-    pq.write_table(labeled, tmp_path / "data.parquet")
-    settings = dict(student=str(tiny_model_dir), data=[str(tmp_path / "data.parquet")], steps=60, batch_size=8,
+    launched again, resumes from it and ends on the curve of an uninterrupted training. The data
+    streams from two files in windows of 16 of its 48 rows, so the resumed position is mid-stream."""
+    data = [str(tmp_path / "part-0.parquet"), str(tmp_path / "part-1.parquet")]
+    pq.write_table(labeled.slice(0, 24), data[0], row_group_size=8)
+    pq.write_table(labeled.slice(24), data[1], row_group_size=8)
+    settings = dict(student=str(tiny_model_dir), data=data, steps=60, batch_size=8, shuffle_window=16,
                     learning_rate=3e-3, warmup_steps=2, nll_weight=1.0)
     model, tokenizer = load_model(str(tiny_model_dir))
-    uninterrupted = train_student(model, tokenizer, labeled, DistillConfig(**settings, output=""))
+    uninterrupted = train_student(model, tokenizer, data, DistillConfig(**settings, output=""))
 
     output = tmp_path / "student"
     (tmp_path / "run.json").write_text(DistillConfig(**settings, output=str(output), checkpoint_every=10).model_dump_json())

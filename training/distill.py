@@ -30,7 +30,6 @@ from typing import Literal, Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from pydantic import Field, model_validator
 
@@ -42,7 +41,8 @@ from training.kd import LossSettings, sparse_batch, sparse_kd_loss
 from training.models import load_model, save_model
 from training.online import OnlineRollouts, OnlineSettings
 from training.optim import adamw, cosine_lr
-from training.resume import ShuffledBatches, load_state, save_state
+from training.resume import load_state, save_state
+from training.shuffle import ShuffledBatches, blocks_of
 
 
 class TrainingSettings(LossSettings):
@@ -73,6 +73,10 @@ class TrainingSettings(LossSettings):
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% more time")
     processes: int = Field(1, ge=1, description="training processes on this node; above 1 the assets launch "
                            "`torchrun --standalone --nproc-per-node N` (DDP: one per GPU, or gloo on the CPU)")
+    shuffle_window: int = Field(
+        16384, ge=1, description="rows in memory while training on stored data: their row groups are shuffled, then the "
+        "rows within each window of this many (see training/shuffle.py); all rows fit: one shuffle over all"
+    )
     checkpoint_every: Optional[int] = Field(
         None, ge=1, description="steps between resumable checkpoints (weights, optimizer, RNG, data position); empty: none"
     )
@@ -154,20 +158,21 @@ def check_compatible(table: pa.Table, student_vocab_size: int, teacher_vocab_siz
         )
 
 
-def train_student(model, tokenizer, data: pa.Table | Iterator[pa.Table], settings: TrainingSettings, on_step=None,
-                  rollouts: pa.Table | Iterator[pa.Table] | OnlineRollouts | None = None, teacher_vocab_size: int | None = None,
+def train_student(model, tokenizer, data: pa.Table | list[str] | Iterator[pa.Table], settings: TrainingSettings, on_step=None,
+                  rollouts: pa.Table | list[str] | Iterator[pa.Table] | OnlineRollouts | None = None, teacher_vocab_size: int | None = None,
                   state_dir: Path | None = None, fingerprint: str = "") -> list[dict]:
     """Trains `model` in place: each step a batch of `data`, or with probability λ = settings.mix a
     batch of `rollouts`; returns the curve. One loop for SFT (`objective: sft`, rows without a
     signal are fine) and KD. A non-finite loss stops with an error.
 
-    `data` and `rollouts` are each either a table, drawn in shuffled batches (stored rows: a
-    curated dataset, a round's `teacher_feedback`), or an iterator that yields one batch each time
-    a step asks for it (the embedded models' fresh problems); `rollouts` may also be an
-    `OnlineRollouts`, called with the step: GKD's online form, where an on-policy batch is sampled
-    from the student as it is at that step. Tables are checked before training, other batches as
-    they come; prompts rendered with another chat template than the student's are rendered anew
-    with its own. On-policy steps record their `staleness`: step − the batch's `policy_step` (stored
+    `data` and `rollouts` are each either stored rows, a table or Parquet files, drawn in shuffled
+    batches streamed a window at a time (`training/shuffle.py`: a curated dataset, a round's
+    `teacher_feedback`), or an iterator that yields one batch each time a step asks for it (the
+    embedded models' fresh problems); `rollouts` may also be an `OnlineRollouts`, called with the
+    step: GKD's online form, where an on-policy batch is sampled from the student as it is at that
+    step. Stored rows are checked a window at a time as they are loaded, other batches as they
+    come; prompts rendered with another chat template than the student's are rendered anew with
+    its own. On-policy steps record their `staleness`: step − the batch's `policy_step` (stored
     rollouts have none: the parent sampled them before step 0).
 
     With `state_dir` and `settings.checkpoint_every`, the training state is saved every that many
@@ -194,9 +199,9 @@ def train_student(model, tokenizer, data: pa.Table | Iterator[pa.Table], setting
                 raise ValueError(f"{kind} rows store the teacher at temperature {found}, the fixed data at {temperature}: score them alike")
         return rows
 
-    def stream(rows: pa.Table | Iterator[pa.Table] | OnlineRollouts, kind: str, seed: int):
-        if isinstance(rows, pa.Table):
-            return ShuffledBatches(checked(rows, kind), settings.batch_size, seed)
+    def stream(rows: pa.Table | list[str] | Iterator[pa.Table] | OnlineRollouts, kind: str, seed: int):
+        if isinstance(rows, (pa.Table, list)):
+            return ShuffledBatches(blocks_of(rows), settings.batch_size, seed, settings.shuffle_window, lambda window: checked(window, kind))
         if isinstance(rows, OnlineRollouts):
             return lambda step: checked(rows(step), kind)
         return (checked(batch, kind) for batch in rows)
@@ -204,9 +209,9 @@ def train_student(model, tokenizer, data: pa.Table | Iterator[pa.Table], setting
     if settings.mix > 0 and rollouts is None:
         raise ValueError(f"mix λ={settings.mix} needs rollouts")
     torch.manual_seed(settings.seed)
-    first = data if isinstance(data, pa.Table) else None
-    temperature = float(first["temperature"][0].as_py()) if first is not None and "temperature" in first.column_names else objective.temperature
     streams = {"fixed": stream(data, "fixed", settings.seed)}
+    first = streams["fixed"].blocks[0].read() if isinstance(streams["fixed"], ShuffledBatches) else None
+    temperature = float(first["temperature"][0].as_py()) if first is not None and "temperature" in first.column_names else objective.temperature
     if rollouts is not None:
         streams["on_policy"] = stream(rollouts, "on-policy", settings.seed + 1)
     coin = torch.Generator().manual_seed(settings.seed + len(streams))
@@ -312,8 +317,7 @@ def run(config: DistillConfig) -> list[dict]:
     `checkpoint_every`, a killed run launched again resumes from its last checkpoint."""
     parallel.start_process_group(config.device)
     model, tokenizer = load_model(config.student)
-    table = pa.concat_tables([pq.read_table(path) for path in config.data])
-    rollouts = pa.concat_tables([pq.read_table(path) for path in config.rollouts]) if config.rollouts else None
+    rollouts = config.rollouts or None
     if config.online is not None:
         device = training_device(config.device)
         rollouts = OnlineRollouts(model.to(device), tokenizer, config.online.teacher_engine(device), config.online, config.batch_size)
@@ -323,7 +327,7 @@ def run(config: DistillConfig) -> list[dict]:
             print(f"step {step}/{config.steps} loss {loss:.4f}", flush=True)
 
     state_dir = Path(config.state_dir or f"{config.output}.state")
-    curve = train_student(model, tokenizer, table, config, log_progress, rollouts, config.teacher_vocab_size,
+    curve = train_student(model, tokenizer, config.data, config, log_progress, rollouts, config.teacher_vocab_size,
                           state_dir, run_fingerprint(config))
     if parallel.is_writer():
         output = Path(config.output)

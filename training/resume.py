@@ -3,7 +3,7 @@ training killed at any point continues from its last checkpoint along the same c
 
     <directory>/step-<n>/model.safetensors       the weights
     <directory>/step-<n>/optimizer.safetensors   AdamW's moments and step counts
-    <directory>/step-<n>/random.safetensors      the global RNG, the λ coin, the data orders
+    <directory>/step-<n>/random.safetensors      the global RNG, the λ coin, the data shuffles' generators
     <directory>/step-<n>/state.json              step, data positions, optimizer groups, curve
     <directory>/latest.json                      the last complete checkpoint and the run's fingerprint
 
@@ -17,29 +17,10 @@ import os
 import shutil
 from pathlib import Path
 
-import pyarrow as pa
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-
-class ShuffledBatches:
-    """Batches of `table`'s rows in a shuffled order, reshuffled after every pass, forever. Its
-    generator, order and position are part of the training state."""
-
-    def __init__(self, table: pa.Table, batch_size: int, seed: int):
-        self.table, self.batch_size = table, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.order, self.position = None, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> pa.Table:
-        if self.order is None or self.position >= max(1, len(self.order) - self.batch_size + 1):
-            self.order, self.position = torch.randperm(self.table.num_rows, generator=self.generator), 0
-        rows = self.order[self.position : self.position + self.batch_size]
-        self.position += self.batch_size
-        return self.table.take(pa.array(rows.numpy()))
+from training.shuffle import ShuffledBatches
 
 
 def save_state(directory: Path, fingerprint: str, step: int, model, optimizer, coin: torch.Generator,
@@ -53,12 +34,13 @@ def save_state(directory: Path, fingerprint: str, step: int, model, optimizer, c
     optimizer_state = optimizer.state_dict()
     save_file({f"{index}.{name}": value.detach().cpu().contiguous() for index, moments in optimizer_state["state"].items()
                for name, value in moments.items()}, str(partial / "optimizer.safetensors"))
-    shuffled = {name: batches for name, batches in streams.items() if isinstance(batches, ShuffledBatches) and batches.order is not None}
+    shuffled = {name: batches.state() for name, batches in streams.items()
+                if isinstance(batches, ShuffledBatches) and batches.windows is not None}
     save_file({"torch": torch.get_rng_state(), "coin": coin.get_state(),
-               **{f"{name}.generator": b.generator.get_state() for name, b in shuffled.items()},
-               **{f"{name}.order": b.order for name, b in shuffled.items()}}, str(partial / "random.safetensors"))
+               **{f"{name}.{key}": value for name, (_, tensors) in shuffled.items() for key, value in tensors.items()}},
+              str(partial / "random.safetensors"))
     (partial / "state.json").write_text(json.dumps({
-        "step": step, "positions": {name: b.position for name, b in shuffled.items()},
+        "step": step, "positions": {name: position for name, (position, _) in shuffled.items()},
         "param_groups": optimizer_state["param_groups"], "curve": curve,
     }))
     shutil.rmtree(final, ignore_errors=True)
@@ -94,6 +76,5 @@ def load_state(directory: Path | None, fingerprint: str, model, optimizer, coin:
     torch.set_rng_state(random["torch"])
     coin.set_state(random["coin"])
     for name, position in state["positions"].items():
-        streams[name].generator.set_state(random[f"{name}.generator"])
-        streams[name].order, streams[name].position = random[f"{name}.order"], position
+        streams[name].restore(position, {key.split(".", 1)[1]: value for key, value in random.items() if key.startswith(f"{name}.")})
     return state["step"], state["curve"]

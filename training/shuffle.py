@@ -1,0 +1,123 @@
+"""Shuffled training batches streamed from Parquet files (or a table), memory bounded by a window.
+
+Every pass (epoch) over the rows:
+
+    blocks    the row groups of the files (a table: one block), in a shuffled order when the rows
+              do not fit one window, else in file order
+    windows   consecutive blocks of that order, each until it holds ≥ `window_rows` rows
+    rows      each window's rows in a shuffled order, drawn when the window is loaded
+
+and batches are the next `batch_size` rows of that sequence (a batch may span two windows); the
+pass ends when fewer than `batch_size` rows are left, and the next pass shuffles anew. Only the
+window in use is in memory, so a dataset of any size trains in the memory of `window_rows` rows;
+when all rows fit one window, this is a plain shuffle of all of them.
+
+Every process of a data-parallel training draws the same sequence (same seed) and trains on its
+slice of each batch (`training/parallel.py`). The position (pass, window, row) and the generator's
+state before the window's shuffle are the whole state: a resumed training reloads the window and
+draws its shuffle again (`state` / `restore`, saved by `training/resume.py`).
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+
+@dataclass(frozen=True)
+class Block:
+    """Rows read together: one row group of one Parquet file (`group` None: the whole `table`)."""
+
+    rows: int
+    path: Path | None = None
+    group: int | None = None
+    table: pa.Table | None = None
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        if self.table is not None:
+            return self.table if columns is None else self.table.select(columns)
+        return pq.ParquetFile(self.path).read_row_group(self.group, columns=columns)
+
+
+def blocks_of(source: pa.Table | list) -> list[Block]:
+    """A table as one block, or every row group of the Parquet files `source`, in order."""
+    if isinstance(source, pa.Table):
+        return [Block(source.num_rows, table=source)]
+    blocks = []
+    for path in source:
+        metadata = pq.ParquetFile(path).metadata
+        blocks += [Block(metadata.row_group(g).num_rows, Path(path), g) for g in range(metadata.num_row_groups)
+                   if metadata.row_group(g).num_rows]
+    return blocks
+
+
+class ShuffledBatches:
+    """Batches of `batch_size` rows of `blocks` (see the module docstring), forever; `prepare` is
+    applied to each window as it is loaded (checks, re-rendering)."""
+
+    def __init__(self, blocks: list[Block], batch_size: int, seed: int, window_rows: int,
+                 prepare: Callable[[pa.Table], pa.Table] = lambda rows: rows):
+        self.blocks, self.batch_size, self.window_rows, self.prepare = blocks, batch_size, window_rows, prepare
+        self.total = sum(block.rows for block in blocks)
+        if self.total < batch_size:
+            raise ValueError(f"{self.total} rows are fewer than one batch of {batch_size}: lower batch_size or add data")
+        self.generator = torch.Generator().manual_seed(seed)
+        self.windows: list[list[int]] | None = None  # this pass's windows, as block indices
+        self.window, self.used, self.offset = -1, 0, 0  # the loaded window; rows used this pass, and of the window
+        self.window_state = None  # the generator before the loaded window's shuffle
+        self.table, self.order = None, None  # the loaded window, prepared, and its shuffled row order
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> pa.Table:
+        if self.windows is None or self.used + self.batch_size > self.total:
+            self._start_pass()
+        parts, needed = [], self.batch_size
+        while needed:
+            if self.offset == len(self.order):
+                self._load(self.window + 1)
+            take = min(needed, len(self.order) - self.offset)
+            parts.append(self.table.take(pa.array(self.order[self.offset : self.offset + take].numpy())))
+            self.offset += take
+            needed -= take
+        self.used += self.batch_size
+        return parts[0] if len(parts) == 1 else pa.concat_tables(parts)
+
+    def _start_pass(self) -> None:
+        order = torch.randperm(len(self.blocks), generator=self.generator).tolist() if self.total > self.window_rows \
+            else list(range(len(self.blocks)))
+        self.windows, rows = [[]], 0
+        for index in order:
+            if rows >= self.window_rows:
+                self.windows.append([])
+                rows = 0
+            self.windows[-1].append(index)
+            rows += self.blocks[index].rows
+        self.used = 0
+        if len(self.windows) == 1 and self.table is not None:  # everything is loaded already: shuffle again
+            self.window_state = self.generator.get_state()
+            self.order, self.offset = torch.randperm(self.table.num_rows, generator=self.generator), 0
+        else:
+            self._load(0)
+
+    def _load(self, window: int) -> None:
+        self.table = None  # the previous window goes before the next is read
+        rows = self.prepare(pa.concat_tables([self.blocks[i].read() for i in self.windows[window]], promote_options="default"))
+        self.window, self.window_state = window, self.generator.get_state()
+        self.table, self.order, self.offset = rows, torch.randperm(rows.num_rows, generator=self.generator), 0
+
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(JSON, tensors): the position and the generator before the loaded window's shuffle."""
+        position = {"windows": self.windows, "window": self.window, "used": self.used, "offset": self.offset}
+        return position, {"generator": self.window_state}
+
+    def restore(self, position: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Continues from `state()`: reloads that window and draws its shuffle again."""
+        self.windows, self.used = position["windows"], position["used"]
+        self.generator.set_state(tensors["generator"])
+        self._load(position["window"])
+        self.offset = position["offset"]
