@@ -77,6 +77,10 @@ class TrainingSettings(LossSettings):
         16384, ge=1, description="rows in memory while training on stored data: their row groups are shuffled, then the "
         "rows within each window of this many (see training/shuffle.py); all rows fit: one shuffle over all"
     )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="with processes > 1: 'ddp', a whole model per process; 'fsdp' (FSDP2), parameters, gradients "
+        "and optimizer state sharded over the processes, for students that do not fit one device"
+    )
     checkpoint_every: Optional[int] = Field(
         None, ge=1, description="steps between resumable checkpoints (weights, optimizer, RNG, data position); empty: none"
     )
@@ -189,7 +193,7 @@ def train_student(model, tokenizer, data: pa.Table | list[str] | Iterator[pa.Tab
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False  # a cache is for generation; with checkpointing it is refused anyway
-    trained = parallel.wrap(model)  # DDP under torchrun (see training/parallel.py)
+    trained = parallel.wrap(model, settings.strategy)  # DDP or FSDP2 under torchrun (see training/parallel.py)
 
     def checked(rows: pa.Table, kind: str) -> pa.Table:
         rows = rows.set_column(rows.schema.get_field_index("prompt_token_ids"), "prompt_token_ids", prompt_ids_for(tokenizer, rows))
@@ -247,7 +251,7 @@ def train_student(model, tokenizer, data: pa.Table | list[str] | Iterator[pa.Tab
         if on_step is not None:
             on_step(step, loss)
         if (state_dir is not None and settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0
-                and step + 1 < settings.steps and parallel.is_writer()):
+                and step + 1 < settings.steps):
             save_state(state_dir, fingerprint, step, model, optimizer, coin, streams, curve)
     if settings.gradient_checkpointing:  # the saved checkpoint generates with its cache, as it came
         model.gradient_checkpointing_disable()
@@ -329,9 +333,10 @@ def run(config: DistillConfig) -> list[dict]:
     state_dir = Path(config.state_dir or f"{config.output}.state")
     curve = train_student(model, tokenizer, config.data, config, log_progress, rollouts, config.teacher_vocab_size,
                           state_dir, run_fingerprint(config))
+    weights = parallel.gathered_weights(model)
     if parallel.is_writer():
         output = Path(config.output)
-        save_model(model, tokenizer, output)
+        save_model(model, tokenizer, output, weights)
         (output / "curve.json").write_text(json.dumps(curve))
         (output / "distill_config.json").write_text(config.model_dump_json(indent=2))
         shutil.rmtree(state_dir, ignore_errors=True)  # trained: nothing left to resume

@@ -120,7 +120,8 @@ def model_card(name: str, model, tokenizer, revision: str | None = None) -> dict
     }
 
 
-def save_model(model, tokenizer, directory: Path) -> None:
-    """HF format with safetensors: `from_pretrained(directory)` loads it back."""
-    model.save_pretrained(directory, safe_serialization=True)
+def save_model(model, tokenizer, directory: Path, weights: dict | None = None) -> None:
+    """HF format with safetensors: `from_pretrained(directory)` loads it back. `weights`: the whole
+    weights of a model sharded over processes (`training/parallel.py`), else its own."""
+    model.save_pretrained(directory, safe_serialization=True, state_dict=weights)
     tokenizer.save_pretrained(directory)

@@ -8,7 +8,12 @@ contiguous slice B_r. With N the completion tokens of all of B, rank r's loss is
 
 and DistributedDataParallel averages gradients over ranks, so the step follows ∇ Σ_{t ∈ B} ℓ_t / N:
 the gradient of one process on all of B, whatever the number of processes or micro-batches.
-Rank 0 writes the checkpoint, the curve and the resumable state.
+
+Strategies: `ddp` keeps a whole copy of the model on every rank and all-reduces gradients; `fsdp`
+(FSDP2, `fully_shard` on each decoder layer, then on the whole model) splits parameters, gradients
+and optimizer state over the ranks, for students that do not fit one device. Both average gradients
+over ranks, so the loss above holds for both. Rank 0 writes the checkpoint, the curve and the
+resumable state, from the whole state gathered from every rank (`full_state`).
 """
 
 import os
@@ -16,6 +21,8 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 
 def world() -> tuple[int, int]:
@@ -40,9 +47,16 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
-def wrap(model):
-    """The model as it trains: DistributedDataParallel across the ranks, else itself."""
+def wrap(model, strategy: str = "ddp"):
+    """The model as it trains across the ranks: DistributedDataParallel, or sharded in place with
+    FSDP2 (each of the model's `_no_split_modules` layers, then the whole); alone, itself."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
+        return model
+    if strategy == "fsdp":
+        layers = set(getattr(model, "_no_split_modules", None) or [])
+        for module in [m for m in model.modules() if type(m).__name__ in layers]:
+            fully_shard(module)
+        fully_shard(model)
         return model
     return torch.nn.parallel.DistributedDataParallel(model)
 
@@ -55,8 +69,33 @@ def rank_slice(rows: int) -> tuple[int, int]:
 
 
 def no_sync(model, last: bool):
-    """Skips the gradient all-reduce for every micro-batch but the last (DDP), a no-op otherwise."""
-    return model.no_sync() if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not last else nullcontext()
+    """Skips the gradient all-reduce (DDP) or reduce-scatter (FSDP) for every micro-batch but the last."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(last)
+    elif isinstance(model, torch.nn.parallel.DistributedDataParallel) and not last:
+        return model.no_sync()
+    return nullcontext()
+
+
+def full_state(model, optimizer=None) -> tuple[dict, dict | None]:
+    """(model state, optimizer state) whole, by parameter name, on rank 0's CPU (empty on the other
+    ranks): gathered from the shards under FSDP, copied otherwise. Every rank must call it."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None:
+        return get_model_state_dict(model, options=options), None
+    return get_state_dict(model, optimizer, options=options)
+
+
+def gathered_weights(model) -> dict | None:
+    """Under FSDP, the whole weights on rank 0 (every rank must call it); else None: the model holds them."""
+    return full_state(model)[0] if isinstance(model, FSDPModule) else None
+
+
+def load_full_state(model, optimizer, model_state: dict, optimizer_state: dict) -> None:
+    """Loads whole states (as `full_state` gives them) into the model and optimizer, each rank
+    keeping its shard under FSDP; tied weights may be stored once."""
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def summed(values: list[float]) -> list[float]:

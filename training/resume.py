@@ -1,8 +1,8 @@
 """Resumable training: every `checkpoint_every` steps the whole training state is written, so that a
 training killed at any point continues from its last checkpoint along the same curve. No pickle:
 
-    <directory>/step-<n>/model.safetensors       the weights
-    <directory>/step-<n>/optimizer.safetensors   AdamW's moments and step counts
+    <directory>/step-<n>/model.safetensors       the weights, whole (gathered from the shards under FSDP)
+    <directory>/step-<n>/optimizer.safetensors   AdamW's moments and step counts, by parameter name
     <directory>/step-<n>/random.safetensors      the global RNG, the λ coin, the data shuffles' generators
     <directory>/step-<n>/state.json              step, data positions, optimizer groups, curve
     <directory>/latest.json                      the last complete checkpoint and the run's fingerprint
@@ -18,22 +18,26 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 
+from training import parallel
 from training.shuffle import ShuffledBatches
 
 
 def save_state(directory: Path, fingerprint: str, step: int, model, optimizer, coin: torch.Generator,
                streams: dict, curve: list[dict]) -> None:
-    """Writes the state after `step` as step-<step>/, names it in latest.json, removes older ones."""
+    """Writes the state after `step` as step-<step>/, names it in latest.json, removes older ones.
+    Every rank calls it (the state is gathered from all under FSDP); rank 0 writes."""
+    model_state, optimizer_state = parallel.full_state(model, optimizer)
+    if not parallel.is_writer():
+        return
     final = directory / f"step-{step}"
     partial = directory / f".step-{step}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    save_model(model, str(partial / "model.safetensors"))
-    optimizer_state = optimizer.state_dict()
-    save_file({f"{index}.{name}": value.detach().cpu().contiguous() for index, moments in optimizer_state["state"].items()
-               for name, value in moments.items()}, str(partial / "optimizer.safetensors"))
+    save_file(stored_once(model_state), str(partial / "model.safetensors"))
+    save_file({f"{name}/{moment}": value for name, moments in optimizer_state["state"].items() for moment, value in moments.items()},
+              str(partial / "optimizer.safetensors"))
     shuffled = {name: batches.state() for name, batches in streams.items()
                 if isinstance(batches, ShuffledBatches) and batches.windows is not None}
     save_file({"torch": torch.get_rng_state(), "coin": coin.get_state(),
@@ -53,6 +57,13 @@ def save_state(directory: Path, fingerprint: str, step: int, model, optimizer, c
             shutil.rmtree(older, ignore_errors=True)
 
 
+def stored_once(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state without the names that alias an earlier one (tied weights: the output layer is the
+    embedding), which safetensors refuses; loading fills them through the tie."""
+    first_name: dict[int, str] = {}
+    return {name: tensor for name, tensor in state.items() if first_name.setdefault(tensor.data_ptr(), name) == name}
+
+
 def load_state(directory: Path | None, fingerprint: str, model, optimizer, coin: torch.Generator,
                streams: dict) -> tuple[int, list[dict]] | None:
     """Restores the last checkpoint of this run (same fingerprint) into model, optimizer, coin and
@@ -65,13 +76,12 @@ def load_state(directory: Path | None, fingerprint: str, model, optimizer, coin:
         return None
     checkpoint = directory / pointer["checkpoint"]
     state = json.loads((checkpoint / "state.json").read_text())
-    load_model(model, str(checkpoint / "model.safetensors"), device=str(next(model.parameters()).device))
-    moments = load_file(str(checkpoint / "optimizer.safetensors"))
-    by_index: dict[int, dict] = {}
-    for key, value in moments.items():
-        index, name = key.split(".", 1)
-        by_index.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": by_index, "param_groups": state["param_groups"]})
+    moments: dict[str, dict] = {}
+    for key, value in load_file(str(checkpoint / "optimizer.safetensors")).items():
+        name, moment = key.rsplit("/", 1)
+        moments.setdefault(name, {})[moment] = value
+    parallel.load_full_state(model, optimizer, load_file(str(checkpoint / "model.safetensors")),
+                             {"state": moments, "param_groups": state["param_groups"]})
     random = load_file(str(checkpoint / "random.safetensors"))
     torch.set_rng_state(random["torch"])
     coin.set_state(random["coin"])
