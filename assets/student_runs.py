@@ -2,12 +2,15 @@
 function that distills a student by the plain command and saves it by content."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import dagster as dg
+from dagster._core.pipes.context import build_external_execution_context_data  # not re-exported; dagster is pinned
 import matplotlib.pyplot as plt
 import pyarrow.parquet as pq
 
@@ -23,20 +26,31 @@ def training_dataset_name(store: Store) -> str:
     return "curated" if store.has_dataset("curated") else "teacher_labeled"
 
 
-def _launch_distill(context: dg.AssetExecutionContext, run: DistillConfig, work: Path) -> list[dict]:
-    """Runs `python -m training.distill --config run.json` as a subprocess (under torchrun with
-    `processes` > 1), logs its output, and fails with its stderr. Returns the training curve."""
+def _launch_distill(context: dg.AssetExecutionContext, run: DistillConfig, work: Path) -> tuple[list[dict], dict]:
+    """Runs `python -m training.distill --config run.json` (under torchrun with `launcher: torchrun`;
+    with `launcher: ray` the command itself starts Ray Train workers) in a Dagster Pipes session:
+    rank 0's progress lines stream into the run's log while it trains. Fails with the command's
+    stderr. Returns the training curve and what rank 0 reported at the end (its weights hash).
+
+    The session is wired from Pipes' parts rather than `open_pipes_session`, which would require the
+    step to yield every output, and student_checkpoint's online_feedback is skipped by stored rounds."""
     config_path = work / "run.json"
     config_path.write_text(run.model_dump_json())
     launcher = [sys.executable]
-    if run.processes > 1:
+    if run.launcher == "torchrun":
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(run.processes)]
-    done = subprocess.run([*launcher, "-m", "training.distill", "--config", config_path], capture_output=True, text=True)
-    for line in done.stdout.splitlines():
-        context.log.info(line)
+    with warnings.catch_warnings():  # Dagster marks a getter that its own handler calls as "preview"
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        handler = dg.PipesMessageHandler(context, dg.PipesTempFileMessageReader())
+    context_data = build_external_execution_context_data(context, extras={})
+    with dg.PipesEnvContextInjector().inject_context(context_data) as injected, handler.handle_messages() as reading:
+        session = dg.PipesSession(context_data=context_data, message_handler=handler, context_injector_params=injected,
+                                  message_reader_params=reading, context=context)
+        done = subprocess.run([*launcher, "-m", "training.distill", "--config", config_path], stderr=subprocess.PIPE, text=True, env={**os.environ, **session.get_bootstrap_env_vars()})
     if done.returncode != 0:
         raise RuntimeError(f"training.distill failed:\n{done.stderr[-3000:]}")
-    return json.loads((Path(run.output) / "curve.json").read_text())
+    reported = {key: value for message in session.get_custom_messages() for key, value in message.items()}
+    return json.loads((Path(run.output) / "curve.json").read_text()), reported
 
 
 def distill_and_save(context: dg.AssetExecutionContext, store: Store, name: str, settings: TrainingSettings, start: dict,
@@ -58,9 +72,13 @@ def distill_and_save(context: dg.AssetExecutionContext, store: Store, name: str,
         **settings.model_dump(include=set(TrainingSettings.model_fields)), student=start["path"], data=[str(p) for p in data], rollouts=[str(p) for p in rollouts],
         output=str(work / "checkpoint"), teacher_vocab_size=teacher["vocab_size"], online=online,
     )
-    curve = _launch_distill(context, run, work)
+    curve, reported = _launch_distill(context, run, work)
     model, tokenizer = load_model(run.output)
-    saved = store.save_model(name, {**model_card(name, model, tokenizer), **(card or {})},
+    trained = model_card(name, model, tokenizer)
+    if reported.get("weights_hash") != trained["weights_hash"]:
+        raise RuntimeError(f"the training reported weights {reported.get('weights_hash')}, but {run.output} holds "
+                           f"{trained['weights_hash']}: the checkpoint was changed after it was written; run it again")
+    saved = store.save_model(name, {**trained, **(card or {})},
                              lambda directory: shutil.copytree(run.output, directory), partition=partition)
     store.remove_work(work)
     return saved, curve, (model, tokenizer)

@@ -169,7 +169,7 @@ def test_online_rollouts_append_each_on_policy_batch_with_its_policy_step(tiny_m
     assert [(b["policy_step"][0].as_py(), b["trained_at_step"][0].as_py(), b["staleness"][0].as_py()) for b in batches] == [
         (0, 0, 0), (0, 1, 1), (1, 2, 1), (2, 3, 1)]
     with pytest.raises(ValueError, match="online sampling runs in one training process"):
-        DistillConfig(student="", data=[], output="", mix=1.0, online=settings, processes=2)
+        DistillConfig(student="", data=[], output="", mix=1.0, online=settings, processes=2, launcher="torchrun")
 
 
 def test_a_killed_training_resumes_along_the_same_curve(tiny_model_dir, labeled, tmp_path):
@@ -204,22 +204,28 @@ def test_a_killed_training_resumes_along_the_same_curve(tiny_model_dir, labeled,
     assert not (tmp_path / "student.state").exists()  # trained: the resumable state is removed
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_torchrun_with_two_processes_follows_the_curve_of_one(tiny_model_dir, labeled, tmp_path, strategy):
-    """`torchrun --nproc-per-node 2 -m training.distill` (DDP or FSDP2 on gloo, two CPU processes)
-    gives the loss curve of one process with the same global batch, with micro-batches of unequal
-    counts, and rank 0 writes the whole model."""
+@pytest.mark.parametrize("launcher, strategy", [("torchrun", "ddp"), ("torchrun", "fsdp"), ("ray", "ddp")])
+def test_two_processes_follow_the_curve_of_one(tiny_model_dir, labeled, tmp_path, launcher, strategy):
+    """Two CPU processes on gloo, started by `torchrun --nproc-per-node 2 -m training.distill` or by
+    the command itself as Ray Train workers on a local Ray cluster (`launcher: ray`), with DDP or
+    FSDP2, give the loss curve of one process with the same global batch, with micro-batches of
+    unequal counts, and rank 0 writes the whole model."""
     pq.write_table(labeled, tmp_path / "data.parquet")
     settings = dict(student=str(tiny_model_dir), data=[str(tmp_path / "data.parquet")], steps=10, batch_size=7, micro_batch_size=2,
                     learning_rate=3e-3, warmup_steps=2, nll_weight=1.0, strategy=strategy)
     model, tokenizer = load_model(str(tiny_model_dir))
     one = train_student(model, tokenizer, labeled, DistillConfig(**settings, output=""))
-    (tmp_path / "run.json").write_text(DistillConfig(**settings, output=str(tmp_path / "student")).model_dump_json())
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    subprocess.run([*torchrun, "-m", "training.distill", "--config", str(tmp_path / "run.json")], check=True,
-                   stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    (tmp_path / "run.json").write_text(DistillConfig(**settings, output=str(tmp_path / "student"), launcher=launcher, processes=2).model_dump_json())
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] if launcher == "torchrun" else [sys.executable]
+    subprocess.run([*command, "-m", "training.distill", "--config", str(tmp_path / "run.json")], check=True, stdout=subprocess.DEVNULL,
+                   env={**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}, timeout=180)
     two = json.loads((tmp_path / "student" / "curve.json").read_text())
     assert [c["completion_tokens"] for c in two] == [c["completion_tokens"] for c in one]
     assert [c["loss"] for c in two] == pytest.approx([c["loss"] for c in one], rel=1e-4)
     trained, _ = load_model(str(tmp_path / "student"))  # written once, by rank 0, whole
     torch.testing.assert_close(trained.state_dict(), model.state_dict(), rtol=1e-3, atol=1e-5)
+
+
+def test_processes_need_a_launcher():
+    with pytest.raises(ValueError, match="processes=2 needs a launcher"):
+        DistillConfig(student="", data=[], output="", processes=2)

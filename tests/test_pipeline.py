@@ -101,6 +101,9 @@ def test_offline_graph_end_to_end(instance, distill_home, capsys):
     assert offline["trained_on"].value == "teacher_labeled" and offline["steps"].value == 20
     assert "data:image/png;base64," in offline["loss_curve"].value
     assert 0 <= offline["eval_greedy_exact_match"].value <= 1
+    streamed = [entry.user_message for entry in instance.all_logs(result.run_id) if entry.step_key == "offline_student"]
+    assert any(m.startswith("step 0/20 loss") for m in streamed) and any(m.startswith("step 19/20 loss") for m in streamed)  # Pipes
+    assert any(m.endswith(f"weights {offline['weights_hash'].value}") for m in streamed)
     figures = [entry.value for entries in (metadata, offline) for entry in entries.values() if isinstance(entry.value, float)]
     assert len(figures) > 5 and all(figure == rounded(figure) for figure in figures)  # the UI shows 4 significant digits
     assert rounded(0.04799999999999993) == 0.048 and rounded(-0.00084449) == -0.0008445 and rounded(3.0) == 3.0

@@ -4,7 +4,8 @@
     torchrun --nproc-per-node N -m training.distill --config run.json     (data parallel, see parallel.py)
 
 run.json holds the `DistillConfig` fields. The command writes an HF checkpoint (safetensors) and
-curve.json to `output`, so a launcher (torchrun, accelerate, Dagster Pipes) can run it anywhere.
+curve.json to `output`, so a launcher (torchrun, Ray Train with `launcher: ray`, Slurm, Kubernetes)
+can run it anywhere; launched by a Dagster asset, rank 0 reports to the run through Dagster Pipes.
 
 Objectives: `sft` trains on the teacher's tokens as hard targets (SeqKD); `supervised_kd` minimizes
 a divergence to the stored top-k signal, optionally mixed with NLL (see `training/kd.py`).
@@ -21,9 +22,11 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -31,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR, open_dagster_pipes
 from pydantic import Field, model_validator
 
 from training import parallel
@@ -38,11 +42,14 @@ from training.batches import list_lengths
 from training.chat import prompt_ids_for
 from training.divergences import DIVERGENCES
 from training.kd import LossSettings, sparse_batch, sparse_kd_loss
-from training.models import load_model, save_model
+from training.models import load_model, save_model, weights_hash
 from training.online import OnlineRollouts, OnlineSettings
 from training.optim import adamw, cosine_lr
 from training.resume import load_state, save_state
 from training.shuffle import ShuffledBatches, blocks_of
+
+
+REPORT_EVERY = 50  # steps between progress lines
 
 
 class TrainingSettings(LossSettings):
@@ -71,8 +78,15 @@ class TrainingSettings(LossSettings):
         "gradients accumulate to batch_size (empty: batch_size)"
     )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% more time")
-    processes: int = Field(1, ge=1, description="training processes on this node; above 1 the assets launch "
-                           "`torchrun --standalone --nproc-per-node N` (DDP: one per GPU, or gloo on the CPU)")
+    launcher: Literal["process", "torchrun", "ray"] = Field(
+        "process", description="how the assets launch the training command: 'process', one process; 'torchrun', "
+        "`torchrun --standalone --nproc-per-node <processes>` on this node; 'ray', <processes> Ray Train workers on a Ray "
+        "cluster (training/ray_train.py)"
+    )
+    processes: int = Field(1, ge=1, description="training processes (launcher torchrun or ray): one per GPU, or gloo "
+                           "processes on CPUs; each takes its share of every batch (DDP or FSDP, see `strategy`)")
+    ray_address: str = Field("", description="launcher ray: the cluster to join ('auto', 'ray://host:10001'); empty: "
+                             "$RAY_ADDRESS, else a local cluster")
     shuffle_window: int = Field(
         16384, ge=1, description="rows in memory while training on stored data: their row groups are shuffled, then the "
         "rows within each window of this many (see training/shuffle.py); all rows fit: one shuffle over all"
@@ -88,6 +102,13 @@ class TrainingSettings(LossSettings):
         "same", description="the divergence of on-policy batches ('same': `divergence`). DistiLLM-2: skew_kl on the fixed "
         "(teacher) data, skew_reverse_kl on the student's samples"
     )
+
+    @model_validator(mode="after")
+    def _launcher_for_processes(self):
+        if self.processes > 1 and self.launcher == "process":
+            raise ValueError(f"processes={self.processes} needs a launcher that starts them: set launcher 'torchrun' "
+                             "(this node) or 'ray' (a Ray cluster), or processes 1")
+        return self
 
     def loss(self, source: str = "fixed") -> LossSettings:
         """The loss a batch from `source` ('fixed' or 'on_policy') is trained with: the divergence
@@ -316,19 +337,22 @@ def run_fingerprint(config: DistillConfig) -> str:
     return hashlib.sha256(json.dumps([settings, inputs], sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run(config: DistillConfig) -> list[dict]:
+def run(config: DistillConfig, pipes=None) -> list[dict]:
     """Trains and writes the checkpoint, curve.json and distill_config.json to `output`; with
-    `checkpoint_every`, a killed run launched again resumes from its last checkpoint."""
+    `checkpoint_every`, a killed run launched again resumes from its last checkpoint. Rank 0 reports
+    progress every REPORT_EVERY steps, and at the end the checkpoint's weights hash: to the Dagster
+    run through `pipes` (launched by an asset, see `pipes_on_rank0`), else to stdout."""
     parallel.start_process_group(config.device)
     model, tokenizer = load_model(config.student)
     rollouts = config.rollouts or None
     if config.online is not None:
         device = training_device(config.device)
         rollouts = OnlineRollouts(model.to(device), tokenizer, config.online.teacher_engine(device), config.online, config.batch_size)
+    report = pipes.log.info if pipes is not None else (lambda line: print(line, flush=True))
 
     def log_progress(step: int, loss: float) -> None:
-        if step % 50 == 0 and parallel.is_writer():
-            print(f"step {step}/{config.steps} loss {loss:.4f}", flush=True)
+        if (step % REPORT_EVERY == 0 or step + 1 == config.steps) and parallel.is_writer():
+            report(f"step {step}/{config.steps} loss {loss:.4f}")
 
     state_dir = Path(config.state_dir or f"{config.output}.state")
     curve = train_student(model, tokenizer, config.data, config, log_progress, rollouts, config.teacher_vocab_size,
@@ -340,15 +364,37 @@ def run(config: DistillConfig) -> list[dict]:
         (output / "curve.json").write_text(json.dumps(curve))
         (output / "distill_config.json").write_text(config.model_dump_json(indent=2))
         shutil.rmtree(state_dir, ignore_errors=True)  # trained: nothing left to resume
+        trained = weights_hash(weights if weights is not None else model.state_dict())
+        report(f"trained {config.steps} steps, final loss {curve[-1]['loss']:.4f}, weights {trained}")
+        if pipes is not None:
+            pipes.report_custom_message({"weights_hash": trained, "final_loss": curve[-1]["loss"]})
     parallel.barrier()
     return curve
+
+
+@contextmanager
+def pipes_on_rank0():
+    """A Dagster Pipes connection when an asset launched this process and it is rank 0 (torchrun and
+    Ray Train set RANK), else None: one writer per session."""
+    if DAGSTER_PIPES_CONTEXT_ENV_VAR in os.environ and int(os.environ.get("RANK", "0")) == 0:
+        with open_dagster_pipes() as pipes:
+            yield pipes
+    else:
+        yield None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="JSON file with DistillConfig fields")
     args = parser.parse_args()
-    run(DistillConfig.model_validate_json(Path(args.config).read_text()))
+    config = DistillConfig.model_validate_json(Path(args.config).read_text())
+    if config.launcher == "ray":
+        from training.ray_train import train_on_ray
+
+        train_on_ray(config)
+        return
+    with pipes_on_rank0() as pipes:
+        run(config, pipes)
 
 
 if __name__ == "__main__":

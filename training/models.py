@@ -96,10 +96,11 @@ def load_generation_config(name_or_path: str, revision: str | None = None) -> Ge
         return None
 
 
-def weights_hash(model) -> str:
-    """sha256 over parameter names, shapes and bytes: the identity of a set of weights."""
+def weights_hash(model_or_state) -> str:
+    """sha256 over parameter names, shapes and bytes (of a model, or its state dict): the identity of a set of weights."""
+    state = model_or_state if isinstance(model_or_state, dict) else model_or_state.state_dict()
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         digest.update(name.encode())
         digest.update(json.dumps(list(tensor.shape)).encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
