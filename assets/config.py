@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 
 from training.curation import CurationSettings
 from training.distill import TrainingSettings
+from training.lora import LoraSettings
 from training.labeling import LabelingSettings
 from training.signal import SignalSettings
 
@@ -154,7 +155,17 @@ class CuratedConfig(CurationSettings, dg.Config):
                                                  "run's work directory, so more memory is faster, never required")
 
 
-class OfflineStudentConfig(TrainingSettings, dg.Config):
+class LoraConfig(LoraSettings, dg.Config):
+    """LoRA adapters instead of all weights (training/lora.py); the assets need `merge`."""
+
+
+class TrainingConfig(TrainingSettings, dg.Config):
+    """The training settings of offline_student and student_checkpoint, as Dagster config."""
+
+    lora: Optional[LoraConfig] = Field(None, description="train LoRA adapters instead of all weights; empty: all weights")
+
+
+class OfflineStudentConfig(TrainingConfig):
     """Offline distillation on the stored teacher signal (SeqKD or supervised KD); `mix` stays 0."""
 
     @model_validator(mode="after")
@@ -192,7 +203,7 @@ class OnlineRolloutsConfig(StudentRolloutsConfig, SignalSettings):
                             "a second copy of the student's weights)")
 
 
-class StudentCheckpointConfig(TrainingSettings, dg.Config):
+class StudentCheckpointConfig(TrainingConfig):
     """GKD from the parent checkpoint: a share λ (`mix`) of the batches from this round's scored
     rollouts. A round trains shorter and gentler than offline_student, so these defaults differ."""
 

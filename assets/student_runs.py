@@ -63,6 +63,8 @@ def distill_and_save(context: dg.AssetExecutionContext, store: Store, name: str,
     work/<name>/<partition>/ under the store, kept when the training fails or is killed, so that with
     `checkpoint_every` a re-run with the same settings and inputs resumes it. Returns (card, curve,
     the trained (model, tokenizer))."""
+    if settings.lora is not None and not settings.lora.merge:
+        raise ValueError(f"{name} is evaluated and served as a whole checkpoint: keep lora.merge true")
     for path in [*data, *rollouts]:
         check_compatible(pq.read_table(path, columns=["sample_id", "k", "topk_ids"]), start["vocab_size"], teacher["vocab_size"], settings.k)
     work = store.root / "work" / name / (partition or "all")  # stable: a killed training resumes from it

@@ -1,8 +1,9 @@
 """Training throughput and memory (issue 14): completion tokens/s of `python -m training.distill`
-with 1 process and under `torchrun --nproc-per-node 2` (DDP on gloo, the same global batch), and
-peak RSS per process with and without gradient checkpointing, for the embedded student and a
-~50M-parameter Llama built locally, on synthetic sparse teacher signal (top-20 per token). Each
-run is a fresh process (peak RSS belongs to it alone); tokens/s leaves out the first step (warm-up).
+with 1 process, under `torchrun --nproc-per-node 2` (DDP and FSDP2 on gloo, the same global batch),
+with gradient checkpointing and with LoRA (r 16 on every linear layer), and peak RSS per process,
+for the embedded student and a ~50M-parameter Llama built locally, on synthetic sparse teacher signal
+(top-20 per token). Each run is a fresh process (peak RSS belongs to it alone); tokens/s leaves out
+the first step (warm-up).
 
     .venv/bin/python bench/training_throughput.py [--steps 6]
 
@@ -28,6 +29,13 @@ sys.path.insert(0, str(ROOT))
 from training.models import STUDENT_ARCHITECTURE, Architecture, build_embedded, save_model  # noqa: E402
 
 K = 20
+ARMS = {  # name → settings
+    "1 process": {},
+    "2 processes, DDP": {"processes": 2, "launcher": "torchrun"},
+    "2 processes, FSDP2": {"processes": 2, "launcher": "torchrun", "strategy": "fsdp"},
+    "1 process, gradient checkpointing": {"gradient_checkpointing": True},
+    "1 process, LoRA r 16": {"lora": {"r": 16}},
+}
 STUDENTS = {  # name → (architecture, prompt tokens, completion tokens, sequences per batch)
     "embedded student": (STUDENT_ARCHITECTURE, 16, 96, 32),
     "~50M Llama": (Architecture(hidden_size=640, num_hidden_layers=10, num_attention_heads=10, intermediate_size=1792,
@@ -62,11 +70,11 @@ def signal_rows(n: int, prompt: int, completion: int, vocab: int, seed: int = 0)
     })
 
 
-def train(directory: Path, name: str, processes: int, checkpointing: bool, steps: int, batch_size: int) -> dict:
+def train(directory: Path, name: str, arm: dict, steps: int, batch_size: int) -> dict:
     config = {"student": str(directory / "student"), "data": [str(directory / "data.parquet")], "output": str(directory / name),
-              "steps": steps, "batch_size": batch_size, "warmup_steps": 0, "gradient_checkpointing": checkpointing,
-              "device": "cpu", "processes": processes}
+              "steps": steps, "batch_size": batch_size, "warmup_steps": 0, "device": "cpu", **arm}
     (directory / f"{name}.json").write_text(json.dumps(config))
+    processes = arm.get("processes", 1)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"] if processes > 1 else [sys.executable]
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}
     done = subprocess.run([*launcher, str(directory / "child.py"), str(directory / f"{name}.json")], capture_output=True, text=True,
@@ -95,11 +103,10 @@ def main() -> None:
             pq.write_table(signal_rows(args.steps * batch_size, prompt, completion, len(tokenizer)), directory / "data.parquet")
             print(f"\n{student}: {parameters / 1e6:.1f}M parameters, batches of {batch_size} × ({prompt} prompt + {completion} "
                   "completion tokens)")
-            for processes, checkpointing in [(1, False), (2, False), (1, True)]:
-                figures = train(directory, f"p{processes}-gc{int(checkpointing)}", processes, checkpointing, args.steps, batch_size)
-                print(f"  {processes} process{'es' if processes > 1 else '  '}, gradient checkpointing {'on ' if checkpointing else 'off'}: "
-                      f"{figures['tokens_per_s']:>8,.0f} completion tokens/s, peak RSS {figures['peak_rss_mib']:>6,.0f} MiB per process, "
-                      f"final loss {figures['final_loss']:.4f}")
+            for index, (arm, settings) in enumerate(ARMS.items()):
+                figures = train(directory, f"arm{index}", settings, args.steps, batch_size)
+                print(f"  {arm:<34} {figures['tokens_per_s']:>8,.0f} completion tokens/s, peak RSS {figures['peak_rss_mib']:>6,.0f} MiB "
+                      f"per process, final loss {figures['final_loss']:.4f}")
 
 
 if __name__ == "__main__":

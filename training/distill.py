@@ -42,6 +42,7 @@ from training.batches import list_lengths
 from training.chat import prompt_ids_for
 from training.divergences import DIVERGENCES
 from training.kd import LossSettings, sparse_batch, sparse_kd_loss
+from training.lora import LoraSettings, save_lora, with_lora
 from training.models import load_model, save_model, weights_hash
 from training.online import OnlineRollouts, OnlineSettings
 from training.optim import adamw, cosine_lr
@@ -95,6 +96,8 @@ class TrainingSettings(LossSettings):
         "ddp", description="with processes > 1: 'ddp', a whole model per process; 'fsdp' (FSDP2), parameters, gradients "
         "and optimizer state sharded over the processes, for students that do not fit one device"
     )
+    lora: Optional[LoraSettings] = Field(None, description="train LoRA adapters instead of all weights (training/lora.py); "
+                                         "empty: all weights")
     checkpoint_every: Optional[int] = Field(
         None, ge=1, description="steps between resumable checkpoints (weights, optimizer, RNG, data position); empty: none"
     )
@@ -108,6 +111,8 @@ class TrainingSettings(LossSettings):
         if self.processes > 1 and self.launcher == "process":
             raise ValueError(f"processes={self.processes} needs a launcher that starts them: set launcher 'torchrun' "
                              "(this node) or 'ray' (a Ray cluster), or processes 1")
+        if self.lora is not None and self.strategy == "fsdp":
+            raise ValueError("LoRA trains with strategy 'ddp' (its trainable weights are small); 'fsdp' with LoRA is not supported")
         return self
 
     def loss(self, source: str = "fixed") -> LossSettings:
@@ -344,6 +349,8 @@ def run(config: DistillConfig, pipes=None) -> list[dict]:
     run through `pipes` (launched by an asset, see `pipes_on_rank0`), else to stdout."""
     parallel.start_process_group(config.device)
     model, tokenizer = load_model(config.student)
+    if config.lora is not None:
+        model = with_lora(model, config.lora, config.gradient_checkpointing)
     rollouts = config.rollouts or None
     if config.online is not None:
         device = training_device(config.device)
@@ -360,7 +367,10 @@ def run(config: DistillConfig, pipes=None) -> list[dict]:
     weights = parallel.gathered_weights(model)
     if parallel.is_writer():
         output = Path(config.output)
-        save_model(model, tokenizer, output, weights)
+        if config.lora is not None:
+            model = save_lora(model, tokenizer, output, config.lora.merge)
+        else:
+            save_model(model, tokenizer, output, weights)
         (output / "curve.json").write_text(json.dumps(curve))
         (output / "distill_config.json").write_text(config.model_dump_json(indent=2))
         shutil.rmtree(state_dir, ignore_errors=True)  # trained: nothing left to resume
