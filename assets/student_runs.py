@@ -46,7 +46,8 @@ def _launch_distill(context: dg.AssetExecutionContext, run: DistillConfig, work:
     with dg.PipesEnvContextInjector().inject_context(context_data) as injected, handler.handle_messages() as reading:
         session = dg.PipesSession(context_data=context_data, message_handler=handler, context_injector_params=injected,
                                   message_reader_params=reading, context=context)
-        done = subprocess.run([*launcher, "-m", "training.distill", "--config", config_path], stderr=subprocess.PIPE, text=True, env={**os.environ, **session.get_bootstrap_env_vars()})
+        done = subprocess.run([*launcher, "-m", "training.distill", "--config", config_path], stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, **session.get_bootstrap_env_vars()})
     if done.returncode != 0:
         raise RuntimeError(f"training.distill failed:\n{done.stderr[-3000:]}")
     reported = {key: value for message in session.get_custom_messages() for key, value in message.items()}
@@ -77,8 +78,11 @@ def distill_and_save(context: dg.AssetExecutionContext, store: Store, name: str,
     curve, reported = _launch_distill(context, run, work)
     model, tokenizer = load_model(run.output)
     trained = model_card(name, model, tokenizer)
-    if reported.get("weights_hash") != trained["weights_hash"]:
-        raise RuntimeError(f"the training reported weights {reported.get('weights_hash')}, but {run.output} holds "
+    if "weights_hash" not in reported:
+        raise RuntimeError("the training command ended without reporting its weights through Dagster Pipes (rank 0 reports "
+                           "them): see the run's log for its output")
+    if reported["weights_hash"] != trained["weights_hash"]:
+        raise RuntimeError(f"the training reported weights {reported['weights_hash']}, but {run.output} holds "
                            f"{trained['weights_hash']}: the checkpoint was changed after it was written; run it again")
     saved = store.save_model(name, {**trained, **(card or {})},
                              lambda directory: shutil.copytree(run.output, directory), partition=partition)

@@ -172,57 +172,62 @@ def test_online_rollouts_append_each_on_policy_batch_with_its_policy_step(tiny_m
         DistillConfig(student="", data=[], output="", mix=1.0, online=settings, processes=2, launcher="torchrun")
 
 
-def test_a_killed_training_resumes_along_the_same_curve(tiny_model_dir, labeled, tmp_path):
-    """`python -m training.distill` with checkpoint_every, killed with kill -9 after a checkpoint and
-    launched again, resumes from it and ends on the curve of an uninterrupted training. The data
-    streams from two files in windows of 16 of its 48 rows, so the resumed position is mid-stream."""
+def test_two_processes_killed_and_resumed_follow_the_curve_of_one(tiny_model_dir, labeled, tmp_path):
+    """`torchrun --nproc-per-node 2 -m training.distill` (DDP on gloo, two CPU processes, micro-batches
+    of unequal counts) with checkpoint_every, killed with kill -9 after a checkpoint and launched
+    again, resumes from it and ends on the loss curve of one uninterrupted process with the same
+    global batch; rank 0 writes the whole model. The data streams from two files in windows of 16
+    of its 48 rows, so the resumed position is mid-stream."""
     data = [str(tmp_path / "part-0.parquet"), str(tmp_path / "part-1.parquet")]
     pq.write_table(labeled.slice(0, 24), data[0], row_group_size=8)
     pq.write_table(labeled.slice(24), data[1], row_group_size=8)
-    settings = dict(student=str(tiny_model_dir), data=data, steps=60, batch_size=8, shuffle_window=16,
+    settings = dict(student=str(tiny_model_dir), data=data, steps=40, batch_size=7, micro_batch_size=2, shuffle_window=16,
                     learning_rate=3e-3, warmup_steps=2, nll_weight=1.0)
     model, tokenizer = load_model(str(tiny_model_dir))
-    uninterrupted = train_student(model, tokenizer, data, DistillConfig(**settings, output=""))
+    one = train_student(model, tokenizer, data, DistillConfig(**settings, output=""))
 
     output = tmp_path / "student"
-    (tmp_path / "run.json").write_text(DistillConfig(**settings, output=str(output), checkpoint_every=10).model_dump_json())
-    command = [sys.executable, "-m", "training.distill", "--config", str(tmp_path / "run.json")]
+    config = DistillConfig(**settings, output=str(output), checkpoint_every=10, launcher="torchrun", processes=2)
+    (tmp_path / "run.json").write_text(config.model_dump_json())
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "training.distill", "--config", str(tmp_path / "run.json")]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     latest = tmp_path / "student.state" / "latest.json"
-    training = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    training = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment, start_new_session=True)
     while not (latest.exists() and json.loads(latest.read_text())["step"] >= 19):
         assert training.poll() is None, "the training ended before it could be killed"
         time.sleep(0.01)
-    os.kill(training.pid, signal.SIGKILL)
+    os.killpg(training.pid, signal.SIGKILL)  # torchrun and both ranks
     training.wait()
     killed_after = json.loads(latest.read_text())["step"]
-    assert 19 <= killed_after < 59 and not (output / "curve.json").exists()
+    assert 19 <= killed_after < 39 and not (output / "curve.json").exists()
 
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=environment, timeout=180)
     resumed = json.loads((output / "curve.json").read_text())
-    assert [c["step"] for c in resumed] == list(range(60))
-    assert [c["loss"] for c in resumed] == pytest.approx([c["loss"] for c in uninterrupted], rel=1e-5)
+    assert [c["step"] for c in resumed] == list(range(40))
+    assert [c["completion_tokens"] for c in resumed] == [c["completion_tokens"] for c in one]
+    assert [c["loss"] for c in resumed] == pytest.approx([c["loss"] for c in one], rel=1e-4)
     assert not (tmp_path / "student.state").exists()  # trained: the resumable state is removed
+    trained, _ = load_model(str(output))  # written once, by rank 0, whole
+    torch.testing.assert_close(trained.state_dict(), model.state_dict(), rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.parametrize("launcher, strategy", [("torchrun", "ddp"), ("ray", "fsdp")])
-def test_two_processes_follow_the_curve_of_one(tiny_model_dir, labeled, tmp_path, launcher, strategy):
-    """Two CPU processes on gloo, started by `torchrun --nproc-per-node 2 -m training.distill` (DDP)
-    or by the command itself as Ray Train workers on a local Ray cluster (`launcher: ray`, FSDP2),
-    give the loss curve of one process with the same global batch, with micro-batches of unequal
-    counts, and rank 0 writes the whole model."""
+def test_ray_train_workers_with_fsdp_follow_the_curve_of_one(tiny_model_dir, labeled, tmp_path):
+    """`launcher: ray`: the command starts two Ray Train workers on a local Ray cluster (gloo, FSDP2),
+    which give the loss curve of one process with the same global batch, and rank 0 writes the whole
+    model."""
     pq.write_table(labeled, tmp_path / "data.parquet")
     settings = dict(student=str(tiny_model_dir), data=[str(tmp_path / "data.parquet")], steps=10, batch_size=7, micro_batch_size=2,
-                    learning_rate=3e-3, warmup_steps=2, nll_weight=1.0, strategy=strategy)
+                    learning_rate=3e-3, warmup_steps=2, nll_weight=1.0, strategy="fsdp")
     model, tokenizer = load_model(str(tiny_model_dir))
     one = train_student(model, tokenizer, labeled, DistillConfig(**settings, output=""))
-    (tmp_path / "run.json").write_text(DistillConfig(**settings, output=str(tmp_path / "student"), launcher=launcher, processes=2).model_dump_json())
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] if launcher == "torchrun" else [sys.executable]
-    subprocess.run([*command, "-m", "training.distill", "--config", str(tmp_path / "run.json")], check=True, stdout=subprocess.DEVNULL,
+    (tmp_path / "run.json").write_text(DistillConfig(**settings, output=str(tmp_path / "student"), launcher="ray", processes=2).model_dump_json())
+    subprocess.run([sys.executable, "-m", "training.distill", "--config", str(tmp_path / "run.json")], check=True, stdout=subprocess.DEVNULL,
                    env={**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}, timeout=180)
     two = json.loads((tmp_path / "student" / "curve.json").read_text())
     assert [c["completion_tokens"] for c in two] == [c["completion_tokens"] for c in one]
     assert [c["loss"] for c in two] == pytest.approx([c["loss"] for c in one], rel=1e-4)
-    trained, _ = load_model(str(tmp_path / "student"))  # written once, by rank 0, whole
+    trained, _ = load_model(str(tmp_path / "student"))
     torch.testing.assert_close(trained.state_dict(), model.state_dict(), rtol=1e-3, atol=1e-5)
 
 
@@ -239,7 +244,7 @@ def test_lora_trains_only_the_adapter_and_saves_it_merged(tiny_model_dir, labele
     config = DistillConfig(student=str(tiny_model_dir), data=[str(tmp_path / "data.parquet")], output=str(tmp_path / "student"),
                            steps=20, batch_size=8, learning_rate=5e-2, warmup_steps=0, nll_weight=1.0, lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
     losses = [c["loss"] for c in run(config)]
-    assert losses == sorted(losses, reverse=True) and losses[-1] < losses[0] - 0.05
+    assert sum(losses[-5:]) < sum(losses[:5]) - 0.2
     from peft import PeftModel
 
     base, _ = load_model(str(tiny_model_dir))

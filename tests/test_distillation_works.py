@@ -12,14 +12,14 @@ def test_offline_distillation_raises_exact_match(instance, distill_home):
     result = defs.resolve_job_def("distill_offline").execute_in_process(
         instance=instance,
         run_config={"ops": {
-            "seed_prompts": {"config": {"num_prompts": 1024}}, "eval_set": {"config": {"num_prompts": 120}},
+            "seed_prompts": {"config": {"num_prompts": 768}}, "eval_set": {"config": {"num_prompts": 120}},
             "expanded": {"config": {"num_expanded": 128, "num_evolved": 64}}, "synthesized": {"config": {"num_synthesized": 128}},
             # the reference-solution teacher on half batches (700 × 40: 0.975 on 120 problems, half the default's time);
             # the default one, with corrections and varied steps, trains 900 × 80 (bench/teacher.py)
             "teacher_model": {"config": {"eval_problems": 120, "train_steps": 700, "batch_size": 40, "correction_share": 0.0,
                                          "varied_steps": False}},
             "student_model": {"config": {"eval_problems": 120, "varied_steps": False}},  # the warm start of that teacher's style
-            "offline_student": {"config": {"steps": 300}},
+            "offline_student": {"config": {"steps": 240}},
         }},
     )
     assert result.success

@@ -350,7 +350,7 @@ def run(config: DistillConfig, pipes=None) -> list[dict]:
     parallel.start_process_group(config.device)
     model, tokenizer = load_model(config.student)
     if config.lora is not None:
-        model = with_lora(model, config.lora, config.gradient_checkpointing)
+        model = with_lora(model, config.lora, config.seed, config.gradient_checkpointing)
     rollouts = config.rollouts or None
     if config.online is not None:
         device = training_device(config.device)

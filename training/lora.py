@@ -10,6 +10,7 @@ vLLM load like any other.
 
 from pathlib import Path
 
+import torch
 from pydantic import BaseModel, Field
 
 from training.models import save_model
@@ -24,9 +25,11 @@ class LoraSettings(BaseModel):
     merge: bool = Field(True, description="also write the student with the adapter merged in, as a whole checkpoint")
 
 
-def with_lora(model, settings: LoraSettings, gradient_checkpointing: bool = False):
-    """The model with LoRA adapters on its target layers, everything else frozen (a peft model)."""
+def with_lora(model, settings: LoraSettings, seed: int, gradient_checkpointing: bool = False):
+    """The model with LoRA adapters on its target layers (A drawn from `seed`), everything else frozen (a peft model)."""
     from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
 
     targets = "all-linear" if settings.target_modules == ["all-linear"] else settings.target_modules
     adapted = get_peft_model(model, LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
