@@ -14,6 +14,7 @@ other benchmarks, which run with bench/ first on sys.path.)
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -81,7 +82,7 @@ def train(directory: Path, name: str, arm: dict, steps: int, batch_size: int) ->
                           env=environment)
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
-    ranks = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"rank"')]
+    ranks = [json.loads(line) for line in re.findall(r'\{"rank"[^}]*\}', done.stdout)]  # ranks' lines may interleave
     curve = json.loads((directory / name / "curve.json").read_text())
     seconds = curve[-1]["seconds"] - curve[0]["seconds"]
     return {"tokens_per_s": sum(c["completion_tokens"] for c in curve[1:]) / seconds,
