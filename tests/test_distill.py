@@ -214,16 +214,17 @@ def test_two_processes_killed_and_resumed_follow_the_curve_of_one(tiny_model_dir
 
 def test_ray_train_workers_with_fsdp_follow_the_curve_of_one(tiny_model_dir, labeled, tmp_path):
     """`launcher: ray`: the command starts two Ray Train workers on a local Ray cluster (gloo, FSDP2),
-    which give the loss curve of one process with the same global batch, and rank 0 writes the whole
-    model."""
+    which give the loss curve of one process with the same global batch; rank 0's reports reach the
+    driver, and rank 0 writes the whole model."""
     pq.write_table(labeled, tmp_path / "data.parquet")
     settings = dict(student=str(tiny_model_dir), data=[str(tmp_path / "data.parquet")], steps=10, batch_size=7, micro_batch_size=2,
                     learning_rate=3e-3, warmup_steps=2, nll_weight=1.0, strategy="fsdp")
     model, tokenizer = load_model(str(tiny_model_dir))
     one = train_student(model, tokenizer, labeled, DistillConfig(**settings, output=""))
     (tmp_path / "run.json").write_text(DistillConfig(**settings, output=str(tmp_path / "student"), launcher="ray", processes=2).model_dump_json())
-    subprocess.run([sys.executable, "-m", "training.distill", "--config", str(tmp_path / "run.json")], check=True, stdout=subprocess.DEVNULL,
-                   env={**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}, timeout=180)
+    done = subprocess.run([sys.executable, "-m", "training.distill", "--config", str(tmp_path / "run.json")], check=True,
+                          stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}, timeout=180)
+    assert "step 9/10 loss" in done.stdout  # rank 0's reports, relayed to the driver
     two = json.loads((tmp_path / "student" / "curve.json").read_text())
     assert [c["completion_tokens"] for c in two] == [c["completion_tokens"] for c in one]
     assert [c["loss"] for c in two] == pytest.approx([c["loss"] for c in one], rel=1e-4)

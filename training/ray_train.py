@@ -6,25 +6,57 @@ Train sets RANK, WORLD_SIZE and LOCAL_RANK and opens the process group (gloo on 
 GPUs) before each worker calls `training.distill.run`, so every worker is one rank of the same
 data-parallel training as under torchrun (DDP or FSDP, `strategy`). Paths are made absolute, because
 Ray workers run in their own directory; on several nodes they must be on a filesystem every node
-sees. The Dagster Pipes variables are passed on, so that rank 0 reports to the asset's run.
+sees. With `device: auto` the driver's machine decides between GPUs and CPUs; set `device: cuda`
+when only the workers have GPUs.
+
+Rank 0's reports (progress lines, the final weights hash) travel through a Ray queue to the driver,
+which runs beside the asset that launched it and passes them on to its Dagster Pipes session: a
+worker on another node could not reach the session's message file.
 """
 
 import os
+import threading
 from pathlib import Path
+from queue import Empty
+from types import SimpleNamespace
 
 from training.distill import DistillConfig, pipes_on_rank0, run, training_device
 
 
-def train_worker(config: dict) -> None:
+def relayed(reports):
+    """What `run` reports through, on rank 0: each line and message put on the driver's queue."""
+    return SimpleNamespace(log=SimpleNamespace(info=lambda line: reports.put(("log", line))),
+                           report_custom_message=lambda message: reports.put(("message", message)))
+
+
+def train_worker(arguments: dict) -> None:
     """One Ray Train worker: one rank of the training (the process group is already open)."""
-    with pipes_on_rank0() as pipes:
-        run(DistillConfig.model_validate(config), pipes)
+    rank = int(os.environ.get("RANK", "0"))
+    run(DistillConfig.model_validate(arguments["config"]), relayed(arguments["reports"]) if rank == 0 else None)
+
+
+def pass_on(reports, pipes, stop: threading.Event) -> None:
+    """The driver's side: rank 0's reports into the Pipes session (printed without one), until `stop`."""
+    while True:
+        try:
+            kind, value = reports.get(timeout=0.2)
+        except Empty:
+            if stop.is_set():
+                return
+            continue
+        if pipes is None:
+            print(value, flush=True)
+        elif kind == "log":
+            pipes.log.info(value)
+        else:
+            pipes.report_custom_message(value)
 
 
 def train_on_ray(config: DistillConfig) -> None:
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
 
     local = {name: str(Path(path).absolute()) for name, path in [("output", config.output), ("state_dir", config.state_dir)] if path}
     config = config.model_copy(update={
@@ -32,20 +64,25 @@ def train_on_ray(config: DistillConfig) -> None:
         "student": str(Path(config.student).absolute()) if Path(config.student).exists() else config.student,
     })
     gpus = config.device != "cpu" and (config.device != "auto" or training_device("auto").type == "cuda")
-    pipes = {name: value for name, value in os.environ.items() if name.startswith("DAGSTER_PIPES_")}
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=config.ray_address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-                 runtime_env={"env_vars": pipes}, log_to_driver=True)
+        ray.init(address=config.ray_address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
+    stop = threading.Event()
     try:
-        trainer = TorchTrainer(
-            train_worker, train_loop_config=config.model_dump(mode="json"),
-            torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
-            scaling_config=ScalingConfig(num_workers=config.processes, use_gpu=gpus),
-            run_config=RunConfig(storage_path=str(Path(config.output).absolute().parent / "ray_train"),
-                                 name=Path(config.output).name),
-        )
-        trainer.fit()
+        with pipes_on_rank0() as pipes:
+            reports = Queue(actor_options={"num_cpus": 0})
+            relay = threading.Thread(target=pass_on, args=(reports, pipes, stop))
+            relay.start()
+            try:
+                TorchTrainer(
+                    train_worker, train_loop_config={"config": config.model_dump(mode="json"), "reports": reports},
+                    torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+                    scaling_config=ScalingConfig(num_workers=config.processes, use_gpu=gpus),
+                    run_config=RunConfig(storage_path=str(Path(config.output).parent / "ray_train"), name=Path(config.output).name),
+                ).fit()
+            finally:
+                stop.set()
+                relay.join()
     finally:
         if started_here:
             ray.shutdown()
