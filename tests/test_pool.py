@@ -15,7 +15,7 @@ MODEL_ASSETS = {
     "teacher_model", "student_model", "teacher_labeled", "expanded", "synthesized", "offline_student", "evals",
     "student_rollouts", "teacher_feedback", "student_checkpoint", "online_feedback", "round_eval",
 }
-HOLD_SECONDS = 3.0
+HOLD_SECONDS = 2.0
 
 
 @dg.op(pool="accelerator", config_schema={"log": str})

@@ -117,7 +117,7 @@ def test_graphql_reads_the_round_graph_and_launches_a_round(webserver):
         status = status["runOrError"]["status"]
         if status in ("SUCCESS", "FAILURE", "CANCELED"):
             break
-        time.sleep(2)
+        time.sleep(0.5)
     assert status == "SUCCESS"
     materialized = graphql(webserver, """{ assetNodeOrError(assetKey: {path: ["round_eval"]}) { ... on AssetNode {
         assetMaterializations(partitions: ["r001"]) { partition runId } } } }""")
