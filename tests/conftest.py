@@ -181,14 +181,3 @@ def copy_store(template, destination):
     store = Store(destination)
     refresh_catalog(store)
     return store
-
-
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray cluster (2 CPUs) for the tests on Ray, started once: the executor's replicas run in
-    it from this process, and the training launcher's driver joins it by address (`RAY_ADDRESS`)."""
-    import ray
-
-    context = ray.init(num_cpus=2, include_dashboard=False)
-    yield context.address_info["gcs_address"]
-    ray.shutdown()

@@ -103,7 +103,7 @@ def test_a_killed_labeling_resumes_where_it_stopped(reference):
     assert again_ids == sample_ids and np.array_equal(again_logprobs, logprobs)
 
 
-def test_ray_replicas_give_the_rows_of_a_local_run(reference, ray_cluster):
+def test_ray_replicas_give_the_rows_of_a_local_run(reference):
     run_config, (sample_ids, logprobs), directory = reference
     figures = label(directory / "ray", run_config, ShardExecutor(executor="ray", shard_size=SHARD_SIZE, replicas=2))
     assert figures["executor"].value == "ray" and figures["shards"].value == PROMPTS // SHARD_SIZE
