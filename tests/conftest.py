@@ -107,7 +107,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session", autouse=True)
 def vllm_server_process(request, tmp_path_factory):
     """One real `vllm.entrypoints.openai.api_server` on 127.0.0.1 for the session, launched before the
-    first test when any collected test needs it, so that its start-up (~40 s) overlaps other tests.
+    first test when any collected test needs it, so that its start-up (~40 s) overlaps other tests; at
+    the lowest CPU priority (nice 19), so that it takes the cores only where the tests leave them idle.
     It requires an API key, given to it (and to the engines) through the environment only."""
     if not request.config.starts_vllm_server:
         yield None
@@ -119,7 +120,7 @@ def vllm_server_process(request, tmp_path_factory):
     log = open(tmp_path_factory.mktemp("vllm_server") / "server.log", "w")
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_API_KEY": SERVER_API_KEY}
     server = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir),
+        ["nice", "-n", "19", sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir),
          "--host", "127.0.0.1", "--port", str(port), "--max-logprobs", str(VLLM_MAX_LOGPROBS),
          "--dtype", "float32", "--max-model-len", "128", "--enforce-eager"],
         stdout=log, stderr=subprocess.STDOUT, env=env,
