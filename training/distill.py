@@ -240,8 +240,9 @@ def train_student(model, tokenizer, data: pa.Table | list[str] | Iterator[pa.Tab
         raise ValueError(f"mix λ={settings.mix} needs rollouts")
     torch.manual_seed(settings.seed)
     streams = {"fixed": stream(data, "fixed", settings.seed)}
-    first = streams["fixed"].blocks[0].read() if isinstance(streams["fixed"], ShuffledBatches) else None
-    temperature = float(first["temperature"][0].as_py()) if first is not None and "temperature" in first.column_names else objective.temperature
+    first = streams["fixed"].blocks[0] if isinstance(streams["fixed"], ShuffledBatches) else None
+    temperature = (float(first.read(["temperature"])["temperature"][0].as_py()) if first is not None and "temperature" in first.column_names()
+                   else objective.temperature)
     if rollouts is not None:
         streams["on_policy"] = stream(rollouts, "on-policy", settings.seed + 1)
     coin = torch.Generator().manual_seed(settings.seed + len(streams))
@@ -374,7 +375,7 @@ def run(config: DistillConfig, pipes=None) -> list[dict]:
         (output / "curve.json").write_text(json.dumps(curve))
         (output / "distill_config.json").write_text(config.model_dump_json(indent=2))
         shutil.rmtree(state_dir, ignore_errors=True)  # trained: nothing left to resume
-        trained = weights_hash(weights if weights is not None else model.state_dict())
+        trained = weights_hash(weights if weights is not None else model)
         report(f"trained {config.steps} steps, final loss {curve[-1]['loss']:.4f}, weights {trained}")
         if pipes is not None:
             pipes.report_custom_message({"weights_hash": trained, "final_loss": curve[-1]["loss"]})

@@ -30,7 +30,6 @@ def with_lora(model, settings: LoraSettings, seed: int, gradient_checkpointing: 
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-
     targets = "all-linear" if settings.target_modules == ["all-linear"] else settings.target_modules
     adapted = get_peft_model(model, LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                                                target_modules=targets, task_type="CAUSAL_LM"))

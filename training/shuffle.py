@@ -41,6 +41,9 @@ class Block:
             return self.table if columns is None else self.table.select(columns)
         return pq.ParquetFile(self.path).read_row_group(self.group, columns=columns)
 
+    def column_names(self) -> list[str]:
+        return self.table.column_names if self.table is not None else pq.ParquetFile(self.path).schema_arrow.names
+
 
 def blocks_of(source: pa.Table | list) -> list[Block]:
     """A table as one block, or every row group of the Parquet files `source`, in order."""
