@@ -60,7 +60,7 @@ def _publish_written(context, store: Store, model_engine: ModelEngine, shard_exe
     source = store.write_work_file(instructions, f"{name}.instructions.parquet")
     writing = SamplingParams(1, config.write_temperature, 1.0, config.write_max_new_tokens, config.seed)
     step = functools.partial(write_and_label_shard, writing=writing, labeling=LabelingSettings(**config.model_dump()), card=card, task=task, system_prompt=system_prompt,
-                             run_id=context.run_id)
+                             run_id=context.run.run_id)
     work = ShardWork(name, [source], {"teacher": (model_engine.model_dump(), card, store.root / "cache")}, step,
                      settings={"config": config.model_dump(), "engine": model_engine.backend})
     shards, metrics = shard_executor.run(context, store, work, None, inputs)
@@ -137,7 +137,7 @@ def curated(context: dg.AssetExecutionContext, config: CuratedConfig, store: dg.
     sources = {name: store.shard_paths(name) for name in names}
     inputs = {name: store.dataset_version(name) for name in [*names, "eval_set"]}
     eval_prompts = store.read_dataset("eval_set", columns=["prompt"])["prompt"].to_pylist()
-    work = store.root / "work" / "curated" / context.run_id  # DuckDB's database: it spills there past its memory limit
+    work = store.root / "work" / "curated" / context.run.run_id  # DuckDB's database: it spills there past its memory limit
     for killed in work.parent.glob("*"):  # what a killed curation left (its database and spill files)
         shutil.rmtree(killed, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -151,14 +151,14 @@ def curated(context: dg.AssetExecutionContext, config: CuratedConfig, store: dg.
             context.log.info("\n" + funnel_markdown(funnel))
             common = dict(config=config, inputs=inputs)
             dropped = connection.sql("SELECT * FROM dropped ORDER BY rowid").to_arrow_reader(DROPPED_ROWS_PER_SHARD)
-            shards = _shards(store, "curation_dropped", context.run_id, (pa.Table.from_batches([b]) for b in dropped), dropped.schema)
+            shards = _shards(store, "curation_dropped", context.run.run_id, (pa.Table.from_batches([b]) for b in dropped), dropped.schema)
             yield publish_dataset(context, store, "curation_dropped", shards, **common, metrics={"dropped": metrics["candidates"] - metrics["kept"]},
                                   preview=["sample_id", "origin", "filter", "reason"])
             report = pa.Table.from_pylist([{**f, "dropped": f["rows_in"] - f["rows_out"]} for f in funnel])
-            yield publish_dataset(context, store, "curation_report", with_constants(report, curation_run_id=context.run_id), **common,
+            yield publish_dataset(context, store, "curation_report", with_constants(report, curation_run_id=context.run.run_id), **common,
                                   metrics=metrics, preview=["filter", "rows_in", "rows_out"])
             display = {"funnel": dg.MetadataValue.md(funnel_markdown(funnel)), "funnel_chart": funnel_chart(funnel)}
-            yield publish_dataset(context, store, "curated", _shards(store, "curated", context.run_id, kept_rows(connection, sources)),
+            yield publish_dataset(context, store, "curated", _shards(store, "curated", context.run.run_id, kept_rows(connection, sources)),
                                   **common, metrics=metrics, preview=["sample_id", "origin", "prompt", "completion", "quality_score"],
                                   display=display)
     finally:

@@ -26,8 +26,8 @@ def _publish_prompts(context, store: Store, name: str, config: PromptSourceConfi
     split = embedded_split if config.source == "embedded" else config.split
     slices = prompt_tables(get_task(config.task), config.source, split, config.num_prompts, config.seed, config.files,
                            config.dataset, config.subset, config.prompt_column, config.answer_column, config.system_prompt,
-                           context.run_id)
-    writer, dropped = store.sharded_write(name, None, f"prompts-{context.run_id}"), collections.Counter()
+                           context.run.run_id)
+    writer, dropped = store.sharded_write(name, None, f"prompts-{context.run.run_id}"), collections.Counter()
     for table, reasons in slices:
         if table.num_rows:
             writer.append(table)
@@ -66,7 +66,7 @@ def teacher_labeled(context: dg.AssetExecutionContext, config: TeacherLabeledCon
     by shard (`shard_executor`)."""
     card = store.read_card("teacher")
     task = task_of(store.read_dataset("seed_prompts", columns=["task"]))
-    step = functools.partial(label_shard, settings=LabelingSettings(**config.model_dump()), card=card, task=task, run_id=context.run_id)
+    step = functools.partial(label_shard, settings=LabelingSettings(**config.model_dump()), card=card, task=task, run_id=context.run.run_id)
     work = ShardWork("teacher_labeled", store.shard_paths("seed_prompts"), {"teacher": (model_engine.model_dump(), card, store.root / "cache")},
                      step, settings={"config": config.model_dump(), "engine": model_engine.backend})
     inputs = {"seed_prompts": store.dataset_version("seed_prompts"), "teacher_model": card["weights_hash"]}

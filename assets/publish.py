@@ -65,7 +65,7 @@ def record_lineage(context: dg.AssetExecutionContext, store: Store, config: dg.C
     """One `lineage` row; `asset` names the output of a multi-asset (default: the context's asset)."""
     partition = context.partition_key if context.has_partition_key else None
     settings = config.model_dump() if config is not None else {}
-    store.append_lineage(lineage_row(_output_key(context, asset), partition, context.run_id, parent_round, inputs, settings, metrics))
+    store.append_lineage(lineage_row(_output_key(context, asset), partition, context.run.run_id, parent_round, inputs, settings, metrics))
 
 
 def publish_dataset(context: dg.AssetExecutionContext, store: Store, name: str, data: pa.Table | ShardedWrite, *,
@@ -108,6 +108,6 @@ def publish_evals(context: dg.AssetExecutionContext, store: Store, results: dict
     refreshes the catalog; returns (the file's path, the rows)."""
     rows = [{"model": name, "checkpoint": cards[name]["weights_hash"], "split": "eval", "metric": metric, "value": value}
             for name, metrics in results.items() for metric, value in metrics.items()]
-    path = store.append_evals(rows, context.run_id, round_key)
+    path = store.append_evals(rows, context.run.run_id, round_key)
     refresh_catalog(store)
     return str(path), rows

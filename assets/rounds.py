@@ -66,18 +66,18 @@ def claim_round(context: dg.AssetExecutionContext, store: Store):
     """Fails clearly when an older run of this round is still in progress, and holds the round's
     file lock while the asset works, so two launches of one round never mix their data."""
     key = context.partition_key
-    mine = context.instance.get_run_record_by_id(context.run_id)
+    mine = context.instance.get_run_record_by_id(context.run.run_id)
     older = [
         record.dagster_run.run_id
         for record in context.instance.get_run_records(dg.RunsFilter(statuses=IN_PROGRESS, tags={"dagster/partition": key}))
-        if record.dagster_run.run_id != context.run_id and mine is not None and record.create_timestamp < mine.create_timestamp
+        if record.dagster_run.run_id != context.run.run_id and mine is not None and record.create_timestamp < mine.create_timestamp
     ]
     if older:
         raise RuntimeError(
             f"round {key} is already being run by run {older[0]}: wait for it to finish (or cancel it in the UI), "
             "then re-run this round"
         )
-    with store.round_lock(key, f"run {context.run_id}, {', '.join(k.to_user_string() for k in sorted(context.selected_asset_keys))}"):
+    with store.round_lock(key, f"run {context.run.run_id}, {', '.join(k.to_user_string() for k in sorted(context.selected_asset_keys))}"):
         yield
 
 
@@ -101,7 +101,7 @@ def student_rollouts(context: dg.AssetExecutionContext, config: StudentRolloutsC
         prompts = draw_prompts(store.shard_paths(dataset), config.num_prompts, f"{config.seed}/{key}")
         sampling = SamplingParams(config.n, config.temperature, config.top_p, config.max_new_tokens, config.seed * 1000 + round_number(key))
         identity = {"student": parent, "student_weights_hash": card["weights_hash"], "tokenizer_hash": card["tokenizer_hash"],
-                    "round": key, "parent_round": previous, "run_id": context.run_id}
+                    "round": key, "parent_round": previous, "run_id": context.run.run_id}
         inputs = {dataset: store.dataset_version(dataset), "parent": parent, "parent_checkpoint": card["weights_hash"]}
         source = store.write_work_file(prompts, f"student_rollouts.prompts.{key}.parquet")
         work = ShardWork("student_rollouts", [source], {"student": (model_engine.model_dump(), card, None)},
@@ -163,7 +163,7 @@ def student_checkpoint(context: dg.AssetExecutionContext, config: StudentCheckpo
         raise FileNotFoundError(f"round {key} has no teacher_feedback yet: materialize teacher_feedback for {key} first, "
                                 "or train online (student_checkpoint config online: true)")
     with claim_round(context, store):
-        online = online_settings(store, config, model_engine, key, context.run_id, (parent, previous, card), teacher) if config.online else None
+        online = online_settings(store, config, model_engine, key, context.run.run_id, (parent, previous, card), teacher) if config.online else None
         feedback = [] if config.online else store.shard_paths("teacher_feedback", key)
         identity = {"round": key, "parent": parent, "parent_round": previous, "parent_checkpoint": card["weights_hash"],
                     "mix": config.mix, "online": config.online}
@@ -233,7 +233,7 @@ def publish_online_feedback(context: dg.AssetExecutionContext, store: Store, con
     """The online round's scored batches, one shard per on-policy step (read one at a time), published
     as online_feedback[r]; the batches and the drawn prompts are then removed."""
     batches = sorted(Path(online.batches).glob("step-*.parquet"))
-    writer = store.sharded_write("online_feedback", context.partition_key, f"online-{context.run_id}")
+    writer = store.sharded_write("online_feedback", context.partition_key, f"online-{context.run.run_id}")
     for index, path in enumerate(batches):
         writer.write(index, pq.read_table(path))
     result = publish_dataset(context, store, "online_feedback", writer, config=config, inputs=inputs,

@@ -1,12 +1,9 @@
 """The offline graph end to end through `dagster.materialize`, in a temporary DAGSTER_HOME."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import dagster as dg
-import pytest
 
 from assets.checks import (
     eval_disjoint_from_train,
@@ -21,6 +18,7 @@ from assets.models import student_model, teacher_model
 from assets.publish import rounded
 from assets.resources import ModelEngine, store_resource
 from assets.students import evals, offline_student
+from conftest import copy_store
 from pipelines.cli import main as distill
 from pipelines.definitions import defs
 from storage.catalog import query
@@ -56,10 +54,10 @@ def materialize(instance, selection=None, **overrides):
     )
 
 
-def test_offline_graph_end_to_end(instance, distill_home, capsys):
-    """The graph, a clean re-run, then on the same models: k above the stored k refused, overlong
-    prompts dropped or truncated and counted."""
-    result = materialize(instance)
+def test_offline_graph_end_to_end(instance, distill_home, tiny_offline_run, capsys):
+    """The graph (the session's tiny run), then on a copy of its store: a clean re-run, k above the
+    stored k refused, overlong prompts dropped or truncated and counted."""
+    template, result, streamed = tiny_offline_run
     assert result.success
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {
@@ -70,7 +68,7 @@ def test_offline_graph_end_to_end(instance, distill_home, capsys):
         "teacher_reaches_target": False,  # 30 training steps are far from the target: the check can fail
     }
 
-    store = Store(distill_home)
+    store = copy_store(template, distill_home)
     labeled = store.read_dataset("teacher_labeled")
     assert labeled.num_rows == 48  # 24 prompts × n=2
     row = labeled.slice(0, 1).to_pylist()[0]
@@ -101,7 +99,6 @@ def test_offline_graph_end_to_end(instance, distill_home, capsys):
     assert offline["trained_on"].value == "teacher_labeled" and offline["steps"].value == 20
     assert "data:image/png;base64," in offline["loss_curve"].value
     assert 0 <= offline["eval_greedy_exact_match"].value <= 1
-    streamed = [entry.user_message for entry in instance.all_logs(result.run_id) if entry.step_key == "offline_student"]
     assert any(m.startswith("step 0/20 loss") for m in streamed) and any(m.startswith("step 19/20 loss") for m in streamed)  # Pipes
     assert any(m.endswith(f"weights {offline['weights_hash'].value}") for m in streamed)
     figures = [entry.value for entries in (metadata, offline) for entry in entries.values() if isinstance(entry.value, float)]
@@ -173,11 +170,8 @@ def test_missing_prompt_column_names_the_columns(instance, distill_home):
 
 
 def test_definitions_load_and_validate(distill_home):
+    """What `dagster definitions validate` checks, in process (test_ui's webserver loads workspace.yaml)."""
+    dg.Definitions.validate_loadable(defs)
     assert {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()} >= {
         "teacher_model", "student_model", "seed_prompts", "eval_set", "teacher_labeled"
     }
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / "dagster"), "definitions", "validate"],
-        capture_output=True, text=True, cwd=Path(__file__).parent.parent,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
