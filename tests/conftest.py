@@ -103,8 +103,48 @@ def vllm_engine(tiny_model_dir):
     engine.close()
 
 
+@pytest.hookimpl(trylast=True)  # after -k and -m deselected what they deselect
 def pytest_collection_modifyitems(config, items):
     config.starts_vllm_server = any("vllm_server" in item.fixturenames for item in items)
+    background = [item for item in items if "offline_graph" in item.fixturenames]
+    items[:] = [item for item in items if item not in background] + background  # they read the background graph: last
+    config.starts_offline_graph = bool(background)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_graph_process(request, tmp_path_factory):
+    """test_distillation_works's offline graph (a teacher trained to its target: ~4 min on one core),
+    executed by Dagster in a background process launched before the first test, on one thread at the
+    lowest CPU priority (nice 19): it trains on the cycles the other tests leave idle (on 2 cores, about
+    a third of the suite's). Stopped at the session's end if it is still running."""
+    if not request.config.starts_offline_graph:
+        yield None
+        return
+    home = tmp_path_factory.mktemp("offline_graph")
+    (home / "dagster").mkdir()
+    env = {**os.environ, "DISTILL_HOME": str(home / "distill"), "DAGSTER_HOME": str(home / "dagster"), "OMP_NUM_THREADS": "1"}
+    log = open(home / "graph.log", "w")
+    script = os.path.join(os.path.dirname(__file__), "test_distillation_works.py")
+    process = subprocess.Popen(["nice", "-n", "19", sys.executable, script], stdout=log, stderr=subprocess.STDOUT, env=env)
+    yield process, home, log
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def offline_graph(offline_graph_process):
+    """The home (distill/, dagster/) of the background offline graph, once it finished successfully."""
+    process, home, log = offline_graph_process
+    try:
+        process.wait(timeout=1200)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    log.flush()
+    assert process.returncode == 0, (home / "graph.log").read_text()[-4000:]
+    return home
 
 
 @pytest.fixture(scope="session", autouse=True)
