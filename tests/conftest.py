@@ -115,8 +115,8 @@ def pytest_collection_modifyitems(config, items):
 def offline_graph_process(request, tmp_path_factory):
     """test_distillation_works's offline graph (a teacher trained to its target: ~4 min on one core),
     executed by Dagster in a background process launched before the first test, on one thread at the
-    lowest CPU priority (nice 19): it trains on the cycles the other tests leave idle (on 2 cores, about
-    a third of the suite's). Stopped at the session's end if it is still running."""
+    lowest CPU priority (nice 19): it trains on the cycles the other tests leave idle (most of them keep
+    one core busy, or wait on processes they start). Stopped at the session's end if it is still running."""
     if not request.config.starts_offline_graph:
         yield None
         return
@@ -136,13 +136,12 @@ def offline_graph_process(request, tmp_path_factory):
 @pytest.fixture(scope="session")
 def offline_graph(offline_graph_process):
     """The home (distill/, dagster/) of the background offline graph, once it finished successfully."""
-    process, home, log = offline_graph_process
+    process, home, _ = offline_graph_process
     try:
         process.wait(timeout=1200)
     except subprocess.TimeoutExpired:
         process.kill()
         raise
-    log.flush()
     assert process.returncode == 0, (home / "graph.log").read_text()[-4000:]
     return home
 
