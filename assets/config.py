@@ -46,7 +46,8 @@ class TeacherModelConfig(ModelConfig):
         0.25, ge=0, lt=1, description="embedded: share of the solutions that continue truly after a wrong step "
         "(so the teacher has an opinion on a student's mistakes)"
     )
-    varied_steps: bool = Field(True, description="embedded: write each step short or long at random (more than one valid way)")
+    varied_steps: bool = Field(False, description="embedded: write each step short or long at random (more than one valid way); "
+                               "off by default: the small student then spends its capacity on the style (bench/quality.py)")
 
 
 class StudentModelConfig(ModelConfig):
@@ -55,8 +56,8 @@ class StudentModelConfig(ModelConfig):
     micro_batch_size: Optional[int] = Field(32, ge=1, description="embedded: sequences per forward/backward, sorted by length (less padding)")
     instruction_share: float = Field(0.0, ge=0, lt=1, description="embedded: the student only solves")
     correction_share: float = Field(0.0, ge=0, lt=1, description="embedded: the warm start sees reference solutions only")
-    varied_steps: bool = Field(True, description="embedded: the warm start sees both ways of writing a step, as the "
-                               "teacher writes them (a pretrained student knows more than one way to write)")
+    varied_steps: bool = Field(False, description="embedded: the warm start sees both ways of writing a step (set it "
+                               "with the teacher's, so that the student starts in its teacher's style)")
 
 
 class PromptSourceConfig(dg.Config):

@@ -1,5 +1,6 @@
-"""The embedded teacher as `teacher_model` trains it, against today's recipe (reference solutions only):
-what each has to teach a student. Prints, per recipe, over eval problems:
+"""The embedded teacher as `teacher_model` trains it (corrections after a wrong step, reference-style
+steps), against reference solutions only and against corrections with varied steps (the previous
+default): what each has to teach a student. Prints, per recipe, over eval problems:
 
   greedy exact match                 the share of eval problems solved (target ≥ 0.95)
   corrected-prefix exact match       greedy continuation after a prefix with one wrong step (a
@@ -7,7 +8,7 @@ what each has to teach a student. Prints, per recipe, over eval problems:
   entropy, tail mass, off-argmax     on the teacher's own samples (T = 1): mean token entropy (nats,
                                      full distribution), mass beyond the top-20, 1 − p(argmax)
 
-    .venv/bin/python bench/teacher.py [--steps 900] [--correction-share 0.25] [--eval-problems 500]
+    .venv/bin/python bench/teacher.py [--steps 900] [--correction-share 0.25] [--eval-problems 500] [--recipes default]
 """
 
 import argparse
@@ -63,18 +64,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=config.train_steps)
     parser.add_argument("--correction-share", type=float, default=config.correction_share)
     parser.add_argument("--eval-problems", type=int, default=500)
+    parser.add_argument("--recipes", default="", help="comma-separated substrings of recipe names to run (default: all)")
     args = parser.parse_args()
     settings = TrainingSettings(objective="sft", steps=args.steps, batch_size=config.batch_size, micro_batch_size=config.micro_batch_size,
                                 learning_rate=config.learning_rate, warmup_steps=EMBEDDED_WARMUP_STEPS, seed=config.seed)
     recipes = {
-        "today (reference solutions)": {"correction_share": 0.0, "varied_steps": False},
-        f"new (corrections {args.correction_share}, varied steps)": {"correction_share": args.correction_share,
-                                                                    "varied_steps": config.varied_steps},
+        "reference solutions": {"correction_share": 0.0, "varied_steps": False},
+        f"corrections {args.correction_share}, varied steps (the previous default)": {"correction_share": args.correction_share,
+                                                                                      "varied_steps": True},
+        f"corrections {args.correction_share} (the default)": {"correction_share": args.correction_share, "varied_steps": False},
     }
     print(f"torch threads {torch.get_num_threads()}, {args.steps} steps of {config.batch_size}, {args.eval_problems} eval problems\n")
     print("| recipe | train s | greedy EM | corrected-prefix EM | entropy (nats) | tail mass (top-20) | 1 − p(argmax) |")
     print("|---|---|---|---|---|---|---|")
     for name, recipe in recipes.items():
+        if args.recipes and not any(part in name for part in args.recipes.split(",")):
+            continue
         model, tokenizer, _, accuracy, seconds = train_embedded(
             TEACHER_ARCHITECTURE, settings, args.eval_problems, instruction_share=config.instruction_share, **recipe
         )

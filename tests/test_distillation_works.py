@@ -18,10 +18,9 @@ RUN_CONFIG = {"ops": {
     "seed_prompts": {"config": {"num_prompts": 768}}, "eval_set": {"config": {"num_prompts": 120}},
     "expanded": {"config": {"num_expanded": 128, "num_evolved": 64}}, "synthesized": {"config": {"num_synthesized": 128}},
     # the reference-solution teacher on half batches (700 × 40: 0.975 on 120 problems, half the default's time);
-    # the default one, with corrections and varied steps, trains 900 × 80 (bench/teacher.py)
-    "teacher_model": {"config": {"eval_problems": 120, "train_steps": 700, "batch_size": 40, "correction_share": 0.0,
-                                 "varied_steps": False}},
-    "student_model": {"config": {"eval_problems": 120, "varied_steps": False}},  # the warm start of that teacher's style
+    # the default one, with corrections, trains 900 × 80 (bench/teacher.py)
+    "teacher_model": {"config": {"eval_problems": 120, "train_steps": 700, "batch_size": 40, "correction_share": 0.0}},
+    "student_model": {"config": {"eval_problems": 120}},
     "offline_student": {"config": {"steps": 240}},
 }}
 
