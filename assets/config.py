@@ -51,7 +51,7 @@ class TeacherModelConfig(ModelConfig):
 
 
 class StudentModelConfig(ModelConfig):
-    train_steps: int = Field(550, ge=1, description="embedded: SFT warm-start steps, landing the student between 20% and 60% exact match")
+    train_steps: int = Field(550, ge=1, description="embedded: SFT warm-start steps, landing the student well under its teacher (0.40–0.72 exact match over seeds 0–2)")
     batch_size: int = Field(64, ge=1)
     micro_batch_size: Optional[int] = Field(32, ge=1, description="embedded: sequences per forward/backward, sorted by length (less padding)")
     instruction_share: float = Field(0.0, ge=0, lt=1, description="embedded: the student only solves")
