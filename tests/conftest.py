@@ -1,6 +1,7 @@
 """Shared fixtures: tiny real chat models on disk, a vLLM engine and server on one of them, and a fresh
 DISTILL_HOME / DAGSTER_HOME per test."""
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -111,32 +112,44 @@ def pytest_collection_modifyitems(config, items):
     config.starts_offline_graph = bool(background)
 
 
+@contextlib.contextmanager
+def niced_process(command: list[str], log_path, env: dict):
+    """`command` in the background at the lowest CPU priority (nice 19), so that it takes the cores only
+    where the tests leave them idle; output to `log_path`; stopped on exit if still running."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(["nice", "-n", "19", *command], stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            yield process
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def offline_graph_process(request, tmp_path_factory):
     """test_distillation_works's offline graph (a teacher trained to its target: ~4 min on one core),
-    executed by Dagster in a background process launched before the first test, on one thread at the
-    lowest CPU priority (nice 19): it trains on the cycles the other tests leave idle (most of them keep
-    one core busy, or wait on processes they start). Stopped at the session's end if it is still running."""
+    executed by Dagster in a background process launched before the first test, on one thread
+    (`niced_process`): it trains on the cycles the other tests leave idle (most of them keep one core
+    busy, or wait on processes they start)."""
     if not request.config.starts_offline_graph:
         yield None
         return
     home = tmp_path_factory.mktemp("offline_graph")
     (home / "dagster").mkdir()
     env = {**os.environ, "DISTILL_HOME": str(home / "distill"), "DAGSTER_HOME": str(home / "dagster"), "OMP_NUM_THREADS": "1"}
-    log = open(home / "graph.log", "w")
     script = os.path.join(os.path.dirname(__file__), "test_distillation_works.py")
-    process = subprocess.Popen(["nice", "-n", "19", sys.executable, script], stdout=log, stderr=subprocess.STDOUT, env=env)
-    yield process, home, log
-    if process.poll() is None:
-        process.kill()
-        process.wait()
-    log.close()
+    with niced_process([sys.executable, script], home / "graph.log", env) as process:
+        yield process, home
 
 
 @pytest.fixture(scope="session")
 def offline_graph(offline_graph_process):
     """The home (distill/, dagster/) of the background offline graph, once it finished successfully."""
-    process, home, _ = offline_graph_process
+    process, home = offline_graph_process
     try:
         process.wait(timeout=1200)
     except subprocess.TimeoutExpired:
@@ -149,8 +162,8 @@ def offline_graph(offline_graph_process):
 @pytest.fixture(scope="session", autouse=True)
 def vllm_server_process(request, tmp_path_factory):
     """One real `vllm.entrypoints.openai.api_server` on 127.0.0.1 for the session, launched before the
-    first test when any collected test needs it, so that its start-up (~40 s) overlaps other tests; at
-    the lowest CPU priority (nice 19), so that it takes the cores only where the tests leave them idle.
+    first test when any collected test needs it, so that its start-up (~40 s) overlaps other tests
+    (`niced_process`).
     It requires an API key, given to it (and to the engines) through the environment only."""
     if not request.config.starts_vllm_server:
         yield None
@@ -159,27 +172,19 @@ def vllm_server_process(request, tmp_path_factory):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("vllm_server") / "server.log", "w")
+    log_path = tmp_path_factory.mktemp("vllm_server") / "server.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_API_KEY": SERVER_API_KEY}
-    server = subprocess.Popen(
-        ["nice", "-n", "19", sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir),
-         "--host", "127.0.0.1", "--port", str(port), "--max-logprobs", str(VLLM_MAX_LOGPROBS),
-         "--dtype", "float32", "--max-model-len", "128", "--enforce-eager"],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
-    )  # fmt: skip
-    yield server, port, log
-    server.terminate()
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        server.kill()
-    log.close()
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir),
+               "--host", "127.0.0.1", "--port", str(port), "--max-logprobs", str(VLLM_MAX_LOGPROBS),
+               "--dtype", "float32", "--max-model-len", "128", "--enforce-eager"]
+    with niced_process(command, log_path, env) as server:
+        yield server, port, log_path
 
 
 @pytest.fixture(scope="session")
 def vllm_server(vllm_server_process):
     """The base URL of the session's vLLM server, once it answers /health."""
-    server, port, log = vllm_server_process
+    server, port, log_path = vllm_server_process
     base_url = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 180
     while True:
@@ -189,7 +194,7 @@ def vllm_server(vllm_server_process):
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
                 server.kill()
-                raise RuntimeError(f"the vLLM server did not start; see {log.name}")
+                raise RuntimeError(f"the vLLM server did not start; see {log_path}")
             time.sleep(1)
     return base_url
 
