@@ -6,11 +6,11 @@ import collections
 import dagster as dg
 
 from storage.store import Store
-from training.curation import duplicate_rows, origin_counts, shared_prompts
-from training.embedded import TARGET_EXACT_MATCH
-from training.models import load_tokenizer
-from training.signal import signal_violations
-from training.tables import parquet
+from training.data.curation import duplicate_rows, origin_counts, shared_prompts
+from training.embedded.pair import TARGET_EXACT_MATCH
+from training.models.checkpoints import load_tokenizer
+from training.schema.signal import signal_violations
+from training.schema.tables import parquet
 
 ROUND_TRIP_SAMPLE = 256
 

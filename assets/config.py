@@ -11,11 +11,11 @@ from typing import Literal, Optional
 import dagster as dg
 from pydantic import Field, model_validator
 
-from training.curation import CurationSettings
-from training.distill import TrainingSettings
-from training.lora import LoraSettings
-from training.labeling import LabelingSettings
-from training.signal import SignalSettings
+from training.data.curation import CurationSettings
+from training.trainer.loop import TrainingSettings
+from training.trainer.lora import LoraSettings
+from training.data.labeling import LabelingSettings
+from training.schema.signal import SignalSettings
 
 EMBEDDED = "embedded"
 
@@ -150,14 +150,14 @@ class SynthesizedConfig(WritingConfig):
 
 
 class CuratedConfig(CurationSettings, dg.Config):
-    """Filters over labeled, expanded, evolved and synthesized rows, then a selection (see training/curation.py)."""
+    """Filters over labeled, expanded, evolved and synthesized rows, then a selection (see training/data/curation.py)."""
 
     memory_limit: str = Field("2GB", description="DuckDB's memory for curation (e.g. '2GB', '64GB'); past it, it spills to the "
                                                  "run's work directory, so more memory is faster, never required")
 
 
 class LoraConfig(LoraSettings, dg.Config):
-    """LoRA adapters instead of all weights (training/lora.py); the assets need `merge`."""
+    """LoRA adapters instead of all weights (training/trainer/lora.py); the assets need `merge`."""
 
 
 class TrainingConfig(TrainingSettings, dg.Config):

@@ -18,9 +18,9 @@ from assets.publish import png_markdown, publish_dataset
 from assets.resources import ModelEngine
 from storage.shards import ShardedWrite
 from storage.store import Store
-from training.curation import candidate_pool, connect, curate, kept_rows, origin_counts
+from training.data.curation import candidate_pool, connect, curate, kept_rows, origin_counts
 from training.engines.base import SamplingParams
-from training.expansion import (
+from training.data.expansion import (
     evolution_instructions,
     expansion_instructions,
     instruction_table,
@@ -30,8 +30,8 @@ from training.expansion import (
     write_inputs,
     written_prompts,
 )
-from training.labeling import LabelingSettings, label_table
-from training.tables import with_constants
+from training.data.labeling import LabelingSettings, label_table
+from training.schema.tables import with_constants
 from training.tasks import Task, task_of
 
 WRITTEN_PREVIEW = ["sample_id", "origin", "instruction", "prompt", "completion", "correct"]

@@ -12,9 +12,9 @@ from assets.executor import ShardExecutor, ShardWork
 from assets.publish import publish_dataset
 from assets.resources import ModelEngine
 from storage.store import Store
-from training.labeling import LabelingSettings, label_table
-from training.prompt_sources import prompt_tables
-from training.tables import parquet
+from training.data.labeling import LabelingSettings, label_table
+from training.data.prompt_sources import prompt_tables
+from training.schema.tables import parquet
 from training.tasks import get_task, task_of
 
 PROMPT_PREVIEW = ["prompt_id", "prompt", "answer"]

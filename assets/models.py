@@ -5,9 +5,9 @@ import dagster as dg
 from assets.config import EMBEDDED, ModelConfig, StudentModelConfig, TeacherModelConfig
 from assets.publish import metadata, record_lineage
 from storage.store import Store
-from training.distill import TrainingSettings
-from training.embedded import train_embedded
-from training.models import STUDENT_ARCHITECTURE, TEACHER_ARCHITECTURE, Architecture, load_model, model_card, save_model
+from training.trainer.loop import TrainingSettings
+from training.embedded.pair import train_embedded
+from training.models.checkpoints import STUDENT_ARCHITECTURE, TEACHER_ARCHITECTURE, Architecture, load_model, model_card, save_model
 
 EMBEDDED_WARMUP_STEPS = 50
 

@@ -7,6 +7,7 @@ from typing import Literal, Optional
 import dagster as dg
 from pydantic import Field
 
+from assets.runs import release_dead_runs
 from storage.store import Store
 from training.engines.cache import CachedEngine, TeacherCache
 from training.engines.hf import HFEngine
@@ -105,5 +106,8 @@ def close_vllm_engines() -> None:
 
 @dg.resource(config_schema={"home": dg.Field(str, default_value="", description="data root; empty: $DISTILL_HOME, else ./.distill")})
 def store_resource(context: dg.InitResourceContext) -> Store:
-    """Where datasets, checkpoints and the catalog live; assets receive the `Store` itself."""
+    """Where datasets, checkpoints and the catalog live; assets receive the `Store` itself. Initialised
+    before the run's steps claim pool slots, it first releases dead runs (assets/runs.py)."""
+    for run_id in release_dead_runs(context.instance) if context.instance else []:
+        context.log.warning(f"run {run_id} was killed (its processes are gone): marked failed, its pool slots freed")
     return Store(context.resource_config["home"] or None)

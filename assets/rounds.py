@@ -8,7 +8,7 @@
 
 An online round (student_checkpoint's `online: true`) needs neither student_rollouts nor
 teacher_feedback: every on-policy step samples a fresh batch from the student as it is, the teacher
-scores it, and the step trains on it (GKD's Algorithm 1, `training/online.py`); the batches are
+scores it, and the step trains on it (GKD's Algorithm 1, `training/rounds/online.py`); the batches are
 published as online_feedback[r], every row with its policy_step and staleness.
 
 The parent is round r−1's checkpoint (offline_student for r001), read through the store by key and
@@ -34,12 +34,12 @@ from assets.resources import ModelEngine
 from assets.student_runs import chat_templates, curve_metrics, distill_and_save, loss_curve, training_dataset_name
 from storage.catalog import query, refresh_catalog
 from storage.store import Store
-from training.distill import rollout_reuse
+from training.trainer.loop import rollout_reuse
 from training.engines.base import SamplingParams
-from training.evaluate import evaluate_checkpoints
-from training.online import OnlineSettings
-from training.rollouts import draw_prompts, feedback_table, sample_rollouts, student_scored_again
-from training.signal import SignalSettings
+from training.evals.evaluate import evaluate_checkpoints
+from training.rounds.online import OnlineSettings
+from training.data.rollouts import draw_prompts, feedback_table, sample_rollouts, student_scored_again
+from training.schema.signal import SignalSettings
 from training.tasks import task_name_of, task_of
 
 IN_PROGRESS = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
@@ -144,7 +144,7 @@ def teacher_feedback(context: dg.AssetExecutionContext, config: TeacherFeedbackC
 @dg.multi_asset(
     specs=[
         dg.AssetSpec("student_checkpoint", deps=[teacher_feedback], kinds={"pytorch"},
-                     description="GKD from the parent checkpoint, by the plain command `python -m training.distill`: with "
+                     description="GKD from the parent checkpoint, by the plain command `python -m training.trainer.loop`: with "
                                  "probability λ (`mix`) a batch is the student's own samples scored by the teacher (this "
                                  "round's teacher_feedback, or with `online` a fresh one), else the fixed curated data."),
         dg.AssetSpec("online_feedback", deps=["curated", "teacher_model"], kinds={"parquet"}, skippable=True,

@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 
 from assets.publish import png_markdown
 from storage.store import Store
-from training.distill import DistillConfig, TrainingSettings, check_compatible
-from training.online import OnlineSettings
-from training.models import load_model, model_card
+from training.trainer.loop import DistillConfig, TrainingSettings, check_compatible
+from training.rounds.online import OnlineSettings
+from training.models.checkpoints import load_model, model_card
 
 
 def training_dataset_name(store: Store) -> str:
@@ -27,7 +27,7 @@ def training_dataset_name(store: Store) -> str:
 
 
 def _launch_distill(context: dg.AssetExecutionContext, run: DistillConfig, work: Path) -> tuple[list[dict], dict]:
-    """Runs `python -m training.distill --config run.json` (under torchrun with `launcher: torchrun`;
+    """Runs `python -m training.trainer.loop --config run.json` (under torchrun with `launcher: torchrun`;
     with `launcher: ray` the command itself starts Ray Train workers) in a Dagster Pipes session:
     rank 0's progress lines stream into the run's log while it trains. Fails with the command's
     stderr. Returns the training curve and what rank 0 reported at the end (its weights hash).
@@ -46,10 +46,10 @@ def _launch_distill(context: dg.AssetExecutionContext, run: DistillConfig, work:
     with dg.PipesEnvContextInjector().inject_context(context_data) as injected, handler.handle_messages() as reading:
         session = dg.PipesSession(context_data=context_data, message_handler=handler, context_injector_params=injected,
                                   message_reader_params=reading, context=context)
-        done = subprocess.run([*launcher, "-m", "training.distill", "--config", config_path], stderr=subprocess.PIPE, text=True,
+        done = subprocess.run([*launcher, "-m", "training.trainer.loop", "--config", config_path], stderr=subprocess.PIPE, text=True,
                               env={**os.environ, **session.get_bootstrap_env_vars()})
     if done.returncode != 0:
-        raise RuntimeError(f"training.distill failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"training.trainer.loop failed:\n{done.stderr[-3000:]}")
     reported = {key: value for message in session.get_custom_messages() for key, value in message.items()}
     return json.loads((Path(run.output) / "curve.json").read_text()), reported
 

@@ -7,7 +7,7 @@ from assets.config import EvalsConfig, OfflineStudentConfig
 from assets.publish import metadata, publish_evals, record_lineage, rounded
 from assets.student_runs import chat_templates, curve_metrics, distill_and_save, loss_curve, training_dataset_name
 from storage.store import Store
-from training.evaluate import evaluate, evaluate_checkpoints
+from training.evals.evaluate import evaluate, evaluate_checkpoints
 from training.tasks import task_of
 
 MODELS = ["teacher", "student", "offline_student"]
@@ -19,7 +19,7 @@ MODELS = ["teacher", "student", "offline_student"]
 )
 def offline_student(context: dg.AssetExecutionContext, config: OfflineStudentConfig, store: dg.ResourceParam[Store]):
     """The student after offline distillation on the stored teacher signal (SeqKD or supervised KD),
-    trained by the plain command `python -m training.distill`."""
+    trained by the plain command `python -m training.trainer.loop`."""
     student, teacher = store.read_card("student"), store.read_card("teacher")
     dataset = training_dataset_name(store)
     card, curve, (model, tokenizer) = distill_and_save(context, store, "offline_student", config, student, teacher,

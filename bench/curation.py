@@ -37,7 +37,7 @@ CHILD = """
 import json, resource, sys, time
 from pathlib import Path
 import pyarrow.parquet as pq
-from training.curation import CurationSettings, candidate_pool, connect, curate, kept_rows
+from training.data.curation import CurationSettings, candidate_pool, connect, curate, kept_rows
 directory, memory_limit = Path(sys.argv[1]), sys.argv[2]
 sources = {"teacher_labeled": sorted(directory.glob("part-*.parquet"))}
 started = time.perf_counter()

@@ -25,7 +25,7 @@ K = 20
 
 def model_directory(argv: list[str], scratch: Path) -> str:
     from storage.store import Store
-    from training.models import TEACHER_ARCHITECTURE, build_embedded, save_model
+    from training.models.checkpoints import TEACHER_ARCHITECTURE, build_embedded, save_model
 
     if len(argv) > 1:
         return argv[1]

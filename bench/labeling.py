@@ -15,11 +15,11 @@ import pyarrow as pa
 import torch
 
 from storage.store import Store
-from training.batches import completion_positions
+from training.models.batches import completion_positions
 from training.engines.base import SamplingParams
 from training.engines.hf import HFEngine
-from training.labeling import label
-from training.models import TEACHER_ARCHITECTURE, build_embedded
+from training.data.labeling import label
+from training.models.checkpoints import TEACHER_ARCHITECTURE, build_embedded
 from training.tasks.arithmetic import problems
 
 PROMPTS = 512

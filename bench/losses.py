@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from training.kd import LossSettings, SparseBatch, dense_kd_loss, sparse_kd_loss
+from training.trainer.losses import LossSettings, SparseBatch, dense_kd_loss, sparse_kd_loss
 
 VOCAB, BATCH, LENGTH, K = 151_936, 4, 512, 20
 

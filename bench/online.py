@@ -5,7 +5,7 @@ trains: staleness 1), on the demo's models.
     .venv/bin/python bench/online.py [--steps 60] [--repeats 2] [--start offline_student]
 
 λ = 1, JSD(0.5), batch 32, learning rate 1e-3, every batch fresh (GKD's Algorithm 1, as an online
-round trains: training/online.py). The arms alternate, each from the same start. Prints completion
+round trains: training/rounds/online.py). The arms alternate, each from the same start. Prints completion
 tokens/s, seconds per step, the staleness recorded, and greedy exact match after training. Needs
 `make demo`'s teacher and students first.
 """
@@ -18,10 +18,10 @@ import torch
 
 from quality import BATCH, TASK, online_rollouts
 from storage.store import Store
-from training.distill import DistillConfig, train_student
+from training.trainer.loop import DistillConfig, train_student
 from training.engines.hf import HFEngine
-from training.evaluate import evaluate
-from training.models import load_model
+from training.evals.evaluate import evaluate
+from training.models.checkpoints import load_model
 
 
 def run_arm(pipelined: bool, start: str, teacher: HFEngine, fixed, steps: int, seed: int, eval_problems) -> dict:

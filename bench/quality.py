@@ -13,7 +13,7 @@ of training tokens (steps are set from the mean completion length of what each s
                      (a stored round's defaults: 768 prompts × 2), so they grow stale as training goes
   distillm-2 λ=0.5   DistiLLM-2's split: skew KL (α = 0.1) on the teacher's data, skew reverse KL on
                      the student's fresh samples (`on_policy_divergence`)
-On-policy batches of the λ arms follow GKD's Algorithm 1, as an online round does (training/online.py):
+On-policy batches of the λ arms follow GKD's Algorithm 1, as an online round does (training/rounds/online.py):
 each one is sampled from the student as it is at that step (T = 1, no gradient) on fresh train prompts
 and scored by the teacher, so no sample is seen twice. Every arm is one run of `train_student` (one
 optimizer, one lr schedule).
@@ -36,15 +36,15 @@ import pyarrow.parquet as pq
 import torch
 
 from storage.store import Store
-from training.distill import DistillConfig, train_student
+from training.trainer.loop import DistillConfig, train_student
 from training.engines.base import SamplingParams
 from training.engines.hf import HFEngine
-from training.evaluate import evaluate
-from training.rollouts import feedback_table, sample_rollouts
-from training.labeling import sample, score, with_columns
-from training.models import load_model
-from training.online import OnlineRollouts, OnlineSettings
-from training.signal import SignalSettings
+from training.evals.evaluate import evaluate
+from training.data.rollouts import feedback_table, sample_rollouts
+from training.data.labeling import sample, score, with_columns
+from training.models.checkpoints import load_model
+from training.rounds.online import OnlineRollouts, OnlineSettings
+from training.schema.signal import SignalSettings
 from training.tasks.arithmetic import parse_prompt, problems
 from training.tasks.arithmetic_task import ArithmeticTask
 

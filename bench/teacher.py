@@ -19,13 +19,13 @@ import torch
 
 from assets.config import TeacherModelConfig
 from assets.models import EMBEDDED_WARMUP_STEPS
-from training.distill import TrainingSettings
-from training.embedded import train_embedded
+from training.trainer.loop import TrainingSettings
+from training.embedded.pair import train_embedded
 from training.engines.base import SamplingParams
 from training.engines.hf import HFEngine
-from training.evaluate import completion_logprobs
-from training.models import TEACHER_ARCHITECTURE
-from training.signal import tail_mass
+from training.evals.evaluate import completion_logprobs
+from training.models.checkpoints import TEACHER_ARCHITECTURE
+from training.schema.signal import tail_mass
 from training.tasks.arithmetic import problems
 from training.tasks.arithmetic_task import ArithmeticTask
 

@@ -1,4 +1,4 @@
-"""Training throughput and memory (issue 14): completion tokens/s of `python -m training.distill`
+"""Training throughput and memory (issue 14): completion tokens/s of `python -m training.trainer.loop`
 with 1 process, under `torchrun --nproc-per-node 2` (DDP and FSDP2 on gloo, the same global batch),
 with gradient checkpointing and with LoRA (r 16 on every linear layer), and peak RSS per process,
 for the embedded student and a ~50M-parameter Llama built locally, on synthetic sparse teacher signal
@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.models import STUDENT_ARCHITECTURE, Architecture, build_embedded, save_model  # noqa: E402
+from training.models.checkpoints import STUDENT_ARCHITECTURE, Architecture, build_embedded, save_model  # noqa: E402
 
 K = 20
 ARMS = {  # name → settings
@@ -45,8 +45,8 @@ STUDENTS = {  # name → (architecture, prompt tokens, completion tokens, sequen
 CHILD = """
 import json, resource, sys
 from pathlib import Path
-from training.distill import DistillConfig, run
-from training import parallel
+from training.trainer.loop import DistillConfig, run
+from training.trainer import parallel
 config = DistillConfig.model_validate_json(Path(sys.argv[1]).read_text())
 run(config)
 rank, _ = parallel.world()

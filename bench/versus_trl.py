@@ -18,7 +18,7 @@ the samples), ours by the sampled tokens.
 Measured: completion tokens/s and seconds per step over the training wall time only (TRL:
 trainer.train(); ours: train_student's loop; both include sampling and the teacher's pass, neither
 loading nor evaluation), and greedy exact match of each trained checkpoint on `--eval-problems` eval
-problems (training.evaluate). Completion tokens are the sampled tokens up to and including the first
+problems (training.evals.evaluate). Completion tokens are the sampled tokens up to and including the first
 <eos> (or all 96), the tokens each loss is taken over: TRL's on-policy labels ≠ -100, our batches'
 completion_token_ids. The table gives each arm's tokens/s over all its runs (their tokens over their
 seconds), and the means over runs of s/step and greedy EM. Needs `make demo`'s teacher and students first.
@@ -40,8 +40,8 @@ from online import run_arm
 from quality import BATCH, TASK, train_prompts
 from storage.store import Store
 from training.engines.hf import HFEngine
-from training.evaluate import evaluate
-from training.models import load_model
+from training.evals.evaluate import evaluate
+from training.models.checkpoints import load_model
 from training.tasks.arithmetic import parse_prompt
 
 BENCH = Path(__file__).resolve().parent

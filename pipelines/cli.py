@@ -6,7 +6,7 @@ import sys
 from storage.catalog import dataset_names, query, refresh_catalog
 from storage.export import FILE_TYPES, FORMATS, export_dataset
 from storage.store import Store
-from training.tables import duckdb_identifier
+from training.schema.tables import duckdb_identifier
 
 MAX_CELL = 48
 
@@ -36,12 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", help="data root (default: $DISTILL_HOME or ./.distill)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("datasets", help="dataset names, row counts and paths")
-    run_query = commands.add_parser("query", help="run a read-only SQL query on catalog.duckdb")
+    run_query = commands.add_parser("query", help="run a SELECT on the datasets (reads no other file, writes none)")
     run_query.add_argument("sql")
     commands.add_parser("refresh", help="recreate the catalog's views over the Parquet files")
     export = commands.add_parser("export", help="write a dataset in a format other trainers load as is (storage/export.py)")
     export.add_argument("dataset")
-    export.add_argument("--format", choices=FORMATS, required=True, help="trl: prompt/completion; messages; axolotl: messages + top-k")
+    export.add_argument("--format", choices=FORMATS, required=True,
+                        help="trl: prompt/completion; messages; axolotl: messages + top-k")
     export.add_argument("--out", required=True, help="directory for train.parquet (or train.jsonl)")
     export.add_argument("--as", dest="file_type", choices=FILE_TYPES, default="parquet")
     export.add_argument("--partition", help="a round, for the round datasets (student_rollouts, teacher_feedback)")

@@ -21,7 +21,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from training.chat import CONVERSATION, RAW, with_conversation_columns
+from training.models.chat import CONVERSATION, RAW, with_conversation_columns
 
 FORMATS = ("trl", "messages", "axolotl")
 FILE_TYPES = ("parquet", "jsonl")

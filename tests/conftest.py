@@ -19,7 +19,7 @@ import dagster as dg
 import pytest
 import torch
 
-from training.models import save_model
+from training.models.checkpoints import save_model
 from training.tasks.arithmetic import problems
 
 torch.set_num_threads(2)

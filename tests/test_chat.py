@@ -19,11 +19,11 @@ from assets.students import evals, offline_student
 from pipelines.cli import main as distill
 from storage.catalog import query
 from storage.store import Store
-from training.chat import MESSAGES, prompt_ids_for, prompt_rendering, render
+from training.models.chat import MESSAGES, prompt_ids_for, prompt_rendering, render
 from training.engines.base import SamplingParams
 from training.engines.hf import HFEngine
-from training.models import load_model, load_tokenizer
-from training.tokenizer import build_char_tokenizer
+from training.models.checkpoints import load_model, load_tokenizer
+from training.models.tokenizer import build_char_tokenizer
 
 SYSTEM = "You are terse."
 TWO_TURNS = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]

@@ -8,8 +8,8 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from training.curation import CurationSettings, curate, similar_pairs
-from training.tables import with_constants
+from training.data.curation import CurationSettings, curate, similar_pairs
+from training.schema.tables import with_constants
 
 SURE = [-0.01, -0.02]  # a confident response: mean token logprob −0.015
 SURE_TOPK = [[-0.01, -5.0], [-0.02, -4.5]]

@@ -13,13 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from training.distill import DistillConfig, check_compatible, run, train_student
+from training.trainer.loop import DistillConfig, check_compatible, run, train_student
 from training.engines.base import SamplingParams
 from training.engines.hf import HFEngine
-from training.kd import sparse_batch
-from training.labeling import label
-from training.models import load_model
-from training.online import OnlineRollouts, OnlineSettings
+from training.trainer.losses import sparse_batch
+from training.data.labeling import label
+from training.models.checkpoints import load_model
+from training.rounds.online import OnlineRollouts, OnlineSettings
 from training.tasks.arithmetic import problems
 
 
@@ -173,7 +173,7 @@ def test_online_rollouts_append_each_on_policy_batch_with_its_policy_step(tiny_m
 
 
 def test_two_processes_killed_and_resumed_follow_the_curve_of_one(tiny_model_dir, labeled, tmp_path):
-    """`torchrun --nproc-per-node 2 -m training.distill` (DDP on gloo, two CPU processes, micro-batches
+    """`torchrun --nproc-per-node 2 -m training.trainer.loop` (DDP on gloo, two CPU processes, micro-batches
     of unequal counts) with checkpoint_every, killed with kill -9 after a checkpoint and launched
     again, resumes from it and ends on the loss curve of one uninterrupted process with the same
     global batch; rank 0 writes the whole model. The data streams from two files in windows of 16
@@ -190,7 +190,7 @@ def test_two_processes_killed_and_resumed_follow_the_curve_of_one(tiny_model_dir
     config = DistillConfig(**settings, output=str(output), checkpoint_every=10, launcher="torchrun", processes=2)
     (tmp_path / "run.json").write_text(config.model_dump_json())
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "training.distill", "--config", str(tmp_path / "run.json")]
+               "-m", "training.trainer.loop", "--config", str(tmp_path / "run.json")]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     latest = tmp_path / "student.state" / "latest.json"
     training = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment, start_new_session=True)
@@ -222,7 +222,7 @@ def test_ray_train_workers_with_fsdp_follow_the_curve_of_one(tiny_model_dir, lab
     model, tokenizer = load_model(str(tiny_model_dir))
     one = train_student(model, tokenizer, labeled, DistillConfig(**settings, output=""))
     (tmp_path / "run.json").write_text(DistillConfig(**settings, output=str(tmp_path / "student"), launcher="ray", processes=2).model_dump_json())
-    done = subprocess.run([sys.executable, "-m", "training.distill", "--config", str(tmp_path / "run.json")], check=True,
+    done = subprocess.run([sys.executable, "-m", "training.trainer.loop", "--config", str(tmp_path / "run.json")], check=True,
                           stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}, timeout=180)
     assert "step 9/10 loss" in done.stdout  # rank 0's reports, relayed to the driver
     two = json.loads((tmp_path / "student" / "curve.json").read_text())

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from training.divergences import (
+from training.trainer.divergences import (
     DIVERGENCES,
     divergence,
     forward_kl,
@@ -14,8 +14,8 @@ from training.divergences import (
     sparse_supports,
     total_variation,
 )
-from training.kd import LossSettings, SparseBatch, sparse_kd_loss
-from training.signal import topk_signal
+from training.trainer.losses import LossSettings, SparseBatch, sparse_kd_loss
+from training.schema.signal import topk_signal
 
 torch.manual_seed(0)
 
@@ -111,7 +111,7 @@ def test_sparse_loss_never_needs_teacher_vocabulary_and_temperature_rescales():
 
 def test_chunked_sparse_loss_matches_the_plain_expression(monkeypatch):
     """The fused, chunked loss and its gradient equal the unchunked autograd computation."""
-    import training.kd as kd
+    import training.trainer.losses as kd
 
     vocab, n, k = 40, 12, 6
     teacher = torch.randn(n, vocab)

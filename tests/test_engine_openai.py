@@ -17,7 +17,7 @@ from test_engine_vllm import K, PROMPTS, assert_same_signal, hf_engine, sequence
 from training.engines.base import EngineRequestsFailed, SamplingParams
 from training.engines.cache import CachedEngine, TeacherCache
 from training.engines.openai import OpenAIEngine
-from training.signal import signal_columns, signals_from_columns
+from training.schema.signal import signal_columns, signals_from_columns
 
 
 def server_engine(base_urls, tiny_model_dir, tokenizer, **kwargs):

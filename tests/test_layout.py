@@ -1,6 +1,7 @@
 """The house rules that keep one place for each thing: imports run one way
-(training ← storage ← assets ← pipelines), asset modules never import each other, and a task is
-chosen through the Task seam."""
+(training ← storage ← assets ← pipelines, and inside training/ from its lower rooms to its higher
+ones), no module imports itself back, asset modules never import each other, and a task is chosen
+through the Task seam."""
 
 import ast
 import subprocess
@@ -18,7 +19,9 @@ FORBIDDEN = {
     "storage": {"dagster", "assets", "pipelines"},
     "assets": {"pipelines"},
 }
-SHARED_ASSET_MODULES = {"config", "executor", "publish", "resources", "partitions", "student_runs"}  # beside the assets, not assets
+# training/'s rooms, lowest first: a room imports only the rooms before it (and itself)
+TRAINING_ROOMS = ["tasks", "schema", "models", "engines", "data", "trainer", "evals", "rounds", "launch", "embedded"]
+SHARED_ASSET_MODULES = {"config", "executor", "publish", "resources", "partitions", "runs", "student_runs"}  # beside the assets, not assets
 
 
 def imported_packages(path: Path) -> set[str]:
@@ -37,6 +40,47 @@ def test_imports_run_one_way(layer):
         if name.split(".")[0] in FORBIDDEN[layer]
     }
     assert not wrong
+
+
+def test_training_rooms_import_only_lower_rooms():
+    assert sorted(p.name for p in (ROOT / "training").iterdir() if p.is_dir() and p.name != "__pycache__") == sorted(TRAINING_ROOMS)
+    assert not [p.name for p in (ROOT / "training").glob("*.py") if p.name != "__init__.py"], "every module lives in a room"
+    wrong = {
+        f"{path.relative_to(ROOT)} imports {name}"
+        for room in TRAINING_ROOMS
+        for path in (ROOT / "training" / room).rglob("*.py")
+        for name in imported_packages(path)
+        if name.startswith("training.") and name.split(".")[1] in TRAINING_ROOMS
+        and TRAINING_ROOMS.index(name.split(".")[1]) > TRAINING_ROOMS.index(room)
+    }
+    assert not wrong
+
+
+def test_no_import_loops():
+    """No chain of imports between the project's modules leads back to where it started (imports
+    inside functions count too: they hide loops rather than remove them)."""
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+               for layer in ["training", "storage", "assets", "pipelines"] for p in (ROOT / layer).rglob("*.py")}
+    graph = {name: {target for target in imported_packages(path) if target in modules and target != name}
+             for name, path in modules.items()}
+    for name, path in modules.items():  # `from package import module` imports the module too
+        tree = ast.parse(path.read_text())
+        graph[name] |= {f"{node.module}.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+                        for alias in node.names if f"{node.module}.{alias.name}" in modules}
+    state: dict[str, int] = {}
+
+    def loop_from(name: str, path: list[str]) -> list[str] | None:
+        state[name] = 1
+        for target in sorted(graph[name]):
+            if state.get(target) == 1:
+                return path + [name, target]
+            if target not in state and (found := loop_from(target, path + [name])):
+                return found
+        state[name] = 2
+        return None
+
+    loops = [found for name in sorted(graph) if name not in state and (found := loop_from(name, []))]
+    assert not loops, " → ".join(loops[0])
 
 
 def test_asset_modules_do_not_import_each_other():
@@ -69,7 +113,7 @@ def test_training_runs_without_dagster_and_commands_exit_without_leak_warnings()
     """The training modules import no dagster, so training runs as a plain command; and a command
     that loads the code location exits with its output last, not nanobind's leak report (it came
     from a duckdb type object kept alive past exit, see storage/catalog.py). One process for both."""
-    code = ("import sys, training.distill, training.evaluate, training.rollouts, storage.catalog; print('dagster' in sys.modules); "
+    code = ("import sys, training.trainer.loop, training.evals.evaluate, training.data.rollouts, storage.catalog; print('dagster' in sys.modules); "
             "from assets.curation import curated; print('done')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.stdout.split() == ["False", "done"] and "leaked" not in done.stderr, done.stderr[-2000:]

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from training.prompt_sources import load_source, select_prompts
+from training.data.prompt_sources import load_source, select_prompts
 from training.tasks import get_task
 
 ROWS = [

@@ -13,7 +13,7 @@ from assets.rounds import round_eval, student_checkpoint, student_rollouts, teac
 from pipelines.cli import main as distill
 from storage.catalog import query
 from training.engines.hf import HFEngine
-from training.labeling import score
+from training.data.labeling import score
 from conftest import copy_store
 from test_pipeline import ASSETS, RESOURCES
 

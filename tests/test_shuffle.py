@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from training.shuffle import ShuffledBatches, blocks_of
+from training.trainer.shuffle import ShuffledBatches, blocks_of
 
 
 @pytest.fixture(scope="module")

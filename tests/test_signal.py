@@ -3,7 +3,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from training.signal import SparseSignal, signal_columns, signal_statistics, signal_violations, topk_signal
+from training.schema.signal import SparseSignal, signal_columns, signal_statistics, signal_violations, topk_signal
 
 
 def test_topk_signal_on_known_distribution():

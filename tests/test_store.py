@@ -6,7 +6,7 @@ import pytest
 from pipelines.cli import main as distill
 from storage.catalog import query, refresh_catalog
 from storage.store import Store
-from training.tables import with_content_id
+from training.schema.tables import with_content_id
 
 
 def test_a_new_version_replaces_the_old_at_once_and_a_crash_leaves_the_old(tmp_path, monkeypatch):

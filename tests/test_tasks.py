@@ -7,7 +7,7 @@ import sys
 import pyarrow as pa
 import pytest
 
-from training.expansion import SELF_INSTRUCT
+from training.data.expansion import SELF_INSTRUCT
 from training.tasks import get_task
 
 USER_VERIFIERS = '''

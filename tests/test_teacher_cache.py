@@ -16,8 +16,8 @@ from test_pipeline import ASSETS, CHECKS, run_config
 from training.engines.base import SamplingParams
 from training.engines.cache import FANOUT, CachedEngine, TeacherCache
 from training.engines.hf import HFEngine
-from training.rollouts import score_rollouts
-from training.signal import SignalSettings
+from training.data.rollouts import score_rollouts
+from training.schema.signal import SignalSettings
 
 
 def test_cache_hits_what_it_stored_and_misses_anything_else(hf_engine, tmp_path):

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Protocol
 
-from training.signal import SparseSignal
+from training.schema.signal import SparseSignal
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from training.engines.base import Engine, EngineRequestsFailed, Generation, SamplingParams
-from training.signal import CODEC, LOGPROB_MODE, SparseSignal, signal_columns, signals_from_columns
-from training.tables import parquet
+from training.schema.signal import CODEC, LOGPROB_MODE, SparseSignal, signal_columns, signals_from_columns
+from training.schema.tables import parquet
 
 
 FANOUT = 16  # files of one level merged into one of the next (`TeacherCache.compact`)

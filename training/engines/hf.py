@@ -4,10 +4,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from training.batches import completion_positions, left_padded, list_lengths
+from training.models.batches import completion_positions, left_padded, list_lengths
 from training.engines.base import Generation, SamplingParams, stop_string_end
-from training.models import end_of_turn_ids, load_model
-from training.signal import SparseSignal, topk_signal
+from training.models.checkpoints import end_of_turn_ids, load_model
+from training.schema.signal import SparseSignal, topk_signal
 
 
 class HFEngine:

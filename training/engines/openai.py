@@ -25,8 +25,8 @@ import numpy as np
 
 from training.engines.base import EngineRequestsFailed, Generation, SamplingParams
 from training.engines.vllm import check_raw_temperature
-from training.models import end_of_turn_ids, load_generation_config, load_tokenizer
-from training.signal import SparseSignal, signal_from_topk
+from training.models.checkpoints import end_of_turn_ids, load_generation_config, load_tokenizer
+from training.schema.signal import SparseSignal, signal_from_topk
 
 RETRIED_STATUS = {408, 429, 500, 502, 503, 504}
 MAX_STOP_STRINGS = 4  # the OpenAI API's limit, which vLLM's server enforces

@@ -21,8 +21,8 @@ import os
 import numpy as np
 
 from training.engines.base import Generation, SamplingParams
-from training.models import end_of_turn_ids, load_generation_config, load_tokenizer
-from training.signal import SparseSignal, signal_from_topk
+from training.models.checkpoints import end_of_turn_ids, load_generation_config, load_tokenizer
+from training.schema.signal import SparseSignal, signal_from_topk
 
 LOGPROBS_MODE = "raw_logprobs"
 

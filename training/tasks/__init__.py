@@ -22,7 +22,10 @@ from typing import Protocol
 
 import pyarrow as pa
 
-from training.expansion import Instruction, Templates
+from training.tasks.answers import BoxedTask, ExactTask, FunctionTask, GSM8KTask, RegexTask
+from training.tasks.arithmetic_task import ArithmeticTask
+from training.tasks.no_reference import NoReferenceTask
+from training.tasks.instructions import Instruction, Templates
 
 
 class Task(Protocol):
@@ -49,10 +52,6 @@ class Task(Protocol):
     def following_report(self, instructions: list[Instruction], written: list[str | None], seeds: list[str]) -> dict:
         """Shares of written inputs that do what their instruction asked (empty when unknowable)."""
 
-
-from training.tasks.answers import BoxedTask, ExactTask, FunctionTask, GSM8KTask, RegexTask  # noqa: E402 (they implement Task, above)
-from training.tasks.arithmetic_task import ArithmeticTask  # noqa: E402
-from training.tasks.no_reference import NoReferenceTask  # noqa: E402
 
 TASKS: dict[str, type] = {"arithmetic": ArithmeticTask, "none": NoReferenceTask, "gsm8k": GSM8KTask, "boxed": BoxedTask,
                           "exact": ExactTask}

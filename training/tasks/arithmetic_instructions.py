@@ -12,7 +12,7 @@ parses an output, `follows` says whether it does what the instruction asked.
 
 import random
 
-from training.expansion import Templates
+from training.tasks.instructions import Templates
 from training.tasks.arithmetic import ArithmeticConfig, Problem, is_eval, parse_prompt, problems, sample_problem
 
 OPERATIONS = {"+": "add", "-": "sub", "*": "mul"}

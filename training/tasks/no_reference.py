@@ -6,7 +6,7 @@ line of the teacher's output; synthesis needs configured topics.
 
 import pyarrow as pa
 
-from training.expansion import SELF_INSTRUCT, Instruction, first_line
+from training.tasks.instructions import SELF_INSTRUCT, Instruction, first_line
 
 
 class NoReferenceTask:

@@ -12,10 +12,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
-from training.chat import prompt_ids_for, prompt_rendering, render
+from training.models.chat import prompt_ids_for, prompt_rendering, render
 from training.engines.base import Engine, SamplingParams
-from training.signal import CODEC, LOGPROB_MODE, SignalSettings, signal_columns, signal_statistics
-from training.tables import join_prompts, with_constants, with_content_id
+from training.schema.signal import CODEC, LOGPROB_MODE, SignalSettings, signal_columns, signal_statistics
+from training.schema.tables import join_prompts, with_constants, with_content_id
 
 if TYPE_CHECKING:
     from training.tasks import Task

@@ -1,4 +1,4 @@
-"""Data-parallel training under torchrun (`torchrun --nproc-per-node N -m training.distill --config
+"""Data-parallel training under torchrun (`torchrun --nproc-per-node N -m training.trainer.loop --config
 run.json`): one process per device, each taking its share of every global batch.
 
 Every rank draws the same global batch B (same seeds) and runs forward and backward on its own
@@ -32,7 +32,7 @@ def world() -> tuple[int, int]:
 
 def start_process_group(device_name: str) -> None:
     """Joins the torchrun job (gloo on the CPU, nccl on CUDA) when launched by torchrun with more than
-    one process; a plain `python -m training.distill` stays a single process."""
+    one process; a plain `python -m training.trainer.loop` stays a single process."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         cuda = device_name != "cpu" and torch.cuda.is_available()
         if cuda:

@@ -32,9 +32,9 @@ from pydantic import Field
 
 from training.engines.base import Engine, SamplingParams
 from training.engines.hf import HFEngine
-from training.rollouts import feedback_table, sample_rollouts
-from training.signal import SignalSettings
-from training.tables import with_constants
+from training.data.rollouts import feedback_table, sample_rollouts
+from training.schema.signal import SignalSettings
+from training.schema.tables import with_constants
 from training.tasks import get_task
 
 

@@ -14,13 +14,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from training.batches import completion_positions
-from training.chat import render
-from training.divergences import forward_kl, reverse_kl
+from training.models.batches import completion_positions
+from training.models.chat import render
+from training.trainer.divergences import forward_kl, reverse_kl
 from training.engines.base import Generation, SamplingParams
 from training.engines.hf import HFEngine
-from training.kd import nll, student_logprobs_at
-from training.models import load_model
+from training.trainer.losses import nll, student_logprobs_at
+from training.models.checkpoints import load_model
 from training.tasks import Task
 
 EVAL_BATCH_SIZE = 256

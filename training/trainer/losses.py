@@ -18,8 +18,8 @@ import pyarrow as pa
 import torch
 from pydantic import BaseModel, Field, model_validator
 
-from training.batches import completion_positions, flat_values
-from training.divergences import DIVERGENCES, divergence, sparse_supports
+from training.models.batches import completion_positions, flat_values
+from training.trainer.divergences import DIVERGENCES, divergence, sparse_supports
 
 
 @dataclass
@@ -73,7 +73,7 @@ class LossSettings(BaseModel):
     """What the student minimizes per completion token, averaged over the batch's completion tokens:
     D(p‖q) of teacher p and student q, both at log_softmax(logits / τ), plus w_nll · NLL."""
 
-    divergence: Literal[(*DIVERGENCES, "none")] = Field(  # every divergence of training/divergences.py
+    divergence: Literal[(*DIVERGENCES, "none")] = Field(  # every divergence of training/trainer/divergences.py
         "jsd", description="'none' trains on NLL alone (set nll_weight > 0)"
     )
     beta: float = Field(0.5, ge=0, le=1, description="JSD mixture weight: 0 is forward KL, 1 reverse KL")

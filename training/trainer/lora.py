@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field
 
-from training.models import save_model
+from training.models.checkpoints import save_model
 
 
 class LoraSettings(BaseModel):

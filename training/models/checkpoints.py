@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from training.tokenizer import build_char_tokenizer, chat_template_hash, tokenizer_hash
+from training.models.tokenizer import build_char_tokenizer, chat_template_hash, tokenizer_hash
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,6 @@ def model_card(name: str, model, tokenizer, revision: str | None = None) -> dict
 
 def save_model(model, tokenizer, directory: Path, weights: dict | None = None) -> None:
     """HF format with safetensors: `from_pretrained(directory)` loads it back. `weights`: the whole
-    weights of a model sharded over processes (`training/parallel.py`), else its own."""
+    weights of a model sharded over processes (`training/trainer/parallel.py`), else its own."""
     model.save_pretrained(directory, safe_serialization=True, state_dict=weights)
     tokenizer.save_pretrained(directory)

@@ -17,7 +17,7 @@ template while sharing a vocabulary.
 import duckdb
 import pyarrow as pa
 
-from training.tokenizer import chat_template_hash
+from training.models.tokenizer import chat_template_hash
 
 RAW = "raw"
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])

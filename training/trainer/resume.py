@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from training import parallel
-from training.shuffle import ShuffledBatches
+from training.trainer import parallel
+from training.trainer.shuffle import ShuffledBatches
 
 
 def save_state(directory: Path, fingerprint: str, step: int, model, optimizer, coin: torch.Generator,

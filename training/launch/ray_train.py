@@ -1,6 +1,6 @@
 """`launcher: ray`: the same training on a Ray cluster, through Ray Train's `TorchTrainer`.
 
-`python -m training.distill --config run.json` with `launcher: ray` becomes the Ray driver: it joins
+`python -m training.trainer.loop --config run.json` with `launcher: ray` becomes the Ray driver: it joins
 the cluster (`ray_address`, else $RAY_ADDRESS, else a local one) and starts `processes` workers. Ray
 Train sets RANK, WORLD_SIZE and LOCAL_RANK and opens the process group (gloo on CPUs, nccl with
 GPUs) before each worker calls `training.distill.run`, so every worker is one rank of the same
@@ -20,7 +20,7 @@ from pathlib import Path
 from queue import Empty
 from types import SimpleNamespace
 
-from training.distill import DistillConfig, pipes_on_rank0, run, training_device
+from training.trainer.loop import DistillConfig, pipes_on_rank0, run, training_device
 
 
 def relayed(reports):

@@ -14,8 +14,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from training.chat import MESSAGES, with_conversation_columns
-from training.tables import with_constants, with_content_id
+from training.models.chat import MESSAGES, with_conversation_columns
+from training.schema.tables import with_constants, with_content_id
 from training.tasks import Task
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}

@@ -13,9 +13,9 @@ window in use is in memory, so a dataset of any size trains in the memory of `wi
 when all rows fit one window, this is a plain shuffle of all of them.
 
 Every process of a data-parallel training draws the same sequence (same seed) and trains on its
-slice of each batch (`training/parallel.py`). The position (pass, window, row) and the generator's
+slice of each batch (`training/trainer/parallel.py`). The position (pass, window, row) and the generator's
 state before the window's shuffle are the whole state: a resumed training reloads the window and
-draws its shuffle again (`state` / `restore`, saved by `training/resume.py`).
+draws its shuffle again (`state` / `restore`, saved by `training/trainer/resume.py`).
 """
 
 from dataclasses import dataclass

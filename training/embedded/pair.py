@@ -6,9 +6,9 @@ import time
 
 import pyarrow as pa
 
-from training.distill import TrainingSettings, train_student
-from training.evaluate import exact_match
-from training.models import Architecture, build_embedded
+from training.trainer.loop import TrainingSettings, train_student
+from training.evals.evaluate import exact_match
+from training.models.checkpoints import Architecture, build_embedded
 from training.tasks.arithmetic import ArithmeticConfig, problems
 from training.tasks.arithmetic_instructions import instruction_examples
 from training.tasks.arithmetic_task import ArithmeticTask

@@ -1,20 +1,20 @@
 """Offline distillation of a student on a stored teacher-signal dataset; also a plain command:
 
-    python -m training.distill --config run.json
-    torchrun --nproc-per-node N -m training.distill --config run.json     (data parallel, see parallel.py)
+    python -m training.trainer.loop --config run.json
+    torchrun --nproc-per-node N -m training.trainer.loop --config run.json     (data parallel, see parallel.py)
 
 run.json holds the `DistillConfig` fields. The command writes an HF checkpoint (safetensors) and
 curve.json to `output`, so a launcher (torchrun, Ray Train with `launcher: ray`, Slurm, Kubernetes)
 can run it anywhere; launched by a Dagster asset, rank 0 reports to the run through Dagster Pipes.
 
 Objectives: `sft` trains on the teacher's tokens as hard targets (SeqKD); `supervised_kd` minimizes
-a divergence to the stored top-k signal, optionally mixed with NLL (see `training/kd.py`).
+a divergence to the stored top-k signal, optionally mixed with NLL (see `training/trainer/losses.py`).
 
 On-policy mix (GKD, Algorithm 1): each step draws its batch from the student's own samples, scored by
 the teacher, with probability λ = `mix`, else from the fixed `data`. λ = 0 is supervised KD, λ = 1
 fully on-policy. The samples are either stored `rollouts` (a round's `teacher_feedback`, sampled by
 the parent before step 0), or, with `online`, sampled fresh at every on-policy step by the student as
-it is and appended to `online.batches` (`training/online.py`). Each on-policy step records its
+it is and appended to `online.batches` (`training/rounds/online.py`). Each on-policy step records its
 staleness: the optimizer updates between the policy that sampled the batch and the one it trains.
 """
 
@@ -37,17 +37,17 @@ import torch
 from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR, open_dagster_pipes
 from pydantic import Field, model_validator
 
-from training import parallel
-from training.batches import list_lengths
-from training.chat import prompt_ids_for
-from training.divergences import DIVERGENCES
-from training.kd import LossSettings, sparse_batch, sparse_kd_loss
-from training.lora import LoraSettings, save_lora, with_lora
-from training.models import load_model, save_model, weights_hash
-from training.online import OnlineRollouts, OnlineSettings
-from training.optim import adamw, cosine_lr
-from training.resume import load_state, save_state
-from training.shuffle import ShuffledBatches, blocks_of
+from training.trainer import parallel
+from training.models.batches import list_lengths
+from training.models.chat import prompt_ids_for
+from training.trainer.divergences import DIVERGENCES
+from training.trainer.losses import LossSettings, sparse_batch, sparse_kd_loss
+from training.trainer.lora import LoraSettings, save_lora, with_lora
+from training.models.checkpoints import load_model, save_model, weights_hash
+from training.rounds.online import OnlineRollouts, OnlineSettings
+from training.trainer.optim import adamw, cosine_lr
+from training.trainer.resume import load_state, save_state
+from training.trainer.shuffle import ShuffledBatches, blocks_of
 
 
 REPORT_EVERY = 50  # steps between progress lines
@@ -82,7 +82,7 @@ class TrainingSettings(LossSettings):
     launcher: Literal["process", "torchrun", "ray"] = Field(
         "process", description="how the assets launch the training command: 'process', one process; 'torchrun', "
         "`torchrun --standalone --nproc-per-node <processes>` on this node; 'ray', <processes> Ray Train workers on a Ray "
-        "cluster (training/ray_train.py)"
+        "cluster (training/launch/ray_train.py)"
     )
     processes: int = Field(1, ge=1, description="training processes (launcher torchrun or ray): one per GPU, or gloo "
                            "processes on CPUs; each takes its share of every batch (DDP or FSDP, see `strategy`)")
@@ -90,13 +90,13 @@ class TrainingSettings(LossSettings):
                              "$RAY_ADDRESS, else a local cluster")
     shuffle_window: int = Field(
         16384, ge=1, description="rows in memory while training on stored data: their row groups are shuffled, then the "
-        "rows within each window of this many (see training/shuffle.py); all rows fit: one shuffle over all"
+        "rows within each window of this many (see training/trainer/shuffle.py); all rows fit: one shuffle over all"
     )
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="with processes > 1: 'ddp', a whole model per process; 'fsdp' (FSDP2), parameters, gradients "
         "and optimizer state sharded over the processes, for students that do not fit one device"
     )
-    lora: Optional[LoraSettings] = Field(None, description="train LoRA adapters instead of all weights (training/lora.py); "
+    lora: Optional[LoraSettings] = Field(None, description="train LoRA adapters instead of all weights (training/trainer/lora.py); "
                                          "empty: all weights")
     checkpoint_every: Optional[int] = Field(
         None, ge=1, description="steps between resumable checkpoints (weights, optimizer, RNG, data position); empty: none"
@@ -134,7 +134,7 @@ class DistillConfig(TrainingSettings):
     output: str  # where the trained checkpoint and curve.json go
     teacher_vocab_size: Optional[int] = None
     rollouts: list[str] = []  # Parquet files of teacher-scored student samples
-    online: Optional[OnlineSettings] = None  # sample every on-policy batch fresh instead (training/online.py)
+    online: Optional[OnlineSettings] = None  # sample every on-policy batch fresh instead (training/rounds/online.py)
     state_dir: Optional[str] = None  # resumable checkpoints (with checkpoint_every); empty: <output>.state
 
     @model_validator(mode="after")
@@ -196,7 +196,7 @@ def train_student(model, tokenizer, data: pa.Table | list[str] | Iterator[pa.Tab
     signal are fine) and KD. A non-finite loss stops with an error.
 
     `data` and `rollouts` are each either stored rows, a table or Parquet files, drawn in shuffled
-    batches streamed a window at a time (`training/shuffle.py`: a curated dataset, a round's
+    batches streamed a window at a time (`training/trainer/shuffle.py`: a curated dataset, a round's
     `teacher_feedback`), or an iterator that yields one batch each time a step asks for it (the
     embedded models' fresh problems); `rollouts` may also be an `OnlineRollouts`, called with the
     step: GKD's online form, where an on-policy batch is sampled from the student as it is at that
@@ -207,7 +207,7 @@ def train_student(model, tokenizer, data: pa.Table | list[str] | Iterator[pa.Tab
 
     With `state_dir` and `settings.checkpoint_every`, the training state is saved every that many
     steps, and a training of the same `fingerprint` (settings and inputs) resumes from the last one
-    (`training/resume.py`); fresh batches are sampled anew after a resume."""
+    (`training/trainer/resume.py`); fresh batches are sampled anew after a resume."""
     objective = settings.loss()
     vocab_size = model.config.vocab_size
     device = parallel.local_device(training_device(settings.device))
@@ -219,7 +219,7 @@ def train_student(model, tokenizer, data: pa.Table | list[str] | Iterator[pa.Tab
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False  # a cache is for generation; with checkpointing it is refused anyway
-    trained = parallel.wrap(model, settings.strategy)  # DDP or FSDP2 under torchrun (see training/parallel.py)
+    trained = parallel.wrap(model, settings.strategy)  # DDP or FSDP2 under torchrun (see training/trainer/parallel.py)
 
     def checked(rows: pa.Table, kind: str) -> pa.Table:
         rows = rows.set_column(rows.schema.get_field_index("prompt_token_ids"), "prompt_token_ids", prompt_ids_for(tokenizer, rows))
@@ -293,7 +293,7 @@ def accumulate_gradients(model, rows: pa.Table, pad_token_id: int, settings: Tra
     process) in micro-batches of `micro_batch_size` sequences of similar length (sorted: less
     padding, ~30% less time for the embedded teacher), each loss divided by the global
     batch's completion tokens N, so the accumulated gradient is that of loss = (1/N) Σ_tokens ℓ
-    whatever the split into micro-batches or processes (`training/parallel.py`). Returns (loss,
+    whatever the split into micro-batches or processes (`training/trainer/parallel.py`). Returns (loss,
     mean parts, N), summed over the processes."""
     tokens = int(list_lengths(rows["completion_token_ids"]).sum())
     mine = rows.slice(*parallel.rank_slice(rows.num_rows))
@@ -400,7 +400,7 @@ def main() -> None:
     args = parser.parse_args()
     config = DistillConfig.model_validate_json(Path(args.config).read_text())
     if config.launcher == "ray":
-        from training.ray_train import train_on_ray
+        from training.launch.ray_train import train_on_ray
 
         train_on_ray(config)
         return

@@ -21,11 +21,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from training.chat import with_conversation_columns
+from training.models.chat import with_conversation_columns
 from training.engines.base import Engine, SamplingParams
-from training.labeling import finished_share, sample, score, with_columns
-from training.signal import SignalSettings
-from training.tables import join_prompts, parquet, with_constants, with_content_id
+from training.data.labeling import finished_share, sample, score, with_columns
+from training.schema.signal import SignalSettings
+from training.schema.tables import join_prompts, parquet, with_constants, with_content_id
 
 if TYPE_CHECKING:
     from training.tasks import Task

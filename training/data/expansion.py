@@ -12,15 +12,15 @@ kept inputs are then labeled like any prompt (`training.labeling.label_table`).
 
 import dataclasses
 import random
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from training.chat import with_conversation_columns
+from training.models.chat import with_conversation_columns
 from training.engines.base import Engine, SamplingParams
-from training.labeling import sample
-from training.tables import with_content_id
+from training.data.labeling import sample
+from training.schema.tables import with_content_id
+from training.tasks.instructions import SELF_INSTRUCT, Instruction, Templates
 
 if TYPE_CHECKING:
     from training.tasks import Task
@@ -28,52 +28,11 @@ if TYPE_CHECKING:
 ORIGIN = {"expand": "expanded", "evolve": "evolved", "synthesize": "synthesized"}  # the `origin` of a written row
 
 
-@dataclass(frozen=True)
-class Templates:
-    """How instructions are written. `expand` has `{demonstrations}` (each one `demonstration`, with
-    `{index}` and `{prompt}`) and `{next_index}`; `evolve` has `{seed}`; `synthesize` has `{topic}`."""
-
-    expand: str
-    demonstration: str
-    evolve: str
-    synthesize: str
-
-    def expand_text(self, demonstrations: list[str]) -> str:
-        shown = "".join(self.demonstration.format(index=i + 1, prompt=d) for i, d in enumerate(demonstrations))
-        return self.expand.format(demonstrations=shown, next_index=len(demonstrations) + 1)
-
-
-# for instruction-following teachers: Self-Instruct's task-generation prompt, Evol-Instruct's in-depth
-# rewriting prompt, and an UltraChat-style question prompt for a topic (a task may bring its own)
-SELF_INSTRUCT = Templates(
-    expand="Come up with a series of tasks:\n{demonstrations}Task {next_index}:",
-    demonstration="Task {index}: {prompt}\n",
-    evolve=(
-        "I want you to act as a Prompt Rewriter. Your objective is to rewrite a given prompt into a more "
-        "complex version that famous AI systems find harder to handle, but that humans still understand and "
-        "can answer. Add one more constraint or requirement, or increase the reasoning steps it needs. The "
-        "rewritten prompt must be self-contained and should not add more than 20 words.\n"
-        "#The Given Prompt#:\n{seed}\n#Rewritten Prompt#:\n"
-    ),
-    synthesize="Write one new, self-contained question about {topic}. Write only the question.\nQuestion:",
-)
-
-
 def templates_for(task: "Task", preset: str, **overrides: str | None) -> Templates:
     """The instruction templates: the task's own (`preset` "task") or Self-Instruct's, with any
     configured template in place of the preset's."""
     base = task.templates if preset == "task" else SELF_INSTRUCT
     return dataclasses.replace(base, **{name: text for name, text in overrides.items() if text is not None})
-
-
-@dataclass
-class Instruction:
-    """One request to the teacher: the text, the operator, and what it was built from."""
-
-    text: str
-    operator: str  # "expand", "evolve" or "synthesize"
-    parents: list[int]  # seed rows used (demonstrations or the evolved seed); empty for synthesis
-    topic: str | None = None
 
 
 def expansion_instructions(rng: random.Random, seeds: list[str], n: int, demonstrations: int, templates: Templates):
@@ -119,12 +78,6 @@ def instructions_of(rows: pa.Table) -> tuple[list[Instruction], list[str]]:
                                         row["topic"]))
         seeds += row["parent_prompts"]
     return instructions, seeds
-
-
-def first_line(text: str) -> str | None:
-    """A written input: the first non-empty line of the output, stripped."""
-    lines = [line.strip() for line in text.strip().split("\n")]
-    return lines[0] if lines and lines[0] else None
 
 
 def write_inputs(engine: Engine, instructions: list[Instruction], sampling: SamplingParams) -> list[str]:

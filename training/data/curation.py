@@ -44,7 +44,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, Field, model_validator
 
-from training.tables import parquet
+from training.schema.tables import parquet
 
 ORIGINS = ["labeled", "expanded", "evolved", "synthesized"]
 NUM_PERM = 128

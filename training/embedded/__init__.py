@@ -1,0 +1,1 @@
+"""The embedded pair: the tiny arithmetic teacher and student, trained from scratch here."""
