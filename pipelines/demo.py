@@ -9,6 +9,10 @@ import argparse
 import os
 import time
 
+# Before transformers loads (the imports below load it): no "Loading weights" bars from from_pretrained, in this process
+# or in the training commands it launches, which inherit the variable. Dagster's own progress stays.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
 import dagster as dg
 
 from assets.partitions import round_key, rounds
@@ -67,13 +71,15 @@ def main() -> None:
     with dg.DagsterInstance.get() as instance:
         for run_id in release_dead_runs(instance):  # an earlier demo killed mid-step must not hold the pool
             print(f"run {run_id} was killed earlier: marked failed, its pool slot freed")
-        result = defs.resolve_job_def("distill_offline").execute_in_process(instance=instance, run_config=seeded("distill_offline", seed))
+        offline = defs.resolve_job_def("distill_offline")
+        result = offline.execute_in_process(instance=instance, run_config=seeded("distill_offline", seed))
         if not result.success:
             raise SystemExit("the demo run failed; see the log above")
         for number in range(1, DEMO_ROUNDS + 1):  # what the round sensor does when enabled
             key = round_key(number)
             instance.add_dynamic_partitions(rounds.name, [key])
-            run = defs.resolve_job_def("distill_round").execute_in_process(instance=instance, partition_key=key, run_config=seeded("distill_round", seed))
+            run = defs.resolve_job_def("distill_round").execute_in_process(
+                instance=instance, partition_key=key, run_config=seeded("distill_round", seed))
             if not run.success:
                 raise SystemExit(f"round {key} failed; see the log above")
     teacher = store.read_card("teacher")
@@ -89,7 +95,8 @@ def main() -> None:
     print(format_table(*query(store, FUNNEL_QUERY)))
     print(f"\n$ distill query \"{ORIGIN_QUERY}\"\n")
     print(format_table(*query(store, ORIGIN_QUERY)))
-    print("\nEvals on the eval split (greedy and sampled exact match; reverse KL on own samples and forward KL on teacher samples, to the teacher):\n")
+    print("\nEvals on the eval split (greedy and sampled exact match; reverse KL on own samples and forward KL on teacher "
+          "samples, to the teacher):\n")
     print(format_table(*query(store, EVALS_QUERY)))
     print(f"\nOn-policy rounds (GKD, λ = 0.5, JSD β = 0.5):\n\n$ distill query \"{ROUNDS_QUERY}\"\n")
     print(format_table(*query(store, ROUNDS_QUERY)))

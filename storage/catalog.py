@@ -5,6 +5,10 @@ readers (`distill query`, notebooks) open the catalog read-only. Views read glob
 current-version symlinks, so a new version or a new round shows up without a refresh; a new dataset
 needs one.
 
+`query` (and so `distill query`) only reads the store's datasets: it runs SELECT or EXPLAIN statements,
+in a DuckDB of its own that opens files under the store's data/ and versions/ and no others, with its
+configuration locked so that no statement can lift that.
+
 Besides the datasets, `rounds` is a view over `lineage`: one row per on-policy round (its latest
 round_eval), with its parent, checkpoint hashes and headline metrics.
 """
@@ -22,7 +26,7 @@ from pathlib import Path
 import duckdb
 
 from storage.store import Store
-from training.tables import duckdb_identifier
+from training.schema.tables import duckdb_identifier
 
 
 @contextmanager
@@ -104,17 +108,36 @@ def refresh_catalog(store: Store, attempts: int = 20) -> list[str]:
     return names
 
 
+READ_ONLY = "`distill query` only reads the store's datasets (the views in catalog.duckdb): it writes no file and reads no other"
+QUERIES = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+
+
 def connect_read_only(store: Store) -> duckdb.DuckDBPyConnection:
+    """The catalog attached read-only to a DuckDB of its own (an instance shared with other connections
+    would lock them too), which opens files under data/ and versions/ only (DuckDB checks the targets of
+    the views' symlinks); its configuration is locked, so no SET lifts that."""
     path = catalog_path(store)
     if not path.exists():
         raise FileNotFoundError(f"no catalog at {path}: materialize an asset first (`make demo`)")
-    return duckdb.connect(str(path), read_only=True)
+    connection = duckdb.connect(config={"temp_directory": f"{path}.tmp"})  # where a read-only catalog spills anyway
+    connection.execute("ATTACH $1 AS catalog (READ_ONLY)", [str(path)])
+    connection.execute("USE catalog")
+    connection.execute("SET allowed_directories = $1", [[f"{store.root / name}/" for name in ("data", "versions")]])
+    connection.execute("SET enable_external_access = false")
+    connection.execute("SET lock_configuration = true")
+    return connection
 
 
 def query(store: Store, sql: str):
-    """Runs `sql` on a read-only connection; returns (column names, rows)."""
+    """Runs `sql` (SELECT or EXPLAIN statements only) on the sandboxed catalog; returns (column names, rows)."""
     with connect_read_only(store) as connection:
-        result = connection.execute(sql)
+        refused = [s.type.name for s in connection.extract_statements(sql) if s.type not in QUERIES]
+        if refused:
+            raise duckdb.PermissionException(f"{READ_ONLY}; run a SELECT, not {refused[0]} (`distill export` writes datasets)")
+        try:
+            result = connection.execute(sql)
+        except duckdb.PermissionException as error:
+            raise duckdb.PermissionException(f"{READ_ONLY}. {error}") from None
         columns = [d[0] for d in result.description] if result.description else []
         return columns, result.fetchall()
 
