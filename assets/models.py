@@ -5,7 +5,8 @@ import dagster as dg
 from assets.config import EMBEDDED, ModelConfig, StudentModelConfig, TeacherModelConfig
 from assets.publish import metadata, record_lineage
 from storage.store import Store
-from training.trainer.loop import TrainingSettings
+from training.launch.report import Reporter
+from training.trainer.settings import TrainingSettings
 from training.embedded.pair import train_embedded
 from training.models.checkpoints import STUDENT_ARCHITECTURE, TEACHER_ARCHITECTURE, Architecture, load_model, model_card, save_model
 
@@ -27,15 +28,9 @@ def _train_and_save(context, store: Store, name: str, config: TeacherModelConfig
     """Trains an embedded model from scratch with SFT on the task, evaluates it, saves it by content."""
     settings = TrainingSettings(objective="sft", steps=config.train_steps, batch_size=config.batch_size,
                                 micro_batch_size=config.micro_batch_size, learning_rate=config.learning_rate, warmup_steps=EMBEDDED_WARMUP_STEPS, seed=config.seed)
-    log_every = max(1, config.train_steps // 10)
-
-    def log_progress(step: int, loss: float) -> None:
-        if step % log_every == 0:
-            context.log.info(f"step {step}/{config.train_steps} loss {loss:.4f}")
-
     model, tokenizer, curve, accuracy, seconds = train_embedded(
         architecture, settings, config.eval_problems, instruction_share=config.instruction_share,
-        correction_share=config.correction_share, varied_steps=config.varied_steps, on_step=log_progress,
+        correction_share=config.correction_share, varied_steps=config.varied_steps, reporter=Reporter(context.log.info, lambda message: None),
     )
     card = {
         **model_card(f"embedded-{name}", model, tokenizer),

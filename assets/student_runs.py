@@ -5,20 +5,19 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-import warnings
 from pathlib import Path
 
 import dagster as dg
-from dagster._core.pipes.context import build_external_execution_context_data  # not re-exported; dagster is pinned
 import matplotlib.pyplot as plt
 import pyarrow.parquet as pq
 
 from assets.publish import png_markdown
 from storage.store import Store
-from training.trainer.loop import DistillConfig, TrainingSettings, check_compatible
+from assets.config import TrainingConfig
+from training.launch.command import DistillCommand, command_line
+from training.trainer.settings import TrainingSettings
+from training.trainer.sources import check_compatible
 from training.rounds.online import OnlineSettings
-from training.models.checkpoints import load_model, model_card
 
 
 def training_dataset_name(store: Store) -> str:
@@ -26,44 +25,31 @@ def training_dataset_name(store: Store) -> str:
     return "curated" if store.has_dataset("curated") else "teacher_labeled"
 
 
-def _launch_distill(context: dg.AssetExecutionContext, run: DistillConfig, work: Path) -> tuple[list[dict], dict]:
-    """Runs `python -m training.trainer.loop --config run.json` (under torchrun with `launcher: torchrun`;
-    with `launcher: ray` the command itself starts Ray Train workers) in a Dagster Pipes session:
-    rank 0's progress lines stream into the run's log while it trains. Fails with the command's
-    stderr. Returns the training curve and what rank 0 reported at the end (its weights hash).
-
-    The session is wired from Pipes' parts rather than `open_pipes_session`, which would require the
-    step to yield every output, and student_checkpoint's online_feedback is skipped by stored rounds."""
+def _launch_distill(context: dg.AssetExecutionContext, run: DistillCommand, work: Path) -> tuple[list[dict], dict]:
+    """Runs the training command with its launcher (`command_line`) in a Dagster Pipes session: rank
+    0's progress lines stream into the run's log while it trains. Fails with the command's stderr.
+    Returns the training curve and what rank 0 reported at the end (its weights hash)."""
     config_path = work / "run.json"
     config_path.write_text(run.model_dump_json())
-    launcher = [sys.executable]
-    if run.launcher == "torchrun":
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(run.processes)]
-    with warnings.catch_warnings():  # Dagster marks a getter that its own handler calls as "preview"
-        warnings.simplefilter("ignore", dg.PreviewWarning)
-        handler = dg.PipesMessageHandler(context, dg.PipesTempFileMessageReader())
-    context_data = build_external_execution_context_data(context, extras={})
-    with dg.PipesEnvContextInjector().inject_context(context_data) as injected, handler.handle_messages() as reading:
-        session = dg.PipesSession(context_data=context_data, message_handler=handler, context_injector_params=injected,
-                                  message_reader_params=reading, context=context)
-        done = subprocess.run([*launcher, "-m", "training.trainer.loop", "--config", config_path], stderr=subprocess.PIPE, text=True,
+    with dg.open_pipes_session(context, dg.PipesEnvContextInjector(), dg.PipesTempFileMessageReader()) as session:
+        done = subprocess.run(command_line(run, config_path), stderr=subprocess.PIPE, text=True,
                               env={**os.environ, **session.get_bootstrap_env_vars()})
     if done.returncode != 0:
-        raise RuntimeError(f"training.trainer.loop failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"the training command failed:\n{done.stderr[-3000:]}")
     reported = {key: value for message in session.get_custom_messages() for key, value in message.items()}
     return json.loads((Path(run.output) / "curve.json").read_text()), reported
 
 
-def distill_and_save(context: dg.AssetExecutionContext, store: Store, name: str, settings: TrainingSettings, start: dict,
+def distill_and_save(context: dg.AssetExecutionContext, store: Store, name: str, settings: TrainingConfig, start: dict,
                      teacher: dict, data: list[Path], rollouts: list[Path] = (), card: dict | None = None,
-                     partition: str | None = None, online: OnlineSettings | None = None) -> tuple[dict, list[dict], tuple]:
+                     partition: str | None = None, online: OnlineSettings | None = None) -> tuple[dict, list[dict]]:
     """Distills the student `start` (a model card) on `data` (and `rollouts`, or with `online` fresh
-    samples, drawn with probability `settings.mix`) by the plain command, and saves the whole output (weights, tokenizer, curve.json,
-    distill_config.json) by content as model `name` (a round's checkpoint with `partition`), its card
-    extended by `card`. Bad input stops before anything is launched. The work happens in
-    work/<name>/<partition>/ under the store, kept when the training fails or is killed, so that with
-    `checkpoint_every` a re-run with the same settings and inputs resumes it. Returns (card, curve,
-    the trained (model, tokenizer))."""
+    samples, drawn with probability `settings.mix`) by the training command, and saves the whole output
+    (weights, tokenizer, card.json, curve.json, distill_config.json) by content as model `name` (a round's
+    checkpoint with `partition`), its card extended by `card`. Bad input stops before anything is
+    launched. The work happens in work/<name>/<partition>/ under the store, kept when the training
+    fails or is killed, so that with `checkpoint_every` a re-run with the same settings and inputs
+    resumes it. Returns (card, curve)."""
     if settings.lora is not None and not settings.lora.merge:
         raise ValueError(f"{name} is evaluated and served as a whole checkpoint: keep lora.merge true")
     for path in [*data, *rollouts]:
@@ -71,23 +57,19 @@ def distill_and_save(context: dg.AssetExecutionContext, store: Store, name: str,
     work = store.root / "work" / name / (partition or "all")  # stable: a killed training resumes from it
     shutil.rmtree(work / "checkpoint", ignore_errors=True)  # a killed run's partial output (its resumable state stays)
     work.mkdir(parents=True, exist_ok=True)
-    run = DistillConfig(
-        **settings.model_dump(include=set(TrainingSettings.model_fields)), student=start["path"], data=[str(p) for p in data], rollouts=[str(p) for p in rollouts],
+    run = DistillCommand(
+        **settings.model_dump(include={*TrainingSettings.model_fields, "launch"}), student=start["path"], data=[str(p) for p in data], rollouts=[str(p) for p in rollouts],
         output=str(work / "checkpoint"), teacher_vocab_size=teacher["vocab_size"], online=online,
     )
     curve, reported = _launch_distill(context, run, work)
-    model, tokenizer = load_model(run.output)
-    trained = model_card(name, model, tokenizer)
-    if "weights_hash" not in reported:
-        raise RuntimeError("the training command ended without reporting its weights through Dagster Pipes (rank 0 reports "
-                           "them): see the run's log for its output")
-    if reported["weights_hash"] != trained["weights_hash"]:
-        raise RuntimeError(f"the training reported weights {reported['weights_hash']}, but {run.output} holds "
-                           f"{trained['weights_hash']}: the checkpoint was changed after it was written; run it again")
+    trained = {**json.loads((Path(run.output) / "card.json").read_text()), "name": name}
+    if reported.get("weights_hash") != trained["weights_hash"]:
+        raise RuntimeError(f"the training wrote weights {trained['weights_hash']} but reported {reported.get('weights_hash')} "
+                           "through Dagster Pipes (rank 0 reports them at the end): see the run's log for its output")
     saved = store.save_model(name, {**trained, **(card or {})},
                              lambda directory: shutil.copytree(run.output, directory), partition=partition)
     store.remove_work(work)
-    return saved, curve, (model, tokenizer)
+    return saved, curve
 
 
 def chat_templates(teacher: dict, student: dict) -> dict:

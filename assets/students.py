@@ -8,6 +8,7 @@ from assets.publish import metadata, publish_evals, record_lineage, rounded
 from assets.student_runs import chat_templates, curve_metrics, distill_and_save, loss_curve, training_dataset_name
 from storage.store import Store
 from training.evals.evaluate import evaluate, evaluate_checkpoints
+from training.models.checkpoints import load_model
 from training.tasks import task_of
 
 MODELS = ["teacher", "student", "offline_student"]
@@ -19,14 +20,13 @@ MODELS = ["teacher", "student", "offline_student"]
 )
 def offline_student(context: dg.AssetExecutionContext, config: OfflineStudentConfig, store: dg.ResourceParam[Store]):
     """The student after offline distillation on the stored teacher signal (SeqKD or supervised KD),
-    trained by the plain command `python -m training.trainer.loop`."""
+    trained by the command `python -m training.launch`."""
     student, teacher = store.read_card("student"), store.read_card("teacher")
     dataset = training_dataset_name(store)
-    card, curve, (model, tokenizer) = distill_and_save(context, store, "offline_student", config, student, teacher,
-                                                       store.shard_paths(dataset),
-                                                       card={"objective": config.objective, "parent": student["weights_hash"]})
+    card, curve = distill_and_save(context, store, "offline_student", config, student, teacher, store.shard_paths(dataset),
+                                   card={"objective": config.objective, "parent": student["weights_hash"]})
     eval_rows = store.read_dataset("eval_set")
-    results = evaluate(model, tokenizer, eval_rows, task_of(eval_rows), seed=config.seed)
+    results = evaluate(*load_model(card["path"]), eval_rows, task_of(eval_rows), seed=config.seed)
     metrics = {**curve_metrics(curve), **{f"eval_{name}": value for name, value in results.items()}}
     inputs = {dataset: store.dataset_version(dataset), "student_model": student["weights_hash"], "teacher_model": teacher["weights_hash"],
               **chat_templates(teacher, student)}

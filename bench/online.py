@@ -18,7 +18,9 @@ import torch
 
 from quality import BATCH, TASK, online_rollouts
 from storage.store import Store
-from training.trainer.loop import DistillConfig, train_student
+from training.trainer.loop import train_student
+from training.trainer.settings import TrainingSettings
+from training.trainer.sources import batches_for
 from training.engines.hf import HFEngine
 from training.evals.evaluate import evaluate
 from training.models.checkpoints import load_model
@@ -26,11 +28,10 @@ from training.models.checkpoints import load_model
 
 def run_arm(pipelined: bool, start: str, teacher: HFEngine, fixed, steps: int, seed: int, eval_problems) -> dict:
     student, tokenizer = load_model(start)
-    config = DistillConfig(student=start, data=["-"], output="-", divergence="jsd", beta=0.5, steps=steps, batch_size=BATCH,
-                           learning_rate=1e-3, warmup_steps=10, seed=seed, mix=1.0, rollouts=["-"])
+    config = TrainingSettings(divergence="jsd", beta=0.5, steps=steps, batch_size=BATCH,
+                           learning_rate=1e-3, warmup_steps=10, seed=seed, mix=1.0)
     with tempfile.TemporaryDirectory() as directory:
-        curve = train_student(student, tokenizer, fixed, config,
-                              rollouts=online_rollouts(student, tokenizer, teacher, seed, steps, directory, pipelined))
+        curve = train_student(student, tokenizer, batches_for(tokenizer, student.config.vocab_size, config, fixed, online_rollouts(student, tokenizer, teacher, seed, steps, directory, pipelined)), config)
     tokens, seconds = sum(c["completion_tokens"] for c in curve), curve[-1]["seconds"]
     return {"tokens_per_second": tokens / seconds, "seconds_per_step": seconds / steps,
             "staleness": statistics.mean(c["staleness"] for c in curve),

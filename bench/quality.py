@@ -36,8 +36,10 @@ import pyarrow.parquet as pq
 import torch
 
 from storage.store import Store
-from training.trainer.loop import DistillConfig, train_student
-from training.engines.base import SamplingParams
+from training.trainer.loop import train_student
+from training.trainer.settings import TrainingSettings
+from training.trainer.sources import batches_for
+from training.engines.sampling import Sampling
 from training.engines.hf import HFEngine
 from training.evals.evaluate import evaluate
 from training.data.rollouts import feedback_table, sample_rollouts
@@ -89,7 +91,7 @@ def ground_truth_table(teacher: HFEngine, labeled: pa.Table) -> pa.Table:
 def own_samples(student, tokenizer, prompts: list[str], seed: int) -> tuple[HFEngine, pa.Table]:
     """The student's own samples (T = 1) on `prompts`, and the engine that drew them."""
     engine = HFEngine(student, tokenizer, batch_size=128)
-    return engine, sample(engine, pa.table({"prompt": prompts}), SamplingParams(temperature=1.0, max_new_tokens=96, seed=seed))[0]
+    return engine, sample(engine, pa.table({"prompt": prompts}), Sampling(temperature=1.0, max_new_tokens=96, seed=seed))[0]
 
 
 def train_prompts(n: int, seed: int) -> pa.Table:
@@ -101,7 +103,8 @@ def online_rollouts(student, tokenizer, teacher: HFEngine, seed: int, steps: int
     """GKD's on-policy batches, as an online round draws them: each step samples the student as it is
     then (pipelined: one step earlier) on BATCH new train prompts, and the teacher scores them."""
     pq.write_table(train_prompts(steps * BATCH, seed), f"{directory}/prompts.parquet")
-    settings = OnlineSettings(prompts=f"{directory}/prompts.parquet", batches=f"{directory}/batches", teacher="-", k=K, seed=seed,
+    settings = OnlineSettings(prompts=f"{directory}/prompts.parquet", batches=f"{directory}/batches", teacher="-", k=K,
+                              sampling=Sampling(n=1, temperature=1.0, max_new_tokens=96, seed=seed),
                               teacher_card={"name": "teacher", "weights_hash": "-"}, task="arithmetic", pipelined=pipelined,
                               identity={"student": "start", "student_weights_hash": "-"})
     return OnlineRollouts(student, tokenizer, teacher, settings, BATCH)
@@ -109,7 +112,7 @@ def online_rollouts(student, tokenizer, teacher: HFEngine, seed: int, steps: int
 
 def stored_rollouts(student, tokenizer, teacher: HFEngine, seed: int) -> pa.Table:
     """A stored round's rollouts: 768 prompts × 2 samples from the start, scored once by the teacher."""
-    sampling = SamplingParams(n=2, temperature=1.0, max_new_tokens=96, seed=seed)
+    sampling = Sampling(n=2, temperature=1.0, max_new_tokens=96, seed=seed)
     rollouts, _ = sample_rollouts(HFEngine(student, tokenizer, batch_size=128), train_prompts(768, seed), sampling,
                                   {"student": "start", "student_weights_hash": "-"})
     return feedback_table(teacher, None, rollouts, SignalSettings(k=K),
@@ -128,10 +131,10 @@ def run_arm(arm: dict, seed: int, start: str, data: dict, teacher: HFEngine, arg
     fixed = data[arm["data"]]
     per_step = BATCH * ((1 - arm["mix"]) * mean_tokens(fixed) + arm["mix"] * data["on_policy_tokens"])
     steps = max(1, round(args.tokens / per_step))
-    config = DistillConfig(
-        student=start, data=["-"], output="-", objective=arm["objective"], divergence=divergence, beta=beta,
+    config = TrainingSettings(
+        objective=arm["objective"], divergence=divergence, beta=beta,
         steps=steps, batch_size=BATCH, learning_rate=1e-3, warmup_steps=10, on_policy_divergence=arm.get("on_policy_divergence", "same"),
-        seed=seed, mix=arm["mix"], rollouts=["-"] if arm["mix"] > 0 else [],
+        seed=seed, mix=arm["mix"],
     )
     with tempfile.TemporaryDirectory() as directory:
         if arm["mix"] == 0:
@@ -140,7 +143,7 @@ def run_arm(arm: dict, seed: int, start: str, data: dict, teacher: HFEngine, arg
             rollouts = stored_rollouts(student, tokenizer, teacher, seed)
         else:
             rollouts = online_rollouts(student, tokenizer, teacher, seed, steps, directory)
-        curve = train_student(student, tokenizer, fixed, config, rollouts=rollouts)
+        curve = train_student(student, tokenizer, batches_for(tokenizer, student.config.vocab_size, config, fixed, rollouts), config)
     results = evaluate(student, tokenizer, eval_problems, TASK, seed=seed)
     return {**results, "tokens": sum(c["completion_tokens"] for c in curve)}
 

@@ -19,9 +19,9 @@ import torch
 
 from assets.config import TeacherModelConfig
 from assets.models import EMBEDDED_WARMUP_STEPS
-from training.trainer.loop import TrainingSettings
+from training.trainer.settings import TrainingSettings
 from training.embedded.pair import train_embedded
-from training.engines.base import SamplingParams
+from training.engines.sampling import Sampling
 from training.engines.hf import HFEngine
 from training.evals.evaluate import completion_logprobs
 from training.models.checkpoints import TEACHER_ARCHITECTURE
@@ -38,7 +38,7 @@ def corrected_prefix_exact_match(engine: HFEngine, n: int) -> float:
     chosen = problems("eval", n, 0)
     prompts = [p.prompt + p.corrected(rng)[0] for p in chosen]
     ids = engine.tokenizer(prompts, add_special_tokens=True)["input_ids"]
-    generations = engine.generate(ids, SamplingParams(temperature=0.0, max_new_tokens=64))  # within the 128 positions
+    generations = engine.generate(ids, Sampling(temperature=0.0, max_new_tokens=64))  # within the 128 positions
     correct = TASK.verify(pa.array([g.text for g in generations]), pa.array([str(p.answer) for p in chosen]))
     return sum(correct.to_pylist()) / n
 
@@ -48,7 +48,7 @@ def distribution_figures(engine: HFEngine, n: int, k: int = 20) -> dict[str, flo
     """Mean token entropy, tail mass beyond the top-k and 1 − p(argmax) over the teacher's own samples."""
     prompts = TASK.prompts("eval", n, 0)
     ids = engine.tokenizer(prompts["prompt"].to_pylist(), add_special_tokens=True)["input_ids"]
-    samples = [g.completion_ids for g in engine.generate(ids, SamplingParams(temperature=1.0, max_new_tokens=96, seed=0))]
+    samples = [g.completion_ids for g in engine.generate(ids, Sampling(temperature=1.0, max_new_tokens=96, seed=0))]
     logprobs, _ = completion_logprobs(engine.model, ids, samples, engine.tokenizer.pad_token_id)
     entropy = -(logprobs.exp() * logprobs).sum(-1)
     return {

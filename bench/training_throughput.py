@@ -32,8 +32,8 @@ from training.models.checkpoints import STUDENT_ARCHITECTURE, Architecture, buil
 K = 20
 ARMS = {  # name → settings
     "1 process": {},
-    "2 processes, DDP": {"processes": 2, "launcher": "torchrun"},
-    "2 processes, FSDP2": {"processes": 2, "launcher": "torchrun", "strategy": "fsdp"},
+    "2 processes, DDP": {"launch": {"processes": 2, "launcher": "torchrun"}},
+    "2 processes, FSDP2": {"launch": {"processes": 2, "launcher": "torchrun", "strategy": "fsdp"}},
     "1 process, gradient checkpointing": {"gradient_checkpointing": True},
     "1 process, LoRA r 16": {"lora": {"r": 16}},
 }
@@ -45,10 +45,11 @@ STUDENTS = {  # name → (architecture, prompt tokens, completion tokens, sequen
 CHILD = """
 import json, resource, sys
 from pathlib import Path
-from training.trainer.loop import DistillConfig, run
+from training.launch.command import DistillCommand, run
+from training.launch.report import printed
 from training.trainer import parallel
-config = DistillConfig.model_validate_json(Path(sys.argv[1]).read_text())
-run(config)
+config = DistillCommand.model_validate_json(Path(sys.argv[1]).read_text())
+run(config, printed())
 rank, _ = parallel.world()
 print(json.dumps({"rank": rank, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
 """
@@ -75,7 +76,7 @@ def train(directory: Path, name: str, arm: dict, steps: int, batch_size: int) ->
     config = {"student": str(directory / "student"), "data": [str(directory / "data.parquet")], "output": str(directory / name),
               "steps": steps, "batch_size": batch_size, "warmup_steps": 0, "device": "cpu", **arm}
     (directory / f"{name}.json").write_text(json.dumps(config))
-    processes = arm.get("processes", 1)
+    processes = arm.get("launch", {}).get("processes", 1)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"] if processes > 1 else [sys.executable]
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}
     done = subprocess.run([*launcher, str(directory / "child.py"), str(directory / f"{name}.json")], capture_output=True, text=True,

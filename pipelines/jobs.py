@@ -1,9 +1,11 @@
 """Jobs: `distill_offline` materializes every offline asset (the demo's main job); `distill_round`
-runs one stored on-policy round (a partition of `rounds`), `distill_round_online` one online round."""
+runs one stored on-policy round (a partition of `rounds`), `distill_round_online` one online round: each
+selects its mode's assets (training/rounds/modes.py)."""
 
 import dagster as dg
 
 from assets.partitions import rounds
+from training.rounds.modes import ROUND_MODES
 
 distill_offline = dg.define_asset_job(
     "distill_offline",
@@ -13,13 +15,13 @@ distill_offline = dg.define_asset_job(
 
 distill_round = dg.define_asset_job(
     "distill_round",
-    selection=dg.AssetSelection.groups("rounds"),
+    selection=list(ROUND_MODES["stored"].assets),
     partitions_def=rounds,
     executor_def=dg.in_process_executor,  # the steps run one after another anyway; one process loads torch once
     description="One on-policy round: student_rollouts → teacher_feedback → student_checkpoint → round_eval.",
 )
 
-ONLINE_ROUND = ["student_checkpoint", "online_feedback", "round_eval"]
+ONLINE_ROUND = list(ROUND_MODES["online"].assets)
 ONLINE_CONFIG = {"ops": {"student_checkpoint": {"config": {"online": True}}}}
 
 distill_round_online = dg.define_asset_job(

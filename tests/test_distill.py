@@ -1,6 +1,5 @@
 """Offline distillation on a real stored signal: batches, compatibility errors, the training loop."""
 
-import itertools
 import json
 import os
 import signal
@@ -13,8 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from training.trainer.loop import DistillConfig, check_compatible, run, train_student
-from training.engines.base import SamplingParams
+from training.launch.command import DistillCommand, run
+from training.launch.report import printed
+from training.launch.settings import LaunchSettings
+from training.trainer.loop import train_student
+from training.trainer.settings import TrainingSettings
+from training.trainer.sources import batches_for, check_compatible
+from training.engines.sampling import Sampling
 from training.engines.hf import HFEngine
 from training.trainer.losses import sparse_batch
 from training.data.labeling import label
@@ -28,7 +32,7 @@ def labeled(tiny_model_dir):
     """A real teacher-signal table: the tiny model labels 48 prompts (it is its own teacher)."""
     engine = HFEngine.load(str(tiny_model_dir), batch_size=16)
     prompts = [p.prompt for p in problems("train", 48, 0)]
-    table = label(engine, pa.table({"prompt": prompts}), SamplingParams(temperature=1.0, max_new_tokens=24), k=8).table
+    table = label(engine, pa.table({"prompt": prompts}), Sampling(temperature=1.0, max_new_tokens=24), k=8).table
     return table.append_column("sample_id", pa.array([f"s{i}" for i in range(table.num_rows)]))
 
 
@@ -58,8 +62,8 @@ def test_incompatible_inputs_fail_before_training(labeled):
 @pytest.mark.parametrize("objective", ["sft", "supervised_kd"])
 def test_a_short_run_lowers_the_loss(tiny_model_dir, labeled, objective):
     model, tokenizer = load_model(str(tiny_model_dir))
-    config = DistillConfig(student="", data=[], output="", objective=objective, steps=40, batch_size=16, learning_rate=3e-3, warmup_steps=2)
-    curve = train_student(model, tokenizer, labeled, config)
+    config = TrainingSettings(objective=objective, steps=40, batch_size=16, learning_rate=3e-3, warmup_steps=2)
+    curve = train_student(model, tokenizer, batches_for(tokenizer, model.config.vocab_size, config, labeled), config)
     first, last = sum(c["loss"] for c in curve[:5]) / 5, sum(c["loss"] for c in curve[-5:]) / 5
     assert last < 0.8 * first
 
@@ -71,9 +75,9 @@ def test_accumulation_and_checkpointing_leave_the_step_unchanged(tiny_model_dir,
     results = []
     for options in [{}, {"micro_batch_size": 3}, {"gradient_checkpointing": True}]:
         model, tokenizer = load_model(str(tiny_model_dir))
-        config = DistillConfig(student="", data=[], output="", steps=2, batch_size=8, learning_rate=1e-2, warmup_steps=0,
+        config = TrainingSettings(steps=2, batch_size=8, learning_rate=1e-2, warmup_steps=0,
                                nll_weight=1.0, **options)  # the KD path with an NLL term: a loss far from 0
-        curve = train_student(model, tokenizer, labeled, config)
+        curve = train_student(model, tokenizer, batches_for(tokenizer, model.config.vocab_size, config, labeled), config)
         results.append(([c["loss"] for c in curve], [c["nll"] for c in curve], model.lm_head.weight.detach().clone()))
     (losses, nlls, weights), *others = results
     for other_losses, other_nlls, other_weights in others:
@@ -88,26 +92,26 @@ def test_on_policy_batches_take_the_on_policy_divergence(tiny_model_dir, labeled
     for name, losses in [("split", {"divergence": "skew_kl", "on_policy_divergence": "skew_reverse_kl"}),
                          ("reverse", {"divergence": "skew_reverse_kl"}), ("forward", {"divergence": "skew_kl"})]:
         model, tokenizer = load_model(str(tiny_model_dir))
-        config = DistillConfig(student="", data=[], output="", steps=3, batch_size=8, mix=1.0, rollouts=["-"], **losses)
-        curves[name] = [c["loss"] for c in train_student(model, tokenizer, labeled, config, rollouts=labeled)]
+        config = TrainingSettings(steps=3, batch_size=8, mix=1.0, rollouts=["-"], **losses)
+        curves[name] = [c["loss"] for c in train_student(model, tokenizer, batches_for(tokenizer, model.config.vocab_size, config, labeled, labeled), config)]
     assert curves["split"] == pytest.approx(curves["reverse"], rel=1e-6) and curves["split"] != pytest.approx(curves["forward"], rel=1e-3)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no GPU")
 def test_cuda_without_a_gpu_fails_before_training(tiny_model_dir, labeled):
     model, tokenizer = load_model(str(tiny_model_dir))
-    config = DistillConfig(student="", data=[], output="", steps=1, device="cuda")
+    config = TrainingSettings(steps=1, device="cuda")
     with pytest.raises(ValueError, match="torch sees no CUDA device here: set device 'auto' or 'cpu'"):
-        train_student(model, tokenizer, labeled, config)
+        train_student(model, tokenizer, batches_for(tokenizer, model.config.vocab_size, config, labeled), config)
 
 
 def test_a_non_finite_loss_stops_with_a_clear_error(tiny_model_dir, labeled):
     model, tokenizer = load_model(str(tiny_model_dir))
     with torch.no_grad():
         model.lm_head.weight.fill_(float("nan"))
-    config = DistillConfig(student="", data=[], output="", steps=3, batch_size=8)
+    config = TrainingSettings(steps=3, batch_size=8)
     with pytest.raises(FloatingPointError, match="No checkpoint was written"):
-        train_student(model, tokenizer, labeled, config)
+        train_student(model, tokenizer, batches_for(tokenizer, model.config.vocab_size, config, labeled), config)
 
 
 def test_fresh_on_policy_batches_are_sampled_from_the_current_student(tiny_model_dir, labeled):
@@ -116,25 +120,24 @@ def test_fresh_on_policy_batches_are_sampled_from_the_current_student(tiny_model
     model, tokenizer = load_model(str(tiny_model_dir))
     sampled_from = []
 
-    def fresh_batches():
-        for i in itertools.count():
-            sampled_from.append(model.lm_head.weight.detach().clone())
-            prompts = [p.prompt for p in problems("train", 8, 1000 + i)]
-            table = label(HFEngine(model, tokenizer, batch_size=8), pa.table({"prompt": prompts}), SamplingParams(temperature=1.0, max_new_tokens=16, seed=i), k=8).table
-            yield table.append_column("sample_id", pa.array([f"fresh{i}-{j}" for j in range(table.num_rows)]))
+    def fresh_batch(i: int) -> pa.Table:
+        sampled_from.append(model.lm_head.weight.detach().clone())
+        prompts = [p.prompt for p in problems("train", 8, 1000 + i)]
+        table = label(HFEngine(model, tokenizer, batch_size=8), pa.table({"prompt": prompts}), Sampling(temperature=1.0, max_new_tokens=16, seed=i), k=8).table
+        return table.append_column("sample_id", pa.array([f"fresh{i}-{j}" for j in range(table.num_rows)]))
 
-    config = DistillConfig(student="", data=[], output="", steps=12, batch_size=8, learning_rate=3e-3, warmup_steps=1, mix=0.5, rollouts=["-"])
-    curve = train_student(model, tokenizer, labeled, config, rollouts=fresh_batches())
+    config = TrainingSettings(steps=12, batch_size=8, learning_rate=3e-3, warmup_steps=1, mix=0.5)
+    curve = train_student(model, tokenizer, batches_for(tokenizer, model.config.vocab_size, config, labeled, fresh_batch), config)
     sources = [c["source"] for c in curve]
     assert sources.count("on_policy") == len(sampled_from) and 0 < len(sampled_from) < 12
     assert all(not torch.equal(a, b) for a, b in zip(sampled_from, sampled_from[1:])), "a batch came from stale weights"
 
-    def hotter_batches():
+    def hotter_batch(step: int) -> pa.Table:
         table = labeled.slice(0, 8)
-        yield table.set_column(table.schema.get_field_index("temperature"), "temperature", pa.array([2.0] * 8, table["temperature"].type))
+        return table.set_column(table.schema.get_field_index("temperature"), "temperature", pa.array([2.0] * 8, table["temperature"].type))
 
     with pytest.raises(ValueError, match="on-policy rows store the teacher at temperature 2.0, the fixed data at 1.0"):
-        train_student(model, tokenizer, labeled, DistillConfig(student="", data=[], output="", steps=3, batch_size=8, mix=1.0, rollouts=["-"]), rollouts=hotter_batches())
+        train_student(model, tokenizer, batches_for(tokenizer, model.config.vocab_size, TrainingSettings(steps=3, batch_size=8, mix=1.0), labeled, hotter_batch), TrainingSettings(steps=3, batch_size=8, mix=1.0))
 
 
 def test_online_rollouts_append_each_on_policy_batch_with_its_policy_step(tiny_model_dir, labeled, tmp_path):
@@ -145,11 +148,12 @@ def test_online_rollouts_append_each_on_policy_batch_with_its_policy_step(tiny_m
     pq.write_table(pa.table({"prompt_id": [f"p{i}" for i in range(6)], "prompt": [p.prompt for p in arithmetic],
                              "answer": [str(p.answer) for p in arithmetic]}), tmp_path / "prompts.parquet")
     settings = OnlineSettings(prompts=str(tmp_path / "prompts.parquet"), batches=str(tmp_path / "batches"), teacher=str(tiny_model_dir),
-                              teacher_card={"name": "teacher", "weights_hash": "t"}, task="arithmetic", k=8, n=2, max_new_tokens=16,
+                              teacher_card={"name": "teacher", "weights_hash": "t"}, task="arithmetic", k=8,
+                              sampling=Sampling(n=2, temperature=1.0, max_new_tokens=16),
                               identity={"student": "student", "student_weights_hash": "s"})
     online = OnlineRollouts(model, tokenizer, settings.teacher_engine("cpu"), settings, batch_size=8)
-    config = DistillConfig(student="", data=[], output="", steps=8, batch_size=8, learning_rate=3e-3, warmup_steps=1, mix=0.5, online=settings)
-    curve = train_student(model, tokenizer, labeled, config, rollouts=online)
+    config = TrainingSettings(steps=8, batch_size=8, learning_rate=3e-3, warmup_steps=1, mix=0.5)
+    curve = train_student(model, tokenizer, batches_for(tokenizer, model.config.vocab_size, config, labeled, online), config)
     on_policy = [c["step"] for c in curve if c["source"] == "on_policy"]
     assert 1 < len(on_policy) < 8 and all(c["staleness"] == 0 for c in curve if c["source"] == "on_policy")
     written = sorted((tmp_path / "batches").glob("step-*.parquet"))
@@ -162,18 +166,18 @@ def test_online_rollouts_append_each_on_policy_batch_with_its_policy_step(tiny_m
     assert sorted((tmp_path / "batches").glob("step-*.parquet")) == written[:1]
 
     pipelined = settings.model_copy(update={"pipelined": True, "batches": str(tmp_path / "pipelined")})
-    config = config.model_copy(update={"mix": 1.0, "steps": 4, "online": pipelined})
-    curve = train_student(model, tokenizer, labeled, config, rollouts=OnlineRollouts(model, tokenizer, online.teacher, pipelined, 8))
+    config = config.model_copy(update={"mix": 1.0, "steps": 4})
+    curve = train_student(model, tokenizer, batches_for(tokenizer, model.config.vocab_size, config, labeled, OnlineRollouts(model, tokenizer, online.teacher, pipelined, 8)), config)
     assert [c["staleness"] for c in curve] == [0, 1, 1, 1]  # the first batch is sampled at once, each later one a step ahead
     batches = [pq.read_table(path) for path in sorted((tmp_path / "pipelined").glob("step-*.parquet"))]
     assert [(b["policy_step"][0].as_py(), b["trained_at_step"][0].as_py(), b["staleness"][0].as_py()) for b in batches] == [
         (0, 0, 0), (0, 1, 1), (1, 2, 1), (2, 3, 1)]
     with pytest.raises(ValueError, match="online sampling runs in one training process"):
-        DistillConfig(student="", data=[], output="", mix=1.0, online=settings, processes=2, launcher="torchrun")
+        DistillCommand(student="", data=[], output="", mix=1.0, online=settings, launch={"processes": 2, "launcher": "torchrun"})
 
 
 def test_two_processes_killed_and_resumed_follow_the_curve_of_one(tiny_model_dir, labeled, tmp_path):
-    """`torchrun --nproc-per-node 2 -m training.trainer.loop` (DDP on gloo, two CPU processes, micro-batches
+    """`torchrun --nproc-per-node 2 -m training.launch` (DDP on gloo, two CPU processes, micro-batches
     of unequal counts) with checkpoint_every, killed with kill -9 after a checkpoint and launched
     again, resumes from it and ends on the loss curve of one uninterrupted process with the same
     global batch; rank 0 writes the whole model. The data streams from two files in windows of 16
@@ -184,13 +188,13 @@ def test_two_processes_killed_and_resumed_follow_the_curve_of_one(tiny_model_dir
     settings = dict(student=str(tiny_model_dir), data=data, steps=40, batch_size=7, micro_batch_size=2, shuffle_window=16,
                     learning_rate=3e-3, warmup_steps=2, nll_weight=1.0)
     model, tokenizer = load_model(str(tiny_model_dir))
-    one = train_student(model, tokenizer, data, DistillConfig(**settings, output=""))
+    one = train_student(model, tokenizer, batches_for(tokenizer, model.config.vocab_size, DistillCommand(**settings, output=""), data), DistillCommand(**settings, output=""), strategy="ddp")
 
     output = tmp_path / "student"
-    config = DistillConfig(**settings, output=str(output), checkpoint_every=10, launcher="torchrun", processes=2)
+    config = DistillCommand(**settings, output=str(output), checkpoint_every=10, launch={"launcher": "torchrun", "processes": 2})
     (tmp_path / "run.json").write_text(config.model_dump_json())
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "training.trainer.loop", "--config", str(tmp_path / "run.json")]
+               "-m", "training.launch", "--config", str(tmp_path / "run.json")]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     latest = tmp_path / "student.state" / "latest.json"
     training = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment, start_new_session=True)
@@ -218,11 +222,11 @@ def test_ray_train_workers_with_fsdp_follow_the_curve_of_one(tiny_model_dir, lab
     driver, and rank 0 writes the whole model."""
     pq.write_table(labeled, tmp_path / "data.parquet")
     settings = dict(student=str(tiny_model_dir), data=[str(tmp_path / "data.parquet")], steps=10, batch_size=7, micro_batch_size=2,
-                    learning_rate=3e-3, warmup_steps=2, nll_weight=1.0, strategy="fsdp")
+                    learning_rate=3e-3, warmup_steps=2, nll_weight=1.0)
     model, tokenizer = load_model(str(tiny_model_dir))
-    one = train_student(model, tokenizer, labeled, DistillConfig(**settings, output=""))
-    (tmp_path / "run.json").write_text(DistillConfig(**settings, output=str(tmp_path / "student"), launcher="ray", processes=2).model_dump_json())
-    done = subprocess.run([sys.executable, "-m", "training.trainer.loop", "--config", str(tmp_path / "run.json")], check=True,
+    one = train_student(model, tokenizer, batches_for(tokenizer, model.config.vocab_size, DistillCommand(**settings, output=""), labeled), DistillCommand(**settings, output=""), strategy="fsdp")
+    (tmp_path / "run.json").write_text(DistillCommand(**settings, output=str(tmp_path / "student"), launch={"launcher": "ray", "processes": 2, "strategy": "fsdp"}).model_dump_json())
+    done = subprocess.run([sys.executable, "-m", "training.launch", "--config", str(tmp_path / "run.json")], check=True,
                           stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}, timeout=180)
     assert "step 9/10 loss" in done.stdout  # rank 0's reports, relayed to the driver
     two = json.loads((tmp_path / "student" / "curve.json").read_text())
@@ -234,7 +238,7 @@ def test_ray_train_workers_with_fsdp_follow_the_curve_of_one(tiny_model_dir, lab
 
 def test_processes_need_a_launcher():
     with pytest.raises(ValueError, match="processes=2 needs a launcher"):
-        DistillConfig(student="", data=[], output="", processes=2)
+        LaunchSettings(processes=2)
 
 
 def test_lora_trains_only_the_adapter_and_saves_it_merged(tiny_model_dir, labeled, tmp_path):
@@ -242,9 +246,9 @@ def test_lora_trains_only_the_adapter_and_saves_it_merged(tiny_model_dir, labele
     student, whose outputs are the adapted model's, while the frozen weights stay where they were.
     One batch of 8 sequences, drawn again every step: the adapter learns it."""
     pq.write_table(labeled.slice(0, 8), tmp_path / "data.parquet")
-    config = DistillConfig(student=str(tiny_model_dir), data=[str(tmp_path / "data.parquet")], output=str(tmp_path / "student"),
+    config = DistillCommand(student=str(tiny_model_dir), data=[str(tmp_path / "data.parquet")], output=str(tmp_path / "student"),
                            steps=20, batch_size=8, learning_rate=5e-2, warmup_steps=0, nll_weight=1.0, lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
-    losses = [c["loss"] for c in run(config)]
+    losses = [c["loss"] for c in run(config, printed())]
     assert sum(losses[-5:]) < sum(losses[:5]) - 0.2
     from peft import PeftModel
 

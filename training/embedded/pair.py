@@ -6,7 +6,9 @@ import time
 
 import pyarrow as pa
 
-from training.trainer.loop import TrainingSettings, train_student
+from training.trainer.loop import Reporter, train_student
+from training.trainer.settings import TrainingSettings
+from training.trainer.sources import batches_for
 from training.evals.evaluate import exact_match
 from training.models.checkpoints import Architecture, build_embedded
 from training.tasks.arithmetic import ArithmeticConfig, problems
@@ -34,7 +36,7 @@ def train_embedded(
     instruction_share: float = 0.0,
     correction_share: float = 0.0,
     varied_steps: bool = False,
-    on_step=None,
+    reporter: Reporter | None = None,
 ):
     """A fresh model trained with SFT (`settings.objective` must be 'sft') on `steps × batch_size`
     train examples drawn i.i.d. Every batch holds:
@@ -69,7 +71,7 @@ def train_embedded(
         return token_rows(tokenizer, [train[i].prompt + pairs[i][0] for i in solved] + [i for i, _ in written],
                           [pairs[i][1] for i in solved] + [w for _, w in written])
 
-    curve = train_student(model, tokenizer, map(batch, range(settings.steps)), settings, on_step)
+    curve = train_student(model, tokenizer, batches_for(tokenizer, model.config.vocab_size, settings, batch), settings, reporter)
     arithmetic = ArithmeticTask(task)
     accuracy = exact_match(model, tokenizer, arithmetic.prompts("eval", eval_problems, settings.seed), arithmetic)
     return model, tokenizer, curve, accuracy, time.perf_counter() - started

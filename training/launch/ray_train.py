@@ -1,6 +1,6 @@
 """`launcher: ray`: the same training on a Ray cluster, through Ray Train's `TorchTrainer`.
 
-`python -m training.trainer.loop --config run.json` with `launcher: ray` becomes the Ray driver: it joins
+`python -m training.launch --config run.json` with `launch: {launcher: ray}` becomes the Ray driver: it joins
 the cluster (`ray_address`, else $RAY_ADDRESS, else a local one) and starts `processes` workers. Ray
 Train sets RANK, WORLD_SIZE and LOCAL_RANK and opens the process group (gloo on CPUs, nccl with
 GPUs) before each worker calls `training.distill.run`, so every worker is one rank of the same
@@ -18,25 +18,22 @@ import os
 import threading
 from pathlib import Path
 from queue import Empty
-from types import SimpleNamespace
 
-from training.trainer.loop import DistillConfig, pipes_on_rank0, run, training_device
-
-
-def relayed(reports):
-    """What `run` reports through, on rank 0: each line and message put on the driver's queue."""
-    return SimpleNamespace(log=SimpleNamespace(info=lambda line: reports.put(("log", line))),
-                           report_custom_message=lambda message: reports.put(("message", message)))
+from training.launch.command import DistillCommand, run
+from training.launch.report import Reporter, reporter_for_this_process
+from training.trainer.loop import training_device
 
 
 def train_worker(arguments: dict) -> None:
-    """One Ray Train worker: one rank of the training (the process group is already open)."""
-    rank = int(os.environ.get("RANK", "0"))
-    run(DistillConfig.model_validate(arguments["config"]), relayed(arguments["reports"]) if rank == 0 else None)
+    """One Ray Train worker: one rank of the training (the process group is already open); its
+    reports go on the driver's queue."""
+    reports = arguments["reports"]
+    run(DistillCommand.model_validate(arguments["config"]),
+        Reporter(lambda line: reports.put(("line", line)), lambda message: reports.put(("message", message))))
 
 
-def pass_on(reports, pipes, stop: threading.Event) -> None:
-    """The driver's side: rank 0's reports into the Pipes session (printed without one), until `stop`."""
+def pass_on(reports, reporter: Reporter, stop: threading.Event) -> None:
+    """The driver's side: rank 0's reports into the driver's own reporter (Pipes or stdout), until `stop`."""
     while True:
         try:
             kind, value = reports.get(timeout=0.2)
@@ -44,15 +41,10 @@ def pass_on(reports, pipes, stop: threading.Event) -> None:
             if stop.is_set():
                 return
             continue
-        if pipes is None:
-            print(value, flush=True)
-        elif kind == "log":
-            pipes.log.info(value)
-        else:
-            pipes.report_custom_message(value)
+        getattr(reporter, kind)(value)
 
 
-def train_on_ray(config: DistillConfig) -> None:
+def train_on_ray(config: DistillCommand) -> None:
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -66,18 +58,18 @@ def train_on_ray(config: DistillConfig) -> None:
     gpus = config.device != "cpu" and (config.device != "auto" or training_device("auto").type == "cuda")
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=config.ray_address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
+        ray.init(address=config.launch.ray_address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
     stop = threading.Event()
     try:
-        with pipes_on_rank0() as pipes:
+        with reporter_for_this_process() as reporter:
             reports = Queue(actor_options={"num_cpus": 0})
-            relay = threading.Thread(target=pass_on, args=(reports, pipes, stop))
+            relay = threading.Thread(target=pass_on, args=(reports, reporter, stop))
             relay.start()
             try:
                 TorchTrainer(
                     train_worker, train_loop_config={"config": config.model_dump(mode="json"), "reports": reports},
                     torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
-                    scaling_config=ScalingConfig(num_workers=config.processes, use_gpu=gpus),
+                    scaling_config=ScalingConfig(num_workers=config.launch.processes, use_gpu=gpus),
                     run_config=RunConfig(storage_path=str(Path(config.output).parent / "ray_train"), name=Path(config.output).name),
                 ).fit()
             finally:

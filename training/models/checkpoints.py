@@ -107,12 +107,13 @@ def weights_hash(model_or_state) -> str:
     return digest.hexdigest()[:16]
 
 
-def model_card(name: str, model, tokenizer, revision: str | None = None) -> dict:
-    """What identifies a model in lineage: name, revision or weights hash, vocab, tokenizer hashes."""
+def model_card(name: str, model, tokenizer, revision: str | None = None, weights: dict | None = None) -> dict:
+    """What identifies a model in lineage: name, revision or weights hash (of `weights` when given: a
+    model sharded over processes, gathered), vocab, tokenizer hashes."""
     return {
         "name": name,
         "revision": revision,
-        "weights_hash": weights_hash(model),
+        "weights_hash": weights_hash(model if weights is None else weights),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": model.config.vocab_size,
         "tokenizer_size": len(tokenizer),

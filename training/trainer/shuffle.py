@@ -73,6 +73,13 @@ class ShuffledBatches:
         self.window_state = None  # the generator before the loaded window's shuffle
         self.table, self.order = None, None  # the loaded window, prepared, and its shuffled row order
 
+    def __call__(self, step: int) -> pa.Table:
+        """The next batch (the position, not the step, says which: it is restored on resume)."""
+        return next(self)
+
+    def resumed_at(self, step: int) -> None:
+        """Nothing to do: `restore` put the position back."""
+
     def __iter__(self):
         return self
 

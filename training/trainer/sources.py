@@ -1,0 +1,125 @@
+"""Where the loop's batches come from. A source is called with the step and returns that step's
+rows, checked (`RowCheck`) before the loop sees them:
+
+    ShuffledBatches  stored rows (a table or Parquet files) shuffled a window at a time (shuffle.py),
+                     checked a window at a time as it is loaded: curated data, a round's teacher_feedback
+    FreshBatches     a function of the step: the embedded models' fresh problems, or an online round's
+                     fresh samples of the student as it is at that step (training/rounds/online.py)
+
+`Batches` holds the fixed source, the on-policy one (drawn with probability λ) and the temperature
+the stored signal was scored at, which the loss must use.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from training.models.chat import prompt_ids_for
+from training.trainer.objectives import check_takes
+from training.trainer.settings import TrainingSettings
+from training.trainer.shuffle import ShuffledBatches, blocks_of
+
+Rows = pa.Table | list[str] | Callable[[int], pa.Table]  # stored rows, Parquet files, or a function of the step
+
+
+class BatchSource(Protocol):
+    def __call__(self, step: int) -> pa.Table:
+        """The batch of `step`."""
+
+    def resumed_at(self, step: int) -> None:
+        """The training resumed at `step` (after a kill): what was drawn for later steps is gone."""
+
+
+class FreshBatches:
+    """A batch made for each step by `batch(step)`, checked as it comes; `on_resume(step)` forgets
+    what was made for `step` and later (an online round's written batches)."""
+
+    def __init__(self, batch: Callable[[int], pa.Table], check: Callable[[pa.Table], pa.Table],
+                 on_resume: Callable[[int], None] | None = None):
+        self.batch, self.check, self.on_resume = batch, check, on_resume
+
+    def __call__(self, step: int) -> pa.Table:
+        return self.check(self.batch(step))
+
+    def resumed_at(self, step: int) -> None:
+        if self.on_resume is not None:
+            self.on_resume(step)
+
+
+def check_compatible(table: pa.Table, student_vocab_size: int, teacher_vocab_size: int | None, k: int | None) -> None:
+    """Fails before training: vocab mismatch, stored ids the student does not have, k > stored."""
+    if teacher_vocab_size is not None and teacher_vocab_size != student_vocab_size:
+        raise ValueError(
+            f"teacher vocab {teacher_vocab_size} ≠ student vocab {student_vocab_size}: pick models that share a tokenizer"
+        )
+    stored_k = pc.min(table["k"]).as_py()
+    if k is not None and k > stored_k:
+        raise ValueError(f"k={k} is larger than the stored top-{stored_k}: lower k or relabel with a larger k")
+    per_token = pc.list_flatten(table["topk_ids"])
+    ids = pc.list_flatten(per_token).to_numpy()
+    beyond = ids >= student_vocab_size
+    if beyond.any():
+        first = int(beyond.argmax())
+        token = pc.list_parent_indices(per_token).to_numpy()[first]
+        row = int(pc.list_parent_indices(table["topk_ids"]).to_numpy()[token])
+        raise ValueError(
+            f"sample {table['sample_id'][row].as_py()} stores token id {ids[first]}, beyond the student's "
+            f"vocabulary of {student_vocab_size}: pick a student that shares the teacher's tokenizer"
+        )
+
+
+@dataclass
+class RowCheck:
+    """What every batch passes before training: its prompts rendered with the student's own chat
+    template, an objective that takes its kind, and a signal the student can use, scored at the
+    fixed data's temperature."""
+
+    tokenizer: object
+    vocab_size: int
+    teacher_vocab_size: int | None
+    settings: TrainingSettings
+    temperature: float
+    source: str  # "fixed" or "on-policy", for the messages
+
+    def __call__(self, rows: pa.Table) -> pa.Table:
+        rows = rows.set_column(rows.schema.get_field_index("prompt_token_ids"), "prompt_token_ids", prompt_ids_for(self.tokenizer, rows))
+        check_takes(self.settings.objective, rows, self.source)
+        if "topk_ids" in rows.column_names:
+            check_compatible(rows, self.vocab_size, self.teacher_vocab_size, self.settings.k)
+            if (found := float(rows["temperature"][0].as_py())) != self.temperature:
+                raise ValueError(f"{self.source} rows store the teacher at temperature {found}, the fixed data at "
+                                 f"{self.temperature}: score them alike")
+        return rows
+
+
+@dataclass
+class Batches:
+    fixed: BatchSource
+    on_policy: BatchSource | None
+    temperature: float  # of the stored teacher signal: the loss rescales it to its own τ
+
+
+def stored_temperature(rows: Rows) -> float | None:
+    """The temperature the first stored row was scored at (one column of one row group), if any."""
+    if callable(rows):
+        return None
+    first = blocks_of(rows)[0]
+    return float(first.read(["temperature"])["temperature"][0].as_py()) if "temperature" in first.column_names() else None
+
+
+def batches_for(tokenizer, vocab_size: int, settings: TrainingSettings, fixed: Rows, on_policy: Rows | None = None,
+                teacher_vocab_size: int | None = None, on_resume: Callable[[int], None] | None = None) -> Batches:
+    """The loop's sources: stored rows are shuffled (seeded by `settings.seed`, the on-policy ones by
+    seed + 1), functions of the step are called at each step; all checked by one `RowCheck`."""
+    temperature = stored_temperature(fixed) or settings.temperature
+
+    def source(rows: Rows, name: str, seed: int) -> BatchSource:
+        check = RowCheck(tokenizer, vocab_size, teacher_vocab_size, settings, temperature, name)
+        if callable(rows):
+            return FreshBatches(rows, check, on_resume if name == "on-policy" else None)
+        return ShuffledBatches(blocks_of(rows), settings.batch_size, seed, settings.shuffle_window, check)
+
+    return Batches(source(fixed, "fixed", settings.seed),
+                   None if on_policy is None else source(on_policy, "on-policy", settings.seed + 1), temperature)
