@@ -106,8 +106,8 @@ def close_vllm_engines() -> None:
 
 @dg.resource(config_schema={"home": dg.Field(str, default_value="", description="data root; empty: $DISTILL_HOME, else ./.distill")})
 def store_resource(context: dg.InitResourceContext) -> Store:
-    """Where datasets, checkpoints and the catalog live; assets receive the `Store` itself. Initialised
-    before the run's steps claim pool slots, it first releases dead runs (assets/runs.py)."""
+    """Where datasets, checkpoints and the catalog live; assets receive the `Store` itself. It first
+    releases dead runs: a run in process initialises it before its steps claim pool slots (assets/runs.py)."""
     for run_id in release_dead_runs(context.instance) if context.instance else []:
         context.log.warning(f"run {run_id} was killed (its processes are gone): marked failed, its pool slots freed")
     return Store(context.resource_config["home"] or None)

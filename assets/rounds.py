@@ -31,6 +31,7 @@ from assets.executor import ShardExecutor, ShardWork
 from assets.partitions import FIRST_PARENT, parent_round, round_number, rounds
 from assets.publish import metadata, png_markdown, publish_dataset, publish_evals, record_lineage
 from assets.resources import ModelEngine
+from assets.runs import IN_PROGRESS, release_dead_runs
 from assets.student_runs import chat_templates, curve_metrics, distill_and_save, loss_curve, training_dataset_name
 from storage.catalog import query, refresh_catalog
 from storage.store import Store
@@ -42,7 +43,6 @@ from training.data.rollouts import draw_prompts, feedback_table, sample_rollouts
 from training.schema.signal import SignalSettings
 from training.tasks import task_name_of, task_of
 
-IN_PROGRESS = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
 ROUND = dict(partitions_def=rounds, group_name="rounds", pool="accelerator")
 MAX_ROLLOUT_REUSE = 2
 
@@ -62,23 +62,23 @@ def parent_checkpoint(store: Store, key: str) -> tuple[str, str | None, dict]:
 
 
 @contextmanager
-def claim_round(context: dg.AssetExecutionContext, store: Store):
-    """Fails clearly when an older run of this round is still in progress, and holds the round's
-    file lock while the asset works, so two launches of one round never mix their data."""
+def claim_round(context: dg.AssetExecutionContext):
+    """The round is this run's while the block runs: fails clearly while another run of the round is in
+    progress, after releasing dead runs (what in progress and dead mean: assets/runs.py), so two
+    launches of one round never mix their data and a killed one never holds the round."""
     key = context.partition_key
-    mine = context.instance.get_run_record_by_id(context.run.run_id)
-    older = [
+    release_dead_runs(context.instance)
+    others = [
         record.dagster_run.run_id
         for record in context.instance.get_run_records(dg.RunsFilter(statuses=IN_PROGRESS, tags={"dagster/partition": key}))
-        if record.dagster_run.run_id != context.run.run_id and mine is not None and record.create_timestamp < mine.create_timestamp
+        if record.dagster_run.run_id != context.run.run_id
     ]
-    if older:
+    if others:
         raise RuntimeError(
-            f"round {key} is already being run by run {older[0]}: wait for it to finish (or cancel it in the UI), "
+            f"round {key} is already being run by run {others[0]}: wait for it to finish (or cancel it in the UI), "
             "then re-run this round"
         )
-    with store.round_lock(key, f"run {context.run.run_id}, {', '.join(k.to_user_string() for k in sorted(context.selected_asset_keys))}"):
-        yield
+    yield
 
 
 def rollout_shard(engines: dict, prompts: pa.Table, index: int, *, sampling: SamplingParams, identity: dict):
@@ -96,7 +96,7 @@ def student_rollouts(context: dg.AssetExecutionContext, config: StudentRolloutsC
     on prompts drawn from curated (else teacher_labeled), n per prompt, seeded by the round."""
     key = context.partition_key
     parent, previous, card = parent_checkpoint(store, key)
-    with claim_round(context, store):
+    with claim_round(context):
         dataset = training_dataset_name(store)
         prompts = draw_prompts(store.shard_paths(dataset), config.num_prompts, f"{config.seed}/{key}")
         sampling = SamplingParams(config.n, config.temperature, config.top_p, config.max_new_tokens, config.seed * 1000 + round_number(key))
@@ -123,7 +123,7 @@ def teacher_feedback(context: dg.AssetExecutionContext, config: TeacherFeedbackC
     key = context.partition_key
     parent, previous, card = parent_checkpoint(store, key)
     teacher = store.read_card("teacher")
-    with claim_round(context, store):
+    with claim_round(context):
         task = task_of(store.read_dataset("seed_prompts", columns=["task"]))
         inputs = {
             "student_rollouts": store.dataset_version("student_rollouts", key),
@@ -162,7 +162,7 @@ def student_checkpoint(context: dg.AssetExecutionContext, config: StudentCheckpo
     if not config.online and not store.has_dataset("teacher_feedback", key):
         raise FileNotFoundError(f"round {key} has no teacher_feedback yet: materialize teacher_feedback for {key} first, "
                                 "or train online (student_checkpoint config online: true)")
-    with claim_round(context, store):
+    with claim_round(context):
         online = online_settings(store, config, model_engine, key, context.run.run_id, (parent, previous, card), teacher) if config.online else None
         feedback = [] if config.online else store.shard_paths("teacher_feedback", key)
         identity = {"round": key, "parent": parent, "parent_round": previous, "parent_checkpoint": card["weights_hash"],
@@ -279,7 +279,7 @@ def round_eval(context: dg.AssetExecutionContext, config: EvalsConfig, store: dg
     key = context.partition_key
     parent, previous, parent_card = parent_checkpoint(store, key)
     card = store.read_card("student_checkpoint", key)
-    with claim_round(context, store):
+    with claim_round(context):
         eval_rows = store.read_dataset("eval_set")
         cards = {"student_checkpoint": card, parent: parent_card}
         results = evaluate_checkpoints(cards, store.read_card("teacher"), eval_rows, task_of(eval_rows), config.seed, context.log.info)

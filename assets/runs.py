@@ -1,31 +1,33 @@
-"""Which runs are in progress, and what keeps runs apart: the pool `accelerator` (one model step at a
-time), `claim_round` in assets/rounds.py (one run per round), and the release of dead runs that both
-rely on.
+"""Which runs are in progress, and the release of dead ones: what keeps runs apart relies on both.
+The pool `accelerator` lets one model step run at a time across runs; `claim_round` (assets/rounds.py)
+lets one run work on a round: a step of round r fails at once, naming the other run, while another
+run of r is in progress, so two launches of a round never mix their data (runs of one instance).
 
-A run is in progress while a process may be working on it: its status is STARTING, STARTED or CANCELING
-(`IN_PROGRESS`). Queued and not-started runs have no process yet: they check when they start. A step
-of round r fails at once, naming the other run, while another run of r is in progress, so two
-launches of a round never mix their data (runs recorded in one Dagster instance).
+A run is in progress while a process may be working on it: its status is STARTING, STARTED or
+CANCELING (`IN_PROGRESS`); a queued or not yet started run has no process, and checks when it starts.
 
-A run killed without cleanup (kill -9, out of memory) stays STARTED, so it would keep its round and
-its `accelerator` slot forever: a later run waits on the slot, spinning a core and ignoring SIGTERM.
-Every run records the pids of its processes (Dagster's engine events: the run worker, the in-process
-or multiprocess executor, each step process). A run in progress none of whose recorded processes is
-alive on this machine is dead: `release_dead_runs` reports it failed (no longer in progress) and frees
-its slots, as well as slots still held by finished runs. Every run passes a release before it waits
-on the pool or claims its round:
+A run killed without cleanup (kill -9, out of memory) stays STARTED: it would hold its round and its
+`accelerator` slot forever, and a later run would wait on the slot, spinning a core and ignoring
+SIGTERM. Every run records the pids of its processes (Dagster's engine events: the run worker, the
+in-process or multiprocess executor, each step process); a run in progress none of whose recorded
+processes is alive on this machine is dead. `release_dead_runs` reports it failed, so it is no longer
+in progress, and frees its slots and those still held by finished runs. `claim_round` releases
+before it looks for other runs of its round; before a run waits on the pool, what releases depends on
+where the run claims its slots (tested: tests/test_dead_runs.py, and by hand for the UI and the CLI):
 - runs in process (a script's `dg.materialize` or `execute_in_process`, the demo, `distill_round`
-  however launched): the `store` resource releases when it is initialised, which the in-process
-  executor does for the whole run before its first step claims a slot (every pool asset uses `store`);
-- runs of the code location on the multiprocess executor (materializations from the UI, with or
-  without the daemon, `dagster asset materialize`, `distill_offline` from the UI): the code location's
-  executor, `releasing(...)`, releases when it is created in the run's orchestrating process, which
-  claims the slots of its steps there and initialises resources only later, in each step's process;
-- a run already waiting when the holder is killed: `dead_run_sensor` under the daemon (every 30 s),
-  or the next run that starts.
-Dagster's run monitoring cannot do this: it asks the run launcher whether a run's worker is alive,
-and the default launcher cannot tell. Only runs of this machine are judged (the default run launcher
-and in-process runs); with another launcher (Kubernetes, …) runs are left to its own health checks.
+  however launched): the `store` resource, which every pool asset uses and the in-process executor
+  initialises for the whole run before its first step claims a slot;
+- runs of the code location on the multiprocess executor (`dagster asset materialize`, `distill_offline`
+  or a materialization launched from the UI): the code location's executor, `releasing(...)`, created in
+  the run's orchestrating process, which claims its steps' slots there and initialises resources only
+  later, in each step's own process;
+- under the daemon (`make ui`), the run queue holds a run back while its pool is full, so no process of
+  it starts: `dead_run_sensor` releases every 30 s, and so frees a run already waiting when the holder
+  is killed too. Without the daemon's queue (the UI with `DefaultRunCoordinator`), runs start at once.
+Dagster's run monitoring leaves a killed run STARTED: it asks the run launcher whether the run's worker
+is alive, and the default launcher cannot tell. Only runs of this machine are judged (the default run
+launcher and in-process runs); with another launcher (Kubernetes, …) runs are left to its own health
+checks.
 """
 
 import os

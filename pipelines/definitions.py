@@ -5,6 +5,7 @@ import dagster as dg
 from assets import checks, curation, datasets, models, rounds, students
 from assets.executor import ShardExecutor
 from assets.resources import ModelEngine, store_resource
+from assets.runs import releasing
 from pipelines.dead_runs import dead_run_sensor
 from pipelines.jobs import distill_offline, distill_round, distill_round_online
 from pipelines.sensors import round_schedule, round_sensor
@@ -15,5 +16,6 @@ defs = dg.Definitions(
     jobs=[distill_offline, distill_round, distill_round_online],
     sensors=[round_sensor, dead_run_sensor],
     schedules=[round_schedule],
+    executor=releasing(dg.multi_or_in_process_executor),  # releases dead runs before a run claims pool slots
     resources={"store": store_resource, "model_engine": ModelEngine(), "shard_executor": ShardExecutor()},
 )

@@ -1,7 +1,7 @@
 """The Dagster instance that `make demo` and `make ui` share: $DAGSTER_HOME with a dagster.yaml whose
 pool limit lets one step of pool `accelerator` (every asset that loads a model) run at a time, across
 all runs, and with the daemon's run monitoring (runs stuck starting or canceling are failed, slots of
-finished runs freed); runs whose process was killed are released by `pipelines/dead_runs.py`. An
+finished runs freed); runs whose process was killed are released as assets/runs.py describes. An
 existing dagster.yaml is the user's and is never overwritten.
 
     python -m pipelines.instance      # prepares $DAGSTER_HOME

@@ -9,20 +9,17 @@ Layout:
     models/<name>/<weights hash>/                   HF format (safetensors), content addressed
     models/<name>/card.json                         the current model's card (path, hashes, vocab)
     models/<name>/round=<key>/card.json             a round's checkpoint card (partitioned models)
-    locks/round=<key>.lock                          held while an asset of that round runs
     catalog.duckdb                                  views over the Parquet (see `catalog.py`)
 
 Every file is written to a hidden temp file and renamed into place, and a dataset's new version
 replaces the old one by one symlink switch, so readers see the old data or the new, never a part.
 """
 
-import fcntl
 import json
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -175,29 +172,6 @@ class Store:
         if "store_path" in card:  # a checkpoint in this store: relative, so the store can be moved or copied
             card["path"] = str(self.root / card.pop("store_path"))
         return card
-
-    @contextmanager
-    def round_lock(self, key: str, holder: str):
-        """Holds locks/round=<key>.lock while `holder` works on round `key`; a second holder fails at
-        once with the first one's name, so two launches of a round never interleave their writes."""
-        path = self.root / "locks" / f"round={key}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                raise RuntimeError(
-                    f"round {key} is being materialized by another run ({handle.read().strip() or 'unknown'}); "
-                    "wait for it to finish, then re-run this round"
-                ) from None
-            try:
-                handle.truncate(0)
-                handle.write(holder)
-                handle.flush()
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 EVALS_SCHEMA = pa.schema(

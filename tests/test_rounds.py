@@ -2,6 +2,11 @@
 offline_student, the missing-parent error, re-runs, and a second launch of a running round."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import dagster as dg
 import numpy as np
@@ -9,7 +14,7 @@ import pyarrow.compute as pc
 import pytest
 
 from assets.partitions import rounds
-from assets.rounds import round_eval, student_checkpoint, student_rollouts, teacher_feedback
+from assets.rounds import claim_round, round_eval, student_checkpoint, student_rollouts, teacher_feedback
 from pipelines.cli import main as distill
 from storage.catalog import query
 from training.engines.hf import HFEngine
@@ -108,11 +113,46 @@ def test_two_rounds_end_to_end_with_lineage(instance, offline, distill_home, cap
     assert offline.read_dataset("student_rollouts", "r001")["run_id"].unique().to_pylist() == [again.run_id]
     assert query(offline, "SELECT count(*) FROM lineage WHERE asset = 'student_rollouts' AND partition = 'r001'")[1] == [(2,)]
 
-    with offline.round_lock("r002", "run other-run, student_rollouts"):  # another launch of r002 is running
-        blocked = run_round(instance, "r002", selection=[student_rollouts])
-    assert not blocked.success
-    assert "round r002 is being materialized by another run (run other-run, student_rollouts)" in error_of(blocked)
-    assert offline.read_dataset("student_rollouts", "r002")["run_id"].unique().to_pylist() == [second.run_id]
+
+OTHER_LAUNCH = """
+import os, pathlib, time
+import dagster as dg
+from assets.partitions import rounds
+
+@dg.asset(partitions_def=rounds)
+def other_launch():
+    pathlib.Path(os.environ["WORKING"]).touch()
+    time.sleep(600)
+
+with dg.DagsterInstance.get() as instance:
+    dg.materialize([other_launch], partition_key="r002", instance=instance)
+"""
+
+
+@dg.asset(partitions_def=rounds)
+def round_step(context: dg.AssetExecutionContext):
+    with claim_round(context):
+        return 1
+
+
+def test_a_round_is_run_by_one_run_at_a_time_and_a_killed_run_does_not_hold_it(instance, tmp_path):
+    instance.add_dynamic_partitions(rounds.name, ["r002"])
+    working = tmp_path / "working"
+    other = subprocess.Popen([sys.executable, "-c", OTHER_LAUNCH], env={**os.environ, "WORKING": str(working)})
+    try:
+        deadline = time.monotonic() + 60
+        while not working.exists():  # another launch of r002 is running
+            assert other.poll() is None and time.monotonic() < deadline, "the other launch never started"
+            time.sleep(0.2)
+        (running,) = [r.dagster_run.run_id for r in instance.get_run_records(dg.RunsFilter(tags={"dagster/partition": "r002"}))]
+        blocked = dg.materialize([round_step], partition_key="r002", instance=instance, raise_on_error=False)
+        assert not blocked.success
+        assert f"round r002 is already being run by run {running}: wait for it to finish" in error_of(blocked)
+    finally:
+        os.kill(other.pid, signal.SIGKILL)
+        other.wait()
+    assert dg.materialize([round_step], partition_key="r002", instance=instance).success  # killed: released, not in progress
+    assert instance.get_run_by_id(running).status == dg.DagsterRunStatus.FAILURE
 
 
 def sampled_logprobs_match_a_scoring_pass(rollouts, checkpoint: str) -> None:
