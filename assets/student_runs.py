@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import dagster as dg
@@ -31,9 +32,11 @@ def _launch_distill(context: dg.AssetExecutionContext, run: DistillCommand, work
     Returns the training curve and what rank 0 reported at the end (its weights hash)."""
     config_path = work / "run.json"
     config_path.write_text(run.model_dump_json())
-    with dg.open_pipes_session(context, dg.PipesEnvContextInjector(), dg.PipesTempFileMessageReader()) as session:
-        done = subprocess.run(command_line(run, config_path), stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, **session.get_bootstrap_env_vars()})
+    with warnings.catch_warnings():  # Dagster marks a getter that its own message handler calls as "preview"
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        with dg.open_pipes_session(context, dg.PipesEnvContextInjector(), dg.PipesTempFileMessageReader()) as session:
+            done = subprocess.run(command_line(run, config_path), stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, **session.get_bootstrap_env_vars()})
     if done.returncode != 0:
         raise RuntimeError(f"the training command failed:\n{done.stderr[-3000:]}")
     reported = {key: value for message in session.get_custom_messages() for key, value in message.items()}

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pytest
 
 from assets.partitions import rounds
-from assets.rounds import claim_round, round_eval, student_checkpoint, student_rollouts, teacher_feedback
+from assets.rounds import claim_round, online_feedback, round_eval, student_checkpoint, student_rollouts, teacher_feedback
 from pipelines.cli import main as distill
 from storage.catalog import query
 from training.engines.hf import HFEngine
@@ -24,7 +24,7 @@ from test_pipeline import ASSETS, RESOURCES
 
 ROUND_ASSETS = [student_rollouts, teacher_feedback, student_checkpoint, round_eval]
 TINY_ROUND = {
-    "student_rollouts": {"num_prompts": 12, "n": 2, "max_new_tokens": 40},
+    "student_rollouts": {"num_prompts": 12, "sampling": {"n": 2, "max_new_tokens": 40}},
     "teacher_feedback": {"k": 8},
     "student_checkpoint": {"steps": 8, "batch_size": 8},
 }
@@ -35,7 +35,7 @@ def run_round(instance, key: str, selection=None, **overrides):
     names = [a.op.name for a in (selection or ROUND_ASSETS)]
     config = {name: {**TINY_ROUND.get(name, {}), **overrides.get(name, {})} for name in names}
     return dg.materialize(
-        ASSETS + ROUND_ASSETS, selection=selection or ROUND_ASSETS, partition_key=key, instance=instance,
+        ASSETS + ROUND_ASSETS + [online_feedback], selection=selection or ROUND_ASSETS, partition_key=key, instance=instance,
         resources=RESOURCES, run_config={"ops": {n: {"config": c} for n, c in config.items() if c}}, raise_on_error=False,
     )
 
@@ -163,12 +163,11 @@ def sampled_logprobs_match_a_scoring_pass(rollouts, checkpoint: str) -> None:
 
 
 def test_online_round_appends_every_batch_it_trains_on(instance, offline):
-    online = {"online": True, "mix": 1.0, "online_rollouts": {"num_prompts": 10, "n": 2, "max_new_tokens": 40, "k": 8}}
-    result = run_round(instance, "r001", selection=[student_checkpoint, round_eval], student_checkpoint=online)
+    online = {"online": True, "mix": 1.0, "online_rollouts": {"num_prompts": 10, "sampling": {"n": 2, "max_new_tokens": 40}, "k": 8}}
+    result = run_round(instance, "r001", selection=[student_checkpoint, online_feedback, round_eval], student_checkpoint=online)
     assert result.success
-    trained = result.asset_materializations_for_node("student_checkpoint")
-    assert {m.asset_key.to_user_string() for m in trained} == {"student_checkpoint", "online_feedback"}
-    checkpoint = next(m.metadata for m in trained if m.asset_key.to_user_string() == "student_checkpoint")
+    checkpoint = result.asset_materializations_for_node("student_checkpoint")[0].metadata
+    assert result.asset_materializations_for_node("online_feedback")[0].metadata["batches"].value == 8
     assert checkpoint["on_policy_steps"].value == 8 and checkpoint["max_staleness"].value == 0
 
     batches = offline.read_dataset("online_feedback", "r001")  # GKD's Algorithm 1: one fresh batch of 8 per step
