@@ -28,6 +28,7 @@ demo: $(INSTALLED)
 	$(BIN)/python -m pipelines.demo
 
 test: $(INSTALLED) browser
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q --durations=15
 
 ui: $(INSTALLED)

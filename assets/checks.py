@@ -29,14 +29,14 @@ def _signal_valid(store: Store, name: str) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(passed=not any(violations.values()), metadata=violations)
 
 
-@dg.asset_check(asset="teacher_labeled", blocking=True)
+@dg.asset_check(asset="teacher_labeled", additional_deps=["teacher_model"], blocking=True)
 def sparse_signal_valid(store: dg.ResourceParam[Store]) -> dg.AssetCheckResult:
     """Every stored top-k id is inside the teacher's vocab, logprobs are finite, ≤ 0 and sorted,
     tail mass is in [0, 1]."""
     return _signal_valid(store, "teacher_labeled")
 
 
-@dg.asset_check(asset="curated", name="sparse_signal_valid", blocking=True)
+@dg.asset_check(asset="curated", name="sparse_signal_valid", additional_deps=["teacher_model"], blocking=True)
 def curated_signal_valid(store: dg.ResourceParam[Store]) -> dg.AssetCheckResult:
     """Every kept row carries a valid sparse teacher signal (as `sparse_signal_valid`)."""
     return _signal_valid(store, "curated")
@@ -69,7 +69,7 @@ def origin_shares(store: dg.ResourceParam[Store]) -> dg.AssetCheckResult:
     )
 
 
-@dg.asset_check(asset="teacher_labeled")
+@dg.asset_check(asset="teacher_labeled", additional_deps=["teacher_model"])
 def token_round_trip(store: dg.ResourceParam[Store]) -> dg.AssetCheckResult:
     """decode(encode(text)) == text for stored prompts and completions, with the teacher tokenizer."""
     card = store.read_card("teacher")

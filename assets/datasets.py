@@ -8,6 +8,7 @@ import dagster as dg
 import duckdb
 
 from assets.config import EvalSetConfig, PromptSourceConfig, SeedPromptsConfig, TeacherLabeledConfig
+from assets.inputs import Inputs
 from assets.executor import ShardExecutor, ShardWork
 from assets.publish import publish_dataset
 from assets.resources import ModelEngine
@@ -59,17 +60,20 @@ def label_shard(engines: dict, prompts, index: int, *, settings: LabelingSetting
     return label_table(engines["teacher"], prompts, settings, card, task, run_id, shard=index)
 
 
-@dg.asset(group_name="datasets", pool="accelerator", kinds={"parquet"}, deps=["teacher_model", seed_prompts])
+TEACHER_LABELED = Inputs(cards=["teacher_model"], datasets=["seed_prompts"])
+
+
+@dg.asset(group_name="datasets", pool="accelerator", kinds={"parquet"}, deps=TEACHER_LABELED.deps)
 def teacher_labeled(context: dg.AssetExecutionContext, config: TeacherLabeledConfig, store: dg.ResourceParam[Store],
                     model_engine: ModelEngine, shard_executor: ShardExecutor):
     """Teacher responses, n per seed prompt, with the teacher's top-k logprobs on every token, shard
     by shard (`shard_executor`)."""
-    card = store.read_card("teacher")
+    read = TEACHER_LABELED.read(store)
+    card, inputs = read.cards["teacher_model"], read.versions
     task = task_of(store.read_dataset("seed_prompts", columns=["task"]))
     step = functools.partial(label_shard, settings=LabelingSettings(**config.model_dump()), card=card, task=task, run_id=context.run.run_id)
     work = ShardWork("teacher_labeled", store.shard_paths("seed_prompts"), {"teacher": (model_engine.model_dump(), card, store.root / "cache")},
                      step, settings={"config": config.model_dump(), "engine": model_engine.backend})
-    inputs = {"seed_prompts": store.dataset_version("seed_prompts"), "teacher_model": card["weights_hash"]}
     shards, metrics = shard_executor.run(context, store, work, None, inputs)
     return publish_dataset(context, store, "teacher_labeled", shards, config=config, inputs=inputs, metrics=metrics,
                            preview=LABELED_PREVIEW)

@@ -3,53 +3,54 @@ every model on the eval split."""
 
 import dagster as dg
 
+from assets.inputs import CARD_OF, TRAINING_DATA, Inputs, not_chosen
 from assets.config import EvalsConfig, OfflineStudentConfig
 from assets.publish import metadata, publish_evals, record_lineage, rounded
-from assets.student_runs import chat_templates, curve_metrics, distill_and_save, loss_curve, training_dataset_name
+from assets.student_runs import chat_templates, curve_metrics, distill_and_save, loss_curve
 from storage.store import Store
 from training.evals.evaluate import evaluate, evaluate_checkpoints
 from training.models.checkpoints import load_model
 from training.tasks import task_of
 
-MODELS = ["teacher", "student", "offline_student"]
 
 
-@dg.asset(
-    group_name="students", pool="accelerator", kinds={"pytorch"},
-    deps=["student_model", "teacher_model", "teacher_labeled", "curated", "eval_set"],
-)
+OFFLINE_STUDENT = Inputs(cards=["student_model", "teacher_model"], datasets=[*TRAINING_DATA, "eval_set"])
+EVALS = Inputs(cards=["teacher_model", "student_model", "offline_student"], datasets=["eval_set"])
+
+
+@dg.asset(group_name="students", pool="accelerator", kinds={"pytorch"}, deps=OFFLINE_STUDENT.deps)
 def offline_student(context: dg.AssetExecutionContext, config: OfflineStudentConfig, store: dg.ResourceParam[Store]):
     """The student after offline distillation on the stored teacher signal (SeqKD or supervised KD),
     trained by the command `python -m training.launch`."""
-    student, teacher = store.read_card("student"), store.read_card("teacher")
-    dataset = training_dataset_name(store)
-    card, curve = distill_and_save(context, store, "offline_student", config, student, teacher, store.shard_paths(dataset),
+    read = OFFLINE_STUDENT.read(store, skip=not_chosen(config.train_on))
+    student, teacher = read.cards["student_model"], read.cards["teacher_model"]
+    card, curve = distill_and_save(context, store, "offline_student", config, student, teacher, store.shard_paths(config.train_on),
                                    card={"objective": config.objective, "parent": student["weights_hash"]})
     eval_rows = store.read_dataset("eval_set")
     results = evaluate(*load_model(card["path"]), eval_rows, task_of(eval_rows), seed=config.seed)
     metrics = {**curve_metrics(curve), **{f"eval_{name}": value for name, value in results.items()}}
-    inputs = {dataset: store.dataset_version(dataset), "student_model": student["weights_hash"], "teacher_model": teacher["weights_hash"],
-              **chat_templates(teacher, student)}
+    inputs = {**read.versions, **chat_templates(teacher, student)}
     record_lineage(context, store, config, inputs, {**card, **metrics})
     return dg.MaterializeResult(
         metadata={
             **metadata(metrics), "weights_hash": card["weights_hash"], "path": dg.MetadataValue.path(card["path"]),
-            "trained_on": dataset, "inputs": dg.MetadataValue.json(inputs),
+            "trained_on": config.train_on, "inputs": dg.MetadataValue.json(inputs),
             "loss_curve": loss_curve(curve, "offline_student training loss"),
         },
         data_version=dg.DataVersion(card["weights_hash"]),
     )
 
 
-@dg.asset(group_name="students", pool="accelerator", kinds={"parquet"}, deps=["teacher_model", "student_model", offline_student, "eval_set"])
+@dg.asset(group_name="students", pool="accelerator", kinds={"parquet"}, deps=EVALS.deps)
 def evals(context: dg.AssetExecutionContext, config: EvalsConfig, store: dg.ResourceParam[Store]):
     """Exact match (greedy, sampled at T=1) on the eval split for the teacher, the initial student and
     the offline student, and each student's reverse KL to the teacher on its own samples."""
     eval_rows = store.read_dataset("eval_set")
-    cards = {name: store.read_card(name) for name in MODELS}
+    read = EVALS.read(store)
+    cards = {CARD_OF[name]: card for name, card in read.cards.items()}
     results = evaluate_checkpoints(cards, cards["teacher"], eval_rows, task_of(eval_rows), config.seed, context.log.info)
     path, rows = publish_evals(context, store, results, cards, None)
-    record_lineage(context, store, config, {"eval_set": store.dataset_version("eval_set")}, {"rows": len(rows)})
+    record_lineage(context, store, config, read.versions, {"rows": len(rows)})
     lines = ["| model | metric | value |", "|---|---|---|"] + [f"| {r['model']} | {r['metric']} | {rounded(r['value'])} |" for r in rows]
     summary = metadata({f"{r['model']}/{r['metric']}": r["value"] for r in rows})
     return dg.MaterializeResult(metadata={**summary, "table": dg.MetadataValue.md("\n".join(lines)), "path": dg.MetadataValue.path(path)})

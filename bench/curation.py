@@ -37,17 +37,17 @@ CHILD = """
 import json, resource, sys, time
 from pathlib import Path
 import pyarrow.parquet as pq
-from training.data.curation import CurationSettings, candidate_pool, connect, curate, kept_rows
+from training.data.curation import CurationSettings, candidate_pool, connect, curate
 directory, memory_limit = Path(sys.argv[1]), sys.argv[2]
 sources = {"teacher_labeled": sorted(directory.glob("part-*.parquet"))}
 started = time.perf_counter()
 with connect(directory / "curation.duckdb", memory_limit) as connection:
     candidate_pool(connection, sources)
     rows = connection.execute("SELECT count(*) FROM candidates").fetchall()[0][0]
-    funnel = curate(connection, ["teacher student token logprob divergence round rollout sample"],
-                    CurationSettings(target_size=rows // 2))
-    kept = 0
-    for index, table in enumerate(kept_rows(connection, sources)):
+    curation = curate(connection, ["teacher student token logprob divergence round rollout sample"],
+                      CurationSettings(target_size=rows // 2))
+    funnel, kept = curation.funnel, 0
+    for index, table in enumerate(curation.kept(sources)):
         pq.write_table(table, directory / f"kept-{index:05d}.parquet")
         kept += table.num_rows
 print(json.dumps({"seconds": time.perf_counter() - started, "kept": kept, "funnel": funnel,

@@ -37,7 +37,7 @@ class Result:
 def run_curation(candidates: pa.Table, eval_prompts: list[str], settings: CurationSettings) -> Result:
     with duckdb.connect() as connection:
         connection.register("candidates", with_constants(candidates, filename="candidates.parquet"))
-        funnel = curate(connection, eval_prompts, settings)
+        funnel = curate(connection, eval_prompts, settings).funnel
         return Result(connection.sql("SELECT * FROM kept ORDER BY sample_id").to_arrow_table(),
                       connection.sql("SELECT * FROM dropped").to_arrow_table(), funnel)
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -156,11 +157,30 @@ def _fetch(sql: str, connection: duckdb.DuckDBPyConnection | None = None) -> lis
         return own.execute(sql).fetchall()
 
 
-def curate(connection: duckdb.DuckDBPyConnection, eval_prompts: list[str], settings: CurationSettings) -> list[dict]:
-    """Runs the filters in order over the view `candidates`; returns the funnel (per filter: filter,
-    setting, rows_in, rows_out, examples) and leaves in `connection` the tables `kept` (the light
-    columns and scores of the rows that passed, with `file_key`, the hash of their file) and `dropped` (sample_id,
-    prompt, origin, filter, reason). Raises, naming the filter that removed the most, if none are left."""
+@dataclass
+class Curation:
+    """What `curate` returns: the funnel (per filter: filter, setting, rows_in, rows_out, examples) and
+    readers of the rows it kept and dropped, which stay in its database (`kept`: the light columns and
+    scores of the rows that passed, with `file_key`, the hash of their file; `dropped`: sample_id,
+    prompt, origin, filter, reason) and are read in pieces, so memory stays bounded."""
+
+    connection: duckdb.DuckDBPyConnection
+    funnel: list[dict]
+
+    def kept(self, sources: dict[str, list[Path]]) -> Iterator[pa.Table]:
+        return kept_rows(self.connection, sources)
+
+    def dropped(self, rows: int) -> pa.RecordBatchReader:
+        return self.connection.sql("SELECT * FROM dropped ORDER BY rowid").to_arrow_reader(rows)
+
+    def origins(self) -> dict[str, int]:
+        """Candidates and kept rows per origin: candidates_<origin>, kept_<origin>."""
+        return {f"{which}_{origin}": n for which in ["candidates", "kept"] for origin, n in origin_counts(which, self.connection).items()}
+
+
+def curate(connection: duckdb.DuckDBPyConnection, eval_prompts: list[str], settings: CurationSettings) -> Curation:
+    """Runs the filters in order over the view `candidates` (`candidate_pool`); returns the `Curation`.
+    Raises, naming the filter that removed the most, if none are left."""
     _score(connection)
     connection.execute("CREATE OR REPLACE TABLE dropped (sample_id VARCHAR, prompt VARCHAR, origin VARCHAR, filter VARCHAR, reason VARCHAR)")
     s = settings
@@ -199,7 +219,7 @@ def curate(connection: duckdb.DuckDBPyConnection, eval_prompts: list[str], setti
                 f"curation left no rows: `{worst['filter']}` ({worst['setting']}) removed the most, "
                 f"{worst['rows_in'] - worst['rows_out']} of {worst['rows_in']}; loosen it"
             )
-    return funnel
+    return Curation(connection, funnel)
 
 
 def _score(connection: duckdb.DuckDBPyConnection) -> None:

@@ -1,0 +1,56 @@
+"""What an asset reads, declared once. One `Inputs` per asset gives Dagster its deps, reads the model
+cards and datasets from the store, and records their versions in the asset's lineage, so the three
+never disagree:
+
+    TEACHER_LABELED = Inputs(cards=["teacher_model"], datasets=["seed_prompts"])
+
+    @dg.asset(deps=TEACHER_LABELED.deps, ...)
+    def teacher_labeled(...):
+        read = TEACHER_LABELED.read(store)
+        read.cards["teacher_model"], read.versions          # the card; {asset: weights hash or data version}
+
+A model asset's card is stored under the model's own name (`CARD_OF`). A round's datasets of the same
+round (student_rollouts[r] for teacher_feedback[r]) are read at the context's partition. What Dagster
+cannot declare, the parent checkpoint of round r (round r−1's, read by key), is recorded by the
+round assets themselves (see assets/rounds.py).
+"""
+
+from dataclasses import dataclass, field
+
+from storage.store import Store
+
+CARD_OF = {"teacher_model": "teacher", "student_model": "student", "offline_student": "offline_student",
+           "student_checkpoint": "student_checkpoint"}  # a model asset → the name its card is stored under
+TRAINING_DATA = ["curated", "teacher_labeled"]  # what a student may train on (the training config's `train_on`)
+
+
+def not_chosen(train_on: str) -> tuple[str, ...]:
+    """The declared training data sources a run does not read."""
+    return tuple(name for name in TRAINING_DATA if name != train_on)
+
+
+@dataclass(frozen=True)
+class Read:
+    cards: dict[str, dict]  # model asset → its card
+    versions: dict[str, str]  # every input → its weights hash or data version, for lineage
+
+
+@dataclass(frozen=True)
+class Inputs:
+    cards: list[str] = field(default_factory=list)  # model assets whose card is read
+    datasets: list[str] = field(default_factory=list)  # datasets read whole (or as the training data source)
+    round_datasets: list[str] = field(default_factory=list)  # datasets of the same round partition
+
+    @property
+    def deps(self) -> list[str]:
+        return [*self.cards, *self.datasets, *self.round_datasets]
+
+    def read(self, store: Store, partition: str | None = None, skip: tuple[str, ...] = ()) -> Read:
+        """The cards, and the versions of every input but `skip` (declared inputs this run does not
+        read: the training data source not chosen, a written dataset not built). A missing input is
+        the store's clear error naming the asset to materialize first."""
+        cards = {name: store.read_card(CARD_OF[name], partition if name == "student_checkpoint" else None) for name in self.cards}
+        versions = {name: card.get("weights_hash") or card.get("revision") for name, card in cards.items()}
+        versions |= {name: store.dataset_version(name) for name in self.datasets if name not in skip}
+        versions |= {name: store.dataset_version(name, partition) for name in self.round_datasets if name not in skip}
+        return Read(cards, versions)
