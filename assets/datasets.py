@@ -16,7 +16,7 @@ from storage.store import Store
 from training.data.labeling import LabelingSettings, label_table
 from training.data.prompt_sources import prompt_tables
 from training.schema.tables import parquet
-from training.tasks import get_task, task_of
+from training.tasks import task_of
 
 PROMPT_PREVIEW = ["prompt_id", "prompt", "answer"]
 LABELED_PREVIEW = ["sample_id", "prompt", "completion", "correct", "num_tokens"]
@@ -25,9 +25,7 @@ LABELED_PREVIEW = ["sample_id", "prompt", "completion", "correct", "num_tokens"]
 def _publish_prompts(context, store: Store, name: str, config: PromptSourceConfig, embedded_split: str) -> dg.MaterializeResult:
     """The prompts of the configured source, written slice by slice as the shards of `name`."""
     split = embedded_split if config.source == "embedded" else config.split
-    slices = prompt_tables(get_task(config.task), config.source, split, config.num_prompts, config.seed, config.files,
-                           config.dataset, config.subset, config.prompt_column, config.answer_column, config.system_prompt,
-                           context.run.run_id)
+    slices = prompt_tables(config, split, context.run.run_id)
     writer, dropped = store.sharded_write(name, None, f"prompts-{context.run.run_id}"), collections.Counter()
     for table, reasons in slices:
         if table.num_rows:
@@ -72,7 +70,7 @@ def teacher_labeled(context: dg.AssetExecutionContext, config: TeacherLabeledCon
     card, inputs = read.cards["teacher_model"], read.versions
     task = task_of(store.read_dataset("seed_prompts", columns=["task"]))
     step = functools.partial(label_shard, settings=LabelingSettings(**config.model_dump()), card=card, task=task, run_id=context.run.run_id)
-    work = ShardWork("teacher_labeled", store.shard_paths("seed_prompts"), {"teacher": (model_engine.model_dump(), card, store.root / "cache")},
+    work = ShardWork("teacher_labeled", store.shard_paths("seed_prompts"), {"teacher": model_engine.spec(card, store.root / "cache")},
                      step, settings={"config": config.model_dump(), "engine": model_engine.backend})
     shards, metrics = shard_executor.run(context, store, work, None, inputs)
     return publish_dataset(context, store, "teacher_labeled", shards, config=config, inputs=inputs, metrics=metrics,

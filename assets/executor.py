@@ -19,19 +19,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from assets.resources import ModelEngine
+from assets.resources import EngineSpec
 from storage.shards import ShardedWrite, write_shard
 
 
 @dataclass
 class ShardWork:
     """A model asset's work: `step(engines, rows, index) -> (table, figures)` on each slice of
-    `shard_size` rows of the Parquet `source` files, with `engines` (name → (ModelEngine settings,
-    card, cache_dir or None): plain data, since a Ray replica loads them) once per process or replica."""
+    `shard_size` rows of the Parquet `source` files, with `engines` (name → `EngineSpec`: plain data,
+    since a Ray replica loads them) loaded once per process or replica."""
 
     name: str
     source: list[Path]
-    engines: dict[str, tuple]
+    engines: dict[str, EngineSpec]
     step: Callable
     settings: dict = field(default_factory=dict)  # what, besides the inputs, decides the rows (fingerprinted)
 
@@ -55,8 +55,8 @@ def source_rows(paths: list[Path]) -> int:
     return sum(pq.read_metadata(path).num_rows for path in paths)
 
 
-def load_engines(engines: dict[str, tuple]) -> dict:
-    return {name: ModelEngine(**settings).load(card, cache_dir=cache_dir) for name, (settings, card, cache_dir) in engines.items()}
+def load_engines(engines: dict[str, EngineSpec]) -> dict:
+    return {name: spec.load() for name, spec in engines.items()}
 
 
 def run_shard(work: ShardWork, engines: dict, shard_size: int, directory: Path, index: int) -> dict:

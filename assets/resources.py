@@ -1,6 +1,7 @@
 """Resources: the model engine (which backend runs a model) and the store (where data lives),
 configurable in the UI launchpad and in `pipelines/definitions.py`."""
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -47,6 +48,10 @@ class ModelEngine(dg.ConfigurableResource):
     timeout_s: float = Field(60.0, gt=0, description="openai: seconds before a request is abandoned and retried")
     max_retries: int = Field(3, ge=0, description="openai: retries per request, with exponential backoff")
 
+    def spec(self, card: dict, cache_dir: Path | None = None) -> "EngineSpec":
+        """What loads `card`'s engine with these settings in another process or a Ray replica."""
+        return EngineSpec(self.model_dump(), card, cache_dir)
+
     def load(self, card: dict, cache_dir: Path | None = None):
         """An engine for `card`'s checkpoint; with `cache_dir`, wrapped in the content-addressed cache."""
         engine = self._backend(card)
@@ -77,6 +82,19 @@ class ModelEngine(dg.ConfigurableResource):
             data_parallel_size=self.data_parallel_size, gpu_memory_utilization=self.gpu_memory_utilization,
             cpu_kv_cache_gib=self.cpu_kv_cache_gib, enforce_eager=self.enforce_eager,
         ))
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One engine as plain data: the ModelEngine settings, the model card, the cache directory (None:
+    no cache). A shard executor's process or Ray replica loads it with `load()`."""
+
+    settings: dict
+    card: dict
+    cache_dir: Path | None = None
+
+    def load(self):
+        return ModelEngine(**self.settings).load(self.card, cache_dir=self.cache_dir)
 
 
 class VLLMHandle:

@@ -21,7 +21,7 @@ FORBIDDEN = {
 }
 # training/'s rooms, lowest first: a room imports only the rooms before it (and itself)
 TRAINING_ROOMS = ["tasks", "schema", "models", "engines", "data", "trainer", "evals", "rounds", "launch", "embedded"]
-SHARED_ASSET_MODULES = {"config", "executor", "publish", "resources", "partitions", "runs", "student_runs"}  # beside the assets, not assets
+SHARED_ASSET_MODULES = {"config", "executor", "inputs", "publish", "resources", "partitions", "runs", "student_runs"}  # beside the assets, not assets
 
 
 def imported_packages(path: Path) -> set[str]:

@@ -7,16 +7,18 @@ and counted by reason, never fatal; a file that cannot be parsed is an error tha
 
 import collections
 from collections.abc import Iterator
+from typing import Literal, Optional
 from pathlib import Path
 
 import datasets
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import BaseModel, Field, model_validator
 
 from training.models.chat import MESSAGES, with_conversation_columns
 from training.schema.tables import with_constants, with_content_id
-from training.tasks import Task
+from training.tasks import get_task
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -130,25 +132,63 @@ SLICE_ROWS = 1 << 18  # source rows read at a time by `prompt_tables`
 PROMPT_COLUMNS = ["prompt_id", "prompt", "messages", "system_prompt", "answer", "task", "source", "run_id"]
 
 
-def prompt_tables(task: Task, source: str, split: str, num_prompts: int, seed: int, files: list[str], dataset: str | None,
-                  subset: str | None, prompt_column: str, answer_column: str | None, system_prompt: str | None,
-                  run_id: str) -> Iterator[tuple[pa.Table, dict[str, int]]]:
+class PromptSource(BaseModel):
+    """Where prompts come from: the task's generator, local files or a `datasets` source."""
+
+    source: Literal["embedded", "files", "datasets"] = Field(
+        "embedded",
+        description="'embedded': the task's generator; 'files': local jsonl/json/parquet/csv `files`; "
+        "'datasets': datasets.load_dataset(`dataset`, `subset`, split=`split`)",
+    )
+    task: str = Field(
+        "arithmetic",
+        description="what 'correct' means for these prompts (training/tasks): 'arithmetic' (the embedded task), "
+        "'gsm8k' (#### <number>), 'boxed' (\\boxed{…}), 'exact' (normalized string match), 'regex:<pattern with "
+        "(?P<answer>…)>', 'module.path:function' (your verifier (completion, reference) → bool | float), or 'none' "
+        "(no verifier); stored on every row, read by every asset downstream",
+    )
+    num_prompts: int = Field(512, ge=1, description="prompts to generate (embedded) or the most to keep")
+    seed: int = 0
+    files: list[str] = Field([], description="local files for source 'files' (one format)")
+    dataset: Optional[str] = Field(None, description="dataset path or hub id for source 'datasets'")
+    subset: Optional[str] = Field(None, description="dataset configuration name")
+    split: str = "train"
+    prompt_column: str = Field(
+        "prompt", description="the column with the prompt: text, or a conversation (a list of {role, content}, e.g. "
+        "'messages'; turns after the last user turn are cut, as they are the reply the teacher replaces)"
+    )
+    answer_column: Optional[str] = Field(None, description="column with the reference answer, if any")
+    system_prompt: Optional[str] = Field(
+        None, description="a system turn put first in every conversation that has none (needs chat-template models)"
+    )
+
+    @model_validator(mode="after")
+    def _source_has_input(self):
+        if self.source == "files" and not self.files:
+            raise ValueError("source 'files' needs `files`: a list of local .jsonl/.json/.parquet/.csv paths")
+        if self.source == "datasets" and not self.dataset:
+            raise ValueError("source 'datasets' needs `dataset`: a path or hub id for datasets.load_dataset")
+        return self
+
+
+def prompt_tables(settings: PromptSource, split: str, run_id: str) -> Iterator[tuple[pa.Table, dict[str, int]]]:
     """The prompt table of a source (PROMPT_COLUMNS), at most `num_prompts` rows, in slices of at most
     SLICE_ROWS source rows (memory is bounded by a slice: `datasets` memory-maps the source), each
     with the rows it dropped by reason (a slice may keep none); rows are read until `num_prompts` are kept; `embedded` generates them with the task. `prompt_id` hashes
     the prompt, the conversation and the system prompt. Raises if no row is usable."""
+    task, source, num_prompts = get_task(settings.task), settings.source, settings.num_prompts
     if source == "embedded":
-        table, select = task.prompts(split, num_prompts, seed), lambda rows, limit: (rows, {})
+        table, select = task.prompts(split, num_prompts, settings.seed), lambda rows, limit: (rows, {})
     else:
-        table = load_source(source, split, files, dataset, subset)
-        select = lambda rows, limit: select_prompts(rows, prompt_column, answer_column, limit)
+        table = load_source(source, split, settings.files, settings.dataset, settings.subset)
+        select = lambda rows, limit: select_prompts(rows, settings.prompt_column, settings.answer_column, limit)
     left, dropped = num_prompts, collections.Counter()
     for start in range(0, table.num_rows, SLICE_ROWS):
         rows, reasons = select(table.slice(start, SLICE_ROWS), left)
         dropped.update(reasons)
         if "answer" not in rows.column_names:
             rows = rows.append_column("answer", pa.nulls(rows.num_rows, pa.string()))
-        rows = with_conversation_columns(rows, system_prompt)
+        rows = with_conversation_columns(rows, settings.system_prompt)
         rows = with_constants(with_content_id(rows, "prompt_id", ["prompt", "messages", "system_prompt"]),
                               task=task.name, source=source, run_id=run_id)
         yield rows.select(PROMPT_COLUMNS), reasons
