@@ -21,6 +21,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import torch
 import yaml
 
 from conftest import copy_store
@@ -118,28 +119,37 @@ RUN_CONFIGS = [e for e in EXAMPLES if e.kind == "yaml"]
 
 @pytest.fixture(scope="session")
 def docs_store(tiny_offline_store, tmp_path_factory):
-    """A copy of the tiny offline store with what the docs query besides: `curated` (with its report
-    and dropped rows, from teacher_labeled alone), a stored round r001 and an online round r002."""
+    """A copy of the tiny offline store with what the docs query besides, at the least cost: `curated`
+    (with its report and dropped rows, from teacher_labeled alone: DuckDB, no model), a stored round
+    r001 (test_rounds' tiny round, two training steps) and an online round r002 (its training only:
+    `online_feedback`, no eval)."""
     from assets.curation import curated
-    from assets.rounds import round_eval, student_checkpoint
+    from assets.rounds import online_feedback, student_checkpoint
     from test_rounds import RESOURCES, run_round
 
     home = tmp_path_factory.mktemp("docs")
+    threads = torch.get_num_threads()
+    # one thread, here and in the training commands the rounds launch: the tiny models' matrices gain
+    # nothing from a second, and on shared cores two threads wait on each other (round_eval took 104 s
+    # on two threads and 3.5 s on one, with other work running)
+    torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DISTILL_HOME", str(home / "distill"))
         patch.setenv("DAGSTER_HOME", str(home / "dagster"))
+        patch.setenv("OMP_NUM_THREADS", "1")
         (home / "dagster").mkdir()
         store = copy_store(tiny_offline_store, home / "distill")
         with dg.DagsterInstance.get() as instance:
-            # the 30-step teacher is unsure and often wrong: the confidence filter is loosened so that
-            # rows are kept; the verifier still drops its wrong answers (curation_dropped has rows)
-            loose = {"min_mean_logprob": -5.0, "max_mean_entropy": 5.0, "drop_unfinished": False}
+            # the 30-step teacher is unsure and wrong: the confidence filter and the verifier would
+            # leave nothing, so they are loosened (duplicates are still dropped)
+            loose = {"min_mean_logprob": -5.0, "max_mean_entropy": 5.0, "drop_unfinished": False, "use_verifier": False}
             made = dg.materialize([curated], instance=instance, resources=RESOURCES,
                                   run_config={"ops": {"curated": {"config": loose}}}, raise_on_error=False)
             assert made.success, made.get_step_failure_events()
-            assert run_round(instance, "r001").success
-            online = {"online": True, "mix": 1.0, "online_rollouts": {"num_prompts": 10, "n": 2, "max_new_tokens": 40, "k": 8}}
-            assert run_round(instance, "r002", selection=[student_checkpoint, round_eval], student_checkpoint=online).success
+            assert run_round(instance, "r001", student_checkpoint={"steps": 2}).success
+            online = {"online": True, "mix": 1.0, "steps": 2, "batch_size": 4, "online_rollouts": {"num_prompts": 8, "k": 8}}
+            assert run_round(instance, "r002", selection=[student_checkpoint, online_feedback], student_checkpoint=online).success
+    torch.set_num_threads(threads)
     refresh_catalog(store)
     return store
 
@@ -189,6 +199,9 @@ def test_example_runs(example, docs_store, docs_workdir, monkeypatch):
         if argv[0] == "export":
             assert out.startswith("wrote ") and Path(out.split(" ", 1)[1].strip()).is_file(), out
     else:
+        import datasets  # the examples load Parquet with it: its cache goes to the test's directory
+
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", Path(docs_workdir, "hf_cache"))
         exec(compile(example.text, example.where, "exec"), {})
 
 
@@ -220,17 +233,17 @@ def test_run_config_is_valid(example):
         settings = asset_config_class(job, name)
         assert settings is not None, f"{example.where}: {name} takes no config"
         settings(**entry["config"])
-    resources = defs.get_repository_def().get_top_level_resources()
     for name, entry in config.get("resources", {}).items():
-        type(resources[name])(**entry["config"])
+        type(defs.resources[name])(**entry["config"])
 
 
 def test_marked_examples_are_few_and_say_why():
-    """The docs have examples of every kind, and only a few are marked as not runnable here."""
-    marked = [e for e in RUNNABLE if e.not_run]
+    """The docs have examples of every kind, and only a few are marked as not runnable here (a marked
+    run config is still validated)."""
+    marked = [e for e in EXAMPLES if e.not_run]
     kinds = {e.kind for e in EXAMPLES}
     assert kinds == {"sql", "distill", "python", "yaml"}, kinds
-    assert len(RUNNABLE) - len(marked) >= 20, [str(e) for e in RUNNABLE]
+    assert len([e for e in RUNNABLE if not e.not_run]) >= 20, [str(e) for e in RUNNABLE]
     assert len(marked) <= MOST_MARKED, [f"{e}: {e.not_run}" for e in marked]
 
 
@@ -240,3 +253,12 @@ def test_a_corrupted_example_fails(docs_store):
     with pytest.raises(Exception):
         query(docs_store, corrupted)
     assert run_distill(docs_store, ["query", corrupted])[0] == 1
+
+
+def test_named_files_exist():
+    """Every module or directory of the project the docs name in backticks (`training/trainer/losses.py`,
+    `training/tasks/`) exists."""
+    named = re.compile(r"`((?:training|assets|storage|pipelines|bench|tests|docs)/(?:[\w/-]*/|[\w./-]*\.py))`")
+    missing = [f"{path.relative_to(ROOT)}: {name}" for path in DOCUMENTS for name in named.findall(path.read_text())
+               if not (ROOT / name).exists()]
+    assert not missing, missing
