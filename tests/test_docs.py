@@ -133,7 +133,8 @@ def docs_store(tiny_offline_store, tmp_path_factory):
     # nothing from a second, and on shared cores two threads wait on each other (round_eval took 104 s
     # on two threads and 3.5 s on one, with other work running)
     torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, contextlib.ExitStack() as restore:
+        restore.callback(torch.set_num_threads, threads)
         patch.setenv("DISTILL_HOME", str(home / "distill"))
         patch.setenv("DAGSTER_HOME", str(home / "dagster"))
         patch.setenv("OMP_NUM_THREADS", "1")
@@ -149,7 +150,6 @@ def docs_store(tiny_offline_store, tmp_path_factory):
             assert run_round(instance, "r001", student_checkpoint={"steps": 2}).success
             online = {"online": True, "mix": 1.0, "steps": 2, "batch_size": 4, "online_rollouts": {"num_prompts": 8, "k": 8}}
             assert run_round(instance, "r002", selection=[student_checkpoint, online_feedback], student_checkpoint=online).success
-    torch.set_num_threads(threads)
     refresh_catalog(store)
     return store
 
@@ -262,3 +262,20 @@ def test_named_files_exist():
     missing = [f"{path.relative_to(ROOT)}: {name}" for path in DOCUMENTS for name in named.findall(path.read_text())
                if not (ROOT / name).exists()]
     assert not missing, missing
+
+
+def test_named_environment_variables_are_read():
+    """Every DISTILL_* variable the docs tell a user to set is one the code reads."""
+    code = "\n".join(p.read_text() for d in ("training", "assets", "storage", "pipelines") for p in (ROOT / d).rglob("*.py"))
+    code += (ROOT / "Makefile").read_text()
+    named = {name for path in DOCUMENTS for name in re.findall(r"\bDISTILL_[A-Z_]+\b", path.read_text())}
+    unread = {name for name in named if not re.search(rf"\b{name}\b", code)}
+    assert named and not unread, f"named in the docs, read nowhere: {sorted(unread)}"
+
+
+def test_no_number_range_inside_a_word():
+    """Commit 8047afb's corruption: `Lo0.72–0.89` for LoRA, `0.40–0.72S` for RSS."""
+    glued = re.compile(r"[A-Za-z_$][0-9]+\.[0-9]+–[0-9]|[0-9]\.[0-9]+–[0-9]+\.[0-9]+[A-Za-z_]")
+    found = [f"{path.relative_to(ROOT)}:{number}: {line.strip()}" for path in DOCUMENTS
+             for number, line in enumerate(path.read_text().splitlines(), 1) if glued.search(line)]
+    assert not found, found
