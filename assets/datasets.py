@@ -8,8 +8,8 @@ import dagster as dg
 import duckdb
 
 from assets.config import EvalSetConfig, PromptSourceConfig, SeedPromptsConfig, TeacherLabeledConfig
-from assets.inputs import Inputs
 from assets.executor import ShardExecutor, ShardWork
+from assets.inputs import Inputs
 from assets.publish import publish_dataset
 from assets.resources import ModelEngine
 from storage.store import Store

@@ -5,10 +5,10 @@ import dagster as dg
 from assets.config import EMBEDDED, ModelConfig, StudentModelConfig, TeacherModelConfig
 from assets.publish import metadata, record_lineage
 from storage.store import Store
-from training.launch.report import Reporter
-from training.trainer.settings import TrainingSettings
 from training.embedded.pair import train_embedded
+from training.launch.report import Reporter
 from training.models.checkpoints import STUDENT_ARCHITECTURE, TEACHER_ARCHITECTURE, Architecture, load_model, model_card, save_model
+from training.trainer.settings import TrainingSettings
 
 EMBEDDED_WARMUP_STEPS = 50
 

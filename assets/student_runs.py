@@ -12,13 +12,13 @@ import dagster as dg
 import matplotlib.pyplot as plt
 import pyarrow.parquet as pq
 
+from assets.config import TrainingConfig
 from assets.publish import png_markdown
 from storage.store import Store
-from assets.config import TrainingConfig
 from training.launch.command import DistillCommand, command_line
+from training.rounds.online import OnlineSettings
 from training.trainer.settings import TrainingSettings
 from training.trainer.sources import check_compatible
-from training.rounds.online import OnlineSettings
 
 
 def training_dataset_name(store: Store) -> str:

@@ -3,16 +3,14 @@ every model on the eval split."""
 
 import dagster as dg
 
-from assets.inputs import CARD_OF, TRAINING_DATA, Inputs, not_chosen
 from assets.config import EvalsConfig, OfflineStudentConfig
+from assets.inputs import CARD_OF, TRAINING_DATA, Inputs, not_chosen
 from assets.publish import metadata, publish_evals, record_lineage, rounded
 from assets.student_runs import chat_templates, curve_metrics, distill_and_save, loss_curve
 from storage.store import Store
 from training.evals.evaluate import evaluate, evaluate_checkpoints
 from training.models.checkpoints import load_model
 from training.tasks import task_of
-
-
 
 OFFLINE_STUDENT = Inputs(cards=["student_model", "teacher_model"], datasets=[*TRAINING_DATA, "eval_set"])
 EVALS = Inputs(cards=["teacher_model", "student_model", "offline_student"], datasets=["eval_set"])

@@ -15,15 +15,15 @@ import statistics
 import tempfile
 
 import torch
-
 from quality import BATCH, TASK, online_rollouts
+
 from storage.store import Store
-from training.trainer.loop import train_student
-from training.trainer.settings import TrainingSettings
-from training.trainer.sources import batches_for
 from training.engines.hf import HFEngine
 from training.evals.evaluate import evaluate
 from training.models.checkpoints import load_model
+from training.trainer.loop import train_student
+from training.trainer.settings import TrainingSettings
+from training.trainer.sources import batches_for
 
 
 def run_arm(pipelined: bool, start: str, teacher: HFEngine, fixed, steps: int, seed: int, eval_problems) -> dict:

@@ -36,19 +36,19 @@ import pyarrow.parquet as pq
 import torch
 
 from storage.store import Store
-from training.trainer.loop import train_student
-from training.trainer.settings import TrainingSettings
-from training.trainer.sources import batches_for
-from training.engines.sampling import Sampling
-from training.engines.hf import HFEngine
-from training.evals.evaluate import evaluate
-from training.data.rollouts import feedback_table, sample_rollouts
 from training.data.labeling import sample, score, with_columns
+from training.data.rollouts import feedback_table, sample_rollouts
+from training.engines.hf import HFEngine
+from training.engines.sampling import Sampling
+from training.evals.evaluate import evaluate
 from training.models.checkpoints import load_model
 from training.rounds.online import OnlineRollouts, OnlineSettings
 from training.schema.signal import SignalSettings
 from training.tasks.arithmetic import parse_prompt, problems
 from training.tasks.arithmetic_task import ArithmeticTask
+from training.trainer.loop import train_student
+from training.trainer.settings import TrainingSettings
+from training.trainer.sources import batches_for
 
 K = 20
 BATCH = 32

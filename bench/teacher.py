@@ -19,15 +19,15 @@ import torch
 
 from assets.config import TeacherModelConfig
 from assets.models import EMBEDDED_WARMUP_STEPS
-from training.trainer.settings import TrainingSettings
 from training.embedded.pair import train_embedded
-from training.engines.sampling import Sampling
 from training.engines.hf import HFEngine
+from training.engines.sampling import Sampling
 from training.evals.evaluate import completion_logprobs
 from training.models.checkpoints import TEACHER_ARCHITECTURE
 from training.schema.signal import tail_mass
 from training.tasks.arithmetic import problems
 from training.tasks.arithmetic_task import ArithmeticTask
+from training.trainer.settings import TrainingSettings
 
 TASK = ArithmeticTask()
 

@@ -35,9 +35,9 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
-
 from online import run_arm
 from quality import BATCH, TASK, train_prompts
+
 from storage.store import Store
 from training.engines.hf import HFEngine
 from training.evals.evaluate import evaluate

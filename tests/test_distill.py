@@ -12,19 +12,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from training.data.labeling import label
+from training.engines.hf import HFEngine
+from training.engines.sampling import Sampling
 from training.launch.command import DistillCommand, run
 from training.launch.report import printed
 from training.launch.settings import LaunchSettings
-from training.trainer.loop import train_student
-from training.trainer.settings import TrainingSettings
-from training.trainer.sources import batches_for, check_compatible
-from training.engines.sampling import Sampling
-from training.engines.hf import HFEngine
-from training.trainer.losses import sparse_batch
-from training.data.labeling import label
 from training.models.checkpoints import load_model
 from training.rounds.online import OnlineRollouts, OnlineSettings
 from training.tasks.arithmetic import problems
+from training.trainer.loop import train_student
+from training.trainer.losses import sparse_batch
+from training.trainer.settings import TrainingSettings
+from training.trainer.sources import batches_for, check_compatible
 
 
 @pytest.fixture(scope="module")

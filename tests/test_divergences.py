@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from training.schema.signal import topk_signal
 from training.trainer.divergences import (
     DIVERGENCES,
     divergence,
@@ -15,7 +16,6 @@ from training.trainer.divergences import (
     total_variation,
 )
 from training.trainer.losses import LossSettings, SparseBatch, sparse_kd_loss
-from training.schema.signal import topk_signal
 
 torch.manual_seed(0)
 

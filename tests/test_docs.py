@@ -23,8 +23,8 @@ import dagster as dg
 import pytest
 import torch
 import yaml
-
 from conftest import copy_store
+
 from pipelines.cli import main as distill
 from storage.catalog import query, refresh_catalog
 from storage.store import Store
@@ -123,9 +123,10 @@ def docs_store(tiny_offline_store, tmp_path_factory):
     (with its report and dropped rows, from teacher_labeled alone: DuckDB, no model), a stored round
     r001 (test_rounds' tiny round, two training steps) and an online round r002 (its training only:
     `online_feedback`, no eval)."""
+    from test_rounds import RESOURCES, run_round
+
     from assets.curation import curated
     from assets.rounds import online_feedback, student_checkpoint
-    from test_rounds import RESOURCES, run_round
 
     home = tmp_path_factory.mktemp("docs")
     threads = torch.get_num_threads()

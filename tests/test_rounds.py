@@ -12,15 +12,15 @@ import dagster as dg
 import numpy as np
 import pyarrow.compute as pc
 import pytest
+from conftest import copy_store
+from test_pipeline import ASSETS, RESOURCES
 
 from assets.partitions import rounds
 from assets.rounds import claim_round, online_feedback, round_eval, student_checkpoint, student_rollouts, teacher_feedback
 from pipelines.cli import main as distill
 from storage.catalog import query
-from training.engines.hf import HFEngine
 from training.data.labeling import score
-from conftest import copy_store
-from test_pipeline import ASSETS, RESOURCES
+from training.engines.hf import HFEngine
 
 ROUND_ASSETS = [student_rollouts, teacher_feedback, student_checkpoint, round_eval]
 TINY_ROUND = {

@@ -14,7 +14,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import copy_store
 from test_rounds import TINY_ROUND
 

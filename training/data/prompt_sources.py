@@ -7,8 +7,8 @@ and counted by reason, never fatal; a file that cannot be parsed is an error tha
 
 import collections
 from collections.abc import Iterator
-from typing import Literal, Optional
 from pathlib import Path
+from typing import Literal, Optional
 
 import datasets
 import duckdb

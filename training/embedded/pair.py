@@ -6,14 +6,14 @@ import time
 
 import pyarrow as pa
 
-from training.trainer.loop import Reporter, train_student
-from training.trainer.settings import TrainingSettings
-from training.trainer.sources import batches_for
 from training.evals.evaluate import exact_match
 from training.models.checkpoints import Architecture, build_embedded
 from training.tasks.arithmetic import ArithmeticConfig, problems
 from training.tasks.arithmetic_instructions import instruction_examples
 from training.tasks.arithmetic_task import ArithmeticTask
+from training.trainer.loop import Reporter, train_student
+from training.trainer.settings import TrainingSettings
+from training.trainer.sources import batches_for
 
 TARGET_EXACT_MATCH = 0.95  # greedy exact match the embedded teacher must reach on the eval split
 

@@ -22,7 +22,7 @@ from typing import Optional
 
 from pydantic import model_validator
 
-from training.launch.report import Reporter, reporter_for_this_process
+from training.launch.report import Reporter
 from training.launch.settings import LaunchSettings
 from training.models.checkpoints import load_model, model_card, save_model
 from training.rounds.online import OnlineRollouts, OnlineSettings

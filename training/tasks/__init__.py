@@ -24,8 +24,8 @@ import pyarrow as pa
 
 from training.tasks.answers import BoxedTask, ExactTask, FunctionTask, GSM8KTask, RegexTask
 from training.tasks.arithmetic_task import ArithmeticTask
-from training.tasks.no_reference import NoReferenceTask
 from training.tasks.instructions import Instruction, Templates
+from training.tasks.no_reference import NoReferenceTask
 
 
 class Task(Protocol):

@@ -12,8 +12,8 @@ parses an output, `follows` says whether it does what the instruction asked.
 
 import random
 
-from training.tasks.instructions import Templates
 from training.tasks.arithmetic import ArithmeticConfig, Problem, is_eval, parse_prompt, problems, sample_problem
+from training.tasks.instructions import Templates
 
 OPERATIONS = {"+": "add", "-": "sub", "*": "mul"}
 LANGUAGE = Templates(expand="[expand] {demonstrations} >", demonstration="{prompt};", evolve="[evolve] {seed} >", synthesize="[{topic}] >")

@@ -3,9 +3,9 @@ of `arithmetic_instructions.py`, behind the `Task` seam."""
 
 import pyarrow as pa
 
-from training.tasks.instructions import Instruction
 from training.tasks.arithmetic import ArithmeticConfig, parse_prompt, problems, verify_column
 from training.tasks.arithmetic_instructions import LANGUAGE, all_topics, can_evolve, following_report, written_problem
+from training.tasks.instructions import Instruction
 
 
 class ArithmeticTask:
