@@ -35,7 +35,8 @@ def _publish_prompts(context, store: Store, name: str, config: PromptSourceConfi
         context.log.warning(f"dropped rows of {config.prompt_column!r}, by reason: {dict(dropped)}")
     with duckdb.connect() as connection:
         unique, conversations, answers = connection.execute(
-            f"SELECT count(DISTINCT prompt_id), count(messages), count(answer) FROM {parquet(sorted(writer.directory.glob('part-*.parquet')))}"
+            "SELECT count(DISTINCT prompt_id), count(messages), count(answer) "
+            f"FROM {parquet(sorted(writer.directory.glob('part-*.parquet')))}"
         ).fetchall()[0]
     metrics = {"dropped_invalid_prompts": sum(dropped.values()), **{f"dropped: {reason}": n for reason, n in dropped.items()},
                "unique_prompts": unique, "conversations": conversations, "with_reference_answers": answers}

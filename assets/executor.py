@@ -97,15 +97,18 @@ class ShardExecutor(dg.ConfigurableResource):
     executor: Literal["local", "ray"] = Field("local", description="'local': shards one after another in the run's process; "
                                               "'ray': a Ray Data actor pool of engine replicas")
     shard_size: int = Field(1024, ge=1, description="inputs per shard: the unit of memory, of progress and of the work a crash can lose")
-    ray_address: str = Field("", description="ray: a cluster to join ('auto', 'ray://host:10001'); empty: $RAY_ADDRESS, else a local cluster")
+    ray_address: str = Field("", description="ray: a cluster to join ('auto', 'ray://host:10001'); empty: $RAY_ADDRESS, "
+                             "else a local cluster")
     replicas: int = Field(2, ge=1, description="ray: engine replicas (actors), each loading the models once")
     num_cpus_per_replica: float = Field(1.0, gt=0)
     num_gpus_per_replica: float = Field(0.0, ge=0, description="ray: GPUs per replica (vLLM tensor parallel inside needs that many)")
 
-    def run(self, context: dg.AssetExecutionContext, store, work: ShardWork, partition: str | None, inputs: dict) -> tuple[ShardedWrite, dict]:
+    def run(self, context: dg.AssetExecutionContext, store, work: ShardWork, partition: str | None,
+            inputs: dict) -> tuple[ShardedWrite, dict]:
         """Runs every shard not yet done under this fingerprint (settings, inputs, shard size) and
         returns (the writer, ready to publish; the combined figures with progress)."""
-        fingerprint = hashlib.sha256(json.dumps([work.settings, inputs, self.shard_size], sort_keys=True, default=str).encode()).hexdigest()[:16]
+        settings = json.dumps([work.settings, inputs, self.shard_size], sort_keys=True, default=str)
+        fingerprint = hashlib.sha256(settings.encode()).hexdigest()[:16]
         writer = store.sharded_write(work.name, partition, fingerprint)
         total = max(1, math.ceil(source_rows(work.source) / self.shard_size))
         done = writer.done()

@@ -27,10 +27,12 @@ def _train_and_save(context, store: Store, name: str, config: TeacherModelConfig
                     architecture: Architecture) -> dg.MaterializeResult:
     """Trains an embedded model from scratch with SFT on the task, evaluates it, saves it by content."""
     settings = TrainingSettings(objective="sft", steps=config.train_steps, batch_size=config.batch_size,
-                                micro_batch_size=config.micro_batch_size, learning_rate=config.learning_rate, warmup_steps=EMBEDDED_WARMUP_STEPS, seed=config.seed)
+                                micro_batch_size=config.micro_batch_size, learning_rate=config.learning_rate,
+                                warmup_steps=EMBEDDED_WARMUP_STEPS, seed=config.seed)
     model, tokenizer, curve, accuracy, seconds = train_embedded(
         architecture, settings, config.eval_problems, instruction_share=config.instruction_share,
-        correction_share=config.correction_share, varied_steps=config.varied_steps, reporter=Reporter(context.log.info, lambda message: None),
+        correction_share=config.correction_share, varied_steps=config.varied_steps,
+        reporter=Reporter(context.log.info, lambda message: None),
     )
     card = {
         **model_card(f"embedded-{name}", model, tokenizer),

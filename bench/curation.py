@@ -114,7 +114,8 @@ def main() -> None:
         near = next(f for f in figures["funnel"] if f["filter"] == "near_duplicate")
         rss[n] = figures["peak_rss_mib"]
         print(f"{n:>10,} candidates: {figures['seconds']:,.1f} s ({n / figures['seconds']:,.0f} rows/s), peak RSS {rss[n]:,.0f} MiB, "
-              f"near duplicates dropped {near['rows_in'] - near['rows_out']:,} (planted {planted:,}, {similar:,} of them with Jaccard ≥ 0.8), "
+              f"near duplicates dropped {near['rows_in'] - near['rows_out']:,} "
+              f"(planted {planted:,}, {similar:,} of them with Jaccard ≥ 0.8), "
               f"kept {figures['kept']:,}")
         for step in figures["funnel"]:
             print(f"      {step['filter']:<16} {step['rows_in']:>10,} → {step['rows_out']:>10,}")

@@ -31,7 +31,8 @@ def run_arm(pipelined: bool, start: str, teacher: HFEngine, fixed, steps: int, s
     config = TrainingSettings(divergence="jsd", beta=0.5, steps=steps, batch_size=BATCH,
                            learning_rate=1e-3, warmup_steps=10, seed=seed, mix=1.0)
     with tempfile.TemporaryDirectory() as directory:
-        curve = train_student(student, tokenizer, batches_for(tokenizer, student.config.vocab_size, config, fixed, online_rollouts(student, tokenizer, teacher, seed, steps, directory, pipelined)), config)
+        sampler = online_rollouts(student, tokenizer, teacher, seed, steps, directory, pipelined)
+        curve = train_student(student, tokenizer, batches_for(student, tokenizer, config, fixed, sampler), config)
     tokens, seconds = sum(c["completion_tokens"] for c in curve), curve[-1]["seconds"]
     return {"tokens_per_second": tokens / seconds, "seconds_per_step": seconds / steps,
             "staleness": statistics.mean(c["staleness"] for c in curve),
@@ -63,7 +64,8 @@ def main() -> None:
     print("| arm | completion tokens/s | s/step | staleness | greedy EM |\n|---|---|---|---|---|")
     for arm, results in runs.items():
         mean = {key: statistics.mean(r[key] for r in results) for key in results[0]}
-        print(f"| {arm} | {mean['tokens_per_second']:,.0f} | {mean['seconds_per_step']:.3f} | {mean['staleness']:.2f} | {mean['greedy']:.3f} |")
+        print(f"| {arm} | {mean['tokens_per_second']:,.0f} | {mean['seconds_per_step']:.3f} | {mean['staleness']:.2f} "
+              f"| {mean['greedy']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -78,7 +78,8 @@ def ground_truth_table(teacher: HFEngine, labeled: pa.Table) -> pa.Table:
     solutions = [p.solution if p is not None else None for p in parsed]
     keep = [i for i, s in enumerate(solutions) if s is not None]
     tokenizer = teacher.tokenizer
-    completion_ids = [ids + [tokenizer.eos_token_id] for ids in tokenizer([solutions[i] for i in keep], add_special_tokens=False)["input_ids"]]
+    encoded = tokenizer([solutions[i] for i in keep], add_special_tokens=False)["input_ids"]
+    completion_ids = [ids + [tokenizer.eos_token_id] for ids in encoded]
     table = pa.table({
         "sample_id": pa.array([f"gt{i}" for i in keep]),
         "prompt_token_ids": labeled["prompt_token_ids"].take(pa.array(keep)),
@@ -99,7 +100,8 @@ def train_prompts(n: int, seed: int) -> pa.Table:
     return TASK.prompts("train", n, 1_000_000 * (seed + 1)).append_column("prompt_id", pa.array([f"q{seed}-{i}" for i in range(n)]))
 
 
-def online_rollouts(student, tokenizer, teacher: HFEngine, seed: int, steps: int, directory: str, pipelined: bool = False) -> OnlineRollouts:
+def online_rollouts(student, tokenizer, teacher: HFEngine, seed: int, steps: int, directory: str,
+                    pipelined: bool = False) -> OnlineRollouts:
     """GKD's on-policy batches, as an online round draws them: each step samples the student as it is
     then (pipelined: one step earlier) on BATCH new train prompts, and the teacher scores them."""
     pq.write_table(train_prompts(steps * BATCH, seed), f"{directory}/prompts.parquet")
@@ -143,7 +145,7 @@ def run_arm(arm: dict, seed: int, start: str, data: dict, teacher: HFEngine, arg
             rollouts = stored_rollouts(student, tokenizer, teacher, seed)
         else:
             rollouts = online_rollouts(student, tokenizer, teacher, seed, steps, directory)
-        curve = train_student(student, tokenizer, batches_for(tokenizer, student.config.vocab_size, config, fixed, rollouts), config)
+        curve = train_student(student, tokenizer, batches_for(student, tokenizer, config, fixed, rollouts), config)
     results = evaluate(student, tokenizer, eval_problems, TASK, seed=seed)
     return {**results, "tokens": sum(c["completion_tokens"] for c in curve)}
 
@@ -168,7 +170,8 @@ def main() -> None:
     data = {"teacher_labeled": labeled, "ground_truth": ground_truth_table(teacher, labeled)}
     eval_problems = TASK.prompts("eval", args.eval_problems, 0)
     start_model, start_tokenizer = load_model(start)
-    data["on_policy_tokens"] = mean_tokens(own_samples(start_model, start_tokenizer, [p.prompt for p in problems("train", 256, 999)], 999)[1])
+    own = own_samples(start_model, start_tokenizer, [p.prompt for p in problems("train", 256, 999)], 999)
+    data["on_policy_tokens"] = mean_tokens(own[1])
     baseline = evaluate(start_model, start_tokenizer, eval_problems, TASK, seed=0)
     print(f"start ({args.start}): greedy {baseline['greedy_exact_match']:.3f}  sampled {baseline['sampled_exact_match']:.3f}", flush=True)
     selected = [a for a in arms() if not args.arms or any(s in f"{a['arm']} {a['divergence']}" for s in args.arms.split(","))]
@@ -186,7 +189,8 @@ def main() -> None:
           f"{args.eval_problems} eval problems; start {args.start}, greedy {baseline['greedy_exact_match']:.3f}\n")
     print("| arm | divergence | training tokens | greedy EM gain | sampled EM gain |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['arm']} | {r['divergence']} | {r['tokens']:,} | {r['greedy']:+.3f} ± {r['greedy_sd']:.3f} | {r['sampled']:+.3f} ± {r['sampled_sd']:.3f} |")
+        print(f"| {r['arm']} | {r['divergence']} | {r['tokens']:,} | {r['greedy']:+.3f} ± {r['greedy_sd']:.3f} "
+              f"| {r['sampled']:+.3f} ± {r['sampled_sd']:.3f} |")
     figure, axis = plt.subplots(figsize=(9, 4))
     labels = [f"{r['arm']}\n{r['divergence']}" for r in rows]
     axis.bar(range(len(rows)), [r["greedy"] for r in rows], yerr=[r["greedy_sd"] for r in rows], capsize=3)

@@ -77,7 +77,9 @@ def train(directory: Path, name: str, arm: dict, steps: int, batch_size: int) ->
               "steps": steps, "batch_size": batch_size, "warmup_steps": 0, "device": "cpu", **arm}
     (directory / f"{name}.json").write_text(json.dumps(config))
     processes = arm.get("launch", {}).get("processes", 1)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"] if processes > 1 else [sys.executable]
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}
     done = subprocess.run([*launcher, str(directory / "child.py"), str(directory / f"{name}.json")], capture_output=True, text=True,
                           env=environment)

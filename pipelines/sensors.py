@@ -89,7 +89,8 @@ def next_round(instance: dg.DagsterInstance, policy: RoundPolicy) -> tuple[str |
     evaluation = {name: value.value for name, value in records[0].asset_materialization.metadata.items()}
     metric, gain = policy.gain(evaluation)
     if gain is None:
-        return None, f"round {last} has no {metric} for itself and its parent (no reference answers?): set DISTILL_ROUND_METRIC to another metric"
+        return None, (f"round {last} has no {metric} for itself and its parent (no reference answers?): "
+                      "set DISTILL_ROUND_METRIC to another metric")
     if gain < policy.min_improvement:
         return None, f"plateau: round {last} improved {metric} by {gain:+.4f} < min_improvement={policy.min_improvement}"
     return round_key(round_number(last) + 1), f"round {last} improved {metric} by {gain:+.4f}"

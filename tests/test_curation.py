@@ -74,7 +74,8 @@ def test_near_duplicate_threshold_decides():
 
 def test_decontamination_drops_eval_items_and_shared_ngrams():
     evals = ["305-18=", "please " + LONG.lower() + " and why"]
-    result = run_curation(rows({"prompt": "305-18="}, {"prompt": "305-19="}, {"prompt": LONG}, {"prompt": "Explain binary search trees"}), evals,
+    candidates = rows({"prompt": "305-18="}, {"prompt": "305-19="}, {"prompt": LONG}, {"prompt": "Explain binary search trees"})
+    result = run_curation(candidates, evals,
                     CurationSettings())
     assert set(dropped_by(result, "decontamination")) == {"s00", "s02"}
 

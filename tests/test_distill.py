@@ -63,7 +63,7 @@ def test_incompatible_inputs_fail_before_training(labeled):
 def test_a_short_run_lowers_the_loss(tiny_model_dir, labeled, objective):
     model, tokenizer = load_model(str(tiny_model_dir))
     config = TrainingSettings(objective=objective, steps=40, batch_size=16, learning_rate=3e-3, warmup_steps=2)
-    curve = train_student(model, tokenizer, batches_for(tokenizer, model.config.vocab_size, config, labeled), config)
+    curve = train_student(model, tokenizer, batches_for(model, tokenizer, config, labeled), config)
     first, last = sum(c["loss"] for c in curve[:5]) / 5, sum(c["loss"] for c in curve[-5:]) / 5
     assert last < 0.8 * first
 
@@ -77,7 +77,7 @@ def test_accumulation_and_checkpointing_leave_the_step_unchanged(tiny_model_dir,
         model, tokenizer = load_model(str(tiny_model_dir))
         config = TrainingSettings(steps=2, batch_size=8, learning_rate=1e-2, warmup_steps=0,
                                nll_weight=1.0, **options)  # the KD path with an NLL term: a loss far from 0
-        curve = train_student(model, tokenizer, batches_for(tokenizer, model.config.vocab_size, config, labeled), config)
+        curve = train_student(model, tokenizer, batches_for(model, tokenizer, config, labeled), config)
         results.append(([c["loss"] for c in curve], [c["nll"] for c in curve], model.lm_head.weight.detach().clone()))
     (losses, nlls, weights), *others = results
     for other_losses, other_nlls, other_weights in others:
@@ -93,7 +93,8 @@ def test_on_policy_batches_take_the_on_policy_divergence(tiny_model_dir, labeled
                          ("reverse", {"divergence": "skew_reverse_kl"}), ("forward", {"divergence": "skew_kl"})]:
         model, tokenizer = load_model(str(tiny_model_dir))
         config = TrainingSettings(steps=3, batch_size=8, mix=1.0, rollouts=["-"], **losses)
-        curves[name] = [c["loss"] for c in train_student(model, tokenizer, batches_for(tokenizer, model.config.vocab_size, config, labeled, labeled), config)]
+        curve = train_student(model, tokenizer, batches_for(model, tokenizer, config, labeled, labeled), config)
+        curves[name] = [c["loss"] for c in curve]
     assert curves["split"] == pytest.approx(curves["reverse"], rel=1e-6) and curves["split"] != pytest.approx(curves["forward"], rel=1e-3)
 
 
@@ -102,7 +103,7 @@ def test_cuda_without_a_gpu_fails_before_training(tiny_model_dir, labeled):
     model, tokenizer = load_model(str(tiny_model_dir))
     config = TrainingSettings(steps=1, device="cuda")
     with pytest.raises(ValueError, match="torch sees no CUDA device here: set device 'auto' or 'cpu'"):
-        train_student(model, tokenizer, batches_for(tokenizer, model.config.vocab_size, config, labeled), config)
+        train_student(model, tokenizer, batches_for(model, tokenizer, config, labeled), config)
 
 
 def test_a_non_finite_loss_stops_with_a_clear_error(tiny_model_dir, labeled):
@@ -111,7 +112,7 @@ def test_a_non_finite_loss_stops_with_a_clear_error(tiny_model_dir, labeled):
         model.lm_head.weight.fill_(float("nan"))
     config = TrainingSettings(steps=3, batch_size=8)
     with pytest.raises(FloatingPointError, match="No checkpoint was written"):
-        train_student(model, tokenizer, batches_for(tokenizer, model.config.vocab_size, config, labeled), config)
+        train_student(model, tokenizer, batches_for(model, tokenizer, config, labeled), config)
 
 
 def test_fresh_on_policy_batches_are_sampled_from_the_current_student(tiny_model_dir, labeled):
@@ -123,11 +124,12 @@ def test_fresh_on_policy_batches_are_sampled_from_the_current_student(tiny_model
     def fresh_batch(i: int) -> pa.Table:
         sampled_from.append(model.lm_head.weight.detach().clone())
         prompts = [p.prompt for p in problems("train", 8, 1000 + i)]
-        table = label(HFEngine(model, tokenizer, batch_size=8), pa.table({"prompt": prompts}), Sampling(temperature=1.0, max_new_tokens=16, seed=i), k=8).table
+        sampling = Sampling(temperature=1.0, max_new_tokens=16, seed=i)
+        table = label(HFEngine(model, tokenizer, batch_size=8), pa.table({"prompt": prompts}), sampling, k=8).table
         return table.append_column("sample_id", pa.array([f"fresh{i}-{j}" for j in range(table.num_rows)]))
 
     config = TrainingSettings(steps=12, batch_size=8, learning_rate=3e-3, warmup_steps=1, mix=0.5)
-    curve = train_student(model, tokenizer, batches_for(tokenizer, model.config.vocab_size, config, labeled, fresh_batch), config)
+    curve = train_student(model, tokenizer, batches_for(model, tokenizer, config, labeled, fresh_batch), config)
     sources = [c["source"] for c in curve]
     assert sources.count("on_policy") == len(sampled_from) and 0 < len(sampled_from) < 12
     assert all(not torch.equal(a, b) for a, b in zip(sampled_from, sampled_from[1:])), "a batch came from stale weights"
@@ -137,7 +139,8 @@ def test_fresh_on_policy_batches_are_sampled_from_the_current_student(tiny_model
         return table.set_column(table.schema.get_field_index("temperature"), "temperature", pa.array([2.0] * 8, table["temperature"].type))
 
     with pytest.raises(ValueError, match="on-policy rows store the teacher at temperature 2.0, the fixed data at 1.0"):
-        train_student(model, tokenizer, batches_for(tokenizer, model.config.vocab_size, TrainingSettings(steps=3, batch_size=8, mix=1.0), labeled, hotter_batch), TrainingSettings(steps=3, batch_size=8, mix=1.0))
+        hot = TrainingSettings(steps=3, batch_size=8, mix=1.0)
+        train_student(model, tokenizer, batches_for(model, tokenizer, hot, labeled, hotter_batch), hot)
 
 
 def test_online_rollouts_append_each_on_policy_batch_with_its_policy_step(tiny_model_dir, labeled, tmp_path):
@@ -153,7 +156,7 @@ def test_online_rollouts_append_each_on_policy_batch_with_its_policy_step(tiny_m
                               identity={"student": "student", "student_weights_hash": "s"})
     online = OnlineRollouts(model, tokenizer, settings.teacher_engine("cpu"), settings, batch_size=8)
     config = TrainingSettings(steps=8, batch_size=8, learning_rate=3e-3, warmup_steps=1, mix=0.5)
-    curve = train_student(model, tokenizer, batches_for(tokenizer, model.config.vocab_size, config, labeled, online), config)
+    curve = train_student(model, tokenizer, batches_for(model, tokenizer, config, labeled, online), config)
     on_policy = [c["step"] for c in curve if c["source"] == "on_policy"]
     assert 1 < len(on_policy) < 8 and all(c["staleness"] == 0 for c in curve if c["source"] == "on_policy")
     written = sorted((tmp_path / "batches").glob("step-*.parquet"))
@@ -167,7 +170,8 @@ def test_online_rollouts_append_each_on_policy_batch_with_its_policy_step(tiny_m
 
     pipelined = settings.model_copy(update={"pipelined": True, "batches": str(tmp_path / "pipelined")})
     config = config.model_copy(update={"mix": 1.0, "steps": 4})
-    curve = train_student(model, tokenizer, batches_for(tokenizer, model.config.vocab_size, config, labeled, OnlineRollouts(model, tokenizer, online.teacher, pipelined, 8)), config)
+    sampler = OnlineRollouts(model, tokenizer, online.teacher, pipelined, 8)
+    curve = train_student(model, tokenizer, batches_for(model, tokenizer, config, labeled, sampler), config)
     assert [c["staleness"] for c in curve] == [0, 1, 1, 1]  # the first batch is sampled at once, each later one a step ahead
     batches = [pq.read_table(path) for path in sorted((tmp_path / "pipelined").glob("step-*.parquet"))]
     assert [(b["policy_step"][0].as_py(), b["trained_at_step"][0].as_py(), b["staleness"][0].as_py()) for b in batches] == [
@@ -188,7 +192,8 @@ def test_two_processes_killed_and_resumed_follow_the_curve_of_one(tiny_model_dir
     settings = dict(student=str(tiny_model_dir), data=data, steps=40, batch_size=7, micro_batch_size=2, shuffle_window=16,
                     learning_rate=3e-3, warmup_steps=2, nll_weight=1.0)
     model, tokenizer = load_model(str(tiny_model_dir))
-    one = train_student(model, tokenizer, batches_for(tokenizer, model.config.vocab_size, DistillCommand(**settings, output=""), data), DistillCommand(**settings, output=""), strategy="ddp")
+    alone = TrainingSettings(**settings)
+    one = train_student(model, tokenizer, batches_for(model, tokenizer, alone, data), alone)
 
     output = tmp_path / "student"
     config = DistillCommand(**settings, output=str(output), checkpoint_every=10, launch={"launcher": "torchrun", "processes": 2})
@@ -224,10 +229,13 @@ def test_ray_train_workers_with_fsdp_follow_the_curve_of_one(tiny_model_dir, lab
     settings = dict(student=str(tiny_model_dir), data=[str(tmp_path / "data.parquet")], steps=10, batch_size=7, micro_batch_size=2,
                     learning_rate=3e-3, warmup_steps=2, nll_weight=1.0)
     model, tokenizer = load_model(str(tiny_model_dir))
-    one = train_student(model, tokenizer, batches_for(tokenizer, model.config.vocab_size, DistillCommand(**settings, output=""), labeled), DistillCommand(**settings, output=""), strategy="fsdp")
-    (tmp_path / "run.json").write_text(DistillCommand(**settings, output=str(tmp_path / "student"), launch={"launcher": "ray", "processes": 2, "strategy": "fsdp"}).model_dump_json())
+    alone = TrainingSettings(**settings)
+    one = train_student(model, tokenizer, batches_for(model, tokenizer, alone, labeled), alone)
+    launch = {"launcher": "ray", "processes": 2, "strategy": "fsdp"}
+    (tmp_path / "run.json").write_text(DistillCommand(**settings, output=str(tmp_path / "student"), launch=launch).model_dump_json())
     done = subprocess.run([sys.executable, "-m", "training.launch", "--config", str(tmp_path / "run.json")], check=True,
-                          stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}, timeout=180)
+                          stdout=subprocess.PIPE, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"})
     assert "step 9/10 loss" in done.stdout  # rank 0's reports, relayed to the driver
     two = json.loads((tmp_path / "student" / "curve.json").read_text())
     assert [c["completion_tokens"] for c in two] == [c["completion_tokens"] for c in one]
@@ -247,7 +255,8 @@ def test_lora_trains_only_the_adapter_and_saves_it_merged(tiny_model_dir, labele
     One batch of 8 sequences, drawn again every step: the adapter learns it."""
     pq.write_table(labeled.slice(0, 8), tmp_path / "data.parquet")
     config = DistillCommand(student=str(tiny_model_dir), data=[str(tmp_path / "data.parquet")], output=str(tmp_path / "student"),
-                           steps=20, batch_size=8, learning_rate=5e-2, warmup_steps=0, nll_weight=1.0, lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+                            steps=20, batch_size=8, learning_rate=5e-2, warmup_steps=0, nll_weight=1.0,
+                            lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
     losses = [c["loss"] for c in run(config, printed())]
     assert sum(losses[-5:]) < sum(losses[:5]) - 0.2
     from peft import PeftModel

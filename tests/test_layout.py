@@ -21,7 +21,8 @@ FORBIDDEN = {
 }
 # training/'s rooms, lowest first: a room imports only the rooms before it (and itself)
 TRAINING_ROOMS = ["tasks", "schema", "models", "engines", "data", "trainer", "evals", "rounds", "launch", "embedded"]
-SHARED_ASSET_MODULES = {"config", "executor", "inputs", "publish", "resources", "partitions", "runs", "student_runs"}  # beside the assets, not assets
+# beside the assets, not assets
+SHARED_ASSET_MODULES = {"config", "executor", "inputs", "publish", "resources", "partitions", "runs", "student_runs"}
 
 
 def imported_packages(path: Path) -> set[str]:
@@ -113,7 +114,8 @@ def test_training_runs_without_dagster_and_commands_exit_without_leak_warnings()
     """The training modules import no dagster, so training runs as a plain command; and a command
     that loads the code location exits with its output last, not nanobind's leak report (it came
     from a duckdb type object kept alive past exit, see storage/catalog.py). One process for both."""
-    code = ("import sys, training.trainer.loop, training.evals.evaluate, training.data.rollouts, storage.catalog; print('dagster' in sys.modules); "
+    code = ("import sys, training.trainer.loop, training.evals.evaluate, training.data.rollouts, storage.catalog; "
+            "print('dagster' in sys.modules); "
             "from assets.curation import curated; print('done')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.stdout.split() == ["False", "done"] and "leaked" not in done.stderr, done.stderr[-2000:]

@@ -93,7 +93,8 @@ def test_two_rounds_end_to_end_with_lineage(instance, offline, distill_home, cap
     assert {r[3] for r in lineage if r[0] == "r001"} == {offline_hash}
     assert {r[3] for r in lineage if r[0] == "r002"} == {r001["weights_hash"]}
 
-    _, table = query(offline, "SELECT round, parent, parent_checkpoint, checkpoint, greedy_exact_match, improvement FROM rounds ORDER BY round")
+    _, table = query(offline, "SELECT round, parent, parent_checkpoint, checkpoint, greedy_exact_match, improvement "
+                              "FROM rounds ORDER BY round")
     assert [(r[0], r[1], r[2], r[3]) for r in table] == [
         ("r001", "offline_student", offline_hash, r001["weights_hash"]),
         ("r002", "student_checkpoint[r001]", r001["weights_hash"], r002["weights_hash"]),

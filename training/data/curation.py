@@ -72,7 +72,8 @@ class CurationSettings(BaseModel):
     min_mean_logprob: float = Field(-1.0, le=0, description="teacher confidence: mean token logprob of the response")
     max_mean_entropy: float = Field(1.5, ge=0, description="teacher uncertainty: mean top-k entropy, nats")
     target_size: Optional[int] = Field(None, ge=1, description="select this many rows by quality score; empty: keep all")
-    selection_similarity: float = Field(0.9, gt=0, le=MAX_SIMILARITY, description="a candidate this similar to a selected prompt is skipped")
+    selection_similarity: float = Field(0.9, gt=0, le=MAX_SIMILARITY,
+                                        description="a candidate this similar to a selected prompt is skipped")
 
     @model_validator(mode="after")
     def _bounds_ordered(self):
@@ -182,7 +183,8 @@ def curate(connection: duckdb.DuckDBPyConnection, eval_prompts: list[str], setti
     """Runs the filters in order over the view `candidates` (`candidate_pool`); returns the `Curation`.
     Raises, naming the filter that removed the most, if none are left."""
     _score(connection)
-    connection.execute("CREATE OR REPLACE TABLE dropped (sample_id VARCHAR, prompt VARCHAR, origin VARCHAR, filter VARCHAR, reason VARCHAR)")
+    connection.execute("CREATE OR REPLACE TABLE dropped "
+                       "(sample_id VARCHAR, prompt VARCHAR, origin VARCHAR, filter VARCHAR, reason VARCHAR)")
     s = settings
     verifier = "off"
     if s.use_verifier:

@@ -86,7 +86,8 @@ TO_LAST_USER = "p[1 : len(p) + 1 - list_position(list_reverse(list_transform(p, 
 # one text per conversation, for dedup, decontamination and display: a lone user turn's content, else
 # `role: content` lines; system turns left out
 FLATTENED = """CASE WHEN len(list_filter(c, lambda m: m.role <> 'system')) = 1 THEN list_filter(c, lambda m: m.role = 'user')[1].content
-    ELSE array_to_string(list_transform(list_filter(c, lambda m: m.role <> 'system'), lambda m: m.role || ': ' || m.content), chr(10)) END"""
+    ELSE array_to_string(list_transform(list_filter(c, lambda m: m.role <> 'system'),
+                                        lambda m: m.role || ': ' || m.content), chr(10)) END"""
 
 
 def _json_text(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray, str]:
@@ -174,7 +175,8 @@ class PromptSource(BaseModel):
 def prompt_tables(settings: PromptSource, split: str, run_id: str) -> Iterator[tuple[pa.Table, dict[str, int]]]:
     """The prompt table of a source (PROMPT_COLUMNS), at most `num_prompts` rows, in slices of at most
     SLICE_ROWS source rows (memory is bounded by a slice: `datasets` memory-maps the source), each
-    with the rows it dropped by reason (a slice may keep none); rows are read until `num_prompts` are kept; `embedded` generates them with the task. `prompt_id` hashes
+    with the rows it dropped by reason (a slice may keep none); rows are read until `num_prompts` are
+    kept; `embedded` generates them with the task. `prompt_id` hashes
     the prompt, the conversation and the system prompt. Raises if no row is usable."""
     task, source, num_prompts = get_task(settings.task), settings.source, settings.num_prompts
     if source == "embedded":

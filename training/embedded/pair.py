@@ -71,7 +71,7 @@ def train_embedded(
         return token_rows(tokenizer, [train[i].prompt + pairs[i][0] for i in solved] + [i for i, _ in written],
                           [pairs[i][1] for i in solved] + [w for _, w in written])
 
-    curve = train_student(model, tokenizer, batches_for(tokenizer, model.config.vocab_size, settings, batch), settings, reporter)
+    curve = train_student(model, tokenizer, batches_for(model, tokenizer, settings, batch), settings, reporter)
     arithmetic = ArithmeticTask(task)
     accuracy = exact_match(model, tokenizer, arithmetic.prompts("eval", eval_problems, settings.seed), arithmetic)
     return model, tokenizer, curve, accuracy, time.perf_counter() - started

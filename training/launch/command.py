@@ -84,7 +84,7 @@ def run(config: DistillCommand, reporter: Reporter) -> list[dict]:
         device = training_device(config.device)
         online = OnlineRollouts(model.to(device), tokenizer, config.online.teacher_engine(device), config.online, config.batch_size)
         on_policy, on_resume = online, online.forget_from
-    batches = batches_for(tokenizer, model.config.vocab_size, config, config.data, on_policy, config.teacher_vocab_size, on_resume)
+    batches = batches_for(model, tokenizer, config, config.data, on_policy, config.teacher_vocab_size, on_resume)
     state_dir = Path(config.state_dir or f"{config.output}.state")
     curve = train_student(model, tokenizer, batches, config, reporter, config.launch.strategy, state_dir, run_fingerprint(config))
     weights = parallel.gathered_weights(model)

@@ -98,7 +98,8 @@ def train_student(model, tokenizer, batches: Batches, settings: TrainingSettings
                       "seconds": time.perf_counter() - started, **({"staleness": step - policy_step(rows)} if on_policy else {})})
         if reporter is not None:
             reporter.progress(curve[-1], settings.steps)
-        if state_dir is not None and settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.steps:
+        every = settings.checkpoint_every
+        if state_dir is not None and every and (step + 1) % every == 0 and step + 1 < settings.steps:
             save_state(state_dir, fingerprint, step, model, optimizer, coin, sources, curve)
     if settings.gradient_checkpointing:  # the saved checkpoint generates with its cache, as it came
         model.gradient_checkpointing_disable()

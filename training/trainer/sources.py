@@ -109,14 +109,14 @@ def stored_temperature(rows: Rows) -> float | None:
     return float(first.read(["temperature"])["temperature"][0].as_py()) if "temperature" in first.column_names() else None
 
 
-def batches_for(tokenizer, vocab_size: int, settings: TrainingSettings, fixed: Rows, on_policy: Rows | None = None,
+def batches_for(model, tokenizer, settings: TrainingSettings, fixed: Rows, on_policy: Rows | None = None,
                 teacher_vocab_size: int | None = None, on_resume: Callable[[int], None] | None = None) -> Batches:
-    """The loop's sources: stored rows are shuffled (seeded by `settings.seed`, the on-policy ones by
+    """The loop's sources for `model` (its vocabulary bounds the stored ids): stored rows are shuffled (seeded by `settings.seed`, the on-policy ones by
     seed + 1), functions of the step are called at each step; all checked by one `RowCheck`."""
     temperature = stored_temperature(fixed) or settings.temperature
 
     def source(rows: Rows, name: str, seed: int) -> BatchSource:
-        check = RowCheck(tokenizer, vocab_size, teacher_vocab_size, settings, temperature, name)
+        check = RowCheck(tokenizer, model.config.vocab_size, teacher_vocab_size, settings, temperature, name)
         if callable(rows):
             return FreshBatches(rows, check, on_resume if name == "on-policy" else None)
         return ShuffledBatches(blocks_of(rows), settings.batch_size, seed, settings.shuffle_window, check)
