@@ -9,15 +9,28 @@ fail when the run starts, before any model is loaded.
 from typing import Literal, Optional
 
 import dagster as dg
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from training.data.curation import CurationSettings
 from training.trainer.loop import TrainingSettings
 from training.trainer.lora import LoraSettings
 from training.data.labeling import LabelingSettings
+from training.engines.sampling import Sampling
+from training.rounds.online import OnlineSettings
 from training.schema.signal import SignalSettings
 
 EMBEDDED = "embedded"
+
+
+class SamplingConfig(Sampling, dg.Config):
+    """`Sampling` as Dagster config: a nested config field must be a `dg.Config`."""
+
+
+def config_field(settings: type[BaseModel], name: str = "sampling"):
+    """The `name` field of a training setting as a SamplingConfig field, with that setting's own default
+    and description, so that the launchpad and the plain commands share them."""
+    field = settings.model_fields[name]
+    return Field(SamplingConfig(**field.default.model_dump()), description=field.description)
 
 
 class ModelConfig(dg.Config):
@@ -113,8 +126,10 @@ class EvalSetConfig(PromptSourceConfig):
 class TeacherLabeledConfig(LabelingSettings, dg.Config):
     """The teacher answers every seed prompt (n responses each) and its top-k signal is stored."""
 
+    sampling: SamplingConfig = config_field(LabelingSettings)
 
-class WritingConfig(LabelingSettings, dg.Config):
+
+class WritingConfig(TeacherLabeledConfig):
     """How the teacher writes new inputs; they are then labeled like seed prompts."""
 
     templates: Literal["task", "self_instruct"] = Field(
@@ -123,8 +138,14 @@ class WritingConfig(LabelingSettings, dg.Config):
         "instruction language); 'self_instruct': Self-Instruct, Evol-Instruct and UltraChat-style prompts for "
         "instruction-following teachers",
     )
-    write_temperature: float = Field(1.0, ge=0, description="sampling temperature of the written inputs")
-    write_max_new_tokens: int = Field(24, ge=1, description="the longest input the teacher may write")
+    writing: SamplingConfig = Field(SamplingConfig(temperature=1.0, max_new_tokens=24), description="how the teacher writes "
+                                    "the inputs, one per instruction (n = 1); its seed also draws the instructions")
+
+    @model_validator(mode="after")
+    def _one_input_per_instruction(self):
+        if self.writing.n != 1:
+            raise ValueError(f"writing.n={self.writing.n}: the teacher writes one input per instruction; ask for more of them")
+        return self
 
 
 class ExpandedConfig(WritingConfig):
@@ -185,11 +206,9 @@ class StudentRolloutsConfig(dg.Config):
     """The current student's own samples on prompts drawn from the training data, seeded by round."""
 
     num_prompts: int = Field(768, ge=1, description="distinct prompts drawn from curated (else teacher_labeled) per round; with n, enough that student_checkpoint draws each rollout about 1.5 times (rollout_reuse)")
-    n: int = Field(2, ge=1, description="samples per prompt")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature; GKD samples at 1")
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(96, ge=1)
-    seed: int = Field(0, description="combined with the round number: each round draws other prompts and samples")
+    sampling: SamplingConfig = Field(SamplingConfig(n=2, temperature=1.0, max_new_tokens=96), description="how the student "
+                                     "samples (GKD: T = 1); its seed, with the round number, draws the round's prompts and "
+                                     "seeds its samples (derived_seed)")
 
 
 class TeacherFeedbackConfig(SignalSettings, dg.Config):
@@ -199,7 +218,7 @@ class TeacherFeedbackConfig(SignalSettings, dg.Config):
 class OnlineRolloutsConfig(StudentRolloutsConfig, SignalSettings):
     """An online round's sampling (as student_rollouts') and the teacher's signal on it (as teacher_feedback's)."""
 
-    n: int = Field(1, ge=1, description="samples per prompt")
+    sampling: SamplingConfig = config_field(OnlineSettings)
     pipelined: bool = Field(False, description="sample and score the next batch while the current one trains (staleness 1; "
                             "a second copy of the student's weights)")
 

@@ -2,7 +2,6 @@
 evolution) and from topics (synthesis), every input is labeled like a seed prompt, and the union
 is filtered and selected into `curated`, the dataset students train on."""
 
-import dataclasses
 import functools
 import random
 import shutil
@@ -19,7 +18,6 @@ from assets.resources import ModelEngine
 from storage.shards import ShardedWrite
 from storage.store import Store
 from training.data.curation import candidate_pool, connect, curate, kept_rows, origin_counts
-from training.engines.base import SamplingParams
 from training.data.expansion import (
     evolution_instructions,
     expansion_instructions,
@@ -31,6 +29,7 @@ from training.data.expansion import (
     written_prompts,
 )
 from training.data.labeling import LabelingSettings, label_table
+from training.engines.sampling import Sampling
 from training.schema.tables import with_constants
 from training.tasks import Task, task_of
 
@@ -38,13 +37,13 @@ WRITTEN_PREVIEW = ["sample_id", "origin", "instruction", "prompt", "completion",
 WRITTEN_DATASETS = ("expanded", "synthesized")
 
 
-def write_and_label_shard(engines: dict, rows: pa.Table, index: int, *, writing: SamplingParams, labeling: LabelingSettings,
+def write_and_label_shard(engines: dict, rows: pa.Table, index: int, *, writing: Sampling, labeling: LabelingSettings,
                           card: dict, task: Task, system_prompt: str | None, run_id: str):
     """A shard of instructions: the teacher writes an input per instruction, the valid ones are labeled."""
     engine = engines["teacher"]
     instructions, seeds = instructions_of(rows)
-    writing = dataclasses.replace(writing, seed=writing.seed + index)
-    prompts, report = written_prompts(instructions, write_inputs(engine, instructions, writing), seeds, task, system_prompt,
+    written = write_inputs(engine, instructions, writing.derived(part=index))
+    prompts, report = written_prompts(instructions, written, seeds, task, system_prompt,
                                       first_index=rows["instruction_index"][0].as_py())
     table, metrics = label_table(engine, prompts, labeling, card, task, run_id, id_columns=("origin", "instruction_index"), shard=index)
     return table, {**report, **metrics}
@@ -58,8 +57,8 @@ def _publish_written(context, store: Store, model_engine: ModelEngine, shard_exe
     system_prompt = store.read_dataset("seed_prompts", columns=["system_prompt"])["system_prompt"][0].as_py()
     inputs = {**inputs, "teacher_model": card["weights_hash"]}
     source = store.write_work_file(instructions, f"{name}.instructions.parquet")
-    writing = SamplingParams(1, config.write_temperature, 1.0, config.write_max_new_tokens, config.seed)
-    step = functools.partial(write_and_label_shard, writing=writing, labeling=LabelingSettings(**config.model_dump()), card=card, task=task, system_prompt=system_prompt,
+    step = functools.partial(write_and_label_shard, writing=Sampling(**config.writing.model_dump()),
+                             labeling=LabelingSettings(**config.model_dump()), card=card, task=task, system_prompt=system_prompt,
                              run_id=context.run.run_id)
     work = ShardWork(name, [source], {"teacher": (model_engine.model_dump(), card, store.root / "cache")}, step,
                      settings={"config": config.model_dump(), "engine": model_engine.backend})
@@ -78,7 +77,7 @@ def expanded(context: dg.AssetExecutionContext, config: ExpandedConfig, store: d
     task, seeds = task_of(seed_rows), seed_rows["prompt"].to_pylist()
     templates = templates_for(task, config.templates, expand=config.expand_template, demonstration=config.demonstration_template,
                               evolve=config.evolve_template)
-    rng = random.Random(f"expanded/{config.seed}")
+    rng = random.Random(f"expanded/{config.writing.seed}")
     instructions = expansion_instructions(rng, seeds, config.num_expanded, config.demonstrations, templates)
     evolvable = [i for i, seed in enumerate(seeds) if task.can_evolve(seed)]
     instructions += evolution_instructions(seeds, rng.sample(evolvable, min(config.num_evolved, len(evolvable))), templates)
@@ -96,7 +95,8 @@ def synthesized(context: dg.AssetExecutionContext, config: SynthesizedConfig, st
     if not topics:
         raise ValueError(f"set `topics` (topic → weight): task {task.name!r} has no default topics")
     templates = templates_for(task, config.templates, synthesize=config.synthesize_template)
-    instructions = synthesis_instructions(random.Random(f"synthesized/{config.seed}"), topics, config.num_synthesized, templates)
+    rng = random.Random(f"synthesized/{config.writing.seed}")
+    instructions = synthesis_instructions(rng, topics, config.num_synthesized, templates)
     inputs = {"seed_prompts": store.dataset_version("seed_prompts")}
     return _publish_written(context, store, model_engine, shard_executor, config, task, instruction_table(instructions, []),
                             "synthesized", inputs)

@@ -15,7 +15,6 @@ The parent is round r−1's checkpoint (offline_student for r001), read through 
 recorded in metadata and in `lineage` (parent_round, parent checkpoint hash, input data versions).
 """
 
-import dataclasses
 import functools
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,7 +35,7 @@ from assets.student_runs import chat_templates, curve_metrics, distill_and_save,
 from storage.catalog import query, refresh_catalog
 from storage.store import Store
 from training.trainer.loop import rollout_reuse
-from training.engines.base import SamplingParams
+from training.engines.sampling import Sampling
 from training.evals.evaluate import evaluate_checkpoints
 from training.rounds.online import OnlineSettings
 from training.data.rollouts import draw_prompts, feedback_table, sample_rollouts, student_scored_again
@@ -81,8 +80,8 @@ def claim_round(context: dg.AssetExecutionContext):
     yield
 
 
-def rollout_shard(engines: dict, prompts: pa.Table, index: int, *, sampling: SamplingParams, identity: dict):
-    return sample_rollouts(engines["student"], prompts, dataclasses.replace(sampling, seed=sampling.seed + index), identity)
+def rollout_shard(engines: dict, prompts: pa.Table, index: int, *, sampling: Sampling, round_number: int, identity: dict):
+    return sample_rollouts(engines["student"], prompts, sampling.derived(round_number, index), identity)
 
 
 def feedback_shard(engines: dict, rollouts: pa.Table, index: int, *, settings: SignalSettings, teacher: dict, task):
@@ -98,14 +97,14 @@ def student_rollouts(context: dg.AssetExecutionContext, config: StudentRolloutsC
     parent, previous, card = parent_checkpoint(store, key)
     with claim_round(context):
         dataset = training_dataset_name(store)
-        prompts = draw_prompts(store.shard_paths(dataset), config.num_prompts, f"{config.seed}/{key}")
-        sampling = SamplingParams(config.n, config.temperature, config.top_p, config.max_new_tokens, config.seed * 1000 + round_number(key))
+        prompts = draw_prompts(store.shard_paths(dataset), config.num_prompts, f"{config.sampling.seed}/{key}")
         identity = {"student": parent, "student_weights_hash": card["weights_hash"], "tokenizer_hash": card["tokenizer_hash"],
                     "round": key, "parent_round": previous, "run_id": context.run.run_id}
         inputs = {dataset: store.dataset_version(dataset), "parent": parent, "parent_checkpoint": card["weights_hash"]}
         source = store.write_work_file(prompts, f"student_rollouts.prompts.{key}.parquet")
         work = ShardWork("student_rollouts", [source], {"student": (model_engine.model_dump(), card, None)},
-                         functools.partial(rollout_shard, sampling=sampling, identity=identity),
+                         functools.partial(rollout_shard, sampling=Sampling(**config.sampling.model_dump()),
+                                           round_number=round_number(key), identity=identity),
                          settings={"config": config.model_dump(), "engine": model_engine.backend})
         shards, metrics = shard_executor.run(context, store, work, key, inputs)
         result = publish_dataset(context, store, "student_rollouts", shards, config=config, inputs=inputs,
@@ -209,13 +208,13 @@ def online_settings(store: Store, config: StudentCheckpointConfig, model_engine:
                          "on OpenAI-compatible servers (backend 'openai', e.g. vLLM's api_server serving the teacher); "
                          "the offline 'vllm' backend serves stored rounds: set online false, or serve the teacher")
     name, previous, card = parent
-    sampling = config.online_rollouts
+    rollouts = config.online_rollouts
     dataset = training_dataset_name(store)
-    prompts = draw_prompts(store.shard_paths(dataset), sampling.num_prompts, f"{sampling.seed}/{key}")
+    prompts = draw_prompts(store.shard_paths(dataset), rollouts.num_prompts, f"{rollouts.sampling.seed}/{key}")
     remote = model_engine.backend == "openai"
     return OnlineSettings(
-        **sampling.model_dump(include=set(SignalSettings.model_fields) | {"n", "temperature", "top_p", "max_new_tokens", "pipelined"}),
-        seed=sampling.seed * 1000 + round_number(key),
+        **rollouts.model_dump(include=set(SignalSettings.model_fields) | {"sampling", "pipelined"}),
+        round_number=round_number(key),
         prompts=str(store.write_work_file(prompts, f"student_checkpoint.prompts.{key}.parquet")),
         batches=str(store.root / "work" / "online_batches" / key),
         teacher=teacher["path"], teacher_card={"name": teacher["name"], "weights_hash": teacher["weights_hash"]},

@@ -59,9 +59,9 @@ def start_server(path: str, log: Path) -> tuple[subprocess.Popen, str]:
 
 
 def measure(engine, prompt_ids, completions) -> dict[str, float]:
-    from training.engines.base import SamplingParams
+    from training.engines.sampling import Sampling
 
-    params = SamplingParams(temperature=1.0, max_new_tokens=NEW_TOKENS, seed=0)
+    params = Sampling(temperature=1.0, max_new_tokens=NEW_TOKENS, seed=0)
     engine.generate(prompt_ids[:8], params)  # warm-up
     figures = {}
     for name, logprobs in [("generate", 0), (f"generate+top{K}", K)]:
@@ -78,7 +78,7 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     import torch
 
-    from training.engines.base import SamplingParams
+    from training.engines.sampling import Sampling
     from training.engines.hf import HFEngine
     from training.engines.openai import OpenAIEngine
     from training.engines.vllm import VLLMEngine
@@ -89,7 +89,7 @@ def main() -> None:
         hf = HFEngine.load(path, batch_size=128)
         prompts = [p.prompt for p in problems("train", PROMPTS, seed=123)]
         prompt_ids = hf.tokenizer(prompts, add_special_tokens=True)["input_ids"]
-        completions = [g.completion_ids for g in hf.generate(prompt_ids, SamplingParams(temperature=1.0, max_new_tokens=NEW_TOKENS))]
+        completions = [g.completion_ids for g in hf.generate(prompt_ids, Sampling(temperature=1.0, max_new_tokens=NEW_TOKENS))]
         print(f"model: {path}; {PROMPTS} prompts, up to {NEW_TOKENS} new tokens, k={K}; torch threads {torch.get_num_threads()}")
         results = {"hf": measure(hf, prompt_ids, completions)}
 

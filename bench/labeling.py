@@ -16,7 +16,7 @@ import torch
 
 from storage.store import Store
 from training.models.batches import completion_positions
-from training.engines.base import SamplingParams
+from training.engines.sampling import Sampling
 from training.engines.hf import HFEngine
 from training.data.labeling import label
 from training.models.checkpoints import TEACHER_ARCHITECTURE, build_embedded
@@ -49,7 +49,7 @@ def main() -> None:
     prompts = [p.prompt for p in problems("train", PROMPTS, seed=123)]
     prompt_ids = engine.tokenizer(prompts, add_special_tokens=True)["input_ids"]
 
-    generations, seconds = timed(lambda: engine.generate(prompt_ids, SamplingParams(temperature=1.0, max_new_tokens=64)))
+    generations, seconds = timed(lambda: engine.generate(prompt_ids, Sampling(temperature=1.0, max_new_tokens=64)))
     new_tokens = sum(len(g.completion_ids) for g in generations)
     print(f"generation: {new_tokens / seconds:,.0f} new tokens/s ({new_tokens} tokens, {seconds:.2f} s)")
 
@@ -71,7 +71,7 @@ def main() -> None:
     )
 
     for dtype_name, dtype in [("float32", pa.float32()), ("float16", pa.float16())]:
-        labeled, seconds = timed(lambda: label(engine, pa.table({"prompt": prompts}), SamplingParams(temperature=1.0), K, logprob_type=dtype))
+        labeled, seconds = timed(lambda: label(engine, pa.table({"prompt": prompts}), Sampling(temperature=1.0), K, logprob_type=dtype))
         with tempfile.TemporaryDirectory() as directory:
             store = Store(directory)
             store.write_dataset("teacher_labeled", labeled.table)

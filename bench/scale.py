@@ -32,7 +32,7 @@ settings = json.loads(sys.argv[1])
 selection = settings.pop("selection")
 ops = {"seed_prompts": {"config": {"num_prompts": settings["prompts"]}},
        "teacher_model": {"config": {"train_steps": 2}},
-       "teacher_labeled": {"config": {"max_new_tokens": settings["max_new_tokens"], "k": 8}}}
+       "teacher_labeled": {"config": {"sampling": {"max_new_tokens": settings["max_new_tokens"]}, "k": 8}}}
 resources = {"shard_executor": {"config": {"executor": settings["executor"], "shard_size": settings["shard_size"], "replicas": 2}}}
 job = defs.resolve_job_def("distill_offline")
 with dg.DagsterInstance.ephemeral() as instance:

@@ -54,11 +54,16 @@ SEEDED = {
                         "offline_student", "evals"],
     "distill_round": ["student_rollouts", "student_checkpoint", "round_eval"],
 }
+SEEDED_SAMPLING = {"teacher_labeled": ["sampling"], "expanded": ["sampling", "writing"], "synthesized": ["sampling", "writing"],
+                   "student_rollouts": ["sampling"]}  # assets seeded by their Sampling settings (the others by `seed`)
 
 
 def seeded(job: str, seed: int) -> dict:
     """The run config that sets `seed` on every seeded asset of `job` (none for the default, 0)."""
-    return {"ops": {name: {"config": {"seed": seed}} for name in SEEDED[job]}} if seed else {}
+    def config(name: str) -> dict:
+        return {field: {"seed": seed} for field in SEEDED_SAMPLING[name]} if name in SEEDED_SAMPLING else {"seed": seed}
+
+    return {"ops": {name: {"config": config(name)} for name in SEEDED[job]}} if seed else {}
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from pipelines.cli import main as distill
 from storage.catalog import query
 from storage.store import Store
 from training.models.chat import MESSAGES, prompt_ids_for, prompt_rendering, render
-from training.engines.base import SamplingParams
+from training.engines.sampling import Sampling
 from training.engines.hf import HFEngine
 from training.models.checkpoints import load_model, load_tokenizer
 from training.models.tokenizer import build_char_tokenizer
@@ -51,14 +51,14 @@ def test_generation_stops_at_the_end_of_turn_and_at_stop_strings(chat_pair):
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert engine.end_of_turn_ids == sorted([tokenizer.eos_token_id, im_end])  # from generation_config, beyond the eos
     prompts = render(tokenizer, pa.table({"prompt": [f"{i}+{i}=" for i in range(32)]}))
-    generations = engine.generate(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=24, seed=1))
+    generations = engine.generate(prompts, Sampling(n=2, temperature=1.0, max_new_tokens=24, seed=1))
     at_end = [g for g in generations if im_end in g.completion_ids]
     assert at_end, "no sample reached <|im_end|>: pick another seed"
     for g in generations:
         ends = [i for i, t in enumerate(g.completion_ids) if t in engine.end_of_turn_ids]
         assert ends in ([], [len(g.completion_ids) - 1])  # only ever the last token
         assert (g.finish_reason == "stop") == bool(ends)
-    stopped = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=24, seed=1, stop=("1",)))
+    stopped = engine.generate(prompts, Sampling(temperature=1.0, max_new_tokens=24, seed=1, stop=["1"]))
     with_stop = [g for g in stopped if "1" in g.text]
     assert with_stop and all(g.finish_reason == "stop" and "1" not in tokenizer.decode(g.completion_ids[:-1]) for g in with_stop)
 
@@ -74,9 +74,9 @@ def chat_config(chat_pair, seeds, evals_file) -> dict:
         "student_model": {"model": str(chat_pair["student"])},
         "seed_prompts": {**source, "files": [str(seeds)]},
         "eval_set": {**source, "files": [str(evals_file)], "split": "train"},
-        "teacher_labeled": {"n": 1, "temperature": 1.0, "max_new_tokens": 16, "k": 8},
+        "teacher_labeled": {"sampling": {"n": 1, "temperature": 1.0, "max_new_tokens": 16}, "k": 8},
         "offline_student": {"steps": 4, "batch_size": 4},
-        "student_rollouts": {"num_prompts": 8, "n": 1, "max_new_tokens": 16},
+        "student_rollouts": {"num_prompts": 8, "sampling": {"n": 1, "max_new_tokens": 16}},
         "teacher_feedback": {"k": 8},
         "student_checkpoint": {"steps": 4, "batch_size": 4},
     }

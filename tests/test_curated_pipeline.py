@@ -17,12 +17,12 @@ from training.tasks.arithmetic import problems
 ASSETS = [teacher_model, seed_prompts, eval_set, teacher_labeled, expanded, synthesized, curated]
 CURATED_CHECKS = [checks.curated_signal_valid, checks.no_eval_items, checks.no_duplicate_text, checks.origin_shares]
 RESOURCES = {"store": store_resource, "model_engine": ModelEngine(batch_size=32), "shard_executor": ShardExecutor()}
-LABELING = {"max_new_tokens": 40, "k": 8}
+LABELING = {"sampling": {"max_new_tokens": 40}, "k": 8}
 # a 30-step teacher writes no valid arithmetic, so the seeds are a file of questions without answers
 # under task `none` (no verifier; a written input is the first line of the output), and short
 # templates stand in for an instruction-following teacher: the plumbing is under test here, the
 # embedded teacher's writing in test_distillation_works
-GENERIC = {"templates": "self_instruct", "write_max_new_tokens": 12, **LABELING}
+GENERIC = {"templates": "self_instruct", "writing": {"max_new_tokens": 12}, **LABELING}
 CONFIG = {
     "teacher_model": {"train_steps": 30, "eval_problems": 16},
     "seed_prompts": {"num_prompts": 24},

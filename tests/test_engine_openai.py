@@ -14,7 +14,8 @@ import pytest
 from conftest import SERVER_API_KEY, VLLM_MAX_LOGPROBS
 from storage.store import Store
 from test_engine_vllm import K, PROMPTS, assert_same_signal, hf_engine, sequences  # noqa: F401 (fixture)
-from training.engines.base import EngineRequestsFailed, SamplingParams
+from training.engines.base import EngineRequestsFailed
+from training.engines.sampling import Sampling
 from training.engines.cache import CachedEngine, TeacherCache
 from training.engines.openai import OpenAIEngine
 from training.schema.signal import signal_columns, signals_from_columns
@@ -50,17 +51,17 @@ def test_three_engines_agree_and_store_interchangeable_parquet(hf_engine, vllm_e
 def test_server_generates_like_the_offline_engine(hf_engine, vllm_engine, vllm_server, tiny_model_dir):
     server = server_engine([vllm_server, vllm_server], tiny_model_dir, hf_engine.tokenizer, max_concurrency=3)
     prompts = hf_engine.tokenizer(PROMPTS, add_special_tokens=True)["input_ids"]
-    greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
+    greedy = Sampling(temperature=0.0, max_new_tokens=12)
     assert [g.completion_ids for g in server.generate(prompts, greedy)] == [g.completion_ids for g in vllm_engine.generate(prompts, greedy)]
     written = {hf_engine.tokenizer.decode([t]) for g in vllm_engine.generate(prompts, greedy) for t in g.completion_ids[2:6]}
     stop = sorted(w for w in written if w.strip() and w.isascii() and w.isprintable())
     with pytest.raises(ValueError, match="at most 4 stop strings"):
-        server.generate(prompts, SamplingParams(stop=("a", "b", "c", "d", "e")))
-    stopped = SamplingParams(temperature=0.0, max_new_tokens=12, stop=tuple(stop[:4]))
+        server.generate(prompts, Sampling(stop=["a", "b", "c", "d", "e"]))
+    stopped = Sampling(temperature=0.0, max_new_tokens=12, stop=stop[:4])
     served, offline = server.generate(prompts, stopped), vllm_engine.generate(prompts, stopped)
     assert [(g.completion_ids, g.finish_reason) for g in served] == [(g.completion_ids, g.finish_reason) for g in offline]
     assert sum(g.finish_reason == "stop" for g in served) >= 3
-    sampled = SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=11)
+    sampled = Sampling(n=2, temperature=1.0, max_new_tokens=12, seed=11)
     first, again = server.generate(prompts, sampled, logprobs=4), server.generate(prompts, sampled)
     assert [(g.prompt_index, g.sample_index) for g in first] == [(p, s) for p in range(5) for s in range(2)]
     assert [g.completion_ids for g in first] == [g.completion_ids for g in again]

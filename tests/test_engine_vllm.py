@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from training.engines.base import SamplingParams
+from training.engines.sampling import Sampling
 from training.engines.hf import HFEngine
 
 PROMPTS = ["12+7=", "305-18=", "4*9=", "999+1=", "7-7="]
@@ -18,7 +18,7 @@ def hf_engine(tiny_model_dir):
 def sequences(hf_engine):
     """The prompts with sampled completions, plus one sequence as long as vLLM can score."""
     prompts = hf_engine.tokenizer(PROMPTS, add_special_tokens=True)["input_ids"]
-    completions = [g.completion_ids for g in hf_engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=30, seed=3))]
+    completions = [g.completion_ids for g in hf_engine.generate(prompts, Sampling(temperature=1.0, max_new_tokens=30, seed=3))]
     return prompts + [prompts[0]], completions + [[20] * (127 - len(prompts[0]))]
 
 
@@ -46,7 +46,7 @@ def test_vllm_scores_like_transformers(hf_engine, vllm_engine):
 
 def test_vllm_generation_logprobs_equal_its_scores(hf_engine, vllm_engine):
     prompts = hf_engine.tokenizer(PROMPTS, add_special_tokens=True)["input_ids"]
-    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=16, seed=7)
+    params = Sampling(n=2, temperature=1.0, max_new_tokens=16, seed=7)
     generations = vllm_engine.generate(prompts, params, logprobs=K)
     assert [(g.prompt_index, g.sample_index) for g in generations] == [(p, s) for p in range(5) for s in range(2)]
     again = vllm_engine.generate(prompts, params)
@@ -64,14 +64,14 @@ def test_vllm_generation_logprobs_equal_its_scores(hf_engine, vllm_engine):
 
 def test_vllm_greedy_matches_transformers(hf_engine, vllm_engine):
     prompts = hf_engine.tokenizer(PROMPTS, add_special_tokens=True)["input_ids"]
-    params = SamplingParams(temperature=0.0, max_new_tokens=12)
+    params = Sampling(temperature=0.0, max_new_tokens=12)
     hf_greedy, vllm_greedy = hf_engine.generate(prompts, params), vllm_engine.generate(prompts, params)
     agree = [a.completion_ids == b.completion_ids for a, b in zip(hf_greedy, vllm_greedy)]
     assert sum(agree) >= 4, agree  # a random model may have a near tie somewhere; most must agree
     written = {hf_engine.tokenizer.decode([t], skip_special_tokens=True) for g in hf_greedy for t in g.completion_ids[2:6]}
-    stop = tuple(sorted(w for w in written if w.strip() and w.isascii() and w.isprintable()))  # (byte-level pieces of a
+    stop = sorted(w for w in written if w.strip() and w.isascii() and w.isprintable())  # (byte-level pieces of a
     # character are held back by vLLM's detokenizer until the character is whole: real models write whole characters)
-    params = SamplingParams(temperature=0.0, max_new_tokens=12, stop=stop)
+    params = Sampling(temperature=0.0, max_new_tokens=12, stop=stop)
     hf_stopped, vllm_stopped = hf_engine.generate(prompts, params), vllm_engine.generate(prompts, params)
     assert sum(g.finish_reason == "stop" for g in hf_stopped) >= 4
     same = [(a.completion_ids, a.finish_reason) == (b.completion_ids, b.finish_reason) for a, b in zip(hf_stopped, vllm_stopped)]

@@ -33,7 +33,7 @@ TINY = {
     "offline_student": {"steps": 20, "batch_size": 8},
     "seed_prompts": {"num_prompts": 24},
     "eval_set": {"num_prompts": 16},
-    "teacher_labeled": {"n": 2, "temperature": 1.0, "max_new_tokens": 40, "k": 8},
+    "teacher_labeled": {"sampling": {"n": 2, "temperature": 1.0, "max_new_tokens": 40}, "k": 8},
 }
 
 
@@ -127,7 +127,7 @@ def test_offline_graph_end_to_end(instance, distill_home, tiny_offline_run, caps
             instance,
             selection=[seed_prompts, teacher_labeled],
             seed_prompts=files,
-            teacher_labeled={"n": 1, "temperature": 0.0, "max_new_tokens": 100, "overlong_prompts": policy},
+            teacher_labeled={"sampling": {"n": 1, "temperature": 0.0, "max_new_tokens": 100}, "overlong_prompts": policy},
         )
         assert result.success
         labeled = result.asset_materializations_for_node("teacher_labeled")[0].metadata
@@ -152,7 +152,7 @@ def test_unloadable_model_fails_before_any_work(instance, distill_home):
 
 
 def test_bad_config_fails_at_config_time(instance):
-    result = materialize(instance, selection=[teacher_labeled], teacher_labeled={"n": 3, "temperature": 0.0})
+    result = materialize(instance, selection=[teacher_labeled], teacher_labeled={"sampling": {"n": 3, "temperature": 0.0}})
     assert not result.success
     assert "greedy responses would all be the same" in str(result.get_step_failure_events()[0].step_failure_data.error)
     result = materialize(instance, selection=[offline_student], offline_student={"mix": 0.5})

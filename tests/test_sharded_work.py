@@ -30,7 +30,7 @@ def labeling_run_config(chat_pair, seeds) -> dict:
     return {"ops": {
         "teacher_model": {"config": {"model": str(chat_pair["teacher"])}},
         "seed_prompts": {"config": {"source": "files", "files": [str(seeds)], "task": "none"}},
-        "teacher_labeled": {"config": {"n": 1, "temperature": 1.0, "max_new_tokens": 12, "k": 8}},
+        "teacher_labeled": {"config": {"sampling": {"n": 1, "temperature": 1.0, "max_new_tokens": 12}, "k": 8}},
     }}
 
 

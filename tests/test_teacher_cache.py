@@ -13,7 +13,7 @@ from assets.resources import ModelEngine, close_vllm_engines, store_resource
 from storage.store import Store
 from test_engine_vllm import K, assert_same_signal, hf_engine, sequences  # noqa: F401 (fixture)
 from test_pipeline import ASSETS, CHECKS, run_config
-from training.engines.base import SamplingParams
+from training.engines.sampling import Sampling
 from training.engines.cache import FANOUT, CachedEngine, TeacherCache
 from training.engines.hf import HFEngine
 from training.data.rollouts import score_rollouts
@@ -36,7 +36,7 @@ def test_cache_hits_what_it_stored_and_misses_anything_else(hf_engine, tmp_path)
         assert (other.hits, other.misses) == (0, 2)
     assert sorted(p.suffix for p in (tmp_path / "cache" / "score").iterdir()) == [".parquet"] * 4
 
-    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=10, seed=1)
+    params = Sampling(n=2, temperature=1.0, max_new_tokens=10, seed=1)
     sampled = first.generate(prompts[:3], params)
     mixed = CachedEngine(hf_engine, cache, model_id="weights-a").generate(prompts[1:4], params)
     assert [g.completion_ids for g in mixed[:4]] == [g.completion_ids for g in sampled[2:]]
@@ -56,7 +56,7 @@ def test_compaction_merges_each_full_level_into_one_file_and_loses_no_row(tmp_pa
 
 def test_identical_prompts_in_one_call_are_independent_samples(hf_engine, tmp_path):
     prompt = sequences(hf_engine)[0][0]
-    params = SamplingParams(temperature=1.0, max_new_tokens=16, seed=3)
+    params = Sampling(temperature=1.0, max_new_tokens=16, seed=3)
     cached = CachedEngine(hf_engine, TeacherCache(tmp_path / "cache"), model_id="weights-a")
     first = [g.completion_ids for g in cached.generate([prompt] * 8, params)]
     assert len({tuple(c) for c in first}) > 1  # not one sample copied eight times

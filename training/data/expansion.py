@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from training.models.chat import with_conversation_columns
-from training.engines.base import Engine, SamplingParams
+from training.engines.base import Engine
+from training.engines.sampling import Sampling
 from training.data.labeling import sample
 from training.schema.tables import with_content_id
 from training.tasks.instructions import SELF_INSTRUCT, Instruction, Templates
@@ -80,7 +81,7 @@ def instructions_of(rows: pa.Table) -> tuple[list[Instruction], list[str]]:
     return instructions, seeds
 
 
-def write_inputs(engine: Engine, instructions: list[Instruction], sampling: SamplingParams) -> list[str]:
+def write_inputs(engine: Engine, instructions: list[Instruction], sampling: Sampling) -> list[str]:
     """The teacher's raw output for each instruction, one sample each."""
     if sampling.n != 1:
         raise ValueError("write one input per instruction (n=1); ask for more instructions instead")

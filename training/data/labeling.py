@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from training.models.chat import prompt_ids_for, prompt_rendering, render
-from training.engines.base import Engine, SamplingParams
+from training.engines.base import Engine
+from training.engines.sampling import Sampling
 from training.schema.signal import CODEC, LOGPROB_MODE, SignalSettings, signal_columns, signal_statistics
 from training.schema.tables import join_prompts, with_constants, with_content_id
 
@@ -24,25 +25,12 @@ if TYPE_CHECKING:
 class LabelingSettings(SignalSettings):
     """How the teacher answers prompts (and, inherited, what of its distribution is stored)."""
 
-    n: int = Field(1, ge=1, description="responses per prompt")
-    temperature: float = Field(0.0, ge=0, description="sampling temperature of the responses; 0 is greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(96, ge=1, description="the longest embedded solution is ~75 tokens")
-    seed: int = 0
-    stop: list[str] = Field([], description="strings that end a response (besides the model's end-of-turn ids), kept in it")
+    sampling: Sampling = Field(Sampling(temperature=0.0, max_new_tokens=96),
+                               description="how the responses are sampled (greedy by default; the longest embedded solution is "
+                               "~75 tokens); each shard of the inputs samples with its own seed (derived_seed)")
     overlong_prompts: Literal["drop", "truncate"] = Field(
         "drop", description="prompts that leave no room for max_new_tokens: drop them, or keep their last tokens"
     )
-
-    @model_validator(mode="after")
-    def _samples_differ(self):
-        if self.n > 1 and self.temperature == 0:
-            raise ValueError(f"n={self.n} greedy responses would all be the same: set temperature > 0 or n = 1")
-        return self
-
-    def sampling(self, shard: int = 0) -> SamplingParams:
-        """The sampling of shard `shard` of the inputs: each shard its own seed (seed + shard)."""
-        return SamplingParams(self.n, self.temperature, self.top_p, self.max_new_tokens, self.seed + shard, tuple(self.stop))
 
 
 @dataclass
@@ -73,7 +61,7 @@ def fit_prompts(engine: Engine, prompts: pa.Table, max_new_tokens: int, overlong
     return fitted, 0, int(overlong_rows.sum())
 
 
-def sample(engine: Engine, prompts: pa.Table, sampling: SamplingParams, overlong: str = "drop", logprob_column: str | None = None):
+def sample(engine: Engine, prompts: pa.Table, sampling: Sampling, overlong: str = "drop", logprob_column: str | None = None):
     """n completions per prompt row (`prompt`, optionally `messages`, `system_prompt`) from `engine`,
     as token ids. Returns (table, dropped, truncated); the table has one row per completion:
     prompt_index (into `prompts`), sample_index, prompt_token_ids (as the model saw them),
@@ -126,7 +114,7 @@ def with_columns(table: pa.Table, columns: pa.Table) -> pa.Table:
 def label(
     engine: Engine,
     prompts: pa.Table,
-    sampling: SamplingParams,
+    sampling: Sampling,
     k: int,
     signal_temperature: float = 1.0,
     overlong: str = "drop",
@@ -146,8 +134,8 @@ def label_table(engine: Engine, prompts: pa.Table, settings: LabelingSettings, c
     """Teacher responses to `prompts` (prompt_id, prompt, answer, and any extra columns, carried onto
     each response) with the sparse signal, the task's verdict (`correct`) and the teacher's identity;
     returns (table, metrics). `sample_id` hashes the prompt, the response, the teacher, the sampling
-    and `id_columns`. `shard` numbers the slice of a dataset `prompts` is (its seed, see `sampling`)."""
-    sampling = settings.sampling(shard)
+    and `id_columns`. `shard` numbers the slice of a dataset `prompts` is (its own seed: derived_seed)."""
+    sampling = settings.sampling.derived(part=shard)
     labeled = label(engine, prompts, sampling, settings.k, settings.signal_temperature,
                     settings.overlong_prompts, settings.logprob_type())
     table = join_prompts(labeled.table, prompts.drop_columns([c for c in ("task", "source", "run_id") if c in prompts.column_names]))

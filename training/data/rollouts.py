@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from training.models.chat import with_conversation_columns
-from training.engines.base import Engine, SamplingParams
+from training.engines.base import Engine
+from training.engines.sampling import Sampling
 from training.data.labeling import finished_share, sample, score, with_columns
 from training.schema.signal import SignalSettings
 from training.schema.tables import join_prompts, parquet, with_constants, with_content_id
@@ -49,7 +50,7 @@ def draw_prompts(paths: list[Path], n: int, seed: str) -> pa.Table:
     return with_conversation_columns(drawn)
 
 
-def sample_rollouts(student: Engine, prompts: pa.Table, sampling: SamplingParams, identity: dict) -> tuple[pa.Table, dict]:
+def sample_rollouts(student: Engine, prompts: pa.Table, sampling: Sampling, identity: dict) -> tuple[pa.Table, dict]:
     """n samples per prompt from the student, each token's logprob as sampled (`student_token_logprob`),
     with the prompt columns and `identity` (student, weights and tokenizer hashes, round, run) stamped on
     every row; returns (table, metrics)."""

@@ -4,41 +4,11 @@ Token ids go in and out (never decoded strings, which are lossy), so the transfo
 OpenAI-compatible backends are interchangeable and their stored results comparable.
 """
 
-import json
 from dataclasses import dataclass
 from typing import Protocol
 
+from training.engines.sampling import Sampling
 from training.schema.signal import SparseSignal
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How completions are sampled. temperature 0 means greedy. A completion ends at any of the
-    model's end-of-turn ids (kept as its last token) or once its text contains a `stop` string (the
-    token that completes it kept)."""
-
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    seed: int = 0
-    stop: tuple[str, ...] = ()
-
-    def __post_init__(self):
-        if self.n < 1:
-            raise ValueError(f"n must be ≥ 1, got {self.n}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be ≥ 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
-
-    def as_json(self) -> str:
-        """The sampling as JSON, for `sampling` columns and sample ids; `stop` only when set, so the ids
-        of rows sampled without stop strings do not change with it."""
-        fields = {name: value for name, value in self.__dict__.items() if name != "stop" or value}
-        return json.dumps(fields, sort_keys=True)
 
 
 @dataclass
@@ -53,7 +23,7 @@ class Generation:
     signal: SparseSignal | None = None  # the sparse signal of the completion, when generate was asked for logprobs
 
 
-def stop_string_end(tokenizer, ids: list[int], stop: tuple[str, ...]) -> int | None:
+def stop_string_end(tokenizer, ids: list[int], stop: list[str]) -> int | None:
     """How many of `ids` it takes for the decoded text to contain a stop string (the completing token
     included), or None: a binary search over prefixes, a few decodes per completion."""
     def stopped(n: int) -> bool:
@@ -92,7 +62,7 @@ class Engine(Protocol):
     def check_signal(self, k: int, temperature: float) -> None:
         """Raises, before any work, if this engine cannot return the top-k signal at `temperature`."""
 
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, logprobs: int = 0) -> list[Generation]:
+    def generate(self, prompt_ids: list[list[int]], params: Sampling, logprobs: int = 0) -> list[Generation]:
         """n completions per prompt, ordered by (prompt_index, sample_index); with logprobs=k each
         carries the top-k signal (temperature 1) of its own tokens."""
 

@@ -29,7 +29,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from training.engines.base import Engine, EngineRequestsFailed, Generation, SamplingParams
+from training.engines.base import Engine, EngineRequestsFailed, Generation
+from training.engines.sampling import Sampling
 from training.schema.signal import CODEC, LOGPROB_MODE, SparseSignal, signal_columns, signals_from_columns
 from training.schema.tables import parquet
 
@@ -163,8 +164,8 @@ class CachedEngine:
             columns = signal_columns(list(signals.values()))
             self.cache.put("score", pa.table({"key": [keys[i] for i in signals], **columns}))
 
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, logprobs: int = 0) -> list[Generation]:
-        sampling = dataclasses.asdict(params)
+    def generate(self, prompt_ids: list[list[int]], params: Sampling, logprobs: int = 0) -> list[Generation]:
+        sampling = params.model_dump()
         occurrences = collections.Counter()  # identical prompts in one call are independent samples
         keys = []
         for p in prompt_ids:

@@ -5,7 +5,8 @@ import pyarrow as pa
 import torch
 
 from training.models.batches import completion_positions, left_padded, list_lengths
-from training.engines.base import Generation, SamplingParams, stop_string_end
+from training.engines.base import Generation, stop_string_end
+from training.engines.sampling import Sampling
 from training.models.checkpoints import end_of_turn_ids, load_model
 from training.schema.signal import SparseSignal, topk_signal
 
@@ -31,7 +32,7 @@ class HFEngine:
         """The full logits are here: any k up to the vocabulary and any temperature."""
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, logprobs: int = 0) -> list[Generation]:
+    def generate(self, prompt_ids: list[list[int]], params: Sampling, logprobs: int = 0) -> list[Generation]:
         out = []
         for batch_no, start in enumerate(range(0, len(prompt_ids), self.batch_size)):
             ids, mask = (t.to(self.device) for t in left_padded(prompt_ids[start : start + self.batch_size], self.tokenizer.pad_token_id))
@@ -70,7 +71,7 @@ class HFEngine:
                 )
         return out
 
-    def _completion_lengths(self, generated: torch.Tensor, stop: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _completion_lengths(self, generated: torch.Tensor, stop: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens per completion, whether it stopped): up to and including its first end-of-turn id,
         or the token that completes a stop string if that comes first (the rest is padding)."""
         is_end = torch.isin(generated, torch.tensor(self.end_of_turn_ids))

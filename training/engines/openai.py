@@ -23,7 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from training.engines.base import EngineRequestsFailed, Generation, SamplingParams
+from training.engines.base import EngineRequestsFailed, Generation
+from training.engines.sampling import Sampling
 from training.engines.vllm import check_raw_temperature
 from training.models.checkpoints import end_of_turn_ids, load_generation_config, load_tokenizer
 from training.schema.signal import SparseSignal, signal_from_topk
@@ -147,7 +148,7 @@ class OpenAIEngine:
             raise EngineRequestsFailed(len(errors), count, errors[0], results)
         return [results[i] for i in range(count)]
 
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, logprobs: int = 0) -> list[Generation]:
+    def generate(self, prompt_ids: list[list[int]], params: Sampling, logprobs: int = 0) -> list[Generation]:
         if len(params.stop) > MAX_STOP_STRINGS:
             raise ValueError(f"the OpenAI completions API takes at most {MAX_STOP_STRINGS} stop strings, {len(params.stop)} are "
                              "configured: keep the 4 that matter (end-of-turn ids need none), or use the vllm or hf backend")

@@ -20,7 +20,8 @@ import os
 
 import numpy as np
 
-from training.engines.base import Generation, SamplingParams
+from training.engines.base import Generation
+from training.engines.sampling import Sampling
 from training.models.checkpoints import end_of_turn_ids, load_generation_config, load_tokenizer
 from training.schema.signal import SparseSignal, signal_from_topk
 
@@ -96,7 +97,7 @@ class VLLMEngine:
         params = self._sampling(flat_logprobs=True, **sampling)
         return self.llm.generate([self._prompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
 
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, logprobs: int = 0) -> list[Generation]:
+    def generate(self, prompt_ids: list[list[int]], params: Sampling, logprobs: int = 0) -> list[Generation]:
         if logprobs:
             self.check_signal(logprobs, 1.0)
         outputs = self._run(

@@ -17,7 +17,8 @@ import torch
 from training.models.batches import completion_positions
 from training.models.chat import render
 from training.trainer.divergences import forward_kl, reverse_kl
-from training.engines.base import Generation, SamplingParams
+from training.engines.base import Generation
+from training.engines.sampling import Sampling
 from training.engines.hf import HFEngine
 from training.trainer.losses import nll, student_logprobs_at
 from training.models.checkpoints import load_model
@@ -30,7 +31,7 @@ def _verified(engine: HFEngine, prompt_ids: list[list[int]], answers: pa.Array, 
               max_new_tokens: int) -> tuple[float | None, list[Generation]]:
     """One completion per prompt and the share the task verifies (None when no prompt has a
     reference answer); returns (share, completions)."""
-    generations = engine.generate(prompt_ids, SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed))
+    generations = engine.generate(prompt_ids, Sampling(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed))
     correct = task.verify(pa.array([g.text for g in generations], pa.string()), answers)
     return pc.mean(pc.cast(correct, pa.float64())).as_py(), generations
 
@@ -78,7 +79,7 @@ def _against_teacher(student, tokenizer, teacher, teacher_tokenizer, student_ids
 def teacher_samples(teacher, teacher_tokenizer, prompts: pa.Table, seed: int = 0, max_new_tokens: int = 96) -> list[list[int]]:
     """Held-out teacher responses: one sample (T = 1) per eval prompt."""
     engine = HFEngine(teacher, teacher_tokenizer, batch_size=EVAL_BATCH_SIZE)
-    params = SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, seed=seed)
+    params = Sampling(temperature=1.0, max_new_tokens=max_new_tokens, seed=seed)
     return [g.completion_ids for g in engine.generate(render(teacher_tokenizer, prompts), params)]
 
 

@@ -30,8 +30,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from training.engines.base import Engine, SamplingParams
+from training.engines.base import Engine
 from training.engines.hf import HFEngine
+from training.engines.sampling import Sampling
 from training.data.rollouts import feedback_table, sample_rollouts
 from training.schema.signal import SignalSettings
 from training.schema.tables import with_constants
@@ -47,11 +48,10 @@ class OnlineSettings(SignalSettings):
     teacher: str = Field(description="the teacher's checkpoint directory or hub id")
     teacher_card: dict = Field(description="the teacher's model card (name, weights_hash), stamped on every row")
     task: str = Field("none", description="the task that verifies rewards (training/tasks)")
-    n: int = Field(1, ge=1, description="samples per prompt")
-    temperature: float = Field(1.0, gt=0, description="the student's sampling temperature; GKD samples at 1")
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(96, ge=1)
-    seed: int = 0
+    sampling: Sampling = Field(Sampling(n=1, temperature=1.0, max_new_tokens=96),
+                               description="how the student samples (GKD: T = 1); each step with the seed "
+                               "derived_seed(seed, round_number, step)")
+    round_number: int = Field(0, ge=0, description="the round's number, in every step's seed")
     identity: dict = Field(description="stamped on every row: student, student_weights_hash (part of sample_id), round, run")
     teacher_base_urls: list[str] = Field([], description="empty: the teacher runs here with transformers; else "
                                          "OpenAI-compatible servers that serve it (e.g. vLLM's api_server)")
@@ -61,9 +61,6 @@ class OnlineSettings(SignalSettings):
                             "(a copy of the student samples it: staleness 1, twice the student's weights in memory)")
     revision: Optional[str] = None
     trust_remote_code: bool = False
-
-    def sampling(self, step: int) -> SamplingParams:
-        return SamplingParams(self.n, self.temperature, self.top_p, self.max_new_tokens, self.seed + step)
 
     def teacher_engine(self, device) -> Engine:
         if not self.teacher_base_urls:
@@ -90,7 +87,7 @@ class OnlineRollouts:
         if self.prompts.num_rows == 0:
             raise ValueError(f"the online round has no prompts to sample on ({settings.prompts} is empty)")
         self.batch_size = batch_size
-        self.per_batch = math.ceil(batch_size / settings.n)
+        self.per_batch = math.ceil(batch_size / settings.sampling.n)
         self.task = get_task(settings.task)
         self.directory = Path(settings.batches)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -106,7 +103,8 @@ class OnlineRollouts:
         positions = pa.array([(slot * self.per_batch + i) % self.prompts.num_rows for i in range(self.per_batch)])
         student = HFEngine(model, self.tokenizer, batch_size=self.per_batch)  # eval mode; generate takes no gradient
         identity = {**self.settings.identity, "policy_step": pa.scalar(policy_step, pa.int32())}
-        rollouts, _ = sample_rollouts(student, self.prompts.take(positions), self.settings.sampling(slot), identity)
+        sampling = self.settings.sampling.derived(self.settings.round_number, slot)
+        rollouts, _ = sample_rollouts(student, self.prompts.take(positions), sampling, identity)
         return feedback_table(self.teacher, None, rollouts.slice(0, self.batch_size), self.settings, self.settings.teacher_card, self.task)[0]
 
     def __call__(self, step: int) -> pa.Table:
