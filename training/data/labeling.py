@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from training.models.chat import prompt_ids_for, prompt_rendering, render
 from training.engines.base import Engine
 from training.engines.sampling import Sampling
+from training.models.chat import prompt_ids_for, prompt_rendering, render
 from training.schema.signal import CODEC, LOGPROB_MODE, SignalSettings, signal_columns, signal_statistics
 from training.schema.tables import join_prompts, with_constants, with_content_id
 

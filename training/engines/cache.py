@@ -34,7 +34,6 @@ from training.engines.sampling import Sampling
 from training.schema.signal import CODEC, LOGPROB_MODE, SparseSignal, signal_columns, signals_from_columns
 from training.schema.tables import parquet
 
-
 FANOUT = 16  # files of one level merged into one of the next (`TeacherCache.compact`)
 READ_ATTEMPTS = 4  # a lookup lists the files again when a compaction removed one under it
 

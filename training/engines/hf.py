@@ -4,9 +4,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from training.models.batches import completion_positions, left_padded, list_lengths
 from training.engines.base import Generation, stop_string_end
 from training.engines.sampling import Sampling
+from training.models.batches import completion_positions, left_padded, list_lengths
 from training.models.checkpoints import end_of_turn_ids, load_model
 from training.schema.signal import SparseSignal, topk_signal
 

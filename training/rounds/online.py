@@ -30,10 +30,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from training.data.rollouts import feedback_table, sample_rollouts
 from training.engines.base import Engine
 from training.engines.hf import HFEngine
 from training.engines.sampling import Sampling
-from training.data.rollouts import feedback_table, sample_rollouts
 from training.schema.signal import SignalSettings
 from training.schema.tables import with_constants
 from training.tasks import get_task
