@@ -12,14 +12,17 @@ import dagster as dg
 from pydantic import BaseModel, Field, model_validator
 
 from training.data.curation import CurationSettings
-from training.trainer.loop import TrainingSettings
-from training.trainer.lora import LoraSettings
 from training.data.labeling import LabelingSettings
+from training.data.prompt_sources import PromptSource
 from training.engines.sampling import Sampling
+from training.launch.settings import LaunchSettings
 from training.rounds.online import OnlineSettings
 from training.schema.signal import SignalSettings
+from training.trainer.lora import LoraSettings
+from training.trainer.settings import TrainingSettings
 
 EMBEDDED = "embedded"
+TRAINING_DATA = ("curated", "teacher_labeled")  # what a student trains on, and rounds draw prompts from
 
 
 class SamplingConfig(Sampling, dg.Config):
@@ -51,7 +54,8 @@ class ModelConfig(dg.Config):
 class TeacherModelConfig(ModelConfig):
     train_steps: int = Field(900, ge=1, description="embedded: SFT steps")
     batch_size: int = Field(80, ge=1)
-    micro_batch_size: Optional[int] = Field(40, ge=1, description="embedded: sequences per forward/backward, sorted by length (less padding)")
+    micro_batch_size: Optional[int] = Field(40, ge=1, description="embedded: sequences per forward/backward, sorted by length "
+                                            "(less padding)")
     instruction_share: float = Field(
         0.2, ge=0, lt=1, description="embedded: share of each batch in the instruction language (writing new problems)"
     )
@@ -64,50 +68,19 @@ class TeacherModelConfig(ModelConfig):
 
 
 class StudentModelConfig(ModelConfig):
-    train_steps: int = Field(550, ge=1, description="embedded: SFT warm-start steps, landing the student well under its teacher (0.40–0.72 exact match over seeds 0–2)")
+    train_steps: int = Field(550, ge=1, description="embedded: SFT warm-start steps, landing the student well under its teacher "
+                             "(0.27–0.72 exact match over seeds 0–2 and two CPUs)")
     batch_size: int = Field(64, ge=1)
-    micro_batch_size: Optional[int] = Field(32, ge=1, description="embedded: sequences per forward/backward, sorted by length (less padding)")
+    micro_batch_size: Optional[int] = Field(32, ge=1, description="embedded: sequences per forward/backward, sorted by length "
+                                            "(less padding)")
     instruction_share: float = Field(0.0, ge=0, lt=1, description="embedded: the student only solves")
     correction_share: float = Field(0.0, ge=0, lt=1, description="embedded: the warm start sees reference solutions only")
     varied_steps: bool = Field(False, description="embedded: the warm start sees both ways of writing a step (set it "
                                "with the teacher's, so that the student starts in its teacher's style)")
 
 
-class PromptSourceConfig(dg.Config):
-    source: Literal["embedded", "files", "datasets"] = Field(
-        "embedded",
-        description="'embedded': the task's generator; 'files': local jsonl/json/parquet/csv `files`; "
-        "'datasets': datasets.load_dataset(`dataset`, `subset`, split=`split`)",
-    )
-    task: str = Field(
-        "arithmetic",
-        description="what 'correct' means for these prompts (training/tasks): 'arithmetic' (the embedded task), "
-        "'gsm8k' (#### <number>), 'boxed' (\\boxed{…}), 'exact' (normalized string match), 'regex:<pattern with "
-        "(?P<answer>…)>', 'module.path:function' (your verifier (completion, reference) → bool | float), or 'none' "
-        "(no verifier); stored on every row, read by every asset downstream",
-    )
-    num_prompts: int = Field(512, ge=1, description="prompts to generate (embedded) or the most to keep")
-    seed: int = 0
-    files: list[str] = Field([], description="local files for source 'files' (one format)")
-    dataset: Optional[str] = Field(None, description="dataset path or hub id for source 'datasets'")
-    subset: Optional[str] = Field(None, description="dataset configuration name")
-    split: str = "train"
-    prompt_column: str = Field(
-        "prompt", description="the column with the prompt: text, or a conversation (a list of {role, content}, e.g. "
-        "'messages'; turns after the last user turn are cut, as they are the reply the teacher replaces)"
-    )
-    answer_column: Optional[str] = Field(None, description="column with the reference answer, if any")
-    system_prompt: Optional[str] = Field(
-        None, description="a system turn put first in every conversation that has none (needs chat-template models)"
-    )
-
-    @model_validator(mode="after")
-    def _source_has_input(self):
-        if self.source == "files" and not self.files:
-            raise ValueError("source 'files' needs `files`: a list of local .jsonl/.json/.parquet/.csv paths")
-        if self.source == "datasets" and not self.dataset:
-            raise ValueError("source 'datasets' needs `dataset`: a path or hub id for datasets.load_dataset")
-        return self
+class PromptSourceConfig(PromptSource, dg.Config):
+    """Where prompts come from (training/data/prompt_sources.py), as Dagster config."""
 
 
 class SeedPromptsConfig(PromptSourceConfig):
@@ -159,7 +132,8 @@ class ExpandedConfig(WritingConfig):
 
 class SynthesizedConfig(WritingConfig):
     num_synthesized: int = Field(512, ge=1, description="inputs to write from topics")
-    topics: dict[str, float] = Field({}, description="topic or skill → weight; empty: the task's own topics (the embedded task: every (op, digits, carries) equally)")
+    topics: dict[str, float] = Field({}, description="topic or skill → weight; empty: the task's own topics (the embedded task: "
+                                     "every (op, digits, carries) equally)")
     synthesize_template: Optional[str] = Field(None, description="overrides the preset; has {topic}")
 
     @model_validator(mode="after")
@@ -181,10 +155,20 @@ class LoraConfig(LoraSettings, dg.Config):
     """LoRA adapters instead of all weights (training/trainer/lora.py); the assets need `merge`."""
 
 
+class LaunchConfig(LaunchSettings, dg.Config):
+    """How the training command is started (training/launch/settings.py)."""
+
+
 class TrainingConfig(TrainingSettings, dg.Config):
-    """The training settings of offline_student and student_checkpoint, as Dagster config."""
+    """The training settings of offline_student and student_checkpoint, as Dagster config, and how
+    the training command is launched."""
 
     lora: Optional[LoraConfig] = Field(None, description="train LoRA adapters instead of all weights; empty: all weights")
+    launch: LaunchConfig = Field(LaunchConfig(), description="one process, torchrun on this node, or Ray Train workers")
+    train_on: Literal[TRAINING_DATA] = Field(
+        "curated", description="the fixed data: 'curated' (the filtered, selected union) or 'teacher_labeled' (every labeled "
+        "seed prompt, without curation)"
+    )
 
 
 class OfflineStudentConfig(TrainingConfig):
@@ -205,7 +189,9 @@ class EvalsConfig(dg.Config):
 class StudentRolloutsConfig(dg.Config):
     """The current student's own samples on prompts drawn from the training data, seeded by round."""
 
-    num_prompts: int = Field(768, ge=1, description="distinct prompts drawn from curated (else teacher_labeled) per round; with n, enough that student_checkpoint draws each rollout about 1.5 times (rollout_reuse)")
+    num_prompts: int = Field(768, ge=1, description="distinct prompts drawn per round; with n, enough that student_checkpoint "
+                             "draws each rollout about 1.5 times (rollout_reuse)")
+    prompts_from: Literal[TRAINING_DATA] = Field("curated", description="the dataset the round's prompts are drawn from")
     sampling: SamplingConfig = Field(SamplingConfig(n=2, temperature=1.0, max_new_tokens=96), description="how the student "
                                      "samples (GKD: T = 1); its seed, with the round number, draws the round's prompts and "
                                      "seeds its samples (derived_seed)")
@@ -236,4 +222,5 @@ class StudentCheckpointConfig(TrainingConfig):
         "as it is, the teacher scores it, and the batch is appended to online_feedback[r] with its policy_step and staleness "
         "(student_rollouts and teacher_feedback are then not needed). false: train on the stored teacher_feedback[r]"
     )
-    online_rollouts: OnlineRolloutsConfig = Field(OnlineRolloutsConfig(), description="online: how the student samples and what of the teacher is kept")
+    online_rollouts: OnlineRolloutsConfig = Field(OnlineRolloutsConfig(),
+                                                  description="online: how the student samples and what of the teacher is kept")

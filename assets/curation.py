@@ -17,7 +17,7 @@ from assets.publish import png_markdown, publish_dataset
 from assets.resources import ModelEngine
 from storage.shards import ShardedWrite
 from storage.store import Store
-from training.data.curation import candidate_pool, connect, curate, kept_rows, origin_counts
+from training.data.curation import candidate_pool, connect, curate
 from training.data.expansion import (
     evolution_instructions,
     expansion_instructions,
@@ -60,7 +60,7 @@ def _publish_written(context, store: Store, model_engine: ModelEngine, shard_exe
     step = functools.partial(write_and_label_shard, writing=Sampling(**config.writing.model_dump()),
                              labeling=LabelingSettings(**config.model_dump()), card=card, task=task, system_prompt=system_prompt,
                              run_id=context.run.run_id)
-    work = ShardWork(name, [source], {"teacher": (model_engine.model_dump(), card, store.root / "cache")}, step,
+    work = ShardWork(name, [source], {"teacher": model_engine.spec(card, store.root / "cache")}, step,
                      settings={"config": config.model_dump(), "engine": model_engine.backend})
     shards, metrics = shard_executor.run(context, store, work, None, inputs)
     result = publish_dataset(context, store, name, shards, config=config, inputs=inputs, metrics=metrics, preview=WRITTEN_PREVIEW)
@@ -144,21 +144,21 @@ def curated(context: dg.AssetExecutionContext, config: CuratedConfig, store: dg.
     try:
         with connect(work / "curation.duckdb", config.memory_limit) as connection:
             candidate_pool(connection, sources)
-            funnel = curate(connection, eval_prompts, config)
-            metrics = {"candidates": funnel[0]["rows_in"], "kept": funnel[-1]["rows_out"],
-                       **{f"candidates_{o}": n for o, n in origin_counts("candidates", connection).items()},
-                       **{f"kept_{o}": n for o, n in origin_counts("kept", connection).items()}}
+            curation = curate(connection, eval_prompts, config)
+            funnel = curation.funnel
+            metrics = {"candidates": funnel[0]["rows_in"], "kept": funnel[-1]["rows_out"], **curation.origins()}
             context.log.info("\n" + funnel_markdown(funnel))
             common = dict(config=config, inputs=inputs)
-            dropped = connection.sql("SELECT * FROM dropped ORDER BY rowid").to_arrow_reader(DROPPED_ROWS_PER_SHARD)
+            dropped = curation.dropped(DROPPED_ROWS_PER_SHARD)
             shards = _shards(store, "curation_dropped", context.run.run_id, (pa.Table.from_batches([b]) for b in dropped), dropped.schema)
-            yield publish_dataset(context, store, "curation_dropped", shards, **common, metrics={"dropped": metrics["candidates"] - metrics["kept"]},
+            dropped_count = {"dropped": metrics["candidates"] - metrics["kept"]}
+            yield publish_dataset(context, store, "curation_dropped", shards, **common, metrics=dropped_count,
                                   preview=["sample_id", "origin", "filter", "reason"])
             report = pa.Table.from_pylist([{**f, "dropped": f["rows_in"] - f["rows_out"]} for f in funnel])
             yield publish_dataset(context, store, "curation_report", with_constants(report, curation_run_id=context.run.run_id), **common,
                                   metrics=metrics, preview=["filter", "rows_in", "rows_out"])
             display = {"funnel": dg.MetadataValue.md(funnel_markdown(funnel)), "funnel_chart": funnel_chart(funnel)}
-            yield publish_dataset(context, store, "curated", _shards(store, "curated", context.run.run_id, kept_rows(connection, sources)),
+            yield publish_dataset(context, store, "curated", _shards(store, "curated", context.run.run_id, curation.kept(sources)),
                                   **common, metrics=metrics, preview=["sample_id", "origin", "prompt", "completion", "quality_score"],
                                   display=display)
     finally:

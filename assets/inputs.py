@@ -17,11 +17,11 @@ round assets themselves (see assets/rounds.py).
 
 from dataclasses import dataclass, field
 
+from assets.config import TRAINING_DATA
 from storage.store import Store
 
 CARD_OF = {"teacher_model": "teacher", "student_model": "student", "offline_student": "offline_student",
            "student_checkpoint": "student_checkpoint"}  # a model asset → the name its card is stored under
-TRAINING_DATA = ["curated", "teacher_labeled"]  # what a student may train on (the training config's `train_on`)
 
 
 def not_chosen(train_on: str) -> tuple[str, ...]:

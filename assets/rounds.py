@@ -25,25 +25,32 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from assets.config import EvalsConfig, StudentCheckpointConfig, StudentRolloutsConfig, TeacherFeedbackConfig
+from assets.config import TRAINING_DATA, EvalsConfig, StudentCheckpointConfig, StudentRolloutsConfig, TeacherFeedbackConfig
 from assets.executor import ShardExecutor, ShardWork
+from assets.inputs import Inputs, not_chosen
 from assets.partitions import FIRST_PARENT, parent_round, round_number, rounds
 from assets.publish import metadata, png_markdown, publish_dataset, publish_evals, record_lineage
 from assets.resources import ModelEngine
 from assets.runs import IN_PROGRESS, release_dead_runs
-from assets.student_runs import chat_templates, curve_metrics, distill_and_save, loss_curve, training_dataset_name
+from assets.student_runs import chat_templates, curve_metrics, distill_and_save, loss_curve
 from storage.catalog import query, refresh_catalog
 from storage.store import Store
-from training.trainer.loop import rollout_reuse
+from training.data.rollouts import draw_prompts, feedback_table, sample_rollouts, student_scored_again
 from training.engines.sampling import Sampling
 from training.evals.evaluate import evaluate_checkpoints
+from training.rounds.modes import ROUND_MODES, mode_of
 from training.rounds.online import OnlineSettings
-from training.data.rollouts import draw_prompts, feedback_table, sample_rollouts, student_scored_again
 from training.schema.signal import SignalSettings
 from training.tasks import task_name_of, task_of
+from training.trainer.loop import rollout_reuse
 
 ROUND = dict(partitions_def=rounds, group_name="rounds", pool="accelerator")
 MAX_ROLLOUT_REUSE = 2
+
+
+def parent_versions(parent: str, card: dict) -> dict:
+    """What every round asset records of its parent, which Dagster cannot declare (round r−1's key)."""
+    return {"parent": parent, "parent_checkpoint": card["weights_hash"]}
 
 
 def parent_checkpoint(store: Store, key: str) -> tuple[str, str | None, dict]:
@@ -88,21 +95,24 @@ def feedback_shard(engines: dict, rollouts: pa.Table, index: int, *, settings: S
     return feedback_table(engines["teacher"], engines.get("student"), rollouts, settings, teacher, task)
 
 
-@dg.asset(**ROUND, kinds={"parquet"}, deps=["offline_student", "teacher_labeled", "curated"])
+STUDENT_ROLLOUTS = Inputs(cards=["offline_student"], datasets=list(TRAINING_DATA))  # offline_student: round 1's parent
+
+
+@dg.asset(**ROUND, kinds={"parquet"}, deps=STUDENT_ROLLOUTS.deps)
 def student_rollouts(context: dg.AssetExecutionContext, config: StudentRolloutsConfig, store: dg.ResourceParam[Store],
                      model_engine: ModelEngine, shard_executor: ShardExecutor):
     """Completions sampled from the current student (round r−1's checkpoint; offline_student for r001)
-    on prompts drawn from curated (else teacher_labeled), n per prompt, seeded by the round."""
+    on prompts drawn from `prompts_from` (curated), n per prompt, seeded by the round."""
     key = context.partition_key
     parent, previous, card = parent_checkpoint(store, key)
     with claim_round(context):
-        dataset = training_dataset_name(store)
-        prompts = draw_prompts(store.shard_paths(dataset), config.num_prompts, f"{config.sampling.seed}/{key}")
+        read = STUDENT_ROLLOUTS.read(store, skip=("offline_student", *not_chosen(config.prompts_from)))
+        prompts = draw_prompts(store.shard_paths(config.prompts_from), config.num_prompts, f"{config.sampling.seed}/{key}")
         identity = {"student": parent, "student_weights_hash": card["weights_hash"], "tokenizer_hash": card["tokenizer_hash"],
                     "round": key, "parent_round": previous, "run_id": context.run.run_id}
-        inputs = {dataset: store.dataset_version(dataset), "parent": parent, "parent_checkpoint": card["weights_hash"]}
+        inputs = {**read.versions, **parent_versions(parent, card)}
         source = store.write_work_file(prompts, f"student_rollouts.prompts.{key}.parquet")
-        work = ShardWork("student_rollouts", [source], {"student": (model_engine.model_dump(), card, None)},
+        work = ShardWork("student_rollouts", [source], {"student": model_engine.spec(card)},
                          functools.partial(rollout_shard, sampling=Sampling(**config.sampling.model_dump()),
                                            round_number=round_number(key), identity=identity),
                          settings={"config": config.model_dump(), "engine": model_engine.backend})
@@ -114,24 +124,24 @@ def student_rollouts(context: dg.AssetExecutionContext, config: StudentRolloutsC
         return result
 
 
-@dg.asset(**ROUND, kinds={"parquet"}, deps=[student_rollouts, "teacher_model", "seed_prompts"])
+TEACHER_FEEDBACK = Inputs(cards=["teacher_model"], datasets=["seed_prompts"], round_datasets=["student_rollouts"])
+
+
+@dg.asset(**ROUND, kinds={"parquet"}, deps=TEACHER_FEEDBACK.deps)
 def teacher_feedback(context: dg.AssetExecutionContext, config: TeacherFeedbackConfig, store: dg.ResourceParam[Store],
                      model_engine: ModelEngine, shard_executor: ShardExecutor):
     """The teacher scores every rollout token (top-k, the token's logprob, tail mass); per sequence the
     student–teacher log-ratio sum (a reverse-KL estimate) and the verifier's reward."""
     key = context.partition_key
     parent, previous, card = parent_checkpoint(store, key)
-    teacher = store.read_card("teacher")
     with claim_round(context):
+        read = TEACHER_FEEDBACK.read(store, key)
+        teacher, inputs = read.cards["teacher_model"], {**read.versions, **parent_versions(parent, card)}
         task = task_of(store.read_dataset("seed_prompts", columns=["task"]))
-        inputs = {
-            "student_rollouts": store.dataset_version("student_rollouts", key),
-            "teacher_model": teacher["weights_hash"], "parent": parent, "parent_checkpoint": card["weights_hash"],
-        }
         rollouts, signal = store.shard_paths("student_rollouts", key), SignalSettings(**config.model_dump())
-        engines = {"teacher": (model_engine.model_dump(), teacher, None)}
+        engines = {"teacher": model_engine.spec(teacher)}
         if not rollouts or student_scored_again(pq.read_schema(rollouts[0]).empty_table(), signal):
-            engines["student"] = (model_engine.model_dump(), card, None)  # rollouts stored without their sampled logprobs
+            engines["student"] = model_engine.spec(card)  # rollouts stored without their sampled logprobs
         work = ShardWork("teacher_feedback", rollouts, engines,
                          functools.partial(feedback_shard, settings=signal, teacher=teacher, task=task),
                          settings={"config": config.model_dump(), "engine": model_engine.backend})
@@ -140,55 +150,46 @@ def teacher_feedback(context: dg.AssetExecutionContext, config: TeacherFeedbackC
                                preview=["sample_id", "completion", "reward", "log_ratio_sum"], parent_round=previous)
 
 
-@dg.multi_asset(
-    specs=[
-        dg.AssetSpec("student_checkpoint", deps=[teacher_feedback], kinds={"pytorch"},
-                     description="GKD from the parent checkpoint, by the plain command `python -m training.trainer.loop`: with "
-                                 "probability λ (`mix`) a batch is the student's own samples scored by the teacher (this "
-                                 "round's teacher_feedback, or with `online` a fresh one), else the fixed curated data."),
-        dg.AssetSpec("online_feedback", deps=["curated", "teacher_model"], kinds={"parquet"}, skippable=True,
-                     description="Online rounds only: every batch the student sampled during training and trained on, "
-                                 "scored by the teacher, with policy_step, trained_at_step and staleness."),
-    ],
-    **ROUND,
-)
+STUDENT_CHECKPOINT = Inputs(cards=["teacher_model"], datasets=[*TRAINING_DATA, "seed_prompts"], round_datasets=["teacher_feedback"])
+
+
+@dg.asset(**ROUND, kinds={"pytorch"}, deps=STUDENT_CHECKPOINT.deps)
 def student_checkpoint(context: dg.AssetExecutionContext, config: StudentCheckpointConfig, store: dg.ResourceParam[Store],
                        model_engine: ModelEngine):
+    """GKD from the parent checkpoint, by the command `python -m training.launch`: with probability λ
+    (`mix`) a batch is the student's own samples scored by the teacher (this round's teacher_feedback,
+    or with `online` a fresh one, kept for online_feedback[r]), else the fixed curated data."""
     key = context.partition_key
     parent, previous, card = parent_checkpoint(store, key)
-    teacher = store.read_card("teacher")
-    dataset = training_dataset_name(store)
     if not config.online and not store.has_dataset("teacher_feedback", key):
         raise FileNotFoundError(f"round {key} has no teacher_feedback yet: materialize teacher_feedback for {key} first, "
                                 "or train online (student_checkpoint config online: true)")
     with claim_round(context):
-        online = online_settings(store, config, model_engine, key, context.run.run_id, (parent, previous, card), teacher) if config.online else None
+        unread = [*not_chosen(config.train_on), *(["teacher_feedback"] if config.online else ["seed_prompts"])]
+        read = STUDENT_CHECKPOINT.read(store, key, skip=tuple(unread))
+        teacher = read.cards["teacher_model"]
+        online = online_settings(store, config, model_engine, key, context.run.run_id, (parent, previous, card), teacher) \
+            if config.online else None
         feedback = [] if config.online else store.shard_paths("teacher_feedback", key)
-        identity = {"round": key, "parent": parent, "parent_round": previous, "parent_checkpoint": card["weights_hash"],
-                    "mix": config.mix, "online": config.online}
-        new_card, curve, _ = distill_and_save(context, store, "student_checkpoint", config, card, teacher, store.shard_paths(dataset),
-                                              feedback, card=identity, partition=key, online=online)
+        identity = {"round": key, **parent_versions(parent, card), "parent_round": previous, "mix": config.mix, "online": config.online}
+        new_card, curve = distill_and_save(context, store, "student_checkpoint", config, card, teacher, store.shard_paths(config.train_on),
+                                           feedback, card=identity, partition=key, online=online)
         on_policy = [c for c in curve if c["source"] == "on_policy"]
         metrics = {**curve_metrics(curve), "on_policy_steps": len(on_policy),
                    "mean_staleness": sum(c["staleness"] for c in on_policy) / len(on_policy) if on_policy else None,
                    "max_staleness": max((c["staleness"] for c in on_policy), default=None)}
-        inputs = {dataset: store.dataset_version(dataset), "parent": parent, "parent_checkpoint": card["weights_hash"],
-                  "teacher_model": teacher["weights_hash"], **chat_templates(teacher, card)}
+        inputs = {**read.versions, **parent_versions(parent, card), **chat_templates(teacher, card)}
         if config.online:
-            if on_policy:  # else (λ small, few steps) no batch was sampled and there is nothing to publish
-                yield publish_online_feedback(context, store, config, online, {**inputs, "checkpoint": new_card["weights_hash"]}, previous)
             Path(online.prompts).unlink()
         else:
-            inputs["teacher_feedback"] = store.dataset_version("teacher_feedback", key)
             metrics["rollout_reuse"] = reuse = rollout_reuse(curve, config.batch_size, store.dataset_rows("teacher_feedback", key))
             if reuse > MAX_ROLLOUT_REUSE:
                 context.log.warning(
                     f"each rollout of round {key} was drawn {reuse} times on average, so training is only loosely on-policy: "
                     "raise student_rollouts num_prompts or n, lower steps or mix, or train online"
                 )
-        record_lineage(context, store, config, inputs, {**metrics, "checkpoint": new_card["weights_hash"]}, previous, asset="student_checkpoint")
-    yield dg.MaterializeResult(
-        asset_key="student_checkpoint",
+        record_lineage(context, store, config, inputs, {**metrics, "checkpoint": new_card["weights_hash"]}, previous)
+    return dg.MaterializeResult(
         metadata={
             **metadata(metrics), "checkpoint": new_card["weights_hash"], "path": dg.MetadataValue.path(new_card["path"]),
             "parent": parent, "parent_checkpoint": card["weights_hash"], "inputs": dg.MetadataValue.json(inputs),
@@ -196,6 +197,35 @@ def student_checkpoint(context: dg.AssetExecutionContext, config: StudentCheckpo
         },
         data_version=dg.DataVersion(new_card["weights_hash"]),
     )
+
+
+ONLINE_FEEDBACK = Inputs(cards=["student_checkpoint"])
+
+
+@dg.asset(**ROUND, kinds={"parquet"}, deps=ONLINE_FEEDBACK.deps)
+def online_feedback(context: dg.AssetExecutionContext, store: dg.ResourceParam[Store]):
+    """Online rounds only: every batch the student sampled during training and trained on, scored by
+    the teacher, with policy_step, trained_at_step and staleness: the batches student_checkpoint[r]
+    left in work/online_batches/<round>/, one shard per on-policy step (read one at a time), published
+    as online_feedback[r] and then removed."""
+    key = context.partition_key
+    read = ONLINE_FEEDBACK.read(store, key)
+    card = read.cards["student_checkpoint"]
+    if not card.get("online"):
+        raise ValueError(f"round {key} trained on its stored teacher_feedback, so it has no online batches: online_feedback "
+                         "belongs to online rounds (job distill_round_online, or student_checkpoint config online: true)")
+    batches = sorted((store.root / "work" / "online_batches" / key).glob("step-*.parquet"))
+    if not batches:  # λ small, few steps: no batch was sampled, nothing to publish
+        return dg.MaterializeResult(metadata={"batches": 0})
+    writer = store.sharded_write("online_feedback", key, f"online-{context.run.run_id}")
+    for index, path in enumerate(batches):
+        writer.write(index, pq.read_table(path))
+    inputs = {**read.versions, "parent": card["parent"], "parent_checkpoint": card["parent_checkpoint"]}
+    result = publish_dataset(context, store, "online_feedback", writer, config=None, inputs=inputs, metrics={"batches": len(batches)},
+                             parent_round=card["parent_round"],
+                             preview=["policy_step", "staleness", "completion", "reward", "log_ratio_sum"])
+    store.remove_work(batches[0].parent)
+    return result
 
 
 def online_settings(store: Store, config: StudentCheckpointConfig, model_engine: ModelEngine, key: str, run_id: str,
@@ -209,8 +239,7 @@ def online_settings(store: Store, config: StudentCheckpointConfig, model_engine:
                          "the offline 'vllm' backend serves stored rounds: set online false, or serve the teacher")
     name, previous, card = parent
     rollouts = config.online_rollouts
-    dataset = training_dataset_name(store)
-    prompts = draw_prompts(store.shard_paths(dataset), rollouts.num_prompts, f"{rollouts.sampling.seed}/{key}")
+    prompts = draw_prompts(store.shard_paths(rollouts.prompts_from), rollouts.num_prompts, f"{rollouts.sampling.seed}/{key}")
     remote = model_engine.backend == "openai"
     return OnlineSettings(
         **rollouts.model_dump(include=set(SignalSettings.model_fields) | {"sampling", "pipelined"}),
@@ -221,25 +250,11 @@ def online_settings(store: Store, config: StudentCheckpointConfig, model_engine:
         task=task_name_of(store.read_dataset("seed_prompts", columns=["task"])),
         identity={"student": name, "student_weights_hash": card["weights_hash"], "tokenizer_hash": card["tokenizer_hash"],
                   "round": key, "parent_round": previous, "run_id": run_id},
-        teacher_base_urls=model_engine.base_urls if remote else [], teacher_served_model_name=model_engine.served_model_name if remote else "",
+        teacher_base_urls=model_engine.base_urls if remote else [],
+        teacher_served_model_name=model_engine.served_model_name if remote else "",
         teacher_api_key_env=model_engine.api_key_env or None, revision=teacher.get("revision"),
         trust_remote_code=model_engine.trust_remote_code,
     )
-
-
-def publish_online_feedback(context: dg.AssetExecutionContext, store: Store, config: StudentCheckpointConfig,
-                            online: OnlineSettings, inputs: dict, previous: str | None) -> dg.MaterializeResult:
-    """The online round's scored batches, one shard per on-policy step (read one at a time), published
-    as online_feedback[r]; the batches and the drawn prompts are then removed."""
-    batches = sorted(Path(online.batches).glob("step-*.parquet"))
-    writer = store.sharded_write("online_feedback", context.partition_key, f"online-{context.run.run_id}")
-    for index, path in enumerate(batches):
-        writer.write(index, pq.read_table(path))
-    result = publish_dataset(context, store, "online_feedback", writer, config=config, inputs=inputs,
-                             metrics={"batches": len(batches)}, parent_round=previous,
-                             preview=["policy_step", "staleness", "completion", "reward", "log_ratio_sum"])
-    store.remove_work(Path(online.batches))
-    return result
 
 
 def rounds_png(store: Store) -> dg.MetadataValue:
@@ -271,19 +286,25 @@ def rollout_figures(store: Store, dataset: str, key: str) -> dict:
             "rollout_reverse_kl_per_token": pc.sum(rollouts["log_ratio_sum"]).as_py() / max(1, pc.sum(rollouts["num_tokens"]).as_py())}
 
 
-@dg.asset(**ROUND, kinds={"parquet"}, deps=["student_checkpoint", "eval_set"])
+ROUND_EVAL = Inputs(cards=["student_checkpoint", "teacher_model"], datasets=["eval_set"],
+                    round_datasets=sorted({mode.scored for mode in ROUND_MODES.values()}))
+
+
+@dg.asset(**ROUND, kinds={"parquet"}, deps=ROUND_EVAL.deps)
 def round_eval(context: dg.AssetExecutionContext, config: EvalsConfig, store: dg.ResourceParam[Store]):
     """Greedy and sampled exact match on the eval split and reverse KL on the student's own samples,
     for the round's checkpoint and its parent; rows into `evals` with the round."""
     key = context.partition_key
     parent, previous, parent_card = parent_checkpoint(store, key)
-    card = store.read_card("student_checkpoint", key)
     with claim_round(context):
+        card = store.read_card("student_checkpoint", key)
+        scored = ROUND_MODES[mode_of(card.get("online", False))].scored  # the student's samples it trained on
+        unread = [name for name in ROUND_EVAL.round_datasets if name != scored or not store.has_dataset(name, key)]
+        read = ROUND_EVAL.read(store, key, skip=tuple(unread))
         eval_rows = store.read_dataset("eval_set")
         cards = {"student_checkpoint": card, parent: parent_card}
-        results = evaluate_checkpoints(cards, store.read_card("teacher"), eval_rows, task_of(eval_rows), config.seed, context.log.info)
+        results = evaluate_checkpoints(cards, read.cards["teacher_model"], eval_rows, task_of(eval_rows), config.seed, context.log.info)
         path, _ = publish_evals(context, store, {"student_checkpoint": results["student_checkpoint"]}, cards, key)
-        scored = "online_feedback" if card.get("online") else "teacher_feedback"  # the student's samples it trained on
         trained_on = rollout_figures(store, scored, key)
         mine, theirs = results["student_checkpoint"], results[parent]
         gain = None if mine["greedy_exact_match"] is None else mine["greedy_exact_match"] - theirs["greedy_exact_match"]
@@ -292,10 +313,7 @@ def round_eval(context: dg.AssetExecutionContext, config: EvalsConfig, store: dg
             **{f"parent_{name}": value for name, value in theirs.items()},
             "improvement": gain, **trained_on,
         }
-        inputs = {
-            "eval_set": store.dataset_version("eval_set"), scored: store.dataset_version(scored, key) if store.has_dataset(scored, key) else None,
-            "parent": parent, "parent_checkpoint": parent_card["weights_hash"], "checkpoint": card["weights_hash"],
-        }
+        inputs = {**read.versions, **parent_versions(parent, parent_card), "checkpoint": card["weights_hash"]}
         record_lineage(context, store, config, inputs, metrics, previous)
         refresh_catalog(store)
         plot = rounds_png(store)

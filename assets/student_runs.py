@@ -1,5 +1,5 @@
-"""What `offline_student` and `student_checkpoint` share: which dataset a student trains on, and one
-function that distills a student by the plain command and saves it by content."""
+"""What `offline_student` and `student_checkpoint` share: one function that distills a student by the
+training command, in a Dagster Pipes session, and saves it by content; the figures of its curve."""
 
 import json
 import os
@@ -19,11 +19,6 @@ from training.launch.command import DistillCommand, command_line
 from training.rounds.online import OnlineSettings
 from training.trainer.settings import TrainingSettings
 from training.trainer.sources import check_compatible
-
-
-def training_dataset_name(store: Store) -> str:
-    """`curated` when it has been built, else `teacher_labeled`."""
-    return "curated" if store.has_dataset("curated") else "teacher_labeled"
 
 
 def _launch_distill(context: dg.AssetExecutionContext, run: DistillCommand, work: Path) -> tuple[list[dict], dict]:

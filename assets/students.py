@@ -3,8 +3,8 @@ every model on the eval split."""
 
 import dagster as dg
 
-from assets.config import EvalsConfig, OfflineStudentConfig
-from assets.inputs import CARD_OF, TRAINING_DATA, Inputs, not_chosen
+from assets.config import TRAINING_DATA, EvalsConfig, OfflineStudentConfig
+from assets.inputs import CARD_OF, Inputs, not_chosen
 from assets.publish import metadata, publish_evals, record_lineage, rounded
 from assets.student_runs import chat_templates, curve_metrics, distill_and_save, loss_curve
 from storage.store import Store

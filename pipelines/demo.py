@@ -18,7 +18,6 @@ import dagster as dg
 from assets.partitions import round_key, rounds
 from pipelines.cli import format_table, list_datasets
 from pipelines.definitions import defs
-from pipelines.dead_runs import release_dead_runs
 from pipelines.instance import prepare_dagster_home
 from storage.catalog import catalog_path, query
 from storage.store import Store
@@ -74,8 +73,6 @@ def main() -> None:
     dagster_home = prepare_dagster_home(os.environ.setdefault("DAGSTER_HOME", str(store.root / "dagster")))
     started = time.perf_counter()
     with dg.DagsterInstance.get() as instance:
-        for run_id in release_dead_runs(instance):  # an earlier demo killed mid-step must not hold the pool
-            print(f"run {run_id} was killed earlier: marked failed, its pool slot freed")
         offline = defs.resolve_job_def("distill_offline")
         result = offline.execute_in_process(instance=instance, run_config=seeded("distill_offline", seed))
         if not result.success:

@@ -19,9 +19,9 @@ from assets.students import evals, offline_student
 from pipelines.cli import main as distill
 from storage.catalog import query
 from storage.store import Store
-from training.models.chat import MESSAGES, prompt_ids_for, prompt_rendering, render
-from training.engines.sampling import Sampling
 from training.engines.hf import HFEngine
+from training.engines.sampling import Sampling
+from training.models.chat import MESSAGES, prompt_ids_for, prompt_rendering, render
 from training.models.checkpoints import load_model, load_tokenizer
 from training.models.tokenizer import build_char_tokenizer
 
@@ -75,10 +75,10 @@ def chat_config(chat_pair, seeds, evals_file) -> dict:
         "seed_prompts": {**source, "files": [str(seeds)]},
         "eval_set": {**source, "files": [str(evals_file)], "split": "train"},
         "teacher_labeled": {"sampling": {"n": 1, "temperature": 1.0, "max_new_tokens": 16}, "k": 8},
-        "offline_student": {"steps": 4, "batch_size": 4},
-        "student_rollouts": {"num_prompts": 8, "sampling": {"n": 1, "max_new_tokens": 16}},
+        "offline_student": {"steps": 4, "batch_size": 4, "train_on": "teacher_labeled"},  # not curated: too few rows for it
+        "student_rollouts": {"num_prompts": 8, "sampling": {"n": 1, "max_new_tokens": 16}, "prompts_from": "teacher_labeled"},
         "teacher_feedback": {"k": 8},
-        "student_checkpoint": {"steps": 4, "batch_size": 4},
+        "student_checkpoint": {"steps": 4, "batch_size": 4, "train_on": "teacher_labeled"},
     }
     return {"ops": {name: {"config": value} for name, value in config.items()}}
 
@@ -124,7 +124,7 @@ def test_chat_pair_offline_job_round_and_export_without_answers(chat_pair, insta
         assert inputs["student_chat_template"] == prompt_rendering(student_tokenizer), asset
 
     for format in ["trl", "messages", "axolotl"]:
-        assert distill(["export", "curated" if store.has_dataset("curated") else "teacher_labeled", "--format", format,
+        assert distill(["export", "teacher_labeled", "--format", format,
                         "--out", str(tmp_path / format)]) == 0
     trl = datasets.load_dataset("parquet", data_files=str(tmp_path / "trl" / "train.parquet"), split="train")
     assert trl[0]["prompt"][0] == {"role": "system", "content": SYSTEM} and trl[0]["completion"][0]["role"] == "assistant"

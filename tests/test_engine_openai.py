@@ -10,14 +10,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow as pa
 import pytest
-
 from conftest import SERVER_API_KEY, VLLM_MAX_LOGPROBS
+from test_engine_vllm import PROMPTS, K, assert_same_signal, hf_engine, sequences  # noqa: F401 (fixture)
+
 from storage.store import Store
-from test_engine_vllm import K, PROMPTS, assert_same_signal, hf_engine, sequences  # noqa: F401 (fixture)
 from training.engines.base import EngineRequestsFailed
-from training.engines.sampling import Sampling
 from training.engines.cache import CachedEngine, TeacherCache
 from training.engines.openai import OpenAIEngine
+from training.engines.sampling import Sampling
 from training.schema.signal import signal_columns, signals_from_columns
 
 

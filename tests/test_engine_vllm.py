@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from training.engines.sampling import Sampling
 from training.engines.hf import HFEngine
+from training.engines.sampling import Sampling
 
 PROMPTS = ["12+7=", "305-18=", "4*9=", "999+1=", "7-7="]
 K = 8

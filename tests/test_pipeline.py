@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import dagster as dg
+from conftest import copy_store
 
 from assets.checks import (
     eval_disjoint_from_train,
@@ -18,7 +19,6 @@ from assets.models import student_model, teacher_model
 from assets.publish import rounded
 from assets.resources import ModelEngine, store_resource
 from assets.students import evals, offline_student
-from conftest import copy_store
 from pipelines.cli import main as distill
 from pipelines.definitions import defs
 from storage.catalog import query
@@ -30,7 +30,7 @@ RESOURCES = {"store": store_resource, "model_engine": ModelEngine(batch_size=32)
 TINY = {
     "teacher_model": {"train_steps": 30, "eval_problems": 16},
     "student_model": {"train_steps": 20, "eval_problems": 16},
-    "offline_student": {"steps": 20, "batch_size": 8},
+    "offline_student": {"steps": 20, "batch_size": 8, "train_on": "teacher_labeled"},  # the tiny graph has no curated
     "seed_prompts": {"num_prompts": 24},
     "eval_set": {"num_prompts": 16},
     "teacher_labeled": {"sampling": {"n": 2, "temperature": 1.0, "max_new_tokens": 40}, "k": 8},

@@ -23,10 +23,10 @@ from training.data.labeling import score
 from training.engines.hf import HFEngine
 
 ROUND_ASSETS = [student_rollouts, teacher_feedback, student_checkpoint, round_eval]
-TINY_ROUND = {
-    "student_rollouts": {"num_prompts": 12, "sampling": {"n": 2, "max_new_tokens": 40}},
+TINY_ROUND = {  # the tiny offline store has no curated: the rounds draw from and train on teacher_labeled
+    "student_rollouts": {"num_prompts": 12, "sampling": {"n": 2, "max_new_tokens": 40}, "prompts_from": "teacher_labeled"},
     "teacher_feedback": {"k": 8},
-    "student_checkpoint": {"steps": 8, "batch_size": 8},
+    "student_checkpoint": {"steps": 8, "batch_size": 8, "train_on": "teacher_labeled"},
 }
 
 
@@ -164,7 +164,8 @@ def sampled_logprobs_match_a_scoring_pass(rollouts, checkpoint: str) -> None:
 
 
 def test_online_round_appends_every_batch_it_trains_on(instance, offline):
-    online = {"online": True, "mix": 1.0, "online_rollouts": {"num_prompts": 10, "sampling": {"n": 2, "max_new_tokens": 40}, "k": 8}}
+    online = {"online": True, "mix": 1.0, "train_on": "teacher_labeled",
+              "online_rollouts": {"num_prompts": 10, "sampling": {"n": 2, "max_new_tokens": 40}, "k": 8, "prompts_from": "teacher_labeled"}}
     result = run_round(instance, "r001", selection=[student_checkpoint, online_feedback, round_eval], student_checkpoint=online)
     assert result.success
     checkpoint = result.asset_materializations_for_node("student_checkpoint")[0].metadata

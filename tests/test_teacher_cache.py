@@ -5,18 +5,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from test_engine_vllm import K, assert_same_signal, hf_engine, sequences  # noqa: F401 (fixture)
+from test_pipeline import ASSETS, CHECKS, run_config
 
 from assets.datasets import eval_set, seed_prompts, teacher_labeled
 from assets.executor import ShardExecutor
 from assets.models import teacher_model
 from assets.resources import ModelEngine, close_vllm_engines, store_resource
 from storage.store import Store
-from test_engine_vllm import K, assert_same_signal, hf_engine, sequences  # noqa: F401 (fixture)
-from test_pipeline import ASSETS, CHECKS, run_config
-from training.engines.sampling import Sampling
+from training.data.rollouts import score_rollouts
 from training.engines.cache import FANOUT, CachedEngine, TeacherCache
 from training.engines.hf import HFEngine
-from training.data.rollouts import score_rollouts
+from training.engines.sampling import Sampling
 from training.schema.signal import SignalSettings
 
 
