@@ -78,9 +78,9 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     import torch
 
-    from training.engines.sampling import Sampling
     from training.engines.hf import HFEngine
     from training.engines.openai import OpenAIEngine
+    from training.engines.sampling import Sampling
     from training.engines.vllm import VLLMEngine
     from training.tasks.arithmetic import problems
 

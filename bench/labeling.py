@@ -15,10 +15,10 @@ import pyarrow as pa
 import torch
 
 from storage.store import Store
-from training.models.batches import completion_positions
-from training.engines.sampling import Sampling
-from training.engines.hf import HFEngine
 from training.data.labeling import label
+from training.engines.hf import HFEngine
+from training.engines.sampling import Sampling
+from training.models.batches import completion_positions
 from training.models.checkpoints import TEACHER_ARCHITECTURE, build_embedded
 from training.tasks.arithmetic import problems
 

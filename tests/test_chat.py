@@ -37,7 +37,8 @@ def test_each_model_renders_with_its_own_template(chat_pair):
         "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\nAnd 3+3?<|im_end|>\n"
         "<|im_start|>assistant\n",
     ]
-    assert student.decode(render(student, rows)[0]) == "<|im_start|>SYSTEM: You are terse.<|im_end|><|im_start|>USER: 12+7=<|im_end|><|im_start|>ASSISTANT: "
+    expected = "<|im_start|>SYSTEM: You are terse.<|im_end|><|im_start|>USER: 12+7=<|im_end|><|im_start|>ASSISTANT: "
+    assert student.decode(render(student, rows)[0]) == expected
     assert prompt_rendering(teacher) != prompt_rendering(student)
     raw = build_char_tokenizer()  # the embedded tokenizer: no template, <bos> + text
     assert raw.decode(render(raw, rows.slice(0, 1).drop_columns(["system_prompt"]))[0]) == "<bos>12+7="
@@ -85,12 +86,14 @@ def chat_config(chat_pair, seeds, evals_file) -> dict:
 
 def test_chat_pair_offline_job_round_and_export_without_answers(chat_pair, instance, distill_home, tmp_path):
     seeds, evals_file = tmp_path / "seeds.jsonl", tmp_path / "evals.jsonl"
-    seeds.write_text("\n".join(json.dumps({"messages": m}) for m in [TWO_TURNS] + [[{"role": "user", "content": f"{i}*{i}=?"}] for i in range(11)]))
+    conversations = [TWO_TURNS] + [[{"role": "user", "content": f"{i}*{i}=?"}] for i in range(11)]
+    seeds.write_text("\n".join(json.dumps({"messages": m}) for m in conversations))
     evals_file.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"{i}-{i}=?"}]}) for i in range(6)))
     run_config = chat_config(chat_pair, seeds, evals_file)
     resources = {"store": store_resource, "model_engine": ModelEngine(batch_size=16), "shard_executor": ShardExecutor()}
     offline = dg.materialize(CHAT_ASSETS, instance=instance, resources=resources,
-                             run_config={"ops": {k: v for k, v in run_config["ops"].items() if k in {a.key.to_user_string() for a in CHAT_ASSETS}}})
+                             run_config={"ops": {k: v for k, v in run_config["ops"].items()
+                                                 if k in {a.key.to_user_string() for a in CHAT_ASSETS}}})
     assert offline.success
     store = Store(distill_home)
     labeled = store.read_dataset("teacher_labeled")

@@ -50,7 +50,8 @@ def label(home, run_config, executor: ShardExecutor, selection=None) -> dict:
     if selection:
         run_config = {"ops": {name: run_config["ops"][name] for name in selection}}
     result = dg.materialize([teacher_model, seed_prompts, teacher_labeled], selection=selection, run_config=run_config,
-                            resources={"store": store_resource.configured({"home": str(home)}), "model_engine": ModelEngine(batch_size=4), "shard_executor": executor})
+                            resources={"store": store_resource.configured({"home": str(home)}), "model_engine": ModelEngine(batch_size=4),
+                                       "shard_executor": executor})
     assert result.success
     return result.asset_materializations_for_node("teacher_labeled")[0].metadata
 

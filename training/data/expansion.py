@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from training.models.chat import with_conversation_columns
+from training.data.labeling import sample
 from training.engines.base import Engine
 from training.engines.sampling import Sampling
-from training.data.labeling import sample
+from training.models.chat import with_conversation_columns
 from training.schema.tables import with_content_id
 from training.tasks.instructions import SELF_INSTRUCT, Instruction, Templates
 

@@ -21,10 +21,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from training.models.chat import with_conversation_columns
+from training.data.labeling import finished_share, sample, score, with_columns
 from training.engines.base import Engine
 from training.engines.sampling import Sampling
-from training.data.labeling import finished_share, sample, score, with_columns
+from training.models.chat import with_conversation_columns
 from training.schema.signal import SignalSettings
 from training.schema.tables import join_prompts, parquet, with_constants, with_content_id
 

@@ -61,7 +61,8 @@ class TeacherCache:
                                                  "SEMI JOIN wanted USING (key) ORDER BY 1").fetchall()
                     if not holding:
                         return none
-                    return connection.sql(f"SELECT c.* FROM {parquet([f for f, in holding])} c SEMI JOIN wanted USING (key)").to_arrow_table()
+                    found = f"SELECT c.* FROM {parquet([f for f, in holding])} c SEMI JOIN wanted USING (key)"
+                    return connection.sql(found).to_arrow_table()
             except duckdb.IOException:
                 if attempt == READ_ATTEMPTS - 1:
                     raise
@@ -149,7 +150,8 @@ class CachedEngine:
         found, missing = self._lookup("score", keys)
         by_key = dict(zip(found["key"].to_pylist(), signals_from_columns(found))) if found.num_rows else {}
         try:
-            computed = self.engine.score([prompt_ids[i] for i in missing], [completion_ids[i] for i in missing], k, temperature) if missing else []
+            computed = (self.engine.score([prompt_ids[i] for i in missing], [completion_ids[i] for i in missing], k, temperature)
+                        if missing else [])
             fresh = dict(zip(missing, computed))
         except EngineRequestsFailed as failure:  # keep what succeeded, so a re-run only redoes the failures
             self._store_scores({missing[j]: signal for j, signal in failure.completed.items()}, keys)

@@ -14,15 +14,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from training.engines.base import Generation
+from training.engines.hf import HFEngine
+from training.engines.sampling import Sampling
 from training.models.batches import completion_positions
 from training.models.chat import render
-from training.trainer.divergences import forward_kl, reverse_kl
-from training.engines.base import Generation
-from training.engines.sampling import Sampling
-from training.engines.hf import HFEngine
-from training.trainer.losses import nll, student_logprobs_at
 from training.models.checkpoints import load_model
 from training.tasks import Task
+from training.trainer.divergences import forward_kl, reverse_kl
+from training.trainer.losses import nll, student_logprobs_at
 
 EVAL_BATCH_SIZE = 256
 

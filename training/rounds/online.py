@@ -105,7 +105,8 @@ class OnlineRollouts:
         identity = {**self.settings.identity, "policy_step": pa.scalar(policy_step, pa.int32())}
         sampling = self.settings.sampling.derived(self.settings.round_number, slot)
         rollouts, _ = sample_rollouts(student, self.prompts.take(positions), sampling, identity)
-        return feedback_table(self.teacher, None, rollouts.slice(0, self.batch_size), self.settings, self.settings.teacher_card, self.task)[0]
+        batch = rollouts.slice(0, self.batch_size)
+        return feedback_table(self.teacher, None, batch, self.settings, self.settings.teacher_card, self.task)[0]
 
     def __call__(self, step: int) -> pa.Table:
         if self.sampler is None:

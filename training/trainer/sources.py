@@ -111,8 +111,9 @@ def stored_temperature(rows: Rows) -> float | None:
 
 def batches_for(model, tokenizer, settings: TrainingSettings, fixed: Rows, on_policy: Rows | None = None,
                 teacher_vocab_size: int | None = None, on_resume: Callable[[int], None] | None = None) -> Batches:
-    """The loop's sources for `model` (its vocabulary bounds the stored ids): stored rows are shuffled (seeded by `settings.seed`, the on-policy ones by
-    seed + 1), functions of the step are called at each step; all checked by one `RowCheck`."""
+    """The loop's sources for `model` (its vocabulary bounds the stored ids): stored rows are shuffled
+    (seeded by `settings.seed`, the on-policy ones by seed + 1), functions of the step are called at
+    each step; all checked by one `RowCheck`."""
     temperature = stored_temperature(fixed) or settings.temperature
 
     def source(rows: Rows, name: str, seed: int) -> BatchSource:
