@@ -24,7 +24,7 @@ def _signal_valid(store: Store, name: str) -> dg.AssetCheckResult:
     card = store.read_card("teacher")
     violations = collections.Counter()
     for rows in store.iter_rows(name, rows=CHECK_ROWS, columns=SIGNAL_COLUMNS):
-        violations.update(signal_violations(rows, card["vocab_size"]))
+        violations.update(signal_violations(rows, card.vocab_size))
     violations = dict(violations)
     return dg.AssetCheckResult(passed=not any(violations.values()), metadata=violations)
 
@@ -73,7 +73,7 @@ def origin_shares(store: dg.ResourceParam[Store]) -> dg.AssetCheckResult:
 def token_round_trip(store: dg.ResourceParam[Store]) -> dg.AssetCheckResult:
     """decode(encode(text)) == text for stored prompts and completions, with the teacher tokenizer."""
     card = store.read_card("teacher")
-    tokenizer = load_tokenizer(card["path"], card.get("revision"))
+    tokenizer = load_tokenizer(card.path, card.revision)
     rows = next(store.iter_rows("teacher_labeled", rows=ROUND_TRIP_SAMPLE, columns=["prompt", "completion"]))
     texts = rows["prompt"].to_pylist() + rows["completion"].to_pylist()
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -90,12 +90,12 @@ def teacher_reaches_target(store: dg.ResourceParam[Store]) -> dg.AssetCheckResul
     """The embedded teacher's greedy exact match on the eval split is at least the target; a
     configured model is evaluated by `evals`, not here."""
     card = store.read_card("teacher")
-    if "eval_exact_match" not in card:
-        return dg.AssetCheckResult(passed=True, description=f"{card['name']} is a configured model, not trained here")
+    if card.eval_exact_match is None:
+        return dg.AssetCheckResult(passed=True, description=f"{card.name} is a configured model, not trained here")
     return dg.AssetCheckResult(
-        passed=card["eval_exact_match"] >= TARGET_EXACT_MATCH,
+        passed=card.eval_exact_match >= TARGET_EXACT_MATCH,
         severity=dg.AssetCheckSeverity.WARN,
-        metadata={"eval_exact_match": card["eval_exact_match"], "target": TARGET_EXACT_MATCH},
+        metadata={"eval_exact_match": card.eval_exact_match, "target": TARGET_EXACT_MATCH},
     )
 
 
@@ -103,23 +103,23 @@ def teacher_reaches_target(store: dg.ResourceParam[Store]) -> dg.AssetCheckResul
 def vocab_compatible(store: dg.ResourceParam[Store]) -> dg.AssetCheckResult:
     """Teacher and student share a tokenizer, and every teacher token id exists in the student."""
     teacher, student = store.read_card("teacher"), store.read_card("student")
-    same_tokenizer = teacher["tokenizer_hash"] == student["tokenizer_hash"]
-    ids_fit = teacher["tokenizer_size"] <= student["vocab_size"]
+    same_tokenizer = teacher.tokenizer_hash == student.tokenizer_hash
+    ids_fit = teacher.tokenizer_size <= student.vocab_size
     description = None
     if not (same_tokenizer and ids_fit):
         description = (
-            f"teacher {teacher['name']} (vocab {teacher['vocab_size']}, tokenizer {teacher['tokenizer_hash']}) and "
-            f"student {student['name']} (vocab {student['vocab_size']}, tokenizer {student['tokenizer_hash']}) "
+            f"teacher {teacher.name} (vocab {teacher.vocab_size}, tokenizer {teacher.tokenizer_hash}) and "
+            f"student {student.name} (vocab {student.vocab_size}, tokenizer {student.tokenizer_hash}) "
             "do not share a tokenizer: pick models from one family"
         )
     return dg.AssetCheckResult(
         passed=same_tokenizer and ids_fit,
         description=description,
         metadata={
-            "teacher_vocab_size": teacher["vocab_size"],
-            "student_vocab_size": student["vocab_size"],
-            "teacher_tokenizer_hash": teacher["tokenizer_hash"],
-            "student_tokenizer_hash": student["tokenizer_hash"],
+            "teacher_vocab_size": teacher.vocab_size,
+            "student_vocab_size": student.vocab_size,
+            "teacher_tokenizer_hash": teacher.tokenizer_hash,
+            "student_tokenizer_hash": student.tokenizer_hash,
         },
     )
 

@@ -30,6 +30,7 @@ from training.data.expansion import (
 )
 from training.data.labeling import LabelingSettings, label_table
 from training.engines.sampling import Sampling
+from training.schema.cards import ModelCard
 from training.schema.tables import with_constants
 from training.tasks import Task, task_of
 
@@ -38,7 +39,7 @@ WRITTEN_DATASETS = ("expanded", "synthesized")
 
 
 def write_and_label_shard(engines: dict, rows: pa.Table, index: int, *, writing: Sampling, labeling: LabelingSettings,
-                          card: dict, task: Task, system_prompt: str | None, run_id: str):
+                          card: ModelCard, task: Task, system_prompt: str | None, run_id: str):
     """A shard of instructions: the teacher writes an input per instruction, the valid ones are labeled."""
     engine = engines["teacher"]
     instructions, seeds = instructions_of(rows)
@@ -55,7 +56,7 @@ def _publish_written(context, store: Store, model_engine: ModelEngine, shard_exe
     prompt) and published as `name`, shard by shard."""
     card = store.read_card("teacher")
     system_prompt = store.read_dataset("seed_prompts", columns=["system_prompt"])["system_prompt"][0].as_py()
-    inputs = {**inputs, "teacher_model": card["weights_hash"]}
+    inputs = {**inputs, "teacher_model": card.weights_hash}
     source = store.write_work_file(instructions, f"{name}.instructions.parquet")
     step = functools.partial(write_and_label_shard, writing=Sampling(**config.writing.model_dump()),
                              labeling=LabelingSettings(**config.model_dump()), card=card, task=task, system_prompt=system_prompt,

@@ -15,6 +15,7 @@ from assets.resources import ModelEngine
 from storage.store import Store
 from training.data.labeling import LabelingSettings, label_table
 from training.data.prompt_sources import prompt_tables
+from training.schema.cards import ModelCard
 from training.schema.tables import parquet
 from training.tasks import task_of
 
@@ -55,7 +56,7 @@ def eval_set(context: dg.AssetExecutionContext, config: EvalSetConfig, store: dg
     return _publish_prompts(context, store, "eval_set", config, "eval")
 
 
-def label_shard(engines: dict, prompts, index: int, *, settings: LabelingSettings, card: dict, task, run_id: str):
+def label_shard(engines: dict, prompts, index: int, *, settings: LabelingSettings, card: ModelCard, task, run_id: str):
     return label_table(engines["teacher"], prompts, settings, card, task, run_id, shard=index)
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from assets.config import TRAINING_DATA
 from storage.store import Store
+from training.schema.cards import ModelCard
 
 CARD_OF = {"teacher_model": "teacher", "student_model": "student", "offline_student": "offline_student",
            "student_checkpoint": "student_checkpoint"}  # a model asset → the name its card is stored under
@@ -31,7 +32,7 @@ def not_chosen(train_on: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Read:
-    cards: dict[str, dict]  # model asset → its card
+    cards: dict[str, ModelCard]  # model asset → its card
     versions: dict[str, str]  # every input → its weights hash or data version, for lineage
 
 
@@ -50,7 +51,7 @@ class Inputs:
         read: the training data source not chosen, a written dataset not built). A missing input is
         the store's clear error naming the asset to materialize first."""
         cards = {name: store.read_card(CARD_OF[name], partition if name == "student_checkpoint" else None) for name in self.cards}
-        versions = {name: card.get("weights_hash") or card.get("revision") for name, card in cards.items()}
+        versions = {name: card.weights_hash for name, card in cards.items()}
         versions |= {name: store.dataset_version(name) for name in self.datasets if name not in skip}
         versions |= {name: store.dataset_version(name, partition) for name in self.round_datasets if name not in skip}
         return Read(cards, versions)

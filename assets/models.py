@@ -16,11 +16,11 @@ EMBEDDED_WARMUP_STEPS = 50
 def _record_configured(context, store: Store, name: str, config: ModelConfig) -> dg.MaterializeResult:
     """A hub id or local path: load it (failing early if it cannot be), record its card, train nothing."""
     model, tokenizer = load_model(config.model, config.revision, config.trust_remote_code)
-    card = {**model_card(config.model, model, tokenizer, config.revision), "path": config.model}
-    card["context_length"] = getattr(model.config, "max_position_embeddings", None)
+    card = model_card(config.model, model, tokenizer, config.revision).extended(
+        path=config.model, context_length=getattr(model.config, "max_position_embeddings", None))
     store.write_card(name, card)
-    record_lineage(context, store, config, {}, card)
-    return dg.MaterializeResult(metadata=metadata(card), data_version=dg.DataVersion(card["weights_hash"]))
+    record_lineage(context, store, config, {}, card.as_dict())
+    return dg.MaterializeResult(metadata=metadata(card.as_dict()), data_version=dg.DataVersion(card.weights_hash))
 
 
 def _train_and_save(context, store: Store, name: str, config: TeacherModelConfig | StudentModelConfig,
@@ -34,22 +34,21 @@ def _train_and_save(context, store: Store, name: str, config: TeacherModelConfig
         correction_share=config.correction_share, varied_steps=config.varied_steps,
         reporter=Reporter(context.log.info, lambda message: None),
     )
-    card = {
-        **model_card(f"embedded-{name}", model, tokenizer),
-        "eval_exact_match": accuracy,
-        "train_steps": config.train_steps,
-        "instruction_share": config.instruction_share,
-        "correction_share": config.correction_share,
-        "varied_steps": config.varied_steps,
-        "train_seconds": round(seconds, 1),
-        "final_loss": curve[-1]["loss"],
-        "context_length": model.config.max_position_embeddings,
-    }
+    card = model_card(f"embedded-{name}", model, tokenizer).extended(
+        eval_exact_match=accuracy,
+        train_steps=config.train_steps,
+        instruction_share=config.instruction_share,
+        correction_share=config.correction_share,
+        varied_steps=config.varied_steps,
+        train_seconds=round(seconds, 1),
+        final_loss=curve[-1]["loss"],
+        context_length=model.config.max_position_embeddings,
+    )
     card = store.save_model(name, card, lambda directory: save_model(model, tokenizer, directory))
-    record_lineage(context, store, config, {}, card)
+    record_lineage(context, store, config, {}, card.as_dict())
     return dg.MaterializeResult(
-        metadata={**metadata(card), "path": dg.MetadataValue.path(card["path"])},
-        data_version=dg.DataVersion(card["weights_hash"]),
+        metadata={**metadata(card.as_dict()), "path": dg.MetadataValue.path(card.path)},
+        data_version=dg.DataVersion(card.weights_hash),
     )
 
 

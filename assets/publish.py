@@ -18,6 +18,7 @@ from storage.catalog import refresh_catalog
 from storage.lineage import lineage_row
 from storage.shards import ShardedWrite
 from storage.store import Store
+from training.schema.cards import ModelCard
 
 PREVIEW_ROWS = 5
 PREVIEW_CHARS = 60
@@ -102,11 +103,11 @@ def publish_dataset(context: dg.AssetExecutionContext, store: Store, name: str, 
     )
 
 
-def publish_evals(context: dg.AssetExecutionContext, store: Store, results: dict[str, dict], cards: dict[str, dict],
+def publish_evals(context: dg.AssetExecutionContext, store: Store, results: dict[str, dict], cards: dict[str, ModelCard],
                   round_key: str | None) -> tuple[str, list[dict]]:
     """Appends one `evals` row per model and metric (stamped with the round and the run) and
     refreshes the catalog; returns (the file's path, the rows)."""
-    rows = [{"model": name, "checkpoint": cards[name]["weights_hash"], "split": "eval", "metric": metric, "value": value}
+    rows = [{"model": name, "checkpoint": cards[name].weights_hash, "split": "eval", "metric": metric, "value": value}
             for name, metrics in results.items() for metric, value in metrics.items()]
     path = store.append_evals(rows, context.run.run_id, round_key)
     refresh_catalog(store)

@@ -12,6 +12,7 @@ from assets.runs import release_dead_runs
 from storage.store import Store
 from training.engines.cache import CachedEngine, TeacherCache
 from training.engines.hf import HFEngine
+from training.schema.cards import ModelCard
 
 _resident_vllm: dict[tuple, object] = {}  # at most one started offline vLLM engine per process, by its settings
 
@@ -48,19 +49,19 @@ class ModelEngine(dg.ConfigurableResource):
     timeout_s: float = Field(60.0, gt=0, description="openai: seconds before a request is abandoned and retried")
     max_retries: int = Field(3, ge=0, description="openai: retries per request, with exponential backoff")
 
-    def spec(self, card: dict, cache_dir: Path | None = None) -> "EngineSpec":
+    def spec(self, card: ModelCard, cache_dir: Path | None = None) -> "EngineSpec":
         """What loads `card`'s engine with these settings in another process or a Ray replica."""
         return EngineSpec(self.model_dump(), card, cache_dir)
 
-    def load(self, card: dict, cache_dir: Path | None = None):
+    def load(self, card: ModelCard, cache_dir: Path | None = None):
         """An engine for `card`'s checkpoint; with `cache_dir`, wrapped in the content-addressed cache."""
         engine = self._backend(card)
         if self.cache and cache_dir is not None:
-            return CachedEngine(engine, TeacherCache(cache_dir), model_id=card.get("weights_hash") or card.get("revision"))
+            return CachedEngine(engine, TeacherCache(cache_dir), model_id=card.weights_hash)
         return engine
 
-    def _backend(self, card: dict):
-        path, revision = card["path"], card.get("revision")
+    def _backend(self, card: ModelCard):
+        path, revision = card.path, card.revision
         if self.backend == "hf":
             return HFEngine.load(
                 path, revision=revision, trust_remote_code=self.trust_remote_code, batch_size=self.batch_size, device=self.device
@@ -90,7 +91,7 @@ class EngineSpec:
     no cache). A shard executor's process or Ray replica loads it with `load()`."""
 
     settings: dict
-    card: dict
+    card: ModelCard
     cache_dir: Path | None = None
 
     def load(self):

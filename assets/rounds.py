@@ -40,6 +40,7 @@ from training.engines.sampling import Sampling
 from training.evals.evaluate import evaluate_checkpoints
 from training.rounds.modes import ROUND_MODES, mode_of
 from training.rounds.online import OnlineSettings
+from training.schema.cards import ModelCard
 from training.schema.signal import SignalSettings
 from training.tasks import task_name_of, task_of
 from training.trainer.loop import rollout_reuse
@@ -48,12 +49,12 @@ ROUND = dict(partitions_def=rounds, group_name="rounds", pool="accelerator")
 MAX_ROLLOUT_REUSE = 2
 
 
-def parent_versions(parent: str, card: dict) -> dict:
+def parent_versions(parent: str, card: ModelCard) -> dict:
     """What every round asset records of its parent, which Dagster cannot declare (round r−1's key)."""
-    return {"parent": parent, "parent_checkpoint": card["weights_hash"]}
+    return {"parent": parent, "parent_checkpoint": card.weights_hash}
 
 
-def parent_checkpoint(store: Store, key: str) -> tuple[str, str | None, dict]:
+def parent_checkpoint(store: Store, key: str) -> tuple[str, str | None, ModelCard]:
     """(parent name, parent round, parent card) of round `key`: offline_student for r001, else round
     r−1's student_checkpoint. A missing parent is an error naming the round to materialize first."""
     previous = parent_round(key)
@@ -91,7 +92,7 @@ def rollout_shard(engines: dict, prompts: pa.Table, index: int, *, sampling: Sam
     return sample_rollouts(engines["student"], prompts, sampling.derived(round_number, index), identity)
 
 
-def feedback_shard(engines: dict, rollouts: pa.Table, index: int, *, settings: SignalSettings, teacher: dict, task):
+def feedback_shard(engines: dict, rollouts: pa.Table, index: int, *, settings: SignalSettings, teacher: ModelCard, task):
     return feedback_table(engines["teacher"], engines.get("student"), rollouts, settings, teacher, task)
 
 
@@ -108,7 +109,7 @@ def student_rollouts(context: dg.AssetExecutionContext, config: StudentRolloutsC
     with claim_round(context):
         read = STUDENT_ROLLOUTS.read(store, skip=("offline_student", *not_chosen(config.prompts_from)))
         prompts = draw_prompts(store.shard_paths(config.prompts_from), config.num_prompts, f"{config.sampling.seed}/{key}")
-        identity = {"student": parent, "student_weights_hash": card["weights_hash"], "tokenizer_hash": card["tokenizer_hash"],
+        identity = {"student": parent, "student_weights_hash": card.weights_hash, "tokenizer_hash": card.tokenizer_hash,
                     "round": key, "parent_round": previous, "run_id": context.run.run_id}
         inputs = {**read.versions, **parent_versions(parent, card)}
         source = store.write_work_file(prompts, f"student_rollouts.prompts.{key}.parquet")
@@ -173,7 +174,7 @@ def student_checkpoint(context: dg.AssetExecutionContext, config: StudentCheckpo
         feedback = [] if config.online else store.shard_paths("teacher_feedback", key)
         identity = {"round": key, **parent_versions(parent, card), "parent_round": previous, "mix": config.mix, "online": config.online}
         new_card, curve = distill_and_save(context, store, "student_checkpoint", config, card, teacher, store.shard_paths(config.train_on),
-                                           feedback, card=identity, partition=key, online=online)
+                                           feedback, card_fields=identity, partition=key, online=online)
         on_policy = [c for c in curve if c["source"] == "on_policy"]
         metrics = {**curve_metrics(curve), "on_policy_steps": len(on_policy),
                    "mean_staleness": sum(c["staleness"] for c in on_policy) / len(on_policy) if on_policy else None,
@@ -188,14 +189,14 @@ def student_checkpoint(context: dg.AssetExecutionContext, config: StudentCheckpo
                     f"each rollout of round {key} was drawn {reuse} times on average, so training is only loosely on-policy: "
                     "raise student_rollouts num_prompts or n, lower steps or mix, or train online"
                 )
-        record_lineage(context, store, config, inputs, {**metrics, "checkpoint": new_card["weights_hash"]}, previous)
+        record_lineage(context, store, config, inputs, {**metrics, "checkpoint": new_card.weights_hash}, previous)
     return dg.MaterializeResult(
         metadata={
-            **metadata(metrics), "checkpoint": new_card["weights_hash"], "path": dg.MetadataValue.path(new_card["path"]),
-            "parent": parent, "parent_checkpoint": card["weights_hash"], "inputs": dg.MetadataValue.json(inputs),
+            **metadata(metrics), "checkpoint": new_card.weights_hash, "path": dg.MetadataValue.path(new_card.path),
+            "parent": parent, "parent_checkpoint": card.weights_hash, "inputs": dg.MetadataValue.json(inputs),
             "loss_curve": loss_curve(curve, f"student_checkpoint[{key}] training loss"),
         },
-        data_version=dg.DataVersion(new_card["weights_hash"]),
+        data_version=dg.DataVersion(new_card.weights_hash),
     )
 
 
@@ -211,7 +212,7 @@ def online_feedback(context: dg.AssetExecutionContext, store: dg.ResourceParam[S
     key = context.partition_key
     read = ONLINE_FEEDBACK.read(store, key)
     card = read.cards["student_checkpoint"]
-    if not card.get("online"):
+    if not card.online:
         raise ValueError(f"round {key} trained on its stored teacher_feedback, so it has no online batches: online_feedback "
                          "belongs to online rounds (job distill_round_online, or student_checkpoint config online: true)")
     batches = sorted((store.root / "work" / "online_batches" / key).glob("step-*.parquet"))
@@ -220,16 +221,16 @@ def online_feedback(context: dg.AssetExecutionContext, store: dg.ResourceParam[S
     writer = store.sharded_write("online_feedback", key, f"online-{context.run.run_id}")
     for index, path in enumerate(batches):
         writer.write(index, pq.read_table(path))
-    inputs = {**read.versions, "parent": card["parent"], "parent_checkpoint": card["parent_checkpoint"]}
+    inputs = {**read.versions, "parent": card.parent, "parent_checkpoint": card.parent_checkpoint}
     result = publish_dataset(context, store, "online_feedback", writer, config=None, inputs=inputs, metrics={"batches": len(batches)},
-                             parent_round=card["parent_round"],
+                             parent_round=card.parent_round,
                              preview=["policy_step", "staleness", "completion", "reward", "log_ratio_sum"])
     store.remove_work(batches[0].parent)
     return result
 
 
 def online_settings(store: Store, config: StudentCheckpointConfig, model_engine: ModelEngine, key: str, run_id: str,
-                    parent: tuple, teacher: dict) -> OnlineSettings:
+                    parent: tuple, teacher: ModelCard) -> OnlineSettings:
     """What the training needs to sample and score online: the round's prompts (drawn as
     student_rollouts draws them), the teacher and its engine (in process, or the openai backend's
     servers), and the identity stamped on every row. Fails before training on an engine it cannot use."""
@@ -246,13 +247,13 @@ def online_settings(store: Store, config: StudentCheckpointConfig, model_engine:
         round_number=round_number(key),
         prompts=str(store.write_work_file(prompts, f"student_checkpoint.prompts.{key}.parquet")),
         batches=str(store.root / "work" / "online_batches" / key),
-        teacher=teacher["path"], teacher_card={"name": teacher["name"], "weights_hash": teacher["weights_hash"]},
+        teacher=teacher.path, teacher_card=teacher,
         task=task_name_of(store.read_dataset("seed_prompts", columns=["task"])),
-        identity={"student": name, "student_weights_hash": card["weights_hash"], "tokenizer_hash": card["tokenizer_hash"],
+        identity={"student": name, "student_weights_hash": card.weights_hash, "tokenizer_hash": card.tokenizer_hash,
                   "round": key, "parent_round": previous, "run_id": run_id},
         teacher_base_urls=model_engine.base_urls if remote else [],
         teacher_served_model_name=model_engine.served_model_name if remote else "",
-        teacher_api_key_env=model_engine.api_key_env or None, revision=teacher.get("revision"),
+        teacher_api_key_env=model_engine.api_key_env or None, revision=teacher.revision,
         trust_remote_code=model_engine.trust_remote_code,
     )
 
@@ -298,7 +299,7 @@ def round_eval(context: dg.AssetExecutionContext, config: EvalsConfig, store: dg
     parent, previous, parent_card = parent_checkpoint(store, key)
     with claim_round(context):
         card = store.read_card("student_checkpoint", key)
-        scored = ROUND_MODES[mode_of(card.get("online", False))].scored  # the student's samples it trained on
+        scored = ROUND_MODES[mode_of(card.online)].scored  # the student's samples it trained on
         unread = [name for name in ROUND_EVAL.round_datasets if name != scored or not store.has_dataset(name, key)]
         read = ROUND_EVAL.read(store, key, skip=tuple(unread))
         eval_rows = store.read_dataset("eval_set")
@@ -309,11 +310,11 @@ def round_eval(context: dg.AssetExecutionContext, config: EvalsConfig, store: dg
         mine, theirs = results["student_checkpoint"], results[parent]
         gain = None if mine["greedy_exact_match"] is None else mine["greedy_exact_match"] - theirs["greedy_exact_match"]
         metrics = {
-            **mine, "checkpoint": card["weights_hash"],
+            **mine, "checkpoint": card.weights_hash,
             **{f"parent_{name}": value for name, value in theirs.items()},
             "improvement": gain, **trained_on,
         }
-        inputs = {**read.versions, **parent_versions(parent, parent_card), "checkpoint": card["weights_hash"]}
+        inputs = {**read.versions, **parent_versions(parent, parent_card), "checkpoint": card.weights_hash}
         record_lineage(context, store, config, inputs, metrics, previous)
         refresh_catalog(store)
         plot = rounds_png(store)

@@ -17,6 +17,7 @@ from assets.publish import png_markdown
 from storage.store import Store
 from training.launch.command import DistillCommand, command_line
 from training.rounds.online import OnlineSettings
+from training.schema.cards import ModelCard
 from training.trainer.settings import TrainingSettings
 from training.trainer.sources import check_compatible
 
@@ -38,13 +39,13 @@ def _launch_distill(context: dg.AssetExecutionContext, run: DistillCommand, work
     return json.loads((Path(run.output) / "curve.json").read_text()), reported
 
 
-def distill_and_save(context: dg.AssetExecutionContext, store: Store, name: str, settings: TrainingConfig, start: dict,
-                     teacher: dict, data: list[Path], rollouts: list[Path] = (), card: dict | None = None,
-                     partition: str | None = None, online: OnlineSettings | None = None) -> tuple[dict, list[dict]]:
+def distill_and_save(context: dg.AssetExecutionContext, store: Store, name: str, settings: TrainingConfig, start: ModelCard,
+                     teacher: ModelCard, data: list[Path], rollouts: list[Path] = (), card_fields: dict | None = None,
+                     partition: str | None = None, online: OnlineSettings | None = None) -> tuple[ModelCard, list[dict]]:
     """Distills the student `start` (a model card) on `data` (and `rollouts`, or with `online` fresh
     samples, drawn with probability `settings.mix`) by the training command, and saves the whole output
     (weights, tokenizer, card.json, curve.json, distill_config.json) by content as model `name` (a round's
-    checkpoint with `partition`), its card extended by `card`. Bad input stops before anything is
+    checkpoint with `partition`), its card extended by `card_fields`. Bad input stops before anything is
     launched. The work happens in work/<name>/<partition>/ under the store, kept when the training
     fails or is killed, so that with `checkpoint_every` a re-run with the same settings and inputs
     resumes it. Returns (card, curve)."""
@@ -52,30 +53,29 @@ def distill_and_save(context: dg.AssetExecutionContext, store: Store, name: str,
         raise ValueError(f"{name} is evaluated and served as a whole checkpoint: keep lora.merge true")
     for path in [*data, *rollouts]:
         rows = pq.read_table(path, columns=["sample_id", "k", "topk_ids"])
-        check_compatible(rows, start["vocab_size"], teacher["vocab_size"], settings.k)
+        check_compatible(rows, start.vocab_size, teacher.vocab_size, settings.k)
     work = store.root / "work" / name / (partition or "all")  # stable: a killed training resumes from it
     shutil.rmtree(work / "checkpoint", ignore_errors=True)  # a killed run's partial output (its resumable state stays)
     work.mkdir(parents=True, exist_ok=True)
     run = DistillCommand(
-        **settings.model_dump(include={*TrainingSettings.model_fields, "launch"}), student=start["path"],
+        **settings.model_dump(include={*TrainingSettings.model_fields, "launch"}), student=start.path,
         data=[str(p) for p in data], rollouts=[str(p) for p in rollouts],
-        output=str(work / "checkpoint"), teacher_vocab_size=teacher["vocab_size"], online=online,
+        output=str(work / "checkpoint"), teacher_vocab_size=teacher.vocab_size, online=online,
     )
     curve, reported = _launch_distill(context, run, work)
-    trained = {**json.loads((Path(run.output) / "card.json").read_text()), "name": name}
-    if reported.get("weights_hash") != trained["weights_hash"]:
-        raise RuntimeError(f"the training wrote weights {trained['weights_hash']} but reported {reported.get('weights_hash')} "
+    trained = ModelCard.model_validate_json((Path(run.output) / "card.json").read_text()).extended(name=name, **(card_fields or {}))
+    if reported.get("weights_hash") != trained.weights_hash:
+        raise RuntimeError(f"the training wrote weights {trained.weights_hash} but reported {reported.get('weights_hash')} "
                            "through Dagster Pipes (rank 0 reports them at the end): see the run's log for its output")
-    saved = store.save_model(name, {**trained, **(card or {})},
-                             lambda directory: shutil.copytree(run.output, directory), partition=partition)
+    saved = store.save_model(name, trained, lambda directory: shutil.copytree(run.output, directory), partition=partition)
     store.remove_work(work)
     return saved, curve
 
 
-def chat_templates(teacher: dict, student: dict) -> dict:
+def chat_templates(teacher: ModelCard, student: ModelCard) -> dict:
     """The two chat templates a distillation involves, for lineage: the teacher rendered the stored
     prompts with its own, the student trains on them rendered with its own (None: raw text)."""
-    return {"teacher_chat_template": teacher.get("chat_template_hash"), "student_chat_template": student.get("chat_template_hash")}
+    return {"teacher_chat_template": teacher.chat_template_hash, "student_chat_template": student.chat_template_hash}
 
 
 def curve_metrics(curve: list[dict]) -> dict:

@@ -23,19 +23,19 @@ def offline_student(context: dg.AssetExecutionContext, config: OfflineStudentCon
     read = OFFLINE_STUDENT.read(store, skip=not_chosen(config.train_on))
     student, teacher = read.cards["student_model"], read.cards["teacher_model"]
     card, curve = distill_and_save(context, store, "offline_student", config, student, teacher, store.shard_paths(config.train_on),
-                                   card={"objective": config.objective, "parent": student["weights_hash"]})
+                                   card_fields={"objective": config.objective, "parent": student.weights_hash})
     eval_rows = store.read_dataset("eval_set")
-    results = evaluate(*load_model(card["path"]), eval_rows, task_of(eval_rows), seed=config.seed)
+    results = evaluate(*load_model(card.path), eval_rows, task_of(eval_rows), seed=config.seed)
     metrics = {**curve_metrics(curve), **{f"eval_{name}": value for name, value in results.items()}}
     inputs = {**read.versions, **chat_templates(teacher, student)}
-    record_lineage(context, store, config, inputs, {**card, **metrics})
+    record_lineage(context, store, config, inputs, {**card.as_dict(), **metrics})
     return dg.MaterializeResult(
         metadata={
-            **metadata(metrics), "weights_hash": card["weights_hash"], "path": dg.MetadataValue.path(card["path"]),
+            **metadata(metrics), "weights_hash": card.weights_hash, "path": dg.MetadataValue.path(card.path),
             "trained_on": config.train_on, "inputs": dg.MetadataValue.json(inputs),
             "loss_curve": loss_curve(curve, "offline_student training loss"),
         },
-        data_version=dg.DataVersion(card["weights_hash"]),
+        data_version=dg.DataVersion(card.weights_hash),
     )
 
 

@@ -30,7 +30,7 @@ def model_directory(argv: list[str], scratch: Path) -> str:
     if len(argv) > 1:
         return argv[1]
     try:
-        return Store().read_card("teacher")["path"]
+        return Store().read_card("teacher").path
     except FileNotFoundError:
         model, tokenizer = build_embedded(TEACHER_ARCHITECTURE, seed=0)
         save_model(model, tokenizer, scratch / "teacher")

@@ -31,7 +31,7 @@ def load_engine(argv: list[str]) -> tuple[HFEngine, str]:
         return HFEngine.load(argv[1], batch_size=128), argv[1]
     try:
         card = Store().read_card("teacher")
-        return HFEngine.load(card["path"], batch_size=128), card["path"]
+        return HFEngine.load(card.path, batch_size=128), card.path
     except FileNotFoundError:
         model, tokenizer = build_embedded(TEACHER_ARCHITECTURE, seed=0)
         return HFEngine(model, tokenizer, batch_size=128), "untrained embedded teacher architecture"

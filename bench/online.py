@@ -49,7 +49,7 @@ def main() -> None:
     torch.set_num_threads(2)
     store = Store()
     try:
-        start, teacher = store.read_card(args.start)["path"], HFEngine.load(store.read_card("teacher")["path"], batch_size=128)
+        start, teacher = store.read_card(args.start).path, HFEngine.load(store.read_card("teacher").path, batch_size=128)
         fixed = store.read_dataset("teacher_labeled")
     except FileNotFoundError as error:
         raise SystemExit(f"{error}\nRun `make demo` first: the benchmark starts from its teacher and students.")

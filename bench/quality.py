@@ -41,7 +41,7 @@ from training.data.rollouts import feedback_table, sample_rollouts
 from training.engines.hf import HFEngine
 from training.engines.sampling import Sampling
 from training.evals.evaluate import evaluate
-from training.models.checkpoints import load_model
+from training.models.checkpoints import load_model, model_card
 from training.rounds.online import OnlineRollouts, OnlineSettings
 from training.schema.signal import SignalSettings
 from training.tasks.arithmetic import parse_prompt, problems
@@ -107,7 +107,7 @@ def online_rollouts(student, tokenizer, teacher: HFEngine, seed: int, steps: int
     pq.write_table(train_prompts(steps * BATCH, seed), f"{directory}/prompts.parquet")
     settings = OnlineSettings(prompts=f"{directory}/prompts.parquet", batches=f"{directory}/batches", teacher="-", k=K,
                               sampling=Sampling(n=1, temperature=1.0, max_new_tokens=96, seed=seed),
-                              teacher_card={"name": "teacher", "weights_hash": "-"}, task="arithmetic", pipelined=pipelined,
+                              teacher_card=model_card("teacher", teacher.model, teacher.tokenizer), task="arithmetic", pipelined=pipelined,
                               identity={"student": "start", "student_weights_hash": "-"})
     return OnlineRollouts(student, tokenizer, teacher, settings, BATCH)
 
@@ -117,8 +117,7 @@ def stored_rollouts(student, tokenizer, teacher: HFEngine, seed: int) -> pa.Tabl
     sampling = Sampling(n=2, temperature=1.0, max_new_tokens=96, seed=seed)
     rollouts, _ = sample_rollouts(HFEngine(student, tokenizer, batch_size=128), train_prompts(768, seed), sampling,
                                   {"student": "start", "student_weights_hash": "-"})
-    return feedback_table(teacher, None, rollouts, SignalSettings(k=K),
-                          {"name": "teacher", "weights_hash": "-"}, TASK)[0]
+    return feedback_table(teacher, None, rollouts, SignalSettings(k=K), model_card("teacher", teacher.model, teacher.tokenizer), TASK)[0]
 
 
 def mean_tokens(table: pa.Table) -> float:
@@ -162,11 +161,11 @@ def main() -> None:
     torch.set_num_threads(2)
     store = Store()
     try:
-        start, teacher_card = store.read_card(args.start)["path"], store.read_card("teacher")
+        start, teacher_card = store.read_card(args.start).path, store.read_card("teacher")
         labeled = store.read_dataset("teacher_labeled")
     except FileNotFoundError as error:
         raise SystemExit(f"{error}\nRun `make demo` first: the benchmark starts from its teacher, student and teacher_labeled.")
-    teacher = HFEngine.load(teacher_card["path"], batch_size=128)
+    teacher = HFEngine.load(teacher_card.path, batch_size=128)
     data = {"teacher_labeled": labeled, "ground_truth": ground_truth_table(teacher, labeled)}
     eval_problems = TASK.prompts("eval", args.eval_problems, 0)
     start_model, start_tokenizer = load_model(start)

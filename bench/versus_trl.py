@@ -86,7 +86,7 @@ def main() -> None:
     trl_venv()
     store = Store()
     try:
-        start, teacher_path = store.read_card(args.start)["path"], store.read_card("teacher")["path"]
+        start, teacher_path = store.read_card(args.start).path, store.read_card("teacher").path
         fixed = store.read_dataset("teacher_labeled")  # run_arm's fixed data: never drawn at λ = 1
     except FileNotFoundError as error:
         raise SystemExit(f"{error}\nRun `make demo` first: the benchmark starts from its teacher and students.")

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from storage.lineage import LINEAGE_SCHEMA
 from storage.shards import MANIFEST, ShardedWrite, current_link, write_json, write_parquet
+from training.schema.cards import ModelCard
 
 DEFAULT_HOME = ".distill"
 ROWS_PER_SHARD = 1 << 20  # rows per shard of a table written whole (`write_dataset`)
@@ -140,10 +141,10 @@ class Store:
         suffix = f"-{round_key}" if round_key else ""
         return self.append_file("evals", table, f"part-{run_id}{suffix}.parquet")
 
-    def save_model(self, name: str, card: dict, save, partition: str | None = None) -> dict:
+    def save_model(self, name: str, card: ModelCard, save, partition: str | None = None) -> ModelCard:
         """Saves a checkpoint by content (save(directory) writes it) and makes it `name`'s current card
         (or, given a partition, that partition's card); the card read back has its absolute `path`."""
-        final = self.root / "models" / name / card["weights_hash"]
+        final = self.root / "models" / name / card.weights_hash
         if not final.exists():
             temp = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp"
             try:
@@ -151,27 +152,29 @@ class Store:
                 os.replace(temp, final)
             finally:
                 shutil.rmtree(temp, ignore_errors=True)
-        self.write_card(name, {**card, "store_path": str(final.relative_to(self.root))}, partition)
+        self.write_card(name, card, partition, store_path=final.relative_to(self.root))
         return self.read_card(name, partition)
 
     def card_path(self, name: str, partition: str | None = None) -> Path:
         base = self.root / "models" / name
         return (base / f"round={partition}" if partition else base) / "card.json"
 
-    def write_card(self, name: str, card: dict, partition: str | None = None) -> None:
+    def write_card(self, name: str, card: ModelCard, partition: str | None = None, store_path: Path | None = None) -> None:
+        """card.json; `store_path`: the checkpoint's directory in this store, kept relative so that the
+        store can be moved or copied (`read_card` makes it the card's absolute `path`)."""
         path = self.card_path(name, partition)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(card, path)
+        write_json({**card.as_dict(), **({"store_path": str(store_path)} if store_path else {})}, path)
 
-    def read_card(self, name: str, partition: str | None = None) -> dict:
+    def read_card(self, name: str, partition: str | None = None) -> ModelCard:
         path = self.card_path(name, partition)
         if not path.exists():
             where = f" for round {partition}" if partition else ""
             raise FileNotFoundError(f"model {name!r} has no checkpoint{where} yet: materialize the `{name}` asset{where} first")
-        card = json.loads(path.read_text())
-        if "store_path" in card:  # a checkpoint in this store: relative, so the store can be moved or copied
-            card["path"] = str(self.root / card.pop("store_path"))
-        return card
+        fields = json.loads(path.read_text())
+        if "store_path" in fields:  # a checkpoint in this store
+            fields["path"] = str(self.root / fields.pop("store_path"))
+        return ModelCard(**fields)
 
 
 EVALS_SCHEMA = pa.schema(

@@ -18,7 +18,7 @@ from training.engines.sampling import Sampling
 from training.launch.command import DistillCommand, run
 from training.launch.report import printed
 from training.launch.settings import LaunchSettings
-from training.models.checkpoints import load_model
+from training.models.checkpoints import load_model, model_card
 from training.rounds.online import OnlineRollouts, OnlineSettings
 from training.tasks.arithmetic import problems
 from training.trainer.loop import train_student
@@ -151,7 +151,7 @@ def test_online_rollouts_append_each_on_policy_batch_with_its_policy_step(tiny_m
     pq.write_table(pa.table({"prompt_id": [f"p{i}" for i in range(6)], "prompt": [p.prompt for p in arithmetic],
                              "answer": [str(p.answer) for p in arithmetic]}), tmp_path / "prompts.parquet")
     settings = OnlineSettings(prompts=str(tmp_path / "prompts.parquet"), batches=str(tmp_path / "batches"), teacher=str(tiny_model_dir),
-                              teacher_card={"name": "teacher", "weights_hash": "t"}, task="arithmetic", k=8,
+                              teacher_card=model_card("teacher", model, tokenizer), task="arithmetic", k=8,
                               sampling=Sampling(n=2, temperature=1.0, max_new_tokens=16),
                               identity={"student": "student", "student_weights_hash": "s"})
     online = OnlineRollouts(model, tokenizer, settings.teacher_engine("cpu"), settings, batch_size=8)

@@ -18,6 +18,7 @@ from training.engines.base import EngineRequestsFailed
 from training.engines.cache import CachedEngine, TeacherCache
 from training.engines.openai import OpenAIEngine
 from training.engines.sampling import Sampling
+from training.models.checkpoints import model_card
 from training.schema.signal import signal_columns, signals_from_columns
 
 
@@ -75,7 +76,7 @@ def test_api_key_comes_from_the_environment(hf_engine, vllm_server, tiny_model_d
     from assets.resources import ModelEngine
 
     resource = ModelEngine(backend="openai", base_urls=[vllm_server], api_key_env="DISTILL_TEST_KEY", cache=False)
-    card = {"path": str(tiny_model_dir)}
+    card = model_card("tiny", hf_engine.model, hf_engine.tokenizer).extended(path=str(tiny_model_dir))
     monkeypatch.delenv("DISTILL_TEST_KEY", raising=False)
     with pytest.raises(Exception, match="api_key_env"):
         resource.load(card)

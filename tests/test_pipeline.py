@@ -74,7 +74,7 @@ def test_offline_graph_end_to_end(instance, distill_home, tiny_offline_run, caps
     row = labeled.slice(0, 1).to_pylist()[0]
     assert len(row["topk_ids"]) == len(row["completion_token_ids"]) == row["num_tokens"] > 0
     assert len(row["topk_ids"][0]) == row["k"] == 8
-    assert row["teacher_weights_hash"] == store.read_card("teacher")["weights_hash"]
+    assert row["teacher_weights_hash"] == store.read_card("teacher").weights_hash
     assert row["logprob_mode"] == "raw" and row["codec"] == "topk-v1" and row["temperature"] == 1.0
     assert json.loads(row["sampling"]) == {"n": 2, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 40, "seed": 0}
     assert row["run_id"] == result.run_id and len(row["sample_id"]) == 16
@@ -104,7 +104,7 @@ def test_offline_graph_end_to_end(instance, distill_home, tiny_offline_run, caps
     figures = [entry.value for entries in (metadata, offline) for entry in entries.values() if isinstance(entry.value, float)]
     assert len(figures) > 5 and all(figure == rounded(figure) for figure in figures)  # the UI shows 4 significant digits
     assert rounded(0.04799999999999993) == 0.048 and rounded(-0.00084449) == -0.0008445 and rounded(3.0) == 3.0
-    checkpoint = Path(store.read_card("offline_student")["path"])
+    checkpoint = Path(store.read_card("offline_student").path)
     assert (checkpoint / "model.safetensors").exists() and len(json.loads((checkpoint / "curve.json").read_text())) == 20
     assert distill(["--home", str(distill_home), "query", "SELECT count(*) AS n FROM teacher_labeled"]) == 0
     assert "48" in capsys.readouterr().out
@@ -139,8 +139,8 @@ def test_configured_model_is_recorded_not_trained(instance, distill_home, tiny_m
     result = materialize(instance, selection=[teacher_model], teacher_model={"model": str(tiny_model_dir)})
     assert result.success
     card = Store(distill_home).read_card("teacher")
-    assert card["path"] == str(tiny_model_dir) and card["vocab_size"] == 300
-    assert "train_steps" not in card and len(card["tokenizer_hash"]) == 16
+    assert card.path == str(tiny_model_dir) and card.vocab_size == 300
+    assert card.train_steps is None and len(card.tokenizer_hash) == 16
 
 
 def test_unloadable_model_fails_before_any_work(instance, distill_home):

@@ -62,13 +62,13 @@ def test_two_rounds_end_to_end_with_lineage(instance, offline, distill_home, cap
     second = run_round(instance, "r002")
     assert second.success
 
-    offline_hash = offline.read_card("offline_student")["weights_hash"]
+    offline_hash = offline.read_card("offline_student").weights_hash
     r001, r002 = offline.read_card("student_checkpoint", "r001"), offline.read_card("student_checkpoint", "r002")
-    assert r001["parent_checkpoint"] == offline_hash and r002["parent_checkpoint"] == r001["weights_hash"]
-    assert r001["weights_hash"] != r002["weights_hash"]
+    assert r001.parent_checkpoint == offline_hash and r002.parent_checkpoint == r001.weights_hash
+    assert r001.weights_hash != r002.weights_hash
 
     rollouts = offline.read_dataset("student_rollouts", "r002")
-    assert rollouts.num_rows == 24 and set(rollouts["student_weights_hash"].to_pylist()) == {r001["weights_hash"]}
+    assert rollouts.num_rows == 24 and set(rollouts["student_weights_hash"].to_pylist()) == {r001.weights_hash}
     assert json.loads(rollouts["sampling"][0].as_py())["temperature"] == 1.0
     assert rollouts["prompt_id"].to_pylist() != offline.read_dataset("student_rollouts", "r001")["prompt_id"].to_pylist()
 
@@ -91,13 +91,13 @@ def test_two_rounds_end_to_end_with_lineage(instance, offline, distill_home, cap
         ("r002", "teacher_feedback", "r001"),
     ]
     assert {r[3] for r in lineage if r[0] == "r001"} == {offline_hash}
-    assert {r[3] for r in lineage if r[0] == "r002"} == {r001["weights_hash"]}
+    assert {r[3] for r in lineage if r[0] == "r002"} == {r001.weights_hash}
 
     _, table = query(offline, "SELECT round, parent, parent_checkpoint, checkpoint, greedy_exact_match, improvement "
                               "FROM rounds ORDER BY round")
     assert [(r[0], r[1], r[2], r[3]) for r in table] == [
-        ("r001", "offline_student", offline_hash, r001["weights_hash"]),
-        ("r002", "student_checkpoint[r001]", r001["weights_hash"], r002["weights_hash"]),
+        ("r001", "offline_student", offline_hash, r001.weights_hash),
+        ("r002", "student_checkpoint[r001]", r001.weights_hash, r002.weights_hash),
     ]
     _, evals = query(offline, "SELECT round, count(*) FROM evals WHERE model = 'student_checkpoint' GROUP BY round ORDER BY round")
     assert evals == [("r001", 6), ("r002", 6)]  # exact match greedy and sampled, and the four task-free metrics
@@ -176,10 +176,10 @@ def test_online_round_appends_every_batch_it_trains_on(instance, offline):
     _, per_step = query(offline, "SELECT policy_step, trained_at_step, max(staleness), count(*) FROM online_feedback "
                                  "WHERE round = 'r001' GROUP BY ALL ORDER BY 1")
     assert per_step == [(step, step, 0, 8) for step in range(8)]
-    assert set(batches["student_weights_hash"].to_pylist()) == {offline.read_card("offline_student")["weights_hash"]}
+    assert set(batches["student_weights_hash"].to_pylist()) == {offline.read_card("offline_student").weights_hash}
     assert len(set(batches["prompt_id"].to_pylist())) == 10  # 4 prompts per step, cycling through the round's 10
     first = batches.filter(pc.equal(batches["policy_step"], 0))  # sampled before any update: by offline_student
-    sampled_logprobs_match_a_scoring_pass(first, offline.read_card("offline_student")["path"])
+    sampled_logprobs_match_a_scoring_pass(first, offline.read_card("offline_student").path)
     row = batches.slice(0, 1).to_pylist()[0]
     assert row["log_ratio_sum"] == pytest.approx(sum(row["student_token_logprob"]) - sum(row["token_logprob"]), abs=1e-4)
     assert not offline.has_dataset("student_rollouts", "r001") and not offline.has_dataset("teacher_feedback", "r001")

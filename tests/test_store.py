@@ -1,12 +1,20 @@
+import json
+
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pydantic import ValidationError
 
 from pipelines.cli import main as distill
 from storage.catalog import query, refresh_catalog
 from storage.store import Store
+from training.schema.cards import ModelCard
 from training.schema.tables import with_content_id
+
+CONFIGURED_CARD = {"name": "Qwen/Qwen3-0.6B", "revision": None, "weights_hash": "abc", "num_parameters": 596049920,
+                   "vocab_size": 151936, "tokenizer_size": 151669, "tokenizer_hash": "t", "chat_template_hash": "c",
+                   "path": "Qwen/Qwen3-0.6B", "context_length": 40960}  # a configured model's card.json
 
 
 def test_a_new_version_replaces_the_old_at_once_and_a_crash_leaves_the_old(tmp_path, monkeypatch):
@@ -63,14 +71,29 @@ def test_a_store_of_single_files_moves_to_versions_on_its_next_write(tmp_path):
 def test_a_moved_store_keeps_its_datasets_and_checkpoints(tmp_path):
     store = Store(tmp_path / "here")
     store.write_dataset("teacher_labeled", pa.table({"x": [1, 2]}))
-    card = store.save_model("teacher", {"weights_hash": "abc"}, lambda directory: directory.mkdir(parents=True))
-    assert card["path"] == str(tmp_path / "here" / "models" / "teacher" / "abc")
+    card = store.save_model("teacher", ModelCard(**CONFIGURED_CARD), lambda directory: directory.mkdir(parents=True))
+    assert card.path == str(tmp_path / "here" / "models" / "teacher" / "abc")
+    assert json.loads(store.card_path("teacher").read_text())["store_path"] == "models/teacher/abc"
     (tmp_path / "here").rename(tmp_path / "there")
     moved = Store(tmp_path / "there")
     assert moved.read_dataset("teacher_labeled")["x"].to_pylist() == [1, 2]
-    assert moved.read_card("teacher")["path"] == str(tmp_path / "there" / "models" / "teacher" / "abc")
+    assert moved.read_card("teacher").path == str(tmp_path / "there" / "models" / "teacher" / "abc")
     refresh_catalog(moved)
     assert query(moved, "SELECT sum(x) FROM teacher_labeled")[1] == [(3,)]
+
+
+def test_a_card_json_reads_and_writes_back_with_exactly_its_keys(tmp_path):
+    """An existing store's card.json loads as it is (its null revision kept) and is written back the
+    same; a field no card declares fails where the card is built."""
+    store = Store(tmp_path)
+    store.card_path("teacher").parent.mkdir(parents=True)
+    store.card_path("teacher").write_text(json.dumps(CONFIGURED_CARD))
+    card = store.read_card("teacher")
+    assert card.revision is None and card.train_steps is None and card.as_dict() == CONFIGURED_CARD
+    store.write_card("student", card)
+    assert json.loads(store.card_path("student").read_text()) == CONFIGURED_CARD
+    with pytest.raises(ValidationError, match="train_step"):
+        card.extended(train_step=900)
 
 
 def test_missing_dataset_names_the_asset(tmp_path):

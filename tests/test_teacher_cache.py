@@ -100,7 +100,7 @@ def test_labeling_on_vllm_a_full_cache_hit_on_rerun_and_two_handles_in_turn(inst
     card = store.read_card("teacher")
     teacher = vllm_engine_resource.load(card)
     student = ModelEngine(backend="vllm", max_model_len=128, max_logprobs=K).load(card)
-    reference_engine = HFEngine.load(card["path"], batch_size=16)
+    reference_engine = HFEngine.load(card.path, batch_size=16)
     rollouts = first.select(["prompt_token_ids", "completion_token_ids"]).slice(0, 6)
     columns, _ = score_rollouts(teacher, student, rollouts, SignalSettings(k=K))
     reference, _ = score_rollouts(reference_engine, reference_engine, rollouts, SignalSettings(k=K))

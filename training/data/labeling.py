@@ -15,6 +15,7 @@ from pydantic import Field
 from training.engines.base import Engine
 from training.engines.sampling import Sampling
 from training.models.chat import prompt_ids_for, prompt_rendering, render
+from training.schema.cards import ModelCard
 from training.schema.signal import CODEC, LOGPROB_MODE, SignalSettings, signal_columns, signal_statistics
 from training.schema.tables import join_prompts, with_constants, with_content_id
 
@@ -129,7 +130,7 @@ def label(
     return Labeled(with_columns(responses, signal), dropped, truncated, statistics)
 
 
-def label_table(engine: Engine, prompts: pa.Table, settings: LabelingSettings, card: dict, task: "Task", run_id: str,
+def label_table(engine: Engine, prompts: pa.Table, settings: LabelingSettings, card: ModelCard, task: "Task", run_id: str,
                 id_columns: tuple = (), shard: int = 0) -> tuple[pa.Table, dict]:
     """Teacher responses to `prompts` (prompt_id, prompt, answer, and any extra columns, carried onto
     each response) with the sparse signal, the task's verdict (`correct`) and the teacher's identity;
@@ -141,8 +142,8 @@ def label_table(engine: Engine, prompts: pa.Table, settings: LabelingSettings, c
     table = join_prompts(labeled.table, prompts.drop_columns([c for c in ("task", "source", "run_id") if c in prompts.column_names]))
     table = table.append_column("correct", task.verify(table["completion"], table["answer"]))
     table = with_constants(
-        table, teacher=card["name"], teacher_revision=card.get("revision"), teacher_weights_hash=card["weights_hash"],
-        tokenizer_hash=card["tokenizer_hash"], sampling=sampling.as_json(), run_id=run_id,
+        table, teacher=card.name, teacher_revision=card.revision, teacher_weights_hash=card.weights_hash,
+        tokenizer_hash=card.tokenizer_hash, sampling=sampling.as_json(), run_id=run_id,
     )
     identity = ["prompt_id", "sample_index", "completion_token_ids", "teacher_weights_hash", "sampling", *id_columns]
     table = with_content_id(table, "sample_id", identity)

@@ -25,6 +25,7 @@ from training.data.labeling import finished_share, sample, score, with_columns
 from training.engines.base import Engine
 from training.engines.sampling import Sampling
 from training.models.chat import with_conversation_columns
+from training.schema.cards import ModelCard
 from training.schema.signal import SignalSettings
 from training.schema.tables import join_prompts, parquet, with_constants, with_content_id
 
@@ -104,13 +105,13 @@ def score_rollouts(teacher: Engine, student: Engine | None, rollouts: pa.Table, 
     return columns, statistics
 
 
-def feedback_table(teacher: Engine, student: Engine | None, rollouts: pa.Table, settings: SignalSettings, teacher_card: dict,
+def feedback_table(teacher: Engine, student: Engine | None, rollouts: pa.Table, settings: SignalSettings, teacher_card: ModelCard,
                    task: "Task") -> tuple[pa.Table, dict]:
     """The rollouts with the teacher's feedback: the columns of `score_rollouts`, the task's `reward`
     (null without a reference answer) and the teacher's identity; returns (table, metrics)."""
     columns, statistics = score_rollouts(teacher, student, rollouts, settings)
     reward = pc.cast(task.verify(rollouts["completion"], rollouts["answer"]), pa.float64())
     table = with_columns(rollouts, columns).append_column("reward", reward)
-    table = with_constants(table, teacher=teacher_card["name"], teacher_weights_hash=teacher_card["weights_hash"])
+    table = with_constants(table, teacher=teacher_card.name, teacher_weights_hash=teacher_card.weights_hash)
     metrics = {**statistics, "mean_reward": pc.mean(reward).as_py(), "mean_log_ratio_sum": pc.mean(table["log_ratio_sum"]).as_py()}
     return table, metrics

@@ -20,6 +20,7 @@ from training.engines.sampling import Sampling
 from training.models.batches import completion_positions
 from training.models.chat import render
 from training.models.checkpoints import load_model
+from training.schema.cards import ModelCard
 from training.tasks import Task
 from training.trainer.divergences import forward_kl, reverse_kl
 from training.trainer.losses import nll, student_logprobs_at
@@ -105,19 +106,19 @@ def evaluate(student, tokenizer, prompts: pa.Table, task: Task, teacher=None, se
     return metrics
 
 
-def evaluate_checkpoints(cards: dict[str, dict], teacher_card: dict, prompts: pa.Table, task: Task, seed: int = 0,
+def evaluate_checkpoints(cards: dict[str, ModelCard], teacher_card: ModelCard, prompts: pa.Table, task: Task, seed: int = 0,
                          log=print) -> dict[str, dict[str, float]]:
     """`evaluate` for each named model card; every model but the teacher itself also gets the
     task-free metrics against the teacher, on one set of teacher samples. Returns name → metrics."""
-    teacher, teacher_tokenizer = load_model(teacher_card["path"], teacher_card.get("revision"))
+    teacher, teacher_tokenizer = load_model(teacher_card.path, teacher_card.revision)
     responses = None
     results = {}
     for name, card in cards.items():
-        if card["weights_hash"] == teacher_card["weights_hash"]:  # the teacher itself: no divergence to itself
+        if card.weights_hash == teacher_card.weights_hash:  # the teacher itself: no divergence to itself
             results[name] = evaluate(teacher, teacher_tokenizer, prompts, task, None, seed)
         else:
             responses = responses or teacher_samples(teacher, teacher_tokenizer, prompts, seed)
-            model, tokenizer = load_model(card["path"], card.get("revision"))
+            model, tokenizer = load_model(card.path, card.revision)
             results[name] = evaluate(model, tokenizer, prompts, task, teacher, seed, teacher_tokenizer=teacher_tokenizer,
                                      teacher_responses=responses)
         log(f"{name}: {results[name]}")

@@ -95,11 +95,11 @@ def run(config: DistillCommand, reporter: Reporter) -> list[dict]:
         else:
             save_model(model, tokenizer, output, weights)
         card = model_card("", model, tokenizer, weights=weights)
-        (output / "card.json").write_text(json.dumps(card))
+        (output / "card.json").write_text(json.dumps(card.as_dict()))
         (output / "curve.json").write_text(json.dumps(curve))
         (output / "distill_config.json").write_text(config.model_dump_json(indent=2))
         shutil.rmtree(state_dir, ignore_errors=True)  # trained: nothing left to resume
-        reporter.result(config.steps, curve[-1]["loss"], card["weights_hash"])
+        reporter.result(config.steps, curve[-1]["loss"], card.weights_hash)
     parallel.barrier()
     return curve
 

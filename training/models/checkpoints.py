@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from training.models.tokenizer import build_char_tokenizer, chat_template_hash, tokenizer_hash
+from training.schema.cards import ModelCard
 
 
 @dataclass(frozen=True)
@@ -107,19 +108,19 @@ def weights_hash(model_or_state) -> str:
     return digest.hexdigest()[:16]
 
 
-def model_card(name: str, model, tokenizer, revision: str | None = None, weights: dict | None = None) -> dict:
+def model_card(name: str, model, tokenizer, revision: str | None = None, weights: dict | None = None) -> ModelCard:
     """What identifies a model in lineage: name, revision or weights hash (of `weights` when given: a
     model sharded over processes, gathered), vocab, tokenizer hashes."""
-    return {
-        "name": name,
-        "revision": revision,
-        "weights_hash": weights_hash(model if weights is None else weights),
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-        "vocab_size": model.config.vocab_size,
-        "tokenizer_size": len(tokenizer),
-        "tokenizer_hash": tokenizer_hash(tokenizer),
-        "chat_template_hash": chat_template_hash(tokenizer),
-    }
+    return ModelCard(
+        name=name,
+        revision=revision,
+        weights_hash=weights_hash(model if weights is None else weights),
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        vocab_size=model.config.vocab_size,
+        tokenizer_size=len(tokenizer),
+        tokenizer_hash=tokenizer_hash(tokenizer),
+        chat_template_hash=chat_template_hash(tokenizer),
+    )
 
 
 def save_model(model, tokenizer, directory: Path, weights: dict | None = None) -> None:

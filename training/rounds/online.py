@@ -34,6 +34,7 @@ from training.data.rollouts import feedback_table, sample_rollouts
 from training.engines.base import Engine
 from training.engines.hf import HFEngine
 from training.engines.sampling import Sampling
+from training.schema.cards import ModelCard
 from training.schema.signal import SignalSettings
 from training.schema.tables import with_constants
 from training.tasks import get_task
@@ -46,7 +47,7 @@ class OnlineSettings(SignalSettings):
     prompts: str = Field(description="Parquet file of the round's prompts (prompt_id, prompt, messages, system_prompt, answer)")
     batches: str = Field(description="directory the scored batches are written to, one Parquet file per on-policy step")
     teacher: str = Field(description="the teacher's checkpoint directory or hub id")
-    teacher_card: dict = Field(description="the teacher's model card (name, weights_hash), stamped on every row")
+    teacher_card: ModelCard = Field(description="the teacher's model card: its name and weights_hash are stamped on every row")
     task: str = Field("none", description="the task that verifies rewards (training/tasks)")
     sampling: Sampling = Field(Sampling(n=1, temperature=1.0, max_new_tokens=96),
                                description="how the student samples (GKD: T = 1); each step with the seed "
