@@ -35,7 +35,8 @@ def quick():
 
 
 def slot_holders(instance) -> set[str]:
-    return set(instance.event_log_storage.get_concurrency_run_ids())
+    """The runs that hold a claimed slot of the pool (a run whose step is only pending holds none yet)."""
+    return {slot.run_id for slot in instance.event_log_storage.get_concurrency_info("accelerator").claimed_slots}
 
 
 def killed_holder(instance, env: dict) -> str:
