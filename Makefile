@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 export DISTILL_HOME ?= $(CURDIR)/.distill
 export DAGSTER_HOME ?= $(DISTILL_HOME)/dagster
+TEST_WORKERS ?= 2  # pytest-xdist workers for `make test` (tests/conftest.py says what they share)
 
 .PHONY: install browser demo test ui validate bench clean
 
@@ -29,7 +30,7 @@ demo: $(INSTALLED)
 
 test: $(INSTALLED) browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 ui: $(INSTALLED)
 	$(BIN)/python -m pipelines.instance  # pool accelerator: one model-heavy step at a time

@@ -1,13 +1,23 @@
-"""Shared fixtures: tiny real chat models on disk, a vLLM engine and server on one of them, and a fresh
-DISTILL_HOME / DAGSTER_HOME per test."""
+"""Shared fixtures: tiny real chat models on disk, a vLLM engine and server on one of them, the tiny
+offline graph's store, and a fresh DISTILL_HOME / DAGSTER_HOME per test.
+
+`make test` runs the suite on two pytest-xdist workers, a test file at a time on each (`-n 2 --dist
+loadfile`: a file's tests share its module fixtures and the vLLM server), the longest files first
+(`LONGEST_FILES`), and what tests of several files share is built once for the whole run
+(`built_once`). `pytest` without `-n` runs them all in
+one process. (`--dist loadgroup` would group tests across files, but pytest-xdist 3.8 cannot tag
+pytest 9's node ids with their group.)"""
 
 import contextlib
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub at test time: everything is built locally
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -22,7 +32,29 @@ import torch
 from training.models.checkpoints import save_model
 from training.tasks.arithmetic import problems
 
-torch.set_num_threads(2)
+# one thread per process, here and in the processes the tests start: the tiny models' matrices gain
+# nothing from a second, and on cores shared with the other worker two threads wait on each other
+# (a round's eval took 104 s on two threads and 3.5 s on one, with other work running)
+torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, … under pytest-xdist; None in one process
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(directory)` once for the whole test run, in a directory every worker reads: under
+    pytest-xdist the first worker to ask builds it while the others wait on a file lock (the pattern
+    pytest-xdist documents); a build that failed is tried again by the next."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    directory = (root.parent if WORKER else root) / name
+    with FileLock(f"{directory}.lock"):
+        if not (directory / ".built").exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            build(directory)
+            (directory / ".built").touch()
+    return directory
 
 
 CHATML = (
@@ -63,7 +95,8 @@ def build_chat_pair(directory):
 
 @pytest.fixture(scope="session")
 def chat_pair(tmp_path_factory):
-    return build_chat_pair(tmp_path_factory.mktemp("chat_pair"))
+    directory = built_once(tmp_path_factory, "chat_pair", build_chat_pair)
+    return {name: directory / name for name in ("teacher", "student")}
 
 
 @pytest.fixture(scope="session")
@@ -94,32 +127,65 @@ SERVER_API_KEY = "test-key-from-the-environment"
 
 
 @pytest.fixture(scope="session")
-def vllm_engine(tiny_model_dir):
-    """One offline vLLM engine on the tiny checkpoint for the whole session (start-up ~30 s)."""
+def resident_vllm_engine():
+    """Holds the tests' offline vLLM engine for the session (see `vllm_engine`); closed at its end."""
+    held = {}
+    yield held
+    if held:
+        held.pop("engine").close()
+
+
+@pytest.fixture
+def vllm_engine(resident_vllm_engine, tiny_model_dir):
+    """One offline vLLM engine on the tiny checkpoint, shared by the tests (start-up ~15 s). Its engine
+    core runs in this process, whose vLLM parallel state every in-process engine shares: when another
+    engine's shutdown took it down (test_teacher_cache's), the shared engine is started again."""
+    from vllm.distributed.parallel_state import model_parallel_is_initialized
+
     from training.engines.vllm import VLLMEngine
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    engine = VLLMEngine(str(tiny_model_dir), max_model_len=128, max_logprobs=16)
-    yield engine
-    engine.close()
+    if not resident_vllm_engine or not model_parallel_is_initialized():
+        if resident_vllm_engine:
+            resident_vllm_engine.pop("engine").close()
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        resident_vllm_engine["engine"] = VLLMEngine(str(tiny_model_dir), max_model_len=128, max_logprobs=16)
+    return resident_vllm_engine["engine"]
+
+
+# the files that take a worker longest (seconds on 2 cores, both workers busy), dealt out first so
+# that the short ones fill in at the end (`--no-loadscope-reorder` keeps this order)
+LONGEST_FILES = {"test_distill.py": 120, "test_docs.py": 87, "test_sharded_work.py": 65, "test_rounds.py": 63, "test_ui.py": 57,
+                 "test_engine_openai.py": 53, "test_dead_runs.py": 45, "test_chat.py": 35, "test_teacher_cache.py": 34,
+                 "test_curated_pipeline.py": 26, "test_pool.py": 21}
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: -LONGEST_FILES.get(item.path.name, 0))  # stable: a file's tests keep their order
 
 
 @pytest.hookimpl(trylast=True)  # after -k and -m deselected what they deselect
-def pytest_collection_modifyitems(config, items):
-    config.starts_vllm_server = any("vllm_server" in item.fixturenames for item in items)
-    background = [item for item in items if "offline_graph" in item.fixturenames]
-    items[:] = [item for item in items if item not in background] + background  # they read the background graph: last
-    config.starts_offline_graph = bool(background)
+def pytest_collection_finish(session):
+    """In one process, the vLLM server starts before the first test, so that its start-up overlaps them."""
+    session.config.starts_vllm_server = not WORKER and any("vllm_server" in item.fixturenames for item in session.items)
 
 
 @contextlib.contextmanager
-def niced_process(command: list[str], log_path, env: dict):
-    """`command` in the background at the lowest CPU priority (nice 19), so that it takes the cores only
-    where the tests leave them idle; output to `log_path`; stopped on exit if still running."""
+def served_tiny_model(tiny_model_dir, log_path, niceness: int = 0):
+    """A real `vllm.entrypoints.openai.api_server` on the tiny checkpoint, on 127.0.0.1 (in the
+    background at `niceness` 19, it takes the cores where the tests leave them idle); it requires an
+    API key, given to it (and to the engines) through the environment only. Yields (process, port, log
+    path); stopped on exit."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_API_KEY": SERVER_API_KEY}
+    command = ["nice", "-n", str(niceness), sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir),
+               "--host", "127.0.0.1", "--port", str(port), "--max-logprobs", str(VLLM_MAX_LOGPROBS),
+               "--dtype", "float32", "--max-model-len", "128", "--enforce-eager"]
     with open(log_path, "w") as log:
-        process = subprocess.Popen(["nice", "-n", "19", *command], stdout=log, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            yield process
+            yield process, port, log_path
         finally:
             process.terminate()
             try:
@@ -130,83 +196,43 @@ def niced_process(command: list[str], log_path, env: dict):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def offline_graph_process(request, tmp_path_factory):
-    """test_distillation_works's offline graph (a teacher trained to its target: ~4 min on one core),
-    executed by Dagster in a background process launched before the first test, on one thread
-    (`niced_process`): it trains on the cycles the other tests leave idle (most of them keep one core
-    busy, or wait on processes they start)."""
-    if not request.config.starts_offline_graph:
-        yield None
-        return
-    home = tmp_path_factory.mktemp("offline_graph")
-    (home / "dagster").mkdir()
-    env = {**os.environ, "DISTILL_HOME": str(home / "distill"), "DAGSTER_HOME": str(home / "dagster"), "OMP_NUM_THREADS": "1"}
-    script = os.path.join(os.path.dirname(__file__), "test_distillation_works.py")
-    with niced_process([sys.executable, script], home / "graph.log", env) as process:
-        yield process, home
-
-
-@pytest.fixture(scope="session")
-def offline_graph(offline_graph_process):
-    """The home (distill/, dagster/) of the background offline graph, once it finished successfully."""
-    process, home = offline_graph_process
-    try:
-        process.wait(timeout=1200)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        raise
-    assert process.returncode == 0, (home / "graph.log").read_text()[-4000:]
-    return home
-
-
-@pytest.fixture(scope="session", autouse=True)
 def vllm_server_process(request, tmp_path_factory):
-    """One real `vllm.entrypoints.openai.api_server` on 127.0.0.1 for the session, launched before the
-    first test when any collected test needs it, so that its start-up (~40 s) overlaps other tests
-    (`niced_process`).
-    It requires an API key, given to it (and to the engines) through the environment only."""
+    """In one process, the session's vLLM server, launched before the first test when any collected
+    test needs it (start-up ~40 s)."""
     if not request.config.starts_vllm_server:
         yield None
         return
-    tiny_model_dir = request.getfixturevalue("tiny_model_dir")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     log_path = tmp_path_factory.mktemp("vllm_server") / "server.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_API_KEY": SERVER_API_KEY}
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir),
-               "--host", "127.0.0.1", "--port", str(port), "--max-logprobs", str(VLLM_MAX_LOGPROBS),
-               "--dtype", "float32", "--max-model-len", "128", "--enforce-eager"]
-    with niced_process(command, log_path, env) as server:
-        yield server, port, log_path
+    with served_tiny_model(request.getfixturevalue("tiny_model_dir"), log_path, niceness=19) as served:
+        yield served
 
 
 @pytest.fixture(scope="session")
-def vllm_server(vllm_server_process):
-    """The base URL of the session's vLLM server, once it answers /health."""
-    server, port, log_path = vllm_server_process
-    base_url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError(f"the vLLM server did not start; see {log_path}")
-            time.sleep(1)
-    return base_url
+def vllm_server(vllm_server_process, tiny_model_dir, tmp_path_factory):
+    """The base URL of the session's vLLM server, once it answers /health (under pytest-xdist started
+    here, by the worker that runs the first test that needs it)."""
+    with contextlib.ExitStack() as stack:
+        served = vllm_server_process or stack.enter_context(
+            served_tiny_model(tiny_model_dir, tmp_path_factory.mktemp("vllm_server") / "server.log"))
+        server, port, log_path = served
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    server.kill()
+                    raise RuntimeError(f"the vLLM server did not start; see {log_path}")
+                time.sleep(1)
+        yield f"http://127.0.0.1:{port}/v1"
 
 
-@pytest.fixture(scope="session")
-def tiny_offline_run(tmp_path_factory):
-    """The whole offline graph with its checks at test_pipeline's tiny settings, materialized once per
-    session in a store and Dagster home of its own: (store path, run result, the log lines streamed
-    from the `offline_student` step). Tests that change a store take a copy (`copy_store`)."""
+def build_tiny_offline_run(home: Path):
+    """The whole offline graph with its checks at test_pipeline's tiny settings, in `home`'s store and
+    Dagster home; what the tests read of the run goes to `home/run.json`."""
     from test_pipeline import ASSETS, CHECKS, RESOURCES, run_config
 
-    home = tmp_path_factory.mktemp("tiny_offline")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DISTILL_HOME", str(home / "distill"))
         patch.setenv("DAGSTER_HOME", str(home / "dagster"))
@@ -216,14 +242,24 @@ def tiny_offline_run(tmp_path_factory):
             result = dg.materialize(ASSETS + CHECKS, instance=instance, resources=RESOURCES, run_config=run_config(names),
                                     raise_on_error=False)
             streamed = [entry.user_message for entry in instance.all_logs(result.run_id) if entry.step_key == "offline_student"]
-    return home / "distill", result, streamed
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    (home / "run.json").write_text(json.dumps({"success": result.success, "run_id": result.run_id, "checks": checks, "streamed": streamed}))
+
+
+@pytest.fixture(scope="session")
+def tiny_offline_run(tmp_path_factory):
+    """The tiny offline graph, materialized once per test run (`built_once`): (store path, what the tests
+    read of the run: success, run_id, checks, the log lines streamed from the `offline_student` step;
+    its DAGSTER_HOME). Tests that change a store take a copy (`copy_store`)."""
+    home = built_once(tmp_path_factory, "tiny_offline", build_tiny_offline_run)
+    return home / "distill", json.loads((home / "run.json").read_text()), home / "dagster"
 
 
 @pytest.fixture(scope="session")
 def tiny_offline_store(tiny_offline_run):
     """The tiny offline graph's store (see `tiny_offline_run`), once it materialized."""
-    path, result, _ = tiny_offline_run
-    assert result.success
+    path, run, _ = tiny_offline_run
+    assert run["success"]
     return path
 
 

@@ -21,7 +21,7 @@ LABELING = {"sampling": {"max_new_tokens": 40}, "k": 8}
 # a 30-step teacher writes no valid arithmetic, so the seeds are a file of questions without answers
 # under task `none` (no verifier; a written input is the first line of the output), and short
 # templates stand in for an instruction-following teacher: the plumbing is under test here, the
-# embedded teacher's writing in test_distillation_works
+# embedded teacher's writing in bench/offline_graph.py
 GENERIC = {"templates": "self_instruct", "writing": {"max_new_tokens": 12}, **LABELING}
 CONFIG = {
     "teacher_model": {"train_steps": 30, "eval_problems": 16},

@@ -189,31 +189,31 @@ def test_two_processes_killed_and_resumed_follow_the_curve_of_one(tiny_model_dir
     data = [str(tmp_path / "part-0.parquet"), str(tmp_path / "part-1.parquet")]
     pq.write_table(labeled.slice(0, 24), data[0], row_group_size=8)
     pq.write_table(labeled.slice(24), data[1], row_group_size=8)
-    settings = dict(student=str(tiny_model_dir), data=data, steps=40, batch_size=7, micro_batch_size=2, shuffle_window=16,
+    settings = dict(student=str(tiny_model_dir), data=data, steps=24, batch_size=7, micro_batch_size=2, shuffle_window=16,
                     learning_rate=3e-3, warmup_steps=2, nll_weight=1.0)
     model, tokenizer = load_model(str(tiny_model_dir))
     alone = TrainingSettings(**settings)
     one = train_student(model, tokenizer, batches_for(model, tokenizer, alone, data), alone)
 
     output = tmp_path / "student"
-    config = DistillCommand(**settings, output=str(output), checkpoint_every=10, launch={"launcher": "torchrun", "processes": 2})
+    config = DistillCommand(**settings, output=str(output), checkpoint_every=6, launch={"launcher": "torchrun", "processes": 2})
     (tmp_path / "run.json").write_text(config.model_dump_json())
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "training.launch", "--config", str(tmp_path / "run.json")]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     latest = tmp_path / "student.state" / "latest.json"
     training = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment, start_new_session=True)
-    while not (latest.exists() and json.loads(latest.read_text())["step"] >= 19):
+    while not (latest.exists() and json.loads(latest.read_text())["step"] >= 11):
         assert training.poll() is None, "the training ended before it could be killed"
         time.sleep(0.01)
     os.killpg(training.pid, signal.SIGKILL)  # torchrun and both ranks
     training.wait()
     killed_after = json.loads(latest.read_text())["step"]
-    assert 19 <= killed_after < 39 and not (output / "curve.json").exists()
+    assert 11 <= killed_after < 23 and not (output / "curve.json").exists()
 
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=environment, timeout=180)
     resumed = json.loads((output / "curve.json").read_text())
-    assert [c["step"] for c in resumed] == list(range(40))
+    assert [c["step"] for c in resumed] == list(range(24))
     assert [c["completion_tokens"] for c in resumed] == [c["completion_tokens"] for c in one]
     assert [c["loss"] for c in resumed] == pytest.approx([c["loss"] for c in one], rel=1e-4)
     assert not (tmp_path / "student.state").exists()  # trained: the resumable state is removed

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-import torch
 import yaml
 from conftest import copy_store
 
@@ -129,16 +128,9 @@ def docs_store(tiny_offline_store, tmp_path_factory):
     from assets.rounds import online_feedback, student_checkpoint
 
     home = tmp_path_factory.mktemp("docs")
-    threads = torch.get_num_threads()
-    # one thread, here and in the training commands the rounds launch: the tiny models' matrices gain
-    # nothing from a second, and on shared cores two threads wait on each other (round_eval took 104 s
-    # on two threads and 3.5 s on one, with other work running)
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch, contextlib.ExitStack() as restore:
-        restore.callback(torch.set_num_threads, threads)
+    with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DISTILL_HOME", str(home / "distill"))
         patch.setenv("DAGSTER_HOME", str(home / "dagster"))
-        patch.setenv("OMP_NUM_THREADS", "1")
         (home / "dagster").mkdir()
         store = copy_store(tiny_offline_store, home / "distill")
         with dg.DagsterInstance.get() as instance:

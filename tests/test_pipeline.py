@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import dagster as dg
+import pytest
 from conftest import copy_store
 
 from assets.checks import (
@@ -57,10 +58,9 @@ def materialize(instance, selection=None, **overrides):
 def test_offline_graph_end_to_end(instance, distill_home, tiny_offline_run, capsys):
     """The graph (the session's tiny run), then on a copy of its store: a clean re-run, k above the
     stored k refused, overlong prompts dropped or truncated and counted."""
-    template, result, streamed = tiny_offline_run
-    assert result.success
-    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert checks == {
+    template, run, dagster_home = tiny_offline_run
+    assert run["success"]
+    assert run["checks"] == {
         "sparse_signal_valid": True,
         "token_round_trip": True,
         "vocab_compatible": True,
@@ -77,10 +77,14 @@ def test_offline_graph_end_to_end(instance, distill_home, tiny_offline_run, caps
     assert row["teacher_weights_hash"] == store.read_card("teacher").weights_hash
     assert row["logprob_mode"] == "raw" and row["codec"] == "topk-v1" and row["temperature"] == 1.0
     assert json.loads(row["sampling"]) == {"n": 2, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 40, "seed": 0}
-    assert row["run_id"] == result.run_id and len(row["sample_id"]) == 16
+    assert row["run_id"] == run["run_id"] and len(row["sample_id"]) == 16
     assert len(set(labeled["sample_id"].to_pylist())) == 48
 
-    metadata = result.asset_materializations_for_node("teacher_labeled")[0].metadata
+    with pytest.MonkeyPatch.context() as patch:  # the tiny run's materializations, in its own instance
+        patch.setenv("DAGSTER_HOME", str(dagster_home))
+        with dg.DagsterInstance.get() as tiny:
+            metadata, offline = (tiny.get_latest_materialization_event(dg.AssetKey(asset)).asset_materialization.metadata
+                                 for asset in ("teacher_labeled", "offline_student"))
     assert metadata["dagster/row_count"].value == 48
     assert {"tokens", "mean_topk_entropy", "mean_tail_mass", "preview", "path"} <= set(metadata)
     assert Path(metadata["path"].value).exists()
@@ -95,11 +99,11 @@ def test_offline_graph_end_to_end(instance, distill_home, tiny_offline_run, caps
     assert rows == [("offline_student", m) for m in student_metrics] + [("student", m) for m in student_metrics] + [
         ("teacher", "greedy_exact_match"), ("teacher", "sampled_exact_match"),
     ]
-    offline = result.asset_materializations_for_node("offline_student")[0].metadata
     assert offline["trained_on"].value == "teacher_labeled" and offline["steps"].value == 20
     assert "data:image/png;base64," in offline["loss_curve"].value
     assert 0 <= offline["eval_greedy_exact_match"].value <= 1
-    assert any(m.startswith("step 0/20 loss") for m in streamed) and any(m.startswith("step 19/20 loss") for m in streamed)  # Pipes
+    streamed = run["streamed"]  # through Pipes
+    assert any(m.startswith("step 0/20 loss") for m in streamed) and any(m.startswith("step 19/20 loss") for m in streamed)
     assert any(m.endswith(f"weights {offline['weights_hash'].value}") for m in streamed)
     figures = [entry.value for entries in (metadata, offline) for entry in entries.values() if isinstance(entry.value, float)]
     assert len(figures) > 5 and all(figure == rounded(figure) for figure in figures)  # the UI shows 4 significant digits
