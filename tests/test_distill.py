@@ -221,29 +221,6 @@ def test_two_processes_killed_and_resumed_follow_the_curve_of_one(tiny_model_dir
     torch.testing.assert_close(trained.state_dict(), model.state_dict(), rtol=1e-3, atol=1e-5)
 
 
-def test_ray_train_workers_with_fsdp_follow_the_curve_of_one(tiny_model_dir, labeled, tmp_path):
-    """`launcher: ray`: the command starts two Ray Train workers on a local Ray cluster (gloo, FSDP2),
-    which give the loss curve of one process with the same global batch; rank 0's reports reach the
-    driver, and rank 0 writes the whole model."""
-    pq.write_table(labeled, tmp_path / "data.parquet")
-    settings = dict(student=str(tiny_model_dir), data=[str(tmp_path / "data.parquet")], steps=10, batch_size=7, micro_batch_size=2,
-                    learning_rate=3e-3, warmup_steps=2, nll_weight=1.0)
-    model, tokenizer = load_model(str(tiny_model_dir))
-    alone = TrainingSettings(**settings)
-    one = train_student(model, tokenizer, batches_for(model, tokenizer, alone, labeled), alone)
-    launch = {"launcher": "ray", "processes": 2, "strategy": "fsdp"}
-    (tmp_path / "run.json").write_text(DistillCommand(**settings, output=str(tmp_path / "student"), launch=launch).model_dump_json())
-    done = subprocess.run([sys.executable, "-m", "training.launch", "--config", str(tmp_path / "run.json")], check=True,
-                          stdout=subprocess.PIPE, text=True, timeout=180,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"})
-    assert "step 9/10 loss" in done.stdout  # rank 0's reports, relayed to the driver
-    two = json.loads((tmp_path / "student" / "curve.json").read_text())
-    assert [c["completion_tokens"] for c in two] == [c["completion_tokens"] for c in one]
-    assert [c["loss"] for c in two] == pytest.approx([c["loss"] for c in one], rel=1e-4)
-    trained, _ = load_model(str(tmp_path / "student"))
-    torch.testing.assert_close(trained.state_dict(), model.state_dict(), rtol=1e-3, atol=1e-5)
-
-
 def test_processes_need_a_launcher():
     with pytest.raises(ValueError, match="processes=2 needs a launcher"):
         LaunchSettings(processes=2)

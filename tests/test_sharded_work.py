@@ -1,6 +1,5 @@
 """Model work in shards: a labeling killed with kill -9 resumes by redoing only unfinished shards and
-ends with the rows of an uninterrupted run; the same asset on a local Ray cluster with two engine
-replicas (`executor: ray`) gives those rows too."""
+ends with the rows of an uninterrupted run (on a local Ray cluster: tests/test_ray.py)."""
 
 import json
 import os
@@ -102,12 +101,3 @@ def test_a_killed_labeling_resumes_where_it_stopped(reference):
     assert figures["shards_resumed"].value == finished  # only the unfinished shards were redone
     again_ids, again_logprobs = rows(home)
     assert again_ids == sample_ids and np.array_equal(again_logprobs, logprobs)
-
-
-def test_ray_replicas_give_the_rows_of_a_local_run(reference):
-    run_config, (sample_ids, logprobs), directory = reference
-    figures = label(directory / "ray", run_config, ShardExecutor(executor="ray", shard_size=SHARD_SIZE, replicas=2))
-    assert figures["executor"].value == "ray" and figures["shards"].value == PROMPTS // SHARD_SIZE
-    ray_ids, ray_logprobs = rows(directory / "ray")
-    assert ray_ids == sample_ids
-    assert np.abs(ray_logprobs - logprobs).max() < 1e-3
