@@ -36,8 +36,8 @@ RUN_CONFIG = {"ops": {
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--home", type=Path, default=Path(tempfile.mkdtemp(prefix="offline_graph_")))
-    home = parser.parse_args().home
+    parser.add_argument("--home", type=Path, help="the store and Dagster home to use (default: a fresh temporary one)")
+    home = parser.parse_args().home or Path(tempfile.mkdtemp(prefix="offline_graph_"))
     (home / "dagster").mkdir(parents=True, exist_ok=True)
     os.environ["DISTILL_HOME"], os.environ["DAGSTER_HOME"] = str(home / "distill"), str(home / "dagster")
     torch.set_num_threads(1)
