@@ -42,10 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     export = commands.add_parser("export", help="write a dataset in a format other trainers load as is (storage/export.py)")
     export.add_argument("dataset")
     export.add_argument("--format", choices=FORMATS, required=True,
-                        help="trl: prompt/completion; messages; axolotl: messages + top-k")
+                        help="trl: prompt/completion; messages; axolotl: messages + top-k; dpo: prompt/chosen/rejected (pair tables)")
     export.add_argument("--out", required=True, help="directory for train.parquet (or train.jsonl)")
     export.add_argument("--as", dest="file_type", choices=FILE_TYPES, default="parquet")
-    export.add_argument("--partition", help="a round, for the round datasets (student_rollouts, teacher_feedback)")
+    export.add_argument("--partition", help="a round, for the round datasets (student_rollouts, teacher_feedback, round_pairs, ...)")
     args = parser.parse_args(argv)
     store = Store(args.home)
     try:
