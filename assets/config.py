@@ -15,10 +15,14 @@ from training.data.curation import CurationSettings
 from training.data.labeling import LabelingSettings
 from training.data.prompt_sources import PromptSource
 from training.engines.sampling import Sampling
+from training.feedback.judge import JudgeSettings
+from training.feedback.judgments import CorrectionSettings, JudgmentSettings
+from training.feedback.pairs import PairPolicy
 from training.launch.settings import LaunchSettings
 from training.rounds.online import OnlineSettings
 from training.schema.signal import SignalSettings
 from training.trainer.lora import LoraSettings
+from training.trainer.objectives import OBJECTIVES, RANKING_KINDS
 from training.trainer.settings import TrainingSettings
 
 EMBEDDED = "embedded"
@@ -224,3 +228,50 @@ class StudentCheckpointConfig(TrainingConfig):
     )
     online_rollouts: OnlineRolloutsConfig = Field(OnlineRolloutsConfig(),
                                                   description="online: how the student samples and what of the teacher is kept")
+
+    @model_validator(mode="after")
+    def _ranking_rounds_train_on_their_pairs(self):
+        if OBJECTIVES[self.objective].takes & RANKING_KINDS and (self.mix or self.online):
+            raise ValueError(f"objective {self.objective!r} makes a preference round, which trains on the round's pairs only: set "
+                             "mix 0 and online false (kd_weight adds the teacher's divergence on the pairs' tokens)")
+        return self
+
+
+class JudgeConfig(JudgeSettings, dg.Config):
+    """The teacher as an LLM judge (training/feedback/judge.py), as Dagster config."""
+
+    sampling: SamplingConfig = config_field(JudgeSettings)
+
+
+class CorrectionConfig(CorrectionSettings, dg.Config):
+    """How the teacher corrects a rejected response (training/feedback/judgments.py), as Dagster config."""
+
+    sampling: SamplingConfig = config_field(CorrectionSettings)
+
+
+class RoundJudgmentsConfig(JudgmentSettings, dg.Config):
+    """Which judges assess each candidate and how their scores combine (training/feedback/judgments.py)."""
+
+    judge: JudgeConfig = Field(JudgeConfig(), description="the LLM judge's rubric, mode and sampling")
+    correction: CorrectionConfig = Field(CorrectionConfig(), description="how corrections are cut and written")
+
+
+class JudgmentsConfig(RoundJudgmentsConfig):
+    teacher_responses_from: Literal[(*TRAINING_DATA, "none")] = Field(
+        "curated", description="the teacher's own responses judged beside student_samples, for the same prompts; 'none': students only")
+
+
+class PairsConfig(PairPolicy, dg.Config):
+    """How judged candidates become chosen/rejected pairs (training/feedback/pairs.py)."""
+
+
+class PreferenceStudentConfig(TrainingConfig):
+    """offline_student trained on the teacher's preferences: DPO on preference_pairs (dDPO), or RRHF on
+    teacher_judgments' ranked lists. Gentle and short, as a round."""
+
+    objective: Literal[tuple(name for name, o in OBJECTIVES.items() if o.takes & RANKING_KINDS)] = Field(
+        "dpo", description="'dpo' on preference_pairs, or 'rrhf' on teacher_judgments' ranked lists")
+    steps: int = Field(60, ge=1)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    warmup_steps: int = Field(5, ge=0)

@@ -16,7 +16,6 @@ recorded in metadata and in `lineage` (parent_round, parent checkpoint hash, inp
 """
 
 import functools
-from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
@@ -28,14 +27,14 @@ import pyarrow.parquet as pq
 from assets.config import TRAINING_DATA, EvalsConfig, StudentCheckpointConfig, StudentRolloutsConfig, TeacherFeedbackConfig
 from assets.executor import ShardExecutor, ShardWork
 from assets.inputs import Inputs, not_chosen
-from assets.partitions import FIRST_PARENT, parent_round, round_number, rounds
+from assets.partitions import round_number
 from assets.publish import metadata, png_markdown, publish_dataset, publish_evals, record_lineage
 from assets.resources import ModelEngine
-from assets.runs import IN_PROGRESS, release_dead_runs
-from assets.student_runs import chat_templates, curve_metrics, distill_and_save, loss_curve
+from assets.round_steps import ROUND, claim_round, parent_checkpoint, parent_versions, rollout_shard
+from assets.student_runs import chat_templates, curve_metrics, distill_and_save, loss_curve, ranking_data
 from storage.catalog import query, refresh_catalog
 from storage.store import Store
-from training.data.rollouts import draw_prompts, feedback_table, sample_rollouts, student_scored_again
+from training.data.rollouts import draw_prompts, feedback_table, student_scored_again
 from training.engines.sampling import Sampling
 from training.evals.evaluate import evaluate_checkpoints
 from training.rounds.modes import ROUND_MODES, mode_of
@@ -44,57 +43,14 @@ from training.schema.cards import ModelCard
 from training.schema.signal import SignalSettings
 from training.tasks import task_name_of, task_of
 from training.trainer.loop import rollout_reuse
-
-ROUND = dict(partitions_def=rounds, group_name="rounds", pool="accelerator")
-MAX_ROLLOUT_REUSE = 2
-
-
-def parent_versions(parent: str, card: ModelCard) -> dict:
-    """What every round asset records of its parent, which Dagster cannot declare (round r−1's key)."""
-    return {"parent": parent, "parent_checkpoint": card.weights_hash}
-
-
-def parent_checkpoint(store: Store, key: str) -> tuple[str, str | None, ModelCard]:
-    """(parent name, parent round, parent card) of round `key`: offline_student for r001, else round
-    r−1's student_checkpoint. A missing parent is an error naming the round to materialize first."""
-    previous = parent_round(key)
-    if previous is None:
-        return FIRST_PARENT, None, store.read_card(FIRST_PARENT)
-    if not store.card_path("student_checkpoint", previous).exists():
-        raise FileNotFoundError(
-            f"round {key} starts from round {previous}'s student_checkpoint, which does not exist: "
-            f"run round {previous} first (job distill_round, partition {previous})"
-        )
-    return f"student_checkpoint[{previous}]", previous, store.read_card("student_checkpoint", previous)
-
-
-@contextmanager
-def claim_round(context: dg.AssetExecutionContext):
-    """The round is this run's while the block runs: fails clearly while another run of the round is in
-    progress, after releasing dead runs (what in progress and dead mean: assets/runs.py), so two
-    launches of one round never mix their data and a killed one never holds the round."""
-    key = context.partition_key
-    release_dead_runs(context.instance)
-    others = [
-        record.dagster_run.run_id
-        for record in context.instance.get_run_records(dg.RunsFilter(statuses=IN_PROGRESS, tags={"dagster/partition": key}))
-        if record.dagster_run.run_id != context.run.run_id
-    ]
-    if others:
-        raise RuntimeError(
-            f"round {key} is already being run by run {others[0]}: wait for it to finish (or cancel it in the UI), "
-            "then re-run this round"
-        )
-    yield
-
-
-def rollout_shard(engines: dict, prompts: pa.Table, index: int, *, sampling: Sampling, round_number: int, identity: dict):
-    return sample_rollouts(engines["student"], prompts, sampling.derived(round_number, index), identity)
+from training.trainer.objectives import OBJECTIVES
 
 
 def feedback_shard(engines: dict, rollouts: pa.Table, index: int, *, settings: SignalSettings, teacher: ModelCard, task):
     return feedback_table(engines["teacher"], engines.get("student"), rollouts, settings, teacher, task)
 
+
+MAX_ROLLOUT_REUSE = 2
 
 STUDENT_ROLLOUTS = Inputs(cards=["offline_student"], datasets=list(TRAINING_DATA))  # offline_student: round 1's parent
 
@@ -151,7 +107,8 @@ def teacher_feedback(context: dg.AssetExecutionContext, config: TeacherFeedbackC
                                preview=["sample_id", "completion", "reward", "log_ratio_sum"], parent_round=previous)
 
 
-STUDENT_CHECKPOINT = Inputs(cards=["teacher_model"], datasets=[*TRAINING_DATA, "seed_prompts"], round_datasets=["teacher_feedback"])
+STUDENT_CHECKPOINT = Inputs(cards=["teacher_model"], datasets=[*TRAINING_DATA, "seed_prompts"],
+                            round_datasets=["teacher_feedback", "round_pairs", "round_judgments"])
 
 
 @dg.asset(**ROUND, kinds={"pytorch"}, deps=STUDENT_CHECKPOINT.deps)
@@ -159,21 +116,30 @@ def student_checkpoint(context: dg.AssetExecutionContext, config: StudentCheckpo
                        model_engine: ModelEngine):
     """GKD from the parent checkpoint, by the command `python -m training.launch`: with probability λ
     (`mix`) a batch is the student's own samples scored by the teacher (this round's teacher_feedback,
-    or with `online` a fresh one, kept for online_feedback[r]), else the fixed curated data."""
+    or with `online` a fresh one, kept for online_feedback[r]), else the fixed curated data. With a
+    ranking objective (a preference round), the student trains on this round's pairs (round_pairs, DPO)
+    or judged lists (round_judgments, RRHF) instead."""
     key = context.partition_key
     parent, previous, card = parent_checkpoint(store, key)
-    if not config.online and not store.has_dataset("teacher_feedback", key):
-        raise FileNotFoundError(f"round {key} has no teacher_feedback yet: materialize teacher_feedback for {key} first, "
-                                "or train online (student_checkpoint config online: true)")
+    mode = mode_of(config.online, config.objective)
+    ranked = "ranked" in OBJECTIVES[config.objective].takes
+    reads = {"stored": [config.train_on, "teacher_feedback"], "online": [config.train_on, "seed_prompts"],
+             "preference": ["round_judgments" if ranked else "round_pairs"]}[mode]  # the datasets this mode trains on
+    if mode != "online" and not store.has_dataset(reads[-1], key):
+        raise FileNotFoundError(f"round {key} has no {reads[-1]} yet: materialize it for {key} first"
+                                + (", or train online (student_checkpoint config online: true)" if mode == "stored" else ""))
     with claim_round(context):
-        unread = [*not_chosen(config.train_on), *(["teacher_feedback"] if config.online else ["seed_prompts"])]
-        read = STUDENT_CHECKPOINT.read(store, key, skip=tuple(unread))
+        read = STUDENT_CHECKPOINT.read(store, key, skip=tuple(name for name in STUDENT_CHECKPOINT.deps if name not in reads))
         teacher = read.cards["teacher_model"]
         online = online_settings(store, config, model_engine, key, context.run.run_id, (parent, previous, card), teacher) \
             if config.online else None
-        feedback = [] if config.online else store.shard_paths("teacher_feedback", key)
-        identity = {"round": key, **parent_versions(parent, card), "parent_round": previous, "mix": config.mix, "online": config.online}
-        new_card, curve = distill_and_save(context, store, "student_checkpoint", config, card, teacher, store.shard_paths(config.train_on),
+        if mode == "preference":
+            data, feedback = ranking_data(store, config.objective, "round_pairs", "round_judgments", card, key), []
+        else:
+            data, feedback = store.shard_paths(config.train_on), store.shard_paths("teacher_feedback", key) if mode == "stored" else []
+        identity = {"round": key, **parent_versions(parent, card), "parent_round": previous, "mix": config.mix, "online": config.online,
+                    "objective": config.objective}
+        new_card, curve = distill_and_save(context, store, "student_checkpoint", config, card, teacher, data,
                                            feedback, card_fields=identity, partition=key, online=online)
         on_policy = [c for c in curve if c["source"] == "on_policy"]
         metrics = {**curve_metrics(curve), "on_policy_steps": len(on_policy),
@@ -182,7 +148,7 @@ def student_checkpoint(context: dg.AssetExecutionContext, config: StudentCheckpo
         inputs = {**read.versions, **parent_versions(parent, card), **chat_templates(teacher, card)}
         if config.online:
             Path(online.prompts).unlink()
-        else:
+        elif mode == "stored":
             metrics["rollout_reuse"] = reuse = rollout_reuse(curve, config.batch_size, store.dataset_rows("teacher_feedback", key))
             if reuse > MAX_ROLLOUT_REUSE:
                 context.log.warning(
@@ -299,7 +265,7 @@ def round_eval(context: dg.AssetExecutionContext, config: EvalsConfig, store: dg
     parent, previous, parent_card = parent_checkpoint(store, key)
     with claim_round(context):
         card = store.read_card("student_checkpoint", key)
-        scored = ROUND_MODES[mode_of(card.online)].scored  # the student's samples it trained on
+        scored = ROUND_MODES[mode_of(card.online, card.objective or "supervised_kd")].scored  # the student's samples it trained on
         unread = [name for name in ROUND_EVAL.round_datasets if name != scored or not store.has_dataset(name, key)]
         read = ROUND_EVAL.read(store, key, skip=tuple(unread))
         eval_rows = store.read_dataset("eval_set")

@@ -9,15 +9,19 @@ import warnings
 from pathlib import Path
 
 import dagster as dg
+import duckdb
 import matplotlib.pyplot as plt
 import pyarrow.parquet as pq
 
 from assets.config import TrainingConfig
 from assets.publish import png_markdown
 from storage.store import Store
+from training.feedback.pairs import ranked_lists
 from training.launch.command import DistillCommand, command_line
 from training.rounds.online import OnlineSettings
 from training.schema.cards import ModelCard
+from training.schema.tables import parquet
+from training.trainer.objectives import OBJECTIVES
 from training.trainer.settings import TrainingSettings
 from training.trainer.sources import check_compatible
 
@@ -52,8 +56,8 @@ def distill_and_save(context: dg.AssetExecutionContext, store: Store, name: str,
     if settings.lora is not None and not settings.lora.merge:
         raise ValueError(f"{name} is evaluated and served as a whole checkpoint: keep lora.merge true")
     for path in [*data, *rollouts]:
-        rows = pq.read_table(path, columns=["sample_id", "k", "topk_ids"])
-        check_compatible(rows, start.vocab_size, teacher.vocab_size, settings.k)
+        if "topk_ids" in pq.read_schema(path).names:  # pairs and ranked lists are checked as they are drawn (RowCheck)
+            check_compatible(pq.read_table(path, columns=["sample_id", "k", "topk_ids"]), start.vocab_size, teacher.vocab_size, settings.k)
     work = store.root / "work" / name / (partition or "all")  # stable: a killed training resumes from it
     shutil.rmtree(work / "checkpoint", ignore_errors=True)  # a killed run's partial output (its resumable state stays)
     work.mkdir(parents=True, exist_ok=True)
@@ -70,6 +74,22 @@ def distill_and_save(context: dg.AssetExecutionContext, store: Store, name: str,
     saved = store.save_model(name, trained, lambda directory: shutil.copytree(run.output, directory), partition=partition)
     store.remove_work(work)
     return saved, curve
+
+
+def ranking_data(store: Store, objective: str, pairs: str, judgments: str, start: ModelCard, partition: str | None) -> list[Path]:
+    """What a ranking objective trains `start` on: the shards of the dataset `pairs` (their DPO reference
+    must be `start`), or for a listwise objective the judged lists of `judgments` (a work file). Fails
+    before training on pairs whose reference is another checkpoint."""
+    if "ranked" in OBJECTIVES[objective].takes:
+        lists = ranked_lists(store.shard_paths(judgments, partition))
+        return [store.write_work_file(lists, f"{judgments}.ranked.{partition or 'all'}.parquet")]
+    paths = store.shard_paths(pairs, partition)
+    references = {row[0] for row in duckdb.sql(f"SELECT DISTINCT reference_weights_hash FROM {parquet(paths)}").fetchall()}
+    if references != {start.weights_hash}:
+        where = f"{pairs}[{partition}]" if partition else pairs
+        raise ValueError(f"{where} holds reference log-probs of checkpoint(s) {sorted(references)}, but training starts from "
+                         f"{start.weights_hash}: materialize {pairs} again, so that its reference is the checkpoint trained")
+    return paths
 
 
 def chat_templates(teacher: ModelCard, student: ModelCard) -> dict:

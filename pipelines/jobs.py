@@ -1,6 +1,7 @@
-"""Jobs: `distill_offline` materializes every offline asset (the demo's main job); `distill_round`
-runs one stored on-policy round (a partition of `rounds`), `distill_round_online` one online round: each
-selects its mode's assets (training/rounds/modes.py)."""
+"""Jobs: `distill_offline` materializes every offline asset (the demo's main job); `distill_feedback`
+the offline feedback path (student samples, the teacher's judgments, preference pairs, the preference
+student); one round job per round mode (training/rounds/modes.py), each a partition of `rounds` that
+selects its mode's assets: `distill_round` (stored), `distill_round_online`, `distill_round_preference`."""
 
 import dagster as dg
 
@@ -13,23 +14,36 @@ distill_offline = dg.define_asset_job(
     description="Teacher and student models, seed prompts, eval set, the teacher-labeled dataset, the offline student and the evals.",
 )
 
-distill_round = dg.define_asset_job(
-    "distill_round",
-    selection=list(ROUND_MODES["stored"].assets),
-    partitions_def=rounds,
-    executor_def=dg.in_process_executor,  # the steps run one after another anyway; one process loads torch once
-    description="One on-policy round: student_rollouts → teacher_feedback → student_checkpoint → round_eval.",
-)
-
-ONLINE_ROUND = list(ROUND_MODES["online"].assets)
-ONLINE_CONFIG = {"ops": {"student_checkpoint": {"config": {"online": True}}}}
-
-distill_round_online = dg.define_asset_job(
-    "distill_round_online",
-    selection=ONLINE_ROUND,
-    partitions_def=rounds,
-    config=ONLINE_CONFIG,
+distill_feedback = dg.define_asset_job(
+    "distill_feedback",
+    selection=dg.AssetSelection.groups("feedback"),
     executor_def=dg.in_process_executor,
-    description="One online round: student_checkpoint samples, scores and trains at every on-policy step (GKD's "
-                "Algorithm 1), appending each batch to online_feedback → round_eval.",
+    description="The teacher as judge, offline (after distill_offline): offline_student's samples → the teacher's judgments of "
+                "them and of its own responses → preference pairs → preference_student (dDPO from offline_student).",
 )
+
+
+def mode_config(mode: str) -> dict:
+    """The run config a round of `mode` sets on student_checkpoint (its `online`, or its ranking objective)."""
+    settings = ROUND_MODES[mode]
+    config = {"online": True} if settings.online else {"objective": settings.objective, "mix": 0.0} if settings.objective else {}
+    return {"ops": {"student_checkpoint": {"config": config}}} if config else {}
+
+
+ROUND_JOB_NAMES = {"stored": "distill_round", "online": "distill_round_online", "preference": "distill_round_preference"}
+ROUND_JOB_DESCRIPTIONS = {
+    "stored": "One on-policy round: student_rollouts → teacher_feedback → student_checkpoint → round_eval.",
+    "online": "One online round: student_checkpoint samples, scores and trains at every on-policy step (GKD's Algorithm 1), "
+              "appending each batch to online_feedback → round_eval.",
+    "preference": "One preference round: student_rollouts → teacher_feedback → round_judgments (the teacher judges the samples) → "
+                  "round_pairs → student_checkpoint (DPO from the parent) → round_eval.",
+}
+round_jobs = {
+    mode: dg.define_asset_job(
+        ROUND_JOB_NAMES[mode], selection=list(ROUND_MODES[mode].assets), partitions_def=rounds, config=mode_config(mode) or None,
+        executor_def=dg.in_process_executor,  # the steps run one after another anyway; one process loads torch once
+        description=ROUND_JOB_DESCRIPTIONS[mode],
+    )
+    for mode in ROUND_MODES
+}
+distill_round = round_jobs["stored"]

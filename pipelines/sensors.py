@@ -14,7 +14,8 @@ import dagster as dg
 from pydantic import Field, model_validator
 
 from assets.partitions import round_key, round_number, rounds
-from pipelines.jobs import ONLINE_CONFIG, ONLINE_ROUND, distill_round
+from pipelines.jobs import distill_round, mode_config
+from training.rounds.modes import ROUND_MODES
 
 LOWER_IS_BETTER = {"reverse_kl_on_student_samples", "forward_kl_on_teacher_samples", "student_nll_on_teacher_samples"}
 METRICS = sorted(LOWER_IS_BETTER | {"greedy_exact_match", "sampled_exact_match", "teacher_logprob_on_student_samples"})
@@ -22,7 +23,7 @@ POLICY_HELP = (
     "Policy from the environment: DISTILL_MAX_ROUNDS (default 5), DISTILL_MIN_IMPROVEMENT (default 0.0: "
     "stop when a round does worse than its parent), DISTILL_ROUND_METRIC (default 'auto': greedy exact match when "
     "the task verifies, else the reverse KL on the student's samples going down), DISTILL_ROUND_MODE ('stored', the "
-    "default, or 'online'), DISTILL_ROUNDS_CRON (schedule only)."
+    "default, 'online' or 'preference'), DISTILL_ROUNDS_CRON (schedule only)."
 )
 
 
@@ -37,9 +38,10 @@ class RoundPolicy(dg.Config):
         "lower-is-better metric, the gain is the decrease)"
     )
     metric: str = Field("auto", description=f"the round_eval metric that must improve: 'auto' or one of {METRICS}")
-    mode: Literal["stored", "online"] = Field(
+    mode: Literal[tuple(ROUND_MODES)] = Field(
         "stored", description="'stored': rollouts sampled once, scored, then trained on; 'online': student_checkpoint "
-        "samples and scores a fresh batch at every on-policy step (GKD's Algorithm 1)"
+        "samples and scores a fresh batch at every on-policy step (GKD's Algorithm 1); 'preference': the teacher judges the "
+        "samples, pairs are built, the student trains with DPO"
     )
     cron: str = Field("0 */6 * * *", description="the round schedule's cron (the schedule is off by default)")
 
@@ -97,12 +99,12 @@ def next_round(instance: dg.DagsterInstance, policy: RoundPolicy) -> tuple[str |
 
 
 def round_request(key: str, policy: RoundPolicy) -> dg.RunRequest:
-    """The run of round `key`: the whole distill_round job (stored), or in online mode only the online
-    round's assets (student_checkpoint, online_feedback, round_eval) with `online: true`."""
-    if policy.mode == "online":
-        return dg.RunRequest(run_key=key, partition_key=key, asset_selection=[dg.AssetKey(name) for name in ONLINE_ROUND],
-                             run_config=ONLINE_CONFIG)
-    return dg.RunRequest(run_key=key, partition_key=key)
+    """The run of round `key`: the assets of the policy's round mode (training/rounds/modes.py) with
+    the config that mode sets on student_checkpoint (`online: true`, or its ranking objective)."""
+    if policy.mode == "stored":
+        return dg.RunRequest(run_key=key, partition_key=key)
+    return dg.RunRequest(run_key=key, partition_key=key, asset_selection=[dg.AssetKey(name) for name in ROUND_MODES[policy.mode].assets],
+                         run_config=mode_config(policy.mode))
 
 
 @dg.sensor(

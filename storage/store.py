@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -105,11 +106,15 @@ class Store:
             writer.append(table.slice(start, rows_per_shard))
         return writer.publish()
 
-    def write_work_file(self, table: pa.Table, file_name: str) -> Path:
-        """A model asset's generated inputs (e.g. the writing instructions), as work/<file_name>."""
+    def write_work_file(self, rows: "pa.Table | duckdb.DuckDBPyRelation", file_name: str) -> Path:  # strings: storage/catalog.py
+        """A model asset's generated inputs (e.g. the writing instructions, the candidates to judge), as
+        work/<file_name>; a DuckDB relation is streamed to it (memory bounded whatever its size)."""
         path = self.root / "work" / file_name
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_parquet(table, path)
+        if isinstance(rows, pa.Table):
+            write_parquet(rows, path)
+        else:
+            rows.write_parquet(str(path), compression="zstd")
         return path
 
     def remove_work(self, directory: Path) -> None:

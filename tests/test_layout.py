@@ -20,9 +20,9 @@ FORBIDDEN = {
     "assets": {"pipelines"},
 }
 # training/'s rooms, lowest first: a room imports only the rooms before it (and itself)
-TRAINING_ROOMS = ["tasks", "schema", "models", "engines", "data", "trainer", "evals", "rounds", "launch", "embedded"]
+TRAINING_ROOMS = ["tasks", "schema", "models", "engines", "data", "feedback", "trainer", "evals", "rounds", "launch", "embedded"]
 # beside the assets, not assets
-SHARED_ASSET_MODULES = {"config", "executor", "inputs", "publish", "resources", "partitions", "runs", "student_runs"}
+SHARED_ASSET_MODULES = {"config", "executor", "inputs", "publish", "resources", "partitions", "round_steps", "runs", "student_runs"}
 
 
 def imported_packages(path: Path) -> set[str]:

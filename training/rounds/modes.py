@@ -6,9 +6,15 @@ own filtered samples) is a new entry, not a new branch.
             (teacher_feedback[r]), training draws from them (`rollout_reuse` says how stale)
     online  every on-policy step samples a fresh batch from the student as it is, the teacher scores
             it, the step trains on it (GKD's Algorithm 1, online.py); kept as online_feedback[r]
+    preference  the parent samples n responses per prompt (student_rollouts[r]), the teacher scores them
+            (teacher_feedback[r]) and judges them (round_judgments[r]), pairs are built with the parent's
+            reference log-probs (round_pairs[r]), and the student trains from its parent with a ranking
+            objective (DPO, or RRHF on the judged lists), optionally with KD on the pairs' tokens
 """
 
 from dataclasses import dataclass
+
+from training.trainer.objectives import OBJECTIVES, RANKING_KINDS
 
 
 @dataclass(frozen=True)
@@ -16,14 +22,20 @@ class RoundMode:
     assets: tuple[str, ...]  # the round's assets, in the order they run
     scored: str  # the dataset of the student's scored samples the round trains on
     online: bool  # student_checkpoint's `online`: samples during training
+    objective: str | None = None  # student_checkpoint's objective in this mode (None: as configured)
 
 
 ROUND_MODES = {
     "stored": RoundMode(("student_rollouts", "teacher_feedback", "student_checkpoint", "round_eval"), "teacher_feedback", online=False),
     "online": RoundMode(("student_checkpoint", "online_feedback", "round_eval"), "online_feedback", online=True),
+    "preference": RoundMode(("student_rollouts", "teacher_feedback", "round_judgments", "round_pairs", "student_checkpoint",
+                             "round_eval"), "teacher_feedback", online=False, objective="dpo"),
 }
 
 
-def mode_of(online: bool) -> str:
-    """The mode a student_checkpoint of this `online` setting trained in."""
-    return next(name for name, mode in ROUND_MODES.items() if mode.online == online)
+def mode_of(online: bool, objective: str) -> str:
+    """The mode a student_checkpoint of these `online` and `objective` settings trains in: a ranking
+    objective (one that trains on pairs or ranked lists) makes a preference round."""
+    if online:
+        return "online"
+    return "preference" if OBJECTIVES[objective].takes & RANKING_KINDS else "stored"

@@ -1,11 +1,12 @@
-"""The training loop: one loop for SFT, supervised KD and on-policy distillation (GKD, Algorithm 1).
+"""The training loop: one loop for SFT, supervised KD, on-policy distillation (GKD, Algorithm 1) and the
+ranking objectives (DPO, RRHF).
 
 Each step draws its batch from the student's own samples, scored by the teacher, with probability
 λ = `mix`, else from the fixed data (`Batches`, training/trainer/sources.py); λ = 0 is supervised KD,
 λ = 1 fully on-policy. The batch trains its objective's loss (training/trainer/objectives.py):
 
-    loss = (1/N) Σ_tokens ℓ(token),  N the batch's completion tokens, whatever its split into
-                                      micro-batches or processes (training/trainer/parallel.py)
+    loss = (1/N) Σ ℓ,  N the batch's completion tokens (its pairs for DPO, its prompts for RRHF),
+                       whatever its split into micro-batches or processes (training/trainer/parallel.py)
 
 Each on-policy step records its staleness: the optimizer updates between the policy that sampled the
 batch and the one it trains. With a state directory and `checkpoint_every`, the whole state is saved
@@ -23,10 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from training.models.batches import list_lengths
 from training.trainer import parallel
-from training.trainer.losses import sparse_batch
-from training.trainer.objectives import OBJECTIVES
+from training.trainer.objectives import BATCH_KINDS, OBJECTIVES, batch_kind
 from training.trainer.optim import adamw, cosine_lr
 from training.trainer.resume import load_state, save_state
 from training.trainer.settings import TrainingSettings
@@ -111,33 +110,36 @@ def train_student(model, tokenizer, batches: Batches, settings: TrainingSettings
 def accumulate_gradients(model, rows: pa.Table, pad_token_id: int, settings: TrainingSettings, source: str,
                          temperature: float, device: torch.device) -> tuple[float, dict, int]:
     """Forward and backward over this process's share of `rows` (the global batch; all of it in one
-    process) in micro-batches of `micro_batch_size` sequences of similar length (sorted: less
-    padding, ~30% less time for the embedded teacher), each loss divided by the global
-    batch's completion tokens N, so the accumulated gradient is that of loss = (1/N) Σ_tokens ℓ
-    whatever the split into micro-batches or processes (`training/trainer/parallel.py`). Returns (loss,
-    mean parts, N), summed over the processes."""
-    tokens = int(list_lengths(rows["completion_token_ids"]).sum())
+    process) in micro-batches of `micro_batch_size` rows of similar length (sorted: less padding,
+    ~30% less time for the embedded teacher; a pair or a prompt's responses stay together), each loss
+    divided by the global batch's count N (completion tokens, pairs or prompts: its kind's unit,
+    training/trainer/objectives.py), so the accumulated gradient is that of loss = (1/N) Σ ℓ whatever
+    the split into micro-batches or processes (`training/trainer/parallel.py`). Returns (loss, mean
+    parts, completion tokens), summed over the processes."""
+    kind = BATCH_KINDS[batch_kind(rows)]
+    counts = kind.counts(rows)
     mine = rows.slice(*parallel.rank_slice(rows.num_rows))
     if settings.micro_batch_size:
-        lengths = list_lengths(mine["prompt_token_ids"]) + list_lengths(mine["completion_token_ids"])
-        mine = mine.take(np.argsort(lengths, kind="stable"))
+        mine = mine.take(np.argsort(kind.lengths(mine), kind="stable"))
     processes = parallel.world()[1]
     objective, loss_settings = OBJECTIVES[settings.objective], settings.loss(source)
     micro = settings.micro_batch_size or max(1, mine.num_rows)
     starts = range(0, mine.num_rows, micro)
     loss, sums = 0.0, {}
     for index, start in enumerate(starts):
-        batch = sparse_batch(mine.slice(start, micro), pad_token_id, settings.k).to(device)
+        piece = mine.slice(start, micro)
+        batch = kind.batch(piece, pad_token_id, settings.k).to(device)
         with parallel.no_sync(model, last=index == len(starts) - 1):
             with autocast(device, settings.precision):
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            part_loss, parts = objective.loss(logits, batch, loss_settings, temperature, normalizer=tokens)
+            part_loss, parts = objective.loss(logits, batch, loss_settings, temperature, counts)
             (part_loss * processes).backward()  # DDP averages over processes; the sum is wanted
         loss += part_loss.item()
+        units = kind.counts(piece)[kind.unit]
         for name, mean in parts.items():
-            sums[name] = sums.get(name, 0.0) + mean * batch.targets.numel()
+            sums[name] = sums.get(name, 0.0) + mean * units
     loss, *totals = parallel.summed([loss, *sums.values()])
-    return loss, {name: total / max(1, tokens) for name, total in zip(sums, totals)}, tokens
+    return loss, {name: total / max(1, counts[kind.unit]) for name, total in zip(sums, totals)}, counts["completion_tokens"]
 
 
 def policy_step(rows: pa.Table) -> int:

@@ -82,7 +82,12 @@ class LossSettings(BaseModel):
         "renormalize", description="the mass outside the stored top-k: renormalize both over the top-k, or a (k+1)-th bucket"
     )
     temperature: float = Field(1.0, gt=0, description="loss temperature τ, applied to teacher and student alike")
-    nll_weight: float = Field(0.0, ge=0, description="weight of NLL on the sequence's tokens, added to the divergence")
+    nll_weight: float = Field(0.0, ge=0, description="weight of NLL on the sequence's tokens, added to the divergence "
+                              "(dpo: on the chosen response's tokens, RPO)")
+    preference_beta: float = Field(0.1, gt=0, description="dpo's β: how far the student may move from the reference "
+                                   "(the margin is β × the difference of the log-prob ratios)")
+    kd_weight: float = Field(0.0, ge=0, description="dpo: weight of the divergence to the teacher's signal on both "
+                             "responses (pairs scored by the teacher), per completion token, added to the DPO loss")
 
     @model_validator(mode="after")
     def _something_to_minimize(self):

@@ -1,32 +1,90 @@
 """Objectives: what the loop minimizes on a batch. Each is one entry of `OBJECTIVES`, as a divergence
 is one entry of `DIVERGENCES`: the batch kinds it takes, and the loss it trains a batch with.
 
-    sft            −log q(y) on the sequence's tokens: SeqKD on teacher data     takes tokens, signal
-    supervised_kd  D(p‖q) on the stored top-k (+ w_nll · NLL), `sparse_kd_loss`  takes signal
+    sft            −log q(y) on the sequence's tokens: SeqKD on teacher data            takes tokens, signal
+    supervised_kd  D(p‖q) on the stored top-k (+ w_nll · NLL), `sparse_kd_loss`        takes signal
+    dpo            −log σ(β · the margin of the implicit rewards), `ranking.dpo_loss`   takes pairs
+                   (+ kd_weight · D(p‖q) on both responses, + w_nll · NLL of the chosen)
+    rrhf           Σ_{s_i < s_j} max(0, p_i − p_j) − p_best, `ranking.rrhf_loss`       takes ranked
 
-A batch's kind is read from its columns (`batch_kind`). A new objective (a reward term, a ranking
+A batch's kind is read from its columns (`batch_kind`); the kind says how its rows become tensors for
+one forward, what its loss is averaged over (completion tokens, pairs, prompts) and how long its
+longest sequence is, so the loop trains every kind alike. A new objective (a reward term, a ranking
 loss, an aligned cross-tokenizer loss) is a new entry here, never a new branch in the loop.
 """
 
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import pyarrow as pa
 
-from training.trainer.losses import LossSettings, sparse_kd_loss
+from training.models.batches import list_lengths
+from training.trainer.losses import LossSettings, sparse_batch, sparse_kd_loss
+from training.trainer.ranking import (
+    dpo_loss,
+    pair_batch,
+    pair_counts,
+    pair_lengths,
+    ranked_batch,
+    ranked_counts,
+    ranked_lengths,
+    rrhf_loss,
+)
 
-BATCH_KINDS = {"tokens": "token ids only", "signal": "token ids with the teacher's sparse top-k signal"}
+
+def token_counts(rows: pa.Table) -> dict[str, int]:
+    """What a token batch is averaged over: its completion tokens."""
+    return {"completion_tokens": int(list_lengths(rows["completion_token_ids"]).sum())}
+
+
+def sequence_lengths(rows: pa.Table) -> np.ndarray:
+    return list_lengths(rows["prompt_token_ids"]) + list_lengths(rows["completion_token_ids"])
+
+
+@dataclass(frozen=True)
+class BatchKind:
+    description: str  # for the messages
+    build: str  # how to make rows of this kind, for the messages
+    batch: Callable  # (rows, pad_token_id, k) → the tensors of one forward (a SparseBatch)
+    counts: Callable[[pa.Table], dict[str, int]]  # rows → what a loss divides by; always with "completion_tokens"
+    unit: str  # the count its loss and parts are averaged over
+    lengths: Callable[[pa.Table], np.ndarray]  # rows → each row's longest sequence, for micro-batches of similar length
+
+
+BATCH_KINDS = {
+    "tokens": BatchKind("token ids only", "label prompts with the teacher", sparse_batch, token_counts, "completion_tokens",
+                        sequence_lengths),
+    "signal": BatchKind("token ids with the teacher's sparse top-k signal", "label them with the teacher", sparse_batch,
+                        token_counts, "completion_tokens", sequence_lengths),
+    "pairs": BatchKind("preference pairs (chosen and rejected token ids, the reference's log-probs)",
+                       "build them with preference_pairs / round_pairs", pair_batch, pair_counts, "pairs", pair_lengths),
+    "ranked": BatchKind("ranked responses (each prompt's responses_token_ids and scores)",
+                        "build them from teacher_judgments, a row per prompt", ranked_batch, ranked_counts, "prompts", ranked_lengths),
+}
+
+RANKING_KINDS = frozenset({"pairs", "ranked"})  # judged responses against each other: the ranking objectives' kinds
 
 
 def batch_kind(rows: pa.Table) -> str:
-    return "signal" if "topk_ids" in rows.column_names else "tokens"
+    columns = rows.column_names
+    if "chosen_token_ids" in columns:
+        return "pairs"
+    if "responses_token_ids" in columns:
+        return "ranked"
+    return "signal" if "topk_ids" in columns else "tokens"
+
+
+def token_loss(logits, batch, settings: LossSettings, stored_temperature: float, counts: dict[str, int]):
+    """`sparse_kd_loss` per completion token of the global batch."""
+    return sparse_kd_loss(logits, batch, settings, stored_temperature, normalizer=counts["completion_tokens"])
 
 
 @dataclass(frozen=True)
 class Objective:
     takes: frozenset[str]  # the batch kinds it trains on (BATCH_KINDS)
     settings: Callable[[LossSettings, str], LossSettings]  # (the configured loss, the batch's source) → the loss it uses
-    loss: Callable = sparse_kd_loss  # (logits, SparseBatch, LossSettings, stored temperature, normalizer) → (loss, parts)
+    loss: Callable = token_loss  # (logits, batch, LossSettings, stored temperature, the global batch's counts) → (loss, parts)
 
 
 def divergence_for(configured: LossSettings, source: str) -> LossSettings:
@@ -42,12 +100,16 @@ def divergence_for(configured: LossSettings, source: str) -> LossSettings:
 OBJECTIVES: dict[str, Objective] = {
     "sft": Objective(frozenset({"tokens", "signal"}), lambda configured, source: LossSettings(divergence="none", nll_weight=1.0)),
     "supervised_kd": Objective(frozenset({"signal"}), divergence_for),
+    "dpo": Objective(frozenset({"pairs"}), divergence_for, dpo_loss),
+    "rrhf": Objective(frozenset({"ranked"}), divergence_for, rrhf_loss),
 }
 
 
 def check_takes(objective: str, rows: pa.Table, source: str) -> None:
     """Fails before training when the objective cannot train on rows of this kind."""
-    kind = batch_kind(rows)
-    if kind not in OBJECTIVES[objective].takes:
-        raise ValueError(f"objective {objective!r} trains on {' or '.join(BATCH_KINDS[k] for k in sorted(OBJECTIVES[objective].takes))}, "
-                         f"but the {source} rows hold {BATCH_KINDS[kind]}: use objective 'sft', or label them with the teacher")
+    kind, takes = batch_kind(rows), sorted(OBJECTIVES[objective].takes)
+    if kind not in takes:
+        fitting = " or ".join(repr(name) for name, entry in OBJECTIVES.items() if kind in entry.takes)
+        raise ValueError(f"objective {objective!r} trains on {' or '.join(BATCH_KINDS[k].description for k in takes)}, "
+                         f"but the {source} rows hold {BATCH_KINDS[kind].description}: use objective {fitting}, "
+                         f"or {BATCH_KINDS[takes[-1]].build}")

@@ -16,7 +16,8 @@ from training.trainer.objectives import OBJECTIVES
 class TrainingSettings(LossSettings):
     objective: Literal[tuple(OBJECTIVES)] = Field(
         "supervised_kd", description="'sft': the sequence's tokens as hard targets (SeqKD on teacher data); "
-        "'supervised_kd': the divergence to the stored top-k (training/trainer/objectives.py)"
+        "'supervised_kd': the divergence to the stored top-k; 'dpo': preference pairs (preference_beta, kd_weight); "
+        "'rrhf': each prompt's ranked responses (training/trainer/objectives.py)"
     )
     k: Optional[int] = Field(None, ge=1, description="train on the first k of the stored top-k; empty: all")
     steps: int = Field(400, ge=1)

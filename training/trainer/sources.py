@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from training.models.chat import prompt_ids_for
-from training.trainer.objectives import check_takes
+from training.trainer.objectives import RANKING_KINDS, batch_kind, check_takes
 from training.trainer.settings import TrainingSettings
 from training.trainer.shuffle import ShuffledBatches, blocks_of
 
@@ -73,8 +73,8 @@ def check_compatible(table: pa.Table, student_vocab_size: int, teacher_vocab_siz
 @dataclass
 class RowCheck:
     """What every batch passes before training: its prompts rendered with the student's own chat
-    template, an objective that takes its kind, and a signal the student can use, scored at the
-    fixed data's temperature."""
+    template, an objective that takes its kind, and a signal the student can use (a response's, or
+    both of a pair's), scored at the fixed data's temperature; kd_weight only on pairs that carry it."""
 
     tokenizer: object
     vocab_size: int
@@ -86,12 +86,31 @@ class RowCheck:
     def __call__(self, rows: pa.Table) -> pa.Table:
         rows = rows.set_column(rows.schema.get_field_index("prompt_token_ids"), "prompt_token_ids", prompt_ids_for(self.tokenizer, rows))
         check_takes(self.settings.objective, rows, self.source)
-        if "topk_ids" in rows.column_names:
-            check_compatible(rows, self.vocab_size, self.teacher_vocab_size, self.settings.k)
-            if (found := float(rows["temperature"][0].as_py())) != self.temperature:
-                raise ValueError(f"{self.source} rows store the teacher at temperature {found}, the fixed data at "
-                                 f"{self.temperature}: score them alike")
+        signals = stored_signals(rows)
+        for signal in signals:
+            check_compatible(signal, self.vocab_size, self.teacher_vocab_size, self.settings.k)
+        if signals and (found := float(rows["temperature"][0].as_py())) != self.temperature:
+            raise ValueError(f"{self.source} rows store the teacher at temperature {found}, the fixed data at "
+                             f"{self.temperature}: score them alike")
+        if batch_kind(rows) in RANKING_KINDS and self.settings.kd_weight > 0 and not signals:
+            raise ValueError(f"kd_weight {self.settings.kd_weight} adds the teacher's divergence on the responses, but the "
+                             f"{self.source} {batch_kind(rows)} rows carry no teacher signal (chosen_topk_ids, rejected_topk_ids): "
+                             "score both responses with the teacher, or set kd_weight 0")
+        if batch_kind(rows) == "ranked":
+            responses = pc.list_value_length(rows["responses_token_ids"])
+            if not pc.all(pc.equal(responses, pc.list_value_length(rows["scores"]))).as_py() or pc.min(responses).as_py() < 1:
+                raise ValueError(f"{self.source} ranked rows need responses, and one score for each (scores as long as "
+                                 "responses_token_ids)")
         return rows
+
+
+def stored_signals(rows: pa.Table) -> list[pa.Table]:
+    """The teacher's signals the rows store, each as a table `check_compatible` reads (topk_ids, k,
+    sample_id): a response's own, or a pair's on its chosen and on its rejected response."""
+    if "topk_ids" in rows.column_names:
+        return [rows]
+    return [pa.table({"topk_ids": rows[f"{side}_topk_ids"], "k": rows["k"], "sample_id": rows[f"{side}_sample_id"]})
+            for side in ("chosen", "rejected") if f"{side}_topk_ids" in rows.column_names]
 
 
 @dataclass

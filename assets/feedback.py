@@ -1,0 +1,215 @@
+"""Feedback: the teacher judges responses, the judgments become preference pairs, a student trains on
+them with a ranking objective (training/feedback/, training/trainer/ranking.py).
+
+Offline (group `feedback`), the dDPO path from offline_student:
+
+    student_samples      offline_student samples n responses per prompt drawn from the training data
+    teacher_judgments    the teacher judges every candidate: those samples and the teacher's own responses
+                         to the same prompts (curated), by verifier, likelihood, LLM judge, corrections
+    preference_pairs     chosen/rejected pairs by a pair policy, with offline_student's reference log-probs
+    preference_student   offline_student trained on the pairs (DPO by default)
+
+In a round (a partition of `rounds`, mode `preference`): round_judgments[r] judges the round's scored
+rollouts (teacher_feedback[r]) and round_pairs[r] pairs them with the parent's reference log-probs;
+student_checkpoint[r] trains on them (assets/rounds.py).
+"""
+
+import functools
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import pyarrow as pa
+
+from assets.config import JudgmentsConfig, PairsConfig, PreferenceStudentConfig, RoundJudgmentsConfig, StudentRolloutsConfig
+from assets.executor import ShardExecutor, ShardWork
+from assets.inputs import Inputs, not_chosen
+from assets.publish import metadata, publish_dataset, record_lineage
+from assets.resources import ModelEngine
+from assets.round_steps import ROUND, claim_round, parent_checkpoint, parent_versions, rollout_shard
+from assets.student_runs import chat_templates, curve_metrics, distill_and_save, loss_curve, ranking_data
+from storage.store import Store
+from training.data.rollouts import draw_prompts
+from training.engines.sampling import Sampling
+from training.evals.evaluate import evaluate
+from training.feedback.judgments import judgments_table
+from training.feedback.pairs import PairPolicy, preference_pairs, with_reference_logprobs
+from training.models.checkpoints import load_model
+from training.schema.cards import ModelCard
+from training.schema.tables import parquet
+from training.tasks import task_of
+
+FEEDBACK = dict(group_name="feedback", pool="accelerator")
+CANDIDATE_COLUMNS = ["sample_id", "prompt_id", "prompt", "messages", "system_prompt", "answer", "prompt_token_ids", "prompt_rendering",
+                     "completion_token_ids", "completion", "num_tokens", "finish_reason", "topk_ids", "topk_logprobs", "token_logprob",
+                     "tail_mass", "k", "temperature", "logprob_mode", "codec"]
+
+
+def judge_shard(engines: dict, candidates: pa.Table, index: int, *, config: JudgmentsConfig, task, identity: dict):
+    return judgments_table(engines["teacher"], candidates, config, task, identity)
+
+
+def pairs_shard(engines: dict, pairs: pa.Table, index: int, *, reference: ModelCard):
+    return with_reference_logprobs(engines["reference"], pairs, reference.weights_hash), {"pairs": pairs.num_rows}
+
+
+def judge(context, store: Store, name: str, candidates: Path, config: JudgmentsConfig, model_engine: ModelEngine,
+          shard_executor: ShardExecutor, teacher: ModelCard, inputs: dict, partition: str | None, parent_round: str | None):
+    """Judges the candidates in the work file `candidates` shard by shard and publishes them as `name`."""
+    task = task_of(store.read_dataset("seed_prompts", columns=["task"]))
+    identity = {"judge_model": teacher.name, "judge_weights_hash": teacher.weights_hash, "judgment_run_id": context.run.run_id,
+                "round": partition}
+    work = ShardWork(name, [candidates], {"teacher": model_engine.spec(teacher)},
+                     functools.partial(judge_shard, config=config, task=task, identity=identity),
+                     settings={"config": config.model_dump(), "engine": model_engine.backend})
+    shards, figures = shard_executor.run(context, store, work, partition, inputs)
+    result = publish_dataset(context, store, name, shards, config=config, inputs=inputs, metrics=figures, parent_round=parent_round,
+                             preview=["origin", "completion", "verifier", "likelihood", "judge", "score"])
+    candidates.unlink()
+    return result
+
+
+def pair(context, store: Store, name: str, judgments: list[Path], config: PairsConfig, model_engine: ModelEngine,
+         shard_executor: ShardExecutor, reference: ModelCard, inputs: dict, partition: str | None, parent_round: str | None):
+    """Pairs the judged candidates by the policy, adds the reference's log-probs shard by shard, publishes `name`."""
+    pairs, figures = preference_pairs(judgments, PairPolicy(**config.model_dump()))
+    if pairs.num_rows == 0:
+        raise ValueError(f"no pairs: the judgments of {len(judgments)} shard(s) give no two candidates of one prompt with a margin "
+                         f"above {config.min_margin}: sample more responses per prompt (n), lower min_margin, or add judges")
+    source = store.write_work_file(pairs, f"{name}.pairs.{partition or 'all'}.parquet")
+    work = ShardWork(name, [source], {"reference": model_engine.spec(reference)}, functools.partial(pairs_shard, reference=reference),
+                     settings={"config": config.model_dump(), "engine": model_engine.backend})
+    shards, shard_figures = shard_executor.run(context, store, work, partition, {**inputs, "reference": reference.weights_hash})
+    result = publish_dataset(context, store, name, shards, config=config, parent_round=parent_round,
+                             inputs={**inputs, "reference": reference.weights_hash}, metrics={**shard_figures, **figures},
+                             preview=["chosen", "rejected", "margin", "kind"])
+    source.unlink()
+    return result
+
+
+STUDENT_SAMPLES = Inputs(cards=["offline_student"], datasets=["curated", "teacher_labeled"])
+
+
+@dg.asset(**FEEDBACK, kinds={"parquet"}, deps=STUDENT_SAMPLES.deps)
+def student_samples(context: dg.AssetExecutionContext, config: StudentRolloutsConfig, store: dg.ResourceParam[Store],
+                    model_engine: ModelEngine, shard_executor: ShardExecutor):
+    """offline_student's own responses, n per prompt drawn from `prompts_from`: the candidates the
+    teacher judges against its own responses."""
+    read = STUDENT_SAMPLES.read(store, skip=not_chosen(config.prompts_from))
+    card = read.cards["offline_student"]
+    prompts = draw_prompts(store.shard_paths(config.prompts_from), config.num_prompts, f"{config.sampling.seed}/offline")
+    identity = {"student": "offline_student", "student_weights_hash": card.weights_hash, "tokenizer_hash": card.tokenizer_hash,
+                "run_id": context.run.run_id}
+    source = store.write_work_file(prompts, "student_samples.prompts.parquet")
+    work = ShardWork("student_samples", [source], {"student": model_engine.spec(card)},
+                     functools.partial(rollout_shard, sampling=Sampling(**config.sampling.model_dump()), round_number=0, identity=identity),
+                     settings={"config": config.model_dump(), "engine": model_engine.backend})
+    shards, figures = shard_executor.run(context, store, work, None, read.versions)
+    result = publish_dataset(context, store, "student_samples", shards, config=config, inputs=read.versions, metrics=figures,
+                             preview=["sample_id", "prompt", "completion", "num_tokens"])
+    source.unlink()
+    return result
+
+
+def offline_candidates(store: Store, teacher_from: str) -> "duckdb.DuckDBPyRelation":  # a string: storage/catalog.py
+    """student_samples with, for the same prompts, the teacher's responses in `teacher_from` ('none': students only),
+    the columns judging needs, `origin` 'student' or 'teacher'."""
+    def select(name: str, origin: str, where: str = "") -> str:
+        paths = store.shard_paths(name)
+        present = set(duckdb.sql(f"SELECT * FROM {parquet(paths)} LIMIT 0").columns)
+        return f"SELECT {', '.join(c for c in CANDIDATE_COLUMNS if c in present)}, '{origin}' AS origin FROM {parquet(paths)} {where}"
+
+    students = select("student_samples", "student")
+    if teacher_from == "none":
+        return duckdb.sql(students)
+    sampled = f"SELECT prompt_id FROM {parquet(store.shard_paths('student_samples'))}"
+    return duckdb.sql(f"{students} UNION ALL BY NAME {select(teacher_from, 'teacher', f'WHERE prompt_id IN ({sampled})')} "
+                      "ORDER BY prompt_id, origin, sample_id")
+
+
+TEACHER_JUDGMENTS = Inputs(cards=["teacher_model"], datasets=["student_samples", "curated", "teacher_labeled", "seed_prompts"])
+
+
+@dg.asset(**FEEDBACK, kinds={"parquet"}, deps=TEACHER_JUDGMENTS.deps)
+def teacher_judgments(context: dg.AssetExecutionContext, config: JudgmentsConfig, store: dg.ResourceParam[Store],
+                      model_engine: ModelEngine, shard_executor: ShardExecutor):
+    """The teacher judges every candidate response (student_samples and its own responses to the same
+    prompts): verifier, likelihood, LLM judge and corrections as configured, one row per candidate."""
+    unread = [name for name in ("curated", "teacher_labeled") if name != config.teacher_responses_from]
+    read = TEACHER_JUDGMENTS.read(store, skip=tuple(unread))
+    candidates = store.write_work_file(offline_candidates(store, config.teacher_responses_from), "teacher_judgments.candidates.parquet")
+    return judge(context, store, "teacher_judgments", candidates, config, model_engine, shard_executor, read.cards["teacher_model"],
+                 read.versions, None, None)
+
+
+PREFERENCE_PAIRS = Inputs(cards=["offline_student"], datasets=["teacher_judgments"])
+
+
+@dg.asset(**FEEDBACK, name="preference_pairs", kinds={"parquet"}, deps=PREFERENCE_PAIRS.deps)
+def preference_pairs_dataset(context: dg.AssetExecutionContext, config: PairsConfig, store: dg.ResourceParam[Store],
+                           model_engine: ModelEngine, shard_executor: ShardExecutor):
+    """Chosen/rejected pairs from teacher_judgments by the pair policy, with offline_student's
+    log-probs of both responses (DPO's reference)."""
+    read = PREFERENCE_PAIRS.read(store)
+    return pair(context, store, "preference_pairs", store.shard_paths("teacher_judgments"), config, model_engine, shard_executor,
+                read.cards["offline_student"], read.versions, None, None)
+
+
+PREFERENCE_STUDENT = Inputs(cards=["offline_student", "teacher_model"], datasets=["preference_pairs", "teacher_judgments", "eval_set"])
+
+
+@dg.asset(group_name="feedback", pool="accelerator", kinds={"pytorch"}, deps=PREFERENCE_STUDENT.deps)
+def preference_student(context: dg.AssetExecutionContext, config: PreferenceStudentConfig, store: dg.ResourceParam[Store]):
+    """offline_student trained on the teacher's preferences (dDPO): DPO on preference_pairs, or RRHF
+    on the judged lists of teacher_judgments, by the command `python -m training.launch`."""
+    read = PREFERENCE_STUDENT.read(store)
+    start, teacher = read.cards["offline_student"], read.cards["teacher_model"]
+    data = ranking_data(store, config.objective, "preference_pairs", "teacher_judgments", start, None)
+    card, curve = distill_and_save(context, store, "preference_student", config, start, teacher, data,
+                                   card_fields={"objective": config.objective, "parent": start.weights_hash})
+    eval_rows = store.read_dataset("eval_set")
+    results = evaluate(*load_model(card.path), eval_rows, task_of(eval_rows), seed=config.seed)
+    metrics = {**curve_metrics(curve), **{f"eval_{name}": value for name, value in results.items()},
+               **{f"final_{part}": curve[-1][part] for part in ("margin", "accuracy", "dpo", "rank") if part in curve[-1]}}
+    inputs = {**read.versions, **chat_templates(teacher, start)}
+    record_lineage(context, store, config, inputs, {**card.as_dict(), **metrics})
+    return dg.MaterializeResult(
+        metadata={**metadata(metrics), "weights_hash": card.weights_hash, "path": dg.MetadataValue.path(card.path),
+                  "inputs": dg.MetadataValue.json(inputs), "loss_curve": loss_curve(curve, "preference_student training loss")},
+        data_version=dg.DataVersion(card.weights_hash),
+    )
+
+
+ROUND_JUDGMENTS = Inputs(cards=["teacher_model"], datasets=["seed_prompts"], round_datasets=["teacher_feedback"])
+
+
+@dg.asset(**ROUND, kinds={"parquet"}, deps=ROUND_JUDGMENTS.deps)
+def round_judgments(context: dg.AssetExecutionContext, config: RoundJudgmentsConfig, store: dg.ResourceParam[Store],
+                    model_engine: ModelEngine, shard_executor: ShardExecutor):
+    """Preference rounds: the teacher judges the round's rollouts (teacher_feedback[r]: the student's
+    samples with the teacher's signal, so the likelihood judge needs no model call)."""
+    key = context.partition_key
+    parent, previous, card = parent_checkpoint(store, key)
+    with claim_round(context):
+        read = ROUND_JUDGMENTS.read(store, key)
+        rollouts = parquet(store.shard_paths("teacher_feedback", key))
+        candidates = duckdb.sql(f"SELECT *, 'student' AS origin FROM {rollouts}")
+        source = store.write_work_file(candidates, f"round_judgments.candidates.{key}.parquet")
+        return judge(context, store, "round_judgments", source, config, model_engine, shard_executor, read.cards["teacher_model"],
+                     {**read.versions, **parent_versions(parent, card)}, key, previous)
+
+
+ROUND_PAIRS = Inputs(round_datasets=["round_judgments"])
+
+
+@dg.asset(**ROUND, kinds={"parquet"}, deps=ROUND_PAIRS.deps)
+def round_pairs(context: dg.AssetExecutionContext, config: PairsConfig, store: dg.ResourceParam[Store],
+                model_engine: ModelEngine, shard_executor: ShardExecutor):
+    """Preference rounds: chosen/rejected pairs of the round's judged rollouts by the pair policy, with
+    the parent checkpoint's log-probs of both responses (DPO's reference)."""
+    key = context.partition_key
+    parent, previous, card = parent_checkpoint(store, key)
+    with claim_round(context):
+        read = ROUND_PAIRS.read(store, key)
+        return pair(context, store, "round_pairs", store.shard_paths("round_judgments", key), config, model_engine, shard_executor,
+                    card, {**read.versions, **parent_versions(parent, card)}, key, previous)

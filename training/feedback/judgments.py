@@ -1,0 +1,192 @@
+"""Judgments: the teacher assesses candidate responses (a round's student rollouts, teacher responses,
+any stored dataset of responses), one row per candidate, each judge a column of its own:
+
+    verifier    the task's reward r ∈ {0, 1} where the prompt has a reference answer; null otherwise
+    likelihood  the teacher's mean token logprob of the response, (1/|y|) Σ_t log p(y_t | x, y_<t), read from
+                the stored signal (teacher_feedback, teacher_labeled: no model call); candidates without it
+                are scored by the teacher first
+    judge       the teacher as an LLM judge, a rubric score in [1, 10] (judge.py)
+
+and `score` = Σ_j w_j · s_j over the judges that gave a score (null when none did), the weights
+`JudgmentSettings.weights`. The default, verifier 1 and likelihood 0.1, ranks correct answers first and
+among equals the one the teacher finds likelier (survey: the teacher as reward, and its likelihood
+as a distilled preference).
+
+`correction` (Xu et al.'s corrective feedback): for a candidate the verifier rejects (or, without
+one, scores below `correct_below`), the teacher keeps the student's prefix up to the first token it
+finds unlikely (log p(y_t) < `cut_logprob`) and writes the rest itself. The correction is a candidate
+of its own (`origin` 'correction', `corrects` the sample it corrects, `correction_cut` the tokens kept),
+judged like the others; preference pairs take it as chosen against the response it corrects.
+"""
+
+import json
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, Field, model_validator
+
+from training.data.labeling import score, with_columns
+from training.data.rollouts import sequence_sums
+from training.engines.base import Engine
+from training.engines.sampling import Sampling
+from training.feedback.judge import JudgeSettings, judge_pointwise, length_correlation
+from training.models.chat import prompt_ids_for
+from training.schema.signal import SignalSettings
+from training.schema.tables import with_constants, with_content_id
+
+if TYPE_CHECKING:
+    from training.tasks import Task
+
+JUDGES = ("verifier", "likelihood", "judge")
+SIGNAL = ["topk_ids", "topk_logprobs", "token_logprob", "tail_mass", "k", "temperature", "logprob_mode", "codec"]
+
+
+class CorrectionSettings(BaseModel):
+    """How the teacher corrects a rejected response."""
+
+    cut_logprob: float = Field(math.log(0.05), lt=0, description="the student's prefix is kept up to the first token whose "
+                               "teacher logprob is below this (default log 0.05)")
+    correct_below: float = Field(0.5, description="without a verifier, candidates whose combined score is below this are corrected")
+    sampling: Sampling = Field(Sampling(temperature=0.0, max_new_tokens=96), description="how the teacher writes the rest")
+
+
+class JudgmentSettings(SignalSettings):
+    """Which judges assess each candidate and how their scores combine (and, inherited, the teacher
+    signal stored on candidates that come without one)."""
+
+    judges: list[str] = Field(["verifier", "likelihood"], description="the judges to run: 'verifier', "
+                                          "'likelihood', 'judge' (the teacher as an LLM judge, one more model call per candidate)")
+    weights: dict[str, float] = Field({"verifier": 1.0, "likelihood": 0.1, "judge": 0.1},
+                                      description="judge → weight in the combined score")
+    judge: JudgeSettings = Field(JudgeSettings(), description="the LLM judge's rubric, mode and sampling")
+    correct: bool = Field(False, description="the teacher corrects rejected candidates (the corrections become candidates)")
+    correction: CorrectionSettings = Field(CorrectionSettings(), description="how corrections are cut and written")
+
+    @model_validator(mode="after")
+    def _weights_known(self):
+        if unknown := (set(self.weights) | set(self.judges)) - set(JUDGES):
+            raise ValueError(f"unknown judges {sorted(unknown)}: the judges are {list(JUDGES)}")
+        if not self.judges:
+            raise ValueError("no judges: choose one or more of 'verifier', 'likelihood', 'judge'")
+        return self
+
+
+def with_teacher_signal(teacher: Engine, candidates: pa.Table, settings: SignalSettings) -> tuple[pa.Table, int]:
+    """`candidates` with the teacher's signal (top-k, token logprob, tail mass) on every response
+    token: as stored where the rows have it, else scored now. Returns (table, rows scored)."""
+    if "token_logprob" in candidates.column_names and candidates["token_logprob"].null_count == 0:
+        return candidates, 0
+    columns, _ = score(teacher, candidates, settings.k, settings.signal_temperature, settings.logprob_type())
+    return with_columns(candidates.drop_columns([c for c in SIGNAL if c in candidates.column_names]), columns), candidates.num_rows
+
+
+def mean_token_logprob(token_logprob: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """(1/|y|) Σ_t log p(y_t | …) per row (null for an empty response)."""
+    lengths = pc.list_value_length(token_logprob).to_numpy(zero_copy_only=False).astype(np.float64)
+    sums = sequence_sums(token_logprob).to_numpy(zero_copy_only=False)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return pa.array(np.where(lengths > 0, sums / np.maximum(lengths, 1), np.nan), pa.float64(), from_pandas=True)
+
+
+def combined_score(table: pa.Table, weights: dict[str, float], judges: list[str]) -> pa.Array:
+    """Σ_j w_j · s_j over the judges that scored the row; null where none did."""
+    total = np.zeros(table.num_rows)
+    scored = np.zeros(table.num_rows, dtype=bool)
+    for judge in judges:
+        values = pc.cast(table[judge], pa.float64()).to_numpy(zero_copy_only=False)
+        present = ~np.isnan(values)
+        total += np.where(present, weights.get(judge, 1.0) * np.nan_to_num(values), 0.0)
+        scored |= present
+    return pa.array(np.where(scored, total, np.nan), pa.float64(), from_pandas=True)
+
+
+def first_unlikely(token_logprob: pa.ChunkedArray | pa.Array, threshold: float) -> np.ndarray:
+    """Per row, the index of the first token with teacher logprob < `threshold` (the response's length when none)."""
+    token_logprob = token_logprob.combine_chunks() if isinstance(token_logprob, pa.ChunkedArray) else token_logprob
+    lengths = pc.list_value_length(token_logprob).to_numpy(zero_copy_only=False).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    below = np.flatnonzero(pc.list_flatten(token_logprob).to_numpy(zero_copy_only=False) < threshold)
+    rows = np.searchsorted(starts, below, side="right") - 1  # the row of each unlikely token
+    cut = lengths.copy()
+    np.minimum.at(cut, rows, below - starts[rows])
+    return cut
+
+
+def corrections(teacher: Engine, rejected: pa.Table, settings: CorrectionSettings) -> pa.Table:
+    """The teacher's corrections of `rejected` candidates (with the teacher's token_logprob): the
+    student's tokens before the first unlikely one, then the teacher's continuation, as candidate rows
+    (prompt columns kept; `corrects`, `correction_cut`, a new `sample_id`). The continuation's budget
+    is what is left of `settings.sampling.max_new_tokens` after the longest prefix (at least one token)."""
+    cut = first_unlikely(rejected["token_logprob"], settings.cut_logprob)
+    prefixes = [ids[:c] for ids, c in zip(rejected["completion_token_ids"].to_pylist(), cut)]
+    prompts = prompt_ids_for(teacher.tokenizer, rejected).to_pylist()
+    rest = max(1, settings.sampling.max_new_tokens - int(cut.max(initial=0)))
+    sampling = Sampling(**{**settings.sampling.model_dump(), "max_new_tokens": rest, "n": 1})
+    generated = teacher.generate([p + prefix for p, prefix in zip(prompts, prefixes)], sampling) if prefixes else []
+    corrected = [prefix + g.completion_ids for prefix, g in zip(prefixes, generated)]
+    replaced = {*SIGNAL, "completion_token_ids", "completion", "num_tokens", "finish_reason", "sample_id", "origin",
+                "student_token_logprob", "verifier", "likelihood", "judge", "score", "corrects", "correction_cut"}
+    columns = {name: rejected[name] for name in rejected.column_names if name not in replaced}
+    columns |= {
+        "completion_token_ids": pa.array(corrected, pa.list_(pa.int32())),
+        "completion": pa.array([teacher.tokenizer.decode(ids, skip_special_tokens=True) for ids in corrected], pa.string()),
+        "num_tokens": pa.array([len(ids) for ids in corrected], pa.int32()),
+        "finish_reason": pa.array([g.finish_reason for g in generated], pa.string()),
+        "origin": pa.repeat(pa.scalar("correction"), rejected.num_rows),
+        "corrects": rejected["sample_id"], "correction_cut": pa.array(cut, pa.int32()),
+    }
+    return with_content_id(pa.table(columns), "sample_id", ["corrects", "completion_token_ids"])
+
+
+def rejected_rows(table: pa.Table, settings: JudgmentSettings) -> pa.Array:
+    """Which candidates a correction is written for: the verifier's zeros, or without a verifier
+    verdict a combined score below `correct_below` (never a correction itself)."""
+    verdict = pc.cast(table["verifier"], pa.float64())
+    low = pc.less(table["score"], settings.correction.correct_below)
+    rejected = pc.if_else(pc.is_null(verdict), low, pc.equal(verdict, 0.0))
+    return pc.and_(pc.fill_null(rejected, False), pc.not_equal(table["origin"], "correction"))
+
+
+def assess(teacher: Engine, candidates: pa.Table, settings: JudgmentSettings, task: "Task") -> tuple[pa.Table, dict]:
+    """Every judge of `settings.judges` on `candidates` (rows of responses, with their prompt columns),
+    the combined score, and the teacher's signal where it was missing: (table, figures)."""
+    table, scored = with_teacher_signal(teacher, candidates, settings)
+    figures = {"candidates": table.num_rows, "teacher_scored": scored}
+    scores = {"verifier": pc.cast(task.verify(table["completion"], table["answer"]), pa.float64()),
+              "likelihood": mean_token_logprob(table["token_logprob"])}
+    if "judge" in settings.judges:
+        judged = judge_pointwise(teacher, table, settings.judge)
+        table, scores["judge"] = with_columns(table, judged), judged["judge_score"]
+        figures |= {"judge_excluded": judged["judge_excluded"].num_rows - judged["judge_excluded"].null_count,
+                    "judge_length_correlation": length_correlation(judged["judge_score"], table["num_tokens"])}
+    for judge in JUDGES:  # a judge not asked for leaves its column null
+        table = table.append_column(judge, scores[judge] if judge in settings.judges else pa.nulls(table.num_rows, pa.float64()))
+    table = table.append_column("score", combined_score(table, settings.weights, settings.judges))
+    return table, figures
+
+
+def judgments_table(teacher: Engine, candidates: pa.Table, settings: JudgmentSettings, task: "Task",
+                    identity: dict) -> tuple[pa.Table, dict]:
+    """The judged candidates, with the corrections when `settings.correct` (judged too), the judges'
+    settings and `identity` on every row (judge_model, judge_weights_hash: the teacher that judged;
+    judgment_run_id; round) and a `judgment_id` hashing the candidate, the judges and the judging
+    teacher: (table, figures). The candidates' own columns stay (who wrote them, in which run)."""
+    if "origin" not in candidates.column_names:
+        candidates = candidates.append_column("origin", pa.repeat(pa.scalar("candidates"), candidates.num_rows))
+    table, figures = assess(teacher, candidates, settings, task)
+    table = table.append_column("corrects", pa.nulls(table.num_rows, pa.string())) \
+        .append_column("correction_cut", pa.nulls(table.num_rows, pa.int32()))
+    if settings.correct and (wrong := table.filter(rejected_rows(table, settings))).num_rows:
+        fixed, _ = assess(teacher, corrections(teacher, wrong, settings.correction), settings, task)
+        table = pa.concat_tables([table, fixed], promote_options="permissive")  # the candidates' other columns: null
+        figures |= {"corrections": fixed.num_rows, "corrections_verified": pc.sum(fixed["verifier"]).as_py()}
+    judges = json.dumps({"judges": settings.judges, "weights": settings.weights}, sort_keys=True)
+    table = with_constants(table.drop_columns([name for name in identity if name in table.column_names]), judges=judges, **identity)
+    table = with_content_id(table, "judgment_id", ["sample_id", "judges", "judge_weights_hash", "completion_token_ids"])
+    valid = table["score"].drop_null()
+    figures |= {"judged": table.num_rows, "mean_score": pc.mean(valid).as_py() if len(valid) else None,
+                "mean_verifier": pc.mean(table["verifier"]).as_py(), "mean_likelihood": pc.mean(table["likelihood"]).as_py()}
+    return table, figures
