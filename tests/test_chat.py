@@ -11,12 +11,14 @@ import pytest
 
 from assets.datasets import eval_set, seed_prompts, teacher_labeled
 from assets.executor import ShardExecutor
+from assets.feedback import preference_pairs_dataset, preference_student, round_judgments, round_pairs, student_samples, teacher_judgments
 from assets.models import student_model, teacher_model
 from assets.partitions import rounds
 from assets.resources import ModelEngine, store_resource
 from assets.rounds import round_eval, student_checkpoint, student_rollouts, teacher_feedback
 from assets.students import evals, offline_student
 from pipelines.cli import main as distill
+from pipelines.jobs import mode_config
 from storage.catalog import query
 from storage.store import Store
 from training.engines.hf import HFEngine
@@ -66,6 +68,9 @@ def test_generation_stops_at_the_end_of_turn_and_at_stop_strings(chat_pair):
 
 CHAT_ASSETS = [teacher_model, student_model, seed_prompts, eval_set, teacher_labeled, offline_student, evals]
 ROUND_ASSETS = [student_rollouts, teacher_feedback, student_checkpoint, round_eval]
+FEEDBACK_ASSETS = [student_samples, teacher_judgments, preference_pairs_dataset, preference_student]
+PREFERENCE_ROUND = [student_rollouts, teacher_feedback, round_judgments, round_pairs, student_checkpoint, round_eval]
+JUDGE = {"template": "Rate this answer 1-10.\n{instruction}\n{response}", "k": 64}  # the default rubric outgrows the tiny context
 
 
 def chat_config(chat_pair, seeds, evals_file) -> dict:
@@ -138,3 +143,34 @@ def test_chat_pair_offline_job_round_and_export_without_answers(chat_pair, insta
     assert kd.features["logprobs"] == datasets.List(datasets.List(datasets.Value("float32")))
     row = labeled.filter(pa.compute.equal(labeled["sample_id"], kd[0]["sample_id"]))
     assert kd[0]["target_token_ids"] == row["topk_ids"][0].as_py() and len(kd[0]["logprobs"]) == row["num_tokens"][0].as_py()
+
+    # the teacher as an LLM judge (its chat template, the expected score), offline dDPO, then a preference round
+    judged = {"judges": ["likelihood", "judge"], "k": 8, "judge": JUDGE}
+    feedback = {"student_samples": {"num_prompts": 6, "sampling": {"n": 2, "max_new_tokens": 16}, "prompts_from": "teacher_labeled"},
+                "teacher_judgments": {**judged, "teacher_responses_from": "teacher_labeled"},
+                "preference_student": {"steps": 3, "batch_size": 2}}
+    offline_dpo = dg.materialize(CHAT_ASSETS + FEEDBACK_ASSETS, selection=FEEDBACK_ASSETS, instance=instance, resources=resources,
+                                 run_config={"ops": {name: {"config": config} for name, config in feedback.items()}})
+    assert offline_dpo.success
+    judgments = store.read_dataset("teacher_judgments")
+    assert judgments["verifier"].null_count == judgments.num_rows  # no reference answers: no verifier
+    assert all((s is None) != (e is None) for s, e in zip(judgments["judge_score"].to_pylist(), judgments["judge_excluded"].to_pylist()))
+    assert all(1 <= s <= 10 for s in judgments["judge_score"].drop_null().to_pylist())
+    assert len(set(judgments["judge_template_hash"].to_pylist())) == 1
+    assert store.read_card("preference_student").objective == "dpo"
+    assert distill(["export", "preference_pairs", "--format", "dpo", "--out", str(tmp_path / "dpo")]) == 0
+    dpo = datasets.load_dataset("parquet", data_files=str(tmp_path / "dpo" / "train.parquet"), split="train")
+    assert dpo[0]["prompt"][0] == {"role": "system", "content": SYSTEM} and dpo[0]["chosen"][0]["role"] == "assistant"
+
+    instance.add_dynamic_partitions(rounds.name, ["r002"])
+    two_each = {"config": {**round_ops["student_rollouts"]["config"], "sampling": {"n": 2, "max_new_tokens": 16}}}  # pairs need two
+    preference = {**round_ops, "student_rollouts": two_each, "round_judgments": {"config": judged},
+                  "student_checkpoint": {"config": {**round_ops["student_checkpoint"]["config"],
+                                                    **mode_config("preference")["ops"]["student_checkpoint"]["config"]}}}
+    second_round = dg.materialize(CHAT_ASSETS + PREFERENCE_ROUND, selection=PREFERENCE_ROUND, partition_key="r002", instance=instance,
+                                  resources=resources, run_config={"ops": preference})
+    assert second_round.success
+    card = store.read_card("student_checkpoint", "r002")
+    assert card.objective == "dpo" and card.parent_checkpoint == store.read_card("student_checkpoint", "r001").weights_hash
+    _, rows = query(store, "SELECT count(*), list(DISTINCT reference_weights_hash) FROM round_pairs WHERE round = 'r002'")
+    assert rows[0][0] > 0 and rows[0][1] == [card.parent_checkpoint]  # DPO's reference: the parent, r001

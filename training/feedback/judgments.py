@@ -160,7 +160,7 @@ def assess(teacher: Engine, candidates: pa.Table, settings: JudgmentSettings, ta
     if "judge" in settings.judges:
         judged = judge_pointwise(teacher, table, settings.judge)
         table, scores["judge"] = with_columns(table, judged), judged["judge_score"]
-        figures |= {"judge_excluded": judged["judge_excluded"].num_rows - judged["judge_excluded"].null_count,
+        figures |= {"judge_excluded": len(judged["judge_excluded"]) - judged["judge_excluded"].null_count,
                     "judge_length_correlation": length_correlation(judged["judge_score"], table["num_tokens"])}
     for judge in JUDGES:  # a judge not asked for leaves its column null
         table = table.append_column(judge, scores[judge] if judge in settings.judges else pa.nulls(table.num_rows, pa.float64()))
