@@ -164,7 +164,7 @@ def preference_student(context: dg.AssetExecutionContext, config: PreferenceStud
     on the judged lists of teacher_judgments, by the command `python -m training.launch`."""
     read = PREFERENCE_STUDENT.read(store)
     start, teacher = read.cards["offline_student"], read.cards["teacher_model"]
-    data = ranking_data(store, config.objective, "preference_pairs", "teacher_judgments", start, None)
+    data = ranking_data(store, "preference_student", config.objective, "preference_pairs", "teacher_judgments", start, None)
     card, curve = distill_and_save(context, store, "preference_student", config, start, teacher, data,
                                    card_fields={"objective": config.objective, "parent": start.weights_hash})
     eval_rows = store.read_dataset("eval_set")

@@ -134,7 +134,7 @@ def student_checkpoint(context: dg.AssetExecutionContext, config: StudentCheckpo
         online = online_settings(store, config, model_engine, key, context.run.run_id, (parent, previous, card), teacher) \
             if config.online else None
         if mode == "preference":
-            data, feedback = ranking_data(store, config.objective, "round_pairs", "round_judgments", card, key), []
+            data, feedback = ranking_data(store, "student_checkpoint", config.objective, "round_pairs", "round_judgments", card, key), []
         else:
             data, feedback = store.shard_paths(config.train_on), store.shard_paths("teacher_feedback", key) if mode == "stored" else []
         identity = {"round": key, **parent_versions(parent, card), "parent_round": previous, "mix": config.mix, "online": config.online,

@@ -76,13 +76,18 @@ def distill_and_save(context: dg.AssetExecutionContext, store: Store, name: str,
     return saved, curve
 
 
-def ranking_data(store: Store, objective: str, pairs: str, judgments: str, start: ModelCard, partition: str | None) -> list[Path]:
-    """What a ranking objective trains `start` on: the shards of the dataset `pairs` (their DPO reference
-    must be `start`), or for a listwise objective the judged lists of `judgments` (a work file). Fails
-    before training on pairs whose reference is another checkpoint."""
+def ranking_data(store: Store, name: str, objective: str, pairs: str, judgments: str, start: ModelCard,
+                 partition: str | None) -> list[Path]:
+    """What a ranking objective trains `start` (as model `name`) on: the shards of the dataset `pairs`
+    (their DPO reference must be `start`), or for a listwise objective the judged lists of `judgments`,
+    written once per judgments version into the training's work directory (`distill_and_save` removes
+    it once trained; a killed training resumes on the same file). Fails before training on pairs whose
+    reference is another checkpoint."""
     if "ranked" in OBJECTIVES[objective].takes:
-        lists = ranked_lists(store.shard_paths(judgments, partition))
-        return [store.write_work_file(lists, f"{judgments}.ranked.{partition or 'all'}.parquet")]
+        path = store.root / "work" / name / (partition or "all") / f"ranked.{store.dataset_version(judgments, partition)}.parquet"
+        if not path.exists():
+            store.write_work_file(ranked_lists(store.shard_paths(judgments, partition)), str(path.relative_to(store.root / "work")))
+        return [path]
     paths = store.shard_paths(pairs, partition)
     references = {row[0] for row in duckdb.sql(f"SELECT DISTINCT reference_weights_hash FROM {parquet(paths)}").fetchall()}
     if references != {start.weights_hash}:

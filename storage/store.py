@@ -113,8 +113,13 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(rows, pa.Table):
             write_parquet(rows, path)
-        else:
-            rows.write_parquet(str(path), compression="zstd")
+            return path
+        temp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+        try:
+            rows.write_parquet(str(temp), compression="zstd")
+            os.replace(temp, path)
+        finally:
+            temp.unlink(missing_ok=True)
         return path
 
     def remove_work(self, directory: Path) -> None:

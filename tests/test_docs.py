@@ -120,11 +120,12 @@ RUN_CONFIGS = [e for e in EXAMPLES if e.kind == "yaml"]
 def docs_store(tiny_offline_store, tmp_path_factory):
     """A copy of the tiny offline store with what the docs query besides, at the least cost: `curated`
     (with its report and dropped rows, from teacher_labeled alone: DuckDB, no model), a stored round
-    r001 (test_rounds' tiny round, two training steps) and an online round r002 (its training only:
-    `online_feedback`, no eval)."""
+    r001 (test_rounds' tiny round, two training steps), an online round r002 (its training only:
+    `online_feedback`, no eval) and the offline feedback datasets (judgments and pairs, no training)."""
     from test_rounds import RESOURCES, run_round
 
     from assets.curation import curated
+    from assets.feedback import preference_pairs_dataset, student_samples, teacher_judgments
     from assets.rounds import online_feedback, student_checkpoint
 
     home = tmp_path_factory.mktemp("docs")
@@ -143,6 +144,14 @@ def docs_store(tiny_offline_store, tmp_path_factory):
             assert run_round(instance, "r001", student_checkpoint={"steps": 2}).success
             online = {"online": True, "mix": 1.0, "steps": 2, "batch_size": 4, "online_rollouts": {"num_prompts": 8, "k": 8}}
             assert run_round(instance, "r002", selection=[student_checkpoint, online_feedback], student_checkpoint=online).success
+            feedback = {"student_samples": {"num_prompts": 6, "sampling": {"n": 2, "max_new_tokens": 30}},
+                        "teacher_judgments": {"k": 8, "correct": True,
+                                              "correction": {"sampling": {"temperature": 0.0, "max_new_tokens": 20}}},
+                        "preference_pairs": {"strategy": "all", "max_pairs_per_prompt": 2}}
+            judged = dg.materialize([curated, student_samples, teacher_judgments, preference_pairs_dataset],
+                                    selection=[student_samples, teacher_judgments, preference_pairs_dataset], instance=instance,
+                                    resources=RESOURCES, run_config={"ops": {k: {"config": v} for k, v in feedback.items()}})
+            assert judged.success
     refresh_catalog(store)
     return store
 
@@ -215,7 +224,8 @@ def test_run_config_is_valid(example):
     config = yaml.safe_load(example.text)
     assert isinstance(config, dict) and set(config) <= {"ops", "resources"}, f"{example.where}: not run config"
     ops = config.get("ops", {})
-    jobs = [defs.resolve_job_def(name) for name in ("distill_offline", "distill_round", "distill_round_online")]
+    jobs = [defs.resolve_job_def(name) for name in ("distill_offline", "distill_feedback", "distill_round", "distill_round_online",
+                                                    "distill_round_preference")]
     job = next((j for j in jobs if set(ops) <= {n.name for n in j.graph.nodes}), None)
     assert job is not None, f"{example.where}: no job has every op of {sorted(ops)}"
     try:

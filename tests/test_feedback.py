@@ -11,11 +11,10 @@ import pyarrow as pa
 import pytest
 from conftest import copy_store
 from test_pipeline import ASSETS, RESOURCES
-from test_rounds import ROUND_ASSETS, TINY_ROUND
+from test_rounds import TINY_ROUND
 
-from assets.feedback import preference_pairs_dataset, preference_student, round_judgments, round_pairs, student_samples, teacher_judgments
+from assets.feedback import preference_pairs_dataset, preference_student, student_samples, teacher_judgments
 from assets.partitions import rounds
-from assets.rounds import online_feedback
 from pipelines.jobs import mode_config
 from storage.catalog import query
 from training.engines.hf import HFEngine
@@ -132,18 +131,24 @@ def test_offline_dpo_path_end_to_end_with_lineage(instance, distill_home, tiny_o
     assert inputs["preference_pairs"]["reference"] == offline.weights_hash
     assert inputs["preference_student"]["preference_pairs"] == store.dataset_version("preference_pairs")
 
+    listwise = dg.materialize(ASSETS + FEEDBACK_ASSETS, selection=[preference_student], instance=instance, resources=RESOURCES,
+                              run_config={"ops": {"preference_student": {"config": {"objective": "rrhf", "steps": 3, "batch_size": 2}}}})
+    assert listwise.success and store.read_card("preference_student").objective == "rrhf"
+    assert not (store.root / "work" / "preference_student").exists()  # the ranked lists went with the training's work
 
-def test_preference_round_from_the_tiny_store(instance, distill_home, tiny_offline_store):
+
+def test_preference_round_job_from_the_tiny_store(instance, distill_home, tiny_offline_store):
+    """The job `distill_round_preference`, run as the demo runs its rounds (the job of the code location)."""
+    from pipelines.definitions import defs
+
     store = copy_store(tiny_offline_store, distill_home)
     instance.add_dynamic_partitions(rounds.name, ["r001"])
-    selection = [student_rollouts for student_rollouts in ROUND_ASSETS if student_rollouts.op.name != "student_checkpoint"]
     mode = mode_config("preference")["ops"]["student_checkpoint"]["config"]
     config = {**{name: {"config": c} for name, c in TINY_ROUND.items()},
               "student_checkpoint": {"config": {**TINY_ROUND["student_checkpoint"], **mode, "batch_size": 4, "steps": 4}},
               "round_pairs": {"config": {"strategy": "all", "max_pairs_per_prompt": 2}}}
-    assets = ROUND_ASSETS + [online_feedback, round_judgments, round_pairs]
-    result = dg.materialize(ASSETS + assets, selection=selection + [round_judgments, round_pairs, ROUND_ASSETS[2]],
-                            partition_key="r001", instance=instance, resources=RESOURCES, run_config={"ops": config})
+    result = defs.resolve_job_def("distill_round_preference").execute_in_process(
+        instance=instance, partition_key="r001", run_config={"ops": config})
     assert result.success
     card = store.read_card("student_checkpoint", "r001")
     pairs = store.read_dataset("round_pairs", "r001")

@@ -3,6 +3,8 @@ the expected score read from its top-k (checked against a forward pass of the mo
 pair, the rubric's hash, overlong prompts excluded; the text parse on fixed strings (a random model's
 judgments are noise)."""
 
+import itertools
+
 import pyarrow as pa
 import pytest
 import torch
@@ -15,6 +17,7 @@ from training.feedback.judge import (
     NO_SCORE,
     TOO_LONG,
     JudgeSettings,
+    judge_candidates,
     judge_pairwise,
     judge_pointwise,
     judge_prompts,
@@ -192,3 +195,21 @@ def test_bad_settings_are_refused_before_any_model_call(teacher):
         judge_pointwise(teacher, candidates(["19"]), JudgeSettings(template=TEMPLATE, max_score=100))
     with pytest.raises(ValueError, match="completion"):
         judge_pointwise(teacher, pa.table({"prompt": ["12+7="]}), JudgeSettings(template=TEMPLATE))
+
+
+def test_pairwise_scores_are_win_rates_against_the_prompts_other_candidates(teacher):
+    settings = JudgeSettings(mode="pairwise", pairwise_template=PAIRWISE, k=len(teacher.tokenizer))
+    rows = candidates(["19", "20", "18", "Paris.", "Lyon."], ["12+7="] * 3 + ["Capital of France?"] * 2)
+    rows = rows.append_column("prompt_id", pa.array(["p1"] * 3 + ["p2"] * 2))
+    lone = candidates(["36"], ["4*9="]).append_column("prompt_id", pa.array(["p3"]))
+    table = pa.concat_tables([rows, lone])
+    scored, figures = judge_candidates(teacher, table, settings)
+    wins, games = [0.0] * 6, [0] * 6
+    for group in ([0, 1, 2], [3, 4]):  # every pair of a prompt once, both orders inside judge_pairwise
+        for i, j in itertools.combinations(group, 2):
+            preference = judge_pairwise(teacher, table.slice(i, 1), table.slice(j, 1), settings)["judge_preference_a"][0].as_py()
+            wins[i], wins[j], games[i], games[j] = wins[i] + preference, wins[j] + 1 - preference, games[i] + 1, games[j] + 1
+    expected = [1 + 9 * w / g for w, g in zip(wins[:5], games[:5])]
+    assert scored["judge_score"].to_pylist()[:5] == pytest.approx(expected, rel=1e-5)
+    assert scored["judge_score"][5].as_py() is None and scored["judge_excluded"][5].as_py() == NO_PREFERENCE  # no rival
+    assert figures["judge_pairs"] == 4 and scored["judge_template_hash"][0].as_py() == template_hash(settings)

@@ -14,6 +14,7 @@ from pipelines.instance import INSTANCE_YAML, prepare_dagster_home
 MODEL_ASSETS = {
     "teacher_model", "student_model", "teacher_labeled", "expanded", "synthesized", "offline_student", "evals",
     "student_rollouts", "teacher_feedback", "student_checkpoint", "online_feedback", "round_eval",
+    "student_samples", "teacher_judgments", "preference_pairs", "preference_student", "round_judgments", "round_pairs",
 }
 HOLD_SECONDS = 2.0
 

@@ -325,3 +325,43 @@ def judge_pairwise(engine: Engine, candidates_a: pa.Table, candidates_b: pa.Tabl
         "judge_excluded": scattered(np.where(np.isnan(preference), NO_PREFERENCE, None), fits, pa.string(), TOO_LONG),
         "judge_template_hash": pa.repeat(pa.scalar(template_hash(settings)), candidates_a.num_rows),
     })
+
+
+def judge_candidates(engine: Engine, candidates: pa.Table, settings: JudgeSettings) -> tuple[pa.Table, dict]:
+    """Every candidate's judge score in the settings' mode: pointwise, the expected score
+    (`judge_pointwise`); pairwise, its win rate against the other candidates of its prompt
+    (`prompt_id`), each pair judged in both orders (`judge_pairwise`), on the rubric's scale:
+    min + (max − min) · (Σ preferences for it / pairs judged). Returns (the columns of
+    `judge_pointwise`: judge_score, judge_excluded, judge_template_hash, …; figures)."""
+    if settings.mode == "pointwise":
+        return judge_pointwise(engine, candidates, settings), {}
+    pairs = [(i, j) for rows in _rows_by_prompt(candidates["prompt_id"].to_pylist()) for k, i in enumerate(rows) for j in rows[k + 1:]]
+    first, second = np.array([i for i, _ in pairs], np.int64), np.array([j for _, j in pairs], np.int64)
+    judged = judge_pairwise(engine, candidates.take(first), candidates.take(second), settings) if pairs else None
+    wins, games = np.zeros(len(candidates)), np.zeros(len(candidates))
+    if judged is not None:
+        preference = judged["judge_preference_a"].to_numpy(zero_copy_only=False).astype(np.float64)
+        valid = ~np.isnan(preference)
+        np.add.at(wins, first[valid], preference[valid])
+        np.add.at(wins, second[valid], 1 - preference[valid])
+        np.add.at(games, first[valid], 1)
+        np.add.at(games, second[valid], 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        score = np.where(games > 0, settings.min_score + (settings.max_score - settings.min_score) * wins / games, np.nan)
+    disagreements = judged["judge_position_disagreement"].drop_null() if judged is not None else pa.array([], pa.bool_())
+    figures = {"judge_pairs": len(first), "judge_position_disagreement": pc.mean(pc.cast(disagreements, pa.float64())).as_py()
+               if len(disagreements) else None}
+    return pa.table({
+        "judge_score": pa.array(score, pa.float64(), from_pandas=True),
+        "judge_pairs_judged": pa.array(games, pa.int32()),
+        "judge_excluded": pa.array([None if g else NO_PREFERENCE for g in games], pa.string()),
+        "judge_template_hash": pa.repeat(pa.scalar(template_hash(settings)), len(candidates)),
+    }), figures
+
+
+def _rows_by_prompt(prompts: list) -> list[list[int]]:
+    """Row indices grouped by prompt, in row order."""
+    groups: dict = {}
+    for row, prompt in enumerate(prompts):
+        groups.setdefault(prompt, []).append(row)
+    return list(groups.values())

@@ -5,7 +5,8 @@ any stored dataset of responses), one row per candidate, each judge a column of 
     likelihood  the teacher's mean token logprob of the response, (1/|y|) Σ_t log p(y_t | x, y_<t), read from
                 the stored signal (teacher_feedback, teacher_labeled: no model call); candidates without it
                 are scored by the teacher first
-    judge       the teacher as an LLM judge, a rubric score in [1, 10] (judge.py)
+    judge       the teacher as an LLM judge, a rubric score in [1, 10] (judge.py): the expected score, or with
+                `mode: pairwise` the candidate's win rate against the others of its prompt on that scale
 
 and `score` = Σ_j w_j · s_j over the judges that gave a score (null when none did), the weights
 `JudgmentSettings.weights`. The default, verifier 1 and likelihood 0.1, ranks correct answers first and
@@ -32,7 +33,7 @@ from training.data.labeling import score, with_columns
 from training.data.rollouts import sequence_sums
 from training.engines.base import Engine
 from training.engines.sampling import Sampling
-from training.feedback.judge import JudgeSettings, judge_pointwise, length_correlation
+from training.feedback.judge import JudgeSettings, judge_candidates, length_correlation
 from training.models.chat import prompt_ids_for
 from training.schema.signal import SignalSettings
 from training.schema.tables import with_constants, with_content_id
@@ -158,9 +159,9 @@ def assess(teacher: Engine, candidates: pa.Table, settings: JudgmentSettings, ta
     scores = {"verifier": pc.cast(task.verify(table["completion"], table["answer"]), pa.float64()),
               "likelihood": mean_token_logprob(table["token_logprob"])}
     if "judge" in settings.judges:
-        judged = judge_pointwise(teacher, table, settings.judge)
+        judged, judge_figures = judge_candidates(teacher, table, settings.judge)
         table, scores["judge"] = with_columns(table, judged), judged["judge_score"]
-        figures |= {"judge_excluded": len(judged["judge_excluded"]) - judged["judge_excluded"].null_count,
+        figures |= {**judge_figures, "judge_excluded": len(judged["judge_excluded"]) - judged["judge_excluded"].null_count,
                     "judge_length_correlation": length_correlation(judged["judge_score"], table["num_tokens"])}
     for judge in JUDGES:  # a judge not asked for leaves its column null
         table = table.append_column(judge, scores[judge] if judge in settings.judges else pa.nulls(table.num_rows, pa.float64()))

@@ -126,7 +126,8 @@ def ranked_lists(judgments: pa.Table | list[Path]) -> pa.Table:
     """One row per prompt with at least two scored candidates: the prompt columns,
     responses_token_ids (best first) and their scores (RRHF's listwise input)."""
     with duckdb.connect() as connection:
-        prompt = ", ".join(f"any_value({c}) AS {c}" for c in PROMPT if c in judged(connection, judgments) and c != "prompt_id")
+        columns = judged(connection, judgments)
+        prompt = ", ".join(f"any_value({c}) AS {c}" for c in PROMPT if c in columns and c != "prompt_id")
         return connection.sql(
             f"""SELECT prompt_id, {prompt}, list(completion_token_ids ORDER BY score DESC, sample_id) AS responses_token_ids,
                        list(score ORDER BY score DESC, sample_id) AS scores
