@@ -154,9 +154,9 @@ def vllm_engine(resident_vllm_engine, tiny_model_dir):
 
 # the files that take a worker longest (seconds on 2 cores, both workers busy), dealt out first so
 # that the short ones fill in at the end (`--no-loadscope-reorder` keeps this order)
-LONGEST_FILES = {"test_ray.py": 130, "test_docs.py": 87, "test_rounds.py": 63, "test_ui.py": 57, "test_engine_openai.py": 53,
-                 "test_distill.py": 50, "test_dead_runs.py": 45, "test_chat.py": 35, "test_teacher_cache.py": 34,
-                 "test_curated_pipeline.py": 26, "test_sharded_work.py": 25, "test_pool.py": 21}
+LONGEST_FILES = {"test_ray.py": 130, "test_docs.py": 100, "test_rounds.py": 63, "test_ui.py": 57, "test_chat.py": 55,
+                 "test_engine_openai.py": 53, "test_distill.py": 50, "test_dead_runs.py": 45, "test_feedback.py": 40,
+                 "test_teacher_cache.py": 34, "test_curated_pipeline.py": 26, "test_sharded_work.py": 25, "test_pool.py": 21}
 
 
 def pytest_collection_modifyitems(items):

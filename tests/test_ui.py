@@ -86,8 +86,13 @@ def test_graphql_reads_the_round_graph_and_launches_a_round(webserver):
     selector = repository(webserver)
     nodes = graphql(webserver, "{ assetNodes { assetKey { path } groupName isPartitioned } }")["assetNodes"]
     groups = {"/".join(n["assetKey"]["path"]): (n["groupName"], n["isPartitioned"]) for n in nodes}
-    assert all(groups[name] == ("rounds", True) for name in ROUND_ASSETS)
+    assert all(groups[name] == ("rounds", True) for name in [*ROUND_ASSETS, "round_judgments", "round_pairs"])
     assert groups["offline_student"] == ("students", False)
+    assert all(groups[name] == ("feedback", False) for name in ["student_samples", "teacher_judgments", "preference_pairs",
+                                                                "preference_student"])
+    jobs = graphql(webserver, "query($selector: RepositorySelector!) { repositoryOrError(repositorySelector: $selector) "
+                              "{ ... on Repository { jobs { name } } } }", {"selector": selector})["repositoryOrError"]["jobs"]
+    assert {"distill_feedback", "distill_round_preference"} <= {job["name"] for job in jobs}
 
     added = graphql(webserver, """
         mutation($selector: RepositorySelector!) {
