@@ -52,6 +52,19 @@ def test_online_mode_requests_the_online_round(instance, monkeypatch):
         evaluate(instance)
 
 
+def test_preference_mode_requests_the_preference_round(instance, monkeypatch):
+    monkeypatch.setenv("DISTILL_ROUND_MODE", "preference")
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="offline_student"))
+    request = evaluate(instance).run_requests[0]
+    names = ("student_rollouts", "teacher_feedback", "round_judgments", "round_pairs", "student_checkpoint", "round_eval")
+    assert request.asset_selection == [dg.AssetKey(k) for k in names]
+    job = defs.resolve_job_def("distill_round")
+    subset = job.get_subset(asset_selection=set(request.asset_selection))  # what the run executes
+    assert {node.name for node in subset.graph.nodes} == set(names)
+    config = dg.validate_run_config(subset, request.run_config)["ops"]["student_checkpoint"]["config"]
+    assert config["objective"] == "dpo" and config["mix"] == 0.0
+
+
 def test_stops_at_max_rounds(instance, monkeypatch):
     monkeypatch.setenv("DISTILL_MAX_ROUNDS", "2")
     for key in ["r001", "r002"]:
