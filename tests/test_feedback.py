@@ -62,6 +62,15 @@ def test_pair_policies_on_hand_made_judgments():
     assert ranked[0]["responses_token_ids"] == [[0], [1], [2]]
 
 
+def test_the_arithmetic_task_finds_the_first_wrong_step():
+    task, right = get_task("arithmetic"), "7+6+0=3c1|3;4+5+1=0c1|03;3+8+1=2c1|203;c1|1203;#### 1203"
+    assert task.first_error("347+856=", right) is None
+    assert task.first_error("347+856=", right.replace("4+5+1=0c1", "4+5+1=1c1")) == 12  # the second step
+    assert task.first_error("347+856=", right.replace("7+6+0=3c1", "7+6+0=13=3c1")) is None  # the long form is right too
+    assert task.first_error("347+856=", right.replace("#### 1203", "#### 1204")) == right.index("####")
+    assert task.first_error("not a problem", right) is None and get_task("none").first_error("347+856=", "x") is None
+
+
 def test_first_unlikely_token():
     logprobs = pa.array([[-0.1, -5.0, -0.2, -6.0], [-0.1, -0.1], [], [-9.0]], pa.list_(pa.float32()))
     assert first_unlikely(logprobs, math.log(0.05)).tolist() == [1, 2, 0, 0]
@@ -91,11 +100,17 @@ def test_judges_and_corrections_on_the_embedded_teacher(embedded_teacher, tiny_o
     fixed = table.filter(pa.compute.is_valid(table["corrects"])).to_pylist()
     wrong = {r["sample_id"]: r for r in originals.to_pylist() if r["verifier"] == 0.0}
     assert len(fixed) == len(wrong) == figures.get("corrections", 0)
-    for row in fixed:  # the student's tokens before the first unlikely one, then the teacher's own
+    task = get_task("arithmetic")
+    for row in fixed:  # the student's tokens before its first wrong step (or first unlikely token), then the teacher's own
         source = wrong[row["corrects"]]
         cut = row["correction_cut"]
         assert row["completion_token_ids"][:cut] == source["completion_token_ids"][:cut] and row["origin"] == "correction"
-        assert cut == len(source["completion_token_ids"]) or source["token_logprob"][cut] < -1.0
+        if row["correction_cut_by"] == "task":
+            kept = embedded_teacher.tokenizer.decode(source["completion_token_ids"][:cut], skip_special_tokens=True)
+            assert kept == source["completion"][: task.first_error(source["prompt"], source["completion"])]
+        else:
+            assert task.first_error(source["prompt"], source["completion"]) is None
+            assert cut == len(source["completion_token_ids"]) or source["token_logprob"][cut] < -1.0
     assert len(set(table["judgment_id"].to_pylist())) == table.num_rows and set(table["judge_weights_hash"].to_pylist()) == {"t0"}
 
 

@@ -14,10 +14,12 @@ among equals the one the teacher finds likelier (survey: the teacher as reward, 
 as a distilled preference).
 
 `correction` (Xu et al.'s corrective feedback): for a candidate the verifier rejects (or, without
-one, scores below `correct_below`), the teacher keeps the student's prefix up to the first token it
-finds unlikely (log p(y_t) < `cut_logprob`) and writes the rest itself. The correction is a candidate
-of its own (`origin` 'correction', `corrects` the sample it corrects, `correction_cut` the tokens kept),
-judged like the others; preference pairs take it as chosen against the response it corrects.
+one, scores below `correct_below`), the teacher keeps the student's prefix up to its first wrong step
+where the task can tell (`Task.first_error`), else up to the first token the teacher finds unlikely
+(log p(y_t) < `cut_logprob`), and writes the rest itself. The correction is a candidate of its own
+(`origin` 'correction', `corrects` the sample it corrects, `correction_cut` the tokens kept and
+`correction_cut_by` 'task' or 'likelihood'), judged like the others; preference pairs take it as
+chosen against the response it corrects.
 """
 
 import json
@@ -116,12 +118,35 @@ def first_unlikely(token_logprob: pa.ChunkedArray | pa.Array, threshold: float) 
     return cut
 
 
-def corrections(teacher: Engine, rejected: pa.Table, settings: CorrectionSettings) -> pa.Table:
-    """The teacher's corrections of `rejected` candidates (with the teacher's token_logprob): the
-    student's tokens before the first unlikely one, then the teacher's continuation, as candidate rows
-    (prompt columns kept; `corrects`, `correction_cut`, a new `sample_id`). The continuation's budget
-    is what is left of `settings.sampling.max_new_tokens` after the longest prefix (at least one token)."""
+def token_at(tokenizer, ids: list[int], offset: int) -> int:
+    """The index of the token of `ids` whose decoded text holds character `offset` (len(ids) past the
+    end): a binary search over decoded prefixes."""
+    low, high = 0, len(ids)
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if len(tokenizer.decode(ids[: middle + 1], skip_special_tokens=True)) > offset else (middle + 1, high)
+    return low
+
+
+def correction_cuts(tokenizer, rejected: pa.Table, settings: CorrectionSettings, task: "Task") -> tuple[np.ndarray, list[str]]:
+    """Per rejected candidate, the tokens a correction keeps and why: before the first wrong step where
+    the task tells it ('task'), else before the first token the teacher finds unlikely ('likelihood')."""
     cut = first_unlikely(rejected["token_logprob"], settings.cut_logprob)
+    by = ["likelihood"] * len(cut)
+    rows = zip(rejected["prompt"].to_pylist(), rejected["completion"].to_pylist(), rejected["completion_token_ids"].to_pylist())
+    for row, (prompt, completion, ids) in enumerate(rows):
+        if (offset := task.first_error(prompt, completion)) is not None:
+            cut[row], by[row] = token_at(tokenizer, ids, offset), "task"
+    return cut, by
+
+
+def corrections(teacher: Engine, rejected: pa.Table, settings: CorrectionSettings, task: "Task") -> pa.Table:
+    """The teacher's corrections of `rejected` candidates (with the teacher's token_logprob): the
+    student's tokens before its first wrong step (`correction_cuts`), then the teacher's continuation,
+    as candidate rows (prompt columns kept; `corrects`, `correction_cut`, `correction_cut_by`, a new
+    `sample_id`). The continuation's budget is what is left of `settings.sampling.max_new_tokens`
+    after the longest prefix (at least one token)."""
+    cut, by = correction_cuts(teacher.tokenizer, rejected, settings, task)
     prefixes = [ids[:c] for ids, c in zip(rejected["completion_token_ids"].to_pylist(), cut)]
     prompts = prompt_ids_for(teacher.tokenizer, rejected).to_pylist()
     rest = max(1, settings.sampling.max_new_tokens - int(cut.max(initial=0)))
@@ -129,7 +154,7 @@ def corrections(teacher: Engine, rejected: pa.Table, settings: CorrectionSetting
     generated = teacher.generate([p + prefix for p, prefix in zip(prompts, prefixes)], sampling) if prefixes else []
     corrected = [prefix + g.completion_ids for prefix, g in zip(prefixes, generated)]
     replaced = {*SIGNAL, "completion_token_ids", "completion", "num_tokens", "finish_reason", "sample_id", "origin",
-                "student_token_logprob", "verifier", "likelihood", "judge", "score", "corrects", "correction_cut"}
+                "student_token_logprob", "verifier", "likelihood", "judge", "score", "corrects", "correction_cut", "correction_cut_by"}
     columns = {name: rejected[name] for name in rejected.column_names if name not in replaced}
     columns |= {
         "completion_token_ids": pa.array(corrected, pa.list_(pa.int32())),
@@ -137,7 +162,7 @@ def corrections(teacher: Engine, rejected: pa.Table, settings: CorrectionSetting
         "num_tokens": pa.array([len(ids) for ids in corrected], pa.int32()),
         "finish_reason": pa.array([g.finish_reason for g in generated], pa.string()),
         "origin": pa.repeat(pa.scalar("correction"), rejected.num_rows),
-        "corrects": rejected["sample_id"], "correction_cut": pa.array(cut, pa.int32()),
+        "corrects": rejected["sample_id"], "correction_cut": pa.array(cut, pa.int32()), "correction_cut_by": pa.array(by, pa.string()),
     }
     return with_content_id(pa.table(columns), "sample_id", ["corrects", "completion_token_ids"])
 
@@ -178,10 +203,10 @@ def judgments_table(teacher: Engine, candidates: pa.Table, settings: JudgmentSet
     if "origin" not in candidates.column_names:
         candidates = candidates.append_column("origin", pa.repeat(pa.scalar("candidates"), candidates.num_rows))
     table, figures = assess(teacher, candidates, settings, task)
-    table = table.append_column("corrects", pa.nulls(table.num_rows, pa.string())) \
-        .append_column("correction_cut", pa.nulls(table.num_rows, pa.int32()))
+    for name, kind in [("corrects", pa.string()), ("correction_cut", pa.int32()), ("correction_cut_by", pa.string())]:
+        table = table.append_column(name, pa.nulls(table.num_rows, kind))
     if settings.correct and (wrong := table.filter(rejected_rows(table, settings))).num_rows:
-        fixed, _ = assess(teacher, corrections(teacher, wrong, settings.correction), settings, task)
+        fixed, _ = assess(teacher, corrections(teacher, wrong, settings.correction, task), settings, task)
         table = pa.concat_tables([table, fixed], promote_options="permissive")  # the candidates' other columns: null
         figures |= {"corrections": fixed.num_rows, "corrections_verified": pc.sum(fixed["verifier"]).as_py()}
     judges = json.dumps({"judges": settings.judges, "weights": settings.weights}, sort_keys=True)

@@ -39,6 +39,10 @@ class Task(Protocol):
     def verify(self, completions: pa.Array, answers: pa.Array) -> pa.Array:
         """Per row: is the completion's final answer the reference answer? Null without a reference."""
 
+    def first_error(self, prompt: str, completion: str) -> int | None:
+        """The character offset where the completion's first wrong step starts, where the task can
+        tell (a teacher's correction keeps what comes before it); None when it cannot, or nothing is wrong."""
+
     def written_input(self, text: str) -> tuple[str, str | None] | None:
         """The input a teacher output states and its reference answer (None when the task cannot
         compute one), or None when the output is not a valid input of this task."""

@@ -107,6 +107,19 @@ class Problem:
         """A solution with each step written short or long at random: as correct as `solution`."""
         return ";".join(self.steps(rng, varied=True)) + f";#### {self.answer}"
 
+    def first_wrong_step(self, completion: str) -> int | None:
+        """The character offset where `completion`'s first wrong step starts: the first `;`-separated
+        step that is neither the short nor the long form of the true step at its place (steps after
+        a mistake continue from the true state, so each step is judged on its own), or the final
+        answer; None when every step and the answer are right."""
+        forms = [{short, long} for short, long in zip(self.steps(), self.steps(_LONG, varied=True))] + [{f"#### {self.answer}"}]
+        offset = 0
+        for index, step in enumerate(completion.split(";")):
+            if index >= len(forms) or step.strip() not in forms[index]:
+                return offset if index < len(forms) or step.strip() else None
+            offset += len(step) + 1
+        return offset if offset <= len(completion) else None
+
     def corrected(self, rng: random.Random) -> tuple[str, str]:
         """(prefix, continuation): varied steps up to a wrong digit step, then the true steps after it
         and the true answer. Trained on these, a teacher has an opinion on a student's wrong prefix:
@@ -114,6 +127,17 @@ class Problem:
         index = rng.randrange(len(self.digit_steps()))
         steps = self.steps(rng, varied=True, mistake_at=index)
         return ";".join(steps[: index + 1]) + ";", ";".join(steps[index + 1 :] + [f"#### {self.answer}"])
+
+
+class _AlwaysLong:
+    """The `rng` of `Problem.steps` that writes every step in its long form."""
+
+    @staticmethod
+    def random() -> float:
+        return 0.0
+
+
+_LONG = _AlwaysLong()
 
 
 def _wrong_step(rng: random.Random, op: str, digit: int, carry_out: int) -> tuple[int, int]:

@@ -22,6 +22,10 @@ class ArithmeticTask:
     def verify(self, completions: pa.Array, answers: pa.Array) -> pa.Array:
         return verify_column(completions, answers)
 
+    def first_error(self, prompt: str, completion: str) -> int | None:
+        problem = parse_prompt(prompt)
+        return problem.first_wrong_step(completion) if problem else None
+
     def written_input(self, text: str) -> tuple[str, str | None] | None:
         problem = written_problem(text, self.config)
         return (problem.prompt, str(problem.answer)) if problem else None

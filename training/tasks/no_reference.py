@@ -19,6 +19,9 @@ class NoReferenceTask:
     def verify(self, completions: pa.Array, answers: pa.Array) -> pa.Array:
         return pa.nulls(len(completions), pa.bool_())
 
+    def first_error(self, prompt: str, completion: str) -> int | None:
+        return None
+
     def written_input(self, text: str) -> tuple[str, str | None] | None:
         line = first_line(text)
         return (line, None) if line else None
