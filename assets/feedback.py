@@ -32,57 +32,64 @@ from storage.store import Store
 from training.data.rollouts import draw_prompts
 from training.engines.sampling import Sampling
 from training.evals.evaluate import evaluate
-from training.feedback.judgments import judgments_table
-from training.feedback.pairs import PairPolicy, preference_pairs, with_reference_logprobs
+from training.feedback.judgments import JudgmentSettings, by_prompt, judgments_table, offline_candidates, ungrouped, uniform_signal
+from training.feedback.pairs import PairPolicy, pair_figures, pairs_relation, with_reference_logprobs
 from training.models.checkpoints import load_model
 from training.schema.cards import ModelCard
-from training.schema.tables import parquet
+from training.schema.tables import parquet, with_constants
 from training.tasks import task_of
+from training.trainer.objectives import OBJECTIVES
 
 FEEDBACK = dict(group_name="feedback", pool="accelerator")
-CANDIDATE_COLUMNS = ["sample_id", "prompt_id", "prompt", "messages", "system_prompt", "answer", "prompt_token_ids", "prompt_rendering",
-                     "completion_token_ids", "completion", "num_tokens", "finish_reason", "topk_ids", "topk_logprobs", "token_logprob",
-                     "tail_mass", "k", "temperature", "logprob_mode", "codec"]
 
 
-def judge_shard(engines: dict, candidates: pa.Table, index: int, *, config: JudgmentsConfig, task, identity: dict):
-    return judgments_table(engines["teacher"], candidates, config, task, identity)
+def judge_shard(engines: dict, prompts: pa.Table, index: int, *, settings: JudgmentSettings, task, identity: dict):
+    return judgments_table(engines["teacher"], ungrouped(prompts), settings, task, identity)
 
 
-def pairs_shard(engines: dict, pairs: pa.Table, index: int, *, reference: ModelCard):
-    return with_reference_logprobs(engines["reference"], pairs, reference.weights_hash), {"pairs": pairs.num_rows}
+def pairs_shard(engines: dict, pairs: pa.Table, index: int, *, reference: ModelCard, run_id: str):
+    with_reference = with_reference_logprobs(engines["reference"], pairs, reference.weights_hash)
+    return with_constants(with_reference, pairs_run_id=run_id), {"pairs": pairs.num_rows}
 
 
-def judge(context, store: Store, name: str, candidates: Path, config: JudgmentsConfig, model_engine: ModelEngine,
+def judge(context, store: Store, name: str, candidates: str, config: RoundJudgmentsConfig, model_engine: ModelEngine,
           shard_executor: ShardExecutor, teacher: ModelCard, inputs: dict, partition: str | None, parent_round: str | None):
-    """Judges the candidates in the work file `candidates` shard by shard and publishes them as `name`."""
+    """Judges the candidates of the SQL `candidates`, a shard of whole prompts at a time, and publishes them as `name`."""
     task = task_of(store.read_dataset("seed_prompts", columns=["task"]))
     identity = {"judge_model": teacher.name, "judge_weights_hash": teacher.weights_hash, "judgment_run_id": context.run.run_id,
                 "round": partition}
-    work = ShardWork(name, [candidates], {"teacher": model_engine.spec(teacher)},
-                     functools.partial(judge_shard, config=config, task=task, identity=identity),
-                     settings={"config": config.model_dump(), "engine": model_engine.backend})
+    with duckdb.connect() as connection:
+        settings = uniform_signal(connection, candidates, JudgmentSettings(**config.model_dump(exclude={"teacher_responses_from"})))
+        source = store.write_work_file(by_prompt(connection, candidates), f"{name}.candidates.{partition or 'all'}.parquet")
+    work = ShardWork(name, [source], {"teacher": model_engine.spec(teacher)},
+                     functools.partial(judge_shard, settings=settings, task=task, identity=identity),
+                     settings={"config": settings.model_dump(), "engine": model_engine.backend})
     shards, figures = shard_executor.run(context, store, work, partition, inputs)
-    result = publish_dataset(context, store, name, shards, config=config, inputs=inputs, metrics=figures, parent_round=parent_round,
-                             preview=["origin", "completion", "verifier", "likelihood", "judge", "score"])
-    candidates.unlink()
+    result = publish_dataset(context, store, name, shards, config=config, inputs=inputs, metrics={**figures, "prompts": figures["inputs"]},
+                             parent_round=parent_round, preview=["origin", "completion", "verifier", "likelihood", "judge", "score"])
+    source.unlink()
     return result
 
 
 def pair(context, store: Store, name: str, judgments: list[Path], config: PairsConfig, model_engine: ModelEngine,
          shard_executor: ShardExecutor, reference: ModelCard, inputs: dict, partition: str | None, parent_round: str | None):
-    """Pairs the judged candidates by the policy, adds the reference's log-probs shard by shard, publishes `name`."""
-    pairs, figures = preference_pairs(judgments, PairPolicy(**config.model_dump()))
-    if pairs.num_rows == 0:
+    """Pairs the judged candidates by the policy (streamed by DuckDB to a work file), adds the reference's
+    log-probs shard by shard, publishes `name`."""
+    with duckdb.connect() as connection:
+        source = store.write_work_file(pairs_relation(connection, judgments, PairPolicy(**config.model_dump())),
+                                       f"{name}.pairs.{partition or 'all'}.parquet")
+        figures = pair_figures(connection, parquet([source]))
+    if figures["pairs"] == 0:
+        source.unlink()
         raise ValueError(f"no pairs: the judgments of {len(judgments)} shard(s) give no two candidates of one prompt with a margin "
                          f"above {config.min_margin}: sample more responses per prompt (n), lower min_margin, or add judges")
-    source = store.write_work_file(pairs, f"{name}.pairs.{partition or 'all'}.parquet")
-    work = ShardWork(name, [source], {"reference": model_engine.spec(reference)}, functools.partial(pairs_shard, reference=reference),
+    inputs = {**inputs, "reference": reference.weights_hash}
+    work = ShardWork(name, [source], {"reference": model_engine.local_spec(reference)},
+                     functools.partial(pairs_shard, reference=reference, run_id=context.run.run_id),
                      settings={"config": config.model_dump(), "engine": model_engine.backend})
-    shards, shard_figures = shard_executor.run(context, store, work, partition, {**inputs, "reference": reference.weights_hash})
-    result = publish_dataset(context, store, name, shards, config=config, parent_round=parent_round,
-                             inputs={**inputs, "reference": reference.weights_hash}, metrics={**shard_figures, **figures},
-                             preview=["chosen", "rejected", "margin", "kind"])
+    shards, shard_figures = shard_executor.run(context, store, work, partition, inputs)
+    result = publish_dataset(context, store, name, shards, config=config, parent_round=parent_round, inputs=inputs,
+                             metrics={**shard_figures, **figures}, preview=["chosen", "rejected", "margin", "kind"])
     source.unlink()
     return result
 
@@ -111,22 +118,6 @@ def student_samples(context: dg.AssetExecutionContext, config: StudentRolloutsCo
     return result
 
 
-def offline_candidates(store: Store, teacher_from: str) -> "duckdb.DuckDBPyRelation":  # a string: storage/catalog.py
-    """student_samples with, for the same prompts, the teacher's responses in `teacher_from` ('none': students only),
-    the columns judging needs, `origin` 'student' or 'teacher'."""
-    def select(name: str, origin: str, where: str = "") -> str:
-        paths = store.shard_paths(name)
-        present = set(duckdb.sql(f"SELECT * FROM {parquet(paths)} LIMIT 0").columns)
-        return f"SELECT {', '.join(c for c in CANDIDATE_COLUMNS if c in present)}, '{origin}' AS origin FROM {parquet(paths)} {where}"
-
-    students = select("student_samples", "student")
-    if teacher_from == "none":
-        return duckdb.sql(students)
-    sampled = f"SELECT prompt_id FROM {parquet(store.shard_paths('student_samples'))}"
-    return duckdb.sql(f"{students} UNION ALL BY NAME {select(teacher_from, 'teacher', f'WHERE prompt_id IN ({sampled})')} "
-                      "ORDER BY prompt_id, origin, sample_id")
-
-
 TEACHER_JUDGMENTS = Inputs(cards=["teacher_model"], datasets=["student_samples", "curated", "teacher_labeled", "seed_prompts"])
 
 
@@ -137,7 +128,8 @@ def teacher_judgments(context: dg.AssetExecutionContext, config: JudgmentsConfig
     prompts): verifier, likelihood, LLM judge and corrections as configured, one row per candidate."""
     unread = [name for name in ("curated", "teacher_labeled") if name != config.teacher_responses_from]
     read = TEACHER_JUDGMENTS.read(store, skip=tuple(unread))
-    candidates = store.write_work_file(offline_candidates(store, config.teacher_responses_from), "teacher_judgments.candidates.parquet")
+    teachers = [] if config.teacher_responses_from == "none" else store.shard_paths(config.teacher_responses_from)
+    candidates = offline_candidates(store.shard_paths("student_samples"), teachers)
     return judge(context, store, "teacher_judgments", candidates, config, model_engine, shard_executor, read.cards["teacher_model"],
                  read.versions, None, None)
 
@@ -162,7 +154,8 @@ PREFERENCE_STUDENT = Inputs(cards=["offline_student", "teacher_model"], datasets
 def preference_student(context: dg.AssetExecutionContext, config: PreferenceStudentConfig, store: dg.ResourceParam[Store]):
     """offline_student trained on the teacher's preferences (dDPO): DPO on preference_pairs, or RRHF
     on the judged lists of teacher_judgments, by the command `python -m training.launch`."""
-    read = PREFERENCE_STUDENT.read(store)
+    listwise = "ranked" in OBJECTIVES[config.objective].takes
+    read = PREFERENCE_STUDENT.read(store, skip=("preference_pairs",) if listwise else ("teacher_judgments",))
     start, teacher = read.cards["offline_student"], read.cards["teacher_model"]
     data = ranking_data(store, "preference_student", config.objective, "preference_pairs", "teacher_judgments", start, None)
     card, curve = distill_and_save(context, store, "preference_student", config, start, teacher, data,
@@ -192,10 +185,8 @@ def round_judgments(context: dg.AssetExecutionContext, config: RoundJudgmentsCon
     parent, previous, card = parent_checkpoint(store, key)
     with claim_round(context):
         read = ROUND_JUDGMENTS.read(store, key)
-        rollouts = parquet(store.shard_paths("teacher_feedback", key))
-        candidates = duckdb.sql(f"SELECT *, 'student' AS origin FROM {rollouts}")
-        source = store.write_work_file(candidates, f"round_judgments.candidates.{key}.parquet")
-        return judge(context, store, "round_judgments", source, config, model_engine, shard_executor, read.cards["teacher_model"],
+        candidates = f"SELECT *, 'student' AS origin FROM {parquet(store.shard_paths('teacher_feedback', key))}"
+        return judge(context, store, "round_judgments", candidates, config, model_engine, shard_executor, read.cards["teacher_model"],
                      {**read.versions, **parent_versions(parent, card)}, key, previous)
 
 

@@ -53,6 +53,11 @@ class ModelEngine(dg.ConfigurableResource):
         """What loads `card`'s engine with these settings in another process or a Ray replica."""
         return EngineSpec(self.model_dump(), card, cache_dir)
 
+    def local_spec(self, card: ModelCard) -> "EngineSpec":
+        """`spec` for a model no server serves (a student as DPO's reference): the `openai` backend's
+        servers serve the teacher, so with it the model loads in process with transformers."""
+        return EngineSpec({**self.model_dump(), **({"backend": "hf"} if self.backend == "openai" else {})}, card)
+
     def load(self, card: ModelCard, cache_dir: Path | None = None):
         """An engine for `card`'s checkpoint; with `cache_dir`, wrapped in the content-addressed cache."""
         engine = self._backend(card)

@@ -86,7 +86,12 @@ def ranking_data(store: Store, name: str, objective: str, pairs: str, judgments:
     if "ranked" in OBJECTIVES[objective].takes:
         path = store.root / "work" / name / (partition or "all") / f"ranked.{store.dataset_version(judgments, partition)}.parquet"
         if not path.exists():
-            store.write_work_file(ranked_lists(store.shard_paths(judgments, partition)), str(path.relative_to(store.root / "work")))
+            with duckdb.connect() as connection:
+                lists = ranked_lists(connection, store.shard_paths(judgments, partition))
+                store.write_work_file(lists, str(path.relative_to(store.root / "work")))
+        if not pq.read_metadata(path).num_rows:
+            raise ValueError(f"{judgments} has no prompt with two scored candidates to rank: sample more responses per prompt (n), "
+                             "or add judges")
         return [path]
     paths = store.shard_paths(pairs, partition)
     references = {row[0] for row in duckdb.sql(f"SELECT DISTINCT reference_weights_hash FROM {parquet(paths)}").fetchall()}

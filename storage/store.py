@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.lineage import LINEAGE_SCHEMA
-from storage.shards import MANIFEST, ShardedWrite, current_link, write_json, write_parquet
+from storage.shards import MANIFEST, ROW_GROUP_BYTES, ShardedWrite, current_link, write_json, write_parquet
 from training.schema.cards import ModelCard
 
 DEFAULT_HOME = ".distill"
@@ -116,7 +116,7 @@ class Store:
             return path
         temp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
         try:
-            rows.write_parquet(str(temp), compression="zstd")
+            rows.write_parquet(str(temp), compression="zstd", row_group_size_bytes=ROW_GROUP_BYTES)  # shards read a group at a time
             os.replace(temp, path)
         finally:
             temp.unlink(missing_ok=True)

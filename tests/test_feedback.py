@@ -6,6 +6,7 @@ import json
 import math
 
 import dagster as dg
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -57,7 +58,8 @@ def test_pair_policies_on_hand_made_judgments():
     assert first["margin"] == pytest.approx(0.8) and first["chosen"] == "answer a" and first["chosen_token_ids"] == [0]
     assert figures["prompts"] == 3 and figures["prompts_with_pairs"] == 1 and figures["correction_pairs"] == 1
     assert len(set(pairs["pair_id"].to_pylist())) == 2
-    ranked = ranked_lists(JUDGED).to_pylist()
+    with duckdb.connect() as connection:
+        ranked = ranked_lists(connection, JUDGED).to_arrow_table().to_pylist()
     assert [(r["prompt_id"], r["scores"]) for r in ranked] == [("p1", [0.9, 0.5, 0.1]), ("p2", [0.4, 0.4])]
     assert ranked[0]["responses_token_ids"] == [[0], [1], [2]]
 

@@ -228,8 +228,11 @@ def test_rows_the_objective_cannot_train_on_fail_before_training(student, chat_p
              ("dpo", {"kd_weight": 0.5}, pairs, r"kd_weight 0.5 adds the teacher's divergence .* carry no teacher signal"),
              ("dpo", {}, random_pairs(4, 2 * model.config.vocab_size, seed=7, k=4),
               rf"sample [cr]\d stores token id \d+, beyond the student's vocabulary of {model.config.vocab_size}"),
-             ("rrhf", {}, ranked_table([[5]], [[[6], [7]]], [[1.0]]), r"one score for each")]
+             ("rrhf", {}, ranked_table([[5]], [[[6], [7]]], [[1.0]]), r"one score for each"),
+             ("dpo", {"divergence": "none", "nll_weight": 1.0, "kd_weight": 0.5}, random_pairs(4, 200, seed=8, k=4),
+              r"kd_weight 0.5 mixes the divergence in, and divergence is 'none': set divergence \(e.g. jsd\) or kd_weight 0"),
+             ("rrhf", {"kd_weight": 0.5}, ranked_table([[5]], [[[6], [7]]], [[1.0, 0.0]]), r"objective 'rrhf' takes no kd_weight")]
     for objective, options, rows, message in cases:
-        settings = TrainingSettings(objective=objective, steps=1, batch_size=1, device="cpu", **options)
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError, match=message):  # the settings refuse some before any row is read
+            settings = TrainingSettings(objective=objective, steps=1, batch_size=1, device="cpu", **options)
             train_student(model, tokenizer, batches_for(model, tokenizer, settings, rows), settings)

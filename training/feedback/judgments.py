@@ -22,10 +22,13 @@ where the task can tell (`Task.first_error`), else up to the first token the tea
 chosen against the response it corrects.
 """
 
+import hashlib
 import json
 import math
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,15 +39,16 @@ from training.data.rollouts import sequence_sums
 from training.engines.base import Engine
 from training.engines.sampling import Sampling
 from training.feedback.judge import JudgeSettings, judge_candidates, length_correlation
+from training.feedback.pairs import PROMPT
 from training.models.chat import prompt_ids_for
 from training.schema.signal import SignalSettings
-from training.schema.tables import with_constants, with_content_id
+from training.schema.tables import parquet, with_constants, with_content_id
 
 if TYPE_CHECKING:
     from training.tasks import Task
 
 JUDGES = ("verifier", "likelihood", "judge")
-SIGNAL = ["topk_ids", "topk_logprobs", "token_logprob", "tail_mass", "k", "temperature", "logprob_mode", "codec"]
+SIGNAL_COLUMNS = ["topk_ids", "topk_logprobs", "token_logprob", "tail_mass", "k", "temperature", "logprob_mode", "codec"]
 
 
 class CorrectionSettings(BaseModel):
@@ -52,7 +56,8 @@ class CorrectionSettings(BaseModel):
 
     cut_logprob: float = Field(math.log(0.05), lt=0, description="the student's prefix is kept up to the first token whose "
                                "teacher logprob is below this (default log 0.05)")
-    correct_below: float = Field(0.5, description="without a verifier, candidates whose combined score is below this are corrected")
+    correct_below: Optional[float] = Field(None, description="without a verifier verdict, candidates whose combined score is below "
+                                           "this are corrected; empty: those below the best of their prompt")
     sampling: Sampling = Field(Sampling(temperature=0.0, max_new_tokens=96), description="how the teacher writes the rest")
 
 
@@ -79,11 +84,21 @@ class JudgmentSettings(SignalSettings):
 
 def with_teacher_signal(teacher: Engine, candidates: pa.Table, settings: SignalSettings) -> tuple[pa.Table, int]:
     """`candidates` with the teacher's signal (top-k, token logprob, tail mass) on every response
-    token: as stored where the rows have it, else scored now. Returns (table, rows scored)."""
-    if "token_logprob" in candidates.column_names and candidates["token_logprob"].null_count == 0:
+    token: as stored where a row has it, else scored now (at `settings`: the judgments asset makes them
+    the stored rows' k and temperature, so one dataset holds one kind of signal). Returns (table, rows scored)."""
+    stored = candidates["token_logprob"].is_valid() if "token_logprob" in candidates.column_names else pa.repeat(False, len(candidates))
+    missing = pc.invert(stored)
+    scored = pc.sum(missing).as_py() or 0
+    if not scored:
         return candidates, 0
-    columns, _ = score(teacher, candidates, settings.k, settings.signal_temperature, settings.logprob_type())
-    return with_columns(candidates.drop_columns([c for c in SIGNAL if c in candidates.column_names]), columns), candidates.num_rows
+    order = pa.array(range(len(candidates)), pa.int64())
+    unscored = candidates.append_column("_row", order).filter(missing)
+    columns, _ = score(teacher, unscored, settings.k, settings.signal_temperature, settings.logprob_type())
+    columns = pa.table({name: columns[name].cast(candidates.schema.field(name).type) if name in candidates.column_names else columns[name]
+                        for name in columns.column_names})  # the stored rows' types (float16 logprobs stay float16)
+    unscored = with_columns(unscored.drop_columns([c for c in SIGNAL_COLUMNS if c in unscored.column_names]), columns)
+    rows = pa.concat_tables([candidates.append_column("_row", order).filter(stored), unscored], promote_options="permissive")
+    return rows.sort_by("_row").drop_columns(["_row"]), scored
 
 
 def mean_token_logprob(token_logprob: pa.ChunkedArray | pa.Array) -> pa.Array:
@@ -130,8 +145,10 @@ def token_at(tokenizer, ids: list[int], offset: int) -> int:
 
 def correction_cuts(tokenizer, rejected: pa.Table, settings: CorrectionSettings, task: "Task") -> tuple[np.ndarray, list[str]]:
     """Per rejected candidate, the tokens a correction keeps and why: before the first wrong step where
-    the task tells it ('task'), else before the first token the teacher finds unlikely ('likelihood')."""
-    cut = first_unlikely(rejected["token_logprob"], settings.cut_logprob)
+    the task tells it ('task'), else before the first token the teacher finds unlikely ('likelihood'),
+    and at least the last token rewritten (a kept end-of-turn token would leave the teacher nothing to write)."""
+    lengths = pc.list_value_length(rejected["completion_token_ids"]).to_numpy(zero_copy_only=False)
+    cut = np.minimum(first_unlikely(rejected["token_logprob"], settings.cut_logprob), np.maximum(lengths - 1, 0))
     by = ["likelihood"] * len(cut)
     rows = zip(rejected["prompt"].to_pylist(), rejected["completion"].to_pylist(), rejected["completion_token_ids"].to_pylist())
     for row, (prompt, completion, ids) in enumerate(rows):
@@ -153,9 +170,7 @@ def corrections(teacher: Engine, rejected: pa.Table, settings: CorrectionSetting
     sampling = Sampling(**{**settings.sampling.model_dump(), "max_new_tokens": rest, "n": 1})
     generated = teacher.generate([p + prefix for p, prefix in zip(prompts, prefixes)], sampling) if prefixes else []
     corrected = [prefix + g.completion_ids for prefix, g in zip(prefixes, generated)]
-    replaced = {*SIGNAL, "completion_token_ids", "completion", "num_tokens", "finish_reason", "sample_id", "origin",
-                "student_token_logprob", "verifier", "likelihood", "judge", "score", "corrects", "correction_cut", "correction_cut_by"}
-    columns = {name: rejected[name] for name in rejected.column_names if name not in replaced}
+    columns = {name: rejected[name] for name in PROMPT if name in rejected.column_names}  # the rest is the correction's own
     columns |= {
         "completion_token_ids": pa.array(corrected, pa.list_(pa.int32())),
         "completion": pa.array([teacher.tokenizer.decode(ids, skip_special_tokens=True) for ids in corrected], pa.string()),
@@ -163,23 +178,36 @@ def corrections(teacher: Engine, rejected: pa.Table, settings: CorrectionSetting
         "finish_reason": pa.array([g.finish_reason for g in generated], pa.string()),
         "origin": pa.repeat(pa.scalar("correction"), rejected.num_rows),
         "corrects": rejected["sample_id"], "correction_cut": pa.array(cut, pa.int32()), "correction_cut_by": pa.array(by, pa.string()),
+        "sampling": pa.repeat(pa.scalar(settings.sampling.as_json()), rejected.num_rows),
     }
     return with_content_id(pa.table(columns), "sample_id", ["corrects", "completion_token_ids"])
 
 
 def rejected_rows(table: pa.Table, settings: JudgmentSettings) -> pa.Array:
     """Which candidates a correction is written for: the verifier's zeros, or without a verifier
-    verdict a combined score below `correct_below` (never a correction itself)."""
+    verdict a combined score below `correct_below` (empty: below the best of the prompt's candidates);
+    never a correction itself."""
+    score = table["score"].to_numpy(zero_copy_only=False).astype(np.float64)
+    prompts = pc.dictionary_encode(table["prompt_id"]).combine_chunks().indices.to_numpy(zero_copy_only=False)
+    best = np.full(prompts.max(initial=-1) + 1, -np.inf)
+    np.fmax.at(best, prompts, score)  # NaN (no score) never wins
+    below = settings.correction.correct_below
+    low = pa.array(score < (best[prompts] if below is None else below))
     verdict = pc.cast(table["verifier"], pa.float64())
-    low = pc.less(table["score"], settings.correction.correct_below)
     rejected = pc.if_else(pc.is_null(verdict), low, pc.equal(verdict, 0.0))
     return pc.and_(pc.fill_null(rejected, False), pc.not_equal(table["origin"], "correction"))
+
+
+def settings_hash(settings: JudgmentSettings) -> str:
+    """16 hex digits of sha256 over every judging setting (judges, weights, rubric, correction): in each judgment_id."""
+    return hashlib.sha256(settings.model_dump_json().encode()).hexdigest()[:16]
 
 
 def assess(teacher: Engine, candidates: pa.Table, settings: JudgmentSettings, task: "Task") -> tuple[pa.Table, dict]:
     """Every judge of `settings.judges` on `candidates` (rows of responses, with their prompt columns),
     the combined score, and the teacher's signal where it was missing: (table, figures)."""
-    table, scored = with_teacher_signal(teacher, candidates, settings)
+    judged_before = [c for c in candidates.column_names if c in (*JUDGES, "score") or c.startswith("judge_")]
+    table, scored = with_teacher_signal(teacher, candidates.drop_columns(judged_before), settings)
     figures = {"candidates": table.num_rows, "teacher_scored": scored}
     scores = {"verifier": pc.cast(task.verify(table["completion"], table["answer"]), pa.float64()),
               "likelihood": mean_token_logprob(table["token_logprob"])}
@@ -206,13 +234,51 @@ def judgments_table(teacher: Engine, candidates: pa.Table, settings: JudgmentSet
     for name, kind in [("corrects", pa.string()), ("correction_cut", pa.int32()), ("correction_cut_by", pa.string())]:
         table = table.append_column(name, pa.nulls(table.num_rows, kind))
     if settings.correct and (wrong := table.filter(rejected_rows(table, settings))).num_rows:
-        fixed, _ = assess(teacher, corrections(teacher, wrong, settings.correction, task), settings, task)
-        table = pa.concat_tables([table, fixed], promote_options="permissive")  # the candidates' other columns: null
-        figures |= {"corrections": fixed.num_rows, "corrections_verified": pc.sum(fixed["verifier"]).as_py()}
+        fixed = corrections(teacher, wrong, settings.correction, task)
+        if "judge" in settings.judges and settings.judge.mode == "pairwise":  # win rates against every candidate of the prompt
+            table, figures = assess(teacher, pa.concat_tables([table, fixed], promote_options="permissive"), settings, task)
+        else:
+            fixed, _ = assess(teacher, fixed, settings, task)
+            table = pa.concat_tables([table, fixed], promote_options="permissive")  # the candidates' other columns: null
+        corrected = table.filter(pc.equal(table["origin"], "correction"))
+        figures |= {"corrections": corrected.num_rows, "corrections_verified": pc.sum(corrected["verifier"]).as_py()}
     judges = json.dumps({"judges": settings.judges, "weights": settings.weights}, sort_keys=True)
-    table = with_constants(table.drop_columns([name for name in identity if name in table.column_names]), judges=judges, **identity)
-    table = with_content_id(table, "judgment_id", ["sample_id", "judges", "judge_weights_hash", "completion_token_ids"])
+    table = table.drop_columns([name for name in identity if name in table.column_names])
+    table = with_constants(table, judges=judges, judgment_settings=settings_hash(settings), **identity)
+    table = with_content_id(table, "judgment_id", ["sample_id", "judgment_settings", "judge_weights_hash", "completion_token_ids"])
     valid = table["score"].drop_null()
     figures |= {"judged": table.num_rows, "mean_score": pc.mean(valid).as_py() if len(valid) else None,
                 "mean_verifier": pc.mean(table["verifier"]).as_py(), "mean_likelihood": pc.mean(table["likelihood"]).as_py()}
     return table, figures
+
+
+def offline_candidates(students: list[Path], teachers: list[Path]) -> str:
+    """SQL: the student's samples (`students`' shards) and, for the same prompts, the teacher's responses
+    (`teachers`' shards; none: students only), every column kept, `origin` 'student' or 'teacher'."""
+    sampled = f"SELECT COLUMNS(lambda c: c != 'origin'), 'student' AS origin FROM {parquet(students)}"
+    if not teachers:
+        return sampled
+    return (f"{sampled} UNION ALL BY NAME SELECT COLUMNS(lambda c: c != 'origin'), 'teacher' AS origin FROM {parquet(teachers)} "
+            f"WHERE prompt_id IN (SELECT prompt_id FROM {parquet(students)})")
+
+
+def by_prompt(connection: "duckdb.DuckDBPyConnection", candidates: str):  # a string: storage/catalog.py
+    """The candidates of the SQL `candidates` as one row per prompt (`candidates`: its rows as a list of
+    structs), so that a shard of the judging holds whole prompts (pairwise judging compares a prompt's
+    candidates with each other); `ungrouped` undoes it."""
+    return connection.sql(f"SELECT c.prompt_id AS prompt_key, list(c ORDER BY c.sample_id) AS candidates FROM ({candidates}) c "
+                          "GROUP BY c.prompt_id ORDER BY c.prompt_id")
+
+
+def ungrouped(rows: pa.Table) -> pa.Table:
+    """The candidate rows of `by_prompt`'s rows."""
+    return pa.Table.from_struct_array(pc.list_flatten(rows["candidates"]))
+
+
+def uniform_signal(connection: "duckdb.DuckDBPyConnection", candidates: str, settings: JudgmentSettings) -> JudgmentSettings:
+    """`settings` with the k and temperature of the candidates that carry the teacher's signal (those
+    scored now are scored alike, and stored in their types: one dataset holds one kind of signal), or as they are."""
+    if "topk_ids" not in connection.sql(f"SELECT * FROM ({candidates}) LIMIT 0").columns:
+        return settings
+    rows = connection.sql(f"SELECT k, temperature FROM ({candidates}) WHERE topk_ids IS NOT NULL LIMIT 1").fetchall()
+    return settings.model_copy(update={"k": int(rows[0][0]), "signal_temperature": float(rows[0][1])}) if rows else settings

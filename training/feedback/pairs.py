@@ -10,8 +10,9 @@ A pair policy picks, per prompt, chosen/rejected responses among its judged cand
 
 A pair needs margin = score_chosen − score_rejected > `min_margin` (ties never pair). With
 `corrections`, every teacher correction is also chosen against the response it corrects, whatever
-their scores (corrective feedback). Each pair keeps both responses' token ids, texts, sample ids and
-scores, and the teacher's signal on both where the candidates carry it.
+their scores, unless the verifier rejects the correction too (corrective feedback). Each pair keeps
+both responses' token ids, texts, sample ids, judgment ids and scores, its prompt's round, the
+judging teacher, and the teacher's signal on both where the candidates carry it.
 
 DPO's reference is the parent checkpoint π_ref: `with_reference_logprobs` stores
 log π_ref(y | x) = Σ_t log π_ref(y_t | x, y_<t) (T = 1) of both responses, once, keyed by the
@@ -23,16 +24,16 @@ from typing import Literal
 
 import duckdb
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import BaseModel, Field
 
 from training.data.labeling import score
-from training.data.rollouts import sequence_sums
+from training.data.rollouts import PROMPT_COLUMNS, sequence_sums
 from training.engines.base import Engine
-from training.schema.tables import parquet, with_constants, with_content_id
+from training.schema.tables import content_id, parquet
 
-PROMPT = ["prompt_id", "prompt", "messages", "system_prompt", "answer", "prompt_token_ids", "prompt_rendering"]
-SIGNAL = ["topk_ids", "topk_logprobs", "tail_mass"]  # chosen_/rejected_ columns where the candidates carry the signal
+PROMPT = [*PROMPT_COLUMNS, "prompt_token_ids", "prompt_rendering", "round"]  # a pair's prompt columns (and its round)
+RESPONSE_SIGNAL = ["topk_ids", "topk_logprobs", "tail_mass"]  # chosen_/rejected_ columns where the candidates carry the signal
+SIGNAL_STAMPS = ["k", "temperature", "logprob_mode", "codec"]  # one value for a whole judgments dataset (judge's SignalSettings)
 
 
 class PairPolicy(BaseModel):
@@ -50,12 +51,13 @@ class PairPolicy(BaseModel):
 
 def pair_columns(judgments: list[str]) -> str:
     """SQL: the prompt columns, then chosen_/rejected_ columns of candidates `c` and `r`."""
-    response = {"_token_ids": "completion_token_ids", "": "completion", "_sample_id": "sample_id", "_score": "score"}
-    response |= {f"_{name}": name for name in SIGNAL if name in judgments}
-    prompt = ", ".join(f"c.{name}" for name in PROMPT if name in judgments)
-    sides = ", ".join(f"{side[0]}.{column} AS {side}{suffix}" for side in ("chosen", "rejected") for suffix, column in response.items())
-    extra = ", c.k, c.temperature" if "topk_ids" in judgments else ""
-    return f"{prompt}, {sides}{extra}"
+    response = {"_token_ids": "completion_token_ids", "": "completion", "_sample_id": "sample_id", "_score": "score",
+                "_judgment_id": "judgment_id"}
+    response |= {f"_{name}": name for name in RESPONSE_SIGNAL if name in judgments}
+    shared = [f"c.{name}" for name in [*PROMPT, "judge_weights_hash", *SIGNAL_STAMPS] if name in judgments]
+    sides = [f"{side[0]}.{column} AS {side}{suffix}" for side in ("chosen", "rejected") for suffix, column in response.items()
+             if column in judgments]
+    return ", ".join(shared + sides)
 
 
 def judged(connection: "duckdb.DuckDBPyConnection", judgments: pa.Table | list[Path]) -> list[str]:  # a string: storage/catalog.py
@@ -67,46 +69,68 @@ def judged(connection: "duckdb.DuckDBPyConnection", judgments: pa.Table | list[P
     return connection.sql("SELECT * FROM judgments LIMIT 0").columns
 
 
-def preference_pairs(judgments: pa.Table | list[Path], policy: PairPolicy) -> tuple[pa.Table, dict]:
-    """The pairs `policy` picks from `judgments` (one row per judged candidate; `score`, `origin`,
-    `corrects`): one row per pair with `margin`, `pair_id` and `policy`; and figures."""
+def pairs_relation(connection: "duckdb.DuckDBPyConnection", judgments: pa.Table | list[Path], policy: PairPolicy):
+    """The pairs `policy` picks from `judgments` (one row per judged candidate: `score`, `corrects`,
+    `verifier`, `judgment_id`), as a DuckDB relation of `connection` (stream it to a file: memory stays
+    DuckDB's): one row per pair with `margin`, `kind` ('judged' or 'correction'), `policy` and
+    `pair_id`, in a fixed order. A correction is paired against the response it corrects only as a
+    correction (never twice), and only when the verifier does not reject it."""
+    columns = judged(connection, judgments)
+    if "topk_ids" in columns:
+        stamps = connection.sql(f"SELECT count(DISTINCT ({', '.join(SIGNAL_STAMPS)})) FROM judgments WHERE topk_ids IS NOT NULL")
+        if stamps.fetchall()[0][0] > 1:
+            raise ValueError("these judgments carry the teacher's signal at more than one (k, temperature): judge them again in "
+                             "one run (the judgments asset scores every candidate alike)")
     first = {"best_vs_worst": "c.score DESC, r.score ASC", "all": "c.score - r.score DESC",
              "best_vs_random": "hash(c.sample_id || r.sample_id || $seed)"}[policy.strategy]
     best_only = "AND c.place = 1" if policy.strategy != "all" else ""
+    own_original = "AND NOT coalesce(c.corrects = r.sample_id, false)" if policy.corrections else ""
+    select = pair_columns(columns)
+    return connection.sql(
+        f"""WITH judged AS (SELECT *, row_number() OVER (PARTITION BY prompt_id ORDER BY score DESC, sample_id) AS place
+                            FROM judgments WHERE score IS NOT NULL AND NOT isnan(score)),
+                 ranked AS (SELECT {select}, c.score - r.score AS margin, 'judged' AS kind,
+                                   row_number() OVER (PARTITION BY c.prompt_id ORDER BY {first}, c.sample_id, r.sample_id) AS pick
+                            FROM judged c JOIN judged r ON c.prompt_id = r.prompt_id AND c.score - r.score > $margin {best_only}
+                                                           {own_original}),
+                 corrected AS (SELECT {select}, c.score - r.score AS margin, 'correction' AS kind, 1 AS pick
+                               FROM judgments c JOIN judgments r ON c.corrects = r.sample_id
+                               WHERE $corrections AND coalesce(c.verifier, 1) > 0),
+                 pairs AS (SELECT * EXCLUDE (pick) FROM ranked WHERE pick <= $m
+                           UNION ALL BY NAME SELECT * EXCLUDE (pick) FROM corrected)
+            SELECT *, {content_id(["chosen_sample_id", "rejected_sample_id", "policy"])} AS pair_id
+            FROM (SELECT *, $policy AS policy FROM pairs)
+            ORDER BY prompt_id, kind, margin DESC, chosen_sample_id, rejected_sample_id""",
+        params={"margin": policy.min_margin, "m": policy.max_pairs_per_prompt, "corrections": policy.corrections,
+                "policy": policy.name(), **({"seed": str(policy.seed)} if policy.strategy == "best_vs_random" else {})},
+    )
+
+
+def pair_figures(connection: "duckdb.DuckDBPyConnection", pairs: str) -> dict:
+    """What a pairing gave, from the SQL relation `pairs` and the view `judgments`."""
+    (count, with_pairs, corrected, margin), = connection.sql(
+        f"SELECT count(*), count(DISTINCT prompt_id), count(*) FILTER (kind = 'correction'), avg(margin) FROM {pairs}").fetchall()
+    prompts = connection.sql("SELECT count(DISTINCT prompt_id) FROM judgments").fetchall()[0][0]
+    return {"pairs": count, "prompts": prompts, "prompts_with_pairs": with_pairs, "correction_pairs": corrected, "mean_margin": margin}
+
+
+def preference_pairs(judgments: pa.Table | list[Path], policy: PairPolicy) -> tuple[pa.Table, dict]:
+    """`pairs_relation` in memory, with its figures (tests, benchmarks; the assets stream it to a file)."""
     with duckdb.connect() as connection:
-        columns = pair_columns(judged(connection, judgments))
-        pairs = connection.sql(
-            f"""WITH judged AS (SELECT *, row_number() OVER (PARTITION BY prompt_id ORDER BY score DESC, sample_id) AS place
-                                FROM judgments WHERE score IS NOT NULL AND NOT isnan(score)),
-                     ranked AS (SELECT {columns}, c.score - r.score AS margin, 'judged' AS kind,
-                                       row_number() OVER (PARTITION BY c.prompt_id ORDER BY {first}, c.sample_id, r.sample_id) AS pick
-                                FROM judged c JOIN judged r ON c.prompt_id = r.prompt_id AND c.score - r.score > $margin {best_only}),
-                     corrected AS (SELECT {columns}, c.score - r.score AS margin, 'correction' AS kind, 1 AS pick
-                                   FROM judgments c JOIN judgments r ON c.corrects = r.sample_id
-                                   WHERE $corrections AND coalesce(c.verifier, 1) > 0)
-                SELECT * EXCLUDE (pick) FROM ranked WHERE pick <= $m
-                UNION ALL BY NAME SELECT * EXCLUDE (pick) FROM corrected
-                ORDER BY prompt_id, kind, margin DESC""",
-            params={"margin": policy.min_margin, "m": policy.max_pairs_per_prompt, "corrections": policy.corrections,
-                    **({"seed": str(policy.seed)} if policy.strategy == "best_vs_random" else {})},
-        ).to_arrow_table()
-        prompts = connection.sql("SELECT count(DISTINCT prompt_id) FROM judgments").fetchall()[0][0]
-    pairs = with_constants(pairs, policy=policy.name())
-    pairs = with_content_id(pairs, "pair_id", ["chosen_sample_id", "rejected_sample_id", "policy"])
-    figures = {"pairs": pairs.num_rows, "prompts": prompts, "prompts_with_pairs": len(set(pairs["prompt_id"].to_pylist())),
-               "correction_pairs": sum(k == "correction" for k in pairs["kind"].to_pylist()),
-               "mean_margin": pc.mean(pairs["margin"]).as_py()}
-    return pairs, figures
+        pairs = pairs_relation(connection, judgments, policy).to_arrow_table()
+        connection.register("pairs", pairs)
+        return pairs, pair_figures(connection, "pairs")
 
 
 def pair_responses(pairs: pa.Table) -> pa.Table:
     """The 2P responses of P pairs as a token table (chosen first, then rejected): prompt_token_ids,
     prompt_rendering and the prompt columns, completion_token_ids, and the teacher's signal
     (topk_ids, topk_logprobs, tail_mass, k, temperature) where the pairs carry it."""
-    shared = [c for c in [*PROMPT, "k", "temperature"] if c in pairs.column_names]
+    shared = [c for c in [*PROMPT, *SIGNAL_STAMPS] if c in pairs.column_names]
     sides = []
     for side in ("chosen", "rejected"):
-        renamed = {f"{side}_token_ids": "completion_token_ids", **{f"{side}_{s}": s for s in SIGNAL if f"{side}_{s}" in pairs.column_names}}
+        renamed = {f"{side}_token_ids": "completion_token_ids",
+                   **{f"{side}_{s}": s for s in RESPONSE_SIGNAL if f"{side}_{s}" in pairs.column_names}}
         sides.append(pa.table({**{c: pairs[c] for c in shared}, **{new: pairs[old] for old, new in renamed.items()}}))
     return pa.concat_tables(sides)
 
@@ -122,14 +146,14 @@ def with_reference_logprobs(reference: Engine, pairs: pa.Table, weights_hash: st
         .append_column("reference_weights_hash", pa.repeat(pa.scalar(weights_hash), pairs.num_rows))
 
 
-def ranked_lists(judgments: pa.Table | list[Path]) -> pa.Table:
-    """One row per prompt with at least two scored candidates: the prompt columns,
-    responses_token_ids (best first) and their scores (RRHF's listwise input)."""
-    with duckdb.connect() as connection:
-        columns = judged(connection, judgments)
-        prompt = ", ".join(f"any_value({c}) AS {c}" for c in PROMPT if c in columns and c != "prompt_id")
-        return connection.sql(
-            f"""SELECT prompt_id, {prompt}, list(completion_token_ids ORDER BY score DESC, sample_id) AS responses_token_ids,
-                       list(score ORDER BY score DESC, sample_id) AS scores
-                FROM judgments WHERE score IS NOT NULL AND NOT isnan(score) GROUP BY prompt_id HAVING count(*) >= 2
-                ORDER BY prompt_id""").to_arrow_table()
+def ranked_lists(connection: "duckdb.DuckDBPyConnection", judgments: pa.Table | list[Path]):
+    """One row per prompt with at least two scored candidates, as a DuckDB relation of `connection`:
+    the prompt columns, responses_token_ids (best first), their scores and sample_ids (RRHF's listwise input)."""
+    columns = judged(connection, judgments)
+    prompt = ", ".join(f"any_value({c}) AS {c}" for c in PROMPT if c in columns and c != "prompt_id")
+    order = "ORDER BY score DESC, sample_id"
+    return connection.sql(
+        f"""SELECT prompt_id, {prompt}, list(completion_token_ids {order}) AS responses_token_ids, list(score {order}) AS scores,
+                   list(sample_id {order}) AS sample_ids
+            FROM judgments WHERE score IS NOT NULL AND NOT isnan(score) GROUP BY prompt_id HAVING count(*) >= 2
+            ORDER BY prompt_id""")

@@ -8,12 +8,17 @@ import duckdb
 import pyarrow as pa
 
 
-def with_content_id(table: pa.Table, name: str, columns: list[str]) -> pa.Table:
-    """Adds `name` = the first 16 hex digits of sha256 over `columns` (as JSON), computed in DuckDB."""
+def content_id(columns: list[str]) -> str:
+    """SQL: the first 16 hex digits of sha256 over `columns` (as JSON): every content-hash id's rule."""
     parts = ", ".join(f"to_json({duckdb_identifier(c)})::VARCHAR" for c in columns)
+    return f"substr(sha256(concat_ws('|', {parts})), 1, 16)"
+
+
+def with_content_id(table: pa.Table, name: str, columns: list[str]) -> pa.Table:
+    """Adds `name` = `content_id(columns)`, computed in DuckDB."""
     with duckdb.connect() as connection:
         connection.register("source_rows", table)
-        ids = connection.sql(f"SELECT substr(sha256(concat_ws('|', {parts})), 1, 16) AS id FROM source_rows")
+        ids = connection.sql(f"SELECT {content_id(columns)} AS id FROM source_rows")
         return table.append_column(name, ids.to_arrow_table().column("id"))
 
 

@@ -33,8 +33,9 @@ class SparseBatch:
     topk_logprobs: torch.Tensor | None  # (N, k), at the stored temperature
     tail_mass: torch.Tensor | None  # (N,)
 
-    def to(self, device) -> "SparseBatch":
-        return SparseBatch(*(t.to(device, non_blocking=True) if t is not None else None for t in self.__dict__.values()))
+    def to(self, device):
+        """The same batch (of the same class: PairBatch, RankedBatch too) on `device`."""
+        return type(self)(**{name: t.to(device, non_blocking=True) if t is not None else None for name, t in self.__dict__.items()})
 
 
 def sparse_batch(rows: pa.Table, pad_token_id: int, k: int | None = None) -> SparseBatch:
@@ -93,6 +94,9 @@ class LossSettings(BaseModel):
     def _something_to_minimize(self):
         if self.divergence == "none" and self.nll_weight <= 0:
             raise ValueError("divergence 'none' trains on NLL alone: set nll_weight > 0")
+        if self.divergence == "none" and self.kd_weight > 0:
+            raise ValueError(f"kd_weight {self.kd_weight} mixes the divergence in, and divergence is 'none': set divergence "
+                             "(e.g. jsd) or kd_weight 0")
         return self
 
 

@@ -41,9 +41,6 @@ class PairBatch(SparseBatch):
     reference_chosen: torch.Tensor  # (P,) log π_ref(y_w|x)
     reference_rejected: torch.Tensor  # (P,) log π_ref(y_l|x)
 
-    def to(self, device) -> "PairBatch":
-        return PairBatch(*(t.to(device, non_blocking=True) if t is not None else None for t in self.__dict__.values()))
-
 
 @dataclass
 class RankedBatch(SparseBatch):
@@ -52,9 +49,6 @@ class RankedBatch(SparseBatch):
     owner: torch.Tensor  # (S,) the prompt (row of the batch) of each sequence
     scores: torch.Tensor  # (S,) its score
     best: torch.Tensor  # (R,) each prompt's best sequence: the highest score, the first of equals
-
-    def to(self, device) -> "RankedBatch":
-        return RankedBatch(*(t.to(device, non_blocking=True) if t is not None else None for t in self.__dict__.values()))
 
 
 def responses_of(rows: pa.Table) -> pa.ChunkedArray:
@@ -115,9 +109,9 @@ def token_logprobs(logits: torch.Tensor, batch: SparseBatch) -> torch.Tensor:
     return selected.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(selected, dim=-1)
 
 
-def sequence_sums(values: torch.Tensor, batch: SparseBatch) -> torch.Tensor:
-    """Σ over each sequence's completion tokens: (B,)."""
-    return torch.zeros(batch.input_ids.shape[0], device=values.device).index_add(0, batch.rows, values)
+def sequence_logprobs(token: torch.Tensor, batch: SparseBatch) -> torch.Tensor:
+    """log π(y|x) = Σ_t log π(y_t | x, y_<t) of each sequence, from its completion tokens' (`token_logprobs`): (B,)."""
+    return torch.zeros(batch.input_ids.shape[0], device=token.device).index_add(0, batch.rows, token)
 
 
 def dpo_loss(logits: torch.Tensor, batch: PairBatch, settings: LossSettings, stored_temperature: float, counts: dict[str, int]):
@@ -127,7 +121,7 @@ def dpo_loss(logits: torch.Tensor, batch: PairBatch, settings: LossSettings, sto
     Returns (loss, {"dpo", "margin": β-scaled chosen − rejected reward, "accuracy": share of margins > 0, …}),
     means over this batch."""
     token = token_logprobs(logits, batch)
-    sums = sequence_sums(token, batch)
+    sums = sequence_logprobs(token, batch)
     pairs = sums.shape[0] // 2
     chosen, rejected = sums[:pairs], sums[pairs:]
     margin = settings.preference_beta * ((chosen - batch.reference_chosen) - (rejected - batch.reference_rejected))
@@ -151,7 +145,7 @@ def rrhf_loss(logits: torch.Tensor, batch: RankedBatch, settings: LossSettings, 
     """Σ_prompts (ℓ_rank + ℓ_ft) / R, R the global batch's prompts (`counts`). Returns (loss,
     {"rank", "ft"}), means over this batch's prompts."""
     lengths = torch.bincount(batch.rows, minlength=batch.input_ids.shape[0]).clamp(min=1)
-    normalized = sequence_sums(token_logprobs(logits, batch), batch) / lengths
+    normalized = sequence_logprobs(token_logprobs(logits, batch), batch) / lengths
     worse = (batch.owner[:, None] == batch.owner[None, :]) & (batch.scores[:, None] < batch.scores[None, :])  # (i, j): s_i < s_j
     hinge = ((normalized[:, None] - normalized[None, :]).clamp(min=0) * worse).sum(-1)
     prompts = batch.best.shape[0]

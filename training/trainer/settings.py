@@ -5,7 +5,7 @@ processes train and how they are started are the launch's settings (`training/la
 
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from training.trainer.divergences import DIVERGENCES
 from training.trainer.lora import LoraSettings
@@ -50,6 +50,13 @@ class TrainingSettings(LossSettings):
         "same", description="the divergence of on-policy batches ('same': `divergence`). DistiLLM-2: skew_kl on the fixed "
         "(teacher) data, skew_reverse_kl on the student's samples"
     )
+
+    @model_validator(mode="after")
+    def _kd_weight_is_for_pairs(self):
+        if self.objective == "rrhf" and self.kd_weight > 0:
+            raise ValueError(f"objective 'rrhf' takes no kd_weight (it is {self.kd_weight}): RRHF ranks the responses "
+                             "without the teacher's divergence; set kd_weight 0, or use objective 'dpo' on pairs")
+        return self
 
     def loss(self, source: str = "fixed") -> LossSettings:
         """The loss a batch from `source` ('fixed' or 'on_policy') trains with, as its objective says."""

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from training.models.chat import prompt_ids_for
-from training.trainer.objectives import RANKING_KINDS, batch_kind, check_takes
+from training.trainer.objectives import batch_kind, check_takes
 from training.trainer.settings import TrainingSettings
 from training.trainer.shuffle import ShuffledBatches, blocks_of
 
@@ -92,9 +92,9 @@ class RowCheck:
         if signals and (found := float(rows["temperature"][0].as_py())) != self.temperature:
             raise ValueError(f"{self.source} rows store the teacher at temperature {found}, the fixed data at "
                              f"{self.temperature}: score them alike")
-        if batch_kind(rows) in RANKING_KINDS and self.settings.kd_weight > 0 and not signals:
+        if batch_kind(rows) == "pairs" and self.settings.kd_weight > 0 and not signals:
             raise ValueError(f"kd_weight {self.settings.kd_weight} adds the teacher's divergence on the responses, but the "
-                             f"{self.source} {batch_kind(rows)} rows carry no teacher signal (chosen_topk_ids, rejected_topk_ids): "
+                             f"{self.source} pairs carry no teacher signal (chosen_topk_ids, rejected_topk_ids): "
                              "score both responses with the teacher, or set kd_weight 0")
         if batch_kind(rows) == "ranked":
             responses = pc.list_value_length(rows["responses_token_ids"])
