@@ -32,9 +32,10 @@ from storage.store import Store
 from training.data.rollouts import draw_prompts
 from training.engines.sampling import Sampling
 from training.evals.evaluate import evaluate
+from training.feedback.judge import check_rubric
 from training.feedback.judgments import JudgmentSettings, by_prompt, judgments_table, offline_candidates, ungrouped, uniform_signal
 from training.feedback.pairs import PairPolicy, pair_figures, pairs_relation, with_reference_logprobs
-from training.models.checkpoints import load_model
+from training.models.checkpoints import load_model, load_tokenizer
 from training.schema.cards import ModelCard
 from training.schema.tables import parquet, with_constants
 from training.tasks import task_of
@@ -60,6 +61,8 @@ def judge(context, store: Store, name: str, candidates: str, config: RoundJudgme
                 "round": partition}
     with duckdb.connect() as connection:
         settings = uniform_signal(connection, candidates, JudgmentSettings(**config.model_dump(exclude={"teacher_responses_from"})))
+        if "judge" in settings.judges:  # the rubric's answer must be readable before any shard is judged
+            check_rubric(load_tokenizer(teacher.path, teacher.revision, model_engine.trust_remote_code), settings.judge)
         source = store.write_work_file(by_prompt(connection, candidates), f"{name}.candidates.{partition or 'all'}.parquet")
     work = ShardWork(name, [source], {"teacher": model_engine.spec(teacher)},
                      functools.partial(judge_shard, settings=settings, task=task, identity=identity),

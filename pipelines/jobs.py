@@ -30,19 +30,12 @@ def mode_config(mode: str) -> dict:
     return {"ops": {"student_checkpoint": {"config": config}}} if config else {}
 
 
-ROUND_JOB_NAMES = {"stored": "distill_round", "online": "distill_round_online", "preference": "distill_round_preference"}
-ROUND_JOB_DESCRIPTIONS = {
-    "stored": "One on-policy round: student_rollouts → teacher_feedback → student_checkpoint → round_eval.",
-    "online": "One online round: student_checkpoint samples, scores and trains at every on-policy step (GKD's Algorithm 1), "
-              "appending each batch to online_feedback → round_eval.",
-    "preference": "One preference round: student_rollouts → teacher_feedback → round_judgments (the teacher judges the samples) → "
-                  "round_pairs → student_checkpoint (DPO from the parent) → round_eval.",
-}
 round_jobs = {
     mode: dg.define_asset_job(
-        ROUND_JOB_NAMES[mode], selection=list(ROUND_MODES[mode].assets), partitions_def=rounds, config=mode_config(mode) or None,
+        "distill_round" if mode == "stored" else f"distill_round_{mode}", selection=list(ROUND_MODES[mode].assets),
+        partitions_def=rounds, config=mode_config(mode) or None,
         executor_def=dg.in_process_executor,  # the steps run one after another anyway; one process loads torch once
-        description=ROUND_JOB_DESCRIPTIONS[mode],
+        description=f"One {mode} round (training/rounds/modes.py): {' → '.join(ROUND_MODES[mode].assets)}.",
     )
     for mode in ROUND_MODES
 }

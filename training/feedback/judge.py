@@ -180,6 +180,15 @@ def answer_tokens(tokenizer, prefix: str, answers: list[str]) -> tuple[list[int]
     return prefix_ids, answer_ids
 
 
+def preference_answer(tokenizer) -> tuple[list[int], list[list[int]]]:
+    """(the ids of "Preferred: ", the one id of A and of B after it); raises when A or B takes more tokens."""
+    prefix_ids, answer_ids = answer_tokens(tokenizer, PREFERENCE_PREFIX, ["A", "B"])
+    if any(len(ids) != 1 for ids in answer_ids):
+        raise ValueError(f"this tokenizer writes the answers A and B as {answer_ids}, not one token each; the preference "
+                         "cannot be read at one position: use mode 'pointwise'")
+    return prefix_ids, answer_ids
+
+
 def score_answer(tokenizer, settings: JudgeSettings) -> tuple[list[int], int, int | None]:
     """(the completion teacher-forced after the judge prompt: "Rating: " and a score's digits, the
     completion position that predicts the score, the first token of the scores written in two tokens
@@ -299,10 +308,7 @@ def judge_pairwise(engine: Engine, candidates_a: pa.Table, candidates_b: pa.Tabl
     check_judge_input(engine, settings, "pairwise", candidates_a, candidates_b)
     if candidates_a.num_rows != candidates_b.num_rows or not candidates_a["prompt"].equals(candidates_b["prompt"]):
         raise ValueError("candidates_a and candidates_b must be pairs: as many rows, the same prompt on each row")
-    prefix_ids, answer_ids = answer_tokens(engine.tokenizer, PREFERENCE_PREFIX, ["A", "B"])
-    if any(len(ids) != 1 for ids in answer_ids):
-        raise ValueError(f"this tokenizer writes the answers A and B as {answer_ids}, not one token each; the preference "
-                         "cannot be read at one position")
+    prefix_ids, answer_ids = preference_answer(engine.tokenizer)
     completion = prefix_ids + answer_ids[0]
     a_first, b_first = pairwise_prompts(engine.tokenizer, candidates_a, candidates_b, settings)
     fits = np.array([max(len(x), len(y)) + len(completion) <= engine.context_length for x, y in zip(a_first, b_first)], dtype=bool)
@@ -365,3 +371,9 @@ def _rows_by_prompt(prompts: list) -> list[list[int]]:
     for row, prompt in enumerate(prompts):
         groups.setdefault(prompt, []).append(row)
     return list(groups.values())
+
+
+def check_rubric(tokenizer, settings: JudgeSettings) -> None:
+    """Raises, before any model call, when the judge's answer cannot be read from this tokenizer at
+    one position (the score after "Rating: ", or A and B after "Preferred: ")."""
+    score_answer(tokenizer, settings) if settings.mode == "pointwise" else preference_answer(tokenizer)
