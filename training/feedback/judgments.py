@@ -38,7 +38,7 @@ from training.data.labeling import score, with_columns
 from training.data.rollouts import sequence_sums
 from training.engines.base import Engine
 from training.engines.sampling import Sampling
-from training.feedback.judge import JudgeSettings, judge_candidates, length_correlation
+from training.feedback.judge import JudgeSettings, judge_candidates, length_correlation, template_hash
 from training.feedback.pairs import PROMPT
 from training.models.chat import prompt_ids_for
 from training.schema.signal import SignalSettings
@@ -214,7 +214,8 @@ def assess(teacher: Engine, candidates: pa.Table, settings: JudgmentSettings, ta
     if "judge" in settings.judges:
         judged, judge_figures = judge_candidates(teacher, table, settings.judge)
         table, scores["judge"] = with_columns(table, judged), judged["judge_score"]
-        figures |= {**judge_figures, "judge_excluded": len(judged["judge_excluded"]) - judged["judge_excluded"].null_count,
+        figures |= {**judge_figures, "judge_template_hash": template_hash(settings.judge),
+                    "judge_excluded": len(judged["judge_excluded"]) - judged["judge_excluded"].null_count,
                     "judge_length_correlation": length_correlation(judged["judge_score"], table["num_tokens"])}
     for judge in JUDGES:  # a judge not asked for leaves its column null
         table = table.append_column(judge, scores[judge] if judge in settings.judges else pa.nulls(table.num_rows, pa.float64()))
