@@ -18,6 +18,7 @@ from assets.publish import png_markdown
 from storage.store import Store
 from training.feedback.pairs import ranked_lists
 from training.launch.command import DistillCommand, command_line
+from training.models.chat import RAW
 from training.rounds.online import OnlineSettings
 from training.schema.cards import ModelCard
 from training.schema.tables import parquet
@@ -94,11 +95,12 @@ def ranking_data(store: Store, name: str, objective: str, pairs: str, judgments:
                              "or add judges")
         return [path]
     paths = store.shard_paths(pairs, partition)
-    references = {row[0] for row in duckdb.sql(f"SELECT DISTINCT reference_weights_hash FROM {parquet(paths)}").fetchall()}
-    if references != {start.weights_hash}:
+    found = duckdb.sql(f"SELECT DISTINCT reference_weights_hash, reference_rendering FROM {parquet(paths)}").fetchall()
+    if found != [(start.weights_hash, start.chat_template_hash or RAW)]:
         where = f"{pairs}[{partition}]" if partition else pairs
-        raise ValueError(f"{where} holds reference log-probs of checkpoint(s) {sorted(references)}, but training starts from "
-                         f"{start.weights_hash}: materialize {pairs} again, so that its reference is the checkpoint trained")
+        raise ValueError(f"{where} holds reference log-probs of (checkpoint, template) {sorted(found)}, but training starts from "
+                         f"{start.weights_hash} with template {start.chat_template_hash or RAW}: materialize {pairs} again, so "
+                         "that its reference is the checkpoint trained")
     return paths
 
 

@@ -16,6 +16,7 @@ from test_rounds import TINY_ROUND
 
 from assets.feedback import preference_pairs_dataset, preference_student, student_samples, teacher_judgments
 from assets.partitions import rounds
+from assets.student_runs import ranking_data
 from pipelines.jobs import mode_config
 from storage.catalog import query
 from training.engines.hf import HFEngine
@@ -148,6 +149,8 @@ def test_offline_dpo_path_end_to_end_with_lineage(instance, distill_home, tiny_o
     assert inputs["preference_pairs"]["reference"] == offline.weights_hash
     assert inputs["preference_student"]["preference_pairs"] == store.dataset_version("preference_pairs")
 
+    with pytest.raises(ValueError, match="materialize preference_pairs again"):  # DPO's reference must be the start
+        ranking_data(store, "preference_student", "dpo", "preference_pairs", "teacher_judgments", store.read_card("student"), None)
     listwise = dg.materialize(ASSETS + FEEDBACK_ASSETS, selection=[preference_student], instance=instance, resources=RESOURCES,
                               run_config={"ops": {"preference_student": {"config": {"objective": "rrhf", "steps": 3, "batch_size": 2}}}})
     assert listwise.success and store.read_card("preference_student").objective == "rrhf"

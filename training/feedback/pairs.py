@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field
 from training.data.labeling import score
 from training.data.rollouts import PROMPT_COLUMNS, sequence_sums
 from training.engines.base import Engine
+from training.models.chat import prompt_rendering
 from training.schema.tables import content_id, parquet
 
 PROMPT = [*PROMPT_COLUMNS, "prompt_token_ids", "prompt_rendering", "round"]  # a pair's prompt columns (and its round)
@@ -137,13 +138,15 @@ def pair_responses(pairs: pa.Table) -> pa.Table:
 
 def with_reference_logprobs(reference: Engine, pairs: pa.Table, weights_hash: str) -> pa.Table:
     """`pairs` with reference_chosen_logprob and reference_rejected_logprob, Σ_t log π_ref(y_t | x, y_<t)
-    at T = 1 by `reference` (the prompts rendered with its template), and `reference_weights_hash`."""
+    at T = 1 by `reference` (the prompts rendered with its template), `reference_weights_hash` and
+    `reference_rendering` (its template: training must render the prompts alike)."""
     responses = pair_responses(pairs)
     token_logprob = score(reference, responses, 1)[0]["token_logprob"]
     sums = sequence_sums(token_logprob)
     return pairs.append_column("reference_chosen_logprob", sums.slice(0, pairs.num_rows)) \
         .append_column("reference_rejected_logprob", sums.slice(pairs.num_rows)) \
-        .append_column("reference_weights_hash", pa.repeat(pa.scalar(weights_hash), pairs.num_rows))
+        .append_column("reference_weights_hash", pa.repeat(pa.scalar(weights_hash), pairs.num_rows)) \
+        .append_column("reference_rendering", pa.repeat(pa.scalar(prompt_rendering(reference.tokenizer)), pairs.num_rows))
 
 
 def ranked_lists(connection: "duckdb.DuckDBPyConnection", judgments: pa.Table | list[Path]):
