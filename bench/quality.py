@@ -13,6 +13,16 @@ of training tokens (steps are set from the mean completion length of what each s
                      (a stored round's defaults: 768 prompts × 2), so they grow stale as training goes
   distillm-2 λ=0.5   DistiLLM-2's split: skew KL (α = 0.1) on the teacher's data, skew reverse KL on
                      the student's fresh samples (`on_policy_divergence`)
+  dpo verifier pairs    DPO (β = 0.1) on best-vs-worst pairs of the start's own samples, judged by the verifier
+                        with the teacher's likelihood as tie-break (the default judgment weights)
+  dpo likelihood pairs  the same pairs judged by the teacher's likelihood alone
+  corrections sft       SFT on the teacher's corrections of the start's wrong samples (those the verifier accepts)
+  gkd + dpo             DPO on the verifier pairs + kd_weight · JSD(0.5) to the teacher's signal on both responses
+                        (at the KD arms' learning rate; the DPO arms train at PREFERENCE_LR)
+The feedback arms' data is built once per seed from the start (training/feedback/): n = 4 samples (T = 1)
+on FEEDBACK_PROMPTS train prompts, scored and judged by the teacher, best-vs-worst pairs of each prompt's
+distinct responses with the start's reference log-probs. A pair's tokens are both its responses'; data
+smaller than --tokens is cycled (reshuffled each pass).
 On-policy batches of the λ arms follow GKD's Algorithm 1, as an online round does (training/rounds/online.py):
 each one is sampled from the student as it is at that step (T = 1, no gradient) on fresh train prompts
 and scored by the teacher, so no sample is seen twice. Every arm is one run of `train_student` (one
@@ -41,7 +51,9 @@ from training.data.rollouts import feedback_table, sample_rollouts
 from training.engines.hf import HFEngine
 from training.engines.sampling import Sampling
 from training.evals.evaluate import evaluate
-from training.models.checkpoints import load_model, model_card
+from training.feedback.judgments import JudgmentSettings, judgments_table
+from training.feedback.pairs import PairPolicy, preference_pairs, with_reference_logprobs
+from training.models.checkpoints import load_model, model_card, weights_hash
 from training.rounds.online import OnlineRollouts, OnlineSettings
 from training.schema.signal import SignalSettings
 from training.tasks.arithmetic import parse_prompt, problems
@@ -55,6 +67,10 @@ BATCH = 32
 DIVERGENCES = {"forward_kl": ("forward_kl", 0.5), "reverse_kl": ("reverse_kl", 0.5), "jsd(0.5)": ("jsd", 0.5),
                "skew_kl": ("skew_kl", 0.5)}
 TASK = ArithmeticTask()
+FEEDBACK_PROMPTS = 4096  # train prompts × 4 samples of the start, per seed, for the feedback arms
+PREFERENCE_LR = 1e-5  # the DPO arms' (SFT and KD: 1e-3); from offline_student, 2e-5 already lost 0.04 and 2e-4 0.49 (seed 0)
+KD_WEIGHT = 100.0  # gkd + dpo, at the KD arms' 1e-3: the per-token JSD(0.5) is ~1e-2, the per-pair DPO loss ~0.7 (seed 0: 10 lost)
+PAIR_JUDGES = {"verifier_pairs": ["verifier", "likelihood"], "likelihood_pairs": ["likelihood"]}
 
 
 def arms() -> list[dict]:
@@ -68,6 +84,11 @@ def arms() -> list[dict]:
                     "divergence": "jsd(0.5)", "stored": True})
     out.append({"arm": "distillm-2 λ=0.5", "objective": "supervised_kd", "data": "teacher_labeled", "mix": 0.5,
                 "divergence": "skew_kl", "on_policy_divergence": "skew_reverse_kl"})  # α = 0.1 both ways
+    dpo = {"objective": "dpo", "mix": 0.0, "divergence": "-", "learning_rate": PREFERENCE_LR}
+    out += [{**dpo, "arm": "dpo verifier pairs", "data": "verifier_pairs"},
+            {**dpo, "arm": "dpo likelihood pairs", "data": "likelihood_pairs"},
+            {"arm": "corrections sft", "objective": "sft", "data": "corrections", "mix": 0.0, "divergence": "-"},
+            {**dpo, "arm": "gkd + dpo", "data": "verifier_pairs", "divergence": "jsd(0.5)", "kd_weight": KD_WEIGHT, "learning_rate": 1e-3}]
     return out
 
 
@@ -120,7 +141,52 @@ def stored_rollouts(student, tokenizer, teacher: HFEngine, seed: int) -> pa.Tabl
     return feedback_table(teacher, None, rollouts, SignalSettings(k=K), model_card("teacher", teacher.model, teacher.tokenizer), TASK)[0]
 
 
+def distinct_responses(samples: pa.Table) -> pa.Table:
+    """The first of each prompt's identical samples: copies of one response would pair on float noise in
+    their likelihood (a margin of ~1e-15), and the teacher would write the same correction for each."""
+    numbered = samples.append_column("row", pa.array(range(samples.num_rows), pa.int64()))
+    first = numbered.group_by(["prompt_id", "completion"]).aggregate([("row", "min")])["row_min"]
+    return samples.take(pc.sort_indices(first))
+
+
+def feedback_data(start: str, teacher: HFEngine, seed: int, needed: set[str]) -> tuple[dict[str, pa.Table], dict]:
+    """The feedback arms' tables named in `needed` (verifier_pairs, likelihood_pairs, corrections), built
+    from the start's samples (FEEDBACK_PROMPTS train prompts × 4, T = 1) scored by the teacher; and figures."""
+    student, tokenizer = load_model(start)
+    engine = HFEngine(student, tokenizer, batch_size=128)
+    card = model_card("teacher", teacher.model, teacher.tokenizer)
+    sampling = Sampling(n=4, temperature=1.0, max_new_tokens=96, seed=seed)
+    identity = {"student": "start", "student_weights_hash": "-"}
+    rollouts, _ = sample_rollouts(engine, train_prompts(FEEDBACK_PROMPTS, seed), sampling, identity)
+    scored = feedback_table(teacher, None, rollouts, SignalSettings(k=K), card, TASK)[0]
+    correct = scored.group_by("prompt_id").aggregate([("reward", "sum")])["reward_sum"]
+    candidates = distinct_responses(scored)
+    figures = {"samples": scored.num_rows, "wrong": pc.sum(pc.equal(scored["reward"], 0.0)).as_py(), "distinct": candidates.num_rows,
+               "prompts_all_right": pc.sum(pc.equal(correct, 4.0)).as_py(), "prompts_all_wrong": pc.sum(pc.equal(correct, 0.0)).as_py()}
+    judge = {"judge_model": "teacher", "judge_weights_hash": card.weights_hash}
+    tables = {}
+    for name in sorted(needed & set(PAIR_JUDGES)):
+        judged = judgments_table(teacher, candidates, JudgmentSettings(k=K, judges=PAIR_JUDGES[name]), TASK, judge)[0]
+        pairs, pair_figures = preference_pairs(judged, PairPolicy(strategy="best_vs_worst"))
+        tables[name] = with_reference_logprobs(engine, pairs, weights_hash(student))
+        chosen, rejected = (judged["reward"].take(pc.index_in(pairs[f"{side}_sample_id"], judged["sample_id"]))
+                            for side in ("chosen", "rejected"))  # the verifier's verdicts, whoever judged the pair
+        figures[name] = {"pairs": pairs.num_rows, "mean_margin": round(pair_figures["mean_margin"], 3),
+                         "right_over_wrong": pc.sum(pc.greater(chosen, rejected)).as_py(),
+                         "wrong_over_right": pc.sum(pc.less(chosen, rejected)).as_py()}
+    if "corrections" in needed:
+        judged, judged_figures = judgments_table(teacher, candidates, JudgmentSettings(k=K, correct=True), TASK, judge)
+        fixed = judged.filter(pc.and_(pc.equal(judged["origin"], "correction"), pc.equal(judged["verifier"], 1.0)))
+        tables["corrections"] = fixed.select(["sample_id", "prompt_token_ids", "completion_token_ids", "num_tokens"])
+        figures["corrections"] = {"written": judged_figures.get("corrections", 0), "verified": fixed.num_rows,
+                                  "mean_cut": round(pc.mean(fixed["correction_cut"]).as_py() or 0.0, 1)}
+    return tables, figures
+
+
 def mean_tokens(table: pa.Table) -> float:
+    """The completion tokens a row trains on, on average: a response's, or both of a pair's."""
+    if "chosen_token_ids" in table.column_names:
+        return pc.mean(pc.add(pc.list_value_length(table["chosen_token_ids"]), pc.list_value_length(table["rejected_token_ids"]))).as_py()
     return pc.mean(table["num_tokens"]).as_py()
 
 
@@ -129,13 +195,13 @@ def run_arm(arm: dict, seed: int, start: str, data: dict, teacher: HFEngine, arg
     costed at the start student's mean sample length, and the table reports the tokens actually seen."""
     student, tokenizer = load_model(start)
     divergence, beta = DIVERGENCES.get(arm["divergence"], ("jsd", 0.5))
-    fixed = data[arm["data"]]
+    fixed = data[arm["data"]] if arm["data"] in data else data["feedback"][seed][arm["data"]]
     per_step = BATCH * ((1 - arm["mix"]) * mean_tokens(fixed) + arm["mix"] * data["on_policy_tokens"])
     steps = max(1, round(args.tokens / per_step))
     config = TrainingSettings(
-        objective=arm["objective"], divergence=divergence, beta=beta,
-        steps=steps, batch_size=BATCH, learning_rate=1e-3, warmup_steps=10, on_policy_divergence=arm.get("on_policy_divergence", "same"),
-        seed=seed, mix=arm["mix"],
+        objective=arm["objective"], divergence=divergence, beta=beta, kd_weight=arm.get("kd_weight", 0.0),
+        steps=steps, batch_size=BATCH, learning_rate=arm.get("learning_rate", 1e-3), warmup_steps=10,
+        on_policy_divergence=arm.get("on_policy_divergence", "same"), seed=seed, mix=arm["mix"],
     )
     with tempfile.TemporaryDirectory() as directory:
         if arm["mix"] == 0:
@@ -175,6 +241,11 @@ def main() -> None:
     print(f"start ({args.start}): greedy {baseline['greedy_exact_match']:.3f}  sampled {baseline['sampled_exact_match']:.3f}", flush=True)
     selected = [a for a in arms() if not args.arms or any(s in f"{a['arm']} {a['divergence']}" for s in args.arms.split(","))]
     rows, began = [], time.perf_counter()
+    if needed := {a["data"] for a in selected} - set(data):
+        data["feedback"] = {}
+        for seed in range(args.seeds):
+            data["feedback"][seed], figures = feedback_data(start, teacher, seed, needed)
+            print(f"feedback data, seed {seed}: {figures}  ({time.perf_counter() - began:.0f} s)", flush=True)
     for arm in selected:
         runs = [run_arm(arm, seed, start, data, teacher, args, eval_problems) for seed in range(args.seeds)]
         greedy = [r["greedy_exact_match"] - baseline["greedy_exact_match"] for r in runs]

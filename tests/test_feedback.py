@@ -31,7 +31,8 @@ def judged(rows: list[tuple]) -> pa.Table:
         "prompt_id": [r[0] for r in rows], "prompt": [f"question {r[0]}" for r in rows], "sample_id": [r[1] for r in rows],
         "score": pa.array([r[2] for r in rows], pa.float64()), "corrects": pa.array([r[3] for r in rows], pa.string()),
         "verifier": pa.array([r[4] for r in rows], pa.float64()), "prompt_token_ids": [[1, 2]] * len(rows),
-        "completion_token_ids": [[index] for index in range(len(rows))], "completion": [f"answer {r[1]}" for r in rows],
+        "completion_token_ids": [[index] if not r[1].endswith("-copy") else [index - 1] for index, r in enumerate(rows)],
+        "completion": [f"answer {r[1]}" for r in rows],
     })
 
 
@@ -39,6 +40,7 @@ JUDGED = judged([
     ("p1", "a", 0.9, None, 1.0), ("p1", "b", 0.5, None, 0.0), ("p1", "c", 0.1, None, 0.0), ("p1", "c-fix", None, "c", 1.0),
     ("p2", "d", 0.4, None, 0.0), ("p2", "e", 0.4, None, 0.0),  # a tie: never a pair
     ("p3", "f", 0.3, None, None),  # one candidate: no pair
+    ("p4", "g", 0.7, None, 1.0), ("p4", "g-copy", 0.6999999, None, 1.0),  # the same response twice: never a pair
 ])
 
 
@@ -57,11 +59,11 @@ def test_pair_policies_on_hand_made_judgments():
     pairs, figures = preference_pairs(JUDGED, PairPolicy())
     first = next(p for p in pairs.to_pylist() if p["kind"] == "judged")
     assert first["margin"] == pytest.approx(0.8) and first["chosen"] == "answer a" and first["chosen_token_ids"] == [0]
-    assert figures["prompts"] == 3 and figures["prompts_with_pairs"] == 1 and figures["correction_pairs"] == 1
+    assert figures["prompts"] == 4 and figures["prompts_with_pairs"] == 1 and figures["correction_pairs"] == 1
     assert len(set(pairs["pair_id"].to_pylist())) == 2
     with duckdb.connect() as connection:
         ranked = ranked_lists(connection, JUDGED).to_arrow_table().to_pylist()
-    assert [(r["prompt_id"], r["scores"]) for r in ranked] == [("p1", [0.9, 0.5, 0.1]), ("p2", [0.4, 0.4])]
+    assert [(r["prompt_id"], r["scores"]) for r in ranked] == [("p1", [0.9, 0.5, 0.1]), ("p2", [0.4, 0.4]), ("p4", [0.7, 0.6999999])]
     assert ranked[0]["responses_token_ids"] == [[0], [1], [2]]
 
 

@@ -58,7 +58,8 @@ class CorrectionSettings(BaseModel):
                                "teacher logprob is below this (default log 0.05)")
     correct_below: Optional[float] = Field(None, description="without a verifier verdict, candidates whose combined score is below "
                                            "this are corrected; empty: those below the best of their prompt")
-    sampling: Sampling = Field(Sampling(temperature=0.0, max_new_tokens=96), description="how the teacher writes the rest")
+    sampling: Sampling = Field(Sampling(temperature=0.0, max_new_tokens=96), description="how the teacher writes the rest "
+                               "(max_new_tokens: the continuation's own budget, after the kept prefix)")
 
 
 class JudgmentSettings(SignalSettings):
@@ -161,13 +162,11 @@ def corrections(teacher: Engine, rejected: pa.Table, settings: CorrectionSetting
     """The teacher's corrections of `rejected` candidates (with the teacher's token_logprob): the
     student's tokens before its first wrong step (`correction_cuts`), then the teacher's continuation,
     as candidate rows (prompt columns kept; `corrects`, `correction_cut`, `correction_cut_by`, a new
-    `sample_id`). The continuation's budget is what is left of `settings.sampling.max_new_tokens`
-    after the longest prefix (at least one token)."""
+    `sample_id`). The continuation has `settings.sampling.max_new_tokens` of its own."""
     cut, by = correction_cuts(teacher.tokenizer, rejected, settings, task)
     prefixes = [ids[:c] for ids, c in zip(rejected["completion_token_ids"].to_pylist(), cut)]
     prompts = prompt_ids_for(teacher.tokenizer, rejected).to_pylist()
-    rest = max(1, settings.sampling.max_new_tokens - int(cut.max(initial=0)))
-    sampling = Sampling(**{**settings.sampling.model_dump(), "max_new_tokens": rest, "n": 1})
+    sampling = Sampling(**{**settings.sampling.model_dump(), "n": 1})
     generated = teacher.generate([p + prefix for p, prefix in zip(prompts, prefixes)], sampling) if prefixes else []
     corrected = [prefix + g.completion_ids for prefix, g in zip(prefixes, generated)]
     columns = {name: rejected[name] for name in PROMPT if name in rejected.column_names}  # the rest is the correction's own

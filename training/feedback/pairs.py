@@ -8,7 +8,8 @@ A pair policy picks, per prompt, chosen/rejected responses among its judged cand
     best_vs_random  the best against lower-scored ones drawn at random (seeded), up to `max_pairs_per_prompt`
     all             every (higher, lower) combination, largest margins first, up to `max_pairs_per_prompt`
 
-A pair needs margin = score_chosen − score_rejected > `min_margin` (ties never pair). With
+A pair needs margin = score_chosen − score_rejected > `min_margin` (ties never pair) and two
+different responses (copies of one sample differ in likelihood by float noise alone). With
 `corrections`, every teacher correction is also chosen against the response it corrects, whatever
 their scores, unless the verifier rejects the correction too (corrective feedback). Each pair keeps
 both responses' token ids, texts, sample ids, judgment ids and scores, its prompt's round, the
@@ -93,7 +94,7 @@ def pairs_relation(connection: "duckdb.DuckDBPyConnection", judgments: pa.Table 
                  ranked AS (SELECT {select}, c.score - r.score AS margin, 'judged' AS kind,
                                    row_number() OVER (PARTITION BY c.prompt_id ORDER BY {first}, c.sample_id, r.sample_id) AS pick
                             FROM judged c JOIN judged r ON c.prompt_id = r.prompt_id AND c.score - r.score > $margin {best_only}
-                                                           {own_original}),
+                                                           AND c.completion_token_ids <> r.completion_token_ids {own_original}),
                  corrected AS (SELECT {select}, c.score - r.score AS margin, 'correction' AS kind, 1 AS pick
                                FROM judgments c JOIN judgments r ON c.corrects = r.sample_id
                                WHERE $corrections AND coalesce(c.verifier, 1) > 0),
