@@ -145,8 +145,7 @@ def docs_store(tiny_offline_store, tmp_path_factory):
             online = {"online": True, "mix": 1.0, "steps": 2, "batch_size": 4, "online_rollouts": {"num_prompts": 8, "k": 8}}
             assert run_round(instance, "r002", selection=[student_checkpoint, online_feedback], student_checkpoint=online).success
             feedback = {"student_samples": {"num_prompts": 6, "sampling": {"n": 2, "max_new_tokens": 30}},
-                        "teacher_judgments": {"k": 8, "correct": True,
-                                              "correction": {"sampling": {"temperature": 0.0, "max_new_tokens": 20}}},
+                        "teacher_judgments": {"k": 8},
                         "preference_pairs": {"strategy": "all", "max_pairs_per_prompt": 2}}
             judged = dg.materialize([curated, student_samples, teacher_judgments, preference_pairs_dataset],
                                     selection=[student_samples, teacher_judgments, preference_pairs_dataset], instance=instance,

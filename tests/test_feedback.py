@@ -122,8 +122,7 @@ def test_judges_and_corrections_on_the_embedded_teacher(embedded_teacher, tiny_o
 FEEDBACK_ASSETS = [student_samples, teacher_judgments, preference_pairs_dataset, preference_student]
 TINY_FEEDBACK = {
     "student_samples": {"num_prompts": 8, "prompts_from": "teacher_labeled", "sampling": {"n": 2, "max_new_tokens": 40}},
-    "teacher_judgments": {"k": 8, "teacher_responses_from": "teacher_labeled", "correct": True,
-                          "correction": {"sampling": {"temperature": 0.0, "max_new_tokens": 30}}},
+    "teacher_judgments": {"k": 8, "teacher_responses_from": "teacher_labeled"},  # corrections: the embedded teacher's test
     "preference_pairs": {"strategy": "all", "max_pairs_per_prompt": 2},
     "preference_student": {"steps": 6, "batch_size": 4},
 }
@@ -137,7 +136,7 @@ def test_offline_dpo_path_end_to_end_with_lineage(instance, distill_home, tiny_o
     offline = store.read_card("offline_student")
     pairs = store.read_dataset("preference_pairs")
     assert pairs.num_rows > 0 and set(pairs["reference_weights_hash"].to_pylist()) == {offline.weights_hash}
-    assert min(pairs["margin"].to_pylist()) > 0 or "correction" in pairs["kind"].to_pylist()
+    assert min(pairs["margin"].to_pylist()) > 0 and set(pairs["kind"].to_pylist()) == {"judged"}
     trained = store.read_card("preference_student")
     assert trained.objective == "dpo" and trained.parent == offline.weights_hash and trained.weights_hash != offline.weights_hash
     # every pair traces back to its two judged candidates and the teacher that judged them
