@@ -23,20 +23,26 @@ class Generation:
     signal: SparseSignal | None = None  # the sparse signal of the completion, when generate was asked for logprobs
 
 
-def stop_string_end(tokenizer, ids: list[int], stop: list[str]) -> int | None:
-    """How many of `ids` it takes for the decoded text to contain a stop string (the completing token
-    included), or None: a binary search over prefixes, a few decodes per completion."""
-    def stopped(n: int) -> bool:
-        text = tokenizer.decode(ids[:n], skip_special_tokens=True)
-        return any(s in text for s in stop)
+def shortest_prefix(tokenizer, ids: list[int], reaches) -> int | None:
+    """The fewest of `ids` whose decoded text satisfies `reaches(text)` (a property that, once true,
+    stays true for longer prefixes), or None when all of them do not: a binary search, a few decodes."""
+    def decoded(n: int) -> bool:
+        return reaches(tokenizer.decode(ids[:n], skip_special_tokens=True))
 
-    if not stop or not stopped(len(ids)):
+    if not decoded(len(ids)):
         return None
-    low, high = 1, len(ids)
+    low, high = 0, len(ids)
     while low < high:
         middle = (low + high) // 2
-        low, high = (low, middle) if stopped(middle) else (middle + 1, high)
+        low, high = (low, middle) if decoded(middle) else (middle + 1, high)
     return low
+
+
+def stop_string_end(tokenizer, ids: list[int], stop: list[str]) -> int | None:
+    """How many of `ids` it takes for the decoded text to contain a stop string (the completing token
+    included), or None."""
+    end = shortest_prefix(tokenizer, ids, lambda text: any(s in text for s in stop)) if stop else None
+    return None if end is None else max(end, 1)  # the completing token is at least the first
 
 
 class EngineRequestsFailed(RuntimeError):

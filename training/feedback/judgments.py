@@ -36,7 +36,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from training.data.labeling import score, with_columns
 from training.data.rollouts import sequence_sums
-from training.engines.base import Engine
+from training.engines.base import Engine, shortest_prefix
 from training.engines.sampling import Sampling
 from training.feedback.judge import JudgeSettings, judge_candidates, length_correlation, template_hash
 from training.feedback.pairs import PROMPT
@@ -135,13 +135,9 @@ def first_unlikely(token_logprob: pa.ChunkedArray | pa.Array, threshold: float) 
 
 
 def token_at(tokenizer, ids: list[int], offset: int) -> int:
-    """The index of the token of `ids` whose decoded text holds character `offset` (len(ids) past the
-    end): a binary search over decoded prefixes."""
-    low, high = 0, len(ids)
-    while low < high:
-        middle = (low + high) // 2
-        low, high = (low, middle) if len(tokenizer.decode(ids[: middle + 1], skip_special_tokens=True)) > offset else (middle + 1, high)
-    return low
+    """The index of the token of `ids` whose decoded text holds character `offset` (len(ids) past the end)."""
+    past = shortest_prefix(tokenizer, ids, lambda text: len(text) > offset)
+    return len(ids) if past is None else past - 1
 
 
 def correction_cuts(tokenizer, rejected: pa.Table, settings: CorrectionSettings, task: "Task") -> tuple[np.ndarray, list[str]]:
