@@ -1,11 +1,16 @@
-"""The `distill` command: list datasets, query them with DuckDB (read-only), export them for other trainers."""
+"""The `distill` command: list datasets, query them with DuckDB (read-only), export them for other trainers, write their cards."""
 
 import argparse
 import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
 
 from storage.catalog import dataset_names, query, refresh_catalog
+from storage.dataset_card import DESCRIBING, dataset_card, write_readme
 from storage.export import FILE_TYPES, FORMATS, export_dataset
 from storage.store import Store
+from training.models.checkpoints import load_tokenizer
 from training.schema.tables import duckdb_identifier
 
 MAX_CELL = 48
@@ -31,6 +36,26 @@ def list_datasets(store: Store) -> tuple[list[str], list[tuple]]:
     return ["dataset", "rows", "path"], rows
 
 
+def student_tokenizer(store: Store, given: str | None) -> str:
+    """Where the student's tokenizer loads from: `given`, else the store's student_model."""
+    if given:
+        return given
+    if not store.card_path("student_model").exists():
+        raise ValueError("the axolotl layout follows the student's chat template: pass --tokenizer (the student's model path "
+                         "or hub id), or materialize student_model in this store")
+    return store.read_card("student_model").path
+
+
+def stored_card(store: Store, name: str, partition: str | None, out: str | None) -> Path:
+    """The card of a stored dataset as it is (its shards, `part-*.parquet`), written to `out` or beside the shards."""
+    directory = store.dataset_dir(name, partition).resolve()
+    shards = store.shard_paths(name, partition)
+    schema = pq.read_schema(shards[0])
+    describing = store.read_dataset(name, partition, columns=[c for c in DESCRIBING if c in schema.names])
+    card = dataset_card(store, name, partition, describing, schema, "part-*.parquet", store.dataset_rows(name, partition))
+    return write_readme(card, Path(out) if out else directory)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="distill", description="Query the distillation datasets with DuckDB.")
     parser.add_argument("--home", help="data root (default: $DISTILL_HOME or ./.distill)")
@@ -46,14 +71,25 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--out", required=True, help="directory for train.parquet (or train.jsonl)")
     export.add_argument("--as", dest="file_type", choices=FILE_TYPES, default="parquet")
     export.add_argument("--partition", help="a round, for the round datasets (student_rollouts, teacher_feedback, round_pairs, ...)")
+    export.add_argument("--tokenizer", help="axolotl: the student's model (path or hub id), whose chat template axolotl renders "
+                                            "with (default: the store's student_model)")
+    card = commands.add_parser("card", help="write the dataset card (README.md) of a stored dataset, beside its shards or in --out")
+    card.add_argument("dataset")
+    card.add_argument("--partition", help="a round, for the round datasets")
+    card.add_argument("--out", help="directory for README.md (default: the dataset's current version, beside its part-*.parquet)")
     args = parser.parse_args(argv)
     store = Store(args.home)
     try:
         if args.command == "refresh":
             print("views:", ", ".join(refresh_catalog(store)) or "(none)")
         elif args.command == "export":
-            path = export_dataset(store.read_dataset(args.dataset, args.partition), args.format, args.out, args.file_type)
-            print(f"wrote {path}")
+            tokenizer = load_tokenizer(student_tokenizer(store, args.tokenizer)) if args.format == "axolotl" else None
+            path, dropped = export_dataset(store, args.dataset, args.format, args.out, args.partition, args.file_type, tokenizer)
+            print(f"wrote {path}\nwrote {path.parent / 'README.md'} (its dataset card)")
+            if any(dropped.values()):
+                print("left out: " + ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in dropped.items() if count))
+        elif args.command == "card":
+            print(f"wrote {stored_card(store, args.dataset, args.partition, args.out)}")
         elif args.command == "datasets":
             print(format_table(*list_datasets(store)))
         else:

@@ -5,10 +5,11 @@
                turn, the completion one assistant turn) when the teacher rendered a chat template, else text
     messages   `messages`: the conversation with the teacher's response as its last, assistant turn, what
                TRL's SFTTrainer (conversational) and GKDTrainer load as is
-    axolotl    `messages` plus the sparse teacher signal in axolotl's KD layout (its `kd` integration,
-               `type: axolotl.integrations.kd.chat_template`): `target_token_ids` (list<list<int>>) and
-               `logprobs` (list<list<float>>), one row of k per completion token, in token-id space (never
-               decoded strings), at the signal temperature the dataset stores
+    axolotl    `messages` plus the sparse teacher signal laid out as axolotl's KD integration reads it
+               (`type: axolotl.integrations.kd.chat_template`): `target_token_ids` (list<list<int>>) and
+               `logprobs` (list<list<float>>), k per row, in token-id space (never decoded strings), at the
+               signal temperature the dataset stores; the rows are aligned to the student's chat template
+               (`axolotl_signal`), so it needs the student's tokenizer
     dpo        a pair table (preference_pairs, round_pairs) as TRL's preference layout, one row per pair, what
                its DPOTrainer loads as is: `prompt` (the conversation up to the assistant turn, with its system
                turn), `chosen` and `rejected` (each one assistant turn), conversational when the teacher rendered
@@ -16,7 +17,7 @@
 
 The response formats keep `sample_id`, `dpo` keeps `pair_id`, so rows trace back to the stored dataset.
 Files are Parquet (or JSON Lines), written whole under a temporary name and renamed, so a reader never
-sees half a file.
+sees half a file; a dataset card (README.md) goes beside them.
 """
 
 import os
@@ -26,11 +27,19 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from training.models.chat import CONVERSATION, RAW, with_conversation_columns
+from storage.dataset_card import dataset_card, write_readme
+from storage.store import Store
+from training.models.chat import CONVERSATION, RAW, conversations, render, with_conversation_columns
+from training.models.tokenizer import tokenizer_hash
+from training.schema.signal import CODEC
 
 FORMATS = ("trl", "messages", "axolotl", "dpo")
 FILE_TYPES = ("parquet", "jsonl")
 PAIR_COLUMNS = {"pair_id", "prompt", "chosen", "rejected", "margin"}
+# axolotl's KD strategy takes exp, then log, of every stored value (after its temperature rescale, a power
+# up to T_gen / T_kd): -inf, or a value whose exp underflows float32, becomes NaN in its loss. A floor of
+# -40 (p = 4e-18) changes no distribution measurably.
+AXOLOTL_LOGPROB_FLOOR = -40.0
 
 
 def reply(response: str) -> str:
@@ -38,8 +47,78 @@ def reply(response: str) -> str:
     return f"[{{'role': 'assistant', 'content': {response}}}]"
 
 
-def exported(table: pa.Table, format: str) -> pa.Table:
-    """`table`'s rows in `format` (see the module docstring)."""
+def axolotl_signal(table: pa.Table, tokenizer) -> tuple[pa.Table, dict]:
+    """`table` (responses with the top-k signal) with `target_token_ids` and `target_logprobs` laid out
+    for axolotl's KD strategy (`ChatTemplateStrategyWithKDv2`, unchanged from axolotl 0.10 to 0.21), and
+    the count of rows dropped, by reason.
+
+    axolotl renders the conversation with the student's chat template into input_ids x_0 … x_{T−1},
+    right-aligns the R stored rows to its end (row r at position T − R + r, no shift), masks position p
+    by labels[p], and its loss scores the student's hidden state at p, which predicts x_{p+1}, against
+    the row at p. So the row at p must hold the teacher's distribution of x_{p+1}. With the reply
+    y_0 … y_{n−1} (ending with the end-of-turn token) at positions s … s+n−1, the rows are
+
+        the teacher's n rows, p(y_j | prompt, y_<j), from position s−1 (the prompt's last token, whose
+            label is masked: axolotl never trains y_0's row)
+        one row per template token after the reply (ChatML's "\n" after <|im_end|>): probability 1 on it
+        a filler row at T−1, which predicts nothing: probability 1 on the tokenizer's eos
+
+    so R = n + (template tokens after the reply) + 1, every row k wide, every value finite (floored at
+    `AXOLOTL_LOGPROB_FLOOR`). A row is dropped (and counted) when the student's template does not
+    reproduce the stored ids: the prompt renders differently with and without the reply, the reply
+    re-tokenizes into other ids, or the response was cut at the length limit (no end of turn to learn)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("axolotl's KD strategy renders conversations with the student's chat template, and this tokenizer "
+                         "has none (the embedded pair renders raw text): export --format trl or messages, or pass the "
+                         "tokenizer of a chat model (--tokenizer)")
+    codecs = set(table["codec"].to_pylist())
+    if codecs != {CODEC}:
+        raise ValueError(f"the axolotl format writes the {CODEC} signal (top-k ids and logprobs), and this dataset holds "
+                         f"{sorted(codecs)}: decode it first")
+    if "tokenizer_hash" in table.column_names and set(table["tokenizer_hash"].to_pylist()) != {tokenizer_hash(tokenizer)}:
+        raise ValueError("the signal's token ids are the teacher tokenizer's, and this tokenizer has another vocabulary: "
+                         "pass the tokenizer of a student that shares the teacher's")
+    replies = [conversation + [{"role": "assistant", "content": text}]
+               for conversation, text in zip(conversations(table), table["completion"].to_pylist())]
+    whole = tokenizer(tokenizer.apply_chat_template(replies, tokenize=False), add_special_tokens=False)["input_ids"]
+    prefixes = render(tokenizer, table)
+    k, vocabulary, end = table["k"][0].as_py(), len(tokenizer), tokenizer.eos_token_id
+    if end is None:
+        raise ValueError("the tokenizer has no eos token for axolotl's last (filler) row: set eos_token in its tokenizer_config.json")
+    kept, after, dropped = [], [], {"cut_at_length_limit": 0, "prompt_renders_differently": 0, "reply_tokenizes_differently": 0}
+    stops = table["finish_reason"].to_pylist()
+    for index, (ids, prefix, response, stop) in enumerate(zip(whole, prefixes, table["completion_token_ids"].to_pylist(), stops)):
+        reply = ids[len(prefix):]
+        if stop != "stop":
+            dropped["cut_at_length_limit"] += 1
+        elif ids[:len(prefix)] != prefix:
+            dropped["prompt_renders_differently"] += 1
+        elif reply[:len(response)] != response:
+            dropped["reply_tokenizes_differently"] += 1
+        else:
+            kept.append(index)
+            after.append(reply[len(response):] + [end])
+    if not kept:
+        reasons = ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in dropped.items() if count)
+        raise ValueError(f"no row could be laid out for axolotl ({reasons}): responses need an end of turn (raise the "
+                         "sampling's max_new_tokens) and ids the student's template reproduces")
+    certain = [[[(token + j) % vocabulary for j in range(k)] for token in tokens] for tokens in after]  # probability 1 on the token
+    extra = pa.table({"extra_ids": pa.array(certain, pa.list_(pa.list_(pa.int32()))),
+                      "extra_logprobs": pa.array([[[0.0] + [AXOLOTL_LOGPROB_FLOOR] * (k - 1)] * len(t) for t in after],
+                                                 pa.list_(pa.list_(pa.float32())))})
+    with duckdb.connect() as connection:
+        connection.register("rows", table.take(pa.array(kept, pa.int64())).append_column("extra_ids", extra["extra_ids"])
+                            .append_column("extra_logprobs", extra["extra_logprobs"]))
+        floored = f"list_transform(topk_logprobs, lambda r: list_transform(r, lambda x: greatest(x, {AXOLOTL_LOGPROB_FLOOR})))"
+        laid_out = connection.sql(f"""SELECT * EXCLUDE (extra_ids, extra_logprobs),
+            list_concat(topk_ids::INTEGER[][], extra_ids) AS target_token_ids,
+            list_concat({floored}::FLOAT[][], extra_logprobs) AS target_logprobs FROM rows""").to_arrow_table()
+    return laid_out, dropped
+
+
+def exported(table: pa.Table, format: str, tokenizer=None) -> tuple[pa.Table, dict]:
+    """`table`'s rows in `format` (see the module docstring), and the rows dropped by reason (axolotl:
+    `axolotl_signal`, which needs `tokenizer`, the student's)."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}: use one of {FORMATS}")
     pairs = "pair_id" in table.column_names
@@ -57,6 +136,7 @@ def exported(table: pa.Table, format: str) -> pa.Table:
             raise ValueError(f"this dataset has no {sorted(missing)}: export a dataset of responses (teacher_labeled, curated, "
                              "expanded, synthesized, student_rollouts, teacher_feedback)")
     table = with_conversation_columns(table)
+    dropped = {}
     conversational = "prompt_rendering" not in table.column_names or set(table["prompt_rendering"].to_pylist()) != {RAW}
     if format == "trl":
         columns = f"({CONVERSATION}) AS prompt, {reply('completion')} AS completion" if conversational else "prompt, completion"
@@ -65,22 +145,28 @@ def exported(table: pa.Table, format: str) -> pa.Table:
     elif format == "axolotl":
         if "topk_ids" not in table.column_names:
             raise ValueError("the axolotl format needs the teacher's top-k signal: export teacher_labeled, curated or teacher_feedback")
-        columns = (f"list_concat({CONVERSATION}, {reply('completion')}) AS messages, "
-                   "topk_ids::INTEGER[][] AS target_token_ids, topk_logprobs::FLOAT[][] AS logprobs")
+        if tokenizer is None:
+            raise ValueError("the axolotl format lays the signal out on the student's chat template: give the student's tokenizer")
+        table, dropped = axolotl_signal(table, tokenizer)
+        columns = f"list_concat({CONVERSATION}, {reply('completion')}) AS messages, target_token_ids, target_logprobs AS logprobs"
     elif conversational:
         columns = f"({CONVERSATION}) AS prompt, {reply('chosen')} AS chosen, {reply('rejected')} AS rejected, margin"
     else:
         columns = "prompt, chosen, rejected, margin"
     with duckdb.connect() as connection:
         connection.register("rows", table)
-        return connection.sql(f"SELECT {'pair_id' if pairs else 'sample_id'}, {columns} FROM rows").to_arrow_table()
+        return connection.sql(f"SELECT {'pair_id' if pairs else 'sample_id'}, {columns} FROM rows").to_arrow_table(), dropped
 
 
-def export_dataset(table: pa.Table, format: str, out: Path | str, file_type: str = "parquet") -> Path:
-    """Writes `exported(table, format)` to `out`/train.<file_type>; returns the file's path."""
+def export_dataset(store: Store, name: str, format: str, out: Path | str, partition: str | None = None,
+                   file_type: str = "parquet", tokenizer=None) -> tuple[Path, dict]:
+    """Writes the stored dataset `name` (`partition`) as `exported(rows, format, tokenizer)` to
+    `out`/train.<file_type>, with its dataset card as README.md beside it (storage/dataset_card.py), so
+    that `out` is ready to push to the Hub; returns the file's path and the rows dropped, by reason."""
     if file_type not in FILE_TYPES:
         raise ValueError(f"unknown file type {file_type!r}: use one of {FILE_TYPES}")
-    rows = exported(table, format)
+    source = store.read_dataset(name, partition)
+    rows, dropped = exported(source, format, tokenizer)
     directory = Path(out)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"train.{file_type}"
@@ -95,4 +181,5 @@ def export_dataset(table: pa.Table, format: str, out: Path | str, file_type: str
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
-    return path
+    write_readme(dataset_card(store, name, partition, source, rows.schema, path.name, rows.num_rows, format, dropped), directory)
+    return path, dropped

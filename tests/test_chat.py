@@ -89,7 +89,7 @@ def chat_config(chat_pair, seeds, evals_file) -> dict:
     return {"ops": {name: {"config": value} for name, value in config.items()}}
 
 
-def test_chat_pair_offline_job_round_and_export_without_answers(chat_pair, instance, distill_home, tmp_path):
+def test_chat_pair_offline_job_round_and_export_without_answers(chat_pair, instance, distill_home, tmp_path, capsys):
     seeds, evals_file = tmp_path / "seeds.jsonl", tmp_path / "evals.jsonl"
     conversations = [TWO_TURNS] + [[{"role": "user", "content": f"{i}*{i}=?"}] for i in range(11)]
     seeds.write_text("\n".join(json.dumps({"messages": m}) for m in conversations))
@@ -131,18 +131,20 @@ def test_chat_pair_offline_job_round_and_export_without_answers(chat_pair, insta
         assert inputs["teacher_chat_template"] == prompt_rendering(teacher_tokenizer), asset
         assert inputs["student_chat_template"] == prompt_rendering(student_tokenizer), asset
 
-    for format in ["trl", "messages", "axolotl"]:
-        assert distill(["export", "teacher_labeled", "--format", format,
-                        "--out", str(tmp_path / format)]) == 0
+    exit_codes = {format: distill(["export", "teacher_labeled", "--format", format, "--out", str(tmp_path / format),
+                                   "--tokenizer", str(chat_pair["student"])]) for format in ["trl", "messages", "axolotl"]}
+    assert exit_codes["trl"] == exit_codes["messages"] == 0
     trl = datasets.load_dataset("parquet", data_files=str(tmp_path / "trl" / "train.parquet"), split="train")
     assert trl[0]["prompt"][0] == {"role": "system", "content": SYSTEM} and trl[0]["completion"][0]["role"] == "assistant"
     messages = datasets.load_dataset("parquet", data_files=str(tmp_path / "messages" / "train.parquet"), split="train")
     assert messages[0]["messages"][-1]["role"] == "assistant" and messages[0]["messages"][-2]["role"] == "user"
-    kd = datasets.load_dataset("parquet", data_files=str(tmp_path / "axolotl" / "train.parquet"), split="train")
-    assert kd.features["target_token_ids"] == datasets.List(datasets.List(datasets.Value("int32")))
-    assert kd.features["logprobs"] == datasets.List(datasets.List(datasets.Value("float32")))
-    row = labeled.filter(pa.compute.equal(labeled["sample_id"], kd[0]["sample_id"]))
-    assert kd[0]["target_token_ids"] == row["topk_ids"][0].as_py() and len(kd[0]["logprobs"]) == row["num_tokens"][0].as_py()
+    if exit_codes["axolotl"]:  # the random teacher rarely stops, and samples ids the template does not reproduce
+        assert "no row could be laid out for axolotl" in capsys.readouterr().err and not (tmp_path / "axolotl").exists()
+    else:
+        kd = datasets.load_dataset(str(tmp_path / "axolotl"), split="train")  # through its dataset card
+        assert kd.features["target_token_ids"] == datasets.List(datasets.List(datasets.Value("int32")))
+        row = labeled.filter(pa.compute.equal(labeled["sample_id"], kd[0]["sample_id"]))  # laid out on the student's template:
+        assert kd[0]["target_token_ids"][:-1] == row["topk_ids"][0].as_py()  # nothing after its <|im_end|>, then the filler row
 
     # the teacher as an LLM judge (its chat template, the expected score), offline dDPO, then a preference round
     judged = {"judges": ["likelihood", "judge"], "k": 8, "judge": JUDGE}
