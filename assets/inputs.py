@@ -17,6 +17,8 @@ round assets themselves (see assets/rounds.py).
 
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+
 from assets.config import TRAINING_DATA
 from storage.store import Store
 from training.schema.cards import ModelCard
@@ -55,3 +57,10 @@ class Inputs:
         versions |= {name: store.dataset_version(name) for name in self.datasets if name not in skip}
         versions |= {name: store.dataset_version(name, partition) for name in self.round_datasets if name not in skip}
         return Read(cards, versions)
+
+
+def training_prompts(store: Store) -> pa.Array | None:
+    """The prompts of the training data (curated, else teacher_labeled), which the harness's prompts
+    are checked against; None when neither is materialized."""
+    name = next((name for name in TRAINING_DATA if store.has_dataset(name)), None)
+    return store.read_dataset(name, columns=["prompt"])["prompt"].combine_chunks() if name else None

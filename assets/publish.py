@@ -104,11 +104,11 @@ def publish_dataset(context: dg.AssetExecutionContext, store: Store, name: str, 
 
 
 def publish_evals(context: dg.AssetExecutionContext, store: Store, results: dict[str, dict], cards: dict[str, ModelCard],
-                  round_key: str | None) -> tuple[str, list[dict]]:
-    """Appends one `evals` row per model and metric (stamped with the round and the run) and
-    refreshes the catalog; returns (the file's path, the rows)."""
+                  round_key: str | None, harness_rows: list[dict] = ()) -> tuple[str, list[dict]]:
+    """Appends one `evals` row per model and metric, and the harness's rows (training/evals/harness.py),
+    stamped with the round and the run, and refreshes the catalog; returns (the file's path, the rows)."""
     rows = [{"model": name, "checkpoint": cards[name].weights_hash, "split": "eval", "metric": metric, "value": value}
-            for name, metrics in results.items() for metric, value in metrics.items()]
+            for name, metrics in results.items() for metric, value in metrics.items()] + list(harness_rows)
     path = store.append_evals(rows, context.run.run_id, round_key)
     refresh_catalog(store)
     return str(path), rows

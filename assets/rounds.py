@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from assets.config import TRAINING_DATA, EvalsConfig, StudentCheckpointConfig, StudentRolloutsConfig, TeacherFeedbackConfig
 from assets.executor import ShardExecutor, ShardWork
-from assets.inputs import Inputs, not_chosen
+from assets.inputs import Inputs, not_chosen, training_prompts
 from assets.partitions import round_number
 from assets.publish import metadata, png_markdown, publish_dataset, publish_evals, record_lineage
 from assets.resources import ModelEngine
@@ -37,6 +37,7 @@ from storage.store import Store
 from training.data.rollouts import draw_prompts, feedback_table, student_scored_again
 from training.engines.sampling import Sampling
 from training.evals.evaluate import evaluate_checkpoints
+from training.evals.harness import check_harness, harness_results
 from training.rounds.modes import ROUND_MODES, mode_of
 from training.rounds.online import OnlineSettings
 from training.schema.cards import ModelCard
@@ -262,6 +263,7 @@ def round_eval(context: dg.AssetExecutionContext, config: EvalsConfig, store: dg
     """Greedy and sampled exact match on the eval split and reverse KL on the student's own samples,
     for the round's checkpoint and its parent; rows into `evals` with the round."""
     key = context.partition_key
+    check_harness(config.harness)
     parent, previous, parent_card = parent_checkpoint(store, key)
     with claim_round(context):
         card = store.read_card("student_checkpoint", key)
@@ -271,14 +273,18 @@ def round_eval(context: dg.AssetExecutionContext, config: EvalsConfig, store: dg
         eval_rows = store.read_dataset("eval_set")
         cards = {"student_checkpoint": card, parent: parent_card}
         results = evaluate_checkpoints(cards, read.cards["teacher_model"], eval_rows, task_of(eval_rows), config.seed, context.log.info)
-        path, _ = publish_evals(context, store, {"student_checkpoint": results["student_checkpoint"]}, cards, key)
+        harness, overlaps = harness_results(cards, config.harness, config.seed, training_prompts(store), context.log.warning)
+        path, _ = publish_evals(context, store, {"student_checkpoint": results["student_checkpoint"]}, cards, key,
+                                [row for row in harness if row["model"] == "student_checkpoint"])
+        for row in harness:  # beside the task-free metrics: in the metadata, lineage, and the sensor's choice of metric
+            results[row["model"]][row["metric"]] = row["value"]
         trained_on = rollout_figures(store, scored, key)
         mine, theirs = results["student_checkpoint"], results[parent]
         gain = None if mine["greedy_exact_match"] is None else mine["greedy_exact_match"] - theirs["greedy_exact_match"]
         metrics = {
             **mine, "checkpoint": card.weights_hash,
             **{f"parent_{name}": value for name, value in theirs.items()},
-            "improvement": gain, **trained_on,
+            "improvement": gain, **trained_on, **overlaps,
         }
         inputs = {**read.versions, **parent_versions(parent, parent_card), "checkpoint": card.weights_hash}
         record_lineage(context, store, config, inputs, metrics, previous)

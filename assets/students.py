@@ -4,11 +4,12 @@ every model on the eval split."""
 import dagster as dg
 
 from assets.config import TRAINING_DATA, EvalsConfig, OfflineStudentConfig
-from assets.inputs import CARD_OF, Inputs, not_chosen
+from assets.inputs import CARD_OF, Inputs, not_chosen, training_prompts
 from assets.publish import metadata, publish_evals, record_lineage, rounded
 from assets.student_runs import chat_templates, curve_metrics, distill_and_save, loss_curve
 from storage.store import Store
 from training.evals.evaluate import evaluate, evaluate_checkpoints
+from training.evals.harness import check_harness, harness_results
 from training.models.checkpoints import load_model
 from training.tasks import task_of
 
@@ -42,13 +43,16 @@ def offline_student(context: dg.AssetExecutionContext, config: OfflineStudentCon
 @dg.asset(group_name="students", pool="accelerator", kinds={"parquet"}, deps=EVALS.deps)
 def evals(context: dg.AssetExecutionContext, config: EvalsConfig, store: dg.ResourceParam[Store]):
     """Exact match (greedy, sampled at T=1) on the eval split for the teacher, the initial student and
-    the offline student, and each student's reverse KL to the teacher on its own samples."""
+    the offline student, each student's reverse KL to the teacher on its own samples, and the
+    lm-evaluation-harness tasks of `harness` on each."""
+    check_harness(config.harness)
     eval_rows = store.read_dataset("eval_set")
     read = EVALS.read(store)
     cards = {CARD_OF[name]: card for name, card in read.cards.items()}
     results = evaluate_checkpoints(cards, cards["teacher"], eval_rows, task_of(eval_rows), config.seed, context.log.info)
-    path, rows = publish_evals(context, store, results, cards, None)
-    record_lineage(context, store, config, read.versions, {"rows": len(rows)})
+    harness, overlaps = harness_results(cards, config.harness, config.seed, training_prompts(store), context.log.warning)
+    path, rows = publish_evals(context, store, results, cards, None, harness)
+    record_lineage(context, store, config, read.versions, {"rows": len(rows), **overlaps})
     lines = ["| model | metric | value |", "|---|---|---|"] + [f"| {r['model']} | {r['metric']} | {rounded(r['value'])} |" for r in rows]
-    summary = metadata({f"{r['model']}/{r['metric']}": r["value"] for r in rows})
+    summary = metadata({f"{r['model']}/{r['metric']}": r["value"] for r in rows} | overlaps)
     return dg.MaterializeResult(metadata={**summary, "table": dg.MetadataValue.md("\n".join(lines)), "path": dg.MetadataValue.path(path)})

@@ -19,6 +19,8 @@ from training.rounds.modes import ROUND_MODES
 
 LOWER_IS_BETTER = {"reverse_kl_on_student_samples", "forward_kl_on_teacher_samples", "student_nll_on_teacher_samples"}
 METRICS = sorted(LOWER_IS_BETTER | {"greedy_exact_match", "sampled_exact_match", "teacher_logprob_on_student_samples"})
+HARNESS = "harness/"  # or a harness metric round_eval records, harness/<task>/<metric>,<filter> (training/evals/harness.py)
+HARNESS_LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}  # lm-eval's
 POLICY_HELP = (
     "Policy from the environment: DISTILL_MAX_ROUNDS (default 5), DISTILL_MIN_IMPROVEMENT (default 0.0: "
     "stop when a round does worse than its parent), DISTILL_ROUND_METRIC (default 'auto': greedy exact match when "
@@ -37,7 +39,8 @@ class RoundPolicy(dg.Config):
         0.0, description="stop when the last round's gain over its parent on `metric` is below this (for a "
         "lower-is-better metric, the gain is the decrease)"
     )
-    metric: str = Field("auto", description=f"the round_eval metric that must improve: 'auto' or one of {METRICS}")
+    metric: str = Field("auto", description=f"the round_eval metric that must improve: 'auto', one of {METRICS}, or a harness "
+                        "metric (harness/<task>/<metric>,<filter>, e.g. harness/gsm8k/exact_match,strict-match)")
     mode: Literal[tuple(ROUND_MODES)] = Field(
         "stored", description="'stored': rollouts sampled once, scored, then trained on; 'online': student_checkpoint "
         "samples and scores a fresh batch at every on-policy step (GKD's Algorithm 1); 'preference': the teacher judges the "
@@ -56,8 +59,8 @@ class RoundPolicy(dg.Config):
 
     @model_validator(mode="after")
     def _known_metric(self):
-        if self.metric != "auto" and self.metric not in METRICS:
-            raise ValueError(f"unknown round metric {self.metric!r}: use 'auto' or one of {METRICS}")
+        if self.metric != "auto" and self.metric not in METRICS and not self.metric.startswith(HARNESS):
+            raise ValueError(f"unknown round metric {self.metric!r}: use 'auto', one of {METRICS}, or harness/<task>/<metric>")
         return self
 
     def gain(self, evaluation: dict) -> tuple[str, float | None]:
@@ -70,7 +73,9 @@ class RoundPolicy(dg.Config):
         mine, parent = evaluation.get(metric), evaluation.get(f"parent_{metric}")
         if mine is None or parent is None:
             return metric, None
-        return metric, (parent - mine) if metric in LOWER_IS_BETTER else (mine - parent)
+        harness_metric = metric.rsplit("/", 1)[-1].split(",")[0] if metric.startswith(HARNESS) else None
+        lower = metric in LOWER_IS_BETTER or harness_metric in HARNESS_LOWER_IS_BETTER
+        return metric, (parent - mine) if lower else (mine - parent)
 
 
 def next_round(instance: dg.DagsterInstance, policy: RoundPolicy) -> tuple[str | None, str]:

@@ -197,5 +197,10 @@ EVALS_SCHEMA = pa.schema(
         ("round", pa.string()),
         ("run_id", pa.string()),
         ("created_at", pa.timestamp("us", tz="UTC")),
+        # lm-evaluation-harness rows only (split: the task): how the metric was measured
+        ("harness", pa.string()),
+        ("num_fewshot", pa.int32()),
+        ("seed", pa.int64()),
+        ("max_gen_toks", pa.int32()),
     ]
 )

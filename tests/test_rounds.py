@@ -59,7 +59,8 @@ def test_two_rounds_end_to_end_with_lineage(instance, offline, distill_home, cap
     assert first.success
     trained = first.asset_materializations_for_node("student_checkpoint")[0].metadata  # 24 rollouts, batches of 8
     assert trained["rollout_reuse"].value == round(trained["on_policy_steps"].value * 8 / 24, 2)
-    second = run_round(instance, "r002")
+    harness = local_harness_task(distill_home.parent / "harness", offline)  # r002's eval adds lm-evaluation-harness
+    second = run_round(instance, "r002", round_eval={"harness": harness})
     assert second.success
 
     offline_hash = offline.read_card("offline_student").weights_hash
@@ -99,9 +100,17 @@ def test_two_rounds_end_to_end_with_lineage(instance, offline, distill_home, cap
         ("r001", "offline_student", offline_hash, r001.weights_hash),
         ("r002", "student_checkpoint[r001]", r001.weights_hash, r002.weights_hash),
     ]
-    _, evals = query(offline, "SELECT round, count(*) FROM evals WHERE model = 'student_checkpoint' GROUP BY round ORDER BY round")
+    _, evals = query(offline, "SELECT round, count(*) FROM evals WHERE model = 'student_checkpoint' AND harness IS NULL "
+                              "GROUP BY round ORDER BY round")
     assert evals == [("r001", 6), ("r002", 6)]  # exact match greedy and sampled, and the four task-free metrics
+    _, harnessed = query(offline, "SELECT round, split, metric, value, harness, num_fewshot, seed, max_gen_toks, checkpoint FROM evals "
+                                  "WHERE harness IS NOT NULL")
+    assert harnessed == [("r002", "arithmetic_local", "harness/arithmetic_local/exact_match,answer", harnessed[0][3], "lm-eval 0.4.13",
+                          0, 0, 48, r002.weights_hash)] and 0 <= harnessed[0][3] <= 1
     metadata = second.asset_materializations_for_node("round_eval")[0].metadata
+    assert metadata["harness/arithmetic_local/exact_match,answer"].value == harnessed[0][3]
+    assert "parent_harness/arithmetic_local/exact_match,answer" in metadata  # the sensor can take it as its criterion
+    assert metadata["harness/arithmetic_local/overlap_with_training"].value == 0.25  # 2 of its 8 prompts were trained on
     assert "data:image/png;base64," in metadata["rounds_plot"].value
     assert metadata["improvement"].value == pytest.approx(
         metadata["greedy_exact_match"].value - metadata["parent_greedy_exact_match"].value
@@ -113,6 +122,28 @@ def test_two_rounds_end_to_end_with_lineage(instance, offline, distill_home, cap
     assert again.success
     assert offline.read_dataset("student_rollouts", "r001")["run_id"].unique().to_pylist() == [again.run_id]
     assert query(offline, "SELECT count(*) FROM lineage WHERE asset = 'student_rollouts' AND partition = 'r001'")[1] == [(2,)]
+
+
+def local_harness_task(directory, store) -> dict:
+    """A local lm-evaluation-harness task in `directory` (no hub): 6 eval problems and 2 training problems,
+    GSM8K-style (the answer after ####); returns round_eval's `harness` config for it."""
+    import yaml
+
+    directory.mkdir()
+    problems = store.read_dataset("eval_set", columns=["prompt", "answer"]).slice(0, 6).to_pylist()
+    problems += store.read_dataset("teacher_labeled", columns=["prompt", "answer"]).slice(0, 2).to_pylist()
+    (directory / "problems.jsonl").write_text("".join(json.dumps({"prompt": p["prompt"], "answer": str(p["answer"])}) + "\n"
+                                                      for p in problems))
+    data = {"data_files": {"test": str(directory / "problems.jsonl")}}
+    task = {"task": "arithmetic_local", "dataset_path": "json", "dataset_kwargs": data,
+            "output_type": "generate_until", "test_split": "test", "doc_to_text": "{{prompt}}", "doc_to_target": "{{answer}}",
+            "num_fewshot": 0, "generation_kwargs": {"until": ["\n"], "do_sample": False},
+            "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+            "filter_list": [{"name": "answer", "filter": [{"function": "regex", "regex_pattern": "####\\s*(-?\\d+)"},
+                                                          {"function": "take_first"}]}],
+            "metadata": {"version": 1.0}}
+    (directory / "arithmetic_local.yaml").write_text(yaml.safe_dump(task))
+    return {"tasks": ["arithmetic_local"], "include_path": str(directory), "max_gen_toks": 48, "batch_size": 8}
 
 
 OTHER_LAUNCH = """

@@ -94,6 +94,15 @@ def test_without_reference_answers_the_reverse_kl_must_go_down(instance, monkeyp
         evaluate(instance)
 
 
+def test_a_harness_metric_can_be_the_criterion(instance, monkeypatch):
+    gsm8k, perplexity = "harness/gsm8k/exact_match,strict-match", "harness/wikitext/word_perplexity,none"
+    finish_round(instance, "r001", 0, **{gsm8k: 0.31, f"parent_{gsm8k}": 0.30, perplexity: 20.0, f"parent_{perplexity}": 19.0})
+    monkeypatch.setenv("DISTILL_ROUND_METRIC", gsm8k)
+    assert [r.partition_key for r in evaluate(instance).run_requests] == ["r002"]
+    monkeypatch.setenv("DISTILL_ROUND_METRIC", perplexity)  # lower is better: it went up
+    assert f"plateau: round r001 improved {perplexity} by -1.0000" in evaluate(instance).skip_reason.skip_message
+
+
 def test_bad_policy_in_the_environment_is_named(instance, monkeypatch):
     monkeypatch.setenv("DISTILL_MAX_ROUNDS", "many")
     with pytest.raises(Exception, match="DISTILL_MAX_ROUNDS"):

@@ -364,13 +364,18 @@ def _near_duplicates(connection: duckdb.DuckDBPyConnection, threshold: float, si
               FROM kept k JOIN texts t ON t.text = k.normalized_prompt JOIN similar_texts s USING (id)"""
 
 
-def _contaminated(connection: duckdb.DuckDBPyConnection, eval_prompts: list[str], n: int) -> str:
-    grams = lambda column: f"""CASE WHEN len(string_split({normalized(column)}, ' ')) < {n} THEN [{normalized(column)}]
+def word_ngrams(column: str, n: int) -> str:
+    """SQL: the word n-grams of `column`'s normalized text (a text shorter than n: the text itself),
+    the decontamination rule's unit (also the harness overlap's, training/evals/harness.py)."""
+    return f"""CASE WHEN len(string_split({normalized(column)}, ' ')) < {n} THEN [{normalized(column)}]
         ELSE list_transform(range(1, len(string_split({normalized(column)}, ' ')) - {n} + 2),
                             lambda i: array_to_string(string_split({normalized(column)}, ' ')[i:i + {n} - 1], ' ')) END"""
+
+
+def _contaminated(connection: duckdb.DuckDBPyConnection, eval_prompts: list[str], n: int) -> str:
     connection.register("evals", pa.table({"prompt": pa.array(eval_prompts, pa.string())}))
-    return f"""WITH eval_grams AS (SELECT DISTINCT unnest({grams('prompt')}) AS gram FROM evals),
-                    row_grams AS (SELECT sample_id, unnest({grams('prompt')}) AS gram FROM kept)
+    return f"""WITH eval_grams AS (SELECT DISTINCT unnest({word_ngrams('prompt', n)}) AS gram FROM evals),
+                    row_grams AS (SELECT sample_id, unnest({word_ngrams('prompt', n)}) AS gram FROM kept)
                SELECT sample_id, format('shares "{{}}" with the eval split', first(gram ORDER BY gram)) AS reason
                FROM row_grams JOIN eval_grams USING (gram) GROUP BY sample_id"""
 
