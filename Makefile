@@ -7,7 +7,7 @@ export DISTILL_HOME ?= $(CURDIR)/.distill
 export DAGSTER_HOME ?= $(DISTILL_HOME)/dagster
 TEST_WORKERS ?= 2  # pytest-xdist workers for `make test` (tests/conftest.py says what they share)
 
-.PHONY: install browser demo test ui validate bench clean
+.PHONY: install browser demo test ui validate bench clients clean
 
 install: $(INSTALLED)
 
@@ -42,6 +42,9 @@ validate: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(BIN)/python bench/labeling.py
+
+clients: $(INSTALLED)  # each export read and trained on by its client's own code, in its own venv (bench/clients.py; minutes of installs)
+	$(BIN)/python bench/clients.py
 
 clean:
 	rm -rf $(DISTILL_HOME)

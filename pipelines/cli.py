@@ -52,7 +52,9 @@ def stored_card(store: Store, name: str, partition: str | None, out: str | None)
     shards = store.shard_paths(name, partition)
     schema = pq.read_schema(shards[0])
     describing = store.read_dataset(name, partition, columns=[c for c in DESCRIBING if c in schema.names])
-    card = dataset_card(store, name, partition, describing, schema, "part-*.parquet", store.dataset_rows(name, partition))
+    in_memory = sum(pq.ParquetFile(path).metadata.row_group(i).total_byte_size for path in shards
+                    for i in range(pq.ParquetFile(path).metadata.num_row_groups))
+    card = dataset_card(store, name, partition, describing, schema, "part-*.parquet", store.dataset_rows(name, partition), in_memory)
     return write_readme(card, Path(out) if out else directory)
 
 

@@ -68,10 +68,11 @@ def funnel(store: Store, name: str) -> list[tuple]:
 
 
 def dataset_card(store: Store, name: str, partition: str | None, source: pa.Table, files: pa.Schema, data_files: str,
-                 rows: int, format: str | None = None, dropped: dict | None = None) -> DatasetCard:
+                 rows: int, num_bytes: int, format: str | None = None, dropped: dict | None = None) -> DatasetCard:
     """The card of `name` (`partition`): `source` is the stored rows it describes, `files` the schema of
-    the files beside the card (`data_files`, a glob relative to the card, `rows` rows), `format` the
-    export format (None: the stored dataset itself), `dropped` the rows the export left out, by reason."""
+    the files beside the card (`data_files`, a glob relative to the card, `rows` rows of `num_bytes`
+    bytes in Arrow), `format` the export format (None: the stored dataset itself), `dropped` the rows
+    the export left out, by reason."""
     values = described(source)
     sources = values.get("source") or ["original"]
     lineage = latest_lineage(store, name, partition)
@@ -81,7 +82,7 @@ def dataset_card(store: Store, name: str, partition: str | None, source: pa.Tabl
         task_categories=["text-generation"], size_categories=[size_category(rows)], source_datasets=sources,
         tags=["knowledge-distillation", "synthetic", "distill-builder", *([f"top-{k}-logprobs" for k in values.get("k", [])])],
         configs=[{"config_name": "default", "data_files": [{"split": "train", "path": data_files}]}],
-        dataset_info={"features": features._to_yaml_list(), "splits": [{"name": "train", "num_examples": rows}]},
+        dataset_info={"features": features._to_yaml_list(), "splits": [{"name": "train", "num_bytes": num_bytes, "num_examples": rows}]},
     )
     lines = [f"# {data.pretty_name}", "",
              f"{rows} rows of `{name}`" + (f", exported for `{format}` (`distill export --format {format}`)" if format else "")

@@ -60,13 +60,17 @@ def axolotl_signal(table: pa.Table, tokenizer) -> tuple[pa.Table, dict]:
 
         the teacher's n rows, p(y_j | prompt, y_<j), from position s−1 (the prompt's last token, whose
             label is masked: axolotl never trains y_0's row)
-        one row per template token after the reply (ChatML's "\n" after <|im_end|>): probability 1 on it
-        a filler row at T−1, which predicts nothing: probability 1 on the tokenizer's eos
+        one row per template token after the reply (ChatML's "\\n" after <|im_end|>): probability 1 on it
+        a filler row at T−1: probability 1 on the tokenizer's eos (masked where the template ends with
+            a token axolotl does not train, like ChatML's "\\n"; where it ends with the end-of-turn
+            token, which axolotl trains, it teaches that the sequence ends there)
 
     so R = n + (template tokens after the reply) + 1, every row k wide, every value finite (floored at
-    `AXOLOTL_LOGPROB_FLOOR`). A row is dropped (and counted) when the student's template does not
-    reproduce the stored ids: the prompt renders differently with and without the reply, the reply
-    re-tokenizes into other ids, or the response was cut at the length limit (no end of turn to learn)."""
+    `AXOLOTL_LOGPROB_FLOOR`). Earlier turns of the conversation get `training: false` (axolotl's
+    per-message key), so its cross-entropy term trains on the teacher's reply only, as the KD term does.
+    A row is dropped (and counted) when the student's template does not reproduce the stored ids (the
+    prompt renders differently with and without the reply, or the reply re-tokenizes into other ids),
+    or when the response was cut at the length limit (no end of turn to learn)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("axolotl's KD strategy renders conversations with the student's chat template, and this tokenizer "
                          "has none (the embedded pair renders raw text): export --format trl or messages, or pass the "
@@ -148,7 +152,9 @@ def exported(table: pa.Table, format: str, tokenizer=None) -> tuple[pa.Table, di
         if tokenizer is None:
             raise ValueError("the axolotl format lays the signal out on the student's chat template: give the student's tokenizer")
         table, dropped = axolotl_signal(table, tokenizer)
-        columns = f"list_concat({CONVERSATION}, {reply('completion')}) AS messages, target_token_ids, target_logprobs AS logprobs"
+        earlier = f"list_transform({CONVERSATION}, lambda m: {{'role': m.role, 'content': m.content, 'training': false}})"
+        columns = (f"list_concat({earlier}, [{{'role': 'assistant', 'content': completion, 'training': true}}]) AS messages, "
+                   "target_token_ids, target_logprobs AS logprobs")
     elif conversational:
         columns = f"({CONVERSATION}) AS prompt, {reply('chosen')} AS chosen, {reply('rejected')} AS rejected, margin"
     else:
@@ -181,5 +187,6 @@ def export_dataset(store: Store, name: str, format: str, out: Path | str, partit
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
-    write_readme(dataset_card(store, name, partition, source, rows.schema, path.name, rows.num_rows, format, dropped), directory)
+    write_readme(dataset_card(store, name, partition, source, rows.schema, path.name, rows.num_rows, rows.nbytes, format, dropped),
+                 directory)
     return path, dropped
