@@ -16,6 +16,7 @@ recorded in metadata and in `lineage` (parent_round, parent checkpoint hash, inp
 """
 
 import functools
+import json
 from pathlib import Path
 
 import dagster as dg
@@ -226,9 +227,9 @@ def online_settings(store: Store, config: StudentCheckpointConfig, model_engine:
 
 
 def rounds_png(store: Store) -> dg.MetadataValue:
-    """Over all rounds so far (round 0: the first parent): greedy and sampled exact match, and on a
-    second axis the reverse KL to the teacher on the student's own samples (the one curve when the
-    prompts have no reference answers)."""
+    """Over all rounds so far (round 0: the first parent): greedy and sampled exact match and the
+    lm-evaluation-harness metrics the rounds recorded (dashed), and on a second axis the reverse KL to
+    the teacher on the student's own samples (the one curve when the prompts have no reference answers)."""
     _, rows = query(store, "SELECT round, parent_greedy_exact_match, greedy_exact_match, sampled_exact_match, "
                            "parent_reverse_kl, reverse_kl FROM rounds ORDER BY round")
     rows = [[float("nan") if value is None else value for value in row] for row in rows]  # no reference answers: no point
@@ -236,7 +237,16 @@ def rounds_png(store: Store) -> dg.MetadataValue:
     numbers = [0] + [round_number(r[0]) for r in rows]
     axis.plot(numbers, [rows[0][1]] + [r[2] for r in rows], marker="o", label="greedy exact match")
     axis.plot(numbers[1:], [r[3] for r in rows], marker="s", label="sampled exact match (T=1)")
-    axis.set(xlabel="round (0: offline_student)", ylabel="exact match", title="on-policy rounds")
+    _, evaluations = query(store, "SELECT partition, metrics FROM lineage WHERE asset = 'round_eval' QUALIFY "
+                                  "row_number() OVER (PARTITION BY partition ORDER BY created_at DESC) = 1 ORDER BY partition")
+    harness: dict[str, list[tuple[int, float]]] = {}
+    for key, metrics in evaluations:
+        for name, value in json.loads(metrics).items():
+            if name.startswith("harness/") and not name.endswith("/overlap_with_training") and value is not None:
+                harness.setdefault(name.removeprefix("harness/"), []).append((round_number(key), value))
+    for name, points in harness.items():
+        axis.plot(*zip(*points), linestyle="--", marker=".", label=name)
+    axis.set(xlabel="round (0: offline_student)", ylabel="exact match, harness metrics", title="on-policy rounds")
     divergence = axis.twinx()
     divergence.plot(numbers, [rows[0][4]] + [r[5] for r in rows], marker="^", color="tab:red", label="reverse KL, own samples")
     divergence.set(ylabel="reverse KL per token")
