@@ -94,9 +94,8 @@ def build_chat_pair(directory):
 
 
 @pytest.fixture(scope="session")
-def chat_pair(tmp_path_factory):
-    directory = built_once(tmp_path_factory, "chat_pair", build_chat_pair)
-    return {name: directory / name for name in ("teacher", "student")}
+def chat_pair(request):
+    return build_shared_chat_pair(request.config)
 
 
 @pytest.fixture(scope="session")
@@ -163,6 +162,35 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: -LONGEST_FILES.get(item.path.name, 0))  # stable: a file's tests keep their order
 
 
+SHARED_SERVER = "DISTILL_TEST_VLLM_SERVER"  # "port log_path" of the server pytest-xdist's controller started
+SERVER_TESTS = Path(__file__).parent / "test_engine_openai.py"  # the file whose tests use the vLLM server
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist starts its workers, which inherit the environment
+def pytest_sessionstart(session):
+    """Under pytest-xdist, the controller starts the vLLM server (niceness 19, in the cores' idle time)
+    before the workers start, when the run includes the server's tests: its start-up (~40 s) then
+    overlaps the first tests instead of holding up the worker that reaches them."""
+    config = session.config
+    paths = [Path(arg.split("::")[0]).resolve() for arg in config.args] or [Path.cwd()]
+    if WORKER or not config.getoption("numprocesses", None) or not any(p == SERVER_TESTS or p in SERVER_TESTS.parents for p in paths):
+        return
+    config.shared_server = contextlib.ExitStack()
+    log_path = Path(config._tmp_path_factory.getbasetemp()) / "vllm_server.log"
+    _, port, _ = config.shared_server.enter_context(served_tiny_model(build_shared_chat_pair(config)["teacher"], log_path, 19))
+    os.environ[SHARED_SERVER] = f"{port} {log_path}"
+
+
+def pytest_sessionfinish(session):
+    if stack := getattr(session.config, "shared_server", None):
+        stack.close()
+
+
+def build_shared_chat_pair(config) -> dict[str, Path]:
+    directory = built_once(config._tmp_path_factory, "chat_pair", build_chat_pair)
+    return {name: directory / name for name in ("teacher", "student")}
+
+
 @pytest.hookimpl(trylast=True)  # after -k and -m deselected what they deselect
 def pytest_collection_finish(session):
     """In one process, the vLLM server starts before the first test, so that its start-up overlaps them."""
@@ -212,8 +240,12 @@ def vllm_server(vllm_server_process, tiny_model_dir, tmp_path_factory):
     """The base URL of the session's vLLM server, once it answers /health (under pytest-xdist started
     here, by the worker that runs the first test that needs it)."""
     with contextlib.ExitStack() as stack:
-        served = vllm_server_process or stack.enter_context(
-            served_tiny_model(tiny_model_dir, tmp_path_factory.mktemp("vllm_server") / "server.log"))
+        if shared := os.environ.get(SHARED_SERVER):  # pytest-xdist's controller runs it
+            port, log_path = shared.split(" ", 1)
+            served = None, int(port), log_path
+        else:
+            served = vllm_server_process or stack.enter_context(
+                served_tiny_model(tiny_model_dir, tmp_path_factory.mktemp("vllm_server") / "server.log"))
         server, port, log_path = served
         deadline = time.monotonic() + 180
         while True:
@@ -221,8 +253,9 @@ def vllm_server(vllm_server_process, tiny_model_dir, tmp_path_factory):
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
                 break
             except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    server.kill()
+                if (server is not None and server.poll() is not None) or time.monotonic() > deadline:
+                    if server is not None:
+                        server.kill()
                     raise RuntimeError(f"the vLLM server did not start; see {log_path}")
                 time.sleep(1)
         yield f"http://127.0.0.1:{port}/v1"
