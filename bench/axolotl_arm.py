@@ -19,7 +19,6 @@ template its client, layout, figures, failures and seconds.
 
 import copy
 import json
-import logging
 import math
 import sys
 import time
@@ -34,6 +33,7 @@ from axolotl.integrations.kd.trainer import AxolotlKDTrainer
 from axolotl.prompt_strategies import load as load_strategy
 from axolotl.utils.data.shared import load_dataset_with_config
 from axolotl.utils.dict import DictDefault
+from datasets_warnings import with_warnings
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 KD = {"kd_ce_alpha": 0.1, "kd_alpha": 0.9, "kd_temperature": 1.0, "kd_beta": 0.0, "kd_normalize_topk": None}  # axolotl's KD README
@@ -42,27 +42,11 @@ TEMPLATES = {"axolotl-chatml": ("student", "ChatML student"),
              "axolotl-plain": ("student-plain", "student template with nothing after <|im_end|>")}
 
 
-class Warnings(logging.Handler):
-    """The warnings `datasets` logs while it loads a dataset (e.g. about the card's dataset_info)."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def load(ds_cfg: DictDefault):
     """The dataset as axolotl's loader loads a local directory (`load_dataset_with_config`: `load_from_disk`, failing
     that `datasets.load_dataset(dir, split="train")`, which follows the dataset card's configs), and `datasets`'s
     warnings."""
-    caught, logger = Warnings(), logging.getLogger("datasets")
-    logger.addHandler(caught)
-    try:
-        return load_dataset_with_config(ds_cfg, use_auth_token=False), caught.messages
-    finally:
-        logger.removeHandler(caught)
+    return with_warnings(load_dataset_with_config, ds_cfg, use_auth_token=False)
 
 
 def loaded(dataset, warnings: list[str]) -> str:

@@ -24,7 +24,6 @@ Prints one JSON line: per arm client, layout, figures, failures, seconds.
 """
 
 import json
-import logging
 import math
 import sys
 import time
@@ -33,31 +32,16 @@ from pathlib import Path
 import torch
 import trl
 from datasets import load_dataset
+from datasets_warnings import with_warnings
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DistillationConfig, DistillationTrainer, SFTConfig, SFTTrainer
 from trl.experimental.gkd import GKDConfig, GKDTrainer
 from trl_dpo_arm import dpo_arm
 
 
-class Warnings(logging.Handler):
-    """The warnings `datasets` logs while it loads a dataset (e.g. about the card's dataset_info)."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def load(directory: str):
     """`datasets.load_dataset(directory, split="train")`, which follows the dataset card's configs, and its warnings."""
-    caught, logger = Warnings(), logging.getLogger("datasets")
-    logger.addHandler(caught)
-    try:
-        return load_dataset(directory, split="train"), caught.messages
-    finally:
-        logger.removeHandler(caught)
+    return with_warnings(load_dataset, directory, split="train")
 
 
 def loaded(dataset, warnings: list[str]) -> str:
