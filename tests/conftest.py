@@ -151,11 +151,13 @@ def vllm_engine(resident_vllm_engine, tiny_model_dir):
     return resident_vllm_engine["engine"]
 
 
-# the files that take a worker longest (seconds on 2 cores, both workers busy), dealt out first so
-# that the short ones fill in at the end (`--no-loadscope-reorder` keeps this order)
-LONGEST_FILES = {"test_ray.py": 130, "test_docs.py": 100, "test_rounds.py": 63, "test_ui.py": 57, "test_chat.py": 55,
-                 "test_engine_openai.py": 53, "test_distill.py": 50, "test_dead_runs.py": 45, "test_feedback.py": 40,
-                 "test_teacher_cache.py": 34, "test_curated_pipeline.py": 26, "test_sharded_work.py": 25, "test_pool.py": 21}
+# the files that take a worker longest (seconds on 2 cores, both workers busy, 2026-12-04), dealt out first so
+# that the short ones fill in at the end (`--no-loadscope-reorder` keeps this order); test_engine_openai late,
+# once the vLLM server the controller started is up
+LONGEST_FILES = {"test_ray.py": 128, "test_docs.py": 68, "test_ui.py": 62, "test_rounds.py": 60, "test_chat.py": 60,
+                 "test_distill.py": 47, "test_teacher_cache.py": 37, "test_feedback.py": 36, "test_dead_runs.py": 33,
+                 "test_engine_openai.py": 28, "test_sharded_work.py": 22, "test_curated_pipeline.py": 21, "test_pool.py": 20,
+                 "test_layout.py": 15, "test_pipeline.py": 11}
 
 
 def pytest_collection_modifyitems(items):
