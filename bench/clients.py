@@ -3,15 +3,17 @@
     .venv/bin/python bench/clients.py [--workdir DIR]
 
 Builds, in a temporary directory (or DIR, kept) and without the hub: a tiny random Qwen2 teacher and a smaller Qwen2
-student on one byte-level BPE vocabulary with Qwen's chat tokens (eos <|endoftext|>; <|im_end|> ends a turn), the teacher
-on ChatML, and a second student tokenizer whose template puts nothing after <|im_end|>; a Store with `teacher_labeled`
-(a dozen prompts, a system prompt on each, some multi-turn, one with its own system turn; fixed replies ending with
-<|im_end|>, scored teacher-forced by the project's `hf` engine with `score(..., k=8)`) and `preference_pairs` (a reply
-chosen over another, reference logprobs scored by the engine); and the exports (storage/export.py): trl, messages, dpo,
-and axolotl once per student template. Then each client, in its own venv (a subprocess that prints JSON; the venvs are
-made when missing), loads its export directory as it loads a local dataset, which ends in its own
-`datasets.load_dataset(dir, split="train")` following the dataset card's configs (README.md; a warning `datasets` logs
-about the card is shown in the line), and:
+student on one byte-level BPE vocabulary with Qwen's chat tokens (eos <|endoftext|>; <|im_end|> ends a turn), the
+teacher on ChatML, and a second student tokenizer whose template puts nothing after <|im_end|>; a Store with
+`teacher_labeled` (a dozen prompts, a system prompt on each, some multi-turn, one with its own system turn; fixed
+replies ending with <|im_end|>, scored teacher-forced by the project's `hf` engine with `score(..., k=8)`) and
+`preference_pairs` (a reply chosen over another, reference logprobs scored by the engine); and the exports
+(storage/export.py): trl, messages, dpo, and axolotl once per student template; and the embedded pair (the character
+tokenizer, random Llamas) with raw-text `teacher_labeled` rows (arithmetic problems and their worked solutions),
+exported as `trl` (text prompt-completion), its axolotl export expected to refuse (no chat template: no conversation
+to lay out). Then each client, in its own venv (a subprocess that prints JSON; the venvs are made when missing), loads
+its export directory as it loads a local dataset, which ends in its own `datasets.load_dataset(dir, split="train")`
+following the dataset card's configs (README.md; a warning `datasets` logs about the card is shown in the line), and:
 
     axolotl (bench/axolotl_arm.py, bench/.venv-axolotl; `axolotl_venv` makes it): axolotl's KD strategy
         (`type: axolotl.integrations.kd.chat_template`, built by its strategy loader) tokenizes every exported row and
@@ -30,8 +32,9 @@ about the card is shown in the line), and:
         the stored prompt ids, its labels the completion's tokens then the tail); DistillationTrainer
         (trl/trainer/distillation_trainer.py: a `prompt` column, completions sampled on-policy) on `trl` (its tokenized
         prompts are the stored prompt ids); DPOTrainer (bench/trl_dpo_arm.py) on `dpo` (one row per pair, its prompt
-        ids the stored ones, its chosen and rejected ids begin with the stored response ids). Each 3 steps on the CPU in
-        fp32, asserting finite losses.
+        ids the stored ones, its chosen and rejected ids begin with the stored response ids); SFTTrainer and
+        DistillationTrainer again on the embedded pair's text export (trained tokens: the completion through <eos>).
+        Each 3 steps on the CPU in fp32, asserting finite losses.
 
 Prints one line per client, `<client> <layout>  ok  <figures>` or `<client> <layout>  FAIL  <why>`, then the timings;
 exits 1 if any fails. Not part of the test suite.
@@ -63,10 +66,12 @@ from versus_trl import BENCH, TRL_PYTHON, trl_venv
 from storage.export import export_dataset
 from storage.store import Store
 from training.data.labeling import score, with_columns
+from training.embedded.pair import token_rows
 from training.engines.hf import HFEngine
-from training.models.chat import MESSAGES, conversations, prompt_rendering, render
-from training.models.checkpoints import model_card, save_model, weights_hash
+from training.models.chat import MESSAGES, RAW, conversations, prompt_rendering, render
+from training.models.checkpoints import STUDENT_ARCHITECTURE, TEACHER_ARCHITECTURE, build_embedded, model_card, save_model, weights_hash
 from training.schema.tables import with_constants, with_content_id
+from training.tasks.arithmetic import problems
 
 AXOLOTL_PYTHON = BENCH / ".venv-axolotl" / "bin" / "python"
 AXOLOTL = "axolotl==0.19.0"  # the newest that installs on Python 3.11
@@ -187,6 +192,34 @@ def template_tails(tokenizer, labeled: pa.Table) -> list[list[int]]:
     return [ids[len(p) + len(c):] for ids, p, c in zip(whole, prompts, completions)]
 
 
+TRUTH = ["sample_id", "prompt_token_ids", "completion_token_ids", "topk_ids", "topk_logprobs"]  # per sample, what the arms check
+
+
+def embedded_labeled(directory: Path) -> tuple[dict[str, Path], pa.Table]:
+    """The embedded pair (random weights: the layout is what is checked) and raw-text `teacher_labeled` rows on it:
+    arithmetic problems with their worked solutions ending at <eos>, scored teacher-forced by the engine."""
+    models = {}
+    for name, architecture, seed in [("embedded-teacher", TEACHER_ARCHITECTURE, 0), ("embedded-student", STUDENT_ARCHITECTURE, 1)]:
+        model, tokenizer = build_embedded(architecture, seed)
+        models[name] = directory / name
+        save_model(model, tokenizer, models[name])
+    engine = HFEngine.load(str(models["embedded-teacher"]))
+    chosen = problems("train", len(ROWS), 0)
+    prompts = with_content_id(pa.table({"prompt": [q.prompt for q in chosen], "answer": [str(q.answer) for q in chosen]}),
+                              "prompt_id", ["prompt"])
+    tokens = token_rows(engine.tokenizer, prompts["prompt"].to_pylist(), [q.solution for q in chosen])
+    responses = with_columns(tokens, pa.table({
+        "sample_index": pa.array([0] * len(chosen), pa.int32()), "prompt_rendering": [RAW] * len(chosen),
+        "completion": [q.solution for q in chosen], "finish_reason": ["stop"] * len(chosen),
+        "num_tokens": pa.array([len(c) for c in tokens["completion_token_ids"].to_pylist()], pa.int32())}))
+    signal, _ = score(engine, responses, K, 1.0)
+    card = model_card("embedded-teacher", engine.model, engine.tokenizer)
+    table = with_constants(with_columns(with_columns(prompts, responses), signal), teacher=card.name,
+                           teacher_weights_hash=card.weights_hash, tokenizer_hash=card.tokenizer_hash,
+                           sampling=json.dumps({"temperature": 0.0}), run_id="clients")
+    return models, with_content_id(table, "sample_id", ["prompt_id", "sample_index", "completion_token_ids", "teacher_weights_hash"])
+
+
 def build(directory: Path) -> dict:
     """The models, the Store, the exports and truth.json (what the arms compare against); returns the arms' config."""
     began = time.perf_counter()
@@ -205,10 +238,22 @@ def build(directory: Path) -> dict:
         tokenizer = HFEngine.load(str(tokenizer_dir)).tokenizer if tokenizer_dir else None
         path, dropped[name] = export_dataset(store, dataset, format, directory / "exports" / name, tokenizer=tokenizer)
         exports[name] = str(path.parent)
+    embedded, raw = embedded_labeled(directory / "models")  # raw text: the trl export; axolotl has no conversation to lay out
+    models |= embedded
+    raw_store = Store(directory / "embedded-store")
+    raw_store.write_dataset("teacher_labeled", raw)
+    path, dropped["trl-embedded"] = export_dataset(raw_store, "teacher_labeled", "trl", directory / "exports" / "trl-embedded")
+    exports["trl-embedded"] = str(path.parent)
+    try:
+        export_dataset(raw_store, "teacher_labeled", "axolotl", directory / "exports" / "axolotl-embedded",
+                       tokenizer=HFEngine.load(str(embedded["embedded-student"])).tokenizer)
+        refused = None
+    except ValueError as error:
+        refused = str(error)
+    tails = template_tails(engine.tokenizer, labeled) + [[] for _ in range(raw.num_rows)]  # raw text: nothing after <eos>
+    both = pa.concat_tables([labeled.select(TRUTH), raw.select(TRUTH)])
     truth = {"samples": {sid: {"prompt_ids": p, "completion_ids": c, "topk_ids": i, "topk_logprobs": lp, "tail": t}
-                         for sid, p, c, i, lp, t in zip(labeled["sample_id"].to_pylist(), labeled["prompt_token_ids"].to_pylist(),
-                                                        labeled["completion_token_ids"].to_pylist(), labeled["topk_ids"].to_pylist(),
-                                                        labeled["topk_logprobs"].to_pylist(), template_tails(engine.tokenizer, labeled))},
+                         for (sid, p, c, i, lp), t in zip(zip(*(both[name].to_pylist() for name in TRUTH)), tails)},
              "pairs": {pid: {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
                        for pid, p, c, r in zip(pairs["pair_id"].to_pylist(), pairs["prompt_token_ids"].to_pylist(),
                                                pairs["chosen_token_ids"].to_pylist(), pairs["rejected_token_ids"].to_pylist())}}
@@ -216,7 +261,7 @@ def build(directory: Path) -> dict:
     return {"models": {name: str(path) for name, path in models.items()}, "exports": exports, "dropped": dropped,
             "truth": str(directory / "truth.json"), "work": str(directory / "work"), "steps": STEPS,
             "temperature": labeled["temperature"][0].as_py(), "rows": labeled.num_rows, "pairs": pairs.num_rows,
-            "axolotl_yaml": axolotl_yaml(),
+            "axolotl_yaml": axolotl_yaml(), "embedded_rows": raw.num_rows, "axolotl_embedded_refused": refused,
             "build_seconds": round(time.perf_counter() - began, 1)}
 
 
@@ -243,7 +288,7 @@ def run_arm(python: Path, script: str, config: dict, directory: Path) -> tuple[d
 
 
 ARMS = [("axolotl_arm.py", AXOLOTL_PYTHON, ["axolotl-chatml", "axolotl-plain"]),
-        ("trl_client_arms.py", TRL_PYTHON, ["sft", "gkd", "distillation", "dpo"])]
+        ("trl_client_arms.py", TRL_PYTHON, ["sft", "gkd", "distillation", "dpo", "sft-embedded", "distillation-embedded"])]
 
 
 def main() -> int:
@@ -272,6 +317,10 @@ def main() -> int:
                 failed |= bool(arm["failures"])
                 verdict = "FAIL  " + "; ".join(arm["failures"]) if arm["failures"] else "ok  " + arm["figures"]
                 lines.append(f"{arm['client']} {arm['layout']}  {verdict}")
+        refused = config["axolotl_embedded_refused"]  # the embedded pair renders raw text: the axolotl export must say so
+        failed |= not refused
+        lines.append("distill export --format axolotl (embedded pair, raw text)  " + (f"ok  refused: {refused}" if refused else
+                                                                                     "FAIL  it wrote rows without a conversation"))
     print("\n".join(lines))
     print(f"timings: {'; '.join(timings)}; total {time.perf_counter() - began:.1f} s")
     return 1 if failed else 0

@@ -86,11 +86,12 @@ def tail_text(tokenizer, truth: dict) -> str:
     return repr(tokenizer.decode(next(iter(truth.values()))["tail"]))
 
 
-def sft(config: dict, truth: dict) -> dict:
-    dataset, warned = load(config["exports"]["trl"])
-    tokenizer = AutoTokenizer.from_pretrained(config["models"]["student"])
-    args = SFTConfig(per_device_train_batch_size=4, gradient_checkpointing=False, **common(config, "sft"))
-    trainer = SFTTrainer(model=model(config, "student"), args=args, train_dataset=dataset, processing_class=tokenizer)
+def sft(config: dict, truth: dict, pair: str = "") -> dict:
+    """SFTTrainer on the `trl` export of the chat pair, or with `pair` "embedded-" of the embedded pair (raw text)."""
+    dataset, warned = load(config["exports"]["trl-embedded" if pair else "trl"])
+    tokenizer = AutoTokenizer.from_pretrained(config["models"][f"{pair}student"])
+    args = SFTConfig(per_device_train_batch_size=4, gradient_checkpointing=False, **common(config, f"{pair}sft"))
+    trainer = SFTTrainer(model=model(config, f"{pair}student"), args=args, train_dataset=dataset, processing_class=tokenizer)
     rows = trainer.train_dataset
     batch = trainer.data_collator([{key: row[key] for key in ("input_ids", "completion_mask", "labels") if key in row} for row in rows])
     attention = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
@@ -98,9 +99,10 @@ def sft(config: dict, truth: dict) -> dict:
     trainer.train()
     found, bad = losses(trainer, config["steps"])
     failures += bad + ([] if good == len(dataset) else [f"{good}/{len(dataset)} rows"])
-    return {"rows": len(dataset), "layout": "trl (prompt-completion, conversational)", "failures": failures,
-            "figures": f"{loaded(dataset, warned)}; {good}/{len(dataset)} collated rows train on exactly the completion's tokens "
-                       f"+ the template's tail {tail_text(tokenizer, truth)}, the stored prompt ids masked; losses {found}"}
+    tail = f"+ the template's tail {tail_text(tokenizer, truth)}" if not pair else "(through <eos>)"
+    return {"rows": len(dataset), "layout": "trl (prompt-completion, " + ("text: the embedded pair)" if pair else "conversational)"),
+            "failures": failures, "figures": f"{loaded(dataset, warned)}; {good}/{len(dataset)} collated rows train on exactly the "
+                                             f"completion's tokens {tail}, the stored prompt ids masked; losses {found}"}
 
 
 def gkd(config: dict, truth: dict) -> dict:
@@ -123,19 +125,21 @@ def gkd(config: dict, truth: dict) -> dict:
                        f"labels = completion + tail {tail_text(tokenizer, truth)}; lmbda 0; losses {found}"}
 
 
-def distillation(config: dict, truth: dict) -> dict:
-    dataset, warned = load(config["exports"]["trl"])
-    tokenizer = AutoTokenizer.from_pretrained(config["models"]["student"], padding_side="left")
+def distillation(config: dict, truth: dict, pair: str = "") -> dict:
+    """DistillationTrainer on the `trl` export of the chat pair, or with `pair` "embedded-" of the embedded pair."""
+    dataset, warned = load(config["exports"]["trl-embedded" if pair else "trl"])
+    tokenizer = AutoTokenizer.from_pretrained(config["models"][f"{pair}student"], padding_side="left")
     args = DistillationConfig(per_device_train_batch_size=4, max_completion_length=8, gradient_checkpointing=False,
-                              **common(config, "distillation"))
-    trainer = DistillationTrainer(model=model(config, "student"), teacher_model=model(config, "teacher"), args=args,
+                              **common(config, f"{pair}distillation"))
+    trainer = DistillationTrainer(model=model(config, f"{pair}student"), teacher_model=model(config, f"{pair}teacher"), args=args,
                                   train_dataset=dataset, processing_class=tokenizer)
     prompt_ids, _, _ = trainer._tokenize_prompts([row["prompt"] for row in dataset])
     same = sum(p == truth[s]["prompt_ids"] for p, s in zip(prompt_ids, dataset["sample_id"]))
     trainer.train()
     found, bad = losses(trainer, config["steps"])
     failures = bad + ([] if same == len(dataset) else [f"{same}/{len(dataset)} tokenized prompts are the stored prompt ids"])
-    return {"rows": len(dataset), "layout": "trl (its `prompt` column; completions sampled on-policy)", "failures": failures,
+    return {"rows": len(dataset), "layout": "trl (its `prompt` column; completions sampled on-policy" + (
+                ", the embedded pair's text)" if pair else ")"), "failures": failures,
             "figures": f"{loaded(dataset, warned)}; {same}/{len(dataset)} tokenized prompts = stored prompt ids; losses {found}"}
 
 
@@ -159,7 +163,9 @@ def dpo(config: dict, pairs: dict) -> dict:
 
 
 ARMS = {"sft": ("SFTTrainer", sft), "gkd": ("GKDTrainer", gkd), "distillation": ("DistillationTrainer", distillation),
-        "dpo": ("DPOTrainer", dpo)}
+        "dpo": ("DPOTrainer", dpo),
+        "sft-embedded": ("SFTTrainer", lambda config, truth: sft(config, truth, "embedded-")),
+        "distillation-embedded": ("DistillationTrainer", lambda config, truth: distillation(config, truth, "embedded-"))}
 
 
 def main() -> None:
@@ -171,7 +177,7 @@ def main() -> None:
         began = time.perf_counter()
         try:
             found = arm(config, truth["pairs" if name == "dpo" else "samples"])
-            expected = config["pairs" if name == "dpo" else "rows"]
+            expected = config["pairs" if name == "dpo" else "embedded_rows" if name.endswith("-embedded") else "rows"]
             if found.pop("rows") != expected:
                 found["failures"].append(f"load_dataset(dir) does not give the export's {expected} rows")
         except Exception as error:  # noqa: BLE001 - reported as the arm's failure
