@@ -21,13 +21,15 @@ sees half a file; a dataset card (README.md) goes beside them.
 """
 
 import os
+import tempfile
+from collections import Counter
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.dataset_card import dataset_card, write_readme
+from storage.dataset_card import DESCRIBING, dataset_card, write_readme
 from storage.store import Store
 from training.models.chat import CONVERSATION, RAW, conversations, render, with_conversation_columns
 from training.models.tokenizer import tokenizer_hash
@@ -35,6 +37,7 @@ from training.schema.signal import CODEC
 
 FORMATS = ("trl", "messages", "axolotl", "dpo")
 FILE_TYPES = ("parquet", "jsonl")
+EXPORT_ROWS = 8192  # rows exported at a time: memory is bounded by a slice of the dataset
 PAIR_COLUMNS = {"pair_id", "prompt", "chosen", "rejected", "margin"}
 # axolotl's KD strategy takes exp, then log, of every stored value (after its temperature rescale, a power
 # up to T_gen / T_kd): -inf, or a value whose exp underflows float32, becomes NaN in its loss. A floor of
@@ -102,10 +105,6 @@ def axolotl_signal(table: pa.Table, tokenizer) -> tuple[pa.Table, dict]:
         else:
             kept.append(index)
             after.append(reply[len(response):] + [end])
-    if not kept:
-        reasons = ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in dropped.items() if count)
-        raise ValueError(f"no row could be laid out for axolotl ({reasons}): responses need an end of turn (raise the "
-                         "sampling's max_new_tokens) and ids the student's template reproduces")
     certain = [[[(token + j) % vocabulary for j in range(k)] for token in tokens] for tokens in after]  # probability 1 on the token
     extra = pa.table({"extra_ids": pa.array(certain, pa.list_(pa.list_(pa.int32()))),
                       "extra_logprobs": pa.array([[[0.0] + [AXOLOTL_LOGPROB_FLOOR] * (k - 1)] * len(t) for t in after],
@@ -167,26 +166,58 @@ def exported(table: pa.Table, format: str, tokenizer=None) -> tuple[pa.Table, di
 def export_dataset(store: Store, name: str, format: str, out: Path | str, partition: str | None = None,
                    file_type: str = "parquet", tokenizer=None) -> tuple[Path, dict]:
     """Writes the stored dataset `name` (`partition`) as `exported(rows, format, tokenizer)` to
-    `out`/train.<file_type>, with its dataset card as README.md beside it (storage/dataset_card.py), so
-    that `out` is ready to push to the Hub; returns the file's path and the rows dropped, by reason."""
+    `out`/train.<file_type>, `EXPORT_ROWS` rows at a time (memory bounded by a slice, not the dataset),
+    with its dataset card as README.md beside it (storage/dataset_card.py), so that `out` is ready to
+    push to the Hub; returns the file's path and the rows dropped, by reason. Nothing is left behind
+    when it fails."""
     if file_type not in FILE_TYPES:
         raise ValueError(f"unknown file type {file_type!r}: use one of {FILE_TYPES}")
-    source = store.read_dataset(name, partition)
-    rows, dropped = exported(source, format, tokenizer)
     directory = Path(out)
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"train.{file_type}"
-    temp = directory / f".train.{file_type}.tmp"
+    path, temp = directory / f"train.{file_type}", directory / f".train.{file_type}.tmp"
+    dropped, written, num_bytes, writer, schema = Counter(), 0, 0, None, None
     try:
-        if file_type == "parquet":
-            pq.write_table(rows, temp, compression="zstd")
-        else:
-            with duckdb.connect() as connection:
-                connection.register("rows", rows)
-                connection.sql(f"COPY rows TO '{str(temp).replace(chr(39), chr(39) * 2)}' (FORMAT json)")
+        with open(temp, "wb") as file:
+            for slice_ in store.iter_rows(name, partition, rows=EXPORT_ROWS):
+                rows, left_out = exported(slice_, format, tokenizer)
+                dropped.update(left_out)
+                schema = schema or rows.schema
+                rows = rows.cast(schema)
+                written, num_bytes = written + rows.num_rows, num_bytes + rows.nbytes
+                if file_type == "parquet":
+                    writer = writer or pq.ParquetWriter(file, schema, compression="zstd")
+                    writer.write_table(rows)
+                else:
+                    file.write(json_lines(rows))
+            if schema is None:  # an empty dataset: an empty file of the format's columns
+                rows, _ = exported(store.read_dataset(name, partition), format, tokenizer)
+                schema = rows.schema
+                if file_type == "parquet":
+                    writer = pq.ParquetWriter(file, schema, compression="zstd")
+            if writer:
+                writer.close()
+        if format == "axolotl" and not written:
+            reasons = ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in dropped.items() if count)
+            raise ValueError(f"no row could be laid out for axolotl ({reasons}): responses need an end of turn (raise the "
+                             "sampling's max_new_tokens) and ids the student's template reproduces")
         os.replace(temp, path)
-    finally:
+    except BaseException:
         temp.unlink(missing_ok=True)
-    write_readme(dataset_card(store, name, partition, source, rows.schema, path.name, rows.num_rows, rows.nbytes, format, dropped),
-                 directory)
-    return path, dropped
+        if created:
+            directory.rmdir()
+        raise
+    present = [c for c in DESCRIBING if c in pq.read_schema(store.shard_paths(name, partition)[0]).names]
+    card = dataset_card(store, name, partition, store.read_dataset(name, partition, columns=present), schema, path.name, written,
+                        num_bytes, format, dict(dropped))
+    write_readme(card, directory)
+    return path, dict(dropped)
+
+
+def json_lines(rows: pa.Table) -> bytes:
+    """`rows` as JSON Lines, as DuckDB writes them."""
+    with duckdb.connect() as connection, tempfile.TemporaryDirectory() as scratch:
+        connection.register("rows", rows)
+        lines = Path(scratch) / "rows.jsonl"
+        connection.sql(f"COPY rows TO '{str(lines).replace(chr(39), chr(39) * 2)}' (FORMAT json)")
+        return lines.read_bytes()
