@@ -51,16 +51,19 @@ def check_harness(settings: HarnessSettings) -> None:
                          "(or empty harness.tasks)")
 
 
-def harness_rows(name: str, card: ModelCard, settings: HarnessSettings, seed: int, device: str = "cpu") -> HarnessRun:
-    """The harness's metrics of `card`'s checkpoint as `evals` rows (model `name`), and its prompts."""
+def harness_rows(name: str, card: ModelCard, settings: HarnessSettings, seed: int) -> HarnessRun:
+    """The harness's metrics of `card`'s checkpoint as `evals` rows (model `name`), and its prompts: on
+    the GPU in the checkpoint's own dtype when there is one, else on the CPU in float32."""
     import lm_eval
+    import torch
     from lm_eval.tasks import TaskManager
 
     check_harness(settings)
     manager = TaskManager(include_path=settings.include_path, include_defaults=False)  # indexing lm-eval's own tasks takes 13 s
     if not set(settings.tasks) <= set(manager.all_tasks):
         manager = TaskManager(include_path=settings.include_path)
-    arguments = f"pretrained={card.path},dtype=float32,trust_remote_code=False" + (f",revision={card.revision}" if card.revision else "")
+    device, dtype = ("cuda", "auto") if torch.cuda.is_available() else ("cpu", "float32")
+    arguments = f"pretrained={card.path},dtype={dtype},trust_remote_code=False" + (f",revision={card.revision}" if card.revision else "")
     result = lm_eval.simple_evaluate(
         model="hf", model_args=arguments, tasks=settings.tasks, task_manager=manager, num_fewshot=settings.num_fewshot,
         limit=settings.limit, gen_kwargs={"max_gen_toks": settings.max_gen_toks}, batch_size=settings.batch_size, device=device,
