@@ -119,6 +119,16 @@ def axolotl_signal(table: pa.Table, tokenizer) -> tuple[pa.Table, dict]:
     return laid_out, dropped
 
 
+def widened(table: pa.Table) -> pa.Table:
+    """`table` with float16 values (a signal stored at `logprob_dtype: float16`) as float32: DuckDB reads no Arrow
+    float16, and the formats' readers expect float32."""
+    def wider(type_: pa.DataType) -> pa.DataType:
+        if type_ == pa.float16():
+            return pa.float32()
+        return pa.list_(wider(type_.value_type)) if pa.types.is_list(type_) else type_
+    return table.cast(pa.schema([field.with_type(wider(field.type)) for field in table.schema]))
+
+
 def exported(table: pa.Table, format: str, tokenizer=None) -> tuple[pa.Table, dict]:
     """`table`'s rows in `format` (see the module docstring), and the rows dropped by reason (axolotl:
     `axolotl_signal`, which needs `tokenizer`, the student's)."""
@@ -138,7 +148,7 @@ def exported(table: pa.Table, format: str, tokenizer=None) -> tuple[pa.Table, di
         if missing:
             raise ValueError(f"this dataset has no {sorted(missing)}: export a dataset of responses (teacher_labeled, curated, "
                              "expanded, synthesized, student_rollouts, teacher_feedback)")
-    table = with_conversation_columns(table)
+    table = with_conversation_columns(widened(table))
     dropped = {}
     conversational = "prompt_rendering" not in table.column_names or set(table["prompt_rendering"].to_pylist()) != {RAW}
     if format == "trl":
@@ -190,7 +200,7 @@ def export_dataset(store: Store, name: str, format: str, out: Path | str, partit
                     writer.write_table(rows)
                 else:
                     file.write(json_lines(rows))
-            if schema is None:  # an empty dataset: an empty file of the format's columns
+            if schema is None and format != "axolotl":  # an empty dataset: an empty file of the format's columns
                 rows, _ = exported(store.read_dataset(name, partition), format, tokenizer)
                 schema = rows.schema
                 if file_type == "parquet":

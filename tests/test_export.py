@@ -109,12 +109,16 @@ def responses(tokenizer, replies: list[str], finish_reasons: list[str], ids: lis
     })
 
 
-@pytest.mark.parametrize("model", ["teacher", "student"])  # ChatML ("\n" after <|im_end|>), and nothing after it
-def test_axolotl_rows_predict_the_token_after_their_position(chat_pair, model):
+@pytest.mark.parametrize("model,logprobs", [("teacher", "float32"), ("student", "float32"), ("teacher", "float16")])
+def test_axolotl_rows_predict_the_token_after_their_position(chat_pair, model, logprobs):
     """axolotl right-aligns the rows to its input_ids and scores the hidden state at p, which predicts
-    x_{p+1}, against the row at p: every row must be the distribution of the token after its position."""
+    x_{p+1}, against the row at p: every row must be the distribution of the token after its position.
+    The teacher's template is ChatML ("\n" after <|im_end|>), the student's has nothing after it;
+    float16 is a signal stored at logprob_dtype float16 (DuckDB reads no Arrow float16)."""
     tokenizer = load_tokenizer(str(chat_pair[model]))
     table = responses(tokenizer, ["4", "6", "10", "1"], ["stop", "stop", "stop", "length"])
+    signal = table.schema.get_field_index("topk_logprobs")
+    table = table.set_column(signal, "topk_logprobs", table["topk_logprobs"].cast(pa.list_(pa.list_(getattr(pa, logprobs)()))))
     rows, dropped = exported(table, "axolotl", tokenizer)
     assert rows["sample_id"].to_pylist() == ["s0", "s1", "s2"] and dropped["cut_at_length_limit"] == 1
     for row, stored in zip(rows.to_pylist(), table.to_pylist()):
