@@ -1,13 +1,14 @@
 """The `distill` command: list datasets, query them with DuckDB (read-only), export them for other trainers, write their cards."""
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from storage.catalog import dataset_names, query, refresh_catalog
-from storage.dataset_card import DESCRIBING, dataset_card, write_readme
+from storage.dataset_card import dataset_card, write_readme
 from storage.export import FILE_TYPES, FORMATS, export_dataset
 from storage.store import Store
 from training.models.checkpoints import load_tokenizer
@@ -36,26 +37,31 @@ def list_datasets(store: Store) -> tuple[list[str], list[tuple]]:
     return ["dataset", "rows", "path"], rows
 
 
-def student_tokenizer(store: Store, given: str | None) -> str:
-    """Where the student's tokenizer loads from: `given`, else the store's student_model."""
+def student_tokenizer(store: Store, given: str | None):
+    """The student's tokenizer: `given` (a path or hub id), else the store's student_model's, at its revision."""
+    from assets.inputs import CARD_OF  # here: the other commands need no Dagster
+
     if given:
-        return given
-    if not store.card_path("student_model").exists():
+        return load_tokenizer(given)
+    if not store.card_path(CARD_OF["student_model"]).exists():
         raise ValueError("the axolotl layout follows the student's chat template: pass --tokenizer (the student's model path "
                          "or hub id), or materialize student_model in this store")
-    return store.read_card("student_model").path
+    card = store.read_card(CARD_OF["student_model"])
+    return load_tokenizer(card.path, card.revision)
 
 
 def stored_card(store: Store, name: str, partition: str | None, out: str | None) -> Path:
-    """The card of a stored dataset as it is (its shards, `part-*.parquet`), written to `out` or beside the shards."""
-    directory = store.dataset_dir(name, partition).resolve()
+    """The card of a stored dataset as it is (its shards, `part-*.parquet`), written beside the shards or in `out`
+    (its data_files then point at the shards from there)."""
     shards = store.shard_paths(name, partition)
-    schema = pq.read_schema(shards[0])
-    describing = store.read_dataset(name, partition, columns=[c for c in DESCRIBING if c in schema.names])
+    directory = Path(out).resolve() if out else shards[0].parent
+    directory.mkdir(parents=True, exist_ok=True)
+    files = os.path.relpath(shards[0].parent, directory)
     in_memory = sum(pq.ParquetFile(path).metadata.row_group(i).total_byte_size for path in shards
                     for i in range(pq.ParquetFile(path).metadata.num_row_groups))
-    card = dataset_card(store, name, partition, describing, schema, "part-*.parquet", store.dataset_rows(name, partition), in_memory)
-    return write_readme(card, Path(out) if out else directory)
+    card = dataset_card(store, name, partition, pq.read_schema(shards[0]), "part-*.parquet" if files == "." else f"{files}/part-*.parquet",
+                        store.dataset_rows(name, partition), in_memory)
+    return write_readme(card, directory)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "refresh":
             print("views:", ", ".join(refresh_catalog(store)) or "(none)")
         elif args.command == "export":
-            tokenizer = load_tokenizer(student_tokenizer(store, args.tokenizer)) if args.format == "axolotl" else None
+            tokenizer = student_tokenizer(store, args.tokenizer) if args.format == "axolotl" else None
             path, dropped = export_dataset(store, args.dataset, args.format, args.out, args.partition, args.file_type, tokenizer)
             print(f"wrote {path}\nwrote {path.parent / 'README.md'} (its dataset card)")
             if any(dropped.values()):

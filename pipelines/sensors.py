@@ -20,7 +20,7 @@ from training.rounds.modes import ROUND_MODES
 LOWER_IS_BETTER = {"reverse_kl_on_student_samples", "forward_kl_on_teacher_samples", "student_nll_on_teacher_samples"}
 METRICS = sorted(LOWER_IS_BETTER | {"greedy_exact_match", "sampled_exact_match", "teacher_logprob_on_student_samples"})
 HARNESS = "harness/"  # or a harness metric round_eval records, harness/<task>/<metric>,<filter> (training/evals/harness.py)
-HARNESS_LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}  # lm-eval's
+HARNESS_LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "brier_score", "ter"}  # lm-eval's
 POLICY_HELP = (
     "Policy from the environment: DISTILL_MAX_ROUNDS (default 5), DISTILL_MIN_IMPROVEMENT (default 0.0: "
     "stop when a round does worse than its parent), DISTILL_ROUND_METRIC (default 'auto': greedy exact match when "
@@ -59,8 +59,10 @@ class RoundPolicy(dg.Config):
 
     @model_validator(mode="after")
     def _known_metric(self):
-        if self.metric != "auto" and self.metric not in METRICS and not self.metric.startswith(HARNESS):
-            raise ValueError(f"unknown round metric {self.metric!r}: use 'auto', one of {METRICS}, or harness/<task>/<metric>")
+        harness = self.metric.startswith(HARNESS) and self.metric.count("/") == 2 and "," in self.metric
+        if self.metric != "auto" and self.metric not in METRICS and not harness:
+            raise ValueError(f"unknown round metric {self.metric!r}: use 'auto', one of {METRICS}, or a harness metric as "
+                             "round_eval records it, harness/<task>/<metric>,<filter> (e.g. harness/gsm8k/exact_match,strict-match)")
         return self
 
     def gain(self, evaluation: dict) -> tuple[str, float | None]:
@@ -96,7 +98,8 @@ def next_round(instance: dg.DagsterInstance, policy: RoundPolicy) -> tuple[str |
     evaluation = {name: value.value for name, value in records[0].asset_materialization.metadata.items()}
     metric, gain = policy.gain(evaluation)
     if gain is None:
-        return None, (f"round {last} has no {metric} for itself and its parent (no reference answers?): "
+        why = "did round_eval run that harness task?" if metric.startswith(HARNESS) else "no reference answers?"
+        return None, (f"round {last}'s round_eval has no {metric} and parent_{metric} ({why}): "
                       "set DISTILL_ROUND_METRIC to another metric")
     if gain < policy.min_improvement:
         return None, f"plateau: round {last} improved {metric} by {gain:+.4f} < min_improvement={policy.min_improvement}"

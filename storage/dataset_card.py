@@ -16,6 +16,7 @@ from pathlib import Path
 import datasets
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from storage.catalog import query
@@ -27,6 +28,7 @@ SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"
 # the columns that describe how the rows were made, one or a few values per dataset
 DESCRIBING = ["teacher", "teacher_revision", "teacher_weights_hash", "tokenizer_hash", "k", "temperature", "codec",
               "logprob_mode", "sampling", "origin", "source", "judge", "policy"]
+MOST_VALUES = 20  # distinct values a card lists per describing column
 LICENSE_NOTE = ("The rows hold a teacher model's outputs on prompts from the sources named below: the teacher's license "
                 "and terms of use, and each source's, apply to this dataset; set `license` to what they allow before you share it.")
 
@@ -35,16 +37,19 @@ def size_category(rows: int) -> str:
     return next((name for bound, name in SIZE_CATEGORIES if rows < bound), "n>1B")
 
 
-def described(rows: pa.Table) -> dict[str, list]:
-    """The distinct values of the describing columns `rows` has (nulls left out)."""
-    present = [c for c in DESCRIBING if c in rows.column_names]
-    if not present:
-        return {}
+def described(shards: list[Path]) -> dict[str, list]:
+    """The distinct values (at most `MOST_VALUES`, nulls left out) of the describing columns the shards have, read by
+    DuckDB from the files: memory is bounded by those values, not the dataset."""
+    present = [c for c in DESCRIBING if c in pq.read_schema(shards[0]).names]
+    files = ", ".join("'" + str(path).replace("'", "''") + "'" for path in shards)
+    values = {}
     with duckdb.connect() as connection:
-        connection.register("rows", rows.select(present))
-        values = connection.sql("SELECT " + ", ".join(f"list_sort(list_distinct(list({c}))) AS {c}" for c in present)
-                                + " FROM rows").fetchall()[0]
-    return {c: v for c, v in zip(present, values) if v}
+        for column in present:
+            found = connection.sql(f"SELECT DISTINCT {column} AS v FROM read_parquet([{files}], union_by_name = true) "
+                                   f"WHERE {column} IS NOT NULL ORDER BY v LIMIT {MOST_VALUES}").fetchall()
+            if found:
+                values[column] = [v for (v,) in found]
+    return values
 
 
 def latest_lineage(store: Store, name: str, partition: str | None) -> dict | None:
@@ -67,13 +72,13 @@ def funnel(store: Store, name: str) -> list[tuple]:
     return rows
 
 
-def dataset_card(store: Store, name: str, partition: str | None, source: pa.Table, files: pa.Schema, data_files: str,
+def dataset_card(store: Store, name: str, partition: str | None, files: pa.Schema, data_files: str,
                  rows: int, num_bytes: int, format: str | None = None, dropped: dict | None = None) -> DatasetCard:
-    """The card of `name` (`partition`): `source` is the stored rows it describes, `files` the schema of
-    the files beside the card (`data_files`, a glob relative to the card, `rows` rows of `num_bytes`
-    bytes in Arrow), `format` the export format (None: the stored dataset itself), `dropped` the rows
-    the export left out, by reason."""
-    values = described(source)
+    """The card of the stored dataset `name` (`partition`): `files` is the schema of the files the card
+    describes (`data_files`, a glob relative to the card, `rows` rows of `num_bytes` bytes in Arrow),
+    `format` the export format (None: the stored dataset itself), `dropped` the rows the export left
+    out, by reason."""
+    values = described(store.shard_paths(name, partition))
     sources = values.get("source") or ["original"]
     lineage = latest_lineage(store, name, partition)
     features = datasets.Features.from_arrow_schema(files)
@@ -95,7 +100,7 @@ def dataset_card(store: Store, name: str, partition: str | None, source: pa.Tabl
         lines += [f"| lineage {key} | `{value}` |" for key, value in lineage.items() if key != "input_versions"]
         lines += [f"| input `{key}` | `{value}` |" for key, value in json.loads(lineage["input_versions"]).items()]
     if dropped and any(dropped.values()):
-        left_out = ", ".join(f"{reason.replace('_', ' ')}: {count}" for reason, count in dropped.items())
+        left_out = ", ".join(f"{reason.replace('_', ' ')}: {count}" for reason, count in dropped.items() if count)
         lines += ["", f"Rows the export left out: {left_out}."]
     if curation := funnel(store, name):
         lines += ["", "## Curation funnel", "", "| filter | setting | rows in | rows out |", "|---|---|---|---|"]
@@ -107,6 +112,9 @@ def dataset_card(store: Store, name: str, partition: str | None, source: pa.Tabl
 def write_readme(card: DatasetCard, directory: Path) -> Path:
     """README.md in `directory`, written whole and renamed into place."""
     path, temp = directory / "README.md", directory / ".README.md.tmp"
-    temp.write_text(str(card))
-    temp.replace(path)
+    try:
+        temp.write_text(str(card))
+        temp.replace(path)
+    finally:
+        temp.unlink(missing_ok=True)
     return path

@@ -20,7 +20,9 @@ Files are Parquet (or JSON Lines), written whole under a temporary name and rena
 sees half a file; a dataset card (README.md) goes beside them.
 """
 
+import contextlib
 import os
+import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -29,7 +31,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.dataset_card import DESCRIBING, dataset_card, write_readme
+from storage.dataset_card import dataset_card, write_readme
 from storage.store import Store
 from training.models.chat import CONVERSATION, RAW, conversations, render, with_conversation_columns
 from training.models.tokenizer import tokenizer_hash
@@ -186,9 +188,10 @@ def export_dataset(store: Store, name: str, format: str, out: Path | str, partit
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     path, temp = directory / f"train.{file_type}", directory / f".train.{file_type}.tmp"
-    dropped, written, num_bytes, writer, schema = Counter(), 0, 0, None, None
+    dropped, written, num_bytes, schema = Counter(), 0, 0, None
     try:
-        with open(temp, "wb") as file:
+        with open(temp, "wb") as file, contextlib.ExitStack() as closing:
+            writer = None
             for slice_ in store.iter_rows(name, partition, rows=EXPORT_ROWS):
                 rows, left_out = exported(slice_, format, tokenizer)
                 dropped.update(left_out)
@@ -196,31 +199,27 @@ def export_dataset(store: Store, name: str, format: str, out: Path | str, partit
                 rows = rows.cast(schema)
                 written, num_bytes = written + rows.num_rows, num_bytes + rows.nbytes
                 if file_type == "parquet":
-                    writer = writer or pq.ParquetWriter(file, schema, compression="zstd")
+                    writer = writer or closing.enter_context(pq.ParquetWriter(file, schema, compression="zstd"))
                     writer.write_table(rows)
                 else:
                     file.write(json_lines(rows))
             if schema is None and format != "axolotl":  # an empty dataset: an empty file of the format's columns
-                rows, _ = exported(store.read_dataset(name, partition), format, tokenizer)
-                schema = rows.schema
+                schema = exported(store.read_dataset(name, partition), format, tokenizer)[0].schema
                 if file_type == "parquet":
-                    writer = pq.ParquetWriter(file, schema, compression="zstd")
-            if writer:
-                writer.close()
+                    closing.enter_context(pq.ParquetWriter(file, schema, compression="zstd"))
         if format == "axolotl" and not written:
             reasons = ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in dropped.items() if count)
             raise ValueError(f"no row could be laid out for axolotl ({reasons}): responses need an end of turn (raise the "
-                             "sampling's max_new_tokens) and ids the student's template reproduces")
+                             "sampling's max_new_tokens) and ids the student's template reproduces" if reasons else
+                             f"{name} has no rows to export")
+        card = dataset_card(store, name, partition, schema, path.name, written, num_bytes, format, dict(dropped))
         os.replace(temp, path)
+        write_readme(card, directory)
     except BaseException:
         temp.unlink(missing_ok=True)
         if created:
-            directory.rmdir()
+            shutil.rmtree(directory, ignore_errors=True)
         raise
-    present = [c for c in DESCRIBING if c in pq.read_schema(store.shard_paths(name, partition)[0]).names]
-    card = dataset_card(store, name, partition, store.read_dataset(name, partition, columns=present), schema, path.name, written,
-                        num_bytes, format, dict(dropped))
-    write_readme(card, directory)
     return path, dict(dropped)
 
 

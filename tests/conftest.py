@@ -177,15 +177,11 @@ def pytest_sessionstart(session):
     paths = [Path(arg.split("::")[0]).resolve() for arg in config.args] or [Path.cwd()]
     if WORKER or not config.getoption("numprocesses", None) or not any(p == SERVER_TESTS or p in SERVER_TESTS.parents for p in paths):
         return
-    config.shared_server = contextlib.ExitStack()
+    stack = contextlib.ExitStack()
+    config.add_cleanup(stack.close)  # at unconfigure, which runs even when the session does not finish
     log_path = Path(config._tmp_path_factory.getbasetemp()) / "vllm_server.log"
-    _, port, _ = config.shared_server.enter_context(served_tiny_model(build_shared_chat_pair(config)["teacher"], log_path, 19))
+    _, port, _ = stack.enter_context(served_tiny_model(build_shared_chat_pair(config)["teacher"], log_path, 19))
     os.environ[SHARED_SERVER] = f"{port} {log_path}"
-
-
-def pytest_sessionfinish(session):
-    if stack := getattr(session.config, "shared_server", None):
-        stack.close()
 
 
 def build_shared_chat_pair(config) -> dict[str, Path]:

@@ -13,7 +13,7 @@ from storage import export
 from storage.export import AXOLOTL_LOGPROB_FLOOR, exported
 from storage.store import Store
 from training.models.chat import MESSAGES, RAW
-from training.models.checkpoints import load_tokenizer
+from training.models.checkpoints import load_model, load_tokenizer, model_card
 from training.models.tokenizer import build_char_tokenizer, tokenizer_hash
 from training.schema.signal import CODEC
 
@@ -158,7 +158,7 @@ def test_axolotl_refuses_what_it_cannot_lay_out(chat_pair):
         exported(replaced("codec", "topk-q8"), "axolotl", tokenizer)
 
 
-def test_every_export_and_stored_dataset_has_a_card_that_datasets_and_the_hub_read(tmp_path, chat_pair, monkeypatch):
+def test_every_export_and_stored_dataset_has_a_card_that_datasets_and_the_hub_read(tmp_path, chat_pair, monkeypatch, capsys):
     from huggingface_hub import DatasetCard
 
     monkeypatch.setattr(export, "EXPORT_ROWS", 1)  # a row at a time: the row cut at the length limit is a slice of its own
@@ -169,8 +169,10 @@ def test_every_export_and_stored_dataset_has_a_card_that_datasets_and_the_hub_re
     store = Store(tmp_path / "home")
     store.write_dataset("teacher_labeled", labeled)
     out = tmp_path / "axolotl"
-    assert distill(["--home", str(store.root), "export", "teacher_labeled", "--format", "axolotl", "--out", str(out),
-                    "--tokenizer", teacher]) == 0
+    assert distill(["--home", str(store.root), "export", "teacher_labeled", "--format", "axolotl", "--out", str(out)]) == 1
+    assert "pass --tokenizer" in capsys.readouterr().err and not out.exists()  # no student in the store yet
+    store.write_card("student", model_card(teacher, *load_model(teacher)).extended(path=teacher))  # student_model's card
+    assert distill(["--home", str(store.root), "export", "teacher_labeled", "--format", "axolotl", "--out", str(out)]) == 0
     card = DatasetCard.load(out / "README.md")  # the Hub's own parser
     assert card.data.license == "other" and card.data.size_categories == ["n<1K"] and "top-3-logprobs" in card.data.tags
     assert f"`{teacher}`" in card.text and "| k | `3` |" in card.text and "length limit: 1" in card.text
@@ -180,6 +182,8 @@ def test_every_export_and_stored_dataset_has_a_card_that_datasets_and_the_hub_re
     assert distill(["--home", str(store.root), "card", "teacher_labeled"]) == 0  # beside the stored shards
     stored = load_dataset(str(store.dataset_dir("teacher_labeled").resolve()), split="train")
     assert stored.num_rows == 3 and stored.column_names == labeled.column_names
+    assert distill(["--home", str(store.root), "card", "teacher_labeled", "--out", str(tmp_path / "card")]) == 0  # elsewhere
+    assert load_dataset(str(tmp_path / "card"), split="train").num_rows == 3  # its data_files point at the shards
 
 
 def datasets_feature(value: str):

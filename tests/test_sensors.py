@@ -88,7 +88,7 @@ def test_without_reference_answers_the_reverse_kl_must_go_down(instance, monkeyp
     finish_round(instance, "r002", 0, reverse_kl_on_student_samples=0.45, parent_reverse_kl_on_student_samples=0.30)
     assert "plateau: round r002 improved reverse_kl_on_student_samples by -0.1500" in evaluate(instance).skip_reason.skip_message
     monkeypatch.setenv("DISTILL_ROUND_METRIC", "greedy_exact_match")
-    assert "round r002 has no greedy_exact_match" in evaluate(instance).skip_reason.skip_message
+    assert "round r002's round_eval has no greedy_exact_match" in evaluate(instance).skip_reason.skip_message
     monkeypatch.setenv("DISTILL_ROUND_METRIC", "accuracy")
     with pytest.raises(Exception, match="unknown round metric 'accuracy'"):
         evaluate(instance)
@@ -101,6 +101,11 @@ def test_a_harness_metric_can_be_the_criterion(instance, monkeypatch):
     assert [r.partition_key for r in evaluate(instance).run_requests] == ["r002"]
     monkeypatch.setenv("DISTILL_ROUND_METRIC", perplexity)  # lower is better: it went up
     assert f"plateau: round r001 improved {perplexity} by -1.0000" in evaluate(instance).skip_reason.skip_message
+    monkeypatch.setenv("DISTILL_ROUND_METRIC", "harness/arc_easy/acc,none")  # named right, but not run by round_eval
+    assert "did round_eval run that harness task?" in evaluate(instance).skip_reason.skip_message
+    monkeypatch.setenv("DISTILL_ROUND_METRIC", "harness/gsm8k/exact_match")  # as round_eval never names it: no filter
+    with pytest.raises(Exception, match="harness/<task>/<metric>,<filter>"):
+        evaluate(instance)
 
 
 def test_bad_policy_in_the_environment_is_named(instance, monkeypatch):

@@ -14,6 +14,8 @@ without it, `check_harness` says so before any model loads.
 """
 
 import importlib.util
+import math
+import numbers
 from dataclasses import dataclass
 
 import duckdb
@@ -63,7 +65,9 @@ def harness_rows(name: str, card: ModelCard, settings: HarnessSettings, seed: in
     if not set(settings.tasks) <= set(manager.all_tasks):
         manager = TaskManager(include_path=settings.include_path)
     device, dtype = ("cuda", "auto") if torch.cuda.is_available() else ("cpu", "float32")
-    arguments = f"pretrained={card.path},dtype={dtype},trust_remote_code=False" + (f",revision={card.revision}" if card.revision else "")
+    arguments = {"pretrained": card.path, "dtype": dtype, "trust_remote_code": False}
+    if card.revision:
+        arguments["revision"] = card.revision
     result = lm_eval.simple_evaluate(
         model="hf", model_args=arguments, tasks=settings.tasks, task_manager=manager, num_fewshot=settings.num_fewshot,
         limit=settings.limit, gen_kwargs={"max_gen_toks": settings.max_gen_toks}, batch_size=settings.batch_size, device=device,
@@ -75,9 +79,14 @@ def harness_rows(name: str, card: ModelCard, settings: HarnessSettings, seed: in
     rows = [{**common, "split": task, "metric": f"harness/{task}/{key}", "value": float(value),
              "num_fewshot": result["n-shot"].get(task)}
             for task, metrics in result["results"].items() for key, value in metrics.items()
-            if "," in key and "_stderr" not in key and isinstance(value, (int, float))]
+            if "," in key and "_stderr" not in key and is_number(value)]
     prompts = {task: [sample["arguments"][0][0] for sample in samples] for task, samples in result["samples"].items()}
     return HarnessRun(rows, prompts)
+
+
+def is_number(value) -> bool:
+    """A metric value worth storing: a finite real (numpy's included), not a bool or lm-eval's "N/A"."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def overlap(prompts: list[str], training_prompts: pa.Array, n: int) -> float:
