@@ -37,19 +37,20 @@ def size_category(rows: int) -> str:
     return next((name for bound, name in SIZE_CATEGORIES if rows < bound), "n>1B")
 
 
-def described(shards: list[Path]) -> dict[str, list]:
-    """The distinct values (at most `MOST_VALUES`, nulls left out) of the describing columns the shards have, read by
-    DuckDB from the files: memory is bounded by those values, not the dataset."""
-    present = [c for c in DESCRIBING if c in pq.read_schema(shards[0]).names]
+def distinct(shards: list[Path], column: str, most: int = MOST_VALUES) -> list:
+    """The distinct values of `column` in the shards (at most `most`, nulls left out; none when no shard has the column),
+    read by DuckDB from the files: memory is bounded by those values, not the dataset."""
+    if column not in pq.read_schema(shards[0]).names:
+        return []
     files = ", ".join("'" + str(path).replace("'", "''") + "'" for path in shards)
-    values = {}
     with duckdb.connect() as connection:
-        for column in present:
-            found = connection.sql(f"SELECT DISTINCT {column} AS v FROM read_parquet([{files}], union_by_name = true) "
-                                   f"WHERE {column} IS NOT NULL ORDER BY v LIMIT {MOST_VALUES}").fetchall()
-            if found:
-                values[column] = [v for (v,) in found]
-    return values
+        return [v for (v,) in connection.sql(f"SELECT DISTINCT {column} AS v FROM read_parquet([{files}], union_by_name = true) "
+                                             f"WHERE {column} IS NOT NULL ORDER BY v LIMIT {most}").fetchall()]
+
+
+def described(shards: list[Path]) -> dict[str, list]:
+    """The distinct values of the describing columns the shards have (see `distinct`)."""
+    return {column: values for column in DESCRIBING if (values := distinct(shards, column))}
 
 
 def latest_lineage(store: Store, name: str, partition: str | None) -> dict | None:

@@ -31,7 +31,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.dataset_card import dataset_card, write_readme
+from storage.dataset_card import dataset_card, distinct, write_readme
 from storage.store import Store
 from training.models.chat import CONVERSATION, RAW, conversations, render, with_conversation_columns
 from training.models.tokenizer import tokenizer_hash
@@ -131,9 +131,10 @@ def widened(table: pa.Table) -> pa.Table:
     return table.cast(pa.schema([field.with_type(wider(field.type)) for field in table.schema]))
 
 
-def exported(table: pa.Table, format: str, tokenizer=None) -> tuple[pa.Table, dict]:
+def exported(table: pa.Table, format: str, tokenizer=None, renderings: list[str] | None = None) -> tuple[pa.Table, dict]:
     """`table`'s rows in `format` (see the module docstring), and the rows dropped by reason (axolotl:
-    `axolotl_signal`, which needs `tokenizer`, the student's)."""
+    `axolotl_signal`, which needs `tokenizer`, the student's). `renderings`: the dataset's prompt renderings, when
+    `table` is a slice of it (the layout, conversational or text, is the dataset's, not the slice's)."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}: use one of {FORMATS}")
     pairs = "pair_id" in table.column_names
@@ -152,7 +153,9 @@ def exported(table: pa.Table, format: str, tokenizer=None) -> tuple[pa.Table, di
                              "expanded, synthesized, student_rollouts, teacher_feedback)")
     table = with_conversation_columns(widened(table))
     dropped = {}
-    conversational = "prompt_rendering" not in table.column_names or set(table["prompt_rendering"].to_pylist()) != {RAW}
+    if renderings is None:
+        renderings = table["prompt_rendering"].unique().to_pylist() if "prompt_rendering" in table.column_names else []
+    conversational = set(renderings) != {RAW}
     if format == "trl":
         columns = f"({CONVERSATION}) AS prompt, {reply('completion')} AS completion" if conversational else "prompt, completion"
     elif format == "messages":
@@ -189,11 +192,12 @@ def export_dataset(store: Store, name: str, format: str, out: Path | str, partit
     directory.mkdir(parents=True, exist_ok=True)
     path, temp = directory / f"train.{file_type}", directory / f".train.{file_type}.tmp"
     dropped, written, num_bytes, schema = Counter(), 0, 0, None
+    renderings = distinct(store.shard_paths(name, partition), "prompt_rendering")
     try:
         with open(temp, "wb") as file, contextlib.ExitStack() as closing:
             writer = None
             for slice_ in store.iter_rows(name, partition, rows=EXPORT_ROWS):
-                rows, left_out = exported(slice_, format, tokenizer)
+                rows, left_out = exported(slice_, format, tokenizer, renderings)
                 dropped.update(left_out)
                 schema = schema or rows.schema
                 rows = rows.cast(schema)
@@ -204,7 +208,7 @@ def export_dataset(store: Store, name: str, format: str, out: Path | str, partit
                 else:
                     file.write(json_lines(rows))
             if schema is None and format != "axolotl":  # an empty dataset: an empty file of the format's columns
-                schema = exported(store.read_dataset(name, partition), format, tokenizer)[0].schema
+                schema = exported(store.read_dataset(name, partition), format, tokenizer, renderings)[0].schema
                 if file_type == "parquet":
                     closing.enter_context(pq.ParquetWriter(file, schema, compression="zstd"))
         if format == "axolotl" and not written:

@@ -190,3 +190,15 @@ def datasets_feature(value: str):
     from datasets import List, Value
 
     return List(List(Value(value)))
+
+
+def test_a_dataset_exports_in_one_layout_whatever_its_slices(tmp_path, monkeypatch):
+    """Rows rendered raw and with a template in one dataset: every row conversational, though a slice of one row
+    holds only raw rows (the layout is the dataset's: a file has one schema)."""
+    monkeypatch.setattr(export, "EXPORT_ROWS", 1)
+    store = Store(tmp_path / "home")
+    store.write_dataset("teacher_labeled", pa.table({"sample_id": ["s0", "s1"], "prompt": ["1+1=", "2+2="], "completion": ["2", "4"],
+                                                     "prompt_rendering": [RAW, "chatml-hash"]}))
+    assert distill(["--home", str(store.root), "export", "teacher_labeled", "--format", "trl", "--out", str(tmp_path / "out")]) == 0
+    rows = load_dataset(str(tmp_path / "out"), split="train")
+    assert rows["prompt"] == [[{"role": "user", "content": "1+1="}], [{"role": "user", "content": "2+2="}]]
