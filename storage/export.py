@@ -29,6 +29,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from storage.dataset_card import dataset_card, distinct, write_readme
@@ -84,6 +85,9 @@ def axolotl_signal(table: pa.Table, tokenizer) -> tuple[pa.Table, dict]:
     if codecs != {CODEC}:
         raise ValueError(f"the axolotl format writes the {CODEC} signal (top-k ids and logprobs), and this dataset holds "
                          f"{sorted(codecs)}: decode it first")
+    if pc.min(table["k"]).as_py() == 0:
+        raise ValueError("the axolotl format writes the teacher's top-k, and this dataset stores k = 0 (each token's own logprob "
+                         "only, for objective kl_advantage): export a dataset scored with k ≥ 1")
     if "tokenizer_hash" in table.column_names and set(table["tokenizer_hash"].to_pylist()) != {tokenizer_hash(tokenizer)}:
         raise ValueError("the signal's token ids are the teacher tokenizer's, and this tokenizer has another vocabulary: "
                          "pass the tokenizer of a student that shares the teacher's")

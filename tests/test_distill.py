@@ -8,11 +8,13 @@ import sys
 import time
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from training.data.labeling import label
+from training.data.rollouts import group_baselines
 from training.engines.hf import HFEngine
 from training.engines.sampling import Sampling
 from training.launch.command import DistillCommand, run
@@ -20,6 +22,7 @@ from training.launch.report import printed
 from training.launch.settings import LaunchSettings
 from training.models.checkpoints import load_model, model_card
 from training.rounds.online import OnlineRollouts, OnlineSettings
+from training.schema.signal import STUDENT_LOGPROB
 from training.tasks.arithmetic import problems
 from training.trainer.loop import train_student
 from training.trainer.losses import sparse_batch
@@ -180,20 +183,82 @@ def test_online_rollouts_append_each_on_policy_batch_with_its_policy_step(tiny_m
         DistillCommand(student="", data=[], output="", mix=1.0, online=settings, launch={"processes": 2, "launcher": "torchrun"})
 
 
+def test_policy_gradient_objectives_train_on_the_students_own_samples(tiny_model_dir, labeled, tmp_path):
+    """Online (the tiny model is its own teacher, n = 2 per prompt): every batch carries each
+    sample's reward, its prompt's mean reward as baseline and the advantage; kl_advantage and gkd_rl
+    train on them, logging the policy gradient, clip fraction (0: fresh samples), entropy and KL to
+    the sampler. Rewards that cannot work are refused before training."""
+    model, tokenizer = load_model(str(tiny_model_dir))
+    arithmetic = problems("train", 8, 11)
+    pq.write_table(pa.table({"prompt_id": [f"p{i}" for i in range(8)], "prompt": [p.prompt for p in arithmetic],
+                             "answer": [str(p.answer) for p in arithmetic]}), tmp_path / "prompts.parquet")
+    settings = OnlineSettings(prompts=str(tmp_path / "prompts.parquet"), batches=str(tmp_path / "batches"), teacher=str(tiny_model_dir),
+                              teacher_card=model_card("teacher", model, tokenizer), task="arithmetic", k=4,
+                              sampling=Sampling(n=2, temperature=1.0, max_new_tokens=12),
+                              identity={"student": "student", "student_weights_hash": "s"})
+    online = OnlineRollouts(model, tokenizer, settings.teacher_engine("cpu"), settings, batch_size=8)
+    for objective in ("kl_advantage", "gkd_rl"):
+        config = TrainingSettings(steps=2, batch_size=8, warmup_steps=0, mix=1.0, objective=objective, reward_weight=1.0)
+        curve = train_student(model, tokenizer, batches_for(model, tokenizer, config, labeled, online), config)
+        assert all(c["clip_fraction"] == 0 and c["kl_to_sampler"] < 1e-3 and c["entropy"] > 0 for c in curve)
+        assert ("divergence" in curve[0]) == (objective == "gkd_rl")
+    batch = pq.read_table(sorted((tmp_path / "batches").glob("step-*.parquet"))[0])
+    groups = batch.group_by("prompt_id").aggregate([("reward", "mean"), ("prompt_id", "count")]).to_pylist()
+    assert {g["prompt_id_count"] for g in groups} == {2}
+    means = {g["prompt_id"]: g["reward_mean"] for g in groups}
+    for row in batch.select(["prompt_id", "reward", "baseline", "advantage"]).to_pylist():
+        assert row["baseline"] == means[row["prompt_id"]] and row["advantage"] == row["reward"] - row["baseline"]
+
+    single = settings.model_copy(update={"sampling": Sampling(n=1, temperature=1.0, max_new_tokens=12)})
+    with pytest.raises(ValueError, match=r"n ≥ 2 samples per prompt \(n is 1\)"):
+        DistillCommand(student="", data=[], output="", mix=1.0, objective="gkd_rl", reward_weight=1.0, online=single)
+    scored = own_samples(labeled)
+    for name, rows in [("unanswered", scored.set_column(scored.schema.get_field_index("reward"), "reward",
+                                                       pa.nulls(scored.num_rows, pa.float64()))),
+                       ("alone", scored.set_column(scored.schema.get_field_index("prompt_id"), "prompt_id",
+                                                   pa.array([f"q{i}" for i in range(scored.num_rows)])))]:
+        pq.write_table(rows, tmp_path / f"{name}.parquet")
+    with pytest.raises(ValueError, match="these samples have none"):
+        DistillCommand(student="", data=[], output="", mix=1.0, objective="kl_advantage", reward_weight=0.5,
+                       rollouts=[str(tmp_path / "unanswered.parquet")])
+    with pytest.raises(ValueError, match="every prompt has one sample"):
+        DistillCommand(student="", data=[], output="", mix=1.0, objective="gkd_rl", reward_weight=1.0,
+                       rollouts=[str(tmp_path / "alone.parquet")])
+    with pytest.raises(ValueError, match="objective 'supervised_kd' has none: use objective gkd_rl or kl_advantage"):
+        TrainingSettings(reward_weight=1.0)
+
+
+def own_samples(labeled: pa.Table) -> pa.Table:
+    """`labeled` as if the student had sampled it, two samples per prompt: with the logprob each token
+    was sampled with (the teacher's, shifted) and a reward, baseline and advantage per sample."""
+    reward = pa.array([float(i % 3 == 0) for i in range(labeled.num_rows)])
+    prompt_ids = pa.array([f"p{i // 2}" for i in range(labeled.num_rows)])
+    sampled = pc.add(pc.list_flatten(labeled["token_logprob"]), 0.1).combine_chunks()
+    table = labeled.append_column("prompt_id", prompt_ids).append_column("reward", reward)
+    table = table.append_column(STUDENT_LOGPROB, pa.ListArray.from_arrays(labeled["token_logprob"].combine_chunks().offsets, sampled))
+    baseline = group_baselines(prompt_ids, reward)
+    return table.append_column("baseline", baseline).append_column("advantage", pc.subtract(reward, baseline))
+
+
 def test_two_processes_killed_and_resumed_follow_the_curve_of_one(tiny_model_dir, labeled, tmp_path):
     """`torchrun --nproc-per-node 2 -m training.launch` (DDP on gloo, two CPU processes, micro-batches
     of unequal counts) with checkpoint_every, killed with kill -9 after a checkpoint and launched
     again, resumes from it and ends on the loss curve of one uninterrupted process with the same
     global batch; rank 0 writes the whole model. The data streams from two files in windows of 16
-    of its 48 rows, so the resumed position is mid-stream."""
+    of its 48 rows, so the resumed position is mid-stream; half the batches are stored samples of
+    the student (GKD with RL: the divergence and the reward's policy gradient on them)."""
     data = [str(tmp_path / "part-0.parquet"), str(tmp_path / "part-1.parquet")]
     pq.write_table(labeled.slice(0, 24), data[0], row_group_size=8)
     pq.write_table(labeled.slice(24), data[1], row_group_size=8)
-    settings = dict(student=str(tiny_model_dir), data=data, steps=24, batch_size=7, micro_batch_size=2, shuffle_window=16,
-                    learning_rate=3e-3, warmup_steps=2, nll_weight=1.0)
+    rollouts = [str(tmp_path / "rollouts.parquet")]
+    pq.write_table(own_samples(labeled), rollouts[0], row_group_size=8)
+    settings = dict(student=str(tiny_model_dir), data=data, rollouts=rollouts, mix=0.5, objective="gkd_rl", reward_weight=1.0,
+                    steps=24, batch_size=7, micro_batch_size=2, shuffle_window=16, learning_rate=3e-3, warmup_steps=2, nll_weight=1.0)
     model, tokenizer = load_model(str(tiny_model_dir))
     alone = TrainingSettings(**settings)
-    one = train_student(model, tokenizer, batches_for(model, tokenizer, alone, data), alone)
+    one = train_student(model, tokenizer, batches_for(model, tokenizer, alone, data, rollouts), alone)
+    assert 0 < sum(c["source"] == "on_policy" for c in one) < 24
+    assert all(("policy_gradient" in c) == (c["source"] == "on_policy") for c in one)
 
     output = tmp_path / "student"
     config = DistillCommand(**settings, output=str(output), checkpoint_every=6, launch={"launcher": "torchrun", "processes": 2})

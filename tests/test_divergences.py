@@ -129,3 +129,59 @@ def test_chunked_sparse_loss_matches_the_plain_expression(monkeypatch):
     (expected_grad,) = torch.autograd.grad(expected, logits)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-4)
+
+
+def policy_batch(logits: torch.Tensor, k: int, stale: torch.Tensor):
+    """A batch of one sequence of the student's own samples: the tokens, a teacher's top-k and its
+    logprob of each token, and the logprob each was sampled with (the current one, minus `stale`)."""
+    n, vocab = logits.shape[1] - 1, logits.shape[-1]
+    teacher = torch.randn(n, vocab, dtype=torch.float64)
+    targets = torch.randint(0, vocab, (n,))
+    ids, topk_logprobs, token_logprob, tail = topk_signal(teacher, targets, k)
+    sampled = logits[0, :n].detach().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1) - stale
+    return SparseBatch(None, None, torch.zeros(n, dtype=torch.long), torch.arange(n), targets, ids.long(), topk_logprobs, tail,
+                       sampled_logprobs=sampled, teacher_token_logprobs=token_logprob, advantages=torch.randn(n, dtype=torch.float64))
+
+
+def test_policy_gradient_objectives_match_their_expressions(monkeypatch):
+    """kl_advantage: −(1/N) Σ min(ρA, clip(ρ, 1±ε)A) with A = log p(y) − log q_old(y) + w·(r − b), and
+    its gradient; REINFORCE on fresh samples (ρ = 1, nothing clipped, k3 = 0); on stale ones the
+    clipped tokens are counted and pass no gradient. gkd_rl is the divergence plus w · that surrogate."""
+    import training.trainer.losses as kd
+    from training.trainer.objectives import OBJECTIVES
+
+    monkeypatch.setattr(kd, "CHUNK_ELEMENTS", 4 * 30)  # chunks of 4 positions
+    n, vocab = 10, 30
+    logits = torch.randn(1, n + 1, vocab, dtype=torch.float64, requires_grad=True)
+    settings = LossSettings(divergence="jsd", reward_weight=0.5, clip_ratio=0.2)
+    counts = {"completion_tokens": n}
+    for stale in (torch.zeros(n, dtype=torch.float64), torch.tensor([0.5, -0.5] * 5, dtype=torch.float64)):
+        batch = policy_batch(logits, 5, stale)
+        loss, parts = OBJECTIVES["kl_advantage"].loss(logits, batch, settings, 1.0, counts)
+        (grad,) = torch.autograd.grad(loss, logits)
+        advantage = batch.teacher_token_logprobs - batch.sampled_logprobs + 0.5 * batch.advantages
+        log_q = logits[0, :n].log_softmax(-1)
+        ratio = (log_q.gather(-1, batch.targets[:, None]).squeeze(-1) - batch.sampled_logprobs).exp()
+        surrogate = torch.minimum(ratio * advantage, ratio.clamp(0.8, 1.2) * advantage)
+        (expected_grad,) = torch.autograd.grad(-surrogate.mean(), logits)
+        assert loss.item() == pytest.approx(-surrogate.mean().item(), rel=1e-6)
+        torch.testing.assert_close(grad, expected_grad)
+        clipped = (ratio.clamp(0.8, 1.2) * advantage < ratio * advantage).double().mean().item()
+        assert parts["clip_fraction"] == pytest.approx(clipped) and parts["kl_to_sampler"] >= 0
+        assert parts["entropy"] == pytest.approx(-(log_q.exp() * log_q).sum(-1).mean().item(), rel=1e-6)
+        if not stale.any():
+            assert parts["clip_fraction"] == 0 and parts["kl_to_sampler"] == pytest.approx(0, abs=1e-12)
+        else:
+            assert 0 < parts["clip_fraction"] < 1 and parts["kl_to_sampler"] > 0
+        gkd_rl, gkd_parts = OBJECTIVES["gkd_rl"].loss(logits, batch, settings, 1.0, counts)
+        reward_only = torch.minimum(ratio * batch.advantages, ratio.clamp(0.8, 1.2) * batch.advantages)
+        assert gkd_rl.item() == pytest.approx(gkd_parts["divergence"] - 0.5 * reward_only.mean().item(), rel=1e-6)
+
+    zero_k = policy_batch(logits, 0, torch.zeros(n, dtype=torch.float64))
+    assert zero_k.topk_ids.shape == (n, 0)
+    loss, _ = OBJECTIVES["kl_advantage"].loss(logits, zero_k, settings, 1.0, counts)  # the token's logprob is all it needs
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="these rows store k = 0 .* objective kl_advantage"):
+        OBJECTIVES["gkd_rl"].loss(logits, zero_k, settings, 1.0, counts)
+    with pytest.raises(ValueError, match="teacher's signal is stored at temperature 2.0: score the rollouts with signal_temperature 1"):
+        OBJECTIVES["kl_advantage"].loss(logits, zero_k, settings, 2.0, counts)

@@ -47,6 +47,10 @@ def test_three_engines_agree_and_store_interchangeable_parquet(hf_engine, vllm_e
     for name in ("vllm", "openai"):
         for expected, got in zip(reference, signals_from_columns(tables[name])):
             assert_same_signal(expected, got)
+    for engine in (vllm_engine, server):  # k = 0: each token's own logprob only (objective kl_advantage)
+        for expected, got in zip(hf_engine.score(prompts, completions, 0), engine.score(prompts, completions, 0)):
+            assert got.topk_ids.shape == (len(got.token_logprob), 0) and len(got.token_logprob)
+            assert_same_signal(expected, got)
 
 
 def test_server_generates_like_the_offline_engine(hf_engine, vllm_engine, vllm_server, tiny_model_dir):

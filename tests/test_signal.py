@@ -3,7 +3,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from training.schema.signal import SparseSignal, signal_columns, signal_statistics, signal_violations, topk_signal
+from training.schema.signal import SparseSignal, signal_columns, signal_statistics, signal_violations, signals_from_columns, topk_signal
 
 
 def test_topk_signal_on_known_distribution():
@@ -77,3 +77,15 @@ def test_each_violation_is_detected(corrupt, violation):
 
 def test_wrong_width_is_detected():
     assert signal_violations(_table(_signals([4, 2]), k=4), vocab_size=10)["topk_width_mismatch"] == 1
+
+
+def test_a_signal_of_k_0_keeps_each_tokens_own_logprob():
+    """k = 0 (objective kl_advantage's whole need): no top-k, the token's logprob, all the mass in the tail;
+    it round-trips through Arrow and is valid."""
+    signals = _signals([3, 0, 2], k=0)
+    table = _table(signals, k=0)
+    assert table["topk_ids"].to_pylist() == [[[], [], []], [], [[], []]] and table["tail_mass"].to_pylist()[0] == [1.0] * 3
+    assert table["token_logprob"].to_pylist()[2] == pytest.approx(signals[2].token_logprob.tolist())
+    assert not any(signal_violations(table, vocab_size=10).values())
+    back = signals_from_columns(table)
+    assert [s.topk_ids.shape for s in back] == [(3, 0), (0, 0), (2, 0)]

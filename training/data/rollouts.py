@@ -26,7 +26,7 @@ from training.engines.base import Engine
 from training.engines.sampling import Sampling
 from training.models.chat import with_conversation_columns
 from training.schema.cards import ModelCard
-from training.schema.signal import SignalSettings
+from training.schema.signal import STUDENT_LOGPROB, SignalSettings
 from training.schema.tables import join_prompts, parquet, with_constants, with_content_id
 
 if TYPE_CHECKING:
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 
 PROMPT_COLUMNS = ["prompt_id", "prompt", "messages", "system_prompt", "answer"]
-STUDENT_LOGPROB = "student_token_logprob"
 
 
 def draw_prompts(paths: list[Path], n: int, seed: str) -> pa.Table:
@@ -105,13 +104,38 @@ def score_rollouts(teacher: Engine, student: Engine | None, rollouts: pa.Table, 
     return columns, statistics
 
 
+def group_baselines(prompt_ids: pa.ChunkedArray, rewards: pa.Array) -> pa.Array:
+    """Each row's baseline: the mean reward of its prompt's samples in the table (GRPO's group mean,
+    without dividing by the group's deviation, as Dr. GRPO argues; null where none has a reward)."""
+    table = pa.table({"prompt_id": prompt_ids, "reward": rewards})
+    means = table.group_by("prompt_id").aggregate([("reward", "mean")])
+    return means["reward_mean"].take(pc.index_in(table["prompt_id"], means["prompt_id"]))
+
+
+def check_rewards(paths: list[str]) -> None:
+    """Fails before training when the scored samples in `paths` give a reward's policy gradient
+    nothing: no reward at all, or one sample per prompt (its baseline is its own reward)."""
+    rewarded, largest = duckdb.sql(f"SELECT sum(rewarded), max(samples) FROM (SELECT count(reward) AS rewarded, count(*) AS samples "
+                                   f"FROM {parquet(paths)} GROUP BY prompt_id)").fetchall()[0]
+    if not rewarded:
+        raise ValueError("reward_weight weighs the task reward, and these samples have none (no verifier: the prompts carry no "
+                         "reference answers): set reward_weight 0, or sample prompts that have answers")
+    if largest < 2:
+        raise ValueError("every prompt has one sample, so its baseline (the mean reward of the prompt's samples) is its own "
+                         "reward and every advantage is 0: sample n ≥ 2 per prompt (student_rollouts sampling.n)")
+
+
 def feedback_table(teacher: Engine, student: Engine | None, rollouts: pa.Table, settings: SignalSettings, teacher_card: ModelCard,
                    task: "Task") -> tuple[pa.Table, dict]:
     """The rollouts with the teacher's feedback: the columns of `score_rollouts`, the task's `reward`
-    (null without a reference answer) and the teacher's identity; returns (table, metrics)."""
+    (null without a reference answer) with its `baseline` and `advantage` (r − baseline, for the
+    policy-gradient objectives; the samples of a prompt are scored together) and the teacher's
+    identity; returns (table, metrics)."""
     columns, statistics = score_rollouts(teacher, student, rollouts, settings)
     reward = pc.cast(task.verify(rollouts["completion"], rollouts["answer"]), pa.float64())
+    baseline = group_baselines(rollouts["prompt_id"], reward)
     table = with_columns(rollouts, columns).append_column("reward", reward)
+    table = table.append_column("baseline", baseline).append_column("advantage", pc.subtract(reward, baseline))
     table = with_constants(table, teacher=teacher_card.name, teacher_weights_hash=teacher_card.weights_hash)
     metrics = {**statistics, "mean_reward": pc.mean(reward).as_py(), "mean_log_ratio_sum": pc.mean(table["log_ratio_sum"]).as_py()}
     return table, metrics

@@ -22,6 +22,7 @@ from typing import Optional
 
 from pydantic import model_validator
 
+from training.data.rollouts import check_rewards
 from training.launch.report import Reporter
 from training.launch.settings import LaunchSettings
 from training.models.checkpoints import load_model, model_card, save_model
@@ -29,6 +30,7 @@ from training.rounds.online import OnlineRollouts, OnlineSettings
 from training.trainer import parallel
 from training.trainer.loop import train_student, training_device
 from training.trainer.lora import save_lora, with_lora
+from training.trainer.objectives import POLICY_GRADIENT
 from training.trainer.settings import TrainingSettings
 from training.trainer.sources import batches_for
 
@@ -55,6 +57,13 @@ class DistillCommand(TrainingSettings):
         if self.online is not None and self.launch.processes > 1:
             raise ValueError(f"online sampling runs in one training process, not {self.launch.processes}: set processes 1, "
                              "or use stored rounds (online: false) with data-parallel training")
+        if self.objective in POLICY_GRADIENT and self.reward_weight > 0 and self.online is not None:
+            if self.online.task == "none" or self.online.sampling.n < 2:
+                raise ValueError(f"reward_weight {self.reward_weight} weighs the task reward against the mean reward of a prompt's "
+                                 f"samples: online sampling needs a task that verifies answers (task is {self.online.task!r}) and "
+                                 f"n ≥ 2 samples per prompt (n is {self.online.sampling.n}); or set reward_weight 0")
+        if self.objective in POLICY_GRADIENT and self.reward_weight > 0 and self.rollouts:
+            check_rewards(self.rollouts)
         if self.lora is not None and self.launch.strategy == "fsdp":
             raise ValueError("LoRA trains with strategy 'ddp' (its trainable weights are small); 'fsdp' with LoRA is not supported")
         return self

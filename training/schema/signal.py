@@ -23,12 +23,14 @@ from pydantic import BaseModel, Field
 
 CODEC = "topk-v1"
 LOGPROB_MODE = "raw"
+STUDENT_LOGPROB = "student_token_logprob"  # on the student's own samples: log q(y_t) of each token, as it was sampled
 
 
 class SignalSettings(BaseModel):
     """What of the teacher's distribution is stored per token (teacher_labeled, teacher_feedback)."""
 
-    k: int = Field(20, ge=1, description="top-k teacher logprobs stored per token")
+    k: int = Field(20, ge=0, description="top-k teacher logprobs stored per token; 0 keeps only each token's own logprob "
+                   "(token_logprob: all that objective kl_advantage needs, one logprob per token from a server)")
     signal_temperature: float = Field(
         1.0, gt=0, description="temperature of the stored distribution, log_softmax(logits / T); 1 is raw"
     )
@@ -79,8 +81,8 @@ def signal_from_topk(topk_ids: np.ndarray, topk_logprobs: np.ndarray, token_logp
 def _nested(flat: np.ndarray, lengths: np.ndarray, width: int | None, value_type: pa.DataType) -> pa.Array:
     """Flat values → list<value> per sequence (width None) or list<list<value>> (width k per token)."""
     values = pa.array(flat.reshape(-1), type=value_type)
-    if width is not None:
-        values = pa.ListArray.from_arrays(pa.array(np.arange(0, flat.size + 1, width, dtype=np.int32)), values)
+    if width is not None:  # k = 0 too: an empty list per token
+        values = pa.ListArray.from_arrays(pa.array(np.arange(int(lengths.sum()) + 1, dtype=np.int32) * width), values)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), values)
 
@@ -105,9 +107,9 @@ def signals_from_columns(table: pa.Table) -> list[SparseSignal]:
     lengths = pc.list_value_length(table.column("token_logprob")).to_numpy(zero_copy_only=False)
     splits = np.cumsum(lengths)[:-1]
     k = int(pc.max(pc.list_value_length(pc.list_flatten(table.column("topk_ids")))).as_py() or 0)
-    topk_ids = _flatten(table.column("topk_ids"), 2).astype(np.int32).reshape(-1, k)
-    topk_logprobs = _flatten(table.column("topk_logprobs"), 2).astype(np.float32).reshape(-1, k)
     token_logprob = _flatten(table.column("token_logprob"), 1).astype(np.float32)
+    topk_ids = _flatten(table.column("topk_ids"), 2).astype(np.int32).reshape(len(token_logprob), k)
+    topk_logprobs = _flatten(table.column("topk_logprobs"), 2).astype(np.float32).reshape(len(token_logprob), k)
     tail = _flatten(table.column("tail_mass"), 1).astype(np.float32)
     parts = (np.split(a, splits) for a in (topk_ids, topk_logprobs, token_logprob, tail))
     return [SparseSignal(*pieces) for pieces in zip(*parts)]
@@ -148,7 +150,7 @@ def signal_violations(table: pa.Table, vocab_size: int) -> dict[str, int]:
     tokens = pc.list_value_length(table.column("token_logprob")).to_numpy(zero_copy_only=False)
     expected = int((k.astype(np.int64) * tokens).sum())
     width_ok = ids.size == expected and logprobs.size == expected and (len(k) == 0 or (k == k[0]).all())
-    unsorted = (np.diff(logprobs.reshape(-1, int(k[0])), axis=1) > 1e-6).any(axis=1).sum() if width_ok and len(k) else 0
+    unsorted = (np.diff(logprobs.reshape(len(token_logprob), int(k[0])), axis=1) > 1e-6).any(axis=1).sum() if width_ok and len(k) else 0
     return {
         "topk_width_mismatch": int(not width_ok),
         "ids_out_of_vocab": int(((ids < 0) | (ids >= vocab_size)).sum()),

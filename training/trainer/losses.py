@@ -5,6 +5,13 @@ completion token is predicted: by the logits at (rows[i], positions[i]) of the (
 Only those N positions get a log-softmax over the vocabulary, and the teacher side stays (N, k).
 
 loss = (1/N) Σ_i D(p_i ‖ q_i)  (+ w_nll · (1/N) Σ_i −log q_i(y_i) when mixed with NLL)
+                                (+ (1/N) Σ_i PG_i on the student's own samples, given advantages A_i)
+
+PG_i = −min(ρ_i A_i, clip(ρ_i, 1 − ε, 1 + ε) A_i),  ρ_i = q_θ(y_i) / q_old(y_i)
+
+is the clipped policy-gradient surrogate (PPO): q_old is the policy that sampled the token (its
+logprob kept from sampling), so a fresh batch has ρ = 1 and PG is REINFORCE, and a stale one (a
+stored round's rollouts drawn again, a pipelined batch) moves at most ε from its sampler.
 
 With gradient accumulation N is the completion tokens of the whole (global) batch, not of the
 micro-batch (`normalizer`), so the loss does not depend on how a batch is split.
@@ -15,10 +22,12 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from pydantic import BaseModel, Field, model_validator
 
-from training.models.batches import completion_positions, flat_values
+from training.models.batches import completion_positions, flat_values, list_lengths
+from training.schema.signal import STUDENT_LOGPROB
 from training.trainer.divergences import DIVERGENCES, divergence, sparse_supports
 
 
@@ -32,6 +41,9 @@ class SparseBatch:
     topk_ids: torch.Tensor | None  # (N, k); None for rows without a teacher signal (SFT data)
     topk_logprobs: torch.Tensor | None  # (N, k), at the stored temperature
     tail_mass: torch.Tensor | None  # (N,)
+    sampled_logprobs: torch.Tensor | None = None  # (N,) log q_old(y): the student's, as it sampled (on-policy rows)
+    teacher_token_logprobs: torch.Tensor | None = None  # (N,) log p(y): the teacher's, of the token in the sequence
+    advantages: torch.Tensor | None = None  # (N,) the advantage of the token's sequence, r − baseline (0: unknown)
 
     def to(self, device):
         """The same batch (of the same class: PairBatch, RankedBatch too) on `device`."""
@@ -42,21 +54,31 @@ def sparse_batch(rows: pa.Table, pad_token_id: int, k: int | None = None) -> Spa
     """Tensors for a slice of a token table: prompt_token_ids and completion_token_ids, and the
     teacher signal when the table has it (teacher_labeled, curated, teacher_feedback).
 
-    `k` keeps the first k of the stored top-k (they are sorted); the rest joins the tail mass.
+    `k` keeps the first k of the stored top-k (they are sorted); the rest joins the tail mass. The
+    student's own samples (teacher_feedback, online batches) also bring what a policy gradient needs:
+    the logprob each token was sampled with and its sequence's advantage.
     """
     tensors = completion_positions(rows["prompt_token_ids"], rows["completion_token_ids"], pad_token_id)
-    if "topk_ids" not in rows.column_names:
-        return SparseBatch(*tensors, topk_ids=None, topk_logprobs=None, tail_mass=None)
+    columns = rows.column_names
+    per_token = lambda name: torch.from_numpy(flat_values(rows[name], 1).astype(np.float32)) if name in columns else None
+    rollout = {"sampled_logprobs": per_token(STUDENT_LOGPROB), "teacher_token_logprobs": per_token("token_logprob")}
+    if "advantage" in columns:
+        advantage = pc.fill_null(rows["advantage"], 0.0).to_numpy().astype(np.float32)
+        rollout["advantages"] = torch.from_numpy(np.repeat(advantage, list_lengths(rows["completion_token_ids"])))
+    if "topk_ids" not in columns:
+        return SparseBatch(*tensors, topk_ids=None, topk_logprobs=None, tail_mass=None, **rollout)
     stored_k = int(rows["k"][0].as_py())
-    keep = k or stored_k
-    topk_ids = flat_values(rows["topk_ids"], 2).reshape(-1, stored_k)
-    topk_logprobs = flat_values(rows["topk_logprobs"], 2).astype(np.float32).reshape(-1, stored_k)
+    keep = stored_k if k is None else k
+    tokens = len(tensors[-1])
+    topk_ids = flat_values(rows["topk_ids"], 2).reshape(tokens, stored_k)
+    topk_logprobs = flat_values(rows["topk_logprobs"], 2).astype(np.float32).reshape(tokens, stored_k)
     tail = flat_values(rows["tail_mass"], 1).astype(np.float32) + np.exp(topk_logprobs[:, keep:]).sum(-1)
     return SparseBatch(
         *tensors,
         topk_ids=torch.from_numpy(topk_ids[:, :keep].astype(np.int64)),
         topk_logprobs=torch.from_numpy(np.ascontiguousarray(topk_logprobs[:, :keep])),
         tail_mass=torch.from_numpy(np.clip(tail, 0.0, 1.0)),
+        **rollout,
     )
 
 
@@ -68,6 +90,23 @@ def student_logprobs_at(logits: torch.Tensor, rows: torch.Tensor, positions: tor
 def nll(log_q: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """−log q(y) per position: supervised fine-tuning on the tokens in the data."""
     return -log_q.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def policy_gradient_sums(log_q: torch.Tensor, targets, sampled_logprobs, advantages, clip_ratio: float) -> torch.Tensor:
+    """[Σ PG, Σ clipped, Σ entropy, Σ k3] over positions, from the student's raw (T = 1) log q (n, V):
+
+        PG        −min(ρ A, clip(ρ, 1 − ε, 1 + ε) A),  ρ = exp(log q(y) − log q_old(y))
+        clipped   1 where the clipped branch is the one taken (its gradient is 0)
+        entropy   −Σ_v q(v) log q(v), the student's, at the sampled states
+        k3        ρ − 1 − log ρ ≥ 0, an unbiased estimate of KL(q_old ‖ q) on tokens sampled by q_old
+    """
+    log_ratio = -nll(log_q, targets) - sampled_logprobs
+    ratio = log_ratio.exp()
+    unclipped, clipped = ratio * advantages, ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio) * advantages
+    entropy = -(log_q.exp() * log_q).sum(-1)
+    with torch.no_grad():
+        k3 = ratio - 1.0 - log_ratio
+    return torch.stack([-torch.minimum(unclipped, clipped).sum(), (clipped < unclipped).float().sum(), entropy.detach().sum(), k3.sum()])
 
 
 class LossSettings(BaseModel):
@@ -89,6 +128,11 @@ class LossSettings(BaseModel):
                                    "(the margin is β × the difference of the log-prob ratios)")
     kd_weight: float = Field(0.0, ge=0, description="dpo: weight of the divergence to the teacher's signal on both "
                              "responses (pairs scored by the teacher), per completion token, added to the DPO loss")
+    reward_weight: float = Field(0.0, ge=0, description="gkd_rl: weight of the reward's policy gradient (advantage r − the "
+                                 "mean reward of the prompt's samples) against the divergence; kl_advantage: weight of that "
+                                 "reward advantage added to every token's log p_T(y) − log q(y)")
+    clip_ratio: float = Field(0.2, gt=0, lt=1, description="gkd_rl, kl_advantage: ε of the clipped importance ratio "
+                              "q_θ(y)/q_old(y) of tokens sampled by an earlier policy (stored rounds, pipelined batches)")
 
     @model_validator(mode="after")
     def _something_to_minimize(self):
@@ -103,37 +147,45 @@ class LossSettings(BaseModel):
 CHUNK_ELEMENTS = 2**22  # positions per chunk × vocab: ~16 MB per float32 temporary
 
 
-def _sparse_sums(selected_logits, targets, topk_ids, teacher_logprobs, tail_mass, objective: LossSettings):
-    """(Σ divergence, Σ nll) over some positions, from their (n, V) student logits."""
+def _sparse_sums(selected_logits, targets, topk_ids, teacher_logprobs, tail_mass, sampled_logprobs, advantages,
+                 objective: LossSettings):
+    """[Σ divergence, Σ nll, Σ PG, Σ clipped, Σ entropy, Σ k3] over some positions, from their (n, V)
+    student logits; the last four are 0 without advantages (`policy_gradient_sums`)."""
     log_q = torch.log_softmax(selected_logits.float() / objective.temperature, dim=-1)
     nll_sum = nll(log_q, targets).sum()
-    if objective.divergence == "none":
-        return torch.stack([torch.zeros_like(nll_sum), nll_sum])
-    log_p, log_q_support = sparse_supports(topk_ids, teacher_logprobs, tail_mass, log_q, objective.tail_policy)
-    divergence_sum = divergence(objective.divergence, log_p, log_q_support, objective.beta, objective.alpha).sum()
-    return torch.stack([divergence_sum, nll_sum])
+    divergence_sum = torch.zeros_like(nll_sum)
+    if objective.divergence != "none":
+        log_p, log_q_support = sparse_supports(topk_ids, teacher_logprobs, tail_mass, log_q, objective.tail_policy)
+        divergence_sum = divergence(objective.divergence, log_p, log_q_support, objective.beta, objective.alpha).sum()
+    if advantages is None:
+        return torch.cat([torch.stack([divergence_sum, nll_sum]), torch.zeros(4, device=nll_sum.device)])
+    raw = log_q if objective.temperature == 1.0 else torch.log_softmax(selected_logits.float(), dim=-1)  # the policy sampled at T = 1
+    policy = policy_gradient_sums(raw, targets, sampled_logprobs, advantages, objective.clip_ratio)
+    return torch.cat([torch.stack([divergence_sum, nll_sum]), policy])
+
+
+SUMS = ["divergence", "nll", "policy_gradient", "clip_fraction", "entropy", "kl_to_sampler"]  # what `_sparse_sums` returns
 
 
 class _ChunkedSparseLoss(torch.autograd.Function):
-    """loss = (w_div · Σ D + w_nll · Σ NLL) / normalizer over N positions, chunk by chunk.
+    """loss = (w_div · Σ D + w_nll · Σ NLL + w_pg · Σ PG) / normalizer over N positions, chunk by chunk.
 
     The gradient of each chunk is computed in the forward pass and added into one buffer shaped like
     the logits (as fused-loss kernels do), so only one chunk's (chunk, V) temporaries are ever alive.
-    Outputs (loss, [mean divergence, mean nll] over these N); only the loss is differentiable.
+    Outputs (loss, the mean of each of `SUMS` over these N); only the loss is differentiable.
     """
 
     @staticmethod
-    def forward(ctx, logits, rows, positions, targets, topk_ids, teacher_logprobs, tail_mass, objective, weights, normalizer):
+    def forward(ctx, logits, rows, positions, targets, per_token, objective, weights, normalizer):
         n = rows.shape[0]
         chunk = max(1, CHUNK_ELEMENTS // logits.shape[-1])
         grad = torch.zeros_like(logits) if ctx.needs_input_grad[0] else None
-        sums = torch.zeros(2, device=logits.device)
+        sums = torch.zeros(len(SUMS), device=logits.device)
         for start in range(0, n, chunk):
             piece = slice(start, start + chunk)
             with torch.enable_grad():
                 selected = logits[rows[piece], positions[piece]].detach().requires_grad_(grad is not None)
-                signal = [t[piece] if t is not None else None for t in (topk_ids, teacher_logprobs, tail_mass)]
-                chunk_sums = _sparse_sums(selected, targets[piece], *signal, objective)
+                chunk_sums = _sparse_sums(selected, targets[piece], *[t[piece] if t is not None else None for t in per_token], objective)
                 if grad is not None:
                     (chunk_grad,) = torch.autograd.grad((chunk_sums * weights).sum() / normalizer, selected)
                     grad.index_put_((rows[piece], positions[piece]), chunk_grad.to(grad.dtype), accumulate=True)
@@ -146,22 +198,30 @@ class _ChunkedSparseLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_means):
         (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_loss), None, None, None, None, None, None, None, None, None
+        return grad.mul_(grad_loss), None, None, None, None, None, None, None
 
 
 def sparse_kd_loss(student_logits: torch.Tensor, batch: SparseBatch, objective: LossSettings, stored_temperature: float,
-                   normalizer: int | None = None):
-    """Σ over completion tokens of D(p‖q) on the stored top-k signal (+ weighted NLL), divided by
-    `normalizer`: the global batch's completion tokens (default: this batch's, i.e. the mean).
+                   normalizer: int | None = None, advantages: torch.Tensor | None = None):
+    """Σ over completion tokens of D(p‖q) on the stored top-k signal (+ weighted NLL, + the policy
+    gradient of the per-token `advantages` when given), divided by `normalizer`: the global batch's
+    completion tokens (default: this batch's, i.e. the mean).
 
     The stored teacher log-probs are at `stored_temperature`; at loss temperature τ they are
     rescaled, log p_τ = log p_T · T/τ, which is exact on the renormalized top-k support.
     Memory: besides the logits and their gradient, one chunk of (positions, V); see `_ChunkedSparseLoss`.
-    Returns (loss, {"divergence": …, "nll": …}).
+    Returns (loss, {"divergence": …, "nll": …, and with advantages "policy_gradient", "clip_fraction",
+    "entropy", "kl_to_sampler"}).
     """
     teacher_logprobs = batch.topk_logprobs
     if objective.divergence != "none" and teacher_logprobs is None:
         raise ValueError(f"divergence {objective.divergence!r} needs the teacher's signal, and these rows have none")
+    if objective.divergence != "none" and teacher_logprobs.shape[-1] == 0:
+        raise ValueError(f"divergence {objective.divergence!r} needs the teacher's top-k, and these rows store k = 0 (each "
+                         "token's logprob only): train them with objective kl_advantage, or score them again with k ≥ 1")
+    if advantages is not None and batch.sampled_logprobs is None:
+        raise ValueError("a policy gradient needs the logprob each token was sampled with (student_token_logprob): "
+                         "train on the student's own samples (teacher_feedback, online rounds)")
     if objective.divergence != "none" and objective.temperature != stored_temperature:
         if objective.tail_policy == "bucket":
             raise ValueError(
@@ -169,15 +229,14 @@ def sparse_kd_loss(student_logits: torch.Tensor, batch: SparseBatch, objective: 
                 f"stored signal's ({stored_temperature}): the tail mass cannot be rescaled"
             )
         teacher_logprobs = teacher_logprobs * (stored_temperature / objective.temperature)
-    weights = torch.tensor([0.0 if objective.divergence == "none" else 1.0, objective.nll_weight], device=student_logits.device)
-    loss, means = _ChunkedSparseLoss.apply(
-        student_logits, batch.rows, batch.positions, batch.targets, batch.topk_ids, teacher_logprobs,
-        batch.tail_mass, objective, weights, normalizer or max(1, batch.rows.shape[0]),
-    )
-    parts = {"nll": means[1].item()}
-    if objective.divergence != "none":
-        parts["divergence"] = means[0].item()
-    return loss, parts
+    weights = torch.tensor([0.0 if objective.divergence == "none" else 1.0, objective.nll_weight,
+                            0.0 if advantages is None else 1.0, 0.0, 0.0, 0.0], device=student_logits.device)
+    per_token = (batch.topk_ids, teacher_logprobs, batch.tail_mass, batch.sampled_logprobs, advantages)
+    loss, means = _ChunkedSparseLoss.apply(student_logits, batch.rows, batch.positions, batch.targets, per_token, objective,
+                                           weights, normalizer or max(1, batch.rows.shape[0]))
+    shown = ["nll"] + (["divergence"] if objective.divergence != "none" else []) + (SUMS[2:] if advantages is not None else [])
+    values = means.tolist()
+    return loss, {name: values[SUMS.index(name)] for name in shown}
 
 
 def dense_kd_loss(student_logits, teacher_logits, rows, positions, targets, objective: LossSettings):

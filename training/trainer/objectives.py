@@ -6,6 +6,15 @@ is one entry of `DIVERGENCES`: the batch kinds it takes, and the loss it trains 
     dpo            −log σ(β · the margin of the implicit rewards), `ranking.dpo_loss`   takes pairs
                    (+ kd_weight · D(p‖q) on both responses, + w_nll · NLL of the chosen)
     rrhf           Σ_{s_i < s_j} max(0, p_i − p_j) − p_best, `ranking.rrhf_loss`       takes ranked
+    gkd_rl         D(p‖q) + w_r · PG(A = r − b): GKD with RL, reward maximization       takes signal
+                   regularized by the divergence (GKD §5); b the mean reward of the prompt's samples
+    kl_advantage   PG(A_t = log p(y_t) − log q_old(y_t) + w_r (r − b)): on-policy       takes signal
+                   distillation as an advantage (verl, slime, tinker); needs only the teacher's
+                   logprob of each sampled token, so k = 0 signals train too
+
+PG is the clipped policy-gradient surrogate of `losses.policy_gradient_sums`; it applies to the
+student's own samples (rows with `student_token_logprob`). On fixed batches (λ < 1) gkd_rl and
+kl_advantage train the divergence alone, as supervised_kd.
 
 A batch's kind is read from its columns (`batch_kind`); the kind says how its rows become tensors for
 one forward, what its loss is averaged over (completion tokens, pairs, prompts) and how long its
@@ -80,6 +89,34 @@ def token_loss(logits, batch, settings: LossSettings, stored_temperature: float,
     return sparse_kd_loss(logits, batch, settings, stored_temperature, normalizer=counts["completion_tokens"])
 
 
+def own_samples(batch, stored_temperature: float) -> bool:
+    """Whether the batch is the student's own samples, which a policy gradient trains on; their
+    importance ratio needs the teacher and the sampler at the raw model (T = 1)."""
+    if batch.sampled_logprobs is None:
+        return False
+    if stored_temperature != 1.0:
+        raise ValueError(f"a policy gradient weighs each token by q_θ(y)/q_old(y) at T = 1, and the teacher's signal is stored "
+                         f"at temperature {stored_temperature}: score the rollouts with signal_temperature 1")
+    return True
+
+
+def gkd_rl_loss(logits, batch, settings: LossSettings, stored_temperature: float, counts: dict[str, int]):
+    """D(p‖q) on every batch, + reward_weight · PG of the sequence advantage r − b on own samples."""
+    advantages = settings.reward_weight * batch.advantages if own_samples(batch, stored_temperature) else None
+    return sparse_kd_loss(logits, batch, settings, stored_temperature, counts["completion_tokens"], advantages)
+
+
+def kl_advantage_loss(logits, batch, settings: LossSettings, stored_temperature: float, counts: dict[str, int]):
+    """PG of A_t = log p(y_t) − log q_old(y_t) + reward_weight · (r − b) on own samples; the divergence on fixed batches."""
+    if not own_samples(batch, stored_temperature):
+        return token_loss(logits, batch, settings, stored_temperature, counts)
+    advantages = batch.teacher_token_logprobs - batch.sampled_logprobs
+    if batch.advantages is not None:
+        advantages = advantages + settings.reward_weight * batch.advantages
+    policy_only = settings.model_copy(update={"divergence": "none", "nll_weight": 0.0})
+    return sparse_kd_loss(logits, batch, policy_only, stored_temperature, counts["completion_tokens"], advantages)
+
+
 @dataclass(frozen=True)
 class Objective:
     takes: frozenset[str]  # the batch kinds it trains on (BATCH_KINDS)
@@ -102,7 +139,10 @@ OBJECTIVES: dict[str, Objective] = {
     "supervised_kd": Objective(frozenset({"signal"}), divergence_for),
     "dpo": Objective(frozenset({"pairs"}), divergence_for, dpo_loss),
     "rrhf": Objective(frozenset({"ranked"}), divergence_for, rrhf_loss),
+    "gkd_rl": Objective(frozenset({"signal"}), divergence_for, gkd_rl_loss),
+    "kl_advantage": Objective(frozenset({"signal"}), divergence_for, kl_advantage_loss),
 }
+POLICY_GRADIENT = frozenset({"gkd_rl", "kl_advantage"})  # the objectives that weigh own samples by an advantage
 
 
 def check_takes(objective: str, rows: pa.Table, source: str) -> None:

@@ -34,7 +34,7 @@ from training.models.batches import flat_values, list_lengths
 from training.trainer.losses import LossSettings, SparseBatch, sparse_batch, sparse_kd_loss
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PairBatch(SparseBatch):
     """2P sequences: the P chosen responses, then the P rejected ones, with the reference's log-probs."""
 
@@ -42,7 +42,7 @@ class PairBatch(SparseBatch):
     reference_rejected: torch.Tensor  # (P,) log π_ref(y_l|x)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RankedBatch(SparseBatch):
     """Σ n_r sequences, every prompt's responses one after the other."""
 
@@ -60,7 +60,7 @@ def pair_batch(rows: pa.Table, pad_token_id: int, k: int | None = None) -> PairB
     """The tensors of a slice of pair rows: one batch of its 2P sequences."""
     sequences = sparse_batch(pair_responses(rows), pad_token_id, k)
     reference = [torch.from_numpy(rows[f"reference_{side}_logprob"].to_numpy().astype(np.float32)) for side in ("chosen", "rejected")]
-    return PairBatch(*sequences.__dict__.values(), *reference)
+    return PairBatch(**sequences.__dict__, reference_chosen=reference[0], reference_rejected=reference[1])
 
 
 def ranked_batch(rows: pa.Table, pad_token_id: int, k: int | None = None) -> RankedBatch:
@@ -72,8 +72,8 @@ def ranked_batch(rows: pa.Table, pad_token_id: int, k: int | None = None) -> Ran
     scores = flat_values(rows["scores"], 1).astype(np.float64)
     order = np.lexsort((-scores, owner))  # by prompt, best first; stable, so the first of equal scores leads
     best = order[np.cumsum(counts) - counts]
-    return RankedBatch(*sequences.__dict__.values(), torch.from_numpy(owner), torch.from_numpy(scores.astype(np.float32)),
-                       torch.from_numpy(best))
+    return RankedBatch(**sequences.__dict__, owner=torch.from_numpy(owner), scores=torch.from_numpy(scores.astype(np.float32)),
+                       best=torch.from_numpy(best))
 
 
 def pair_counts(rows: pa.Table) -> dict[str, int]:

@@ -10,14 +10,15 @@ from pydantic import Field, model_validator
 from training.trainer.divergences import DIVERGENCES
 from training.trainer.lora import LoraSettings
 from training.trainer.losses import LossSettings
-from training.trainer.objectives import OBJECTIVES
+from training.trainer.objectives import OBJECTIVES, POLICY_GRADIENT
 
 
 class TrainingSettings(LossSettings):
     objective: Literal[tuple(OBJECTIVES)] = Field(
         "supervised_kd", description="'sft': the sequence's tokens as hard targets (SeqKD on teacher data); "
         "'supervised_kd': the divergence to the stored top-k; 'dpo': preference pairs (preference_beta, kd_weight); "
-        "'rrhf': each prompt's ranked responses (training/trainer/objectives.py)"
+        "'rrhf': each prompt's ranked responses; 'gkd_rl': the divergence plus the reward's policy gradient (reward_weight); "
+        "'kl_advantage': a policy gradient with advantage log p_T(y) − log q(y) per sampled token (training/trainer/objectives.py)"
     )
     k: Optional[int] = Field(None, ge=1, description="train on the first k of the stored top-k; empty: all")
     steps: int = Field(400, ge=1)
@@ -52,10 +53,16 @@ class TrainingSettings(LossSettings):
     )
 
     @model_validator(mode="after")
-    def _kd_weight_is_for_pairs(self):
+    def _weights_have_their_objective(self):
         if self.objective == "rrhf" and self.kd_weight > 0:
             raise ValueError(f"objective 'rrhf' takes no kd_weight (it is {self.kd_weight}): RRHF ranks the responses "
                              "without the teacher's divergence; set kd_weight 0, or use objective 'dpo' on pairs")
+        if self.reward_weight > 0 and self.objective not in POLICY_GRADIENT:
+            raise ValueError(f"reward_weight {self.reward_weight} weighs a policy gradient, and objective {self.objective!r} has "
+                             f"none: use objective {' or '.join(sorted(POLICY_GRADIENT))}, or set reward_weight 0")
+        if self.objective == "gkd_rl" and self.reward_weight == 0:
+            raise ValueError("objective 'gkd_rl' with reward_weight 0 is supervised KD: set reward_weight > 0 (e.g. 1), "
+                             "or use objective 'supervised_kd'")
         return self
 
     def loss(self, source: str = "fixed") -> LossSettings:
