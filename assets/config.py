@@ -208,7 +208,11 @@ class StudentRolloutsConfig(dg.Config):
 
 
 class TeacherFeedbackConfig(SignalSettings, dg.Config):
-    """What of the teacher's distribution is stored on every rollout token."""
+    """What of the teacher's distribution is stored on every rollout token, and who the teacher is."""
+
+    teacher: str = Field("teacher_model", description="who scores the round's samples: 'teacher_model'; 'parent', the round's "
+                         "parent itself (self-distillation); or an earlier checkpoint, 'offline_student' or "
+                         "'student_checkpoint[r001]'. The rows and the lineage name it")
 
 
 class OnlineRolloutsConfig(StudentRolloutsConfig, SignalSettings):
@@ -234,12 +238,19 @@ class StudentCheckpointConfig(TrainingConfig):
     )
     online_rollouts: OnlineRolloutsConfig = Field(OnlineRolloutsConfig(),
                                                   description="online: how the student samples and what of the teacher is kept")
+    keep: Literal["all", "rewarded"] = Field("all", description="which of the round's scored samples it trains on: 'all', or "
+                                             "'rewarded', those the task's verifier accepted (reward ≥ min_reward): "
+                                             "rejection-sampling fine-tuning with objective sft (the self round)")
+    min_reward: float = Field(1.0, description="keep 'rewarded': the least reward a sample needs to be kept")
 
     @model_validator(mode="after")
     def _ranking_rounds_train_on_their_pairs(self):
         if OBJECTIVES[self.objective].takes & RANKING_KINDS and (self.mix or self.online):
             raise ValueError(f"objective {self.objective!r} makes a preference round, which trains on the round's pairs only: set "
                              "mix 0 and online false (kd_weight adds the teacher's divergence on the pairs' tokens)")
+        if self.keep != "all" and (self.online or not self.mix):
+            raise ValueError(f"keep {self.keep!r} filters the round's stored samples, and this round trains on none "
+                             f"(online {self.online}, mix {self.mix}): set online false and mix > 0, or keep 'all'")
         return self
 
 

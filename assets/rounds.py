@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 import dagster as dg
+import duckdb
 import matplotlib.pyplot as plt
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,11 +32,11 @@ from assets.inputs import Inputs, not_chosen, training_prompts
 from assets.partitions import round_number
 from assets.publish import metadata, png_markdown, publish_dataset, publish_evals, record_lineage
 from assets.resources import ModelEngine
-from assets.round_steps import ROUND, claim_round, parent_checkpoint, parent_versions, rollout_shard
+from assets.round_steps import ROUND, claim_round, parent_checkpoint, parent_versions, rollout_shard, round_teacher
 from assets.student_runs import chat_templates, curve_metrics, distill_and_save, loss_curve, ranking_data
 from storage.catalog import query, refresh_catalog
 from storage.store import Store
-from training.data.rollouts import draw_prompts, feedback_table, student_scored_again
+from training.data.rollouts import accepted_samples, draw_prompts, feedback_table, student_scored_again
 from training.engines.sampling import Sampling
 from training.evals.evaluate import evaluate_checkpoints
 from training.evals.harness import check_harness, harness_results
@@ -43,6 +44,7 @@ from training.rounds.modes import ROUND_MODES, mode_of
 from training.rounds.online import OnlineSettings
 from training.schema.cards import ModelCard
 from training.schema.signal import SignalSettings
+from training.schema.tables import parquet
 from training.tasks import task_name_of, task_of
 from training.trainer.loop import rollout_reuse
 from training.trainer.objectives import OBJECTIVES
@@ -90,12 +92,15 @@ TEACHER_FEEDBACK = Inputs(cards=["teacher_model"], datasets=["seed_prompts"], ro
 def teacher_feedback(context: dg.AssetExecutionContext, config: TeacherFeedbackConfig, store: dg.ResourceParam[Store],
                      model_engine: ModelEngine, shard_executor: ShardExecutor):
     """The teacher scores every rollout token (top-k, the token's logprob, tail mass); per sequence the
-    student–teacher log-ratio sum (a reverse-KL estimate) and the verifier's reward."""
+    student–teacher log-ratio sum (a reverse-KL estimate), the verifier's reward, its baseline (the
+    mean reward of the prompt's samples) and advantage. In a self round (`teacher: parent`) the
+    parent scores its own samples."""
     key = context.partition_key
     parent, previous, card = parent_checkpoint(store, key)
     with claim_round(context):
         read = TEACHER_FEEDBACK.read(store, key)
-        teacher, inputs = read.cards["teacher_model"], {**read.versions, **parent_versions(parent, card)}
+        name, teacher = round_teacher(store, key, config.teacher)
+        inputs = {**read.versions, **parent_versions(parent, card), "teacher": name, "teacher_checkpoint": teacher.weights_hash}
         task = task_of(store.read_dataset("seed_prompts", columns=["task"]))
         rollouts, signal = store.shard_paths("student_rollouts", key), SignalSettings(**config.model_dump())
         engines = {"teacher": model_engine.spec(teacher)}
@@ -132,19 +137,27 @@ def student_checkpoint(context: dg.AssetExecutionContext, config: StudentCheckpo
                                 + (", or train online (student_checkpoint config online: true)" if mode == "stored" else ""))
     with claim_round(context):
         read = STUDENT_CHECKPOINT.read(store, key, skip=tuple(name for name in STUDENT_CHECKPOINT.deps if name not in reads))
-        teacher = read.cards["teacher_model"]
+        teacher = feedback_teacher(store, key, read.cards["teacher_model"]) if mode == "stored" else read.cards["teacher_model"]
         online = online_settings(store, config, model_engine, key, context.run.run_id, (parent, previous, card), teacher) \
             if config.online else None
         if mode == "preference":
             data, feedback = ranking_data(store, "student_checkpoint", config.objective, "round_pairs", "round_judgments", card, key), []
         else:
             data, feedback = store.shard_paths(config.train_on), store.shard_paths("teacher_feedback", key) if mode == "stored" else []
+        if config.keep == "rewarded":  # rejection sampling: the samples the verifier accepted, written once per feedback version
+            kept = store.root / "work" / "student_checkpoint" / key / f"kept.{store.dataset_version('teacher_feedback', key)}.parquet"
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            counts = {"kept_samples": pq.read_metadata(kept).num_rows} if kept.exists() else {}
+            if not counts:
+                counts["kept_samples"], _ = accepted_samples(feedback, config.min_reward, kept)
+            feedback = [kept]
         identity = {"round": key, **parent_versions(parent, card), "parent_round": previous, "mix": config.mix, "online": config.online,
-                    "objective": config.objective}
+                    "objective": config.objective, "teacher": teacher.name}
         new_card, curve = distill_and_save(context, store, "student_checkpoint", config, card, teacher, data,
                                            feedback, card_fields=identity, partition=key, online=online)
         on_policy = [c for c in curve if c["source"] == "on_policy"]
-        metrics = {**curve_metrics(curve), "on_policy_steps": len(on_policy),
+        metrics = {**curve_metrics(curve), "on_policy_steps": len(on_policy), "teacher": teacher.name,
+                   **({"kept_samples": counts["kept_samples"]} if config.keep == "rewarded" else {}),
                    "mean_staleness": sum(c["staleness"] for c in on_policy) / len(on_policy) if on_policy else None,
                    "max_staleness": max((c["staleness"] for c in on_policy), default=None)}
         inputs = {**read.versions, **parent_versions(parent, card), **chat_templates(teacher, card)}
@@ -195,6 +208,16 @@ def online_feedback(context: dg.AssetExecutionContext, store: dg.ResourceParam[S
                              preview=["policy_step", "staleness", "completion", "reward", "log_ratio_sum"])
     store.remove_work(batches[0].parent)
     return result
+
+
+def feedback_teacher(store: Store, key: str, teacher_model: ModelCard) -> ModelCard:
+    """The card of the model that scored round `key`'s teacher_feedback, as its rows name it: the
+    teacher_model, or in a self round the parent or an earlier checkpoint."""
+    shards = store.shard_paths("teacher_feedback", key)
+    found = duckdb.sql(f"SELECT DISTINCT teacher, teacher_weights_hash FROM {parquet(shards)}").fetchall()
+    if not found or found[0][1] == teacher_model.weights_hash:
+        return teacher_model
+    return round_teacher(store, key, found[0][0])[1]
 
 
 def online_settings(store: Store, config: StudentCheckpointConfig, model_engine: ModelEngine, key: str, run_id: str,

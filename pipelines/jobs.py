@@ -1,7 +1,7 @@
 """Jobs: `distill_offline` materializes every offline asset (the demo's main job); `distill_feedback`
 the offline feedback path (student samples, the teacher's judgments, preference pairs, the preference
 student); one round job per round mode (training/rounds/modes.py), each a partition of `rounds` that
-selects its mode's assets: `distill_round` (stored), `distill_round_online`, `distill_round_preference`."""
+selects its mode's assets: `distill_round` (stored), `distill_round_online`, `distill_round_preference`, `distill_round_self`."""
 
 import dagster as dg
 
@@ -24,10 +24,10 @@ distill_feedback = dg.define_asset_job(
 
 
 def mode_config(mode: str) -> dict:
-    """The run config a round of `mode` sets on student_checkpoint (its `online`, or its ranking objective)."""
-    settings = ROUND_MODES[mode]
-    config = {"online": True} if settings.online else {"objective": settings.objective, "mix": 0.0} if settings.objective else {}
-    return {"ops": {"student_checkpoint": {"config": config}}} if config else {}
+    """The run config a round of `mode` sets on its assets (student_checkpoint's `online` or objective,
+    a self round's teacher_feedback scored by the parent)."""
+    settings = ROUND_MODES[mode].config
+    return {"ops": {asset: {"config": config} for asset, config in settings.items()}} if settings else {}
 
 
 round_jobs = {

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from training.data.labeling import label
-from training.data.rollouts import group_baselines
+from training.data.rollouts import accepted_samples, group_baselines
 from training.engines.hf import HFEngine
 from training.engines.sampling import Sampling
 from training.launch.command import DistillCommand, run
@@ -226,6 +226,20 @@ def test_policy_gradient_objectives_train_on_the_students_own_samples(tiny_model
                        rollouts=[str(tmp_path / "alone.parquet")])
     with pytest.raises(ValueError, match="objective 'supervised_kd' has none: use objective gkd_rl or kl_advantage"):
         TrainingSettings(reward_weight=1.0)
+
+
+def test_rejection_sampling_keeps_what_the_verifier_accepted(labeled, tmp_path):
+    scored = own_samples(labeled)  # every third sample is right
+    pq.write_table(scored, tmp_path / "scored.parquet")
+    kept, total = accepted_samples([tmp_path / "scored.parquet"], 1.0, tmp_path / "kept.parquet")
+    assert (kept, total) == (16, 48) and set(pq.read_table(tmp_path / "kept.parquet")["reward"].to_pylist()) == {1.0}
+    assert not list(tmp_path.glob("*.partial"))
+    with pytest.raises(ValueError, match="none of the round's 48 samples has reward ≥ 2.0: sample more"):
+        accepted_samples([tmp_path / "scored.parquet"], 2.0, tmp_path / "none.parquet")
+    pq.write_table(scored.drop_columns(["reward"]).append_column("reward", pa.nulls(48, pa.float64())), tmp_path / "free.parquet")
+    with pytest.raises(ValueError, match="these have no reward .*: keep 'all'"):
+        accepted_samples([tmp_path / "free.parquet"], 1.0, tmp_path / "none.parquet")
+    assert not (tmp_path / "none.parquet").exists()
 
 
 def own_samples(labeled: pa.Table) -> pa.Table:

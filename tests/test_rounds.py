@@ -16,8 +16,10 @@ from conftest import copy_store
 from test_pipeline import ASSETS, RESOURCES
 
 from assets.partitions import rounds
+from assets.round_steps import round_teacher
 from assets.rounds import claim_round, online_feedback, round_eval, student_checkpoint, student_rollouts, teacher_feedback
 from pipelines.cli import main as distill
+from pipelines.jobs import mode_config
 from storage.catalog import query
 from training.data.labeling import score
 from training.engines.hf import HFEngine
@@ -195,8 +197,10 @@ def sampled_logprobs_match_a_scoring_pass(rollouts, checkpoint: str) -> None:
 
 
 def test_online_round_appends_every_batch_it_trains_on(instance, offline):
-    online = {"online": True, "mix": 1.0, "train_on": "teacher_labeled",
-              "online_rollouts": {"num_prompts": 10, "sampling": {"n": 2, "max_new_tokens": 40}, "k": 8, "prompts_from": "teacher_labeled"}}
+    """An online round on-policy distilling as an advantage: the teacher returns each sampled token's
+    logprob only (k = 0), every step's fresh batch is kept with its policy step."""
+    online = {"online": True, "mix": 1.0, "train_on": "teacher_labeled", "objective": "kl_advantage",
+              "online_rollouts": {"num_prompts": 10, "sampling": {"n": 2, "max_new_tokens": 40}, "k": 0, "prompts_from": "teacher_labeled"}}
     result = run_round(instance, "r001", selection=[student_checkpoint, online_feedback, round_eval], student_checkpoint=online)
     assert result.success
     checkpoint = result.asset_materializations_for_node("student_checkpoint")[0].metadata
@@ -213,6 +217,8 @@ def test_online_round_appends_every_batch_it_trains_on(instance, offline):
     sampled_logprobs_match_a_scoring_pass(first, offline.read_card("offline_student").path)
     row = batches.slice(0, 1).to_pylist()[0]
     assert row["log_ratio_sum"] == pytest.approx(sum(row["student_token_logprob"]) - sum(row["token_logprob"]), abs=1e-4)
+    assert row["k"] == 0 and row["topk_ids"] == [[]] * row["num_tokens"] and "baseline" in row
+    assert offline.read_card("student_checkpoint", "r001").objective == "kl_advantage"
     assert not offline.has_dataset("student_rollouts", "r001") and not offline.has_dataset("teacher_feedback", "r001")
     assert not (offline.root / "work" / "online_batches").exists()
 
@@ -220,6 +226,30 @@ def test_online_round_appends_every_batch_it_trains_on(instance, offline):
     assert evaluation["inputs"].value["online_feedback"] == offline.dataset_version("online_feedback", "r001")
     _, lineage = query(offline, "SELECT asset FROM lineage WHERE partition = 'r001' ORDER BY asset")
     assert lineage == [("online_feedback",), ("round_eval",), ("student_checkpoint",)]
+
+
+def test_a_self_round_trains_on_the_samples_its_parent_scored_and_the_verifier_kept(instance, offline):
+    """The self round's job config: the parent (offline_student) scores its own samples, and the
+    student fine-tunes on those the verifier accepts (here every sample with a reward: the tiny
+    student is rarely right); the rows, the card and the lineage name the parent as the teacher."""
+    mode = {asset: op["config"] for asset, op in mode_config("self")["ops"].items()}
+    result = run_round(instance, "r001", teacher_feedback=mode["teacher_feedback"],
+                       student_checkpoint={**mode["student_checkpoint"], "min_reward": 0.0})
+    assert result.success
+    parent = offline.read_card("offline_student")
+    feedback = offline.read_dataset("teacher_feedback", "r001")
+    scorers = set(zip(feedback["teacher"].to_pylist(), feedback["teacher_weights_hash"].to_pylist()))
+    assert scorers == {("offline_student", parent.weights_hash)}
+    assert pc.max(pc.abs(feedback["log_ratio_sum"])).as_py() < 0.05  # the teacher is the sampler itself
+    card = offline.read_card("student_checkpoint", "r001")
+    assert card.teacher == "offline_student" and card.objective == "sft" and card.mix == 1.0
+    assert result.asset_materializations_for_node("student_checkpoint")[0].metadata["kept_samples"].value == feedback.num_rows
+    _, teachers = query(offline, "SELECT json_extract_string(input_versions, '$.teacher') FROM lineage WHERE asset = 'teacher_feedback'")
+    assert teachers == [("offline_student",)]
+    with pytest.raises(ValueError, match="its own or a later round's checkpoint"):
+        round_teacher(offline, "r001", "student_checkpoint[r001]")
+    with pytest.raises(ValueError, match="is none of teacher_model, parent, offline_student"):
+        round_teacher(offline, "r002", "student_model")
 
 
 def test_bad_round_key_is_named(instance):

@@ -13,6 +13,7 @@ drew), so scoring takes no second student pass; only rollouts stored without it,
 temperature other than 1, have the student score its tokens again.
 """
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -123,6 +124,26 @@ def check_rewards(paths: list[str]) -> None:
     if largest < 2:
         raise ValueError("every prompt has one sample, so its baseline (the mean reward of the prompt's samples) is its own "
                          "reward and every advantage is 0: sample n ≥ 2 per prompt (student_rollouts sampling.n)")
+
+
+def accepted_samples(paths: list[Path], min_reward: float, out: Path) -> tuple[int, int]:
+    """Writes to `out` the scored samples of `paths` that the verifier accepted (reward ≥ min_reward),
+    in DuckDB (memory bounded), whole or not at all: what rejection-sampling fine-tuning trains on.
+    Returns (kept, scored). Fails with what to do when no sample has a reward or none is accepted."""
+    source = parquet(paths)
+    rewarded, kept, scored = duckdb.sql(f"SELECT count(reward), count(*) FILTER (WHERE reward >= $least), count(*) FROM {source}",
+                                        params={"least": min_reward}).fetchall()[0]
+    if not rewarded:
+        raise ValueError("keep 'rewarded' keeps the samples the task's verifier accepts, and these have no reward (no verifier: "
+                         "the prompts carry no reference answers): keep 'all'")
+    if not kept:
+        raise ValueError(f"none of the round's {scored} samples has reward ≥ {min_reward}: sample more (student_rollouts "
+                         "num_prompts or n), or lower min_reward")
+    partial = out.with_name(out.name + ".partial")
+    target = str(partial).replace("'", "''")
+    duckdb.sql(f"COPY (SELECT * FROM {source} WHERE reward >= {float(min_reward)!r}) TO '{target}' (FORMAT parquet, COMPRESSION zstd)")
+    os.replace(partial, out)
+    return kept, scored
 
 
 def feedback_table(teacher: Engine, student: Engine | None, rollouts: pa.Table, settings: SignalSettings, teacher_card: ModelCard,

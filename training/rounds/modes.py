@@ -12,7 +12,7 @@ own filtered samples) is a new entry, not a new branch.
             objective (DPO, or RRHF on the judged lists), optionally with KD on the pairs' tokens
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from training.trainer.objectives import OBJECTIVES, RANKING_KINDS
 
@@ -21,21 +21,25 @@ from training.trainer.objectives import OBJECTIVES, RANKING_KINDS
 class RoundMode:
     assets: tuple[str, ...]  # the round's assets, in the order they run
     scored: str  # the dataset of the student's scored samples the round trains on
-    online: bool  # student_checkpoint's `online`: samples during training
-    objective: str | None = None  # student_checkpoint's objective in this mode (None: as configured)
+    config: dict = field(default_factory=dict)  # the run config its job sets, per asset (the rest as configured)
 
 
+STORED = ("student_rollouts", "teacher_feedback", "student_checkpoint", "round_eval")
 ROUND_MODES = {
-    "stored": RoundMode(("student_rollouts", "teacher_feedback", "student_checkpoint", "round_eval"), "teacher_feedback", online=False),
-    "online": RoundMode(("student_checkpoint", "online_feedback", "round_eval"), "online_feedback", online=True),
+    "stored": RoundMode(STORED, "teacher_feedback"),
+    "online": RoundMode(("student_checkpoint", "online_feedback", "round_eval"), "online_feedback",
+                        {"student_checkpoint": {"online": True}}),
     "preference": RoundMode(("student_rollouts", "teacher_feedback", "round_judgments", "round_pairs", "student_checkpoint",
-                             "round_eval"), "teacher_feedback", online=False, objective="dpo"),
+                             "round_eval"), "teacher_feedback", {"student_checkpoint": {"objective": "dpo", "mix": 0.0}}),
+    "self": RoundMode(STORED, "teacher_feedback", {"teacher_feedback": {"teacher": "parent"},
+                                                    "student_checkpoint": {"objective": "sft", "mix": 1.0, "keep": "rewarded"}}),
 }
 
 
 def mode_of(online: bool, objective: str) -> str:
-    """The mode a student_checkpoint of these `online` and `objective` settings trains in: a ranking
-    objective (one that trains on pairs or ranked lists) makes a preference round."""
+    """The mode whose scored samples a student_checkpoint of these `online` and `objective` settings
+    trained on: a ranking objective (one that trains on pairs or ranked lists) makes a preference round;
+    a self round's samples are stored as a stored round's."""
     if online:
         return "online"
     return "preference" if OBJECTIVES[objective].takes & RANKING_KINDS else "stored"
