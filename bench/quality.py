@@ -19,6 +19,13 @@ of training tokens (steps are set from the mean completion length of what each s
   corrections sft       SFT on the teacher's corrections of the start's wrong samples (those the verifier accepts)
   gkd + dpo             DPO on the verifier pairs + kd_weight · JSD(0.5) to the teacher's signal on both responses
                         (at the KD arms' learning rate; the DPO arms train at PREFERENCE_LR)
+  gkd + rl λ=1          objective gkd_rl: JSD(0.5) + the verifier reward's policy gradient (reward_weight 1,
+                        baseline: the mean reward of the prompt's n = 2 fresh samples)
+  kl advantage λ=1      objective kl_advantage: the policy gradient of log p_T(y_t) − log q(y_t) per sampled
+                        token, the teacher storing k = 0 (its logprob of each sampled token only)
+  kl advantage + reward the same plus the verifier reward's advantage (reward_weight 1, n = 2)
+  rejection sampling    self-distillation: SFT on the start's own samples (the feedback arms' n = 4 per prompt)
+                        that the verifier accepted; no teacher
 The feedback arms' data is built once per seed from the start (training/feedback/): n = 4 samples (T = 1)
 on FEEDBACK_PROMPTS train prompts, scored and judged by the teacher, best-vs-worst pairs of each prompt's
 distinct responses with the start's reference log-probs. A pair's tokens are both its responses'; data
@@ -63,6 +70,7 @@ from training.trainer.settings import TrainingSettings
 from training.trainer.sources import batches_for
 
 K = 20
+SIGNAL_COLUMNS = {"topk_ids", "topk_logprobs", "token_logprob", "tail_mass"}  # the teacher's stored signal, for its bytes per token
 BATCH = 32
 DIVERGENCES = {"forward_kl": ("forward_kl", 0.5), "reverse_kl": ("reverse_kl", 0.5), "jsd(0.5)": ("jsd", 0.5),
                "skew_kl": ("skew_kl", 0.5)}
@@ -89,6 +97,12 @@ def arms() -> list[dict]:
             {**dpo, "arm": "dpo likelihood pairs", "data": "likelihood_pairs"},
             {"arm": "corrections sft", "objective": "sft", "data": "corrections", "mix": 0.0, "divergence": "-"},
             {**dpo, "arm": "gkd + dpo", "data": "verifier_pairs", "divergence": "jsd(0.5)", "kd_weight": KD_WEIGHT, "learning_rate": 1e-3}]
+    policy = {"data": "teacher_labeled", "mix": 1.0, "divergence": "jsd(0.5)"}
+    out += [{**policy, "arm": "gkd + rl λ=1", "objective": "gkd_rl", "reward_weight": 1.0, "n": 2},
+            {**policy, "arm": "kl advantage λ=1", "objective": "kl_advantage", "divergence": "-", "k": 0},
+            {**policy, "arm": "kl advantage + reward", "objective": "kl_advantage", "divergence": "-", "k": 0, "reward_weight": 1.0,
+             "n": 2},
+            {"arm": "rejection sampling", "objective": "sft", "data": "accepted", "mix": 0.0, "divergence": "-"}]
     return out
 
 
@@ -122,12 +136,13 @@ def train_prompts(n: int, seed: int) -> pa.Table:
 
 
 def online_rollouts(student, tokenizer, teacher: HFEngine, seed: int, steps: int, directory: str,
-                    pipelined: bool = False) -> OnlineRollouts:
+                    pipelined: bool = False, n: int = 1, k: int = K) -> OnlineRollouts:
     """GKD's on-policy batches, as an online round draws them: each step samples the student as it is
-    then (pipelined: one step earlier) on BATCH new train prompts, and the teacher scores them."""
+    then (pipelined: one step earlier) n times on BATCH / n new train prompts, and the teacher scores
+    them (top-k)."""
     pq.write_table(train_prompts(steps * BATCH, seed), f"{directory}/prompts.parquet")
-    settings = OnlineSettings(prompts=f"{directory}/prompts.parquet", batches=f"{directory}/batches", teacher="-", k=K,
-                              sampling=Sampling(n=1, temperature=1.0, max_new_tokens=96, seed=seed),
+    settings = OnlineSettings(prompts=f"{directory}/prompts.parquet", batches=f"{directory}/batches", teacher="-", k=k,
+                              sampling=Sampling(n=n, temperature=1.0, max_new_tokens=96, seed=seed),
                               teacher_card=model_card("teacher", teacher.model, teacher.tokenizer), task="arithmetic", pipelined=pipelined,
                               identity={"student": "start", "student_weights_hash": "-"})
     return OnlineRollouts(student, tokenizer, teacher, settings, BATCH)
@@ -174,6 +189,9 @@ def feedback_data(start: str, teacher: HFEngine, seed: int, needed: set[str]) ->
         figures[name] = {"pairs": pairs.num_rows, "mean_margin": round(pair_figures["mean_margin"], 3),
                          "right_over_wrong": pc.sum(pc.greater(chosen, rejected)).as_py(),
                          "wrong_over_right": pc.sum(pc.less(chosen, rejected)).as_py()}
+    if "accepted" in needed:  # rejection sampling: the start's own samples that the verifier accepts
+        tables["accepted"] = scored.filter(pc.equal(scored["reward"], 1.0))
+        figures["accepted"] = tables["accepted"].num_rows
     if "corrections" in needed:
         judged, judged_figures = judgments_table(teacher, candidates, JudgmentSettings(k=K, correct=True), TASK, judge)
         fixed = judged.filter(pc.and_(pc.equal(judged["origin"], "correction"), pc.equal(judged["verifier"], 1.0)))
@@ -200,6 +218,7 @@ def run_arm(arm: dict, seed: int, start: str, data: dict, teacher: HFEngine, arg
     steps = max(1, round(args.tokens / per_step))
     config = TrainingSettings(
         objective=arm["objective"], divergence=divergence, beta=beta, kd_weight=arm.get("kd_weight", 0.0),
+        reward_weight=arm.get("reward_weight", 0.0),
         steps=steps, batch_size=BATCH, learning_rate=arm.get("learning_rate", 1e-3), warmup_steps=10,
         on_policy_divergence=arm.get("on_policy_divergence", "same"), seed=seed, mix=arm["mix"],
     )
@@ -209,10 +228,24 @@ def run_arm(arm: dict, seed: int, start: str, data: dict, teacher: HFEngine, arg
         elif arm.get("stored"):
             rollouts = stored_rollouts(student, tokenizer, teacher, seed)
         else:
-            rollouts = online_rollouts(student, tokenizer, teacher, seed, steps, directory)
+            rollouts = online_rollouts(student, tokenizer, teacher, seed, steps, directory, n=arm.get("n", 1), k=arm.get("k", K))
         curve = train_student(student, tokenizer, batches_for(student, tokenizer, config, fixed, rollouts), config)
+        signal = signal_bytes_per_token(sorted(Path(directory).glob("batches/step-*.parquet")))
     results = evaluate(student, tokenizer, eval_problems, TASK, seed=seed)
-    return {**results, "tokens": sum(c["completion_tokens"] for c in curve)}
+    clipped = [c["clip_fraction"] for c in curve if "clip_fraction" in c]
+    return {**results, "tokens": sum(c["completion_tokens"] for c in curve), "signal_bytes_per_token": signal,
+            "clip_fraction": statistics.mean(clipped) if clipped else None}
+
+
+def signal_bytes_per_token(paths: list[Path]) -> float | None:
+    """The compressed Parquet bytes of the teacher's signal columns per scored token of the online batches."""
+    tokens = sum(pc.sum(pq.read_table(path, columns=["num_tokens"])["num_tokens"]).as_py() or 0 for path in paths)
+    stored = 0
+    for path in paths:
+        metadata = pq.read_metadata(path)
+        stored += sum(metadata.row_group(g).column(c).total_compressed_size for g in range(metadata.num_row_groups)
+                      for c in range(metadata.num_columns) if metadata.schema.column(c).path.split(".")[0] in SIGNAL_COLUMNS)
+    return stored / tokens if tokens else None
 
 
 def main() -> None:
@@ -253,8 +286,11 @@ def main() -> None:
         spread = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
         rows.append({**arm, "greedy": statistics.mean(greedy), "greedy_sd": spread(greedy), "sampled": statistics.mean(sampled),
                      "sampled_sd": spread(sampled), "tokens": round(statistics.mean(r["tokens"] for r in runs))})
+        extra = {name: [r[name] for r in runs if r[name] is not None] for name in ("signal_bytes_per_token", "clip_fraction")}
+        shown = "  ".join(f"{name} {statistics.mean(values):.3g}" for name, values in extra.items() if values)
         print(f"{arm['arm']:22s} {arm['divergence']:10s} greedy gain {rows[-1]['greedy']:+.3f} ± {rows[-1]['greedy_sd']:.3f}  "
-              f"sampled gain {rows[-1]['sampled']:+.3f}  tokens {rows[-1]['tokens']:,}  ({time.perf_counter() - began:.0f} s)", flush=True)
+              f"sampled gain {rows[-1]['sampled']:+.3f}  tokens {rows[-1]['tokens']:,}  {shown}  ({time.perf_counter() - began:.0f} s)",
+              flush=True)
     print(f"\n{args.seeds} seed(s), {args.tokens:,} training tokens per arm, on-policy batches sampled fresh at every step, "
           f"{args.eval_problems} eval problems; start {args.start}, greedy {baseline['greedy_exact_match']:.3f}\n")
     print("| arm | divergence | training tokens | greedy EM gain | sampled EM gain |\n|---|---|---|---|---|")

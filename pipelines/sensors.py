@@ -25,7 +25,7 @@ POLICY_HELP = (
     "Policy from the environment: DISTILL_MAX_ROUNDS (default 5), DISTILL_MIN_IMPROVEMENT (default 0.0: "
     "stop when a round does worse than its parent), DISTILL_ROUND_METRIC (default 'auto': greedy exact match when "
     "the task verifies, else the reverse KL on the student's samples going down), DISTILL_ROUND_MODE ('stored', the "
-    "default, 'online' or 'preference'), DISTILL_ROUNDS_CRON (schedule only)."
+    "default, 'online', 'preference' or 'self'), DISTILL_ROUNDS_CRON (schedule only)."
 )
 
 
@@ -44,7 +44,8 @@ class RoundPolicy(dg.Config):
     mode: Literal[tuple(ROUND_MODES)] = Field(
         "stored", description="'stored': rollouts sampled once, scored, then trained on; 'online': student_checkpoint "
         "samples and scores a fresh batch at every on-policy step (GKD's Algorithm 1); 'preference': the teacher judges the "
-        "samples, pairs are built, the student trains with DPO"
+        "samples, pairs are built, the student trains with DPO; 'self': the parent scores its own samples, the student "
+        "fine-tunes on those the verifier accepts (rejection sampling)"
     )
     cron: str = Field("0 */6 * * *", description="the round schedule's cron (the schedule is off by default)")
 

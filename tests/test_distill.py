@@ -146,18 +146,23 @@ def test_fresh_on_policy_batches_are_sampled_from_the_current_student(tiny_model
         train_student(model, tokenizer, batches_for(model, tokenizer, hot, labeled, hotter_batch), hot)
 
 
+def tiny_online_rollouts(model, tokenizer, tiny_model_dir, directory, prompts: int, seed: int, k: int, max_new_tokens: int):
+    """(OnlineRollouts, its settings): `model` samples n = 2 per arithmetic prompt, the tiny model scores (its own teacher)."""
+    arithmetic = problems("train", prompts, seed)
+    pq.write_table(pa.table({"prompt_id": [f"p{i}" for i in range(prompts)], "prompt": [p.prompt for p in arithmetic],
+                             "answer": [str(p.answer) for p in arithmetic]}), directory / "prompts.parquet")
+    settings = OnlineSettings(prompts=str(directory / "prompts.parquet"), batches=str(directory / "batches"), teacher=str(tiny_model_dir),
+                              teacher_card=model_card("teacher", model, tokenizer), task="arithmetic", k=k,
+                              sampling=Sampling(n=2, temperature=1.0, max_new_tokens=max_new_tokens),
+                              identity={"student": "student", "student_weights_hash": "s"})
+    return OnlineRollouts(model, tokenizer, settings.teacher_engine("cpu"), settings, batch_size=8), settings
+
+
 def test_online_rollouts_append_each_on_policy_batch_with_its_policy_step(tiny_model_dir, labeled, tmp_path):
     """OnlineRollouts (the tiny model is its own teacher): every on-policy step writes the batch it
     trains on, sampled at that step (staleness 0); a resumed training forgets the batches from its step on."""
     model, tokenizer = load_model(str(tiny_model_dir))
-    arithmetic = problems("train", 6, 7)
-    pq.write_table(pa.table({"prompt_id": [f"p{i}" for i in range(6)], "prompt": [p.prompt for p in arithmetic],
-                             "answer": [str(p.answer) for p in arithmetic]}), tmp_path / "prompts.parquet")
-    settings = OnlineSettings(prompts=str(tmp_path / "prompts.parquet"), batches=str(tmp_path / "batches"), teacher=str(tiny_model_dir),
-                              teacher_card=model_card("teacher", model, tokenizer), task="arithmetic", k=8,
-                              sampling=Sampling(n=2, temperature=1.0, max_new_tokens=16),
-                              identity={"student": "student", "student_weights_hash": "s"})
-    online = OnlineRollouts(model, tokenizer, settings.teacher_engine("cpu"), settings, batch_size=8)
+    online, settings = tiny_online_rollouts(model, tokenizer, tiny_model_dir, tmp_path, prompts=6, seed=7, k=8, max_new_tokens=16)
     config = TrainingSettings(steps=8, batch_size=8, learning_rate=3e-3, warmup_steps=1, mix=0.5)
     curve = train_student(model, tokenizer, batches_for(model, tokenizer, config, labeled, online), config)
     on_policy = [c["step"] for c in curve if c["source"] == "on_policy"]
@@ -189,14 +194,7 @@ def test_policy_gradient_objectives_train_on_the_students_own_samples(tiny_model
     train on them, logging the policy gradient, clip fraction (0: fresh samples), entropy and KL to
     the sampler. Rewards that cannot work are refused before training."""
     model, tokenizer = load_model(str(tiny_model_dir))
-    arithmetic = problems("train", 8, 11)
-    pq.write_table(pa.table({"prompt_id": [f"p{i}" for i in range(8)], "prompt": [p.prompt for p in arithmetic],
-                             "answer": [str(p.answer) for p in arithmetic]}), tmp_path / "prompts.parquet")
-    settings = OnlineSettings(prompts=str(tmp_path / "prompts.parquet"), batches=str(tmp_path / "batches"), teacher=str(tiny_model_dir),
-                              teacher_card=model_card("teacher", model, tokenizer), task="arithmetic", k=4,
-                              sampling=Sampling(n=2, temperature=1.0, max_new_tokens=12),
-                              identity={"student": "student", "student_weights_hash": "s"})
-    online = OnlineRollouts(model, tokenizer, settings.teacher_engine("cpu"), settings, batch_size=8)
+    online, settings = tiny_online_rollouts(model, tokenizer, tiny_model_dir, tmp_path, prompts=8, seed=11, k=4, max_new_tokens=12)
     for objective in ("kl_advantage", "gkd_rl"):
         config = TrainingSettings(steps=2, batch_size=8, warmup_steps=0, mix=1.0, objective=objective, reward_weight=1.0)
         curve = train_student(model, tokenizer, batches_for(model, tokenizer, config, labeled, online), config)
