@@ -6,7 +6,8 @@ OpenAI-compatible server on 127.0.0.1, on the same model and the same prompts.
 Without a path it uses the embedded teacher from DISTILL_HOME if there is one (`make demo`), else a
 freshly initialised model of the teacher's architecture saved to a temp directory. For each engine:
 generation new tokens/s without and with top-k logprobs, and scoring tokens/s (prompt + completion
-tokens, top-k signal). Every engine scores the same completions (the hf engine's).
+tokens, the top-k signal, and k = 0: each token's own logprob only). Every engine scores the same
+completions (the hf engine's).
 """
 
 import os
@@ -68,9 +69,11 @@ def measure(engine, prompt_ids, completions) -> dict[str, float]:
         started = time.perf_counter()
         generations = engine.generate(prompt_ids, params, logprobs=logprobs)
         figures[name] = sum(len(g.completion_ids) for g in generations) / (time.perf_counter() - started)
-    started = time.perf_counter()
-    engine.score(prompt_ids, completions, K)
-    figures[f"score top{K}"] = sum(len(p) + len(c) for p, c in zip(prompt_ids, completions)) / (time.perf_counter() - started)
+    tokens = sum(len(p) + len(c) for p, c in zip(prompt_ids, completions))
+    for name, k in [(f"score top{K}", K), ("score k=0", 0)]:  # k = 0: each token's own logprob (objective kl_advantage)
+        started = time.perf_counter()
+        engine.score(prompt_ids, completions, k)
+        figures[name] = tokens / (time.perf_counter() - started)
     return figures
 
 

@@ -80,6 +80,10 @@ def test_verifier_reads_only_the_final_answer():
     completions = pa.array(["####  -12", "#### 13", "13", "#### 12", "nothing", "#### 5", None])
     answers = pa.array(["-12", "12", "13", "12", "12", None, "3"])
     assert verify_column(completions, answers).to_pylist() == [True, False, False, True, False, None, False]
+    # any length, written with leading zeros: a student's 20-digit answer is wrong, not an error
+    completions = pa.array(["#### 66666666776766666666", "#### 0984", "#### -0", "#### 123456789012345678901234"])
+    answers = pa.array(["984", "984", "0", "123456789012345678901234"])
+    assert verify_column(completions, answers).to_pylist() == [False, True, True, True]
 
 
 def test_parse_prompt_rejects_what_the_task_does_not_pose():

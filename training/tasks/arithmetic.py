@@ -153,13 +153,20 @@ def extract_answer(completion: str) -> int | None:
     return int(match.group("answer")) if match else None
 
 
+def integer_text(texts: pa.Array) -> pa.Array:
+    """Integers written one way, as text: no leading zeros, no `-0` (`0984` → `984`). Compared as
+    text, an answer of any length is read (a student may write 20 digits; int64 holds 18)."""
+    texts = pc.replace_substring_regex(texts, r"^(-?)0*(\d+)$", r"\1\2")
+    return pc.replace_substring_regex(texts, r"^-0$", "0")
+
+
 def verify_column(completions: pa.Array, answers: pa.Array) -> pa.Array:
     """Exact match on the final answer, per row: the first `#### N` in the completion equals the
     reference; null where there is no integer reference answer."""
     found = pc.struct_field(pc.extract_regex(completions, ANSWER_RE.pattern), "answer")
     is_integer = pc.fill_null(pc.match_substring_regex(answers, r"^-?\d+$"), False)
-    reference = pc.cast(pc.if_else(is_integer, answers, None), pa.int64())
-    matches = pc.fill_null(pc.equal(pc.cast(found, pa.int64()), reference), False)
+    reference = pc.if_else(is_integer, answers, None)
+    matches = pc.fill_null(pc.equal(integer_text(found), integer_text(reference)), False)
     return pc.if_else(is_integer, matches, pa.scalar(None, pa.bool_()))
 
 
