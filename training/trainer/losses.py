@@ -103,10 +103,10 @@ def policy_gradient_sums(log_q: torch.Tensor, targets, sampled_logprobs, advanta
     log_ratio = -nll(log_q, targets) - sampled_logprobs
     ratio = log_ratio.exp()
     unclipped, clipped = ratio * advantages, ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio) * advantages
-    entropy = -(log_q.exp() * log_q).sum(-1)
     with torch.no_grad():
+        entropy = -(log_q.exp() * log_q).sum(-1)
         k3 = ratio - 1.0 - log_ratio
-    return torch.stack([-torch.minimum(unclipped, clipped).sum(), (clipped < unclipped).float().sum(), entropy.detach().sum(), k3.sum()])
+    return torch.stack([-torch.minimum(unclipped, clipped).sum(), (clipped < unclipped).float().sum(), entropy.sum(), k3.sum()])
 
 
 class LossSettings(BaseModel):
