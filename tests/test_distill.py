@@ -219,6 +219,10 @@ def test_policy_gradient_objectives_train_on_the_students_own_samples(tiny_model
     with pytest.raises(ValueError, match="these samples have none"):
         DistillCommand(student="", data=[], output="", mix=1.0, objective="kl_advantage", reward_weight=0.5,
                        rollouts=[str(tmp_path / "unanswered.parquet")])
+    pq.write_table(scored.drop_columns(["baseline", "advantage"]), tmp_path / "older.parquet")
+    with pytest.raises(ValueError, match="no `advantage` column"):
+        DistillCommand(student="", data=[], output="", mix=1.0, objective="gkd_rl", reward_weight=1.0,
+                       rollouts=[str(tmp_path / "older.parquet")])
     with pytest.raises(ValueError, match="every prompt has one sample"):
         DistillCommand(student="", data=[], output="", mix=1.0, objective="gkd_rl", reward_weight=1.0,
                        rollouts=[str(tmp_path / "alone.parquet")])

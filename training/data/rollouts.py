@@ -116,6 +116,9 @@ def group_baselines(prompt_ids: pa.ChunkedArray, rewards: pa.Array) -> pa.Array:
 def check_rewards(paths: list[str]) -> None:
     """Fails before training when the scored samples in `paths` give a reward's policy gradient
     nothing: no reward at all, or one sample per prompt (its baseline is its own reward)."""
+    if "advantage" not in duckdb.sql(f"SELECT * FROM {parquet(paths)} LIMIT 0").columns:
+        raise ValueError("these samples were scored before rewards had baselines (no `advantage` column): materialize their "
+                         "teacher_feedback again")
     rewarded, largest = duckdb.sql(f"SELECT sum(rewarded), max(samples) FROM (SELECT count(reward) AS rewarded, count(*) AS samples "
                                    f"FROM {parquet(paths)} GROUP BY prompt_id)").fetchall()[0]
     if not rewarded:
