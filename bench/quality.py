@@ -19,11 +19,12 @@ of training tokens (steps are set from the mean completion length of what each s
   corrections sft       SFT on the teacher's corrections of the start's wrong samples (those the verifier accepts)
   gkd + dpo             DPO on the verifier pairs + kd_weight · JSD(0.5) to the teacher's signal on both responses
                         (at the KD arms' learning rate; the DPO arms train at PREFERENCE_LR)
-  gkd + rl λ=1          objective gkd_rl: JSD(0.5) + the verifier reward's policy gradient (reward_weight 1,
+  on_policy λ=1 n=2     on-policy JSD(0.5) on n = 2 fresh samples of half as many prompts: gkd + rl's batches
+  gkd + rl λ=1          objective gkd_rl: JSD(0.5) + the verifier reward's policy gradient (REWARD_WEIGHT,
                         baseline: the mean reward of the prompt's n = 2 fresh samples)
   kl advantage λ=1      objective kl_advantage: the policy gradient of log p_T(y_t) − log q(y_t) per sampled
-                        token, the teacher storing k = 0 (its logprob of each sampled token only)
-  kl advantage + reward the same plus the verifier reward's advantage (reward_weight 1, n = 2)
+                        token, the teacher storing k = 0 (its logprob of each sampled token only), at KL_ADVANTAGE_LR
+  kl advantage + reward the same plus the verifier reward's advantage (REWARD_WEIGHT, n = 2)
   rejection sampling    self-distillation: SFT on the start's own samples (the feedback arms' n = 4 per prompt)
                         that the verifier accepted; no teacher
 The feedback arms' data is built once per seed from the start (training/feedback/): n = 4 samples (T = 1)
@@ -78,6 +79,8 @@ TASK = ArithmeticTask()
 FEEDBACK_PROMPTS = 4096  # train prompts × 4 samples of the start, per seed, for the feedback arms
 PREFERENCE_LR = 1e-5  # the DPO arms' (SFT and KD: 1e-3); from offline_student, 2e-5 already lost 0.04 and 2e-4 0.49 (seed 0)
 KD_WEIGHT = 100.0  # gkd + dpo, at the KD arms' 1e-3: the per-token JSD(0.5) is ~1e-2, the per-pair DPO loss ~0.7 (seed 0: 10 lost)
+REWARD_WEIGHT = 0.1  # gkd + rl (seed 0, n = 2): 1 gained +0.031, 0.1 +0.070, 0.01 +0.092, none +0.084: the per-token JSD is ~1e-2
+KL_ADVANTAGE_LR = 3e-5  # kl advantage (seed 0): 1e-3 lost 0.185, 3e-4 lost 0.028, 1e-4 gained +0.006, 3e-5 +0.022
 PAIR_JUDGES = {"verifier_pairs": ["verifier", "likelihood"], "likelihood_pairs": ["likelihood"]}
 
 
@@ -98,10 +101,11 @@ def arms() -> list[dict]:
             {"arm": "corrections sft", "objective": "sft", "data": "corrections", "mix": 0.0, "divergence": "-"},
             {**dpo, "arm": "gkd + dpo", "data": "verifier_pairs", "divergence": "jsd(0.5)", "kd_weight": KD_WEIGHT, "learning_rate": 1e-3}]
     policy = {"data": "teacher_labeled", "mix": 1.0, "divergence": "jsd(0.5)"}
-    out += [{**policy, "arm": "gkd + rl λ=1", "objective": "gkd_rl", "reward_weight": 1.0, "n": 2},
-            {**policy, "arm": "kl advantage λ=1", "objective": "kl_advantage", "divergence": "-", "k": 0},
-            {**policy, "arm": "kl advantage + reward", "objective": "kl_advantage", "divergence": "-", "k": 0, "reward_weight": 1.0,
-             "n": 2},
+    advantage = {**policy, "objective": "kl_advantage", "divergence": "-", "k": 0, "learning_rate": KL_ADVANTAGE_LR}
+    out += [{**policy, "arm": "on_policy λ=1 n=2", "objective": "supervised_kd", "n": 2},  # gkd + rl's batches, without the reward
+            {**policy, "arm": "gkd + rl λ=1", "objective": "gkd_rl", "reward_weight": REWARD_WEIGHT, "n": 2},
+            {**advantage, "arm": "kl advantage λ=1"},
+            {**advantage, "arm": "kl advantage + reward", "reward_weight": REWARD_WEIGHT, "n": 2},
             {"arm": "rejection sampling", "objective": "sft", "data": "accepted", "mix": 0.0, "divergence": "-"}]
     return out
 
