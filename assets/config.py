@@ -246,10 +246,13 @@ class StudentCheckpointConfig(TrainingConfig):
     )
     online_rollouts: OnlineRolloutsConfig = Field(OnlineRolloutsConfig(),
                                                   description="online: how the student samples and what of the teacher is kept")
-    keep: Literal["all", "rewarded"] = Field("all", description="which of the round's scored samples it trains on: 'all', or "
-                                             "'rewarded', those the task's verifier accepted (reward ≥ min_reward): "
-                                             "rejection-sampling fine-tuning with objective sft (the self round)")
+    keep: Literal["all", "rewarded", "judged"] = Field(
+        "all", description="which of the round's scored samples it trains on: 'all'; 'rewarded', those the task's verifier "
+        "accepted (reward ≥ min_reward): rejection-sampling fine-tuning with objective sft (the self round); 'judged', those "
+        "the round's judgments score ≥ min_score (materialize round_judgments first)")
     min_reward: float = Field(1.0, description="keep 'rewarded': the least reward a sample needs to be kept")
+    min_score: float = Field(0.5, description="keep 'judged': the least judged score (the default judgments, verifier 1 and "
+                             "likelihood 0.1, score a right answer near 1 and a wrong one near 0)")
 
     @model_validator(mode="after")
     def _ranking_rounds_train_on_their_pairs(self):

@@ -132,9 +132,11 @@ def student_checkpoint(context: dg.AssetExecutionContext, config: StudentCheckpo
     ranked = "ranked" in OBJECTIVES[config.objective].takes
     reads = {"stored": [config.train_on, "teacher_feedback"], "online": [config.train_on, "seed_prompts"],
              "preference": ["round_judgments" if ranked else "round_pairs"]}[mode]  # the datasets this mode trains on
-    if mode != "online" and not store.has_dataset(reads[-1], key):
-        raise FileNotFoundError(f"round {key} has no {reads[-1]} yet: materialize it for {key} first"
-                                + (", or train online (student_checkpoint config online: true)" if mode == "stored" else ""))
+    reads += ["round_judgments"] if config.keep == "judged" else []  # the judged scores its samples are kept by
+    for name in [] if mode == "online" else reads[1:] if mode == "stored" else reads:  # the round's own datasets
+        if not store.has_dataset(name, key):
+            raise FileNotFoundError(f"round {key} has no {name} yet: materialize it for {key} first" + (
+                ", or train online (student_checkpoint config online: true)" if name == "teacher_feedback" else ""))
     with claim_round(context):
         read = STUDENT_CHECKPOINT.read(store, key, skip=tuple(name for name in STUDENT_CHECKPOINT.deps if name not in reads))
         teacher = feedback_teacher(store, key, read.cards["teacher_model"]) if mode == "stored" else read.cards["teacher_model"]
@@ -144,20 +146,16 @@ def student_checkpoint(context: dg.AssetExecutionContext, config: StudentCheckpo
             data, feedback = ranking_data(store, "student_checkpoint", config.objective, "round_pairs", "round_judgments", card, key), []
         else:
             data, feedback = store.shard_paths(config.train_on), store.shard_paths("teacher_feedback", key) if mode == "stored" else []
-        if config.keep == "rewarded":  # rejection sampling: the samples the verifier accepted, written once per feedback version
-            kept = store.root / "work" / "student_checkpoint" / key / f"kept.{store.dataset_version('teacher_feedback', key)}.parquet"
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            counts = {"kept_samples": pq.read_metadata(kept).num_rows} if kept.exists() else {}
-            if not counts:
-                counts["kept_samples"], _ = accepted_samples(feedback, config.min_reward, kept)
-            feedback = [kept]
+        if config.keep != "all":  # rejection sampling: the accepted samples, written once per (inputs, threshold)
+            feedback, counts = [kept_samples(store, key, feedback, config)], {}
+            counts["kept_samples"] = pq.read_metadata(feedback[0]).num_rows
         identity = {"round": key, **parent_versions(parent, card), "parent_round": previous, "mix": config.mix, "online": config.online,
                     "objective": config.objective, "teacher": teacher.name}
         new_card, curve = distill_and_save(context, store, "student_checkpoint", config, card, teacher, data,
                                            feedback, card_fields=identity, partition=key, online=online)
         on_policy = [c for c in curve if c["source"] == "on_policy"]
         metrics = {**curve_metrics(curve), "on_policy_steps": len(on_policy), "teacher": teacher.name,
-                   **({"kept_samples": counts["kept_samples"]} if config.keep == "rewarded" else {}),
+                   **({"kept_samples": counts["kept_samples"]} if config.keep != "all" else {}),
                    "mean_staleness": sum(c["staleness"] for c in on_policy) / len(on_policy) if on_policy else None,
                    "max_staleness": max((c["staleness"] for c in on_policy), default=None)}
         inputs = {**read.versions, **parent_versions(parent, card), **chat_templates(teacher, card)}
@@ -208,6 +206,21 @@ def online_feedback(context: dg.AssetExecutionContext, store: dg.ResourceParam[S
                              preview=["policy_step", "staleness", "completion", "reward", "log_ratio_sum"])
     store.remove_work(batches[0].parent)
     return result
+
+
+def kept_samples(store: Store, key: str, feedback: list[Path], config: StudentCheckpointConfig) -> Path:
+    """The file of round `key`'s samples that `config.keep` accepts (the verifier's reward, or
+    round_judgments' score, at least the threshold), in the round's work directory (removed once
+    trained; a killed training resumes on the same file), written once per inputs and threshold."""
+    judged = config.keep == "judged"
+    judgments = store.shard_paths("round_judgments", key) if judged else []
+    least = config.min_score if judged else config.min_reward
+    versions = [store.dataset_version(name, key) for name in ("teacher_feedback", *(["round_judgments"] if judged else []))]
+    kept = store.root / "work" / "student_checkpoint" / key / f"kept.{config.keep}.{'.'.join(versions)}.{least!r}.parquet"
+    if not kept.exists():
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        accepted_samples(feedback, least, kept, judgments)
+    return kept
 
 
 def feedback_teacher(store: Store, key: str, teacher_model: ModelCard) -> ModelCard:

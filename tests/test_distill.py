@@ -230,7 +230,7 @@ def test_policy_gradient_objectives_train_on_the_students_own_samples(tiny_model
         TrainingSettings(reward_weight=1.0)
 
 
-def test_rejection_sampling_keeps_what_the_verifier_accepted(labeled, tmp_path):
+def test_rejection_sampling_keeps_what_the_verifier_or_the_judges_accepted(labeled, tmp_path):
     scored = own_samples(labeled)  # every third sample is right
     pq.write_table(scored, tmp_path / "scored.parquet")
     kept, total = accepted_samples([tmp_path / "scored.parquet"], 1.0, tmp_path / "kept.parquet")
@@ -239,9 +239,21 @@ def test_rejection_sampling_keeps_what_the_verifier_accepted(labeled, tmp_path):
     with pytest.raises(ValueError, match="none of the round's 48 samples has reward ≥ 2.0: sample more"):
         accepted_samples([tmp_path / "scored.parquet"], 2.0, tmp_path / "none.parquet")
     pq.write_table(scored.drop_columns(["reward"]).append_column("reward", pa.nulls(48, pa.float64())), tmp_path / "free.parquet")
-    with pytest.raises(ValueError, match="these have no reward .*: keep 'all'"):
+    with pytest.raises(ValueError, match="these have no reward .*: keep 'judged' \\(round_judgments\\), or 'all'"):
         accepted_samples([tmp_path / "free.parquet"], 1.0, tmp_path / "none.parquet")
     assert not (tmp_path / "none.parquet").exists()
+
+    # kept by the judges' score instead (round_judgments: one row per candidate; corrections are candidates of their own)
+    scores = [0.9 if i % 4 == 0 else 0.1 for i in range(48)]
+    judgments = pa.table({"sample_id": scored["sample_id"].to_pylist() + ["a-correction"], "score": scores + [1.0],
+                          "origin": ["student"] * 48 + ["correction"]})
+    pq.write_table(judgments, tmp_path / "judgments.parquet")
+    kept, total = accepted_samples([tmp_path / "free.parquet"], 0.5, tmp_path / "judged.parquet", [tmp_path / "judgments.parquet"])
+    judged = pq.read_table(tmp_path / "judged.parquet")
+    assert (kept, total) == (12, 48) and judged.column_names == pq.read_schema(tmp_path / "free.parquet").names
+    assert judged["sample_id"].to_pylist() == [f"s{i}" for i in range(0, 48, 4)]
+    with pytest.raises(ValueError, match="has judged score ≥ 2.0: .* lower min_score"):
+        accepted_samples([tmp_path / "free.parquet"], 2.0, tmp_path / "none.parquet", [tmp_path / "judgments.parquet"])
 
 
 def own_samples(labeled: pa.Table) -> pa.Table:

@@ -246,6 +246,9 @@ def test_a_self_round_trains_on_the_samples_its_parent_scored_and_the_verifier_k
     assert result.asset_materializations_for_node("student_checkpoint")[0].metadata["kept_samples"].value == feedback.num_rows
     _, teachers = query(offline, "SELECT json_extract_string(input_versions, '$.teacher') FROM lineage WHERE asset = 'teacher_feedback'")
     assert teachers == [("offline_student",)]
+    judged = run_round(instance, "r001", selection=[student_checkpoint],
+                       student_checkpoint={**mode["student_checkpoint"], "keep": "judged"})
+    assert not judged.success and "round r001 has no round_judgments yet: materialize it for r001 first" in error_of(judged)
     with pytest.raises(ValueError, match="its own or a later round's checkpoint"):
         round_teacher(offline, "r001", "student_checkpoint[r001]")
     with pytest.raises(ValueError, match="is none of teacher_model, parent, offline_student"):

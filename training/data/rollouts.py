@@ -129,22 +129,31 @@ def check_rewards(paths: list[str]) -> None:
                          "reward and every advantage is 0: sample n ≥ 2 per prompt (student_rollouts sampling.n)")
 
 
-def accepted_samples(paths: list[Path], min_reward: float, out: Path) -> tuple[int, int]:
-    """Writes to `out` the scored samples of `paths` that the verifier accepted (reward ≥ min_reward),
-    in DuckDB (memory bounded), whole or not at all: what rejection-sampling fine-tuning trains on.
-    Returns (kept, scored). Fails with what to do when no sample has a reward or none is accepted."""
+def accepted_samples(paths: list[Path], least: float, out: Path, judgments: list[Path] = ()) -> tuple[int, int]:
+    """Writes to `out` the scored samples of `paths` that were accepted: the verifier's reward ≥ `least`,
+    or with `judgments` (a round's round_judgments) the judged score ≥ `least`; in DuckDB (memory
+    bounded), whole or not at all: what rejection-sampling fine-tuning trains on. Returns (kept,
+    scored). Fails with what to do when no sample has a reward (a score) or none is accepted."""
     source = parquet(paths)
-    rewarded, kept, scored = duckdb.sql(f"SELECT count(reward), count(*) FILTER (WHERE reward >= $least), count(*) FROM {source}",
-                                        params={"least": min_reward}).fetchall()[0]
-    if not rewarded:
-        raise ValueError("keep 'rewarded' keeps the samples the task's verifier accepts, and these have no reward (no verifier: "
-                         "the prompts carry no reference answers): keep 'all'")
+    if judgments:  # the judges' combined score of each sample (round_judgments: one row per candidate)
+        source = (f"(SELECT s.*, j.score AS accepted_by FROM {source} AS s LEFT JOIN (SELECT sample_id, score FROM "
+                  f"{parquet(judgments)} WHERE origin = 'student') AS j USING (sample_id))")
+    else:
+        source = f"(SELECT *, reward AS accepted_by FROM {source})"
+    rated, kept, scored = duckdb.sql(f"SELECT count(accepted_by), count(*) FILTER (WHERE accepted_by >= $least), count(*) "
+                                     f"FROM {source}", params={"least": least}).fetchall()[0]
+    what = "judged score" if judgments else "reward"
+    if not rated:
+        raise ValueError("these samples have no judged score: materialize round_judgments for the round first" if judgments else
+                         "keep 'rewarded' keeps the samples the task's verifier accepts, and these have no reward (no verifier: "
+                         "the prompts carry no reference answers): keep 'judged' (round_judgments), or 'all'")
     if not kept:
-        raise ValueError(f"none of the round's {scored} samples has reward ≥ {min_reward}: sample more (student_rollouts "
-                         "num_prompts or n), or lower min_reward")
+        raise ValueError(f"none of the round's {scored} samples has {what} ≥ {least}: sample more (student_rollouts "
+                         f"num_prompts or n), or lower min_{'score' if judgments else 'reward'}")
     partial = out.with_name(out.name + ".partial")
     target = str(partial).replace("'", "''")
-    duckdb.sql(f"COPY (SELECT * FROM {source} WHERE reward >= {float(min_reward)!r}) TO '{target}' (FORMAT parquet, COMPRESSION zstd)")
+    duckdb.sql(f"COPY (SELECT * EXCLUDE (accepted_by) FROM {source} WHERE accepted_by >= {float(least)!r}) TO '{target}' "
+               "(FORMAT parquet, COMPRESSION zstd)")
     os.replace(partial, out)
     return kept, scored
 
