@@ -146,16 +146,17 @@ def student_checkpoint(context: dg.AssetExecutionContext, config: StudentCheckpo
             data, feedback = ranking_data(store, "student_checkpoint", config.objective, "round_pairs", "round_judgments", card, key), []
         else:
             data, feedback = store.shard_paths(config.train_on), store.shard_paths("teacher_feedback", key) if mode == "stored" else []
+        kept = {}
         if config.keep != "all":  # rejection sampling: the accepted samples, written once per (inputs, threshold)
-            feedback, counts = [kept_samples(store, key, feedback, config)], {}
-            counts["kept_samples"] = pq.read_metadata(feedback[0]).num_rows
+            feedback = [kept_samples(store, key, feedback, config)]
+            kept["kept_samples"] = pq.read_metadata(feedback[0]).num_rows  # read now: the training's work is removed once trained
         identity = {"round": key, **parent_versions(parent, card), "parent_round": previous, "mix": config.mix, "online": config.online,
                     "objective": config.objective, "teacher": teacher.name}
         new_card, curve = distill_and_save(context, store, "student_checkpoint", config, card, teacher, data,
                                            feedback, card_fields=identity, partition=key, online=online)
         on_policy = [c for c in curve if c["source"] == "on_policy"]
         metrics = {**curve_metrics(curve), "on_policy_steps": len(on_policy), "teacher": teacher.name,
-                   **({"kept_samples": counts["kept_samples"]} if config.keep != "all" else {}),
+                   **kept,
                    "mean_staleness": sum(c["staleness"] for c in on_policy) / len(on_policy) if on_policy else None,
                    "max_staleness": max((c["staleness"] for c in on_policy), default=None)}
         inputs = {**read.versions, **parent_versions(parent, card), **chat_templates(teacher, card)}

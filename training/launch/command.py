@@ -57,13 +57,14 @@ class DistillCommand(TrainingSettings):
         if self.online is not None and self.launch.processes > 1:
             raise ValueError(f"online sampling runs in one training process, not {self.launch.processes}: set processes 1, "
                              "or use stored rounds (online: false) with data-parallel training")
-        if self.objective in POLICY_GRADIENT and self.reward_weight > 0 and self.online is not None:
-            if self.online.task == "none" or self.online.sampling.n < 2:
+        if self.objective in POLICY_GRADIENT and self.reward_weight > 0:  # a reward needs a verifier and n ≥ 2 per prompt
+            online = self.online
+            if online is not None and (online.task == "none" or online.sampling.n < 2):
                 raise ValueError(f"reward_weight {self.reward_weight} weighs the task reward against the mean reward of a prompt's "
-                                 f"samples: online sampling needs a task that verifies answers (task is {self.online.task!r}) and "
-                                 f"n ≥ 2 samples per prompt (n is {self.online.sampling.n}); or set reward_weight 0")
-        if self.objective in POLICY_GRADIENT and self.reward_weight > 0 and self.rollouts:
-            check_rewards(self.rollouts)
+                                 f"samples: online sampling needs a task that verifies answers (task is {online.task!r}) and "
+                                 f"n ≥ 2 samples per prompt (n is {online.sampling.n}); or set reward_weight 0")
+            if self.rollouts:
+                check_rewards(self.rollouts)
         if self.lora is not None and self.launch.strategy == "fsdp":
             raise ValueError("LoRA trains with strategy 'ddp' (its trainable weights are small); 'fsdp' with LoRA is not supported")
         return self
