@@ -1,10 +1,22 @@
-"""Sparse top-20 loss against the dense loss at vocab 151,936, batch × length 4 × 512, on the CPU:
-time and peak memory of loss + backward, and the teacher-side tensor sizes. Each variant runs in a
-fresh process so that peak RSS belongs to it alone.
+"""The loss of one batch at a real vocabulary: the dense loss (the teacher's full logits), the sparse
+top-20 loss on the student's logits, and the fused sparse loss on its hidden states and head, which
+never makes the (B, L, V) logits (training/trainer/head.py). Vocab 151,936, hidden size 896 (Qwen2.5-0.5B),
+batch × length 4 × 512, generalized JSD(0.5), forward and backward with the head's product included.
 
-    .venv/bin/python bench/losses.py
+Memory is the peak above the inputs (hidden states, head weight, teacher signal), less the head's
+gradient (V × H, 0.54 GB in fp32), which every variant makes alike as the optimizer needs it: what is
+left is the loss's own temporaries. On the CPU each variant runs in a fresh process (peak RSS); on CUDA
+in one process, from torch's allocator (max_memory_allocated).
+
+    .venv/bin/python bench/losses.py                 # CPU, fp32
+    python bench/losses.py --device cuda [--bf16]    # CUDA, optionally under bf16 autocast
+
+`--student-step` times whole training steps instead (forward, loss, backward, AdamW) of a randomly
+initialised Qwen2.5-0.5B-shaped student (24 layers, tied head) with the logits and with the fused head:
+peak memory of the step and seconds per step (`--layers` fewer for a CPU).
 """
 
+import argparse
 import resource
 import subprocess
 import sys
@@ -12,55 +24,137 @@ import time
 
 import torch
 
-from training.trainer.losses import LossSettings, SparseBatch, dense_kd_loss, sparse_kd_loss
+from training.trainer.losses import HiddenStates, LossSettings, SparseBatch, dense_kd_loss, sparse_kd_loss
 
-VOCAB, BATCH, LENGTH, K = 151_936, 4, 512, 20
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+VOCAB, HIDDEN, BATCH, LENGTH, K = 151_936, 896, 4, 512, 20
+VARIANTS = ("dense", "sparse", "fused")
 
 
-def run(variant: str) -> None:
+def peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run(variant: str, device: torch.device, bf16: bool, repeats: int) -> tuple[float, float, float]:
+    """(seconds of the fastest repeat, the loss's peak temporaries in MB, teacher-side MB) of one variant."""
     torch.manual_seed(0)
     n = BATCH * (LENGTH - 1)
-    rows = torch.arange(BATCH).repeat_interleave(LENGTH - 1)
-    positions = torch.arange(LENGTH - 1).repeat(BATCH)
-    targets = torch.randint(0, VOCAB, (n,))
-    student_logits = torch.randn(BATCH, LENGTH, VOCAB, requires_grad=True)
+    rows = torch.arange(BATCH, device=device).repeat_interleave(LENGTH - 1)
+    positions = torch.arange(LENGTH - 1, device=device).repeat(BATCH)
+    targets = torch.randint(0, VOCAB, (n,), device=device)
+    hidden = torch.randn(BATCH, LENGTH, HIDDEN, device=device, requires_grad=True)
+    head = torch.randn(VOCAB, HIDDEN, device=device).div_(HIDDEN**0.5).requires_grad_()  # in place: no temporary in the baseline
     objective = LossSettings(divergence="jsd", beta=0.5)
     if variant == "dense":
-        teacher_logits = torch.randn(BATCH, LENGTH, VOCAB)
+        teacher_logits = torch.randn(BATCH, LENGTH, VOCAB, device=device)
         teacher_bytes = teacher_logits.numel() * 4
-        baseline = peak_rss_mb()
-        started = time.perf_counter()
-        loss, _ = dense_kd_loss(student_logits, teacher_logits, rows, positions, targets, objective)
     else:
-        topk = torch.randn(n, K).sort(-1, descending=True).values.log_softmax(-1) - 0.01
-        batch = SparseBatch(None, None, rows, positions, targets, torch.randint(0, VOCAB, (n, K)), topk, torch.full((n,), 0.01))
+        topk = torch.randn(n, K, device=device).sort(-1, descending=True).values.log_softmax(-1) - 0.01
+        batch = SparseBatch(None, None, rows, positions, targets, torch.randint(0, VOCAB, (n, K), device=device), topk,
+                            torch.full((n,), 0.01, device=device))
         teacher_bytes = batch.topk_ids.numel() * 4 + topk.numel() * 4 + n * 4
-        baseline = peak_rss_mb()
+    head_grad_bytes = head.numel() * 4
+    times, temporaries = [], None
+    for _ in range(repeats):
+        hidden.grad = head.grad = None
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+        baseline = peak_bytes(device)
         started = time.perf_counter()
-        loss, _ = sparse_kd_loss(student_logits, batch, objective, 1.0)
-    loss.backward()
-    seconds = time.perf_counter() - started
-    print(f"{variant}\t{seconds:.2f}\t{peak_rss_mb() - baseline:.0f}\t{teacher_bytes / 2**20:.1f}")
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            if variant == "fused":
+                dtype = torch.bfloat16 if bf16 else hidden.dtype
+                loss, _ = sparse_kd_loss(HiddenStates(hidden, head, dtype), batch, objective, 1.0)
+            else:
+                logits = hidden @ head.T
+                if variant == "dense":
+                    loss, _ = dense_kd_loss(logits, teacher_logits, rows, positions, targets, objective)
+                else:
+                    loss, _ = sparse_kd_loss(logits, batch, objective, 1.0)
+        loss.backward()
+        del loss
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+        if temporaries is None:  # the first repeat's: a process's peak RSS never comes down for the next
+            temporaries = peak_bytes(device) - baseline - head_grad_bytes
+    return min(times), temporaries / 2**20, teacher_bytes / 2**20
+
+
+def student_step(device: torch.device, bf16: bool, layers: int, steps: int = 4) -> None:
+    """Peak memory and s/step of AdamW steps on the sparse top-20 loss, loss_head 'logits' against 'fused'."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from training.trainer.head import student_forward
+    from training.trainer.objectives import OBJECTIVES
+
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=4864, num_hidden_layers=layers,
+                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=LENGTH)
+    print(f"{device} {'bf16 autocast' if bf16 else 'fp32'}: a Qwen2.5-0.5B-shaped student ({layers} layers, fp32 weights, AdamW), "
+          f"batch × length {BATCH} × {LENGTH}, sparse top-{K} JSD(0.5), {steps} steps after one warm-up")
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(config).to(device).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        n = BATCH * (LENGTH - 1)
+        input_ids = torch.randint(0, VOCAB, (BATCH, LENGTH), device=device)
+        topk = torch.randn(n, K, device=device).sort(-1, descending=True).values.log_softmax(-1) - 0.01
+        batch = SparseBatch(input_ids, torch.ones_like(input_ids), torch.arange(BATCH, device=device).repeat_interleave(LENGTH - 1),
+                            torch.arange(LENGTH - 1, device=device).repeat(BATCH), input_ids[:, 1:].flatten(),
+                            torch.randint(0, VOCAB, (n, K), device=device), topk, torch.full((n,), 0.01, device=device))
+        times = []
+        for step in range(steps + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(device)
+            started = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                student = student_forward(model, batch.input_ids, batch.attention_mask, fused)
+            loss, _ = OBJECTIVES["supervised_kd"].loss(student, batch, LossSettings(divergence="jsd"), 1.0, {"completion_tokens": n})
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            del student, loss
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+        peak = f"peak memory {peak_bytes(device) / 2**30:.2f} GB" if device.type == "cuda" else "peak memory: on CUDA only"
+        print(f"loss_head {'fused' if fused else 'logits'}: {sum(times[1:]) / steps:.3f} s/step, {peak}")
+        del model, optimizer
 
 
 def main() -> None:
-    if len(sys.argv) > 1:
-        run(sys.argv[1])
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="under bf16 autocast")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per variant; the fastest is shown")
+    parser.add_argument("--variant", choices=VARIANTS, help="one variant alone (the CPU runs each in its own process)")
+    parser.add_argument("--student-step", action="store_true", help="whole training steps of a 0.5B-shaped student")
+    parser.add_argument("--layers", type=int, default=24, help="--student-step: decoder layers")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.student_step:
+        student_step(device, args.bf16, args.layers)
         return
-    print(f"vocab {VOCAB:,}, batch × length {BATCH} × {LENGTH}, k={K}, generalized JSD(0.5), loss + backward")
+    if args.variant:
+        print("\t".join(f"{x:.3f}" for x in run(args.variant, device, args.bf16, args.repeats)))
+        return
+    print(f"{device} {'bf16 autocast' if args.bf16 else 'fp32'}: vocab {VOCAB:,}, hidden {HIDDEN}, batch × length "
+          f"{BATCH} × {LENGTH}, k={K}, generalized JSD(0.5), head product + loss + backward")
     results = {}
-    for variant in ("dense", "sparse"):
-        out = subprocess.run([sys.executable, __file__, variant], capture_output=True, text=True, check=True).stdout
-        name, seconds, peak, teacher = out.strip().split("\t")
-        results[name] = (float(seconds), float(peak), float(teacher))
-        print(f"{name:6s}: {seconds} s, peak memory above inputs {peak} MB, teacher-side tensors {teacher} MB")
-    dense, sparse = results["dense"], results["sparse"]
-    print(f"sparse/dense: time {sparse[0] / dense[0]:.2f}×, peak memory {dense[1] / sparse[1]:.1f}× lower, "
-          f"teacher-side memory {dense[2] / sparse[2]:.0f}× lower")
+    for variant in VARIANTS:
+        if device.type == "cpu":
+            command = [sys.executable, __file__, "--variant", variant, "--repeats", str(args.repeats)] + (["--bf16"] if args.bf16 else [])
+            results[variant] = tuple(map(float, subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()))
+        else:
+            results[variant] = run(variant, device, args.bf16, args.repeats)
+        seconds, temporaries, teacher = results[variant]
+        print(f"{variant:6s}: {seconds:.3f} s, loss temporaries {temporaries:,.0f} MB, teacher-side tensors {teacher:,.1f} MB")
+    dense, sparse, fused = (results[v] for v in VARIANTS)
+    print(f"fused: {dense[1] / fused[1]:.0f}× less memory than dense, {sparse[1] / fused[1]:.0f}× less than sparse; "
+          f"time {fused[0] / sparse[0]:.2f}× sparse's, {fused[0] / dense[0]:.2f}× dense's")
 
 
 if __name__ == "__main__":

@@ -91,17 +91,31 @@ def sparse_supports(
     student_logprobs: torch.Tensor,
     tail_policy: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher and student log-probs on the support the sparse signal defines, per position, from
+    the student's whole (N, V) log-softmax (`support_logprobs` from what it needs of them)."""
+    log_q_top = student_logprobs.gather(-1, topk_ids.long())
+    log_q_tail = torch.logsumexp(student_logprobs.scatter(-1, topk_ids.long(), float("-inf")), -1) if tail_policy == "bucket" else None
+    return support_logprobs(topk_logprobs, tail_mass, log_q_top, log_q_tail, tail_policy)
+
+
+def support_logprobs(
+    topk_logprobs: torch.Tensor,
+    tail_mass: torch.Tensor,
+    log_q_top: torch.Tensor,
+    log_q_tail: torch.Tensor | None,
+    tail_policy: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher and student log-probs on the support the sparse signal defines, per position.
 
-    topk_ids, topk_logprobs (N, k); tail_mass (N,); student_logprobs (N, V), log-softmaxed.
+    topk_logprobs (N, k) and tail_mass (N,): the teacher's; log_q_top (N, k): the student's at the
+    teacher's top-k ids; log_q_tail (N,): log Σ_{v ∉ top-k} q_v (bucket only, exact: not log(1 − Σ q)).
     - renormalize: both restricted to the teacher's top-k ids and renormalized there:
       p̃_i = p_i / Σ_top-k p,  q̃_i = q_i / Σ_top-k q.
     - bucket: the top-k ids plus a (k+1)-th bin for everything else:
       p = (p_1 … p_k, tail_mass),  q = (q_1 … q_k, 1 − Σ_top-k q).
-    Never builds a (N, V) teacher tensor.
+    Never builds a (N, V) tensor.
     """
-    log_q_top = student_logprobs.gather(-1, topk_ids.long())
-    log_p_top = topk_logprobs.to(student_logprobs.dtype)
+    log_p_top = topk_logprobs.to(log_q_top.dtype)
     if tail_policy == "renormalize":
         return (
             log_p_top - torch.logsumexp(log_p_top, -1, keepdim=True),
@@ -109,8 +123,6 @@ def sparse_supports(
         )
     if tail_policy == "bucket":
         log_tiny = math.log(torch.finfo(torch.float32).tiny)  # an empty tail: finite, so 0·log 0 stays 0
-        log_p_tail = tail_mass.to(student_logprobs.dtype).log().clamp_min(log_tiny).unsqueeze(-1)
-        outside = student_logprobs.scatter(-1, topk_ids.long(), float("-inf"))
-        log_q_tail = torch.logsumexp(outside, -1, keepdim=True).clamp_min(log_tiny)  # exact, unlike log(1 − Σ q)
-        return torch.cat([log_p_top, log_p_tail], -1), torch.cat([log_q_top, log_q_tail], -1)
+        log_p_tail = tail_mass.to(log_q_top.dtype).log().clamp_min(log_tiny).unsqueeze(-1)
+        return torch.cat([log_p_top, log_p_tail], -1), torch.cat([log_q_top, log_q_tail.clamp_min(log_tiny).unsqueeze(-1)], -1)
     raise ValueError(f"unknown tail policy {tail_policy!r}: use 'renormalize' or 'bucket'")

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import torch
 
 from training.trainer import parallel
+from training.trainer.head import fuses, student_forward
 from training.trainer.objectives import BATCH_KINDS, OBJECTIVES, batch_kind
 from training.trainer.optim import adamw, cosine_lr
 from training.trainer.resume import load_state, save_state
@@ -68,6 +69,7 @@ def train_student(model, tokenizer, batches: Batches, settings: TrainingSettings
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False  # a cache is for generation; with checkpointing it is refused anyway
+    fused = fuses(settings.loss_head, model, OBJECTIVES[settings.objective].takes_hidden)
     trained = parallel.wrap(model, strategy)
     torch.manual_seed(settings.seed)
     sources = {"fixed": batches.fixed, **({"on_policy": batches.on_policy} if batches.on_policy is not None else {})}
@@ -87,7 +89,8 @@ def train_student(model, tokenizer, batches: Batches, settings: TrainingSettings
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        loss, parts, tokens = accumulate_gradients(trained, rows, tokenizer.pad_token_id, settings, source, batches.temperature, device)
+        loss, parts, tokens = accumulate_gradients(trained, rows, tokenizer.pad_token_id, settings, source, batches.temperature,
+                                                   device, fused)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step} ({parts}); lower learning_rate (now {lr:.2e}). "
                                      "No checkpoint was written.")
@@ -108,14 +111,15 @@ def train_student(model, tokenizer, batches: Batches, settings: TrainingSettings
 
 
 def accumulate_gradients(model, rows: pa.Table, pad_token_id: int, settings: TrainingSettings, source: str,
-                         temperature: float, device: torch.device) -> tuple[float, dict, int]:
+                         temperature: float, device: torch.device, fused: bool = False) -> tuple[float, dict, int]:
     """Forward and backward over this process's share of `rows` (the global batch; all of it in one
     process) in micro-batches of `micro_batch_size` rows of similar length (sorted: less padding,
     ~30% less time for the embedded teacher; a pair or a prompt's responses stay together), each loss
     divided by the global batch's count N (completion tokens, pairs or prompts: its kind's unit,
     training/trainer/objectives.py), so the accumulated gradient is that of loss = (1/N) Σ ℓ whatever
     the split into micro-batches or processes (`training/trainer/parallel.py`). Returns (loss, mean
-    parts, completion tokens), summed over the processes."""
+    parts, completion tokens), summed over the processes. With `fused` the loss takes the student's
+    hidden states and head instead of its logits (training/trainer/head.py)."""
     kind = BATCH_KINDS[batch_kind(rows)]
     counts = kind.counts(rows)
     mine = rows.slice(*parallel.rank_slice(rows.num_rows))
@@ -131,8 +135,8 @@ def accumulate_gradients(model, rows: pa.Table, pad_token_id: int, settings: Tra
         batch = kind.batch(piece, pad_token_id, settings.k).to(device)
         with parallel.no_sync(model, last=index == len(starts) - 1):
             with autocast(device, settings.precision):
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            part_loss, parts = objective.loss(logits, batch, loss_settings, temperature, counts)
+                student = student_forward(model, batch.input_ids, batch.attention_mask, fused)
+            part_loss, parts = objective.loss(student, batch, loss_settings, temperature, counts)
             (part_loss * processes).backward()  # DDP averages over processes; the sum is wanted
         loss += part_loss.item()
         units = kind.counts(piece)[kind.unit]

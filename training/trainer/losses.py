@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from training.models.batches import completion_positions, flat_values, list_lengths
 from training.schema.signal import STUDENT_LOGPROB
-from training.trainer.divergences import DIVERGENCES, divergence, sparse_supports
+from training.trainer.divergences import DIVERGENCES, divergence, support_logprobs
 
 
 @dataclass
@@ -92,21 +92,21 @@ def nll(log_q: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -log_q.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def policy_gradient_sums(log_q: torch.Tensor, targets, sampled_logprobs, advantages, clip_ratio: float) -> torch.Tensor:
-    """[Σ PG, Σ clipped, Σ entropy, Σ k3] over positions, from the student's raw (T = 1) log q (n, V):
+def policy_gradient_sums(token_logprob: torch.Tensor, entropy: torch.Tensor, sampled_logprobs, advantages,
+                         clip_ratio: float) -> torch.Tensor:
+    """[Σ PG, Σ clipped, Σ entropy, Σ k3] over positions, from the student's raw (T = 1) log q(y) of
+    each token and its entropy −Σ_v q(v) log q(v) at that state:
 
         PG        −min(ρ A, clip(ρ, 1 − ε, 1 + ε) A),  ρ = exp(log q(y) − log q_old(y))
         clipped   1 where the clipped branch is the one taken (its gradient is 0)
-        entropy   −Σ_v q(v) log q(v), the student's, at the sampled states
         k3        ρ − 1 − log ρ ≥ 0, an unbiased estimate of KL(q_old ‖ q) on tokens sampled by q_old
     """
-    log_ratio = -nll(log_q, targets) - sampled_logprobs
+    log_ratio = token_logprob - sampled_logprobs
     ratio = log_ratio.exp()
     unclipped, clipped = ratio * advantages, ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio) * advantages
     with torch.no_grad():
-        entropy = -(log_q.exp() * log_q).sum(-1)
         k3 = ratio - 1.0 - log_ratio
-    return torch.stack([-torch.minimum(unclipped, clipped).sum(), (clipped < unclipped).float().sum(), entropy.sum(), k3.sum()])
+    return torch.stack([-torch.minimum(unclipped, clipped).sum(), (clipped < unclipped).to(ratio.dtype).sum(), entropy.sum(), k3.sum()])
 
 
 class LossSettings(BaseModel):
@@ -144,64 +144,146 @@ class LossSettings(BaseModel):
         return self
 
 
-CHUNK_ELEMENTS = 2**22  # positions per chunk × vocab: ~16 MB per float32 temporary
+CHUNK_ELEMENTS = 2**24  # positions per chunk × vocab: ~64 MB per float32 temporary (110 positions at V = 151,936)
 
 
-def _sparse_sums(selected_logits, targets, topk_ids, teacher_logprobs, tail_mass, sampled_logprobs, advantages,
-                 objective: LossSettings):
-    """[Σ divergence, Σ nll, Σ PG, Σ clipped, Σ entropy, Σ k3] over some positions, from their (n, V)
-    student logits; the last four are 0 without advantages (`policy_gradient_sums`)."""
-    log_q = torch.log_softmax(selected_logits.float() / objective.temperature, dim=-1)
-    nll_sum = nll(log_q, targets).sum()
-    divergence_sum = torch.zeros_like(nll_sum)
-    if objective.divergence != "none":
-        log_p, log_q_support = sparse_supports(topk_ids, teacher_logprobs, tail_mass, log_q, objective.tail_policy)
-        divergence_sum = divergence(objective.divergence, log_p, log_q_support, objective.beta, objective.alpha).sum()
-    if advantages is None:
-        return torch.cat([torch.stack([divergence_sum, nll_sum]), torch.zeros(4, device=nll_sum.device)])
-    raw = log_q if objective.temperature == 1.0 else torch.log_softmax(selected_logits.float(), dim=-1)  # the policy sampled at T = 1
-    policy = policy_gradient_sums(raw, targets, sampled_logprobs, advantages, objective.clip_ratio)
-    return torch.cat([torch.stack([divergence_sum, nll_sum]), policy])
+@dataclass
+class HiddenStates:
+    """The student's output before its head: the last hidden states (B, L, H) and the head's weight
+    (V, H), so that logits = hidden · headᵀ. The token losses build those logits a chunk of positions
+    at a time and never whole (training/trainer/head.py says where this applies)."""
+
+    hidden: torch.Tensor
+    head: torch.Tensor
+    product_dtype: torch.dtype  # what the model's own head would have multiplied in: the autocast dtype of its forward, if any
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
 
 
-SUMS = ["divergence", "nll", "policy_gradient", "clip_fraction", "entropy", "kl_to_sampler"]  # what `_sparse_sums` returns
+SUMS = ["divergence", "nll", "policy_gradient", "clip_fraction", "entropy", "kl_to_sampler"]  # what `_chunk_sums` returns
+
+
+def _chunk_sums(logits, targets, topk_ids, teacher_logprobs, tail_mass, sampled_logprobs, advantages, objective: LossSettings,
+                weights, normalizer, with_grad: bool):
+    """The `SUMS` over a chunk of n positions from their (n, V) logits x, and with `with_grad` the
+    gradient of (SUMS · weights) / normalizer with respect to x, made in place of x (which is ours).
+
+    Every term reads x only at a few ids S (the target and the teacher's top-k) and through
+    log-sum-exps: with z = x/τ, log q_S = z_S − lse(z), the bucket's tail log Σ_{v∉top-k} q_v =
+    lse_out(z) − lse(z), and a policy gradient's log q_raw(y) = x_y − lse(x). Autograd runs on those
+    (n, k+1) values alone; the gradient with respect to x then follows from ∂lse(z)/∂z = softmax(z):
+
+        ∂/∂z = q ⊙ (g_lse + g_out · e^{lse − lse_out}) − [top-k] q · g_out · e^{lse − lse_out} + [S] g_S,
+
+    divided by τ, plus g_raw · softmax(x) when τ ≠ 1. So a chunk holds x and one (n, V) temporary, where
+    the log-softmax's own autograd would hold several.
+    """
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    tau = objective.temperature
+    z = x if tau == 1.0 else x / tau
+    top = topk_ids.long() if topk_ids is not None else targets.new_zeros((len(targets), 0))
+    support = torch.cat([targets.unsqueeze(-1), top], -1)
+    bucket = objective.divergence != "none" and objective.tail_policy == "bucket"
+    policy = advantages is not None
+    with torch.no_grad():
+        leaves = {"z_support": z.gather(-1, support), "lse": torch.logsumexp(z, -1)}
+        if bucket:
+            leaves["lse_out"] = torch.logsumexp(z.scatter(-1, top, float("-inf")), -1)
+        if policy and tau != 1.0:
+            leaves["lse_raw"] = torch.logsumexp(x, -1)
+        if policy:
+            lse_raw = leaves.get("lse_raw", leaves["lse"])
+            entropy = lse_raw - (torch.softmax(x, -1) * x).sum(-1)
+    with torch.enable_grad():
+        leaves = {name: value.detach().requires_grad_(with_grad) for name, value in leaves.items()}
+        log_q = leaves["z_support"] - leaves["lse"].unsqueeze(-1)  # log q at [target, top-k]
+        nll_sum = -log_q[:, 0].sum()
+        divergence_sum = torch.zeros_like(nll_sum)
+        if objective.divergence != "none":
+            log_q_tail = leaves["lse_out"] - leaves["lse"] if bucket else None
+            log_p, log_q_support = support_logprobs(teacher_logprobs, tail_mass, log_q[:, 1:], log_q_tail, objective.tail_policy)
+            divergence_sum = divergence(objective.divergence, log_p, log_q_support, objective.beta, objective.alpha).sum()
+        sums = torch.stack([divergence_sum, nll_sum])
+        if policy:
+            raw = log_q[:, 0] if tau == 1.0 else leaves["z_support"][:, 0] * tau - leaves["lse_raw"]  # the policy sampled at T = 1
+            sums = torch.cat([sums, policy_gradient_sums(raw, entropy, sampled_logprobs, advantages, objective.clip_ratio)])
+        else:
+            sums = torch.cat([sums, sums.new_zeros(4)])
+        if not with_grad:
+            return sums.detach(), None
+        names = list(leaves)
+        grads = dict(zip(names, torch.autograd.grad((sums * weights).sum() / normalizer, [leaves[n] for n in names],
+                                                    allow_unused=True, materialize_grads=True)))
+    with torch.no_grad():
+        raw_term = torch.softmax(x, -1).mul_(grads["lse_raw"].unsqueeze(-1)) if "lse_raw" in grads else None
+        lse = leaves["lse"].detach().unsqueeze(-1)
+        q_support = (leaves["z_support"].detach() - lse).exp()
+        grad = z.sub_(lse).exp_()  # q, in place of z
+        if bucket:
+            outside = ((lse.squeeze(-1) - leaves["lse_out"].detach()).exp() * grads["lse_out"]).unsqueeze(-1)  # g_out e^{lse − lse_out}
+            grad.mul_(grads["lse"].unsqueeze(-1) + outside).scatter_add_(-1, top, -q_support[:, 1:] * outside)
+        else:
+            grad.mul_(grads["lse"].unsqueeze(-1))
+        grad.scatter_add_(-1, support, grads["z_support"])
+        if tau != 1.0:
+            grad.div_(tau)
+        if raw_term is not None:
+            grad.add_(raw_term)
+    return sums.detach(), grad
 
 
 class _ChunkedSparseLoss(torch.autograd.Function):
     """loss = (w_div · Σ D + w_nll · Σ NLL + w_pg · Σ PG) / normalizer over N positions, chunk by chunk.
 
-    The gradient of each chunk is computed in the forward pass and added into one buffer shaped like
-    the logits (as fused-loss kernels do), so only one chunk's (chunk, V) temporaries are ever alive.
-    Outputs (loss, the mean of each of `SUMS` over these N); only the loss is differentiable.
+    `states` are the (B, L, V) logits, or with a `head` (V, H) the (B, L, H) hidden states whose
+    logits z = h · headᵀ are made per chunk, in `product_dtype`. The gradient of each chunk is computed
+    in the forward pass (as fused-loss kernels do) and added into buffers shaped like the inputs: with
+    ∂loss/∂z = g,
+
+        ∂loss/∂h = g · head,   ∂loss/∂head = Σ_chunks gᵀ · h,
+
+    so only one chunk's (chunk, V) temporaries are ever alive, and with a head the (B, L, V) logits
+    and their gradient never exist. Outputs (loss, the mean of each of `SUMS` over these N); only the
+    loss is differentiable.
     """
 
     @staticmethod
-    def forward(ctx, logits, rows, positions, targets, per_token, objective, weights, normalizer):
+    def forward(ctx, states, head, product_dtype, rows, positions, targets, per_token, objective, weights, normalizer):
         n = rows.shape[0]
-        chunk = max(1, CHUNK_ELEMENTS // logits.shape[-1])
-        grad = torch.zeros_like(logits) if ctx.needs_input_grad[0] else None
-        sums = torch.zeros(len(SUMS), device=logits.device)
-        for start in range(0, n, chunk):
-            piece = slice(start, start + chunk)
-            with torch.enable_grad():
-                selected = logits[rows[piece], positions[piece]].detach().requires_grad_(grad is not None)
-                chunk_sums = _sparse_sums(selected, targets[piece], *[t[piece] if t is not None else None for t in per_token], objective)
-                if grad is not None:
-                    (chunk_grad,) = torch.autograd.grad((chunk_sums * weights).sum() / normalizer, selected)
-                    grad.index_put_((rows[piece], positions[piece]), chunk_grad.to(grad.dtype), accumulate=True)
-            sums += chunk_sums.detach()
+        chunk = max(1, CHUNK_ELEMENTS // (states.shape[-1] if head is None else head.shape[0]))
+        grad_states = torch.zeros_like(states) if ctx.needs_input_grad[0] else None
+        grad_head = torch.zeros_like(head) if ctx.needs_input_grad[1] else None
+        device, dtype = states.device.type, product_dtype
+        product_head = None if head is None else head.to(dtype)  # the cast autocast makes for the model's own head
+        sums = torch.zeros(len(SUMS), device=states.device)
+        with torch.autocast(device, enabled=False):
+            for start in range(0, n, chunk):
+                piece = slice(start, start + chunk)
+                at = (rows[piece], positions[piece])
+                selected = states[at]  # a copy: the chunk's logits are made in it, then its gradient
+                logits = selected if head is None else selected.to(dtype) @ product_head.T
+                chunk_sums, grad_logits = _chunk_sums(logits, targets[piece], *[t[piece] if t is not None else None for t in per_token],
+                                                      objective, weights, normalizer, grad_states is not None or grad_head is not None)
+                if grad_states is not None:
+                    grad_selected = grad_logits if head is None else grad_logits.to(dtype) @ product_head
+                    grad_states.index_put_(at, grad_selected.to(grad_states.dtype), accumulate=True)
+                if grad_head is not None:
+                    grad_head.addmm_(grad_logits.T.to(grad_head.dtype), selected.to(grad_head.dtype))
+                sums += chunk_sums.to(sums.dtype)
         means = sums / max(1, n)
-        ctx.save_for_backward(grad)
+        ctx.save_for_backward(grad_states, grad_head)
         ctx.mark_non_differentiable(means)
         return (sums * weights).sum() / normalizer, means
 
     @staticmethod
     def backward(ctx, grad_loss, grad_means):
-        (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_loss), None, None, None, None, None, None, None
+        grads = [grad.mul_(grad_loss) if grad is not None else None for grad in ctx.saved_tensors]
+        return *grads, None, None, None, None, None, None, None, None
 
 
-def sparse_kd_loss(student_logits: torch.Tensor, batch: SparseBatch, objective: LossSettings, stored_temperature: float,
+def sparse_kd_loss(student: torch.Tensor | HiddenStates, batch: SparseBatch, objective: LossSettings, stored_temperature: float,
                    normalizer: int | None = None, advantages: torch.Tensor | None = None):
     """Σ over completion tokens of D(p‖q) on the stored top-k signal (+ weighted NLL, + the policy
     gradient of the per-token `advantages` when given), divided by `normalizer`: the global batch's
@@ -209,7 +291,9 @@ def sparse_kd_loss(student_logits: torch.Tensor, batch: SparseBatch, objective: 
 
     The stored teacher log-probs are at `stored_temperature`; at loss temperature τ they are
     rescaled, log p_τ = log p_T · T/τ, which is exact on the renormalized top-k support.
-    Memory: besides the logits and their gradient, one chunk of (positions, V); see `_ChunkedSparseLoss`.
+    `student` is its (B, L, V) logits, or its `HiddenStates`, from which the logits are made a chunk at
+    a time. Memory: besides the logits and their gradient (none with `HiddenStates`), one chunk of
+    (positions, V); see `_ChunkedSparseLoss`.
     Returns (loss, {"divergence": …, "nll": …, and with advantages "policy_gradient", "clip_fraction",
     "entropy", "kl_to_sampler"}).
     """
@@ -230,9 +314,11 @@ def sparse_kd_loss(student_logits: torch.Tensor, batch: SparseBatch, objective: 
             )
         teacher_logprobs = teacher_logprobs * (stored_temperature / objective.temperature)
     weights = torch.tensor([0.0 if objective.divergence == "none" else 1.0, objective.nll_weight,
-                            0.0 if advantages is None else 1.0, 0.0, 0.0, 0.0], device=student_logits.device)
+                            0.0 if advantages is None else 1.0, 0.0, 0.0, 0.0], device=student.device)
     per_token = (batch.topk_ids, teacher_logprobs, batch.tail_mass, batch.sampled_logprobs, advantages)
-    loss, means = _ChunkedSparseLoss.apply(student_logits, batch.rows, batch.positions, batch.targets, per_token, objective,
+    fused = isinstance(student, HiddenStates)
+    states, head, dtype = (student.hidden, student.head, student.product_dtype) if fused else (student, None, student.dtype)
+    loss, means = _ChunkedSparseLoss.apply(states, head, dtype, batch.rows, batch.positions, batch.targets, per_token, objective,
                                            weights, normalizer or max(1, batch.rows.shape[0]))
     shown = ["nll"] + (["divergence"] if objective.divergence != "none" else []) + (SUMS[2:] if advantages is not None else [])
     values = means.tolist()

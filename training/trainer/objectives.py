@@ -84,9 +84,9 @@ def batch_kind(rows: pa.Table) -> str:
     return "signal" if "topk_ids" in columns else "tokens"
 
 
-def token_loss(logits, batch, settings: LossSettings, stored_temperature: float, counts: dict[str, int]):
+def token_loss(student, batch, settings: LossSettings, stored_temperature: float, counts: dict[str, int]):
     """`sparse_kd_loss` per completion token of the global batch."""
-    return sparse_kd_loss(logits, batch, settings, stored_temperature, normalizer=counts["completion_tokens"])
+    return sparse_kd_loss(student, batch, settings, stored_temperature, normalizer=counts["completion_tokens"])
 
 
 def own_samples(batch, stored_temperature: float) -> bool:
@@ -100,28 +100,29 @@ def own_samples(batch, stored_temperature: float) -> bool:
     return True
 
 
-def gkd_rl_loss(logits, batch, settings: LossSettings, stored_temperature: float, counts: dict[str, int]):
+def gkd_rl_loss(student, batch, settings: LossSettings, stored_temperature: float, counts: dict[str, int]):
     """D(p‖q) on every batch, + reward_weight · PG of the sequence advantage r − b on own samples."""
     advantages = settings.reward_weight * batch.advantages if own_samples(batch, stored_temperature) else None
-    return sparse_kd_loss(logits, batch, settings, stored_temperature, counts["completion_tokens"], advantages)
+    return sparse_kd_loss(student, batch, settings, stored_temperature, counts["completion_tokens"], advantages)
 
 
-def kl_advantage_loss(logits, batch, settings: LossSettings, stored_temperature: float, counts: dict[str, int]):
+def kl_advantage_loss(student, batch, settings: LossSettings, stored_temperature: float, counts: dict[str, int]):
     """PG of A_t = log p(y_t) − log q_old(y_t) + reward_weight · (r − b) on own samples; the divergence on fixed batches."""
     if not own_samples(batch, stored_temperature):
-        return token_loss(logits, batch, settings, stored_temperature, counts)
+        return token_loss(student, batch, settings, stored_temperature, counts)
     advantages = batch.teacher_token_logprobs - batch.sampled_logprobs
     if batch.advantages is not None:
         advantages = advantages + settings.reward_weight * batch.advantages
     policy_only = settings.model_copy(update={"divergence": "none", "nll_weight": 0.0})
-    return sparse_kd_loss(logits, batch, policy_only, stored_temperature, counts["completion_tokens"], advantages)
+    return sparse_kd_loss(student, batch, policy_only, stored_temperature, counts["completion_tokens"], advantages)
 
 
 @dataclass(frozen=True)
 class Objective:
     takes: frozenset[str]  # the batch kinds it trains on (BATCH_KINDS)
     settings: Callable[[LossSettings, str], LossSettings]  # (the configured loss, the batch's source) → the loss it uses
-    loss: Callable = token_loss  # (logits, batch, LossSettings, stored temperature, the global batch's counts) → (loss, parts)
+    loss: Callable = token_loss  # (student, batch, LossSettings, stored temperature, the global batch's counts) → (loss, parts)
+    takes_hidden: bool = True  # its loss takes the student's `HiddenStates` as well as its logits (training/trainer/head.py)
 
 
 def divergence_for(configured: LossSettings, source: str) -> LossSettings:
@@ -137,8 +138,8 @@ def divergence_for(configured: LossSettings, source: str) -> LossSettings:
 OBJECTIVES: dict[str, Objective] = {
     "sft": Objective(frozenset({"tokens", "signal"}), lambda configured, source: LossSettings(divergence="none", nll_weight=1.0)),
     "supervised_kd": Objective(frozenset({"signal"}), divergence_for),
-    "dpo": Objective(frozenset({"pairs"}), divergence_for, dpo_loss),
-    "rrhf": Objective(frozenset({"ranked"}), divergence_for, rrhf_loss),
+    "dpo": Objective(frozenset({"pairs"}), divergence_for, dpo_loss, takes_hidden=False),
+    "rrhf": Objective(frozenset({"ranked"}), divergence_for, rrhf_loss, takes_hidden=False),
     "gkd_rl": Objective(frozenset({"signal"}), divergence_for, gkd_rl_loss),
     "kl_advantage": Objective(frozenset({"signal"}), divergence_for, kl_advantage_loss),
 }

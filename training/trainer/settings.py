@@ -37,6 +37,11 @@ class TrainingSettings(LossSettings):
         None, ge=1, description="sequences per forward/backward, the batch sorted by length first (less padding); "
         "gradients accumulate to batch_size (empty: batch_size)"
     )
+    loss_head: Literal["auto", "fused", "logits"] = Field(
+        "auto", description="'fused': the token losses take the student's last hidden states and output head and make "
+        "the logits a chunk of positions at a time, never (batch, length, vocab) (training/trainer/head.py); 'logits': "
+        "from the model's logits; 'auto': fused where the head allows it (a plain linear head), else the logits, saying why"
+    )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% more time")
     shuffle_window: int = Field(
         16384, ge=1, description="rows in memory while training on stored data: their row groups are shuffled, then the "
