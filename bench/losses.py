@@ -83,7 +83,7 @@ def run(variant: str, device: torch.device, bf16: bool, repeats: int) -> tuple[f
     return min(times), temporaries / 2**20, teacher_bytes / 2**20
 
 
-def student_step(device: torch.device, bf16: bool, layers: int, steps: int = 4) -> None:
+def student_step(device: torch.device, bf16: bool, layers: int, batch_size: int, length: int, steps: int = 4) -> None:
     """Peak memory and s/step of AdamW steps on the sparse top-20 loss, loss_head 'logits' against 'fused'."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -91,18 +91,18 @@ def student_step(device: torch.device, bf16: bool, layers: int, steps: int = 4) 
     from training.trainer.objectives import OBJECTIVES
 
     config = Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=4864, num_hidden_layers=layers,
-                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=LENGTH)
+                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=length)
     print(f"{device} {'bf16 autocast' if bf16 else 'fp32'}: a Qwen2.5-0.5B-shaped student ({layers} layers, fp32 weights, AdamW), "
-          f"batch × length {BATCH} × {LENGTH}, sparse top-{K} JSD(0.5), {steps} steps after one warm-up")
+          f"batch × length {batch_size} × {length}, sparse top-{K} JSD(0.5), {steps} steps after one warm-up")
     for fused in (False, True):
         torch.manual_seed(0)
         model = Qwen2ForCausalLM(config).to(device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        n = BATCH * (LENGTH - 1)
-        input_ids = torch.randint(0, VOCAB, (BATCH, LENGTH), device=device)
+        n = batch_size * (length - 1)
+        input_ids = torch.randint(0, VOCAB, (batch_size, length), device=device)
         topk = torch.randn(n, K, device=device).sort(-1, descending=True).values.log_softmax(-1) - 0.01
-        batch = SparseBatch(input_ids, torch.ones_like(input_ids), torch.arange(BATCH, device=device).repeat_interleave(LENGTH - 1),
-                            torch.arange(LENGTH - 1, device=device).repeat(BATCH), input_ids[:, 1:].flatten(),
+        batch = SparseBatch(input_ids, torch.ones_like(input_ids), torch.arange(batch_size, device=device).repeat_interleave(length - 1),
+                            torch.arange(length - 1, device=device).repeat(batch_size), input_ids[:, 1:].flatten(),
                             torch.randint(0, VOCAB, (n, K), device=device), topk, torch.full((n,), 0.01, device=device))
         times = []
         for step in range(steps + 1):
@@ -133,10 +133,12 @@ def main() -> None:
     parser.add_argument("--variant", choices=VARIANTS, help="one variant alone (the CPU runs each in its own process)")
     parser.add_argument("--student-step", action="store_true", help="whole training steps of a 0.5B-shaped student")
     parser.add_argument("--layers", type=int, default=24, help="--student-step: decoder layers")
+    parser.add_argument("--batch", type=int, default=BATCH, help="--student-step: sequences per step")
+    parser.add_argument("--length", type=int, default=LENGTH, help="--student-step: tokens per sequence")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.student_step:
-        student_step(device, args.bf16, args.layers)
+        student_step(device, args.bf16, args.layers, args.batch, args.length)
         return
     if args.variant:
         print("\t".join(f"{x:.3f}" for x in run(args.variant, device, args.bf16, args.repeats)))

@@ -234,6 +234,15 @@ def _chunk_sums(logits, targets, topk_ids, teacher_logprobs, tail_mass, sampled_
     return sums.detach(), grad
 
 
+def _add_head_gradient(grad_head, grad_logits, hidden, dtype):
+    """grad_head += grad_logitsᵀ · hidden. On CUDA the product runs in `dtype` (bf16 under autocast, on
+    the tensor cores) and accumulates into the fp32 gradient (out_dtype); elsewhere in the gradient's dtype."""
+    if grad_head.is_cuda and dtype != grad_head.dtype:
+        torch.addmm(grad_head, grad_logits.T.to(dtype), hidden.to(dtype), out_dtype=grad_head.dtype, out=grad_head)
+    else:
+        grad_head.addmm_(grad_logits.T.to(grad_head.dtype), hidden.to(grad_head.dtype))
+
+
 class _ChunkedSparseLoss(torch.autograd.Function):
     """loss = (w_div · Σ D + w_nll · Σ NLL + w_pg · Σ PG) / normalizer over N positions, chunk by chunk.
 
@@ -270,7 +279,7 @@ class _ChunkedSparseLoss(torch.autograd.Function):
                     grad_selected = grad_logits if head is None else grad_logits.to(dtype) @ product_head
                     grad_states.index_put_(at, grad_selected.to(grad_states.dtype), accumulate=True)
                 if grad_head is not None:
-                    grad_head.addmm_(grad_logits.T.to(grad_head.dtype), selected.to(grad_head.dtype))
+                    _add_head_gradient(grad_head, grad_logits, selected, dtype)
                 sums += chunk_sums.to(sums.dtype)
         means = sums / max(1, n)
         ctx.save_for_backward(grad_states, grad_head)
