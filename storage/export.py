@@ -36,7 +36,7 @@ from storage.dataset_card import dataset_card, distinct, write_readme
 from storage.store import Store
 from training.models.chat import CONVERSATION, RAW, conversations, render, with_conversation_columns
 from training.models.tokenizer import tokenizer_hash
-from training.schema.signal import CODEC
+from training.schema.signal import CODEC, Q8_CODEC
 
 FORMATS = ("trl", "messages", "axolotl", "dpo")
 FILE_TYPES = ("parquet", "jsonl")
@@ -82,9 +82,9 @@ def axolotl_signal(table: pa.Table, tokenizer) -> tuple[pa.Table, dict]:
                          "has none (the embedded pair renders raw text): export --format trl or messages, or pass the "
                          "tokenizer of a chat model (--tokenizer)")
     codecs = set(table["codec"].to_pylist())
-    if codecs != {CODEC}:
-        raise ValueError(f"the axolotl format writes the {CODEC} signal (top-k ids and logprobs), and this dataset holds "
-                         f"{sorted(codecs)}: decode it first")
+    if not codecs <= {CODEC, Q8_CODEC}:  # both hold float logprobs (q8's on a 1/16-nat grid): written as they are
+        raise ValueError(f"the axolotl format writes the {CODEC} or {Q8_CODEC} signal (top-k ids and logprobs), and this "
+                         f"dataset holds {sorted(codecs)}: decode it first")
     if pc.min(table["k"]).as_py() == 0:
         raise ValueError("the axolotl format writes the teacher's top-k, and this dataset stores k = 0 (each token's own logprob "
                          "only, for objective kl_advantage): export a dataset scored with k ≥ 1")

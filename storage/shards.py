@@ -32,13 +32,27 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
+def id_encodings(schema: pa.Schema) -> dict:
+    """Parquet writer options for the teacher's top-k ids (`topk_ids`, `chosen_topk_ids`, …: lists of
+    lists of int32): BYTE_STREAM_SPLIT and no dictionary, so zstd sees each byte of the ids apart (the
+    high bytes nearly constant). At V = 151,936 with ids spread over the whole vocabulary, 45 bytes per
+    token of 20 ids instead of 83 (dictionary falling back to plain); every reader reads them alike."""
+    nested_int32 = lambda t: pa.types.is_list(t) and pa.types.is_list(t.value_type) and t.value_type.value_type == pa.int32()
+    ids = [f.name for f in schema if f.name.endswith("topk_ids") and nested_int32(f.type)]
+    if not ids:
+        return {}
+    return {"use_dictionary": [name for name in schema.names if name not in ids],
+            "column_encoding": {f"{name}.list.element.list.element": "BYTE_STREAM_SPLIT" for name in ids}}
+
+
 def write_parquet(table: pa.Table, path: Path) -> str:
-    """Writes `table` to `path` by rename (zstd, row groups of ~ROW_GROUP_BYTES); returns sha256 of
-    the file's bytes (16 hex digits)."""
+    """Writes `table` to `path` by rename (zstd, row groups of ~ROW_GROUP_BYTES, `id_encodings`);
+    returns sha256 of the file's bytes (16 hex digits)."""
     temp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     row_bytes = max(1, table.nbytes // max(1, table.num_rows))
     try:
-        pq.write_table(table, temp, compression="zstd", row_group_size=max(1, ROW_GROUP_BYTES // row_bytes))
+        pq.write_table(table, temp, compression="zstd", row_group_size=max(1, ROW_GROUP_BYTES // row_bytes),
+                       **id_encodings(table.schema))
         version = file_version(temp)
         os.replace(temp, path)
     finally:

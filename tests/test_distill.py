@@ -22,7 +22,7 @@ from training.launch.report import printed
 from training.launch.settings import LaunchSettings
 from training.models.checkpoints import load_model, model_card
 from training.rounds.online import OnlineRollouts, OnlineSettings
-from training.schema.signal import STUDENT_LOGPROB
+from training.schema.signal import Q8_CODEC, STUDENT_LOGPROB
 from training.tasks.arithmetic import problems
 from training.trainer.loop import train_student
 from training.trainer.losses import sparse_batch
@@ -120,7 +120,8 @@ def test_a_non_finite_loss_stops_with_a_clear_error(tiny_model_dir, labeled):
 
 def test_fresh_on_policy_batches_are_sampled_from_the_current_student(tiny_model_dir, labeled):
     """GKD's online form: every on-policy step takes one new batch, sampled from the student as it is
-    at that step (here the tiny model labels its own samples, standing in for the teacher)."""
+    at that step (here the tiny model labels its own samples, standing in for the teacher, stored in
+    q8: codec topk-q8-v1 trains beside the float32 fixed data)."""
     model, tokenizer = load_model(str(tiny_model_dir))
     sampled_from = []
 
@@ -128,7 +129,9 @@ def test_fresh_on_policy_batches_are_sampled_from_the_current_student(tiny_model
         sampled_from.append(model.lm_head.weight.detach().clone())
         prompts = [p.prompt for p in problems("train", 8, 1000 + i)]
         sampling = Sampling(temperature=1.0, max_new_tokens=16, seed=i)
-        table = label(HFEngine(model, tokenizer, batch_size=8), pa.table({"prompt": prompts}), sampling, k=8).table
+        table = label(HFEngine(model, tokenizer, batch_size=8), pa.table({"prompt": prompts}), sampling, k=8, logprob_dtype="q8").table
+        assert set(table["codec"].to_pylist()) == {Q8_CODEC} and set(pc.list_flatten(pc.list_flatten(table["topk_logprobs"])).to_pylist()
+                                                                      ) <= {x / 16 for x in range(-255, 1)}
         return table.append_column("sample_id", pa.array([f"fresh{i}-{j}" for j in range(table.num_rows)]))
 
     config = TrainingSettings(steps=12, batch_size=8, learning_rate=3e-3, warmup_steps=1, mix=0.5)

@@ -15,7 +15,7 @@ from storage.store import Store
 from training.models.chat import MESSAGES, RAW
 from training.models.checkpoints import load_model, load_tokenizer, model_card
 from training.models.tokenizer import build_char_tokenizer, tokenizer_hash
-from training.schema.signal import CODEC
+from training.schema.signal import CODEC, Q8_CODEC
 
 IDS = pa.list_(pa.int32())
 SYSTEM = "You are terse."
@@ -156,6 +156,7 @@ def test_axolotl_refuses_what_it_cannot_lay_out(chat_pair):
         exported(replaced("tokenizer_hash", "other"), "axolotl", tokenizer)
     with pytest.raises(ValueError, match="decode it first"):
         exported(replaced("codec", "topk-q8"), "axolotl", tokenizer)
+    assert exported(replaced("codec", Q8_CODEC), "axolotl", tokenizer)[0].num_rows == 1  # float logprobs on a grid: as they are
 
 
 def test_every_export_and_stored_dataset_has_a_card_that_datasets_and_the_hub_read(tmp_path, chat_pair, monkeypatch, capsys):

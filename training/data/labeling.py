@@ -16,7 +16,7 @@ from training.engines.base import Engine
 from training.engines.sampling import Sampling
 from training.models.chat import prompt_ids_for, prompt_rendering, render
 from training.schema.cards import ModelCard
-from training.schema.signal import CODEC, LOGPROB_MODE, SignalSettings, signal_columns, signal_statistics
+from training.schema.signal import CODECS, LOGPROB_MODE, SignalSettings, signal_columns, signal_statistics
 from training.schema.tables import join_prompts, with_constants, with_content_id
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ def sample(engine: Engine, prompts: pa.Table, sampling: Sampling, overlong: str 
 
 
 def score(
-    engine: Engine, sequences: pa.Table, k: int, signal_temperature: float = 1.0, logprob_type: pa.DataType = pa.float32()
+    engine: Engine, sequences: pa.Table, k: int, signal_temperature: float = 1.0, logprob_dtype: str = "float32"
 ) -> tuple[pa.Table, dict]:
     """`engine`'s sparse signal on every completion token of `sequences` (prompt_token_ids,
     completion_token_ids; the prompts rendered anew when another template rendered them, see
@@ -98,8 +98,8 @@ def score(
         prompt_ids_for(engine.tokenizer, sequences).to_pylist(), sequences["completion_token_ids"].to_pylist(), k, signal_temperature
     )
     table = with_constants(
-        pa.table(signal_columns(signals, logprob_type)), k=pa.scalar(k, pa.int32()),
-        temperature=pa.scalar(signal_temperature, pa.float32()), logprob_mode=LOGPROB_MODE, codec=CODEC,
+        pa.table(signal_columns(signals, logprob_dtype)), k=pa.scalar(k, pa.int32()),
+        temperature=pa.scalar(signal_temperature, pa.float32()), logprob_mode=LOGPROB_MODE, codec=CODECS[logprob_dtype],
     )
     return table, signal_statistics(signals)
 
@@ -119,14 +119,14 @@ def label(
     k: int,
     signal_temperature: float = 1.0,
     overlong: str = "drop",
-    logprob_type: pa.DataType = pa.float32(),
+    logprob_dtype: str = "float32",
 ) -> Labeled:
     """n responses per prompt row with the teacher's top-k signal on every response token."""
     if k > len(engine.tokenizer):
         raise ValueError(f"k={k} is larger than the vocabulary ({len(engine.tokenizer)} tokens); lower k")
     engine.check_signal(k, signal_temperature)
     responses, dropped, truncated = sample(engine, prompts, sampling, overlong)
-    signal, statistics = score(engine, responses, k, signal_temperature, logprob_type)
+    signal, statistics = score(engine, responses, k, signal_temperature, logprob_dtype)
     return Labeled(with_columns(responses, signal), dropped, truncated, statistics)
 
 
@@ -138,7 +138,7 @@ def label_table(engine: Engine, prompts: pa.Table, settings: LabelingSettings, c
     and `id_columns`. `shard` numbers the slice of a dataset `prompts` is (its own seed: derived_seed)."""
     sampling = settings.sampling.derived(part=shard)
     labeled = label(engine, prompts, sampling, settings.k, settings.signal_temperature,
-                    settings.overlong_prompts, settings.logprob_type())
+                    settings.overlong_prompts, settings.logprob_dtype)
     table = join_prompts(labeled.table, prompts.drop_columns([c for c in ("task", "source", "run_id") if c in prompts.column_names]))
     table = table.append_column("correct", task.verify(table["completion"], table["answer"]))
     table = with_constants(

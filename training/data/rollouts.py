@@ -89,7 +89,7 @@ def score_rollouts(teacher: Engine, student: Engine | None, rollouts: pa.Table, 
     k, temperature = settings.k, settings.signal_temperature
     if k > len(teacher.tokenizer):
         raise ValueError(f"k={k} is larger than the teacher's vocabulary ({len(teacher.tokenizer)} tokens); lower k")
-    columns, statistics = score(teacher, rollouts, k, temperature, settings.logprob_type())
+    columns, statistics = score(teacher, rollouts, k, temperature, settings.logprob_dtype)
     if student_scored_again(rollouts, settings):
         if student is None:
             raise ValueError(f"these rollouts need the student to score them again (no {STUDENT_LOGPROB}, or signal "

@@ -94,7 +94,7 @@ def with_teacher_signal(teacher: Engine, candidates: pa.Table, settings: SignalS
         return candidates, 0
     order = pa.array(range(len(candidates)), pa.int64())
     unscored = candidates.append_column("_row", order).filter(missing)
-    columns, _ = score(teacher, unscored, settings.k, settings.signal_temperature, settings.logprob_type())
+    columns, _ = score(teacher, unscored, settings.k, settings.signal_temperature, settings.logprob_dtype)
     columns = pa.table({name: columns[name].cast(candidates.schema.field(name).type) if name in candidates.column_names else columns[name]
                         for name in columns.column_names})  # the stored rows' types (float16 logprobs stay float16)
     unscored = with_columns(unscored.drop_columns([c for c in SIGNAL_COLUMNS if c in unscored.column_names]), columns)
