@@ -180,7 +180,7 @@ class TrainingConfig(TrainingSettings, dg.Config):
 class OfflineStudentConfig(TrainingConfig):
     """Offline distillation on the stored teacher signal (SeqKD or supervised KD); `mix` stays 0.
     Its defaults are the demo's measured best (docs/benchmarks.md#the-demo): skew KL (α = 0.1) for
-    1200 steps took the embedded student to 0.85–0.91 at seeds 0–2 (0.78 at seed 2 in 800 steps),
+    1200 steps took the embedded student to 0.85–0.90 at seeds 0–2 (0.78 at seed 2 in 800 steps),
     where JSD for 400 reached 0.71–0.87."""
 
     divergence: Literal[(*DIVERGENCES, "none")] = Field("skew_kl", description="the divergence to the teacher's top-k "
