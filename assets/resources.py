@@ -46,6 +46,8 @@ class ModelEngine(dg.ConfigurableResource):
     served_model_name: str = Field("", description="openai: the model name the servers serve; empty: the card's path")
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: the environment variable that holds the API key")
     max_concurrency: int = Field(8, ge=1, description="openai: requests in flight at once, over all servers")
+    sequences_per_request: int = Field(8, ge=1, description="openai: sequences scored per request (a list of prompts; "
+                                       "the server batches their forward passes)")
     timeout_s: float = Field(60.0, gt=0, description="openai: seconds before a request is abandoned and retried")
     max_retries: int = Field(3, ge=0, description="openai: retries per request, with exponential backoff")
 
@@ -77,7 +79,8 @@ class ModelEngine(dg.ConfigurableResource):
             api_key = dg.EnvVar(self.api_key_env).get_value() if self.api_key_env else None
             return OpenAIEngine.for_checkpoint(
                 path, self.base_urls, self.served_model_name, api_key, revision, self.trust_remote_code,
-                max_concurrency=self.max_concurrency, timeout_s=self.timeout_s, max_retries=self.max_retries,
+                max_concurrency=self.max_concurrency, sequences_per_request=self.sequences_per_request, timeout_s=self.timeout_s,
+                max_retries=self.max_retries,
             )
         return self._vllm(path, revision)
 

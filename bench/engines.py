@@ -7,7 +7,8 @@ Without a path it uses the embedded teacher from DISTILL_HOME if there is one (`
 freshly initialised model of the teacher's architecture saved to a temp directory. For each engine:
 generation new tokens/s without and with top-k logprobs, and scoring tokens/s (prompt + completion
 tokens, the top-k signal, and k = 0: each token's own logprob only). Every engine scores the same
-completions (the hf engine's).
+completions (the hf engine's). The server scores with 1, 8 (the default) and 32 sequences per request,
+16 requests in flight; the client and the server share this machine's cores.
 """
 
 import os
@@ -106,7 +107,9 @@ def main() -> None:
         server, url = start_server(path, Path(scratch) / "server.log")
         print(f"vllm server start-up: {time.perf_counter() - started:.0f} s")
         try:
-            results["openai (vllm server)"] = measure(OpenAIEngine([url], path, hf.tokenizer, max_concurrency=16), prompt_ids, completions)
+            for per_request in (1, 8, 32):  # sequences scored per request (generation: one prompt per request)
+                engine = OpenAIEngine([url], path, hf.tokenizer, max_concurrency=16, sequences_per_request=per_request)
+                results[f"openai, {per_request}/request"] = measure(engine, prompt_ids, completions)
         finally:
             server.terminate()
             server.wait(timeout=30)

@@ -112,26 +112,33 @@ def test_wrong_served_model_names_both(hf_engine, vllm_server, tiny_model_dir):
     assert str(tiny_model_dir) in str(raised.value)
 
 
-def test_one_failing_request_is_retried_alone_and_the_rest_are_kept(hf_engine, vllm_server, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("per_request", [1, 4])
+def test_one_failing_request_is_retried_alone_and_the_rest_are_kept(hf_engine, vllm_server, tiny_model_dir, tmp_path, per_request):
+    """Scoring sends `per_request` sequences per request (4: a list of prompts, the last request
+    shorter), with the signals of one sequence per request; a request that fails once is retried alone;
+    one that always fails loses its sequences only, which a cached re-run redoes."""
     prompts, completions = sequences(hf_engine)
+    assert len(prompts) % 4
     poisoned = prompts[2] + completions[2]
-    direct = server_engine([vllm_server], tiny_model_dir, hf_engine.tokenizer).score(prompts, completions, K)
+    direct = server_engine([vllm_server], tiny_model_dir, hf_engine.tokenizer, sequences_per_request=1).score(prompts, completions, K)
     with FaultyProxy(vllm_server, poisoned, failures=1) as proxy:  # fails the first attempt only
-        engine = server_engine([proxy.url], tiny_model_dir, hf_engine.tokenizer)
+        engine = server_engine([proxy.url], tiny_model_dir, hf_engine.tokenizer, sequences_per_request=per_request)
         for expected, got in zip(direct, engine.score(prompts, completions, K)):
             assert_same_signal(expected, got, atol=1e-6)
-    assert proxy.attempts[tuple(poisoned)] == 2
-    assert all(proxy.attempts[tuple(p + c)] == 1 for p, c in zip(prompts, completions) if p + c != poisoned)
+    assert proxy.attempts[tuple(poisoned)] == 2 and proxy.requests == -(-len(prompts) // per_request) + 1
+    assert all(proxy.attempts[tuple(p + c)] == (2 if i // per_request == 2 // per_request else 1)
+               for i, (p, c) in enumerate(zip(prompts, completions)) if p + c != poisoned)
 
     cache = TeacherCache(tmp_path / "cache")
     with FaultyProxy(vllm_server, poisoned, failures=100) as proxy:  # fails every attempt
-        cached = CachedEngine(server_engine([proxy.url], tiny_model_dir, hf_engine.tokenizer), cache, "tiny")
-        with pytest.raises(EngineRequestsFailed, match=f"1 of {len(prompts)} requests failed"):
+        cached = CachedEngine(server_engine([proxy.url], tiny_model_dir, hf_engine.tokenizer, sequences_per_request=per_request),
+                              cache, "tiny")
+        with pytest.raises(EngineRequestsFailed, match=f"{per_request} of {len(prompts)} items failed"):
             cached.score(prompts, completions, K)
     rerun = CachedEngine(server_engine([vllm_server], tiny_model_dir, hf_engine.tokenizer), cache, "tiny")
     for expected, got in zip(direct, rerun.score(prompts, completions, K)):
         assert_same_signal(expected, got, atol=1e-6)
-    assert (rerun.hits, rerun.misses) == (len(prompts) - 1, 1)
+    assert (rerun.hits, rerun.misses) == (len(prompts) - per_request, per_request)
 
 
 class socket_port:
@@ -153,7 +160,7 @@ class FaultyProxy:
     `failures` attempts of the completion request whose prompt is `poisoned`, and counts attempts."""
 
     def __init__(self, upstream: str, poisoned: list[int], failures: int):
-        self.attempts = Counter()
+        self.attempts, self.requests = Counter(), 0
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -165,9 +172,11 @@ class FaultyProxy:
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                prompt = tuple(json.loads(body)["prompt"])
-                proxy.attempts[prompt] += 1
-                if prompt == tuple(poisoned) and proxy.attempts[prompt] <= failures:
+                prompt = json.loads(body)["prompt"]
+                batch = [tuple(p) for p in prompt] if isinstance(prompt[0], list) else [tuple(prompt)]  # a list of prompts, or one
+                proxy.requests += 1
+                proxy.attempts.update(batch)
+                if tuple(poisoned) in batch and proxy.attempts[tuple(poisoned)] <= failures:
                     self.send_response(503)
                     self.end_headers()
                     return

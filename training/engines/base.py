@@ -50,7 +50,7 @@ class EngineRequestsFailed(RuntimeError):
     rest, so a cache can keep them and a re-run only redoes the failed ones."""
 
     def __init__(self, failed: int, total: int, first_error: str, completed: dict):
-        super().__init__(f"{failed} of {total} requests failed after retries; the first error: {first_error}")
+        super().__init__(f"{failed} of {total} items failed after retries; the first error: {first_error}")
         self.failed, self.total, self.completed = failed, total, completed
 
 

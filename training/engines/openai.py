@@ -6,10 +6,13 @@ position's entries are keyed by token id with their rank, so the top-k are the e
 the actual token's logprob is its own entry. generate: `return_token_ids` for the completion ids and
 `return_tokens_as_token_ids` so logprob entries are `token_id:N` (decoded strings are lossy).
 
-One request per sequence, `max_concurrency` in flight, spread over `base_urls` (a retry moves to the
-next URL). Connection errors, timeouts, 429 and 5xx are retried `max_retries` times with exponential
-backoff (backoff_s · 2^attempt); other 4xx answers are the caller's mistake and are not retried. Items
-that still fail are counted in `EngineRequestsFailed`, which carries the results of the rest.
+Scoring sends `sequences_per_request` sequences in one request (the completions API takes a list of
+token-id prompts; each comes back as its own choice, by index), generation one prompt per request (its
+n samples); `max_concurrency` requests in flight, spread over `base_urls` (a retry moves to the next
+URL). Fewer, larger requests let the server batch the prompts' forward passes together. Connection
+errors, timeouts, 429 and 5xx are retried `max_retries` times with exponential backoff (backoff_s ·
+2^attempt); other 4xx answers are the caller's mistake and are not retried. The items of a request
+that still fails are counted in `EngineRequestsFailed`, which carries the results of the rest.
 
 The served logprobs are raw (temperature 1), as for the offline vLLM engine.
 """
@@ -51,6 +54,7 @@ class OpenAIEngine:
         tokenizer,
         api_key: str | None = None,
         max_concurrency: int = 8,
+        sequences_per_request: int = 8,
         timeout_s: float = 60.0,
         max_retries: int = 3,
         backoff_s: float = 0.5,
@@ -61,7 +65,7 @@ class OpenAIEngine:
         self.base_urls = [url.rstrip("/") for url in base_urls]
         self.model, self.tokenizer, self.api_key = model, tokenizer, api_key
         self.end_of_turn_ids = end_of_turn_ids or [tokenizer.eos_token_id]
-        self.max_concurrency, self.timeout_s = max_concurrency, timeout_s
+        self.max_concurrency, self.sequences_per_request, self.timeout_s = max_concurrency, sequences_per_request, timeout_s
         self.max_retries, self.backoff_s = max_retries, backoff_s
         self.context_length = self._check_served_model() - 1  # the prompt must leave room for one output token
 
@@ -134,18 +138,21 @@ class OpenAIEngine:
     def _complete(self, payload: dict, item: int) -> dict:
         return self._request("/completions", {"model": self.model, **payload}, item)
 
-    def _map(self, function, count: int) -> list:
-        """function(i) for i < count, max_concurrency at a time; failures counted, the rest kept."""
-        results, errors = {}, []
+    def _map(self, function, count: int, per_request: int = 1) -> list:
+        """function(items) → their results, for the items < count in requests of `per_request`,
+        max_concurrency requests at a time; a failed request's items are counted, the rest kept."""
+        results, errors, failed = {}, [], 0
+        requests = [range(start, min(start + per_request, count)) for start in range(0, count, per_request)]
         with ThreadPoolExecutor(self.max_concurrency) as pool:
-            futures = {pool.submit(function, i): i for i in range(count)}
-            for future, i in futures.items():
+            futures = {pool.submit(function, items): items for items in requests}
+            for future, items in futures.items():
                 try:
-                    results[i] = future.result()
+                    results.update(zip(items, future.result()))
                 except (RequestRejected, ServerUnreachable) as error:
                     errors.append(str(error))
+                    failed += len(items)
         if errors:
-            raise EngineRequestsFailed(len(errors), count, errors[0], results)
+            raise EngineRequestsFailed(failed, count, errors[0], results)
         return [results[i] for i in range(count)]
 
     def generate(self, prompt_ids: list[list[int]], params: Sampling, logprobs: int = 0) -> list[Generation]:
@@ -167,9 +174,10 @@ class OpenAIEngine:
             **({"logprobs": logprobs} if logprobs else {}),
         }
 
-        def one_prompt(i: int) -> list[Generation]:
+        def one_prompt(items: range) -> list[list[Generation]]:
+            (i,) = items
             choices = sorted(self._complete({**payload, "prompt": prompt_ids[i]}, i)["choices"], key=lambda c: c["index"])
-            return [
+            return [[
                 Generation(
                     prompt_index=i,
                     sample_index=s,
@@ -179,7 +187,7 @@ class OpenAIEngine:
                     signal=sampled_signal(c["logprobs"], logprobs) if logprobs else None,
                 )
                 for s, c in enumerate(choices)
-            ]
+            ]]
 
         return [g for generations in self._map(one_prompt, len(prompt_ids)) for g in generations]
 
@@ -188,12 +196,13 @@ class OpenAIEngine:
     ) -> list[SparseSignal]:
         check_raw_temperature(temperature)
 
-        def one_sequence(i: int) -> SparseSignal:
-            prompt, completion = prompt_ids[i], completion_ids[i]
-            answer = self._complete({"prompt": prompt + completion, "max_tokens": 1, "prompt_logprobs": k}, i)
-            return prompt_signal(answer["choices"][0]["prompt_logprobs"][len(prompt) :], completion, k)
+        def some_sequences(items: range) -> list[SparseSignal]:
+            prompts = [prompt_ids[i] + completion_ids[i] for i in items]
+            answer = self._complete({"prompt": prompts, "max_tokens": 1, "prompt_logprobs": k}, items[0] // self.sequences_per_request)
+            choices = sorted(answer["choices"], key=lambda c: c["index"])
+            return [prompt_signal(c["prompt_logprobs"][len(prompt_ids[i]) :], completion_ids[i], k) for i, c in zip(items, choices)]
 
-        return self._map(one_sequence, len(prompt_ids))
+        return self._map(some_sequences, len(prompt_ids), self.sequences_per_request)
 
 
 def prompt_signal(positions: list[dict], completion: list[int], k: int) -> SparseSignal:
