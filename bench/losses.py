@@ -36,13 +36,22 @@ def peak_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def random_signal(batch_size: int, length: int, device: torch.device, input_ids: torch.Tensor | None = None) -> SparseBatch:
+    """A random top-K teacher signal (tail mass 0.01) at every position of `batch_size` sequences of
+    `length` tokens, whose targets are `input_ids`' next tokens, or random ones without them."""
+    n = batch_size * (length - 1)
+    targets = torch.randint(0, VOCAB, (n,), device=device) if input_ids is None else input_ids[:, 1:].flatten()
+    topk = torch.randn(n, K, device=device).sort(-1, descending=True).values.log_softmax(-1) - 0.01
+    return SparseBatch(input_ids, None if input_ids is None else torch.ones_like(input_ids),
+                       torch.arange(batch_size, device=device).repeat_interleave(length - 1),
+                       torch.arange(length - 1, device=device).repeat(batch_size), targets,
+                       torch.randint(0, VOCAB, (n, K), device=device), topk, torch.full((n,), 0.01, device=device))
+
+
 def run(variant: str, device: torch.device, bf16: bool, repeats: int) -> tuple[float, float, float]:
     """(seconds of the fastest repeat, the loss's peak temporaries in MB, teacher-side MB) of one variant."""
     torch.manual_seed(0)
-    n = BATCH * (LENGTH - 1)
-    rows = torch.arange(BATCH, device=device).repeat_interleave(LENGTH - 1)
-    positions = torch.arange(LENGTH - 1, device=device).repeat(BATCH)
-    targets = torch.randint(0, VOCAB, (n,), device=device)
+    batch = random_signal(BATCH, LENGTH, device)
     hidden = torch.randn(BATCH, LENGTH, HIDDEN, device=device, requires_grad=True)
     head = torch.randn(VOCAB, HIDDEN, device=device).div_(HIDDEN**0.5).requires_grad_()  # in place: no temporary in the baseline
     objective = LossSettings(divergence="jsd", beta=0.5)
@@ -50,10 +59,7 @@ def run(variant: str, device: torch.device, bf16: bool, repeats: int) -> tuple[f
         teacher_logits = torch.randn(BATCH, LENGTH, VOCAB, device=device)
         teacher_bytes = teacher_logits.numel() * 4
     else:
-        topk = torch.randn(n, K, device=device).sort(-1, descending=True).values.log_softmax(-1) - 0.01
-        batch = SparseBatch(None, None, rows, positions, targets, torch.randint(0, VOCAB, (n, K), device=device), topk,
-                            torch.full((n,), 0.01, device=device))
-        teacher_bytes = batch.topk_ids.numel() * 4 + topk.numel() * 4 + n * 4
+        teacher_bytes = (batch.topk_ids.numel() + batch.topk_logprobs.numel() + batch.tail_mass.numel()) * 4
     head_grad_bytes = head.numel() * 4
     times, temporaries = [], None
     for _ in range(repeats):
@@ -70,7 +76,7 @@ def run(variant: str, device: torch.device, bf16: bool, repeats: int) -> tuple[f
             else:
                 logits = hidden @ head.T
                 if variant == "dense":
-                    loss, _ = dense_kd_loss(logits, teacher_logits, rows, positions, targets, objective)
+                    loss, _ = dense_kd_loss(logits, teacher_logits, batch.rows, batch.positions, batch.targets, objective)
                 else:
                     loss, _ = sparse_kd_loss(logits, batch, objective, 1.0)
         loss.backward()
@@ -98,12 +104,8 @@ def student_step(device: torch.device, bf16: bool, layers: int, batch_size: int,
         torch.manual_seed(0)
         model = Qwen2ForCausalLM(config).to(device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        n = batch_size * (length - 1)
-        input_ids = torch.randint(0, VOCAB, (batch_size, length), device=device)
-        topk = torch.randn(n, K, device=device).sort(-1, descending=True).values.log_softmax(-1) - 0.01
-        batch = SparseBatch(input_ids, torch.ones_like(input_ids), torch.arange(batch_size, device=device).repeat_interleave(length - 1),
-                            torch.arange(length - 1, device=device).repeat(batch_size), input_ids[:, 1:].flatten(),
-                            torch.randint(0, VOCAB, (n, K), device=device), topk, torch.full((n,), 0.01, device=device))
+        batch = random_signal(batch_size, length, device, torch.randint(0, VOCAB, (batch_size, length), device=device))
+        n = len(batch.targets)
         times = []
         for step in range(steps + 1):
             if device.type == "cuda":

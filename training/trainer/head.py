@@ -50,10 +50,10 @@ def unfused_reason(model) -> str | None:
 def fuses(loss_head: str, model, takes_hidden: bool) -> bool:
     """Whether the loss takes hidden states: `loss_head` 'fused' or 'auto', where the objective's loss
     takes them and the model's head allows it. 'fused' where it cannot is an error, before training."""
+    if loss_head == "fused" and not takes_hidden:
+        raise ValueError("loss_head 'fused' applies to the token objectives (sft, supervised_kd, gkd_rl, kl_advantage); "
+                         "the ranking objectives take the logits: set loss_head 'auto' or 'logits'")
     if loss_head == "logits" or not takes_hidden:
-        if loss_head == "fused" and not takes_hidden:
-            raise ValueError("loss_head 'fused' applies to the token objectives (sft, supervised_kd, gkd_rl, kl_advantage); "
-                             "the ranking objectives take the logits: set loss_head 'auto' or 'logits'")
         return False
     reason = unfused_reason(model)
     if reason is None:
