@@ -132,7 +132,7 @@ def chat_models(directory: Path) -> dict[str, Path]:
     return paths
 
 
-def teacher_labeled(engine: HFEngine) -> pa.Table:
+def teacher_labeled(engine: HFEngine, logprob_dtype: str = "float32") -> pa.Table:
     """`teacher_labeled`'s columns (training/data/labeling.py label_table) for ROWS: the replies as the teacher's
     greedy responses ending at <|im_end|>, their top-K signal scored by the engine, teacher-forced."""
     tokenizer = engine.tokenizer
@@ -151,7 +151,7 @@ def teacher_labeled(engine: HFEngine) -> pa.Table:
                           "completion": tokenizer.batch_decode(completions, skip_special_tokens=True),
                           "finish_reason": ["stop"] * len(ROWS),
                           "num_tokens": pa.array([len(c) for c in completions], pa.int32())})
-    signal, _ = score(engine, responses, K, 1.0)
+    signal, _ = score(engine, responses, K, 1.0, logprob_dtype)
     table = with_columns(with_columns(prompts, responses), signal)
     table = table.append_column("correct", pa.array([True] * len(ROWS)))
     card = model_card("tiny-teacher", engine.model, tokenizer)
@@ -220,12 +220,12 @@ def embedded_labeled(directory: Path) -> tuple[dict[str, Path], pa.Table]:
     return models, with_content_id(table, "sample_id", ["prompt_id", "sample_index", "completion_token_ids", "teacher_weights_hash"])
 
 
-def build(directory: Path) -> dict:
+def build(directory: Path, logprob_dtype: str = "float32") -> dict:
     """The models, the Store, the exports and truth.json (what the arms compare against); returns the arms' config."""
     began = time.perf_counter()
     models = chat_models(directory / "models")
     engine = HFEngine.load(str(models["teacher"]))
-    labeled = teacher_labeled(engine)
+    labeled = teacher_labeled(engine, logprob_dtype)
     pairs = preference_pairs(engine, labeled)
     store = Store(directory / "store")
     store.write_dataset("teacher_labeled", labeled)
@@ -294,6 +294,8 @@ ARMS = [("axolotl_arm.py", AXOLOTL_PYTHON, ["axolotl-chatml", "axolotl-plain"]),
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, help="build here and keep it (default: a temporary directory)")
+    parser.add_argument("--logprob-dtype", default="float32", choices=["float32", "float16", "q8"],
+                        help="how teacher_labeled stores the logprobs (q8: codec topk-q8-v1)")
     args = parser.parse_args()
     began = time.perf_counter()
     setup = time.perf_counter()
@@ -305,7 +307,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as temporary:
         directory = args.workdir.resolve() if args.workdir else Path(temporary)
         directory.mkdir(parents=True, exist_ok=True)
-        config = build(directory)
+        config = build(directory, args.logprob_dtype)
         lines, timings, failed = [], [f"venv checks {setup:.1f} s", f"build {config['build_seconds']} s"], False
         for script, python, names in ARMS:
             result, seconds, error = run_arm(python, script, config, directory)
