@@ -15,7 +15,7 @@ import statistics
 import tempfile
 
 import torch
-from quality import BATCH, TASK, online_rollouts
+from quality import BATCH, TASK, K, online_rollouts
 
 from storage.store import Store
 from training.engines.hf import HFEngine
@@ -26,12 +26,15 @@ from training.trainer.settings import TrainingSettings
 from training.trainer.sources import batches_for
 
 
-def run_arm(pipelined: bool, start: str, teacher: HFEngine, fixed, steps: int, seed: int, eval_problems) -> dict:
+def run_arm(pipelined: bool, start: str, teacher: HFEngine, fixed, steps: int, seed: int, eval_problems, k: int = K,
+            **settings) -> dict:
+    """One on-policy training from `start`: the teacher's top-`k` per sampled token; `settings` override the
+    training settings' defaults (e.g. tail_policy)."""
     student, tokenizer = load_model(start)
     config = TrainingSettings(divergence="jsd", beta=0.5, steps=steps, batch_size=BATCH,
-                           learning_rate=1e-3, warmup_steps=10, seed=seed, mix=1.0)
+                              learning_rate=1e-3, warmup_steps=10, seed=seed, mix=1.0, **settings)
     with tempfile.TemporaryDirectory() as directory:
-        sampler = online_rollouts(student, tokenizer, teacher, seed, steps, directory, pipelined)
+        sampler = online_rollouts(student, tokenizer, teacher, seed, steps, directory, pipelined, k=k)
         curve = train_student(student, tokenizer, batches_for(student, tokenizer, config, fixed, sampler), config)
     tokens, seconds = sum(c["completion_tokens"] for c in curve), curve[-1]["seconds"]
     return {"tokens_per_second": tokens / seconds, "seconds_per_step": seconds / steps,

@@ -14,10 +14,10 @@ beside their `prompt_token_ids`, so a model with another template re-renders the
 template while sharing a vocabulary.
 """
 
-import duckdb
 import pyarrow as pa
 
 from training.models.tokenizer import chat_template_hash
+from training.schema.tables import arrow_sql
 
 RAW = "raw"
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
@@ -37,7 +37,7 @@ CONVERSATION = """CASE WHEN system_prompt IS NOT NULL AND coalesce(messages[1].r
 
 def conversations(prompts: pa.Table) -> list[list[dict]]:
     """The conversation of each row (`CONVERSATION`), as lists of {role, content}."""
-    with duckdb.connect() as connection:
+    with arrow_sql() as connection:
         connection.register("rows", with_conversation_columns(prompts.select([c for c in prompts.column_names
                                                                               if c in ("prompt", "messages", "system_prompt")])))
         return connection.sql(f"SELECT {CONVERSATION} AS c FROM rows").to_arrow_table()["c"].to_pylist()
