@@ -56,16 +56,16 @@ def distill_and_save(context: dg.AssetExecutionContext, store: Store, name: str,
     resumes it. Returns (card, curve)."""
     if settings.lora is not None and not settings.lora.merge:
         raise ValueError(f"{name} is evaluated and served as a whole checkpoint: keep lora.merge true")
-    for path in [*data, *rollouts]:
+    for path in [*data, *rollouts] if teacher.tokenizer_hash == start.tokenizer_hash else []:  # else aligned as drawn
         if "topk_ids" in pq.read_schema(path).names:  # pairs and ranked lists are checked as they are drawn (RowCheck)
-            check_compatible(pq.read_table(path, columns=["sample_id", "k", "topk_ids"]), start.vocab_size, teacher.vocab_size, settings.k)
+            check_compatible(pq.read_table(path, columns=["sample_id", "k", "topk_ids"]), start.vocab_size, settings.k)
     work = store.root / "work" / name / (partition or "all")  # stable: a killed training resumes from it
     shutil.rmtree(work / "checkpoint", ignore_errors=True)  # a killed run's partial output (its resumable state stays)
     work.mkdir(parents=True, exist_ok=True)
     run = DistillCommand(
         **settings.model_dump(include={*TrainingSettings.model_fields, "launch"}), student=start.path,
         data=[str(p) for p in data], rollouts=[str(p) for p in rollouts],
-        output=str(work / "checkpoint"), teacher_vocab_size=teacher.vocab_size, online=online,
+        output=str(work / "checkpoint"), teacher=teacher.path, online=online,
     )
     curve, reported = _launch_distill(context, run, work)
     trained = ModelCard.model_validate_json((Path(run.output) / "card.json").read_text()).extended(name=name, **(card_fields or {}))

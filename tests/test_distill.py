@@ -54,12 +54,10 @@ def test_sparse_batch_reproduces_the_stored_signal(tiny_model_dir, labeled):
 
 
 def test_incompatible_inputs_fail_before_training(labeled):
-    with pytest.raises(ValueError, match="teacher vocab 152064 ≠ student vocab 100"):
-        check_compatible(labeled, 100, 152064, None)
     with pytest.raises(ValueError, match="k=50 is larger than the stored top-8"):
-        check_compatible(labeled, 100, 100, 50)
-    with pytest.raises(ValueError, match=r"sample s0 stores token id \d+, beyond the student's vocabulary of 3"):
-        check_compatible(labeled, 3, None, None)
+        check_compatible(labeled, 100, 50)
+    with pytest.raises(ValueError, match=r"sample s0 stores token id \d+, beyond the student's vocabulary of 3: if the teacher"):
+        check_compatible(labeled, 3, None)
 
 
 @pytest.mark.parametrize("objective", ["sft", "supervised_kd"])

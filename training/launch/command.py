@@ -41,7 +41,7 @@ class DistillCommand(TrainingSettings):
     student: str  # checkpoint directory or hub id
     data: list[str]  # Parquet files with the sparse teacher signal
     output: str  # where the trained checkpoint, card.json and curve.json go
-    teacher_vocab_size: Optional[int] = None
+    teacher: Optional[str] = None  # the checkpoint whose token ids `data` stores: aligned to the student's when its tokenizer differs
     rollouts: list[str] = []  # Parquet files of teacher-scored student samples
     online: Optional[OnlineSettings] = None  # sample every on-policy batch fresh instead (training/rounds/online.py)
     state_dir: Optional[str] = None  # resumable checkpoints (with checkpoint_every); empty: <output>.state
@@ -94,7 +94,7 @@ def run(config: DistillCommand, reporter: Reporter) -> list[dict]:
         device = training_device(config.device)
         online = OnlineRollouts(model.to(device), tokenizer, config.online.teacher_engine(device), config.online, config.batch_size)
         on_policy, on_resume = online, online.forget_from
-    batches = batches_for(model, tokenizer, config, config.data, on_policy, config.teacher_vocab_size, on_resume)
+    batches = batches_for(model, tokenizer, config, config.data, on_policy, config.teacher, on_resume)
     state_dir = Path(config.state_dir or f"{config.output}.state")
     curve = train_student(model, tokenizer, batches, config, reporter, config.launch.strategy, state_dir, run_fingerprint(config))
     weights = parallel.gathered_weights(model)

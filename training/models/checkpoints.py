@@ -82,11 +82,11 @@ def load_model(name_or_path: str, revision: str | None = None, trust_remote_code
 
 
 def end_of_turn_ids(generation_config: GenerationConfig | None, tokenizer) -> list[int]:
-    """The ids generation stops at: the tokenizer's eos and every eos_token_id of the model's
-    generation_config (chat models list their end-of-turn token there, e.g. Qwen's <|im_end|>)."""
+    """The ids generation stops at: every eos_token_id of the model's generation_config, in its order
+    (chat models list their end-of-turn token there first, e.g. Qwen's <|im_end|>), then the tokenizer's eos."""
     configured = getattr(generation_config, "eos_token_id", None)
     configured = configured if isinstance(configured, list) else [configured]
-    return sorted({i for i in [tokenizer.eos_token_id, *configured] if i is not None})
+    return list(dict.fromkeys(i for i in [*configured, tokenizer.eos_token_id] if i is not None))
 
 
 def load_generation_config(name_or_path: str, revision: str | None = None) -> GenerationConfig | None:

@@ -91,7 +91,7 @@ def signal_from_topk(topk_ids: np.ndarray, topk_logprobs: np.ndarray, token_logp
     )
 
 
-def _nested(flat: np.ndarray, lengths: np.ndarray, width: int | None, value_type: pa.DataType) -> pa.Array:
+def nested_lists(flat: np.ndarray, lengths: np.ndarray, width: int | None, value_type: pa.DataType) -> pa.Array:
     """Flat values → list<value> per sequence (width None) or list<list<value>> (width k per token)."""
     values = pa.array(flat.reshape(-1), type=value_type)
     if width is not None:  # k = 0 too: an empty list per token
@@ -117,10 +117,10 @@ def signal_columns(signals: list[SparseSignal], logprob_dtype: str = "float32") 
         topk_logprobs, token_logprob = on_q8_grid(topk_logprobs, Q8_FLOOR), on_q8_grid(token_logprob)
         tail = tail.astype(np.float16).astype(np.float32)
     return {
-        "topk_ids": _nested(cat("topk_ids").astype(np.int32), lengths, k, pa.int32()),
-        "topk_logprobs": _nested(topk_logprobs, lengths, k, pa.float16() if logprob_dtype == "float16" else pa.float32()),
-        "token_logprob": _nested(token_logprob, lengths, None, pa.float32()),
-        "tail_mass": _nested(tail, lengths, None, pa.float32()),
+        "topk_ids": nested_lists(cat("topk_ids").astype(np.int32), lengths, k, pa.int32()),
+        "topk_logprobs": nested_lists(topk_logprobs, lengths, k, pa.float16() if logprob_dtype == "float16" else pa.float32()),
+        "token_logprob": nested_lists(token_logprob, lengths, None, pa.float32()),
+        "tail_mass": nested_lists(tail, lengths, None, pa.float32()),
     }
 
 

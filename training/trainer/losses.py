@@ -17,6 +17,7 @@ With gradient accumulation N is the completion tokens of the whole (global) batc
 micro-batch (`normalizer`), so the loss does not depend on how a batch is split.
 """
 
+import bisect
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,6 +29,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from training.models.batches import completion_positions, flat_values, list_lengths
 from training.schema.signal import STUDENT_LOGPROB
+from training.trainer.alignment import UNMAPPED
 from training.trainer.divergences import DIVERGENCES, divergence, support_logprobs
 
 
@@ -44,6 +46,9 @@ class SparseBatch:
     sampled_logprobs: torch.Tensor | None = None  # (N,) log q_old(y): the student's, as it sampled (on-policy rows)
     teacher_token_logprobs: torch.Tensor | None = None  # (N,) log p(y): the teacher's, of the token in the sequence
     advantages: torch.Tensor | None = None  # (N,) the advantage of the token's sequence, r − baseline (0: unknown)
+    aligned: torch.Tensor | None = None  # (N,) 1: the token divergence applies; None: a shared tokenizer, everywhere
+    group: torch.Tensor | None = None  # (N,) the token's alignment group, numbered across the batch (alignment.py)
+    group_logprob: torch.Tensor | None = None  # (N,) the teacher's log p of the group's text, on unaligned tokens
 
     def to(self, device):
         """The same batch (of the same class: PairBatch, RankedBatch too) on `device`."""
@@ -73,6 +78,13 @@ def sparse_batch(rows: pa.Table, pad_token_id: int, k: int | None = None) -> Spa
     topk_ids = flat_values(rows["topk_ids"], 2).reshape(tokens, stored_k)
     topk_logprobs = flat_values(rows["topk_logprobs"], 2).astype(np.float32).reshape(tokens, stored_k)
     tail = flat_values(rows["tail_mass"], 1).astype(np.float32) + np.exp(topk_logprobs[:, keep:]).sum(-1)
+    if "aligned" in columns:  # a teacher with another tokenizer (training/trainer/alignment.py)
+        local, row_of = flat_values(rows["group"], 1).astype(np.int64), np.repeat(np.arange(rows.num_rows), list_lengths(rows["group"]))
+        counts = np.zeros(rows.num_rows, dtype=np.int64)
+        np.maximum.at(counts, row_of, local + 1)  # each row's groups, numbered on after the previous row's
+        rollout.update(aligned=torch.from_numpy(flat_values(rows["aligned"], 1).astype(np.float32)),
+                       group=torch.from_numpy(local + (np.cumsum(counts) - counts)[row_of]),
+                       group_logprob=torch.from_numpy(flat_values(rows["group_logprob"], 1).astype(np.float32)))
     return SparseBatch(
         *tensors,
         topk_ids=torch.from_numpy(topk_ids[:, :keep].astype(np.int64)),
@@ -165,8 +177,24 @@ class HiddenStates:
 SUMS = ["divergence", "nll", "policy_gradient", "clip_fraction", "entropy", "kl_to_sampler"]  # what `_chunk_sums` returns
 
 
-def _chunk_sums(logits, targets, topk_ids, teacher_logprobs, tail_mass, sampled_logprobs, advantages, objective: LossSettings,
-                weights, normalizer, with_grad: bool):
+def group_divergence_sum(log_q_token, aligned, group, group_logprob, objective: LossSettings) -> torch.Tensor:
+    """Σ over the unaligned groups g of D((p(g), 1 − p(g)) ‖ (q(g), 1 − q(g))), log q(g) = Σ_{t∈g} log q(y_t):
+    a teacher with another tokenizer, where its tokens and the student's do not meet one to one
+    (training/trainer/alignment.py)."""
+    unaligned = aligned == 0
+    if not unaligned.any():
+        return log_q_token.new_zeros(())
+    numbers, inverse = torch.unique(group[unaligned], return_inverse=True)
+    log_q = log_q_token.new_zeros(len(numbers)).index_add(0, inverse, log_q_token[unaligned])
+    log_p = log_q.new_zeros(len(numbers)).scatter(0, inverse, group_logprob[unaligned].to(log_q.dtype))
+    two_point = lambda log_g: torch.stack([log_g, torch.log(-torch.expm1(log_g))], -1)
+    ceiling = -1e-6  # log(1 − g) stays finite
+    return divergence(objective.divergence, two_point(log_p.clamp(max=ceiling)), two_point(log_q.clamp(max=ceiling)),
+                      objective.beta, objective.alpha).sum()
+
+
+def _chunk_sums(logits, targets, topk_ids, teacher_logprobs, tail_mass, sampled_logprobs, advantages, aligned, group, group_logprob,
+                objective: LossSettings, weights, normalizer, with_grad: bool):
     """The `SUMS` over a chunk of n positions from their (n, V) logits x, and with `with_grad` the
     gradient of (SUMS · weights) / normalizer with respect to x, made in place of x (which is ours).
 
@@ -203,8 +231,11 @@ def _chunk_sums(logits, targets, topk_ids, teacher_logprobs, tail_mass, sampled_
         divergence_sum = torch.zeros_like(nll_sum)
         if objective.divergence != "none":
             log_q_tail = leaves["lse_out"] - leaves["lse"] if bucket else None
-            log_p, log_q_support = support_logprobs(teacher_logprobs, tail_mass, log_q[:, 1:], log_q_tail, objective.tail_policy)
-            divergence_sum = divergence(objective.divergence, log_p, log_q_support, objective.beta, objective.alpha).sum()
+            log_q_top = log_q[:, 1:] if aligned is None else torch.where(teacher_logprobs <= UNMAPPED / 2, UNMAPPED, log_q[:, 1:])
+            log_p, log_q_support = support_logprobs(teacher_logprobs, tail_mass, log_q_top, log_q_tail, objective.tail_policy)
+            per_position = divergence(objective.divergence, log_p, log_q_support, objective.beta, objective.alpha)
+            divergence_sum = per_position.sum() if aligned is None else (
+                (per_position * aligned).sum() + group_divergence_sum(log_q[:, 0], aligned, group, group_logprob, objective))
         sums = torch.stack([divergence_sum, nll_sum])
         if policy:
             raw = log_q[:, 0] if tau == 1.0 else leaves["z_support"][:, 0] * tau - leaves["lse_raw"]  # the policy sampled at T = 1
@@ -223,7 +254,10 @@ def _chunk_sums(logits, targets, topk_ids, teacher_logprobs, tail_mass, sampled_
         grad = z.sub_(lse).exp_()  # q, in place of z
         if bucket:
             outside = ((lse.squeeze(-1) - leaves["lse_out"].detach()).exp() * grads["lse_out"]).unsqueeze(-1)  # g_out e^{lse − lse_out}
-            grad.mul_(grads["lse"].unsqueeze(-1) + outside).scatter_add_(-1, top, -q_support[:, 1:] * outside)
+            inside = -q_support[:, 1:] * outside
+            if aligned is not None:  # an UNMAPPED entry repeats an id of the support: counted once
+                inside = inside * (teacher_logprobs > UNMAPPED / 2)
+            grad.mul_(grads["lse"].unsqueeze(-1) + outside).scatter_add_(-1, top, inside)
         else:
             grad.mul_(grads["lse"].unsqueeze(-1))
         grad.scatter_add_(-1, support, grads["z_support"])
@@ -241,6 +275,20 @@ def _add_head_gradient(grad_head, grad_logits, hidden, dtype):
         torch.addmm(grad_head, grad_logits.T.to(dtype), hidden.to(dtype), out_dtype=grad_head.dtype, out=grad_head)
     else:
         grad_head.addmm_(grad_logits.T.to(grad_head.dtype), hidden.to(grad_head.dtype))
+
+
+def chunk_bounds(n: int, chunk: int, group: torch.Tensor | None) -> list[tuple[int, int]]:
+    """(start, end) of the chunks of about `chunk` positions; with alignment groups, each end moved on to
+    where a group begins, so that no group is split between chunks."""
+    if group is None:
+        return [(start, min(n, start + chunk)) for start in range(0, n, chunk)]
+    group_starts = (torch.nonzero(group[1:] != group[:-1]).flatten() + 1).tolist() + [n]
+    bounds, start = [], 0
+    while start < n:
+        end = group_starts[bisect.bisect_left(group_starts, start + chunk)] if start + chunk < n else n
+        bounds.append((start, end))
+        start = end
+    return bounds
 
 
 class _ChunkedSparseLoss(torch.autograd.Function):
@@ -268,8 +316,8 @@ class _ChunkedSparseLoss(torch.autograd.Function):
         product_head = None if head is None else head.to(dtype)  # the cast autocast makes for the model's own head
         sums = torch.zeros(len(SUMS), device=states.device)
         with torch.autocast(device, enabled=False):
-            for start in range(0, n, chunk):
-                piece = slice(start, start + chunk)
+            for start, end in chunk_bounds(n, chunk, per_token[-2]):
+                piece = slice(start, end)
                 at = (rows[piece], positions[piece])
                 selected = states[at]  # a copy: the chunk's logits are made in it, then its gradient
                 logits = selected if head is None else selected.to(dtype) @ product_head.T
@@ -316,6 +364,10 @@ def sparse_kd_loss(student: torch.Tensor | HiddenStates, batch: SparseBatch, obj
         raise ValueError("a policy gradient needs the logprob each token was sampled with (student_token_logprob): "
                          "train on the student's own samples (teacher_feedback, online rounds)")
     if objective.divergence != "none" and objective.temperature != stored_temperature:
+        if batch.aligned is not None:
+            raise ValueError(f"a teacher with another tokenizer is compared on whole groups of tokens, whose stored logprob "
+                             f"cannot be rescaled: set the loss temperature ({objective.temperature}) to the stored signal's "
+                             f"({stored_temperature})")
         if objective.tail_policy == "bucket":
             raise ValueError(
                 f"the bucket tail policy needs the loss temperature ({objective.temperature}) to equal the "
@@ -324,7 +376,8 @@ def sparse_kd_loss(student: torch.Tensor | HiddenStates, batch: SparseBatch, obj
         teacher_logprobs = teacher_logprobs * (stored_temperature / objective.temperature)
     weights = torch.tensor([0.0 if objective.divergence == "none" else 1.0, objective.nll_weight,
                             0.0 if advantages is None else 1.0, 0.0, 0.0, 0.0], device=student.device)
-    per_token = (batch.topk_ids, teacher_logprobs, batch.tail_mass, batch.sampled_logprobs, advantages)
+    per_token = (batch.topk_ids, teacher_logprobs, batch.tail_mass, batch.sampled_logprobs, advantages, batch.aligned, batch.group,
+                 batch.group_logprob)
     fused = isinstance(student, HiddenStates)
     states, head, dtype = (student.hidden, student.head, student.product_dtype) if fused else (student, None, student.dtype)
     loss, means = _ChunkedSparseLoss.apply(states, head, dtype, batch.rows, batch.positions, batch.targets, per_token, objective,

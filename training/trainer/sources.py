@@ -16,7 +16,10 @@ from typing import Callable, Protocol
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from training.models.chat import prompt_ids_for
+from training.models.chat import prompt_ids_for, render
+from training.models.checkpoints import end_of_turn_ids, load_generation_config, load_tokenizer
+from training.models.tokenizer import tokenizer_hash
+from training.trainer.alignment import CrossTokenizer
 from training.trainer.objectives import batch_kind, check_takes
 from training.trainer.settings import TrainingSettings
 from training.trainer.shuffle import ShuffledBatches, blocks_of
@@ -48,12 +51,9 @@ class FreshBatches:
             self.on_resume(step)
 
 
-def check_compatible(table: pa.Table, student_vocab_size: int, teacher_vocab_size: int | None, k: int | None) -> None:
-    """Fails before training: vocab mismatch, stored ids the student does not have, k > stored."""
-    if teacher_vocab_size is not None and teacher_vocab_size != student_vocab_size:
-        raise ValueError(
-            f"teacher vocab {teacher_vocab_size} ≠ student vocab {student_vocab_size}: pick models that share a tokenizer"
-        )
+def check_compatible(table: pa.Table, student_vocab_size: int, k: int | None) -> None:
+    """Fails before training: stored ids the student does not have, k > stored. (Whether the teacher
+    shares the student's tokenizer is decided from the tokenizers' contents: `cross_tokenizer`.)"""
     stored_k = pc.min(table["k"]).as_py()
     if k is not None and k > stored_k:
         raise ValueError(f"k={k} is larger than the stored top-{stored_k}: lower k or relabel with a larger k")
@@ -66,7 +66,8 @@ def check_compatible(table: pa.Table, student_vocab_size: int, teacher_vocab_siz
         row = int(pc.list_parent_indices(table["topk_ids"]).to_numpy()[token])
         raise ValueError(
             f"sample {table['sample_id'][row].as_py()} stores token id {ids[first]}, beyond the student's "
-            f"vocabulary of {student_vocab_size}: pick a student that shares the teacher's tokenizer"
+            f"vocabulary of {student_vocab_size}: if the teacher has another tokenizer, name it (`teacher`) so that its "
+            "signal is aligned to the student's tokens"
         )
 
 
@@ -78,17 +79,21 @@ class RowCheck:
 
     tokenizer: object
     vocab_size: int
-    teacher_vocab_size: int | None
+    cross: CrossTokenizer | None  # a teacher with another tokenizer: its rows are aligned to the student's tokens
     settings: TrainingSettings
     temperature: float
     source: str  # "fixed" or "on-policy", for the messages
 
     def __call__(self, rows: pa.Table) -> pa.Table:
-        rows = rows.set_column(rows.schema.get_field_index("prompt_token_ids"), "prompt_token_ids", prompt_ids_for(self.tokenizer, rows))
+        prompt_ids = prompt_ids_for(self.tokenizer, rows) if self.cross is None else pa.array(render(self.tokenizer, rows),
+                                                                                                rows["prompt_token_ids"].type)
+        rows = rows.set_column(rows.schema.get_field_index("prompt_token_ids"), "prompt_token_ids", prompt_ids)
         check_takes(self.settings.objective, rows, self.source)
         signals = stored_signals(rows)
-        for signal in signals:
-            check_compatible(signal, self.vocab_size, self.teacher_vocab_size, self.settings.k)
+        if self.cross is not None:
+            rows = self.cross(rows)
+        for signal in stored_signals(rows):
+            check_compatible(signal, self.vocab_size, self.settings.k)
         if signals and (found := float(rows["temperature"][0].as_py())) != self.temperature:
             raise ValueError(f"{self.source} rows store the teacher at temperature {found}, the fixed data at "
                              f"{self.temperature}: score them alike")
@@ -128,15 +133,37 @@ def stored_temperature(rows: Rows) -> float | None:
     return float(first.read(["temperature"])["temperature"][0].as_py()) if "temperature" in first.column_names() else None
 
 
+def cross_tokenizer(teacher: str | None, student, tokenizer, settings: TrainingSettings, on_policy: Rows | None) -> CrossTokenizer | None:
+    """The alignment for the teacher checkpoint `teacher` whose token ids the rows store, when its tokenizer is
+    not the student's (decided by `tokenizer_hash`, their vocabularies and special tokens, never by sizes: a
+    padded embedding makes sizes differ for one tokenizer); None when they are the same or no teacher is named."""
+    if teacher is None:
+        return None
+    teacher_tokenizer = load_tokenizer(teacher)
+    if tokenizer_hash(teacher_tokenizer) == tokenizer_hash(tokenizer):
+        return None
+    if on_policy is not None:
+        raise ValueError("the teacher has another tokenizer than the student: rounds, where it scores the student's own tokens, "
+                         "are not aligned across tokenizers yet; train on its stored data (mix 0), or pick a student that "
+                         "shares its tokenizer")
+    if settings.objective not in ("sft", "supervised_kd"):
+        raise ValueError(f"objective {settings.objective!r} is not aligned across tokenizers yet: with a teacher of another "
+                         "tokenizer use 'supervised_kd' (or 'sft')")
+    return CrossTokenizer.between(teacher_tokenizer, end_of_turn_ids(load_generation_config(teacher), teacher_tokenizer), tokenizer,
+                                  end_of_turn_ids(student.generation_config, tokenizer))
+
+
 def batches_for(model, tokenizer, settings: TrainingSettings, fixed: Rows, on_policy: Rows | None = None,
-                teacher_vocab_size: int | None = None, on_resume: Callable[[int], None] | None = None) -> Batches:
+                teacher: str | None = None, on_resume: Callable[[int], None] | None = None) -> Batches:
     """The loop's sources for `model` (its vocabulary bounds the stored ids): stored rows are shuffled
     (seeded by `settings.seed`, the on-policy ones by seed + 1), functions of the step are called at
-    each step; all checked by one `RowCheck`."""
+    each step; all checked by one `RowCheck`. `teacher`: the checkpoint whose token ids the rows store,
+    aligned to the student's tokens when its tokenizer differs (training/trainer/alignment.py)."""
     temperature = stored_temperature(fixed) or settings.temperature
+    cross = cross_tokenizer(teacher, model, tokenizer, settings, on_policy)
 
     def source(rows: Rows, name: str, seed: int) -> BatchSource:
-        check = RowCheck(tokenizer, model.config.vocab_size, teacher_vocab_size, settings, temperature, name)
+        check = RowCheck(tokenizer, model.config.vocab_size, cross, settings, temperature, name)
         if callable(rows):
             return FreshBatches(rows, check, on_resume if name == "on-policy" else None)
         return ShuffledBatches(blocks_of(rows), settings.batch_size, seed, settings.shuffle_window, check)

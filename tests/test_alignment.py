@@ -1,0 +1,206 @@
+"""A teacher with another tokenizer: token bytes, byte-boundary groups, the mapped signal and its loss,
+on real tokenizers built here (byte-level BPE, a SentencePiece-style BPE with byte fallback, the
+embedded character tokenizer)."""
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from tokenizers import ByteLevelBPETokenizer, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from storage.store import Store
+from training.data.labeling import score, with_columns
+from training.engines.hf import HFEngine
+from training.models.chat import prompt_rendering, render
+from training.models.checkpoints import STUDENT_ARCHITECTURE, build_embedded, end_of_turn_ids, load_model
+from training.models.token_bytes import TokenBytes, same_text_ids
+from training.models.tokenizer import build_char_tokenizer
+from training.tasks.arithmetic import problems
+from training.trainer.alignment import UNMAPPED, CrossTokenizer, groups
+from training.trainer.loop import train_student
+from training.trainer.losses import LossSettings, sparse_batch, sparse_kd_loss
+from training.trainer.settings import TrainingSettings
+from training.trainer.sources import batches_for, cross_tokenizer
+
+TEXTS = ["12 + 3 = 15", "Ünïcode costs €5 😀", "  two  spaces\nand a line"]
+
+
+def sentencepiece_like() -> PreTrainedTokenizerFast:
+    """'▁' for spaces, <0xNN> byte tokens for what the vocabulary lacks (Llama 2's convention)."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for text in ["▁", "1", "2", "3", "5", "+", "=", "▁1", "▁+"]:
+        vocab.setdefault(text, len(vocab))
+    model = Tokenizer(models.BPE(vocab=vocab, merges=[("▁", "1"), ("▁", "+")], unk_token="<unk>", byte_fallback=True))
+    model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    model.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return PreTrainedTokenizerFast(tokenizer_object=model, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
+
+
+def merged_pairs() -> PreTrainedTokenizerFast:
+    """Characters plus "12" and " +": a teacher whose tokens are known in advance."""
+    vocab = {"<pad>": 0, "<eos>": 1, **{c: 2 + i for i, c in enumerate(" +0123456789=")}}
+    vocab.update({"12": len(vocab), " +": len(vocab) + 1})
+    model = Tokenizer(models.BPE(vocab=vocab, merges=[("1", "2"), (" ", "+")]))
+    model.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=model, eos_token="<eos>", pad_token="<pad>")
+
+
+def other_bpe() -> PreTrainedTokenizerFast:
+    """A second byte-level BPE: another size, other merges and other special tokens than the chat pair's."""
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([p.prompt + " " + p.solution for p in problems("train", 300, 7)], vocab_size=420,
+                            special_tokens=["<pad>", "<s>", "</s>"])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+@pytest.mark.parametrize("build", [build_char_tokenizer, sentencepiece_like, other_bpe])
+def test_token_bytes_spell_the_text(build):
+    tokenizer = build()
+    spelled = TokenBytes.of(tokenizer)
+    for text in TEXTS:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if tokenizer.unk_token_id in ids:
+            continue  # the character tokenizer has no 'Ü'
+        assert b"".join(spelled.texts[i] for i in ids) == text.encode()
+    assert spelled.texts[tokenizer.eos_token_id] == b"" and spelled.special[tokenizer.eos_token_id]
+
+
+def test_byte_level_tokens_are_their_bytes(tiny_model_dir):
+    tokenizer = load_model(str(tiny_model_dir))[1]
+    spelled = TokenBytes.of(tokenizer)
+    assert spelled.texts[tokenizer.convert_tokens_to_ids("Ġ")] == b" "
+    assert spelled.texts[tokenizer.convert_tokens_to_ids("<|im_end|>")] == b""
+    char = TokenBytes.of(build_char_tokenizer())
+    to_char = same_text_ids(spelled, char)
+    assert to_char[tokenizer.convert_tokens_to_ids("Ġ")] == build_char_tokenizer().convert_tokens_to_ids(" ")
+    assert to_char[tokenizer.convert_tokens_to_ids("<|im_end|>")] == -1
+
+
+def test_groups_on_a_known_string():
+    teacher = merged_pairs()
+    text = "12 + 3"
+    teacher_ids = teacher(text)["input_ids"]
+    assert teacher.convert_ids_to_tokens(teacher_ids) == ["12", " +", " ", "3"]
+    teacher_ends = np.cumsum(TokenBytes.of(teacher).lengths()[teacher_ids])
+    teacher_group, student_group = groups(teacher_ends, np.arange(1, len(text) + 1))
+    assert teacher_group.tolist() == [0, 1, 2, 3]  # "12" | " +" | " " | "3"
+    assert student_group.tolist() == [0, 0, 1, 1, 2, 3]  # one to many, one to many, one to one, one to one
+
+
+def test_the_signal_maps_onto_the_student(tiny_model_dir):
+    """A response "12 + 3<eos>" from the known teacher: its one-to-one tokens keep the candidates the
+    student spells alike, the rest joins the tail; its merged tokens get their group's logprob; its end
+    of turn becomes the student's."""
+    teacher, student = merged_pairs(), build_char_tokenizer()
+    v = teacher.get_vocab()
+    ids = [v["12"], v[" +"], v[" "], v["3"], v["<eos>"]]
+    top = [[v["12"], v["1"]], [v[" +"], v[" "]], [v[" "], v[" +"]], [v["3"], v["12"]], [v["<eos>"], v["3"]]]
+    logprobs = np.log([[0.6, 0.3], [0.5, 0.4], [0.7, 0.2], [0.8, 0.1], [0.9, 0.05]])
+    rows = pa.table({
+        "completion_token_ids": pa.array([ids], pa.list_(pa.int32())),
+        "topk_ids": pa.array([top], pa.list_(pa.list_(pa.int32()))),
+        "topk_logprobs": pa.array([logprobs.tolist()], pa.list_(pa.list_(pa.float32()))),
+        "token_logprob": pa.array([logprobs[:, 0].tolist()], pa.list_(pa.float32())),
+        "tail_mass": pa.array([(1 - np.exp(logprobs).sum(1)).tolist()], pa.list_(pa.float32())),
+        "k": pa.array([2], pa.int32()),
+    })
+    cross = CrossTokenizer.between(teacher, [v["<eos>"]], student, [student.eos_token_id])
+    out = cross(rows).to_pylist()[0]
+    c = student.get_vocab()
+    assert out["completion_token_ids"] == [c["1"], c["2"], c[" "], c["+"], c[" "], c["3"], student.eos_token_id]
+    assert out["aligned"] == [False, False, False, False, True, True, True]
+    assert out["topk_ids"][4] == [c[" "], c[" "]] and out["topk_logprobs"][4][1] == UNMAPPED  # " +" is no student token
+    assert out["tail_mass"][4] == pytest.approx(0.1 + 0.2)
+    assert out["topk_ids"][5] == [c["3"], c["3"]] and out["topk_logprobs"][5][0] == pytest.approx(math.log(0.8))
+    assert out["topk_ids"][6] == [student.eos_token_id, c["3"]]
+    assert out["group"] == [0, 0, 1, 1, 2, 3, 4]
+    assert out["group_logprob"][0] == pytest.approx(math.log(0.6)) and out["group_logprob"][3] == pytest.approx(math.log(0.5))
+    assert math.isnan(out["group_logprob"][5])
+    assert cross.coverage() == pytest.approx({"teacher_tokens_one_to_one": 3 / 5, "topk_mass_mapped": (0.7 + 0.8 + 0.95) / 2.75})
+
+
+@pytest.fixture(scope="module")
+def labeled(tiny_model_dir):
+    """The chat pair's teacher (byte-level BPE, 300 ids) scores 64 worked solutions with its top-8, each
+    tokenized as its tokenizer does and ending its turn with <|im_end|>."""
+    engine = HFEngine.load(str(tiny_model_dir), batch_size=32)
+    tokenizer, chosen = engine.tokenizer, problems("train", 64, 3)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    rows = pa.table({"sample_id": [f"s{i}" for i in range(64)], "prompt": [p.prompt for p in chosen]})
+    rows = rows.append_column("prompt_token_ids", pa.array(render(tokenizer, rows), pa.list_(pa.int32())))
+    completions = [ids + [end] for ids in tokenizer([p.solution for p in chosen], add_special_tokens=False)["input_ids"]]
+    rows = rows.append_column("completion_token_ids", pa.array(completions, pa.list_(pa.int32())))
+    rows = rows.append_column("prompt_rendering", pa.array([prompt_rendering(tokenizer)] * 64))
+    return with_columns(rows, score(engine, rows, k=8)[0])
+
+
+def test_one_tokenizer_aligned_is_the_shared_tokenizer_loss(tiny_model_dir, labeled):
+    """Aligning a signal to its own tokenizer maps every token one to one: the loss and its gradients are
+    the shared-tokenizer ones; and a named teacher with the student's tokenizer is not aligned at all."""
+    model, tokenizer = load_model(str(tiny_model_dir))
+    ends = end_of_turn_ids(model.generation_config, tokenizer)
+    cross = CrossTokenizer.between(tokenizer, ends, tokenizer, ends)
+    rows = labeled.slice(0, 16)
+    aligned = cross(rows)
+    assert aligned["completion_token_ids"].to_pylist() == rows["completion_token_ids"].to_pylist()
+    assert cross.coverage() == pytest.approx({"teacher_tokens_one_to_one": 1.0, "topk_mass_mapped": 1.0})
+    for tail_policy in ("renormalize", "bucket"):
+        settings = LossSettings(divergence="jsd", tail_policy=tail_policy, nll_weight=0.5)
+        losses, gradients = [], []
+        for table in (rows, aligned):
+            batch = sparse_batch(table, tokenizer.pad_token_id)
+            model.zero_grad()
+            loss, _ = sparse_kd_loss(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch, settings, 1.0)
+            loss.backward()
+            losses.append(loss.item())
+            gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+        torch.testing.assert_close(gradients[0], gradients[1], atol=1e-6, rtol=1e-5)
+    assert cross_tokenizer(str(tiny_model_dir), model, tokenizer, TrainingSettings(), None) is None
+
+
+def small_qwen(tokenizer):
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1,
+                         num_key_value_heads=1, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(config)
+
+
+def test_a_bpe_student_learns_from_a_character_teachers_stored_signal(tiny_offline_store):
+    """The tiny graph's trained character-level teacher's teacher_labeled trains a student on a byte-level
+    BPE (other size, merges, special tokens): the divergence goes down; the coverage is measured."""
+    store = Store(tiny_offline_store)
+    tokenizer = other_bpe()
+    model = small_qwen(tokenizer)
+    settings = TrainingSettings(objective="supervised_kd", steps=40, batch_size=16, learning_rate=3e-3, warmup_steps=2)
+    batches = batches_for(model, tokenizer, settings, store.read_dataset("teacher_labeled"), teacher=store.read_card("teacher").path)
+    curve = train_student(model, tokenizer, batches, settings)
+    first, last = (sum(c["divergence"] for c in part) / 5 for part in (curve[:5], curve[-5:]))
+    assert last < 0.8 * first, (first, last)
+    coverage = batches.fixed.prepare.cross.coverage()
+    assert 0.2 < coverage["teacher_tokens_one_to_one"] < 1.0 and 0.5 < coverage["topk_mass_mapped"] <= 1.0, coverage
+
+
+def test_a_character_student_trains_on_a_bpe_teachers_stored_signal(tiny_model_dir, labeled):
+    """The other way round, from the chat pair's (untrained) BPE teacher: the rows reach the character
+    student as its own tokens, the loss is finite and goes down (its NLL part: this teacher knows nothing)."""
+    model, tokenizer = build_embedded(STUDENT_ARCHITECTURE, seed=0)
+    settings = TrainingSettings(objective="supervised_kd", steps=20, batch_size=16, learning_rate=3e-3, warmup_steps=2, nll_weight=1.0)
+    batches = batches_for(model, tokenizer, settings, labeled, teacher=str(tiny_model_dir))
+    first = batches.fixed(0)
+    assert first["completion_token_ids"][0].as_py()[-1] == tokenizer.eos_token_id
+    assert max(max(ids) for ids in first["completion_token_ids"].to_pylist()) < len(tokenizer)
+    curve = train_student(model, tokenizer, batches, settings)
+    assert all(math.isfinite(c["loss"]) for c in curve) and curve[-1]["loss"] < 0.8 * curve[0]["loss"]
+    assert batches.fixed.prepare.cross.coverage()["teacher_tokens_one_to_one"] > 0.5
+
+
+def test_rounds_and_other_objectives_are_refused_across_tokenizers(tiny_model_dir):
+    student, tokenizer = build_embedded(STUDENT_ARCHITECTURE, seed=0)
+    with pytest.raises(ValueError, match="rounds, where it scores the student's own tokens, are not aligned"):
+        cross_tokenizer(str(tiny_model_dir), student, tokenizer, TrainingSettings(), on_policy=lambda step: None)
+    with pytest.raises(ValueError, match="objective 'dpo' is not aligned across tokenizers"):
+        cross_tokenizer(str(tiny_model_dir), student, tokenizer, TrainingSettings(objective="dpo"), None)

@@ -1,0 +1,90 @@
+"""Each token's text as bytes, whatever its tokenizer's convention: what a student with another
+tokenizer needs to use a teacher's stored token ids (training/trainer/alignment.py).
+
+The convention is read from the tokenizer's decoder (tokenizers' JSON), never guessed from names:
+
+    ByteLevel (GPT-2, Llama 3, Qwen)   each character stands for one byte ('Ġ' is b' ')
+    Metaspace, Replace '▁' (Llama 2,   '▁' is b' '; with ByteFallback, '<0xNN>' is the byte NN
+    Gemma, SentencePiece)
+    anything else (Fuse, WordPiece…)   the token's string, UTF-8 (WordPiece's '##' prefix dropped)
+
+Special tokens (bos, eos, pad, chat markers) cover no text: b"" and `special` True; they correspond
+across tokenizers by name (<|im_start|> to <|im_start|>).
+"""
+
+import json
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable Latin-1 bytes stand for themselves, the other 68
+    bytes for the characters from U+0100 on, in byte order (character → byte)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+def _decoder_kinds(decoder: dict | None) -> set[str]:
+    """The decoder's step types (a Sequence's, flattened), with 'Replace▁' for a Replace of '▁'."""
+    if decoder is None:
+        return set()
+    if decoder["type"] == "Sequence":
+        return set().union(*(_decoder_kinds(d) for d in decoder["decoders"]))
+    if decoder["type"] == "Replace" and decoder.get("pattern", {}).get("String") == "▁":
+        return {"Replace▁"}
+    return {decoder["type"]}
+
+
+@dataclass
+class TokenBytes:
+    """A tokenizer's vocabulary as bytes: `texts[id]` and `special[id]`, for every id below `size`."""
+
+    texts: list[bytes]
+    special: np.ndarray  # (size,) bool
+    names: dict[str, int]  # the special tokens' strings and ids
+
+    @classmethod
+    def of(cls, tokenizer) -> "TokenBytes":
+        size = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+        tokens = tokenizer.convert_ids_to_tokens(list(range(size)))
+        decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder")
+        kinds = _decoder_kinds(decoder)
+        special = np.zeros(size, dtype=bool)
+        special[[i for i in tokenizer.all_special_ids if i < size]] = True
+        added = getattr(tokenizer, "added_tokens_decoder", {})
+        special[[i for i, token in added.items() if i < size and getattr(token, "special", False)]] = True
+        if "ByteLevel" in kinds:
+            alphabet = byte_level_alphabet()
+            convert = lambda token: bytes(alphabet[c] for c in token) if all(c in alphabet for c in token) else token.encode()
+        elif kinds & {"Metaspace", "Replace▁"}:
+            fallback = "ByteFallback" in kinds
+            convert = lambda token: (bytes([int(m.group(1), 16)]) if fallback and (m := BYTE_TOKEN.fullmatch(token))
+                                     else token.replace("▁", " ").encode())
+        elif "WordPiece" in kinds:
+            convert = lambda token: token[2:].encode() if token.startswith("##") else token.encode()
+        else:
+            convert = lambda token: token.encode()
+        texts = [b"" if special[i] or token is None else convert(token) for i, token in enumerate(tokens)]
+        return cls(texts, special, {tokens[i]: int(i) for i in np.flatnonzero(special)})
+
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(t) for t in self.texts), dtype=np.int64, count=len(self.texts))
+
+
+def same_text_ids(teacher: TokenBytes, student: TokenBytes) -> np.ndarray:
+    """(teacher vocabulary,) int64: the student's id whose bytes equal each teacher token's (a special
+    token's: whose name), −1 where none does. Where several student ids share the bytes (a
+    byte-fallback token and a plain one), the lowest id is taken."""
+    by_text = {}
+    for i, text in enumerate(student.texts):
+        if text and not student.special[i]:
+            by_text.setdefault(text, i)
+    ids = np.fromiter((by_text.get(text, -1) if text else -1 for text in teacher.texts), dtype=np.int64, count=len(teacher.texts))
+    for name, i in teacher.names.items():
+        ids[i] = student.names.get(name, -1)
+    return ids
