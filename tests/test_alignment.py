@@ -180,7 +180,7 @@ def test_a_bpe_student_learns_from_a_character_teachers_stored_signal(tiny_offli
     curve = train_student(model, tokenizer, batches, settings)
     first, last = (sum(c["divergence"] for c in part) / 5 for part in (curve[:5], curve[-5:]))
     assert last < 0.8 * first, (first, last)
-    coverage = batches.fixed.prepare.cross.coverage()
+    coverage = batches.cross.coverage()
     assert 0.2 < coverage["teacher_tokens_one_to_one"] < 1.0 and 0.5 < coverage["topk_mass_mapped"] <= 1.0, coverage
 
 
@@ -195,7 +195,7 @@ def test_a_character_student_trains_on_a_bpe_teachers_stored_signal(tiny_model_d
     assert max(max(ids) for ids in first["completion_token_ids"].to_pylist()) < len(tokenizer)
     curve = train_student(model, tokenizer, batches, settings)
     assert all(math.isfinite(c["loss"]) for c in curve) and curve[-1]["loss"] < 0.8 * curve[0]["loss"]
-    assert batches.fixed.prepare.cross.coverage()["teacher_tokens_one_to_one"] > 0.5
+    assert batches.cross.coverage()["teacher_tokens_one_to_one"] > 0.5
 
 
 def test_rounds_and_other_objectives_are_refused_across_tokenizers(tiny_model_dir):

@@ -123,6 +123,7 @@ class Batches:
     fixed: BatchSource
     on_policy: BatchSource | None
     temperature: float  # of the stored teacher signal: the loss rescales it to its own τ
+    cross: CrossTokenizer | None = None  # a teacher with another tokenizer: the alignment, and its coverage so far
 
 
 def stored_temperature(rows: Rows) -> float | None:
@@ -169,4 +170,4 @@ def batches_for(model, tokenizer, settings: TrainingSettings, fixed: Rows, on_po
         return ShuffledBatches(blocks_of(rows), settings.batch_size, seed, settings.shuffle_window, check)
 
     return Batches(source(fixed, "fixed", settings.seed),
-                   None if on_policy is None else source(on_policy, "on-policy", settings.seed + 1), temperature)
+                   None if on_policy is None else source(on_policy, "on-policy", settings.seed + 1), temperature, cross)
