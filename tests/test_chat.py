@@ -52,7 +52,7 @@ def test_generation_stops_at_the_end_of_turn_and_at_stop_strings(chat_pair):
     model, tokenizer = load_model(str(chat_pair["teacher"]))
     engine = HFEngine(model, tokenizer, batch_size=32)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert engine.end_of_turn_ids == sorted([tokenizer.eos_token_id, im_end])  # from generation_config, beyond the eos
+    assert engine.end_of_turn_ids == [im_end, tokenizer.eos_token_id]  # generation_config's order (its end of turn first), then the eos
     prompts = render(tokenizer, pa.table({"prompt": [f"{i}+{i}=" for i in range(32)]}))
     generations = engine.generate(prompts, Sampling(n=2, temperature=1.0, max_new_tokens=24, seed=1))
     at_end = [g for g in generations if im_end in g.completion_ids]
