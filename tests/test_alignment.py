@@ -84,7 +84,7 @@ def test_groups_on_a_known_string():
     text = "12 + 3"
     teacher_ids = teacher(text)["input_ids"]
     assert teacher.convert_ids_to_tokens(teacher_ids) == ["12", " +", " ", "3"]
-    teacher_ends = np.cumsum(TokenBytes.of(teacher).lengths()[teacher_ids])
+    teacher_ends = np.cumsum(TokenBytes.of(teacher).lengths[teacher_ids])
     teacher_group, student_group = groups(teacher_ends, np.arange(1, len(text) + 1))
     assert teacher_group.tolist() == [0, 1, 2, 3]  # "12" | " +" | " " | "3"
     assert student_group.tolist() == [0, 0, 1, 1, 2, 3]  # one to many, one to many, one to one, one to one

@@ -14,7 +14,7 @@ across tokenizers by name (<|im_start|> to <|im_start|>).
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -47,6 +47,10 @@ class TokenBytes:
     texts: list[bytes]
     special: np.ndarray  # (size,) bool
     names: dict[str, int]  # the special tokens' strings and ids
+    lengths: np.ndarray = field(init=False)  # (size,) int64: len(texts[id]), computed once
+
+    def __post_init__(self):
+        self.lengths = np.fromiter((len(t) for t in self.texts), dtype=np.int64, count=len(self.texts))
 
     @classmethod
     def of(cls, tokenizer) -> "TokenBytes":
@@ -71,9 +75,6 @@ class TokenBytes:
             convert = lambda token: token.encode()
         texts = [b"" if special[i] or token is None else convert(token) for i, token in enumerate(tokens)]
         return cls(texts, special, {tokens[i]: int(i) for i in np.flatnonzero(special)})
-
-    def lengths(self) -> np.ndarray:
-        return np.fromiter((len(t) for t in self.texts), dtype=np.int64, count=len(self.texts))
 
 
 def same_text_ids(teacher: TokenBytes, student: TokenBytes) -> np.ndarray:

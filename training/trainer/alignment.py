@@ -98,8 +98,8 @@ class CrossTokenizer:
         texts = [b"".join(self.teacher.texts[i] for i in ids[s : s + n - e]) for s, n, e in zip(starts, lengths, ended)]
         decoded = [text.decode("utf-8", errors="replace") for text in texts]
         student = self.student_tokenizer(decoded, add_special_tokens=False, return_offsets_mapping=True)
-        teacher_lengths = self.teacher.lengths()
-        out = {name: [] for name in ("ids", "teacher_token", "aligned", "group", "group_logprob")}
+        teacher_lengths = self.teacher.lengths
+        out = {name: [] for name in ("ids", "teacher_token", "group", "group_logprob")}
         per_row, one_to_one = [], 0
         for row, (s, n, e) in enumerate(zip(starts, lengths, ended)):
             body = np.arange(s, s + n - e)
