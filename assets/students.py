@@ -34,6 +34,7 @@ def offline_student(context: dg.AssetExecutionContext, config: OfflineStudentCon
         metadata={
             **metadata(metrics), "weights_hash": card.weights_hash, "path": dg.MetadataValue.path(card.path),
             "trained_on": config.train_on, "inputs": dg.MetadataValue.json(inputs),
+            **({"alignment": dg.MetadataValue.json(card.alignment)} if card.alignment else {}),
             "loss_curve": loss_curve(curve, "offline_student training loss"),
         },
         data_version=dg.DataVersion(card.weights_hash),

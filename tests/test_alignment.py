@@ -2,10 +2,12 @@
 on real tokenizers built here (byte-level BPE, a SentencePiece-style BPE with byte fallback, the
 embedded character tokenizer)."""
 
+import json
 import math
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from tokenizers import ByteLevelBPETokenizer, Tokenizer, decoders, models, pre_tokenizers
@@ -14,8 +16,10 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from storage.store import Store
 from training.data.labeling import score, with_columns
 from training.engines.hf import HFEngine
+from training.launch.command import DistillCommand, run
+from training.launch.report import printed
 from training.models.chat import prompt_rendering, render
-from training.models.checkpoints import STUDENT_ARCHITECTURE, build_embedded, end_of_turn_ids, load_model
+from training.models.checkpoints import STUDENT_ARCHITECTURE, build_embedded, end_of_turn_ids, load_model, save_model
 from training.models.token_bytes import TokenBytes, same_text_ids
 from training.models.tokenizer import build_char_tokenizer
 from training.tasks.arithmetic import problems
@@ -169,18 +173,21 @@ def small_qwen(tokenizer):
     return Qwen2ForCausalLM(config)
 
 
-def test_a_bpe_student_learns_from_a_character_teachers_stored_signal(tiny_offline_store):
+def test_a_bpe_student_learns_from_a_character_teachers_stored_signal(tiny_offline_store, tmp_path):
     """The tiny graph's trained character-level teacher's teacher_labeled trains a student on a byte-level
-    BPE (other size, merges, special tokens): the divergence goes down; the coverage is measured."""
+    BPE (other size, merges, special tokens) by the plain command: the divergence goes down, and the
+    trained model's card holds the alignment's coverage."""
     store = Store(tiny_offline_store)
     tokenizer = other_bpe()
-    model = small_qwen(tokenizer)
-    settings = TrainingSettings(objective="supervised_kd", steps=40, batch_size=16, learning_rate=3e-3, warmup_steps=2)
-    batches = batches_for(model, tokenizer, settings, store.read_dataset("teacher_labeled"), teacher=store.read_card("teacher").path)
-    curve = train_student(model, tokenizer, batches, settings)
+    save_model(small_qwen(tokenizer), tokenizer, tmp_path / "start")
+    pq.write_table(store.read_dataset("teacher_labeled"), tmp_path / "labeled.parquet")
+    config = DistillCommand(objective="supervised_kd", steps=40, batch_size=16, learning_rate=3e-3, warmup_steps=2,
+                            student=str(tmp_path / "start"), data=[str(tmp_path / "labeled.parquet")], output=str(tmp_path / "student"),
+                            teacher=store.read_card("teacher").path)
+    curve = run(config, printed())
     first, last = (sum(c["divergence"] for c in part) / 5 for part in (curve[:5], curve[-5:]))
     assert last < 0.8 * first, (first, last)
-    coverage = batches.cross.coverage()
+    coverage = json.loads((tmp_path / "student" / "card.json").read_text())["alignment"]
     assert 0.2 < coverage["teacher_tokens_one_to_one"] < 1.0 and 0.5 < coverage["topk_mass_mapped"] <= 1.0, coverage
 
 

@@ -105,11 +105,11 @@ def run(config: DistillCommand, reporter: Reporter) -> list[dict]:
         else:
             save_model(model, tokenizer, output, weights)
         card = model_card("", model, tokenizer, weights=weights)
+        if batches.cross is not None:  # a teacher with another tokenizer (training/trainer/alignment.py)
+            card = card.extended(alignment=batches.cross.coverage())
         (output / "card.json").write_text(json.dumps(card.as_dict()))
         (output / "curve.json").write_text(json.dumps(curve))
         (output / "distill_config.json").write_text(config.model_dump_json(indent=2))
-        if batches.cross is not None:  # a teacher with another tokenizer: how much of its signal met the student's tokens
-            (output / "alignment.json").write_text(json.dumps(batches.cross.coverage()))
         shutil.rmtree(state_dir, ignore_errors=True)  # trained: nothing left to resume
         reporter.result(config.steps, curve[-1]["loss"], card.weights_hash)
     parallel.barrier()

@@ -47,6 +47,7 @@ class ModelCard(BaseModel):
     parent_checkpoint: str | None = None  # the parent's weights hash
     mix: float | None = None  # λ: the share of batches drawn from the student's own samples
     online: bool | None = None  # sampled fresh at every on-policy step, else from the round's teacher_feedback
+    alignment: dict[str, float] | None = None  # a teacher of another tokenizer: how much of its signal met the student's tokens
     teacher: str | None = None  # who scored its samples: the teacher's name, or a self round's checkpoint (e.g. offline_student)
 
     def as_dict(self) -> dict:
