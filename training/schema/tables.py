@@ -23,11 +23,20 @@ def arrow_sql() -> duckdb.DuckDBPyConnection:
     global _PROCESS_DUCKDB
     if _PROCESS_DUCKDB is None or _PROCESS_DUCKDB[0] != os.getpid():
         _PROCESS_DUCKDB = (os.getpid(), duckdb.connect())
-        atexit.register(_PROCESS_DUCKDB[1].close)  # closed before the interpreter tears DuckDB's bindings down
+        atexit.register(_close_process_duckdb)
     return _PROCESS_DUCKDB[1].cursor()
 
 
 _PROCESS_DUCKDB: tuple[int, duckdb.DuckDBPyConnection] | None = None
+
+
+def _close_process_duckdb() -> None:
+    """Closed and dropped before the interpreter tears DuckDB's bindings down: a connection alive then
+    makes them print a wall of "leaked instance" warnings (see storage/catalog.py)."""
+    global _PROCESS_DUCKDB
+    if _PROCESS_DUCKDB is not None:
+        _PROCESS_DUCKDB[1].close()
+        _PROCESS_DUCKDB = None
 
 
 def with_content_id(table: pa.Table, name: str, columns: list[str]) -> pa.Table:
