@@ -2,6 +2,10 @@
 constant columns, carrying prompt columns onto the rows generated from them, and the SQL that
 reads a dataset's shards."""
 
+# Annotations stay strings: an evaluated `duckdb.DuckDBPyConnection` would be kept alive past interpreter
+# exit and make duckdb's bindings print a wall of "leaked instance" warnings (as in storage/catalog.py).
+from __future__ import annotations
+
 import atexit
 import os
 from pathlib import Path
