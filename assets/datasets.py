@@ -15,6 +15,8 @@ from assets.resources import ModelEngine
 from storage.store import Store
 from training.data.labeling import LabelingSettings, label_table
 from training.data.prompt_sources import prompt_tables
+from training.models.checkpoints import end_of_turn_ids, load_generation_config, load_tokenizer
+from training.models.token_bytes import token_table
 from training.schema.cards import ModelCard
 from training.schema.tables import parquet
 from training.tasks import task_of
@@ -75,5 +77,9 @@ def teacher_labeled(context: dg.AssetExecutionContext, config: TeacherLabeledCon
     work = ShardWork("teacher_labeled", store.shard_paths("seed_prompts"), {"teacher": model_engine.spec(card, store.root / "cache")},
                      step, settings={"config": config.model_dump(), "engine": model_engine.backend})
     shards, metrics = shard_executor.run(context, store, work, None, inputs)
+    if not store.token_texts_path(card.tokenizer_hash).exists():  # its ids' texts, for students of other tokenizers
+        tokenizer = load_tokenizer(card.path, card.revision, model_engine.trust_remote_code)
+        ends = end_of_turn_ids(load_generation_config(card.path, card.revision), tokenizer)
+        store.append_file("token_texts", token_table(tokenizer, ends), store.token_texts_path(card.tokenizer_hash).name)
     return publish_dataset(context, store, "teacher_labeled", shards, config=config, inputs=inputs, metrics=metrics,
                            preview=LABELED_PREVIEW)

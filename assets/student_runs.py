@@ -59,13 +59,14 @@ def distill_and_save(context: dg.AssetExecutionContext, store: Store, name: str,
     for path in [*data, *rollouts] if teacher.tokenizer_hash == start.tokenizer_hash else []:  # else aligned as drawn
         if "topk_ids" in pq.read_schema(path).names:  # pairs and ranked lists are checked as they are drawn (RowCheck)
             check_compatible(pq.read_table(path, columns=["sample_id", "k", "topk_ids"]), start.vocab_size, settings.k)
+    teacher_tokens = store.token_texts_path(teacher.tokenizer_hash)  # stored by teacher_labeled: no teacher checkpoint needed
     work = store.root / "work" / name / (partition or "all")  # stable: a killed training resumes from it
     shutil.rmtree(work / "checkpoint", ignore_errors=True)  # a killed run's partial output (its resumable state stays)
     work.mkdir(parents=True, exist_ok=True)
     run = DistillCommand(
         **settings.model_dump(include={*TrainingSettings.model_fields, "launch"}), student=start.path,
         data=[str(p) for p in data], rollouts=[str(p) for p in rollouts],
-        output=str(work / "checkpoint"), teacher=teacher.path, online=online,
+        output=str(work / "checkpoint"), teacher=str(teacher_tokens) if teacher_tokens.exists() else teacher.path, online=online,
     )
     curve, reported = _launch_distill(context, run, work)
     trained = ModelCard.model_validate_json((Path(run.output) / "card.json").read_text()).extended(name=name, **(card_fields or {}))

@@ -31,6 +31,7 @@ from training.engines.hf import HFEngine
 from training.engines.sampling import Sampling
 from training.models.batches import completion_positions
 from training.models.checkpoints import TEACHER_ARCHITECTURE, build_embedded
+from training.models.token_bytes import token_table
 from training.tasks.arithmetic import problems
 from training.trainer.losses import LossSettings, sparse_batch, sparse_kd_loss
 
@@ -124,6 +125,11 @@ def real_vocabulary() -> None:
             print(f"| {'by frequency' if by_frequency else 'uniform'} | {dtype} | {columns['topk_ids']:.1f} | "
                   f"{columns['topk_logprobs']:.1f} | {columns['token_logprob'] + columns['tail_mass']:.1f} | **{signal_bytes:.1f}** | "
                   f"{whole:.1f} | {losses[dtype]:.5f} | {losses[dtype] - losses['float32']:+.1e} |", flush=True)
+    with tempfile.TemporaryDirectory() as directory:  # what a student of another tokenizer reads besides the rows
+        path = Path(directory) / "part.parquet"
+        write_parquet(token_table(tokenizer, [tokenizer.eos_token_id]), path)
+        print(f"\nThe teacher's token table (token_texts, once per tokenizer; the rows above reference it by id): "
+              f"{path.stat().st_size / 1e6:.2f} MB, {path.stat().st_size / REAL_VOCABULARY:.1f} B per token id")
 
 
 def main() -> None:

@@ -131,11 +131,18 @@ class Store:
             parent.rmdir()
 
     def append_file(self, name: str, table: pa.Table, file_name: str) -> Path:
-        """Adds one file to an append-only dataset (lineage, evals): every run adds, none replaces."""
-        directory = self.root / "data" / name
-        directory.mkdir(parents=True, exist_ok=True)
-        write_parquet(table, directory / file_name)
-        return directory / file_name
+        """Adds one file to an append-only dataset (lineage, evals, token_texts): every run adds, none replaces."""
+        path = self.appended_path(name, file_name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_parquet(table, path)
+        return path
+
+    def appended_path(self, name: str, file_name: str) -> Path:
+        return self.root / "data" / name / file_name
+
+    def token_texts_path(self, tokenizer_hash: str) -> Path:
+        """The token table of one tokenizer (training/models/token_bytes.py: `token_table`) in `token_texts`."""
+        return self.appended_path("token_texts", f"part-{tokenizer_hash}.parquet")
 
     def append_lineage(self, row: dict) -> Path:
         """One lineage row per materialization, in its own file: re-runs add rows, never replace them."""

@@ -20,7 +20,7 @@ from training.launch.command import DistillCommand, run
 from training.launch.report import printed
 from training.models.chat import prompt_rendering, render
 from training.models.checkpoints import STUDENT_ARCHITECTURE, build_embedded, end_of_turn_ids, load_model, save_model
-from training.models.token_bytes import TokenBytes, same_text_ids
+from training.models.token_bytes import TokenBytes, same_text_ids, token_table
 from training.models.tokenizer import build_char_tokenizer
 from training.tasks.arithmetic import problems
 from training.trainer.alignment import UNMAPPED, CrossTokenizer, groups
@@ -72,6 +72,15 @@ def test_token_bytes_spell_the_text(build):
     assert spelled.texts[tokenizer.eos_token_id] == b"" and spelled.special[tokenizer.eos_token_id]
 
 
+def test_the_stored_token_table_is_the_tokenizer(tiny_model_dir):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    ends = end_of_turn_ids(model.generation_config, tokenizer)
+    stored, stored_ends = TokenBytes.from_table(token_table(tokenizer, ends))
+    spelled = TokenBytes.of(tokenizer)
+    assert stored.texts == spelled.texts and stored.names == spelled.names and stored_ends == ends
+    assert np.array_equal(stored.special, spelled.special)
+
+
 def test_byte_level_tokens_are_their_bytes(tiny_model_dir):
     tokenizer = load_model(str(tiny_model_dir))[1]
     spelled = TokenBytes.of(tokenizer)
@@ -111,7 +120,7 @@ def test_the_signal_maps_onto_the_student(tiny_model_dir):
         "tail_mass": pa.array([(1 - np.exp(logprobs).sum(1)).tolist()], pa.list_(pa.float32())),
         "k": pa.array([2], pa.int32()),
     })
-    cross = CrossTokenizer.between(teacher, [v["<eos>"]], student, [student.eos_token_id])
+    cross = CrossTokenizer.between(TokenBytes.of(teacher), [v["<eos>"]], student, [student.eos_token_id])
     out = cross(rows).to_pylist()[0]
     c = student.get_vocab()
     assert out["completion_token_ids"] == [c["1"], c["2"], c[" "], c["+"], c[" "], c["3"], student.eos_token_id]
@@ -146,7 +155,7 @@ def test_one_tokenizer_aligned_is_the_shared_tokenizer_loss(tiny_model_dir, labe
     the shared-tokenizer ones; and a named teacher with the student's tokenizer is not aligned at all."""
     model, tokenizer = load_model(str(tiny_model_dir))
     ends = end_of_turn_ids(model.generation_config, tokenizer)
-    cross = CrossTokenizer.between(tokenizer, ends, tokenizer, ends)
+    cross = CrossTokenizer.between(TokenBytes.of(tokenizer), ends, tokenizer, ends)
     rows = labeled.slice(0, 16)
     aligned = cross(rows)
     assert aligned["completion_token_ids"].to_pylist() == rows["completion_token_ids"].to_pylist()
@@ -175,15 +184,16 @@ def small_qwen(tokenizer):
 
 def test_a_bpe_student_learns_from_a_character_teachers_stored_signal(tiny_offline_store, tmp_path):
     """The tiny graph's trained character-level teacher's teacher_labeled trains a student on a byte-level
-    BPE (other size, merges, special tokens) by the plain command: the divergence goes down, and the
-    trained model's card holds the alignment's coverage."""
+    BPE (other size, merges, special tokens) by the plain command, from the teacher's tokens as the graph
+    stored them (token_texts), without its checkpoint: the divergence goes down, and the trained model's
+    card holds the alignment's coverage."""
     store = Store(tiny_offline_store)
     tokenizer = other_bpe()
     save_model(small_qwen(tokenizer), tokenizer, tmp_path / "start")
     pq.write_table(store.read_dataset("teacher_labeled"), tmp_path / "labeled.parquet")
     config = DistillCommand(objective="supervised_kd", steps=40, batch_size=16, learning_rate=3e-3, warmup_steps=2,
                             student=str(tmp_path / "start"), data=[str(tmp_path / "labeled.parquet")], output=str(tmp_path / "student"),
-                            teacher=store.read_card("teacher").path)
+                            teacher=str(store.token_texts_path(store.read_card("teacher").tokenizer_hash)))  # no teacher checkpoint
     curve = run(config, printed())
     first, last = (sum(c["divergence"] for c in part) / 5 for part in (curve[:5], curve[-5:]))
     assert last < 0.8 * first, (first, last)

@@ -41,7 +41,8 @@ class DistillCommand(TrainingSettings):
     student: str  # checkpoint directory or hub id
     data: list[str]  # Parquet files with the sparse teacher signal
     output: str  # where the trained checkpoint, card.json and curve.json go
-    teacher: Optional[str] = None  # the checkpoint whose token ids `data` stores: aligned to the student's when its tokenizer differs
+    teacher: Optional[str] = None  # whose token ids `data` stores: its checkpoint, or its stored token table (token_texts,
+    # a .parquet file); aligned to the student's tokens when its tokenizer differs (training/trainer/alignment.py)
     rollouts: list[str] = []  # Parquet files of teacher-scored student samples
     online: Optional[OnlineSettings] = None  # sample every on-policy batch fresh instead (training/rounds/online.py)
     state_dir: Optional[str] = None  # resumable checkpoints (with checkpoint_every); empty: <output>.state

@@ -17,6 +17,9 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
+
+from training.models.tokenizer import tokenizer_hash
 
 BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -75,6 +78,39 @@ class TokenBytes:
             convert = lambda token: token.encode()
         texts = [b"" if special[i] or token is None else convert(token) for i, token in enumerate(tokens)]
         return cls(texts, special, {tokens[i]: int(i) for i in np.flatnonzero(special)})
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> tuple["TokenBytes", list[int]]:
+        """The tokenizer a `token_table` stores, and its end-of-turn ids."""
+        table = table.sort_by("token_id")
+        special, names = table["special"].to_numpy(zero_copy_only=False), table["name"].to_pylist()
+        ends = table.filter(table["ends_turn"])["token_id"].to_pylist()
+        order = table["end_order"].filter(table["ends_turn"]).to_pylist()
+        spelled = cls(table["token_bytes"].to_pylist(), special, {names[i]: i for i in np.flatnonzero(special)})
+        return spelled, [end for _, end in sorted(zip(order, ends))]
+
+
+TOKEN_TABLE = pa.schema([
+    ("tokenizer_hash", pa.string()), ("token_id", pa.int32()), ("token_bytes", pa.binary()), ("special", pa.bool_()),
+    ("name", pa.string()),  # a special token's string (<|im_end|>), else null
+    ("ends_turn", pa.bool_()), ("end_order", pa.int32()),  # its place among the end-of-turn ids (the first ends a turn)
+])
+
+
+def token_table(tokenizer, end_of_turn_ids: list[int]) -> pa.Table:
+    """A tokenizer as a table, one row per id (`TOKEN_TABLE`): what a student of another tokenizer needs of
+    the teacher's, stored beside its signal (the `token_texts` dataset, one file per tokenizer hash), so
+    that using the signal needs neither the teacher's checkpoint nor its tokenizer."""
+    spelled = TokenBytes.of(tokenizer)
+    ids = np.arange(len(spelled.texts))
+    names = {i: name for name, i in spelled.names.items()}
+    order = {end: place for place, end in enumerate(end_of_turn_ids)}
+    return pa.table({
+        "tokenizer_hash": pa.repeat(pa.scalar(tokenizer_hash(tokenizer)), len(ids)), "token_id": pa.array(ids, pa.int32()),
+        "token_bytes": pa.array(spelled.texts, pa.binary()), "special": pa.array(spelled.special),
+        "name": pa.array([names.get(i) for i in range(len(ids))], pa.string()), "ends_turn": pa.array(np.isin(ids, end_of_turn_ids)),
+        "end_order": pa.array([order.get(i) for i in range(len(ids))], pa.int32()),
+    }, schema=TOKEN_TABLE)
 
 
 def same_text_ids(teacher: TokenBytes, student: TokenBytes) -> np.ndarray:

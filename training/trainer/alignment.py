@@ -64,15 +64,16 @@ class CrossTokenizer:
     counts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0.0))  # over every row aligned so far
 
     @classmethod
-    def between(cls, teacher_tokenizer, teacher_end_ids: list[int], student_tokenizer, student_end_ids: list[int]) -> "CrossTokenizer":
-        """`*_end_ids`: the ids that end a turn, the one a chat template ends the assistant's turn with first
-        (generation_config's eos_token_id order). A teacher's end of turn becomes the student's of the same
-        name (<|im_end|> for <|im_end|>), else the student's first."""
-        teacher, student = TokenBytes.of(teacher_tokenizer), TokenBytes.of(student_tokenizer)
+    def between(cls, teacher: TokenBytes, teacher_end_ids: list[int], student_tokenizer, student_end_ids: list[int]) -> "CrossTokenizer":
+        """The teacher's tokens (from its tokenizer, or as stored: `token_bytes.token_table`) and the student's
+        tokenizer. `*_end_ids`: the ids that end a turn, the one a chat template ends the assistant's turn
+        with first (generation_config's eos_token_id order). A teacher's end of turn becomes the student's of
+        the same name (<|im_end|> for <|im_end|>), else the student's first."""
+        student = TokenBytes.of(student_tokenizer)
         to_student = same_text_ids(teacher, student)
-        student_names = dict(zip(student_tokenizer.convert_ids_to_tokens(student_end_ids), student_end_ids))
-        for end, name in zip(teacher_end_ids, teacher_tokenizer.convert_ids_to_tokens(teacher_end_ids)):
-            to_student[end] = student_names.get(name, student_end_ids[0])
+        teacher_names = {i: name for name, i in teacher.names.items()}
+        for end in teacher_end_ids:
+            to_student[end] = student.names.get(teacher_names.get(end), student_end_ids[0])
         ends_turn = np.zeros(len(teacher.texts), dtype=bool)
         ends_turn[teacher_end_ids] = True
         return cls(teacher, student_tokenizer, to_student, ends_turn)

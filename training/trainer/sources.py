@@ -15,9 +15,11 @@ from typing import Callable, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from training.models.chat import prompt_ids_for, render
 from training.models.checkpoints import end_of_turn_ids, load_generation_config, load_tokenizer
+from training.models.token_bytes import TokenBytes, token_table
 from training.models.tokenizer import tokenizer_hash
 from training.trainer.alignment import CrossTokenizer
 from training.trainer.objectives import batch_kind, check_takes
@@ -135,13 +137,13 @@ def stored_temperature(rows: Rows) -> float | None:
 
 
 def cross_tokenizer(teacher: str | None, student, tokenizer, settings: TrainingSettings, on_policy: Rows | None) -> CrossTokenizer | None:
-    """The alignment for the teacher checkpoint `teacher` whose token ids the rows store, when its tokenizer is
+    """The alignment for `teacher` (its checkpoint, or its stored token table) whose token ids the rows store, when its tokenizer is
     not the student's (decided by `tokenizer_hash`, their vocabularies and special tokens, never by sizes: a
     padded embedding makes sizes differ for one tokenizer); None when they are the same or no teacher is named."""
     if teacher is None:
         return None
-    teacher_tokenizer = load_tokenizer(teacher)
-    if tokenizer_hash(teacher_tokenizer) == tokenizer_hash(tokenizer):
+    tokens = teacher_token_table(teacher)
+    if tokens["tokenizer_hash"][0].as_py() == tokenizer_hash(tokenizer):
         return None
     if on_policy is not None:
         raise ValueError("the teacher has another tokenizer than the student: rounds, where it scores the student's own tokens, "
@@ -150,8 +152,16 @@ def cross_tokenizer(teacher: str | None, student, tokenizer, settings: TrainingS
     if settings.objective not in ("sft", "supervised_kd"):
         raise ValueError(f"objective {settings.objective!r} is not aligned across tokenizers yet: with a teacher of another "
                          "tokenizer use 'supervised_kd' (or 'sft')")
-    return CrossTokenizer.between(teacher_tokenizer, end_of_turn_ids(load_generation_config(teacher), teacher_tokenizer), tokenizer,
-                                  end_of_turn_ids(student.generation_config, tokenizer))
+    return CrossTokenizer.between(*TokenBytes.from_table(tokens), tokenizer, end_of_turn_ids(student.generation_config, tokenizer))
+
+
+def teacher_token_table(teacher: str) -> pa.Table:
+    """The teacher's tokens (`token_bytes.token_table`): as stored beside its signal (a `token_texts` file,
+    `….parquet`), or made from its checkpoint."""
+    if teacher.endswith(".parquet"):
+        return pq.read_table(teacher)
+    teacher_tokenizer = load_tokenizer(teacher)
+    return token_table(teacher_tokenizer, end_of_turn_ids(load_generation_config(teacher), teacher_tokenizer))
 
 
 def batches_for(model, tokenizer, settings: TrainingSettings, fixed: Rows, on_policy: Rows | None = None,
