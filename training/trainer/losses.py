@@ -316,7 +316,7 @@ class _ChunkedSparseLoss(torch.autograd.Function):
         product_head = None if head is None else head.to(dtype)  # the cast autocast makes for the model's own head
         sums = torch.zeros(len(SUMS), device=states.device)
         with torch.autocast(device, enabled=False):
-            for start, end in chunk_bounds(n, chunk, per_token[-2]):
+            for start, end in chunk_bounds(n, chunk, per_token[-2]):  # per_token[-2]: the alignment groups (sparse_kd_loss)
                 piece = slice(start, end)
                 at = (rows[piece], positions[piece])
                 selected = states[at]  # a copy: the chunk's logits are made in it, then its gradient
