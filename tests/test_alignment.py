@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from tokenizers import ByteLevelBPETokenizer, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from storage.store import Store
@@ -21,7 +21,7 @@ from training.launch.report import printed
 from training.models.chat import prompt_rendering, render
 from training.models.checkpoints import STUDENT_ARCHITECTURE, build_embedded, end_of_turn_ids, load_model, save_model
 from training.models.token_bytes import TokenBytes, same_text_ids, token_table
-from training.models.tokenizer import build_char_tokenizer
+from training.models.tokenizer import build_byte_level_bpe, build_char_tokenizer
 from training.tasks.arithmetic import problems
 from training.trainer.alignment import UNMAPPED, CrossTokenizer, groups
 from training.trainer.loop import train_student
@@ -54,10 +54,7 @@ def merged_pairs() -> PreTrainedTokenizerFast:
 
 def other_bpe() -> PreTrainedTokenizerFast:
     """A second byte-level BPE: another size, other merges and other special tokens than the chat pair's."""
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([p.prompt + " " + p.solution for p in problems("train", 300, 7)], vocab_size=420,
-                            special_tokens=["<pad>", "<s>", "</s>"])
-    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return build_byte_level_bpe([p.prompt + " " + p.solution for p in problems("train", 300, 7)], vocab_size=420)
 
 
 @pytest.mark.parametrize("build", [build_char_tokenizer, sentencepiece_like, other_bpe])
@@ -191,7 +188,7 @@ def test_a_bpe_student_learns_from_a_character_teachers_stored_signal(tiny_offli
     tokenizer = other_bpe()
     save_model(small_qwen(tokenizer), tokenizer, tmp_path / "start")
     pq.write_table(store.read_dataset("teacher_labeled"), tmp_path / "labeled.parquet")
-    config = DistillCommand(objective="supervised_kd", steps=40, batch_size=16, learning_rate=3e-3, warmup_steps=2,
+    config = DistillCommand(objective="supervised_kd", tail_policy="bucket", steps=40, batch_size=16, learning_rate=3e-3, warmup_steps=2,
                             student=str(tmp_path / "start"), data=[str(tmp_path / "labeled.parquet")], output=str(tmp_path / "student"),
                             teacher=str(store.token_texts_path(store.read_card("teacher").tokenizer_hash)))  # no teacher checkpoint
     curve = run(config, printed())
@@ -205,7 +202,8 @@ def test_a_character_student_trains_on_a_bpe_teachers_stored_signal(tiny_model_d
     """The other way round, from the chat pair's (untrained) BPE teacher: the rows reach the character
     student as its own tokens, the loss is finite and goes down (its NLL part: this teacher knows nothing)."""
     model, tokenizer = build_embedded(STUDENT_ARCHITECTURE, seed=0)
-    settings = TrainingSettings(objective="supervised_kd", steps=20, batch_size=16, learning_rate=3e-3, warmup_steps=2, nll_weight=1.0)
+    settings = TrainingSettings(objective="supervised_kd", tail_policy="bucket", steps=20, batch_size=16, learning_rate=3e-3,
+                                warmup_steps=2, nll_weight=1.0)
     batches = batches_for(model, tokenizer, settings, labeled, teacher=str(tiny_model_dir))
     first = batches.fixed(0)
     assert first["completion_token_ids"][0].as_py()[-1] == tokenizer.eos_token_id
@@ -221,3 +219,6 @@ def test_rounds_and_other_objectives_are_refused_across_tokenizers(tiny_model_di
         cross_tokenizer(str(tiny_model_dir), student, tokenizer, TrainingSettings(), on_policy=lambda step: None)
     with pytest.raises(ValueError, match="objective 'dpo' is not aligned across tokenizers"):
         cross_tokenizer(str(tiny_model_dir), student, tokenizer, TrainingSettings(objective="dpo"), None)
+    with pytest.raises(ValueError, match="with tail_policy 'renormalize' nothing holds it"):
+        cross_tokenizer(str(tiny_model_dir), student, tokenizer, TrainingSettings(), None)
+    assert cross_tokenizer(str(tiny_model_dir), student, tokenizer, TrainingSettings(tail_policy="bucket"), None) is not None

@@ -37,6 +37,7 @@ def train_embedded(
     correction_share: float = 0.0,
     varied_steps: bool = False,
     reporter: Reporter | None = None,
+    tokenizer=None,
 ):
     """A fresh model trained with SFT (`settings.objective` must be 'sft') on `steps × batch_size`
     train examples drawn i.i.d. Every batch holds:
@@ -48,12 +49,13 @@ def train_embedded(
       - an `instruction_share` in the instruction language (the teacher writes new problems for
         expansion and synthesis; see `arithmetic_instructions`).
 
+    `tokenizer`: another than the character tokenizer (a student of another tokenizer than its teacher's).
     Returns (model, tokenizer, curve, eval exact match, seconds).
     """
     if settings.objective != "sft":
         raise ValueError("the embedded models are trained from scratch on solutions: use objective 'sft'")
     started = time.perf_counter()
-    model, tokenizer = build_embedded(architecture, settings.seed)
+    model, tokenizer = build_embedded(architecture, settings.seed, tokenizer)
     per_batch = round(settings.batch_size * instruction_share)
     solving = settings.batch_size - per_batch
     train = problems("train", settings.steps * solving, settings.seed, task, distinct=False)

@@ -29,9 +29,9 @@ TEACHER_ARCHITECTURE = Architecture(hidden_size=128, num_hidden_layers=3, num_at
 STUDENT_ARCHITECTURE = Architecture(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
 
 
-def build_embedded(architecture: Architecture, seed: int):
-    """A freshly initialised Llama on the character tokenizer, and that tokenizer."""
-    tokenizer = build_char_tokenizer()
+def build_embedded(architecture: Architecture, seed: int, tokenizer=None):
+    """A freshly initialised Llama on `tokenizer` (by default the character tokenizer), and that tokenizer."""
+    tokenizer = tokenizer or build_char_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=architecture.hidden_size,

@@ -152,6 +152,10 @@ def cross_tokenizer(teacher: str | None, student, tokenizer, settings: TrainingS
     if settings.objective not in ("sft", "supervised_kd"):
         raise ValueError(f"objective {settings.objective!r} is not aligned across tokenizers yet: with a teacher of another "
                          "tokenizer use 'supervised_kd' (or 'sft')")
+    if settings.objective == "supervised_kd" and settings.tail_policy == "renormalize":
+        raise ValueError("across tokenizers the student's mass on its own tokens outside the teacher's mapped top-k (its longer "
+                         "tokens) must count: with tail_policy 'renormalize' nothing holds it, and the student got worse "
+                         "(bench/cross_tokenizer.py: 0.083 → 0.043 exact match); set tail_policy 'bucket'")
     return CrossTokenizer.between(*TokenBytes.from_table(tokens), tokenizer, end_of_turn_ids(student.generation_config, tokenizer))
 
 
