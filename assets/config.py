@@ -12,7 +12,7 @@ import dagster as dg
 from pydantic import BaseModel, Field, model_validator
 
 from training.data.curation import CurationSettings
-from training.data.labeling import LabelingSettings
+from training.data.labeling import MIXTURE_ID, TEACHER_ID, LabelingSettings, TeacherPanel
 from training.data.prompt_sources import PromptSource
 from training.engines.sampling import Sampling
 from training.evals.harness import HarnessSettings
@@ -57,7 +57,18 @@ class ModelConfig(dg.Config):
     eval_problems: int = Field(500, ge=1, description="embedded: eval-split problems for the exact-match figure")
 
 
+class OtherTeacherConfig(ModelConfig):
+    """One more teacher: a configured model, or the embedded teacher trained again (teacher_model's
+    embedded settings, this `seed` and `learning_rate`)."""
+
+    teacher_id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="how rows, routing and mixtures name it")
+
+
 class TeacherModelConfig(ModelConfig):
+    teacher_id: str = Field(TEACHER_ID, pattern=r"^[A-Za-z0-9_.-]+$", description="how rows, routing and mixtures name "
+                            "this teacher")
+    others: list[OtherTeacherConfig] = Field([], description="more teachers (teacher_labeled's routing, scoring and mixture say "
+                                             "how they share the labeling); each is recorded or trained like this one")
     train_steps: int = Field(900, ge=1, description="embedded: SFT steps")
     batch_size: int = Field(80, ge=1)
     micro_batch_size: Optional[int] = Field(40, ge=1, description="embedded: sequences per forward/backward, sorted by length "
@@ -71,6 +82,13 @@ class TeacherModelConfig(ModelConfig):
     )
     varied_steps: bool = Field(False, description="embedded: write each step short or long at random (more than one valid way); "
                                "off by default: the small student then spends its capacity on the style (bench/quality.py)")
+
+    @model_validator(mode="after")
+    def _distinct_ids(self):
+        ids = [self.teacher_id, *(other.teacher_id for other in self.others)]
+        if len(set(ids)) < len(ids) or MIXTURE_ID in ids:
+            raise ValueError(f"teacher ids must be distinct and not {MIXTURE_ID!r}: {ids}")
+        return self
 
 
 class StudentModelConfig(ModelConfig):
@@ -102,13 +120,16 @@ class EvalSetConfig(PromptSourceConfig):
     split: str = "test"
 
 
-class TeacherLabeledConfig(LabelingSettings, dg.Config):
-    """The teacher answers every seed prompt (n responses each) and its top-k signal is stored."""
-
+class LabelingConfig(LabelingSettings, dg.Config):
     sampling: SamplingConfig = config_field(LabelingSettings)
 
 
-class WritingConfig(TeacherLabeledConfig):
+class TeacherLabeledConfig(TeacherPanel, LabelingConfig):
+    """The teacher answers every seed prompt (n responses each) and its top-k signal is stored; with
+    several teachers, `routing`, `scoring` and `mixture` say how they share the work."""
+
+
+class WritingConfig(LabelingConfig):
     """How the teacher writes new inputs; they are then labeled like seed prompts."""
 
     templates: Literal["task", "self_instruct"] = Field(

@@ -9,15 +9,14 @@ import duckdb
 
 from assets.config import EvalSetConfig, PromptSourceConfig, SeedPromptsConfig, TeacherLabeledConfig
 from assets.executor import ShardExecutor, ShardWork
-from assets.inputs import Inputs
+from assets.inputs import Inputs, teacher_panel
 from assets.publish import publish_dataset
 from assets.resources import ModelEngine
 from storage.store import Store
-from training.data.labeling import LabelingSettings, label_table
+from training.data.labeling import LabelingSettings, TeacherPanel, panel_table
 from training.data.prompt_sources import prompt_tables
 from training.models.checkpoints import end_of_turn_ids, load_generation_config, load_tokenizer
 from training.models.token_bytes import token_table
-from training.schema.cards import ModelCard
 from training.schema.tables import parquet
 from training.tasks import task_of
 
@@ -58,8 +57,8 @@ def eval_set(context: dg.AssetExecutionContext, config: EvalSetConfig, store: dg
     return _publish_prompts(context, store, "eval_set", config, "eval")
 
 
-def label_shard(engines: dict, prompts, index: int, *, settings: LabelingSettings, card: ModelCard, task, run_id: str):
-    return label_table(engines["teacher"], prompts, settings, card, task, run_id, shard=index)
+def label_shard(engines: dict, prompts, index: int, *, settings: LabelingSettings, panel: TeacherPanel, cards: dict, task, run_id: str):
+    return panel_table(engines, prompts, settings, panel, cards, task, run_id, shard=index)
 
 
 TEACHER_LABELED = Inputs(cards=["teacher_model"], datasets=["seed_prompts"])
@@ -69,17 +68,37 @@ TEACHER_LABELED = Inputs(cards=["teacher_model"], datasets=["seed_prompts"])
 def teacher_labeled(context: dg.AssetExecutionContext, config: TeacherLabeledConfig, store: dg.ResourceParam[Store],
                     model_engine: ModelEngine, shard_executor: ShardExecutor):
     """Teacher responses, n per seed prompt, with the teacher's top-k logprobs on every token, shard
-    by shard (`shard_executor`)."""
+    by shard (`shard_executor`); with several teachers, routed, scored and mixed as `routing`,
+    `scoring` and `mixture` say."""
     read = TEACHER_LABELED.read(store)
-    card, inputs = read.cards["teacher_model"], read.versions
+    cards, panel = teacher_panel(store, read.cards["teacher_model"]), TeacherPanel(**config.model_dump())
+    panel.check(cards)
+    if len(cards) > 1 and model_engine.backend == "openai":
+        raise ValueError("the 'openai' backend's base_urls serve one teacher; with several teachers use the 'hf' or 'vllm' "
+                         "backend, or label with one teacher at a time")
+    if panel.routing == "column":
+        check_routes(store.shard_paths("seed_prompts"), list(cards))
+    inputs = {**read.versions, **{f"teacher_model[{t}]": card.weights_hash for t, card in list(cards.items())[1:]}}
     task = task_of(store.read_dataset("seed_prompts", columns=["task"]))
-    step = functools.partial(label_shard, settings=LabelingSettings(**config.model_dump()), card=card, task=task, run_id=context.run.run_id)
-    work = ShardWork("teacher_labeled", store.shard_paths("seed_prompts"), {"teacher": model_engine.spec(card, store.root / "cache")},
+    step = functools.partial(label_shard, settings=LabelingSettings(**config.model_dump()), panel=panel, cards=cards, task=task,
+                             run_id=context.run.run_id)
+    work = ShardWork("teacher_labeled", store.shard_paths("seed_prompts"),
+                     {t: model_engine.spec(card, store.root / "cache") for t, card in cards.items()},
                      step, settings={"config": config.model_dump(), "engine": model_engine.backend})
     shards, metrics = shard_executor.run(context, store, work, None, inputs)
-    if not store.token_texts_path(card.tokenizer_hash).exists():  # its ids' texts, for students of other tokenizers
-        tokenizer = load_tokenizer(card.path, card.revision, model_engine.trust_remote_code)
-        ends = end_of_turn_ids(load_generation_config(card.path, card.revision), tokenizer)
-        store.append_file("token_texts", token_table(tokenizer, ends), store.token_texts_path(card.tokenizer_hash).name)
+    for card in cards.values():
+        if not store.token_texts_path(card.tokenizer_hash).exists():  # its ids' texts, for students of other tokenizers
+            tokenizer = load_tokenizer(card.path, card.revision, model_engine.trust_remote_code)
+            ends = end_of_turn_ids(load_generation_config(card.path, card.revision), tokenizer)
+            store.append_file("token_texts", token_table(tokenizer, ends), store.token_texts_path(card.tokenizer_hash).name)
     return publish_dataset(context, store, "teacher_labeled", shards, config=config, inputs=inputs, metrics=metrics,
                            preview=LABELED_PREVIEW)
+
+
+def check_routes(prompts: list, teacher_ids: list[str]) -> None:
+    """Routing 'column': every seed prompt names one of the teachers, checked before any is labeled."""
+    with duckdb.connect() as connection:
+        named = [row[0] for row in connection.execute(f"SELECT DISTINCT teacher_id FROM {parquet(prompts)}").fetchall()]
+    if unknown := sorted(set(named) - set(teacher_ids), key=str):
+        raise ValueError(f"routing 'column' sends each prompt to the teacher its teacher_id names, and seed_prompts name {unknown} "
+                         f"(None: no teacher_id; set seed_prompts' teacher_column); the teachers are {teacher_ids}")

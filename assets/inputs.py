@@ -21,10 +21,20 @@ import pyarrow as pa
 
 from assets.config import TRAINING_DATA
 from storage.store import Store
+from training.data.labeling import TEACHER_ID
 from training.schema.cards import ModelCard
 
 CARD_OF = {"teacher_model": "teacher", "student_model": "student", "offline_student": "offline_student",
            "student_checkpoint": "student_checkpoint"}  # a model asset → the name its card is stored under
+
+
+OTHER_TEACHERS = "teachers"  # teacher_model's other teachers' cards: teachers/<teacher id>
+
+
+def teacher_panel(store: Store, teacher: ModelCard) -> dict[str, ModelCard]:
+    """Every teacher teacher_model holds, by teacher id, its own first (training/data/labeling.py's TeacherPanel)."""
+    others = {teacher_id: store.read_card(f"{OTHER_TEACHERS}/{teacher_id}") for teacher_id in teacher.other_teachers or {}}
+    return {teacher.teacher_id or TEACHER_ID: teacher, **others}
 
 
 def not_chosen(train_on: str) -> tuple[str, ...]:

@@ -21,7 +21,7 @@ from training.launch.report import printed
 from training.models.chat import prompt_rendering, render
 from training.models.checkpoints import STUDENT_ARCHITECTURE, build_embedded, end_of_turn_ids, load_model, save_model
 from training.models.token_bytes import TokenBytes, same_text_ids, token_table
-from training.models.tokenizer import build_byte_level_bpe, build_char_tokenizer
+from training.models.tokenizer import build_byte_level_bpe, build_char_tokenizer, tokenizer_hash
 from training.tasks.arithmetic import problems
 from training.trainer.alignment import UNMAPPED, CrossTokenizer, groups
 from training.trainer.loop import train_student
@@ -117,7 +117,7 @@ def test_the_signal_maps_onto_the_student(tiny_model_dir):
         "tail_mass": pa.array([(1 - np.exp(logprobs).sum(1)).tolist()], pa.list_(pa.float32())),
         "k": pa.array([2], pa.int32()),
     })
-    cross = CrossTokenizer.between(TokenBytes.of(teacher), [v["<eos>"]], student, [student.eos_token_id])
+    cross = CrossTokenizer.between(TokenBytes.of(teacher), [v["<eos>"]], student, [student.eos_token_id], tokenizer_hash(teacher))
     out = cross(rows).to_pylist()[0]
     c = student.get_vocab()
     assert out["completion_token_ids"] == [c["1"], c["2"], c[" "], c["+"], c[" "], c["3"], student.eos_token_id]
@@ -152,7 +152,7 @@ def test_one_tokenizer_aligned_is_the_shared_tokenizer_loss(tiny_model_dir, labe
     the shared-tokenizer ones; and a named teacher with the student's tokenizer is not aligned at all."""
     model, tokenizer = load_model(str(tiny_model_dir))
     ends = end_of_turn_ids(model.generation_config, tokenizer)
-    cross = CrossTokenizer.between(TokenBytes.of(tokenizer), ends, tokenizer, ends)
+    cross = CrossTokenizer.between(TokenBytes.of(tokenizer), ends, tokenizer, ends, tokenizer_hash(tokenizer))
     rows = labeled.slice(0, 16)
     aligned = cross(rows)
     assert aligned["completion_token_ids"].to_pylist() == rows["completion_token_ids"].to_pylist()

@@ -4,8 +4,9 @@ Deita-style selection to a target size.
 Filters, in order (a row is dropped by the first that rejects it):
     length           prompt characters and response tokens within bounds; responses that hit
                      max_new_tokens before <eos> are unfinished
-    exact_duplicate  the same normalized prompt and response twice (normalized: trimmed,
-                     lower case, runs of whitespace as one space)
+    exact_duplicate  the same normalized prompt and response twice with one teacher's signal (normalized:
+                     trimmed, lower case, runs of whitespace as one space; another teacher's
+                     signal on a response is another row: teacher_labeled's scoring 'every')
     near_duplicate   a prompt whose Jaccard similarity to an earlier kept prompt is ≥ threshold,
                      J(A, B) = |A ∩ B| / |A ∪ B| over the character n-grams of the normalized prompts
     decontamination  the prompt shares a word n-gram with an eval prompt (texts shorter than n
@@ -139,9 +140,12 @@ def shared_prompts(rows: str, others: str) -> list[str]:
 
 
 def duplicate_rows(rows: str) -> int:
-    """How many rows of the relation `rows` (SQL) repeat an earlier row's normalized prompt and completion."""
-    return _fetch(f"SELECT coalesce(sum(n - 1), 0) FROM (SELECT count(*) AS n FROM {rows} "
-                  f"GROUP BY {normalized('prompt')}, completion)")[0][0]
+    """How many rows of the relation `rows` (SQL) repeat an earlier row's normalized prompt and completion
+    (with the same teacher's signal, when the rows name teachers)."""
+    with duckdb.connect() as connection:
+        scorer = ", teacher_id" if "teacher_id" in connection.sql(f"SELECT * FROM {rows} LIMIT 0").columns else ""
+        return _fetch(f"SELECT coalesce(sum(n - 1), 0) FROM (SELECT count(*) AS n FROM {rows} "
+                      f"GROUP BY {normalized('prompt')}, completion{scorer})", connection)[0][0]
 
 
 def origin_counts(rows: str, connection: duckdb.DuckDBPyConnection | None = None) -> dict[str, int]:
@@ -231,9 +235,11 @@ def _score(connection: duckdb.DuckDBPyConnection) -> None:
     if unknown:
         raise ValueError(f"unknown origins {sorted(unknown)}; expected some of {ORIGINS}")
     ranks = ", ".join(f"'{o}'" for o in ORIGINS)
+    scorer = "teacher_id" if "teacher_id" in connection.sql("SELECT * FROM candidates LIMIT 0").columns else "NULL AS teacher_id"
     connection.execute(
         f"""CREATE OR REPLACE TABLE kept AS
             SELECT sample_id, prompt, completion, origin, num_tokens, finish_reason, correct, answer, hash(filename) AS file_key,
+                   {scorer},
                    {normalized('prompt')} AS normalized_prompt,
                    list_position([{ranks}], origin) AS origin_rank,
                    list_avg(token_logprob) AS mean_token_logprob,
@@ -256,7 +262,7 @@ def _length(s: CurationSettings) -> str:
 def _exact_duplicates() -> str:
     return """SELECT sample_id, format('exact duplicate of {}', first_kept) AS reason FROM (
                   SELECT sample_id, first_value(sample_id) OVER same AS first_kept, row_number() OVER same AS copy
-                  FROM kept WINDOW same AS (PARTITION BY normalized_prompt, completion ORDER BY origin_rank, sample_id))
+                  FROM kept WINDOW same AS (PARTITION BY normalized_prompt, completion, teacher_id ORDER BY origin_rank, sample_id))
               WHERE copy > 1"""
 
 

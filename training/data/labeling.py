@@ -4,19 +4,30 @@ Generation and scoring are separate engine calls, so the stored logprobs are alw
 distribution at `signal_temperature`, whatever temperature or top_p sampled the response.
 """
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field
+from pydantic import BaseModel, Field, model_validator
 
 from training.engines.base import Engine
 from training.engines.sampling import Sampling
 from training.models.chat import prompt_ids_for, prompt_rendering, render
 from training.schema.cards import ModelCard
-from training.schema.signal import CODECS, LOGPROB_MODE, SignalSettings, signal_columns, signal_statistics
+from training.schema.signal import (
+    CODECS,
+    LOGPROB_MODE,
+    SignalSettings,
+    SparseSignal,
+    mixed_signal,
+    signal_columns,
+    signal_statistics,
+    signals_from_columns,
+)
 from training.schema.tables import join_prompts, with_constants, with_content_id
 
 if TYPE_CHECKING:
@@ -32,6 +43,61 @@ class LabelingSettings(SignalSettings):
     overlong_prompts: Literal["drop", "truncate"] = Field(
         "drop", description="prompts that leave no room for max_new_tokens: drop them, or keep their last tokens"
     )
+
+
+TEACHER_ID = "teacher"  # teacher_model's own teacher, the first; the others are named in its `others`
+MIXTURE_ID = "mixture"  # the rows that store the mixture of several teachers' distributions
+
+
+class TeacherPanel(BaseModel):
+    """How several teachers (teacher_model and its `others`) share the labeling: who answers each
+    prompt, who scores each response, and which mixture of their distributions is stored too."""
+
+    routing: Literal["first", "round_robin", "column", "every"] = Field(
+        "first", description="who answers each prompt: 'first', teacher_model's own teacher; 'round_robin', one teacher per "
+        "prompt, by its prompt_id; 'column', the teacher the prompt's `teacher_id` names (seed_prompts' teacher_column); "
+        "'every', each teacher answers every prompt")
+    scoring: Literal["author", "every"] = Field(
+        "author", description="whose signal is stored on each response: 'author', the teacher who wrote it; 'every', each "
+        "teacher's (one row per response and teacher; the teachers must share a tokenizer)")
+    mixture: dict[str, float] = Field(
+        {}, description="with scoring 'every': also store, per response, the mixture Σ w_j p_j of these teachers' "
+        "distributions over the union of their top-k (teacher id → weight w_j, normalized), as rows of teacher_id "
+        "'mixture'; train on them with offline_student's `teachers: [mixture]`")
+
+    @model_validator(mode="after")
+    def _mixture_needs_every_score(self):
+        if self.mixture and self.scoring != "every":
+            raise ValueError("a mixture needs every teacher's distribution on each response: set scoring 'every'")
+        if bad := {t: w for t, w in self.mixture.items() if not w > 0}:
+            raise ValueError(f"mixture weights must be > 0: {bad}")
+        return self
+
+    def check(self, teachers: dict[str, ModelCard]) -> None:
+        """Fails before any work: a mixture of teachers that are not in the panel, or scores across tokenizers."""
+        if unknown := sorted(set(self.mixture) - set(teachers)):
+            raise ValueError(f"mixture names {unknown}, which are not teachers: the teachers are {sorted(teachers)} "
+                             "(teacher_model's teacher_id and its others)")
+        if self.scoring == "every" and len({card.tokenizer_hash for card in teachers.values()}) > 1:
+            raise ValueError("scoring 'every' stores each teacher's signal on every response, in the response's token ids, so "
+                             "the teachers must share a tokenizer; these do not: route each prompt to one teacher (scoring "
+                             "'author') and train on one tokenizer's rows at a time")
+
+
+def routed(prompts: pa.Table, teacher_ids: list[str], routing: str) -> dict[str, pa.Table]:
+    """The prompts each teacher answers (`TeacherPanel.routing`); round-robin by the prompt's id, so a
+    prompt goes to the same teacher in every shard, run and resume."""
+    if routing == "every":
+        return dict.fromkeys(teacher_ids, prompts)
+    if routing == "first" or len(teacher_ids) == 1 and routing != "column":
+        return {teacher_ids[0]: prompts}
+    if routing == "round_robin":
+        chosen = pa.array([teacher_ids[int(prompt_id[:8], 16) % len(teacher_ids)] for prompt_id in prompts["prompt_id"].to_pylist()])
+    else:
+        chosen = prompts["teacher_id"]
+        if unknown := sorted(set(pc.unique(chosen).to_pylist()) - set(teacher_ids), key=str):
+            raise ValueError(f"prompts name teachers {unknown}, which are not teachers: the teachers are {teacher_ids}")
+    return {t: prompts.filter(pc.equal(chosen, t)) for t in teacher_ids if pc.any(pc.equal(chosen, t)).as_py()}
 
 
 @dataclass
@@ -130,21 +196,26 @@ def label(
     return Labeled(with_columns(responses, signal), dropped, truncated, statistics)
 
 
+def teacher_stamps(card: ModelCard, teacher_id: str) -> dict:
+    """The columns that say which teacher scored a row."""
+    return dict(teacher=card.name, teacher_revision=card.revision, teacher_weights_hash=card.weights_hash,
+                tokenizer_hash=card.tokenizer_hash, teacher_id=teacher_id)
+
+
 def label_table(engine: Engine, prompts: pa.Table, settings: LabelingSettings, card: ModelCard, task: "Task", run_id: str,
-                id_columns: tuple = (), shard: int = 0) -> tuple[pa.Table, dict]:
+                id_columns: tuple = (), shard: int = 0, teacher_id: str = TEACHER_ID) -> tuple[pa.Table, dict]:
     """Teacher responses to `prompts` (prompt_id, prompt, answer, and any extra columns, carried onto
-    each response) with the sparse signal, the task's verdict (`correct`) and the teacher's identity;
-    returns (table, metrics). `sample_id` hashes the prompt, the response, the teacher, the sampling
-    and `id_columns`. `shard` numbers the slice of a dataset `prompts` is (its own seed: derived_seed)."""
+    each response) with the sparse signal, the task's verdict (`correct`) and the teacher's identity
+    (`teacher_id`, who scored it, and `written_by`, who wrote it: here the same); returns (table,
+    metrics). `sample_id` hashes the prompt, the response, the teacher, the sampling and `id_columns`.
+    `shard` numbers the slice of a dataset `prompts` is (its own seed: derived_seed)."""
     sampling = settings.sampling.derived(part=shard)
     labeled = label(engine, prompts, sampling, settings.k, settings.signal_temperature,
                     settings.overlong_prompts, settings.logprob_dtype)
-    table = join_prompts(labeled.table, prompts.drop_columns([c for c in ("task", "source", "run_id") if c in prompts.column_names]))
+    carried = prompts.drop_columns([c for c in ("task", "source", "run_id", "teacher_id") if c in prompts.column_names])
+    table = join_prompts(labeled.table, carried)
     table = table.append_column("correct", task.verify(table["completion"], table["answer"]))
-    table = with_constants(
-        table, teacher=card.name, teacher_revision=card.revision, teacher_weights_hash=card.weights_hash,
-        tokenizer_hash=card.tokenizer_hash, sampling=sampling.as_json(), run_id=run_id,
-    )
+    table = with_constants(table, **teacher_stamps(card, teacher_id), written_by=teacher_id, sampling=sampling.as_json(), run_id=run_id)
     identity = ["prompt_id", "sample_index", "completion_token_ids", "teacher_weights_hash", "sampling", *id_columns]
     table = with_content_id(table, "sample_id", identity)
     correct = table["correct"].drop_null()
@@ -165,3 +236,71 @@ def finished_share(table: pa.Table) -> float | None:
     """The share of completions that ended at an end-of-turn id or stop string (finish_reason 'stop')
     rather than at the length limit."""
     return pc.mean(pc.cast(pc.equal(table["finish_reason"], "stop"), pa.float64())).as_py()
+
+
+def scored_by(engine: Engine, labeled: pa.Table, settings: LabelingSettings, card: ModelCard, teacher_id: str,
+              identity: list[str]) -> pa.Table:
+    """Another teacher's responses (`label_table`'s rows) with this teacher's signal instead, the
+    prompt as its template renders it, and its stamps; `written_by` still names the author."""
+    signal, _ = score(engine, labeled, settings.k, settings.signal_temperature, settings.logprob_dtype)
+    rendered = pa.table({"prompt_token_ids": prompt_ids_for(engine.tokenizer, labeled),
+                         "prompt_rendering": pa.repeat(pa.scalar(prompt_rendering(engine.tokenizer)), labeled.num_rows)})
+    table = with_columns(with_columns(labeled.drop_columns(["sample_id"]), signal), rendered)
+    table = with_columns(table, with_constants(labeled.select([]), **teacher_stamps(card, teacher_id)))
+    return with_content_id(table, "sample_id", identity)
+
+
+def mixture_rows(scored: dict[str, pa.Table], weights: dict[str, float], settings: LabelingSettings, identity: list[str]) -> pa.Table:
+    """The responses of `scored` (teacher id → the same rows, each with that teacher's signal) with the
+    mixture of the `weights`' teachers' signals (`mixed_signal`), stamped teacher_id 'mixture' and a
+    weights hash over the members' weights hashes and weights."""
+    total = sum(weights.values())
+    members = {t: weights[t] / total for t in sorted(weights)}
+    flat = [concatenated(signals_from_columns(scored[t])) for t in members]
+    mixed = mixed_signal(flat, np.array(list(members.values())))
+    rows = scored[next(iter(members))]
+    lengths = pc.list_value_length(rows["token_logprob"]).to_numpy(zero_copy_only=False)
+    splits = np.cumsum(lengths)[:-1]
+    per_row = [SparseSignal(*parts) for parts in zip(*(np.split(getattr(mixed, f), splits) for f in SparseSignal.__dataclass_fields__))]
+    table = with_columns(rows.drop_columns(["sample_id"]), pa.table(signal_columns(per_row, settings.logprob_dtype)))
+    recipe = json.dumps({t: [scored[t]["teacher_weights_hash"][0].as_py(), w] for t, w in members.items()}, sort_keys=True)
+    stamps = dict(teacher=f"mixture({', '.join(f'{t}={w:.3g}' for t, w in members.items())})", teacher_revision=None,
+                  teacher_weights_hash=hashlib.sha256(recipe.encode()).hexdigest(), tokenizer_hash=rows["tokenizer_hash"][0].as_py(),
+                  teacher_id=MIXTURE_ID)
+    table = with_columns(table, with_constants(rows.select([]), **stamps))
+    return with_content_id(table, "sample_id", identity)
+
+
+def concatenated(signals: list[SparseSignal]) -> SparseSignal:
+    """One signal over the tokens of all of `signals`, in order."""
+    return SparseSignal(*(np.concatenate([getattr(s, f) for s in signals]) for f in SparseSignal.__dataclass_fields__))
+
+
+def panel_table(engines: dict[str, Engine], prompts: pa.Table, settings: LabelingSettings, panel: TeacherPanel,
+                cards: dict[str, ModelCard], task: "Task", run_id: str, shard: int = 0) -> tuple[pa.Table, dict]:
+    """`label_table` by several teachers (`cards`, teacher id → card, the first teacher_model's own):
+    each routed share of `prompts` answered by its teacher, then scored by every teacher and mixed as
+    `panel` says. One teacher: exactly `label_table`. Metrics: the first author's names for the whole,
+    plus each teacher's responses and accuracy."""
+    if len(cards) == 1:
+        (teacher_id, card), = cards.items()
+        return label_table(engines[teacher_id], prompts, settings, card, task, run_id, shard=shard, teacher_id=teacher_id)
+    identity = ["prompt_id", "sample_index", "completion_token_ids", "teacher_weights_hash", "sampling", "teacher_id", "written_by"]
+    tables, metrics = [], {}
+    for author, share in routed(prompts, list(cards), panel.routing).items():
+        labeled, figures = label_table(engines[author], share, settings, cards[author], task, run_id, identity[5:], shard, author)
+        scored = {author: labeled}
+        if panel.scoring == "every":
+            scored |= {t: scored_by(engines[t], labeled, settings, cards[t], t, identity) for t in cards if t != author}
+        if panel.mixture:
+            scored[MIXTURE_ID] = mixture_rows(scored, panel.mixture, settings, identity)
+        tables += scored.values()
+        for key, value in figures.items():  # counts add up over the authors; the rest are the first author's
+            counted = isinstance(value, int) and not isinstance(value, bool)
+            metrics[key] = metrics[key] + value if counted and key in metrics else metrics.get(key, value)
+        metrics |= {f"responses[{author}]": figures["responses"], f"teacher_accuracy[{author}]": figures["teacher_accuracy"]}
+    table = pa.concat_tables(tables, promote_options="default")
+    correct = table.filter(pc.equal(table["teacher_id"], table["written_by"]))["correct"].drop_null()
+    metrics.update(responses=int(pc.sum(pc.equal(table["teacher_id"], table["written_by"])).as_py() or 0), rows=table.num_rows,
+                   teacher_accuracy=pc.mean(pc.cast(correct, pa.float64())).as_py() if len(correct) else None)
+    return table, metrics

@@ -98,39 +98,41 @@ def _json_text(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray, str]:
     return column, "to_json(p)"
 
 
-def select_prompts(table: pa.Table, prompt_column: str, answer_column: str | None, limit: int) -> tuple[pa.Table, dict[str, int]]:
-    """Columns `prompt`, `messages` (and `answer`) of usable rows, at most `limit`; returns (table,
+def select_prompts(table: pa.Table, prompt_column: str, answer_column: str | None, limit: int,
+                   teacher_column: str | None = None) -> tuple[pa.Table, dict[str, int]]:
+    """Columns `prompt`, `messages`, `answer` and `teacher_id` of usable rows, at most `limit`; returns (table,
     rows dropped by reason). The prompt column holds text, or conversations (a list of {role,
     content}): a row is dropped when its prompt is missing, blank or not a string, or its
     conversation has an unknown role, a turn without content or no user turn."""
-    for column in filter(None, (prompt_column, answer_column)):
+    for column in filter(None, (prompt_column, answer_column, teacher_column)):
         if column not in table.column_names:
             raise ValueError(f"no column {column!r} in the prompt source; its columns are {table.column_names}")
     prompt = table.column(prompt_column)
     answer = pc.cast(table.column(answer_column), pa.string()) if answer_column else pa.nulls(table.num_rows, pa.string())
     values, as_json = _json_text(prompt)
-    rows = pa.table({"p": values, "answer": answer})
+    teacher = pc.cast(table.column(teacher_column), pa.string()) if teacher_column else pa.nulls(table.num_rows, pa.string())
+    rows = pa.table({"p": values, "answer": answer, "teacher_id": teacher})
     conversational = pa.types.is_list(prompt.type) or pa.types.is_large_list(prompt.type)
     if conversational:
         sql = f"""WITH checked AS (SELECT *, {CONVERSATION_REASON} AS reason FROM rows),
                        cut AS (SELECT *, CASE WHEN reason IS NULL THEN {TO_LAST_USER} END AS c FROM checked)
-                  SELECT {FLATTENED} AS prompt, c AS messages, answer, reason FROM cut"""
+                  SELECT {FLATTENED} AS prompt, c AS messages, answer, teacher_id, reason FROM cut"""
     else:
-        sql = f"""WITH j AS (SELECT {as_json} AS p, answer FROM rows)
-                  SELECT p ->> '$' AS prompt, NULL::STRUCT(role VARCHAR, content VARCHAR)[] AS messages, answer,
+        sql = f"""WITH j AS (SELECT {as_json} AS p, answer, teacher_id FROM rows)
+                  SELECT p ->> '$' AS prompt, NULL::STRUCT(role VARCHAR, content VARCHAR)[] AS messages, answer, teacher_id,
                          {TEXT_REASON} AS reason FROM j"""
     with duckdb.connect() as connection:
         connection.register("rows", rows)
         checked = connection.sql(sql).to_arrow_table()
     usable = pc.is_null(checked["reason"])
     dropped = dict(collections.Counter(checked["reason"].drop_null().to_pylist()))
-    kept = checked.filter(usable).select(["prompt", "messages", "answer"])
+    kept = checked.filter(usable).select(["prompt", "messages", "answer", "teacher_id"])
     kept = kept.set_column(1, "messages", kept["messages"].cast(MESSAGES))
     return kept.slice(0, limit), dropped
 
 
 SLICE_ROWS = 1 << 18  # source rows read at a time by `prompt_tables`
-PROMPT_COLUMNS = ["prompt_id", "prompt", "messages", "system_prompt", "answer", "task", "source", "run_id"]
+PROMPT_COLUMNS = ["prompt_id", "prompt", "messages", "system_prompt", "answer", "teacher_id", "task", "source", "run_id"]
 
 
 class PromptSource(BaseModel):
@@ -159,6 +161,8 @@ class PromptSource(BaseModel):
         "'messages'; turns after the last user turn are cut, as they are the reply the teacher replaces)"
     )
     answer_column: Optional[str] = Field(None, description="column with the reference answer, if any")
+    teacher_column: Optional[str] = Field(None, description="column naming the teacher that answers each prompt (stored as "
+                                          "`teacher_id`; teacher_labeled's routing 'column' follows it), e.g. by task or topic")
     system_prompt: Optional[str] = Field(
         None, description="a system turn put first in every conversation that has none (needs chat-template models)"
     )
@@ -183,13 +187,15 @@ def prompt_tables(settings: PromptSource, split: str, run_id: str) -> Iterator[t
         table, select = task.prompts(split, num_prompts, settings.seed), lambda rows, limit: (rows, {})
     else:
         table = load_source(source, split, settings.files, settings.dataset, settings.subset)
-        select = lambda rows, limit: select_prompts(rows, settings.prompt_column, settings.answer_column, limit)
+        select = lambda rows, limit: select_prompts(rows, settings.prompt_column, settings.answer_column, limit,
+                                                    settings.teacher_column)
     left, dropped = num_prompts, collections.Counter()
     for start in range(0, table.num_rows, SLICE_ROWS):
         rows, reasons = select(table.slice(start, SLICE_ROWS), left)
         dropped.update(reasons)
-        if "answer" not in rows.column_names:
-            rows = rows.append_column("answer", pa.nulls(rows.num_rows, pa.string()))
+        for column in ("answer", "teacher_id"):
+            if column not in rows.column_names:
+                rows = rows.append_column(column, pa.nulls(rows.num_rows, pa.string()))
         rows = with_conversation_columns(rows, settings.system_prompt)
         rows = with_constants(with_content_id(rows, "prompt_id", ["prompt", "messages", "system_prompt"]),
                               task=task.name, source=source, run_id=run_id)

@@ -27,6 +27,9 @@ class ModelCard(BaseModel):
     chat_template_hash: str | None  # None: no chat template (raw text)
     path: str | None = None  # what loads it: a configured model's hub id or path; the store's directory for its checkpoints
 
+    # teacher_model
+    teacher_id: str | None = None  # the id its rows' `teacher_id` column names it by (labeling.TEACHER_ID when not given)
+    other_teachers: dict[str, str] | None = None  # teacher_model's other teachers: id → weights hash (their cards: teachers/<id>)
     # teacher_model, student_model
     context_length: int | None = None  # max_position_embeddings, when the model's config states it
     # teacher_model, student_model: the embedded pair, trained here

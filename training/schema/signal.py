@@ -106,6 +106,32 @@ def on_q8_grid(logprobs: np.ndarray, floor: float | None = None) -> np.ndarray:
     return rounded if floor is None else np.maximum(rounded, floor)
 
 
+def mixed_signal(signals: list[SparseSignal], weights: np.ndarray) -> SparseSignal:
+    """The mixture p = Σ_j w_j p_j of several teachers' signals on the same tokens (one tokenizer, one
+    temperature), stored like one teacher's: over the union of their top-k,
+
+        p(i) = Σ_j w_j p_j(i)   (p_j(i) taken as 0 where i is outside teacher j's top-k: that mass
+                                 stays in its tail, so the mixture's tail mass 1 − Σ_top-k p keeps it)
+
+    the k most probable ids of the union, sorted; the token's own logprob is exact,
+    log Σ_j w_j exp(token_logprob_j). `weights` sum to 1."""
+    ids = np.concatenate([s.topk_ids for s in signals], axis=1)  # (T, m·k): every teacher's candidates
+    probs = np.concatenate([w * np.exp(s.topk_logprobs.astype(np.float64)) for s, w in zip(signals, weights)], axis=1)
+    order = np.argsort(ids, axis=1, kind="stable")
+    ids, probs = np.take_along_axis(ids, order, 1), np.take_along_axis(probs, order, 1)
+    last = np.ones(ids.shape, bool)  # the last entry of each run of one id holds the run's summed probability
+    last[:, :-1] = ids[:, 1:] != ids[:, :-1]
+    running = np.cumsum(probs, axis=1)  # non-decreasing, so its running maximum over run ends is the last run end's
+    at_ends = np.maximum.accumulate(np.where(last, running, 0.0), axis=1)
+    previous = np.zeros_like(running)
+    previous[:, 1:] = at_ends[:, :-1]
+    summed = np.where(last, running - previous, -np.inf)  # each id's mixed probability, once
+    k = signals[0].topk_ids.shape[1]
+    top = np.argsort(-summed, axis=1, kind="stable")[:, :k]
+    token = np.log(sum(w * np.exp(s.token_logprob.astype(np.float64)) for s, w in zip(signals, weights)))
+    return signal_from_topk(np.take_along_axis(ids, top, 1), np.log(np.take_along_axis(summed, top, 1)), token)
+
+
 def signal_columns(signals: list[SparseSignal], logprob_dtype: str = "float32") -> dict[str, pa.Array]:
     """Arrow columns for a batch of signals, built from concatenated arrays (no per-token loops), the
     logprobs stored as `logprob_dtype` says (`CODECS`)."""

@@ -63,10 +63,12 @@ class CrossTokenizer:
     student_tokenizer: object
     to_student: np.ndarray  # (teacher vocabulary,) the student id of each teacher id, −1: none
     teacher_ends_turn: np.ndarray  # (teacher vocabulary,) bool: the teacher's end-of-turn ids, mapped in `to_student`
+    teacher_tokenizer_hash: str  # the rows this aligns store their signal in these ids (their `tokenizer_hash`)
     counts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0.0))  # over every row aligned so far
 
     @classmethod
-    def between(cls, teacher: TokenBytes, teacher_end_ids: list[int], student_tokenizer, student_end_ids: list[int]) -> "CrossTokenizer":
+    def between(cls, teacher: TokenBytes, teacher_end_ids: list[int], student_tokenizer, student_end_ids: list[int],
+                teacher_tokenizer_hash: str) -> "CrossTokenizer":
         """The teacher's tokens (from its tokenizer, or as stored: `token_bytes.token_table`) and the student's
         tokenizer. `*_end_ids`: the ids that end a turn, the one a chat template ends the assistant's turn
         with first (generation_config's eos_token_id order). A teacher's end of turn becomes the student's of
@@ -78,7 +80,7 @@ class CrossTokenizer:
             to_student[end] = student.names.get(teacher_names.get(end), student_end_ids[0])
         ends_turn = np.zeros(len(teacher.texts), dtype=bool)
         ends_turn[teacher_end_ids] = True
-        return cls(teacher, student_tokenizer, to_student, ends_turn)
+        return cls(teacher, student_tokenizer, to_student, ends_turn, teacher_tokenizer_hash)
 
     def coverage(self) -> dict[str, float]:
         """Over the rows aligned so far: the share of the teacher's tokens in one-to-one groups, and of

@@ -49,6 +49,9 @@ class TrainingSettings(LossSettings):
     )
     lora: Optional[LoraSettings] = Field(None, description="train LoRA adapters instead of all weights (training/trainer/lora.py); "
                                          "empty: all weights")
+    teachers: list[str] = Field([], description="train on the fixed rows these teachers scored (their teacher_id; 'mixture': "
+                                "the stored mixture of several, teacher_labeled's `mixture`); empty: every row, each with its "
+                                "own teacher's signal")
     checkpoint_every: Optional[int] = Field(
         None, ge=1, description="steps between resumable checkpoints (weights, optimizer, RNG, data position); empty: none"
     )

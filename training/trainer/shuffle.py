@@ -23,38 +23,62 @@ from pathlib import Path
 from typing import Callable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
 
 @dataclass(frozen=True)
 class Block:
-    """Rows read together: one row group of one Parquet file (`group` None: the whole `table`)."""
+    """Rows read together: one row group of one Parquet file (`group` None: the whole `table`), the
+    rows of `teachers` only when it names some (their `teacher_id`)."""
 
     rows: int
     path: Path | None = None
     group: int | None = None
     table: pa.Table | None = None
+    teachers: tuple[str, ...] = ()
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
         if self.table is not None:
             return self.table if columns is None else self.table.select(columns)
-        return pq.ParquetFile(self.path).read_row_group(self.group, columns=columns)
+        needed = columns if columns is None or not self.teachers else list(dict.fromkeys([*columns, "teacher_id"]))
+        rows = pq.ParquetFile(self.path).read_row_group(self.group, columns=needed)
+        if self.teachers:
+            rows = rows.filter(pc.is_in(rows["teacher_id"], pa.array(self.teachers)))
+        return rows if columns is None else rows.select(columns)
 
     def column_names(self) -> list[str]:
         return self.table.column_names if self.table is not None else pq.ParquetFile(self.path).schema_arrow.names
 
 
-def blocks_of(source: pa.Table | list) -> list[Block]:
-    """A table as one block, or every row group of the Parquet files `source`, in order."""
+def blocks_of(source: pa.Table | list, teachers: list[str] = ()) -> list[Block]:
+    """A table as one block, or every row group of the Parquet files `source`, in order; with
+    `teachers`, only their rows (counted from the `teacher_id` column alone)."""
+    teachers = tuple(teachers)
     if isinstance(source, pa.Table):
-        return [Block(source.num_rows, table=source)]
-    blocks = []
-    for path in source:
-        metadata = pq.ParquetFile(path).metadata
-        blocks += [Block(metadata.row_group(g).num_rows, Path(path), g) for g in range(metadata.num_row_groups)
-                   if metadata.row_group(g).num_rows]
+        source = source.filter(pc.is_in(teacher_ids(source), pa.array(teachers))) if teachers else source
+        blocks = [Block(source.num_rows, table=source)]
+    else:
+        blocks = []
+        for path in source:
+            file = pq.ParquetFile(path)
+            for g in range(file.metadata.num_row_groups):
+                rows = file.metadata.row_group(g).num_rows
+                if rows and teachers:
+                    rows = pc.sum(pc.is_in(teacher_ids(file.read_row_group(g, columns=["teacher_id"])), pa.array(teachers))).as_py() or 0
+                if rows:
+                    blocks.append(Block(rows, Path(path), g, teachers=teachers))
+    if teachers and not blocks:
+        raise ValueError(f"no rows were scored by teachers {list(teachers)}: name teacher ids the data has (its teacher_id "
+                         "column; 'mixture' needs teacher_labeled's `mixture`)")
     return blocks
+
+
+def teacher_ids(rows: pa.Table) -> pa.ChunkedArray:
+    if "teacher_id" not in rows.column_names:
+        raise ValueError("these rows have no teacher_id (labeled before several teachers could label): leave `teachers` empty")
+    return rows["teacher_id"]
 
 
 class ShuffledBatches:

@@ -82,6 +82,7 @@ class RowCheck:
     tokenizer: object
     vocab_size: int
     cross: CrossTokenizer | None  # a teacher with another tokenizer: its rows are aligned to the student's tokens
+    signal_tokenizer: str  # the tokenizer_hash of the ids the rows' signal must be in: the student's, or `cross`'s teacher's
     settings: TrainingSettings
     temperature: float
     source: str  # "fixed" or "on-policy", for the messages
@@ -92,6 +93,11 @@ class RowCheck:
         rows = rows.set_column(rows.schema.get_field_index("prompt_token_ids"), "prompt_token_ids", prompt_ids)
         check_takes(self.settings.objective, rows, self.source)
         signals = stored_signals(rows)
+        if signals and "tokenizer_hash" in rows.column_names and (found := set(pc.unique(rows["tokenizer_hash"]).to_pylist())) \
+                != {self.signal_tokenizer}:
+            raise ValueError(f"{self.source} rows store signals in the token ids of tokenizers {sorted(found)}, and this training "
+                             f"reads those of {self.signal_tokenizer} (the student's, or the named `teacher`'s): train on one "
+                             "teacher's tokenizer at a time (`teachers`), naming that teacher")
         if self.cross is not None:
             rows = self.cross(rows)
         for signal in stored_signals(rows):
@@ -156,7 +162,8 @@ def cross_tokenizer(teacher: str | None, student, tokenizer, settings: TrainingS
         raise ValueError("across tokenizers the student's mass on its own tokens outside the teacher's mapped top-k (its longer "
                          "tokens) must count: with tail_policy 'renormalize' nothing holds it, and the student got worse "
                          "(bench/cross_tokenizer.py: 0.083 → 0.043 exact match); set tail_policy 'bucket'")
-    return CrossTokenizer.between(*TokenBytes.from_table(tokens), tokenizer, end_of_turn_ids(student.generation_config, tokenizer))
+    return CrossTokenizer.between(*TokenBytes.from_table(tokens), tokenizer, end_of_turn_ids(student.generation_config, tokenizer),
+                                  tokens["tokenizer_hash"][0].as_py())
 
 
 def teacher_token_table(teacher: str) -> pa.Table:
@@ -176,12 +183,14 @@ def batches_for(model, tokenizer, settings: TrainingSettings, fixed: Rows, on_po
     aligned to the student's tokens when its tokenizer differs (training/trainer/alignment.py)."""
     temperature = stored_temperature(fixed) or settings.temperature
     cross = cross_tokenizer(teacher, model, tokenizer, settings, on_policy)
+    signal_tokenizer = cross.teacher_tokenizer_hash if cross is not None else tokenizer_hash(tokenizer)
 
     def source(rows: Rows, name: str, seed: int) -> BatchSource:
-        check = RowCheck(tokenizer, model.config.vocab_size, cross, settings, temperature, name)
+        check = RowCheck(tokenizer, model.config.vocab_size, cross, signal_tokenizer, settings, temperature, name)
         if callable(rows):
             return FreshBatches(rows, check, on_resume if name == "on-policy" else None)
-        return ShuffledBatches(blocks_of(rows), settings.batch_size, seed, settings.shuffle_window, check)
+        blocks = blocks_of(rows, settings.teachers if name == "fixed" else ())
+        return ShuffledBatches(blocks, settings.batch_size, seed, settings.shuffle_window, check)
 
     return Batches(source(fixed, "fixed", settings.seed),
                    None if on_policy is None else source(on_policy, "on-policy", settings.seed + 1), temperature, cross)
