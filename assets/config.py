@@ -239,7 +239,8 @@ class StudentRolloutsConfig(dg.Config):
 class TeacherFeedbackConfig(SignalSettings, dg.Config):
     """What of the teacher's distribution is stored on every rollout token, and who the teacher is."""
 
-    teacher: str = Field("teacher_model", description="who scores the round's samples: 'teacher_model'; 'parent', the round's "
+    teacher: str = Field("teacher_model", description="who scores the round's samples: 'teacher_model'; one of its teachers, "
+                         "'teacher_model[<teacher id>]'; 'parent', the round's "
                          "parent itself (self-distillation); or an earlier checkpoint, 'offline_student' or "
                          "'student_checkpoint[r001]'. The rows and the lineage name it")
 
@@ -302,6 +303,8 @@ class CorrectionConfig(CorrectionSettings, dg.Config):
 class RoundJudgmentsConfig(JudgmentSettings, dg.Config):
     """Which judges assess each candidate and how their scores combine (training/feedback/judgments.py)."""
 
+    judged_by: str = Field("teacher_model", description="which teacher judges: 'teacher_model', or one of its teachers, "
+                           "'teacher_model[<teacher id>]' (the likelihood judge reads the stored signal of whoever scored it)")
     judge: JudgeConfig = Field(JudgeConfig(), description="the LLM judge's rubric, mode and sampling")
     correction: CorrectionConfig = Field(CorrectionConfig(), description="how corrections are cut and written")
 

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from assets.config import JudgmentsConfig, PairsConfig, PreferenceStudentConfig, RoundJudgmentsConfig, StudentRolloutsConfig
 from assets.executor import ShardExecutor, ShardWork
-from assets.inputs import Inputs, not_chosen
+from assets.inputs import Inputs, not_chosen, teacher_card
 from assets.publish import metadata, publish_dataset, record_lineage
 from assets.resources import ModelEngine
 from assets.round_steps import ROUND, claim_round, parent_checkpoint, parent_versions, rollout_shard
@@ -54,13 +54,17 @@ def pairs_shard(engines: dict, pairs: pa.Table, index: int, *, reference: ModelC
 
 
 def judge(context, store: Store, name: str, candidates: str, config: RoundJudgmentsConfig, model_engine: ModelEngine,
-          shard_executor: ShardExecutor, teacher: ModelCard, inputs: dict, partition: str | None, parent_round: str | None):
-    """Judges the candidates of the SQL `candidates`, a shard of whole prompts at a time, and publishes them as `name`."""
+          shard_executor: ShardExecutor, inputs: dict, partition: str | None, parent_round: str | None):
+    """`config.judged_by` judges the candidates of the SQL `candidates`, a shard of whole prompts at a
+    time, and publishes them as `name`."""
+    teacher = teacher_card(store, config.judged_by)
+    inputs = {**inputs, "judge": config.judged_by, "judge_checkpoint": teacher.weights_hash}
     task = task_of(store.read_dataset("seed_prompts", columns=["task"]))
     identity = {"judge_model": teacher.name, "judge_weights_hash": teacher.weights_hash, "judgment_run_id": context.run.run_id,
                 "round": partition}
     with duckdb.connect() as connection:
-        settings = uniform_signal(connection, candidates, JudgmentSettings(**config.model_dump(exclude={"teacher_responses_from"})))
+        asked = JudgmentSettings(**config.model_dump(exclude={"teacher_responses_from", "judged_by"}))
+        settings = uniform_signal(connection, candidates, asked)
         if "judge" in settings.judges:  # the rubric's answer must be readable before any shard is judged
             check_rubric(load_tokenizer(teacher.path, teacher.revision, model_engine.trust_remote_code), settings.judge)
         source = store.write_work_file(by_prompt(connection, candidates), f"{name}.candidates.{partition or 'all'}.parquet")
@@ -133,8 +137,7 @@ def teacher_judgments(context: dg.AssetExecutionContext, config: JudgmentsConfig
     read = TEACHER_JUDGMENTS.read(store, skip=tuple(unread))
     teachers = [] if config.teacher_responses_from == "none" else store.shard_paths(config.teacher_responses_from)
     candidates = offline_candidates(store.shard_paths("student_samples"), teachers)
-    return judge(context, store, "teacher_judgments", candidates, config, model_engine, shard_executor, read.cards["teacher_model"],
-                 read.versions, None, None)
+    return judge(context, store, "teacher_judgments", candidates, config, model_engine, shard_executor, read.versions, None, None)
 
 
 PREFERENCE_PAIRS = Inputs(cards=["offline_student"], datasets=["teacher_judgments"])
@@ -189,7 +192,7 @@ def round_judgments(context: dg.AssetExecutionContext, config: RoundJudgmentsCon
     with claim_round(context):
         read = ROUND_JUDGMENTS.read(store, key)
         candidates = f"SELECT *, 'student' AS origin FROM {parquet(store.shard_paths('teacher_feedback', key))}"
-        return judge(context, store, "round_judgments", candidates, config, model_engine, shard_executor, read.cards["teacher_model"],
+        return judge(context, store, "round_judgments", candidates, config, model_engine, shard_executor,
                      {**read.versions, **parent_versions(parent, card)}, key, previous)
 
 

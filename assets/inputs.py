@@ -37,6 +37,20 @@ def teacher_panel(store: Store, teacher: ModelCard) -> dict[str, ModelCard]:
     return {teacher.teacher_id or TEACHER_ID: teacher, **others}
 
 
+def teacher_card(store: Store, name: str) -> ModelCard:
+    """'teacher_model', teacher_model's own teacher, or 'teacher_model[<teacher id>]', one of its teachers
+    (named so in the rows and lineage of what it scores or judges)."""
+    teacher = store.read_card(CARD_OF["teacher_model"])
+    teacher_id = name.removeprefix("teacher_model").removeprefix("[").removesuffix("]")
+    if not teacher_id or teacher_id == (teacher.teacher_id or TEACHER_ID):
+        return teacher
+    panel = teacher_panel(store, teacher)
+    if teacher_id not in panel:
+        raise ValueError(f"{name!r} is not one of teacher_model's teachers: they are {sorted(panel)} (name one as "
+                         "'teacher_model[<teacher id>]')")
+    return panel[teacher_id].extended(name=name)
+
+
 def not_chosen(train_on: str) -> tuple[str, ...]:
     """The declared training data sources a run does not read."""
     return tuple(name for name in TRAINING_DATA if name != train_on)

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import dagster as dg
 import pyarrow as pa
 
-from assets.inputs import CARD_OF
+from assets.inputs import CARD_OF, teacher_card
 from assets.partitions import FIRST_PARENT, parent_round, round_number, rounds
 from assets.runs import IN_PROGRESS, release_dead_runs
 from storage.store import Store
@@ -37,7 +37,8 @@ def parent_checkpoint(store: Store, key: str) -> tuple[str, str | None, ModelCar
     return f"student_checkpoint[{previous}]", previous, store.read_card("student_checkpoint", previous)
 
 
-TEACHERS = ("teacher_model", "parent", "offline_student", "student_checkpoint[r…]")  # who may score a round's samples
+TEACHERS = ("teacher_model", "teacher_model[<teacher id>]", "parent", "offline_student", "student_checkpoint[r…]")  # who may
+# score a round's samples
 
 
 def round_teacher(store: Store, key: str, teacher: str) -> tuple[str, ModelCard]:
@@ -48,13 +49,14 @@ def round_teacher(store: Store, key: str, teacher: str) -> tuple[str, ModelCard]
         name, _, card = parent_checkpoint(store, key)
         return name, card.extended(name=name)
     asset, _, partition = teacher.removesuffix("]").partition("[")
-    if asset not in ("teacher_model", "offline_student", "student_checkpoint") or bool(partition) != (asset == "student_checkpoint"):
+    if asset == "teacher_model":
+        return teacher, teacher_card(store, teacher)
+    if asset not in ("offline_student", "student_checkpoint") or bool(partition) != (asset == "student_checkpoint"):
         raise ValueError(f"teacher {teacher!r} is none of {', '.join(TEACHERS)}")
     if partition and round_number(partition) >= round_number(key):
         raise ValueError(f"round {key} cannot be scored by {teacher}, its own or a later round's checkpoint: name an earlier "
                          "round's, or 'parent'")
-    card = store.read_card(CARD_OF[asset], partition or None)
-    return teacher, card if asset == "teacher_model" else card.extended(name=teacher)
+    return teacher, store.read_card(CARD_OF[asset], partition or None).extended(name=teacher)
 
 
 @contextmanager

@@ -15,8 +15,10 @@ import pytest
 
 from assets.datasets import seed_prompts, teacher_labeled
 from assets.executor import ShardExecutor
+from assets.inputs import teacher_card
 from assets.models import teacher_model
 from assets.resources import ModelEngine, store_resource
+from assets.round_steps import round_teacher
 from storage.catalog import query
 from storage.store import Store
 from training.data.labeling import TeacherPanel, routed
@@ -78,6 +80,13 @@ def test_two_teachers_route_score_and_mix_with_lineage(chat_pair, instance, dist
     inputs = json.loads(lineage[0][0])
     assert inputs["teacher_model[small]"] == Store(distill_home).read_card("teachers/small").weights_hash
     assert store.read_card("teacher").other_teachers == {"small": inputs["teacher_model[small]"]}
+
+    # rounds and judgments name one of the teachers (teacher_feedback's teacher, the judgments' judged_by)
+    name, card = round_teacher(store, "r002", "teacher_model[small]")
+    assert (name, card.name, card.weights_hash) == ("teacher_model[small]", "teacher_model[small]", inputs["teacher_model[small]"])
+    assert teacher_card(store, "teacher_model[big]") == teacher_card(store, "teacher_model") == store.read_card("teacher")
+    with pytest.raises(ValueError, match=r"they are \['big', 'small'\]"):
+        teacher_card(store, "teacher_model[nobody]")
 
     # a student trains on the rows of the teachers it names, and is told when none are there
     student, tokenizer = load_model(str(chat_pair["student"]))
