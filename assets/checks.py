@@ -4,7 +4,9 @@ eval/train disjointness, and the curated dataset's guarantees."""
 import collections
 
 import dagster as dg
+import pyarrow.compute as pc
 
+from assets.inputs import teacher_panel
 from storage.store import Store
 from training.data.curation import duplicate_rows, origin_counts, shared_prompts
 from training.embedded.pair import TARGET_EXACT_MATCH
@@ -20,11 +22,15 @@ CHECK_ROWS = 8192  # rows per slice the checks read at a time
 
 
 def _signal_valid(store: Store, name: str) -> dg.AssetCheckResult:
-    """Counts the violations shard slice by slice: memory bounded by a slice, not the dataset."""
-    card = store.read_card("teacher")
+    """Counts the violations shard slice by slice (memory bounded by a slice, not the dataset), each
+    row's ids against the vocabulary of the teacher whose tokenizer scored it."""
+    vocab = collections.defaultdict(int)
+    for card in teacher_panel(store, store.read_card("teacher")).values():
+        vocab[card.tokenizer_hash] = max(vocab[card.tokenizer_hash], card.vocab_size)
     violations = collections.Counter()
-    for rows in store.iter_rows(name, rows=CHECK_ROWS, columns=SIGNAL_COLUMNS):
-        violations.update(signal_violations(rows, card.vocab_size))
+    for rows in store.iter_rows(name, rows=CHECK_ROWS, columns=[*SIGNAL_COLUMNS, "tokenizer_hash"]):
+        for tokenizer in pc.unique(rows["tokenizer_hash"]).to_pylist():
+            violations.update(signal_violations(rows.filter(pc.equal(rows["tokenizer_hash"], tokenizer)), vocab[tokenizer]))
     violations = dict(violations)
     return dg.AssetCheckResult(passed=not any(violations.values()), metadata=violations)
 
@@ -103,14 +109,14 @@ def teacher_reaches_target(store: dg.ResourceParam[Store]) -> dg.AssetCheckResul
 def vocab_compatible(store: dg.ResourceParam[Store]) -> dg.AssetCheckResult:
     """Which case applies: teacher and student share a tokenizer (equal tokenizer hashes: the stored ids are
     the student's, and every one must exist in its embedding), or they do not, and the teacher's signal
-    is aligned to the student's tokens as it is drawn (training/trainer/alignment.py; stored data only)."""
+    is aligned to the student's tokens as it is drawn (training/trainer/alignment.py; stored data and rounds)."""
     teacher, student = store.read_card("teacher"), store.read_card("student")
     same_tokenizer = teacher.tokenizer_hash == student.tokenizer_hash
     ids_fit = teacher.tokenizer_size <= student.vocab_size
     if not same_tokenizer:
         description = (f"teacher {teacher.name} (tokenizer {teacher.tokenizer_hash}) and student {student.name} (tokenizer "
                        f"{student.tokenizer_hash}) have different tokenizers: the teacher's signal is aligned to the student's "
-                       "tokens on byte boundaries (stored data; rounds need one tokenizer)")
+                       "tokens on byte boundaries (stored data and rounds)")
     elif not ids_fit:
         description = (f"one tokenizer, but the teacher's {teacher.tokenizer_size} ids do not fit the student's embedding "
                        f"of {student.vocab_size}: resize the student's embeddings to the tokenizer")

@@ -37,6 +37,14 @@ def teacher_panel(store: Store, teacher: ModelCard) -> dict[str, ModelCard]:
     return {teacher.teacher_id or TEACHER_ID: teacher, **others}
 
 
+def signal_teacher(store: Store, teacher: ModelCard, teachers: list[str]) -> ModelCard:
+    """The teacher whose token ids a training's rows store: the first of `teachers` (the training's
+    `teachers` setting) that is one of teacher_model's, else teacher_model's own (a mixture's
+    teachers share its tokenizer)."""
+    panel = teacher_panel(store, teacher) if teachers else {}
+    return next((panel[t] for t in teachers if t in panel), teacher)
+
+
 def teacher_card(store: Store, name: str) -> ModelCard:
     """'teacher_model', teacher_model's own teacher, or 'teacher_model[<teacher id>]', one of its teachers
     (named so in the rows and lineage of what it scores or judges)."""

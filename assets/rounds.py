@@ -36,10 +36,11 @@ from assets.round_steps import ROUND, claim_round, parent_checkpoint, parent_ver
 from assets.student_runs import chat_templates, curve_metrics, distill_and_save, loss_curve, ranking_data
 from storage.catalog import query, refresh_catalog
 from storage.store import Store
-from training.data.rollouts import accepted_samples, draw_prompts, feedback_table, student_scored_again
+from training.data.rollouts import accepted_samples, draw_prompts, feedback_table, student_scored_again, to_teacher_tokens
 from training.engines.sampling import Sampling
 from training.evals.evaluate import evaluate_checkpoints
 from training.evals.harness import check_harness, harness_results
+from training.models.checkpoints import end_of_turn_ids, load_generation_config, load_tokenizer
 from training.rounds.modes import ROUND_MODES, mode_of
 from training.rounds.online import OnlineSettings
 from training.schema.cards import ModelCard
@@ -50,8 +51,14 @@ from training.trainer.loop import rollout_reuse
 from training.trainer.objectives import OBJECTIVES
 
 
-def feedback_shard(engines: dict, rollouts: pa.Table, index: int, *, settings: SignalSettings, teacher: ModelCard, task):
-    return feedback_table(engines["teacher"], engines.get("student"), rollouts, settings, teacher, task)
+def feedback_shard(engines: dict, rollouts: pa.Table, index: int, *, settings: SignalSettings, teacher: ModelCard, task,
+                   student: ModelCard):
+    to_teacher = None
+    if student.tokenizer_hash != teacher.tokenizer_hash:  # the teacher reads the samples' text in its own tokens
+        tokenizer = load_tokenizer(student.path, student.revision)
+        to_teacher = to_teacher_tokens(tokenizer, end_of_turn_ids(load_generation_config(student.path, student.revision), tokenizer),
+                                       engines["teacher"])
+    return feedback_table(engines["teacher"], engines.get("student"), rollouts, settings, teacher, task, to_teacher)
 
 
 MAX_ROLLOUT_REUSE = 2
@@ -107,7 +114,7 @@ def teacher_feedback(context: dg.AssetExecutionContext, config: TeacherFeedbackC
         if not rollouts or student_scored_again(pq.read_schema(rollouts[0]).empty_table(), signal):
             engines["student"] = model_engine.spec(card)  # rollouts stored without their sampled logprobs
         work = ShardWork("teacher_feedback", rollouts, engines,
-                         functools.partial(feedback_shard, settings=signal, teacher=teacher, task=task),
+                         functools.partial(feedback_shard, settings=signal, teacher=teacher, task=task, student=card),
                          settings={"config": config.model_dump(), "engine": model_engine.backend})
         shards, metrics = shard_executor.run(context, store, work, key, inputs)
         return publish_dataset(context, store, "teacher_feedback", shards, config=config, inputs=inputs, metrics=metrics,
@@ -175,6 +182,7 @@ def student_checkpoint(context: dg.AssetExecutionContext, config: StudentCheckpo
             **metadata(metrics), "checkpoint": new_card.weights_hash, "path": dg.MetadataValue.path(new_card.path),
             "parent": parent, "parent_checkpoint": card.weights_hash, "inputs": dg.MetadataValue.json(inputs),
             "loss_curve": loss_curve(curve, f"student_checkpoint[{key}] training loss"),
+            **({"alignment": dg.MetadataValue.json(new_card.alignment)} if new_card.alignment else {}),
         },
         data_version=dg.DataVersion(new_card.weights_hash),
     )

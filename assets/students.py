@@ -4,7 +4,7 @@ every model on the eval split."""
 import dagster as dg
 
 from assets.config import TRAINING_DATA, EvalsConfig, OfflineStudentConfig
-from assets.inputs import CARD_OF, Inputs, not_chosen, training_prompts
+from assets.inputs import CARD_OF, Inputs, not_chosen, signal_teacher, training_prompts
 from assets.publish import metadata, publish_evals, record_lineage, rounded
 from assets.student_runs import chat_templates, curve_metrics, distill_and_save, loss_curve
 from storage.store import Store
@@ -22,7 +22,7 @@ def offline_student(context: dg.AssetExecutionContext, config: OfflineStudentCon
     """The student after offline distillation on the stored teacher signal (SeqKD or supervised KD),
     trained by the command `python -m training.launch`."""
     read = OFFLINE_STUDENT.read(store, skip=not_chosen(config.train_on))
-    student, teacher = read.cards["student_model"], read.cards["teacher_model"]
+    student, teacher = read.cards["student_model"], signal_teacher(store, read.cards["teacher_model"], config.teachers)
     card, curve = distill_and_save(context, store, "offline_student", config, student, teacher, store.shard_paths(config.train_on),
                                    card_fields={"objective": config.objective, "parent": student.weights_hash})
     eval_rows = store.read_dataset("eval_set")

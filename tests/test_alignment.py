@@ -15,14 +15,19 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from storage.store import Store
 from training.data.labeling import score, with_columns
+from training.data.rollouts import feedback_table, to_teacher_tokens
 from training.engines.hf import HFEngine
+from training.engines.sampling import Sampling
 from training.launch.command import DistillCommand, run
 from training.launch.report import printed
 from training.models.chat import prompt_rendering, render
 from training.models.checkpoints import STUDENT_ARCHITECTURE, build_embedded, end_of_turn_ids, load_model, save_model
 from training.models.token_bytes import TokenBytes, same_text_ids, token_table
 from training.models.tokenizer import build_byte_level_bpe, build_char_tokenizer, tokenizer_hash
+from training.rounds.online import OnlineRollouts, OnlineSettings
+from training.schema.signal import SignalSettings
 from training.tasks.arithmetic import problems
+from training.tasks.arithmetic_task import ArithmeticTask
 from training.trainer.alignment import UNMAPPED, CrossTokenizer, groups
 from training.trainer.loop import train_student
 from training.trainer.losses import LossSettings, sparse_batch, sparse_kd_loss
@@ -169,7 +174,7 @@ def test_one_tokenizer_aligned_is_the_shared_tokenizer_loss(tiny_model_dir, labe
             gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
         assert losses[0] == pytest.approx(losses[1], abs=1e-6)
         torch.testing.assert_close(gradients[0], gradients[1], atol=1e-6, rtol=1e-5)
-    assert cross_tokenizer(str(tiny_model_dir), model, tokenizer, TrainingSettings(), None) is None
+    assert cross_tokenizer(str(tiny_model_dir), model, tokenizer, TrainingSettings()) is None
 
 
 def small_qwen(tokenizer):
@@ -213,12 +218,70 @@ def test_a_character_student_trains_on_a_bpe_teachers_stored_signal(tiny_model_d
     assert batches.cross.coverage()["teacher_tokens_one_to_one"] > 0.5
 
 
-def test_rounds_and_other_objectives_are_refused_across_tokenizers(tiny_model_dir):
+def test_a_stored_round_across_tokenizers(tiny_offline_store, tmp_path):
+    """A BPE student's samples scored by the tiny graph's character-level teacher in its tokens
+    (teacher_feedback across tokenizers), then aligned back onto the very tokens the student sampled
+    (one of them spelled byte by byte, not as its tokenizer would), on which the student trains with λ = 1;
+    and an online round's fresh batches, scored and aligned the same way."""
+    store = Store(tiny_offline_store)
+    teacher_card = store.read_card("teacher")
+    teacher = HFEngine.load(teacher_card.path, batch_size=16)
+    tokenizer = other_bpe()
+    save_model(small_qwen(tokenizer), tokenizer, tmp_path / "start")
+    student, tokenizer = load_model(str(tmp_path / "start"))
+    labeled = store.read_dataset("teacher_labeled")
+    rollouts = labeled.slice(0, 16).select(["prompt_id", "prompt", "messages", "system_prompt", "answer", "completion"])
+    spelled = TokenBytes.of(tokenizer)
+    by_byte = {text: i for i, text in enumerate(spelled.texts) if len(text) == 1}
+    texts = rollouts["completion"].to_pylist()
+    sampled = [[by_byte[bytes([b])] for b in texts[0].encode()]] + tokenizer(texts[1:], add_special_tokens=False)["input_ids"]
+    rollouts = with_columns(rollouts, pa.table({
+        "sample_id": [f"s{i}" for i in range(16)], "sample_index": pa.array([0] * 16, pa.int32()),
+        "prompt_token_ids": pa.array(render(tokenizer, rollouts), pa.list_(pa.int32())),
+        "prompt_rendering": [prompt_rendering(tokenizer)] * 16,
+        "completion_token_ids": pa.array([ids + [tokenizer.eos_token_id] for ids in sampled], pa.list_(pa.int32())),
+        "tokenizer_hash": [tokenizer_hash(tokenizer)] * 16}))
+    student_engine = HFEngine(student, tokenizer, batch_size=16)
+    identity = {"student": "start", "student_weights_hash": "h", "tokenizer_hash": tokenizer_hash(tokenizer)}
+    to_teacher = to_teacher_tokens(tokenizer, [tokenizer.eos_token_id], teacher)
+    feedback, metrics = feedback_table(teacher, student_engine, rollouts, SignalSettings(k=8), teacher_card, ArithmeticTask(), to_teacher)
+    assert to_teacher_tokens(teacher.tokenizer, teacher.end_of_turn_ids, teacher) is None  # one tokenizer: nothing to convert
+    assert set(feedback["tokenizer_hash"].to_pylist()) == {teacher_card.tokenizer_hash}
+    assert feedback["student_completion_token_ids"].to_pylist() == rollouts["completion_token_ids"].to_pylist()
+    teacher_spelled = TokenBytes.of(teacher.tokenizer)
+    for sampled, scored in zip(rollouts["completion_token_ids"].to_pylist(), feedback["completion_token_ids"].to_pylist()):
+        assert b"".join(spelled.texts[i] for i in sampled) == b"".join(teacher_spelled.texts[i] for i in scored)
+        assert sampled[-1] == tokenizer.eos_token_id and scored[-1] in teacher.end_of_turn_ids
+    assert math.isfinite(metrics["reverse_kl_per_token"])
+    pq.write_table(feedback, tmp_path / "feedback.parquet")
+
+    settings = TrainingSettings(objective="supervised_kd", tail_policy="bucket", mix=1.0, steps=6, batch_size=8, learning_rate=3e-3,
+                                warmup_steps=1)
+    tokens = str(store.token_texts_path(teacher_card.tokenizer_hash))
+    batches = batches_for(student, tokenizer, settings, labeled, [str(tmp_path / "feedback.parquet")], teacher=tokens)
+    aligned = batches.cross(feedback)
+    assert aligned["completion_token_ids"].to_pylist() == rollouts["completion_token_ids"].to_pylist()  # as it sampled them
+    assert all(aligned["aligned"][0].as_py())  # byte by byte: every token meets one character of the teacher's
+    assert batches.on_policy(0)["completion_token_ids"].to_pylist()[0][-1] == tokenizer.eos_token_id
+    curve = train_student(student, tokenizer, batches, settings)
+    assert all(math.isfinite(c["loss"]) for c in curve)
+
+    # online: each fresh batch scored in the teacher's tokens as it is sampled, and aligned back the same way
+    pq.write_table(rollouts.select(["prompt_id", "prompt", "messages", "system_prompt", "answer"]), tmp_path / "prompts.parquet")
+    online = OnlineRollouts(student, tokenizer, teacher, OnlineSettings(
+        prompts=str(tmp_path / "prompts.parquet"), batches=str(tmp_path / "online"), teacher=teacher_card.path, teacher_card=teacher_card,
+        task="arithmetic", k=8, sampling=Sampling(n=1, temperature=1.0, max_new_tokens=12), identity=identity), batch_size=8)
+    batches = batches_for(student, tokenizer, settings, labeled, online, teacher=tokens)
+    batch = batches.on_policy(0)
+    stored = pq.read_table(tmp_path / "online" / "step-000000.parquet")
+    assert set(stored["tokenizer_hash"].to_pylist()) == {teacher_card.tokenizer_hash}
+    assert batch["completion_token_ids"].to_pylist() == stored["student_completion_token_ids"].to_pylist()
+
+
+def test_other_objectives_are_refused_across_tokenizers(tiny_model_dir):
     student, tokenizer = build_embedded(STUDENT_ARCHITECTURE, seed=0)
-    with pytest.raises(ValueError, match="rounds, where it scores the student's own tokens, are not aligned"):
-        cross_tokenizer(str(tiny_model_dir), student, tokenizer, TrainingSettings(), on_policy=lambda step: None)
     with pytest.raises(ValueError, match="objective 'dpo' is not aligned across tokenizers"):
-        cross_tokenizer(str(tiny_model_dir), student, tokenizer, TrainingSettings(objective="dpo"), None)
+        cross_tokenizer(str(tiny_model_dir), student, tokenizer, TrainingSettings(objective="dpo"))
     with pytest.raises(ValueError, match="with tail_policy 'renormalize' nothing holds it"):
-        cross_tokenizer(str(tiny_model_dir), student, tokenizer, TrainingSettings(), None)
-    assert cross_tokenizer(str(tiny_model_dir), student, tokenizer, TrainingSettings(tail_policy="bucket"), None) is not None
+        cross_tokenizer(str(tiny_model_dir), student, tokenizer, TrainingSettings())
+    assert cross_tokenizer(str(tiny_model_dir), student, tokenizer, TrainingSettings(tail_policy="bucket")) is not None

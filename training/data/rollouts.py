@@ -25,10 +25,13 @@ import pyarrow.compute as pc
 from training.data.labeling import finished_share, sample, score, with_columns
 from training.engines.base import Engine
 from training.engines.sampling import Sampling
-from training.models.chat import with_conversation_columns
+from training.models.chat import prompt_ids_for, prompt_rendering, with_conversation_columns
+from training.models.token_bytes import TokenBytes
+from training.models.tokenizer import tokenizer_hash
 from training.schema.cards import ModelCard
 from training.schema.signal import STUDENT_LOGPROB, SignalSettings
 from training.schema.tables import join_prompts, parquet, with_constants, with_content_id
+from training.trainer.alignment import CrossTokenizer
 
 if TYPE_CHECKING:
     from training.tasks import Task
@@ -81,15 +84,22 @@ def student_scored_again(rollouts: pa.Table, settings: SignalSettings) -> bool:
     return STUDENT_LOGPROB not in rollouts.column_names or settings.signal_temperature != 1.0
 
 
-def score_rollouts(teacher: Engine, student: Engine | None, rollouts: pa.Table, settings: SignalSettings) -> tuple[pa.Table, dict]:
+def score_rollouts(teacher: Engine, student: Engine | None, rollouts: pa.Table, settings: SignalSettings,
+                   to_teacher: CrossTokenizer | None = None) -> tuple[pa.Table, dict]:
     """The teacher's sparse signal on every rollout token, the student's logprob of each token
     (`student_token_logprob`: as sampled, else scored by `student`), and the per-sequence
     `log_ratio_sum`, as a table of columns to add to the rollouts (the sampled logprobs stay where
-    they are); and statistics."""
+    they are); and statistics. A teacher of another tokenizer (`to_teacher`: the student's tokens to
+    the teacher's) scores the samples' text in its own tokens: the columns then also replace
+    `completion_token_ids`, `prompt_token_ids`, `prompt_rendering` and `tokenizer_hash` with the
+    teacher's (the signal's ids; the training aligns them back, training/trainer/alignment.py) and keep
+    the sampled ids as `student_completion_token_ids`; `log_ratio_sum` is then log q(y) − log p(y) of
+    the whole text, each model over its own tokens."""
     k, temperature = settings.k, settings.signal_temperature
     if k > len(teacher.tokenizer):
         raise ValueError(f"k={k} is larger than the teacher's vocabulary ({len(teacher.tokenizer)} tokens); lower k")
-    columns, statistics = score(teacher, rollouts, k, temperature, settings.logprob_dtype)
+    scored = rollouts if to_teacher is None else in_teacher_tokens(rollouts, to_teacher, teacher)
+    columns, statistics = score(teacher, scored, k, temperature, settings.logprob_dtype)
     if student_scored_again(rollouts, settings):
         if student is None:
             raise ValueError(f"these rollouts need the student to score them again (no {STUDENT_LOGPROB}, or signal "
@@ -98,11 +108,35 @@ def score_rollouts(teacher: Engine, student: Engine | None, rollouts: pa.Table, 
         columns = columns.append_column(STUDENT_LOGPROB, student_logprob)
     else:
         student_logprob = rollouts[STUDENT_LOGPROB].combine_chunks()
-    log_ratio = pc.subtract(pc.list_flatten(student_logprob), pc.list_flatten(columns["token_logprob"].combine_chunks()))
-    per_token_ratio = pa.ListArray.from_arrays(student_logprob.offsets, log_ratio)
-    columns = columns.append_column("log_ratio_sum", sequence_sums(per_token_ratio))
-    statistics["reverse_kl_per_token"] = float(pc.sum(log_ratio).as_py() or 0.0) / max(1, len(log_ratio))
+    if to_teacher is None:
+        log_ratio = pc.subtract(pc.list_flatten(student_logprob), pc.list_flatten(columns["token_logprob"].combine_chunks()))
+        log_ratio_sum = sequence_sums(pa.ListArray.from_arrays(student_logprob.offsets, log_ratio))
+    else:
+        log_ratio_sum = pc.subtract(sequence_sums(student_logprob), sequence_sums(columns["token_logprob"]))
+        columns = with_columns(columns, scored.select(["completion_token_ids", "student_completion_token_ids", "prompt_token_ids",
+                                                      "prompt_rendering", "tokenizer_hash"]))
+    columns = columns.append_column("log_ratio_sum", log_ratio_sum)
+    statistics["reverse_kl_per_token"] = float(pc.sum(log_ratio_sum).as_py() or 0.0) / max(1, len(pc.list_flatten(student_logprob)))
     return columns, statistics
+
+
+def in_teacher_tokens(rollouts: pa.Table, to_teacher: CrossTokenizer, teacher: Engine) -> pa.Table:
+    """The samples as a teacher of another tokenizer reads them: their text (bytes) re-tokenized by it,
+    the student's end of turn as the teacher's, the prompt in its template; the sampled ids kept as
+    `student_completion_token_ids`."""
+    rows = to_teacher(rollouts).append_column("student_completion_token_ids", rollouts["completion_token_ids"])
+    rendered = pa.table({"prompt_token_ids": prompt_ids_for(teacher.tokenizer, rows),
+                         "prompt_rendering": pa.repeat(pa.scalar(prompt_rendering(teacher.tokenizer)), rows.num_rows),
+                         "tokenizer_hash": pa.repeat(pa.scalar(tokenizer_hash(teacher.tokenizer)), rows.num_rows)})
+    return with_columns(rows, rendered)
+
+
+def to_teacher_tokens(student_tokenizer, student_end_ids: list[int], teacher: Engine) -> CrossTokenizer | None:
+    """The student's tokens to `teacher`'s when their tokenizers differ (by `tokenizer_hash`), else None."""
+    if tokenizer_hash(student_tokenizer) == tokenizer_hash(teacher.tokenizer):
+        return None
+    return CrossTokenizer.between(TokenBytes.of(student_tokenizer), student_end_ids, teacher.tokenizer, teacher.end_of_turn_ids,
+                                  tokenizer_hash(student_tokenizer))
 
 
 def group_baselines(prompt_ids: pa.ChunkedArray, rewards: pa.Array) -> pa.Array:
@@ -159,12 +193,12 @@ def accepted_samples(paths: list[Path], least: float, out: Path, judgments: list
 
 
 def feedback_table(teacher: Engine, student: Engine | None, rollouts: pa.Table, settings: SignalSettings, teacher_card: ModelCard,
-                   task: "Task") -> tuple[pa.Table, dict]:
+                   task: "Task", to_teacher: CrossTokenizer | None = None) -> tuple[pa.Table, dict]:
     """The rollouts with the teacher's feedback: the columns of `score_rollouts`, the task's `reward`
     (null without a reference answer) with its `baseline` and `advantage` (r − baseline, for the
     policy-gradient objectives; the samples of a prompt are scored together) and the teacher's
     identity; returns (table, metrics)."""
-    columns, statistics = score_rollouts(teacher, student, rollouts, settings)
+    columns, statistics = score_rollouts(teacher, student, rollouts, settings, to_teacher)
     reward = pc.cast(task.verify(rollouts["completion"], rollouts["answer"]), pa.float64())
     baseline = group_baselines(rollouts["prompt_id"], reward)
     table = with_columns(rollouts, columns).append_column("reward", reward)

@@ -108,14 +108,17 @@ def evaluate(student, tokenizer, prompts: pa.Table, task: Task, teacher=None, se
 
 def evaluate_checkpoints(cards: dict[str, ModelCard], teacher_card: ModelCard, prompts: pa.Table, task: Task, seed: int = 0,
                          log=print) -> dict[str, dict[str, float]]:
-    """`evaluate` for each named model card; every model but the teacher itself also gets the
-    task-free metrics against the teacher, on one set of teacher samples. Returns name → metrics."""
+    """`evaluate` for each named model card; every model but the teacher itself (and a student of
+    another tokenizer, whose tokens the teacher's do not meet one to one) also gets the task-free
+    metrics against the teacher, on one set of teacher samples. Returns name → metrics."""
     teacher, teacher_tokenizer = load_model(teacher_card.path, teacher_card.revision)
     responses = None
     results = {}
     for name, card in cards.items():
         if card.weights_hash == teacher_card.weights_hash:  # the teacher itself: no divergence to itself
             results[name] = evaluate(teacher, teacher_tokenizer, prompts, task, None, seed)
+        elif card.tokenizer_hash != teacher_card.tokenizer_hash:  # per-token divergences need one tokenizer: the task's only
+            results[name] = evaluate(*load_model(card.path, card.revision), prompts, task, None, seed)
         else:
             responses = responses or teacher_samples(teacher, teacher_tokenizer, prompts, seed)
             model, tokenizer = load_model(card.path, card.revision)

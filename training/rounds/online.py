@@ -30,10 +30,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from training.data.rollouts import feedback_table, sample_rollouts
+from training.data.rollouts import feedback_table, sample_rollouts, to_teacher_tokens
 from training.engines.base import Engine
 from training.engines.hf import HFEngine
 from training.engines.sampling import Sampling
+from training.models.checkpoints import end_of_turn_ids
 from training.schema.cards import ModelCard
 from training.schema.signal import SignalSettings
 from training.schema.tables import with_constants
@@ -92,6 +93,7 @@ class OnlineRollouts:
         self.task = get_task(settings.task)
         self.directory = Path(settings.batches)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.to_teacher = to_teacher_tokens(tokenizer, end_of_turn_ids(model.generation_config, tokenizer), teacher)  # None: one tokenizer
 
     def forget_from(self, step: int) -> None:
         """Removes the batches of `step` and later: a killed training's, sampled again when it resumes at `step`."""
@@ -107,7 +109,7 @@ class OnlineRollouts:
         sampling = self.settings.sampling.derived(self.settings.round_number, slot)
         rollouts, _ = sample_rollouts(student, self.prompts.take(positions), sampling, identity)
         batch = rollouts.slice(0, self.batch_size)
-        return feedback_table(self.teacher, None, batch, self.settings, self.settings.teacher_card, self.task)[0]
+        return feedback_table(self.teacher, None, batch, self.settings, self.settings.teacher_card, self.task, self.to_teacher)[0]
 
     def __call__(self, step: int) -> pa.Table:
         if self.sampler is None:

@@ -22,6 +22,8 @@ many to one or many to many.
 - The teacher's end of turn maps to the student's (`between`), a one-to-one group of its own, so the
   student learns to stop.
 
+The student's tokens are its tokenization of the response's text, or for its own samples (a round's,
+which the teacher scored in its tokens: `student_completion_token_ids`) the very tokens it sampled.
 Only the response is aligned: the prompt is rendered by the student's own chat template
 (training/models/chat.py). When both tokenizers are the same (equal `tokenizer_hash`) nothing here
 runs and the loss is the shared-tokenizer one, exactly.
@@ -64,6 +66,8 @@ class CrossTokenizer:
     to_student: np.ndarray  # (teacher vocabulary,) the student id of each teacher id, −1: none
     teacher_ends_turn: np.ndarray  # (teacher vocabulary,) bool: the teacher's end-of-turn ids, mapped in `to_student`
     teacher_tokenizer_hash: str  # the rows this aligns store their signal in these ids (their `tokenizer_hash`)
+    student: TokenBytes  # the student's tokens' bytes: the byte offsets of the ids it sampled
+    student_end_ids: list[int]
     counts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0.0))  # over every row aligned so far
 
     @classmethod
@@ -80,7 +84,7 @@ class CrossTokenizer:
             to_student[end] = student.names.get(teacher_names.get(end), student_end_ids[0])
         ends_turn = np.zeros(len(teacher.texts), dtype=bool)
         ends_turn[teacher_end_ids] = True
-        return cls(teacher, student_tokenizer, to_student, ends_turn, teacher_tokenizer_hash)
+        return cls(teacher, student_tokenizer, to_student, ends_turn, teacher_tokenizer_hash, student, list(student_end_ids))
 
     def coverage(self) -> dict[str, float]:
         """Over the rows aligned so far: the share of the teacher's tokens in one-to-one groups, and of
@@ -93,7 +97,9 @@ class CrossTokenizer:
         """`rows` (completion_token_ids, teacher ids) with the student's completion_token_ids; with the
         stored signal also its topk_ids, topk_logprobs (sorted, UNMAPPED last), tail_mass and
         token_logprob per student token, and `aligned` (a one-to-one token with a mapped candidate),
-        `group` and `group_logprob` (log p(g) of its group's text; NaN on aligned tokens)."""
+        `group` and `group_logprob` (log p(g) of its group's text; NaN on aligned tokens). The student's
+        tokens are its re-tokenization of the text, or, for its own samples (a round's, scored in the
+        teacher's tokens: `student_completion_token_ids`), the very tokens it sampled."""
         lengths = list_lengths(rows["completion_token_ids"])
         starts = np.concatenate([[0], np.cumsum(lengths)])
         ids = flat_values(rows["completion_token_ids"], 1).astype(np.int64)
@@ -102,16 +108,26 @@ class CrossTokenizer:
         ended = np.array([n > 0 and self.teacher_ends_turn[ids[s + n - 1]] for s, n in zip(starts, lengths)], dtype=bool)
         texts = [b"".join(self.teacher.texts[i] for i in ids[s : s + n - e]) for s, n, e in zip(starts, lengths, ended)]
         decoded = [text.decode("utf-8", errors="replace") for text in texts]
-        student = self.student_tokenizer(decoded, add_special_tokens=False, return_offsets_mapping=True)
+        sampled = rows["student_completion_token_ids"].to_pylist() if "student_completion_token_ids" in rows.column_names else None
+        student = None if sampled else self.student_tokenizer(decoded, add_special_tokens=False, return_offsets_mapping=True)
         teacher_lengths = self.teacher.lengths
         out = {name: [] for name in ("ids", "teacher_token", "group", "group_logprob")}
         per_row, one_to_one = [], 0
         for row, (s, n, e) in enumerate(zip(starts, lengths, ended)):
             body = np.arange(s, s + n - e)
-            student_ids = np.array(student["input_ids"][row], dtype=np.int64)
             teacher_ends = np.cumsum(teacher_lengths[ids[body]])
-            if decoded[row].encode() == texts[row]:
-                teacher_group, student_group = groups(teacher_ends, byte_ends(decoded[row], student["offset_mapping"][row]))
+            if sampled:  # the tokens it sampled; its end of turn is the teacher's end of turn's, appended below
+                student_ids = np.array(sampled[row], dtype=np.int64)
+                if e and len(student_ids) and student_ids[-1] in self.student_end_ids:
+                    student_ids = student_ids[:-1]
+                student_ends = np.cumsum(self.student.lengths[student_ids])
+                same_text = b"".join(self.student.texts[i] for i in student_ids) == texts[row]
+            else:
+                student_ids = np.array(student["input_ids"][row], dtype=np.int64)
+                same_text = decoded[row].encode() == texts[row]
+                student_ends = byte_ends(decoded[row], student["offset_mapping"][row]) if same_text else None
+            if same_text:
+                teacher_group, student_group = groups(teacher_ends, student_ends)
             else:  # not UTF-8 (a response cut inside a character): one group, nothing mapped token by token
                 teacher_group, student_group = np.zeros(len(body), np.int64), np.zeros(len(student_ids), np.int64)
             count = int(max(teacher_group.max(initial=-1), student_group.max(initial=-1)) + 1)

@@ -142,7 +142,7 @@ def stored_temperature(rows: Rows) -> float | None:
     return float(first.read(["temperature"])["temperature"][0].as_py()) if "temperature" in first.column_names() else None
 
 
-def cross_tokenizer(teacher: str | None, student, tokenizer, settings: TrainingSettings, on_policy: Rows | None) -> CrossTokenizer | None:
+def cross_tokenizer(teacher: str | None, student, tokenizer, settings: TrainingSettings) -> CrossTokenizer | None:
     """The alignment for `teacher` (its checkpoint, or its stored token table) whose token ids the rows store, when its tokenizer is
     not the student's (decided by `tokenizer_hash`, their vocabularies and special tokens, never by sizes: a
     padded embedding makes sizes differ for one tokenizer); None when they are the same or no teacher is named."""
@@ -151,10 +151,6 @@ def cross_tokenizer(teacher: str | None, student, tokenizer, settings: TrainingS
     tokens = teacher_token_table(teacher)
     if tokens["tokenizer_hash"][0].as_py() == tokenizer_hash(tokenizer):
         return None
-    if on_policy is not None:
-        raise ValueError("the teacher has another tokenizer than the student: rounds, where it scores the student's own tokens, "
-                         "are not aligned across tokenizers yet; train on its stored data (mix 0), or pick a student that "
-                         "shares its tokenizer")
     if settings.objective not in ("sft", "supervised_kd"):
         raise ValueError(f"objective {settings.objective!r} is not aligned across tokenizers yet: with a teacher of another "
                          "tokenizer use 'supervised_kd' (or 'sft')")
@@ -182,7 +178,7 @@ def batches_for(model, tokenizer, settings: TrainingSettings, fixed: Rows, on_po
     each step; all checked by one `RowCheck`. `teacher`: the checkpoint whose token ids the rows store,
     aligned to the student's tokens when its tokenizer differs (training/trainer/alignment.py)."""
     temperature = stored_temperature(fixed) or settings.temperature
-    cross = cross_tokenizer(teacher, model, tokenizer, settings, on_policy)
+    cross = cross_tokenizer(teacher, model, tokenizer, settings)
     signal_tokenizer = cross.teacher_tokenizer_hash if cross is not None else tokenizer_hash(tokenizer)
 
     def source(rows: Rows, name: str, seed: int) -> BatchSource:
