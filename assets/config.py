@@ -240,9 +240,18 @@ class TeacherFeedbackConfig(SignalSettings, dg.Config):
     """What of the teacher's distribution is stored on every rollout token, and who the teacher is."""
 
     teacher: str = Field("teacher_model", description="who scores the round's samples: 'teacher_model'; one of its teachers, "
-                         "'teacher_model[<teacher id>]'; 'parent', the round's "
+                         "'teacher_model[<teacher id>]'; 'round_robin', each prompt's samples by one of its teachers (by prompt_id, "
+                         "as teacher_labeled's routing); 'mixture', the mixture of the `mixture` teachers; 'parent', the round's "
                          "parent itself (self-distillation); or an earlier checkpoint, 'offline_student' or "
                          "'student_checkpoint[r001]'. The rows and the lineage name it")
+    mixture: dict[str, float] = Field({}, description="teacher 'mixture': teacher_model's teachers (id → weight) that each score "
+                                      "every sample; the rows store the mixture of their distributions over the union of their top-k")
+
+    @model_validator(mode="after")
+    def _mixture_with_its_teacher(self):
+        if bool(self.mixture) != (self.teacher == "mixture"):
+            raise ValueError("teacher 'mixture' takes its teachers and weights from `mixture`, and only it does: set both or neither")
+        return self
 
 
 class OnlineRolloutsConfig(StudentRolloutsConfig, SignalSettings):

@@ -21,6 +21,7 @@ from pydantic import Field
 
 from assets.resources import EngineSpec
 from storage.shards import ShardedWrite, write_shard
+from training.schema.figures import combine_figures
 
 
 @dataclass
@@ -68,25 +69,6 @@ def run_shard(work: ShardWork, engines: dict, shard_size: int, directory: Path, 
     figures = {**figures, "inputs": rows.num_rows, "completion_tokens": tokens, "seconds": time.perf_counter() - started}
     write_shard(directory, index, table, figures)
     return figures
-
-
-def combine_figures(shards: list[dict]) -> dict:
-    """One set of figures from the shards': integers summed, floats averaged weighted by each
-    shard's inputs, anything else the first shard's value."""
-    combined = {}
-    weights = [s.get("inputs", 1) for s in shards]
-    for key in dict.fromkeys(k for s in shards for k in s):
-        values = [(s[key], w) for s, w in zip(shards, weights) if s.get(key) is not None]
-        if not values:
-            combined[key] = None
-        elif all(isinstance(v, int) and not isinstance(v, bool) for v, _ in values):
-            combined[key] = sum(v for v, _ in values)
-        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v, _ in values):
-            finite = [(v, w) for v, w in values if math.isfinite(v)]
-            combined[key] = sum(v * w for v, w in finite) / max(1, sum(w for _, w in finite)) if finite else float("nan")
-        else:
-            combined[key] = values[0][0]
-    return combined
 
 
 class ShardExecutor(dg.ConfigurableResource):

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import dagster as dg
 import pyarrow as pa
 
-from assets.inputs import CARD_OF, teacher_card
+from assets.inputs import CARD_OF, teacher_card, teacher_panel
 from assets.partitions import FIRST_PARENT, parent_round, round_number, rounds
 from assets.runs import IN_PROGRESS, release_dead_runs
 from storage.store import Store
@@ -37,8 +37,8 @@ def parent_checkpoint(store: Store, key: str) -> tuple[str, str | None, ModelCar
     return f"student_checkpoint[{previous}]", previous, store.read_card("student_checkpoint", previous)
 
 
-TEACHERS = ("teacher_model", "teacher_model[<teacher id>]", "parent", "offline_student", "student_checkpoint[r…]")  # who may
-# score a round's samples
+TEACHERS = ("teacher_model", "teacher_model[<teacher id>]", "round_robin", "mixture", "parent", "offline_student",
+            "student_checkpoint[r…]")  # who may score a round's samples
 
 
 def round_teacher(store: Store, key: str, teacher: str) -> tuple[str, ModelCard]:
@@ -57,6 +57,23 @@ def round_teacher(store: Store, key: str, teacher: str) -> tuple[str, ModelCard]
         raise ValueError(f"round {key} cannot be scored by {teacher}, its own or a later round's checkpoint: name an earlier "
                          "round's, or 'parent'")
     return teacher, store.read_card(CARD_OF[asset], partition or None).extended(name=teacher)
+
+
+def round_teachers(store: Store, key: str, teacher: str, mixture: dict[str, float]) -> tuple[str, dict[str, ModelCard]]:
+    """(name, teacher id → card) of who scores round `key`'s samples (teacher_feedback's `teacher`): one
+    (`round_teacher`), every teacher of teacher_model, each on its prompts' samples ('round_robin'), or
+    the teachers of `mixture` ('mixture'). Several must share a tokenizer: the round trains on one."""
+    if teacher not in ("round_robin", "mixture"):
+        name, card = round_teacher(store, key, teacher)
+        return name, {name: card}
+    panel = {t: teacher_card(store, f"teacher_model[{t}]") for t in teacher_panel(store, store.read_card(CARD_OF["teacher_model"]))}
+    if unknown := sorted(set(mixture) - set(panel)):
+        raise ValueError(f"mixture names {unknown}, which are not teachers: the teachers are {sorted(panel)}")
+    chosen = panel if teacher == "round_robin" else {t: panel[t] for t in sorted(mixture)}
+    if len({card.tokenizer_hash for card in chosen.values()}) > 1:
+        raise ValueError(f"teacher {teacher!r} has several teachers score one round, which trains on one tokenizer's signal: "
+                         f"{sorted(chosen)} have different tokenizers; name one of them (teacher_model[<teacher id>])")
+    return teacher, chosen
 
 
 @contextmanager

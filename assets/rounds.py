@@ -28,15 +28,15 @@ import pyarrow.parquet as pq
 
 from assets.config import TRAINING_DATA, EvalsConfig, StudentCheckpointConfig, StudentRolloutsConfig, TeacherFeedbackConfig
 from assets.executor import ShardExecutor, ShardWork
-from assets.inputs import Inputs, not_chosen, training_prompts
+from assets.inputs import Inputs, not_chosen, teacher_panel, training_prompts
 from assets.partitions import round_number
 from assets.publish import metadata, png_markdown, publish_dataset, publish_evals, record_lineage
 from assets.resources import ModelEngine
-from assets.round_steps import ROUND, claim_round, parent_checkpoint, parent_versions, rollout_shard, round_teacher
+from assets.round_steps import ROUND, claim_round, parent_checkpoint, parent_versions, rollout_shard, round_teacher, round_teachers
 from assets.student_runs import chat_templates, curve_metrics, distill_and_save, loss_curve, ranking_data
 from storage.catalog import query, refresh_catalog
 from storage.store import Store
-from training.data.rollouts import accepted_samples, draw_prompts, feedback_table, student_scored_again, to_teacher_tokens
+from training.data.rollouts import accepted_samples, draw_prompts, panel_feedback, student_scored_again, to_teacher_tokens
 from training.engines.sampling import Sampling
 from training.evals.evaluate import evaluate_checkpoints
 from training.evals.harness import check_harness, harness_results
@@ -51,14 +51,15 @@ from training.trainer.loop import rollout_reuse
 from training.trainer.objectives import OBJECTIVES
 
 
-def feedback_shard(engines: dict, rollouts: pa.Table, index: int, *, settings: SignalSettings, teacher: ModelCard, task,
-                   student: ModelCard):
+def feedback_shard(engines: dict, rollouts: pa.Table, index: int, *, settings: SignalSettings, teachers: dict[str, ModelCard],
+                   mixture: dict[str, float], task, student: ModelCard):
+    scorers = {t: engines[f"teacher:{t}"] for t in teachers}
+    first = next(iter(scorers.values()))
     to_teacher = None
-    if student.tokenizer_hash != teacher.tokenizer_hash:  # the teacher reads the samples' text in its own tokens
+    if student.tokenizer_hash != next(iter(teachers.values())).tokenizer_hash:  # the teachers read the samples' text in their tokens
         tokenizer = load_tokenizer(student.path, student.revision)
-        to_teacher = to_teacher_tokens(tokenizer, end_of_turn_ids(load_generation_config(student.path, student.revision), tokenizer),
-                                       engines["teacher"])
-    return feedback_table(engines["teacher"], engines.get("student"), rollouts, settings, teacher, task, to_teacher)
+        to_teacher = to_teacher_tokens(tokenizer, end_of_turn_ids(load_generation_config(student.path, student.revision), tokenizer), first)
+    return panel_feedback(scorers, engines.get("student"), rollouts, settings, teachers, task, mixture, to_teacher)
 
 
 MAX_ROLLOUT_REUSE = 2
@@ -106,15 +107,21 @@ def teacher_feedback(context: dg.AssetExecutionContext, config: TeacherFeedbackC
     parent, previous, card = parent_checkpoint(store, key)
     with claim_round(context):
         read = TEACHER_FEEDBACK.read(store, key)
-        name, teacher = round_teacher(store, key, config.teacher)
-        inputs = {**read.versions, **parent_versions(parent, card), "teacher": name, "teacher_checkpoint": teacher.weights_hash}
+        name, teachers = round_teachers(store, key, config.teacher, config.mixture)
+        if len(teachers) > 1 and model_engine.backend == "openai":
+            raise ValueError(f"teacher {name!r} scores with several teachers, and the 'openai' backend's base_urls serve one: use the "
+                             "'hf' or 'vllm' backend, or name one teacher")
+        checkpoints = {"teacher_checkpoint": next(iter(teachers.values())).weights_hash} if len(teachers) == 1 else \
+            {f"teacher_model[{t}]": c.weights_hash for t, c in teachers.items()}
+        inputs = {**read.versions, **parent_versions(parent, card), "teacher": name, **checkpoints}
         task = task_of(store.read_dataset("seed_prompts", columns=["task"]))
         rollouts, signal = store.shard_paths("student_rollouts", key), SignalSettings(**config.model_dump())
-        engines = {"teacher": model_engine.spec(teacher)}
+        engines = {f"teacher:{t}": model_engine.spec(c) for t, c in teachers.items()}
         if not rollouts or student_scored_again(pq.read_schema(rollouts[0]).empty_table(), signal):
             engines["student"] = model_engine.spec(card)  # rollouts stored without their sampled logprobs
         work = ShardWork("teacher_feedback", rollouts, engines,
-                         functools.partial(feedback_shard, settings=signal, teacher=teacher, task=task, student=card),
+                         functools.partial(feedback_shard, settings=signal, teachers=teachers, mixture=config.mixture, task=task,
+                                           student=card),
                          settings={"config": config.model_dump(), "engine": model_engine.backend})
         shards, metrics = shard_executor.run(context, store, work, key, inputs)
         return publish_dataset(context, store, "teacher_feedback", shards, config=config, inputs=inputs, metrics=metrics,
@@ -236,10 +243,13 @@ def feedback_teacher(store: Store, key: str, teacher_model: ModelCard) -> ModelC
     """The card of the model that scored round `key`'s teacher_feedback, as its rows name it: the
     teacher_model, or in a self round the parent or an earlier checkpoint."""
     shards = store.shard_paths("teacher_feedback", key)
-    found = duckdb.sql(f"SELECT DISTINCT teacher, teacher_weights_hash FROM {parquet(shards)}").fetchall()
-    if not found or found[0][1] == teacher_model.weights_hash:
+    found = duckdb.sql(f"SELECT DISTINCT teacher, teacher_weights_hash, tokenizer_hash FROM {parquet(shards)}").fetchall()
+    if not found or teacher_model.weights_hash in {weights for _, weights, _ in found}:
         return teacher_model
-    return round_teacher(store, key, found[0][0])[1]
+    if named := [name for name, _, _ in found if not name.startswith("mixture(")]:
+        return round_teacher(store, key, named[0])[1]
+    # a mixture: its teachers share a tokenizer, so any one of them reads its ids
+    return next(card for card in teacher_panel(store, teacher_model).values() if card.tokenizer_hash == found[0][2])
 
 
 def online_settings(store: Store, config: StudentCheckpointConfig, model_engine: ModelEngine, key: str, run_id: str,

@@ -13,23 +13,27 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from assets.datasets import seed_prompts, teacher_labeled
+from assets.datasets import eval_set, seed_prompts, teacher_labeled
 from assets.executor import ShardExecutor
 from assets.inputs import teacher_card
-from assets.models import teacher_model
+from assets.models import student_model, teacher_model
+from assets.partitions import rounds
 from assets.resources import ModelEngine, store_resource
 from assets.round_steps import round_teacher
+from assets.rounds import student_checkpoint, student_rollouts, teacher_feedback
+from assets.students import offline_student
 from storage.catalog import query
 from storage.store import Store
 from training.data.labeling import TeacherPanel, routed
 from training.engines.hf import HFEngine
-from training.models.chat import prompt_rendering
+from training.models.chat import prompt_ids_for, prompt_rendering
 from training.models.checkpoints import load_model, load_tokenizer
 from training.schema.signal import mixed_signal, signal_from_topk
 from training.trainer.settings import TrainingSettings
 from training.trainer.sources import batches_for
 
 ASSETS = [teacher_model, seed_prompts, teacher_labeled]
+ROUND = [student_rollouts, teacher_feedback, student_checkpoint]
 RESOURCES = {"store": store_resource, "model_engine": ModelEngine(batch_size=8), "shard_executor": ShardExecutor(shard_size=4)}
 
 
@@ -95,6 +99,48 @@ def test_two_teachers_route_score_and_mix_with_lineage(chat_pair, instance, dist
     assert {t for step in range(4) for t in batches.fixed(step)["teacher_id"].to_pylist()} == {"mixture"}
     with pytest.raises(ValueError, match=r"no rows were scored by teachers \['nobody'\]"):
         batches_for(student, tokenizer, TrainingSettings(teachers=["nobody"], batch_size=4), paths)
+
+
+def test_rounds_scored_by_the_mixture_and_round_robin(chat_pair, instance, distill_home, tmp_path):
+    """A round's samples scored by the mixture of two teachers (the rows store it, and the round trains on
+    it), and the next round's routed round-robin, each prompt's samples by one teacher."""
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("\n".join(json.dumps({"prompt": f"{i}*{i}=", "expert": "big"}) for i in range(12)))
+    offline = dict(run_config(chat_pair, seeds)["ops"])
+    evals_file = tmp_path / "evals.jsonl"
+    evals_file.write_text("\n".join(json.dumps({"prompt": f"{i}-{i}="}) for i in range(4)))
+    offline |= {"student_model": {"config": {"model": str(chat_pair["student"])}},
+                "eval_set": {"config": {"source": "files", "files": [str(evals_file)], "task": "none", "split": "train"}},
+                "offline_student": {"config": {"steps": 2, "batch_size": 4, "train_on": "teacher_labeled"}}}
+    assert dg.materialize([*ASSETS, student_model, eval_set, offline_student], instance=instance, resources=RESOURCES,
+                          run_config={"ops": offline}).success
+    round_ops = {"student_rollouts": {"config": {"num_prompts": 8, "sampling": {"n": 2, "max_new_tokens": 8},
+                                                 "prompts_from": "teacher_labeled"}},
+                 "student_checkpoint": {"config": {"steps": 2, "batch_size": 4, "train_on": "teacher_labeled"}}}
+    store, feedback = Store(distill_home), {}
+    for key, teacher in [("r001", {"teacher": "mixture", "mixture": {"big": 1.0, "small": 3.0}}), ("r002", {"teacher": "round_robin"})]:
+        instance.add_dynamic_partitions(rounds.name, [key])
+        result = dg.materialize([*ASSETS, student_model, eval_set, offline_student, *ROUND], selection=ROUND, partition_key=key,
+                                instance=instance, resources=RESOURCES,
+                                run_config={"ops": {**round_ops, "teacher_feedback": {"config": {"k": 6, **teacher}}}})
+        assert result.success
+        feedback[key] = store.read_dataset("teacher_feedback", key)
+    mixed = feedback["r001"].sort_by("sample_id")
+    assert set(mixed["teacher"].to_pylist()) == {"mixture(big=0.25, small=0.75)"} and set(mixed["teacher_id"].to_pylist()) == {"mixture"}
+    engines = {name: HFEngine(*load_model(str(chat_pair[name])), batch_size=16) for name in ("teacher", "student")}
+    alone = {name: engine.score(prompt_ids_for(engine.tokenizer, mixed).to_pylist(), mixed["completion_token_ids"].to_pylist(), 6, 1.0)
+             for name, engine in engines.items()}  # each in its own template
+    expected = 0.25 * np.exp(np.concatenate([s.token_logprob for s in alone["teacher"]])) + \
+        0.75 * np.exp(np.concatenate([s.token_logprob for s in alone["student"]]))
+    np.testing.assert_allclose(np.exp(np.concatenate(mixed["token_logprob"].to_pylist())), expected, rtol=1e-4)
+    _, lineage = query(store, "SELECT input_versions FROM lineage WHERE asset = 'teacher_feedback' ORDER BY created_at")
+    assert json.loads(lineage[0][0])["teacher_model[small]"] == store.read_card("teachers/small").weights_hash
+    routed = feedback["r002"]
+    by_prompt = {}
+    for prompt, teacher in zip(routed["prompt_id"].to_pylist(), routed["teacher"].to_pylist()):
+        by_prompt.setdefault(prompt, set()).add(teacher)
+    assert all(len(names) == 1 for names in by_prompt.values())  # a prompt's samples, one teacher
+    assert set(routed["teacher"].to_pylist()) == {store.read_card("teacher").name, "teacher_model[small]"}
 
 
 def test_bad_panels_fail_before_any_labeling(chat_pair, instance, distill_home, tmp_path):

@@ -18,6 +18,7 @@ from training.engines.base import Engine
 from training.engines.sampling import Sampling
 from training.models.chat import prompt_ids_for, prompt_rendering, render
 from training.schema.cards import ModelCard
+from training.schema.figures import combine_figures
 from training.schema.signal import (
     CODECS,
     LOGPROB_MODE,
@@ -250,25 +251,22 @@ def scored_by(engine: Engine, labeled: pa.Table, settings: LabelingSettings, car
     return with_content_id(table, "sample_id", identity)
 
 
-def mixture_rows(scored: dict[str, pa.Table], weights: dict[str, float], settings: LabelingSettings, identity: list[str]) -> pa.Table:
-    """The responses of `scored` (teacher id → the same rows, each with that teacher's signal) with the
-    mixture of the `weights`' teachers' signals (`mixed_signal`), stamped teacher_id 'mixture' and a
-    weights hash over the members' weights hashes and weights."""
+def mixed(scored: dict[str, pa.Table], weights: dict[str, float], logprob_dtype: str) -> pa.Table:
+    """The rows of `scored` (teacher id → the same rows, each with that teacher's signal and
+    teacher_weights_hash) with the mixture of the `weights`' teachers' signals (`mixed_signal`, the
+    weights normalized), stamped teacher 'mixture(…)', teacher_id 'mixture', no revision, and a weights
+    hash over the members' weights hashes and weights."""
     total = sum(weights.values())
     members = {t: weights[t] / total for t in sorted(weights)}
     flat = [concatenated(signals_from_columns(scored[t])) for t in members]
-    mixed = mixed_signal(flat, np.array(list(members.values())))
+    mixture = mixed_signal(flat, np.array(list(members.values())))
     rows = scored[next(iter(members))]
-    lengths = pc.list_value_length(rows["token_logprob"]).to_numpy(zero_copy_only=False)
-    splits = np.cumsum(lengths)[:-1]
-    per_row = [SparseSignal(*parts) for parts in zip(*(np.split(getattr(mixed, f), splits) for f in SparseSignal.__dataclass_fields__))]
-    table = with_columns(rows.drop_columns(["sample_id"]), pa.table(signal_columns(per_row, settings.logprob_dtype)))
+    splits = np.cumsum(pc.list_value_length(rows["token_logprob"]).to_numpy(zero_copy_only=False))[:-1]
+    per_row = [SparseSignal(*parts) for parts in zip(*(np.split(getattr(mixture, f), splits) for f in SparseSignal.__dataclass_fields__))]
     recipe = json.dumps({t: [scored[t]["teacher_weights_hash"][0].as_py(), w] for t, w in members.items()}, sort_keys=True)
     stamps = dict(teacher=f"mixture({', '.join(f'{t}={w:.3g}' for t, w in members.items())})", teacher_revision=None,
-                  teacher_weights_hash=hashlib.sha256(recipe.encode()).hexdigest(), tokenizer_hash=rows["tokenizer_hash"][0].as_py(),
-                  teacher_id=MIXTURE_ID)
-    table = with_columns(table, with_constants(rows.select([]), **stamps))
-    return with_content_id(table, "sample_id", identity)
+                  teacher_weights_hash=hashlib.sha256(recipe.encode()).hexdigest(), teacher_id=MIXTURE_ID)
+    return with_columns(with_columns(rows, pa.table(signal_columns(per_row, logprob_dtype))), with_constants(rows.select([]), **stamps))
 
 
 def concatenated(signals: list[SparseSignal]) -> SparseSignal:
@@ -280,27 +278,23 @@ def panel_table(engines: dict[str, Engine], prompts: pa.Table, settings: Labelin
                 cards: dict[str, ModelCard], task: "Task", run_id: str, shard: int = 0) -> tuple[pa.Table, dict]:
     """`label_table` by several teachers (`cards`, teacher id → card, the first teacher_model's own):
     each routed share of `prompts` answered by its teacher, then scored by every teacher and mixed as
-    `panel` says. One teacher: exactly `label_table`. Metrics: the first author's names for the whole,
-    plus each teacher's responses and accuracy."""
+    `panel` says. One teacher: exactly `label_table`. Metrics: the authors' combined (`combine_figures`),
+    each teacher's responses and accuracy, and the rows with every teacher's signal."""
     if len(cards) == 1:
         (teacher_id, card), = cards.items()
         return label_table(engines[teacher_id], prompts, settings, card, task, run_id, shard=shard, teacher_id=teacher_id)
     identity = ["prompt_id", "sample_index", "completion_token_ids", "teacher_weights_hash", "sampling", "teacher_id", "written_by"]
-    tables, metrics = [], {}
+    tables, parts, per_teacher = [], [], {}
     for author, share in routed(prompts, list(cards), panel.routing).items():
         labeled, figures = label_table(engines[author], share, settings, cards[author], task, run_id, identity[5:], shard, author)
+        parts.append(figures)
+        per_teacher |= {f"responses[{author}]": figures["responses"], f"teacher_accuracy[{author}]": figures["teacher_accuracy"]}
         scored = {author: labeled}
         if panel.scoring == "every":
             scored |= {t: scored_by(engines[t], labeled, settings, cards[t], t, identity) for t in cards if t != author}
         if panel.mixture:
-            scored[MIXTURE_ID] = mixture_rows(scored, panel.mixture, settings, identity)
+            scored[MIXTURE_ID] = with_content_id(mixed(scored, panel.mixture, settings.logprob_dtype).drop_columns(["sample_id"]),
+                                                 "sample_id", identity)
         tables += scored.values()
-        for key, value in figures.items():  # counts add up over the authors; the rest are the first author's
-            counted = isinstance(value, int) and not isinstance(value, bool)
-            metrics[key] = metrics[key] + value if counted and key in metrics else metrics.get(key, value)
-        metrics |= {f"responses[{author}]": figures["responses"], f"teacher_accuracy[{author}]": figures["teacher_accuracy"]}
     table = pa.concat_tables(tables, promote_options="default")
-    correct = table.filter(pc.equal(table["teacher_id"], table["written_by"]))["correct"].drop_null()
-    metrics.update(responses=int(pc.sum(pc.equal(table["teacher_id"], table["written_by"])).as_py() or 0), rows=table.num_rows,
-                   teacher_accuracy=pc.mean(pc.cast(correct, pa.float64())).as_py() if len(correct) else None)
-    return table, metrics
+    return table, {**combine_figures(parts, [part["responses"] for part in parts]), **per_teacher, "rows": table.num_rows}

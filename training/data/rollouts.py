@@ -22,14 +22,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from training.data.labeling import finished_share, sample, score, with_columns
+from training.data.labeling import finished_share, mixed, routed, sample, score, with_columns
 from training.engines.base import Engine
 from training.engines.sampling import Sampling
 from training.models.chat import prompt_ids_for, prompt_rendering, with_conversation_columns
 from training.models.token_bytes import TokenBytes
 from training.models.tokenizer import tokenizer_hash
 from training.schema.cards import ModelCard
-from training.schema.signal import STUDENT_LOGPROB, SignalSettings
+from training.schema.figures import combine_figures
+from training.schema.signal import STUDENT_LOGPROB, SignalSettings, signal_statistics, signals_from_columns
 from training.schema.tables import join_prompts, parquet, with_constants, with_content_id
 from training.trainer.alignment import CrossTokenizer
 
@@ -205,4 +206,25 @@ def feedback_table(teacher: Engine, student: Engine | None, rollouts: pa.Table, 
     table = table.append_column("baseline", baseline).append_column("advantage", pc.subtract(reward, baseline))
     table = with_constants(table, teacher=teacher_card.name, teacher_weights_hash=teacher_card.weights_hash)
     metrics = {**statistics, "mean_reward": pc.mean(reward).as_py(), "mean_log_ratio_sum": pc.mean(table["log_ratio_sum"]).as_py()}
+    return table, metrics
+
+
+def panel_feedback(engines: dict[str, Engine], student: Engine | None, rollouts: pa.Table, settings: SignalSettings,
+                   cards: dict[str, ModelCard], task: "Task", mixture: dict[str, float] | None = None,
+                   to_teacher: CrossTokenizer | None = None) -> tuple[pa.Table, dict]:
+    """`feedback_table` by several teachers (teacher id → engine and card): with `mixture`, each of its
+    teachers scores every sample and the rows store the mixture of their distributions (`labeling.mixed`;
+    `log_ratio_sum` against it); else each prompt's samples go to one teacher, round-robin by the prompt's
+    id (`labeling.routed`, as routing 'round_robin' labeled them)."""
+    if not mixture:
+        parts = [feedback_table(engines[t], student, share, settings, cards[t], task, to_teacher)
+                 for t, share in routed(rollouts, list(cards), "round_robin").items()]
+        return pa.concat_tables([table for table, _ in parts]), combine_figures([m for _, m in parts], [t.num_rows for t, _ in parts])
+    scored = {t: feedback_table(engines[t], student, rollouts, settings, cards[t], task, to_teacher) for t in mixture}
+    table = mixed({t: table for t, (table, _) in scored.items()}, mixture, settings.logprob_dtype)
+    log_ratio_sum = pc.subtract(sequence_sums(table[STUDENT_LOGPROB]), sequence_sums(table["token_logprob"]))
+    table = with_columns(table, pa.table({"log_ratio_sum": log_ratio_sum}))
+    tokens = len(pc.list_flatten(table[STUDENT_LOGPROB]))
+    metrics = {**next(iter(scored.values()))[1], **signal_statistics(signals_from_columns(table)),
+               "mean_log_ratio_sum": pc.mean(log_ratio_sum).as_py(), "reverse_kl_per_token": pc.sum(log_ratio_sum).as_py() / max(1, tokens)}
     return table, metrics
