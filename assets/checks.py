@@ -109,7 +109,7 @@ def teacher_reaches_target(store: dg.ResourceParam[Store]) -> dg.AssetCheckResul
 def vocab_compatible(store: dg.ResourceParam[Store]) -> dg.AssetCheckResult:
     """Which case applies: teacher and student share a tokenizer (equal tokenizer hashes: the stored ids are
     the student's, and every one must exist in its embedding), or they do not, and the teacher's signal
-    is aligned to the student's tokens as it is drawn (training/trainer/alignment.py; stored data and rounds)."""
+    is aligned to the student's tokens as it is drawn (training/models/alignment.py; stored data and rounds)."""
     teacher, student = store.read_card("teacher"), store.read_card("student")
     same_tokenizer = teacher.tokenizer_hash == student.tokenizer_hash
     ids_fit = teacher.tokenizer_size <= student.vocab_size

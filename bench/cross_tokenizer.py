@@ -6,7 +6,7 @@ The demo's teacher (character tokenizer) labeled `teacher_labeled` and stored it
 The student here has the embedded student's architecture on a byte-level BPE of 512 ids
 (`build_byte_level_bpe`, trained on arithmetic text) and the embedded student's warm start (550 SFT
 steps on reference solutions, as `student_model`), so it has not seen the teacher. From that start,
-each arm trains `--steps` steps × 32 on teacher_labeled (training/trainer/alignment.py aligns it):
+each arm trains `--steps` steps × 32 on teacher_labeled (training/models/alignment.py aligns it):
   seqkd, re-tokenized   SFT on the teacher's responses as the student tokenizes them
   supervised KD, aligned  JSD(0.5) on the teacher's top-20 mapped onto the student's tokens, and on the
                           groups' likelihoods where the tokens do not meet one to one, the tail as a bucket

@@ -20,6 +20,7 @@ from training.engines.hf import HFEngine
 from training.engines.sampling import Sampling
 from training.launch.command import DistillCommand, run
 from training.launch.report import printed
+from training.models.alignment import UNMAPPED, CrossTokenizer, groups
 from training.models.chat import prompt_rendering, render
 from training.models.checkpoints import STUDENT_ARCHITECTURE, build_embedded, end_of_turn_ids, load_model, save_model
 from training.models.token_bytes import TokenBytes, same_text_ids, token_table
@@ -28,7 +29,6 @@ from training.rounds.online import OnlineRollouts, OnlineSettings
 from training.schema.signal import SignalSettings
 from training.tasks.arithmetic import problems
 from training.tasks.arithmetic_task import ArithmeticTask
-from training.trainer.alignment import UNMAPPED, CrossTokenizer, groups
 from training.trainer.loop import train_student
 from training.trainer.losses import LossSettings, sparse_batch, sparse_kd_loss
 from training.trainer.settings import TrainingSettings

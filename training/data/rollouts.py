@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from training.data.labeling import finished_share, mixed, routed, sample, score, with_columns
 from training.engines.base import Engine
 from training.engines.sampling import Sampling
+from training.models.alignment import CrossTokenizer
 from training.models.chat import prompt_ids_for, prompt_rendering, with_conversation_columns
 from training.models.token_bytes import TokenBytes
 from training.models.tokenizer import tokenizer_hash
@@ -32,7 +33,6 @@ from training.schema.cards import ModelCard
 from training.schema.figures import combine_figures
 from training.schema.signal import STUDENT_LOGPROB, SignalSettings, signal_statistics, signals_from_columns
 from training.schema.tables import join_prompts, parquet, with_constants, with_content_id
-from training.trainer.alignment import CrossTokenizer
 
 if TYPE_CHECKING:
     from training.tasks import Task
@@ -93,7 +93,7 @@ def score_rollouts(teacher: Engine, student: Engine | None, rollouts: pa.Table, 
     they are); and statistics. A teacher of another tokenizer (`to_teacher`: the student's tokens to
     the teacher's) scores the samples' text in its own tokens: the columns then also replace
     `completion_token_ids`, `prompt_token_ids`, `prompt_rendering` and `tokenizer_hash` with the
-    teacher's (the signal's ids; the training aligns them back, training/trainer/alignment.py) and keep
+    teacher's (the signal's ids; the training aligns them back, training/models/alignment.py) and keep
     the sampled ids as `student_completion_token_ids`; `log_ratio_sum` is then log q(y) − log p(y) of
     the whole text, each model over its own tokens."""
     k, temperature = settings.k, settings.signal_temperature

@@ -42,7 +42,7 @@ class DistillCommand(TrainingSettings):
     data: list[str]  # Parquet files with the sparse teacher signal
     output: str  # where the trained checkpoint, card.json and curve.json go
     teacher: Optional[str] = None  # whose token ids `data` stores: its checkpoint, or its stored token table (token_texts,
-    # a .parquet file); aligned to the student's tokens when its tokenizer differs (training/trainer/alignment.py)
+    # a .parquet file); aligned to the student's tokens when its tokenizer differs (training/models/alignment.py)
     rollouts: list[str] = []  # Parquet files of teacher-scored student samples
     online: Optional[OnlineSettings] = None  # sample every on-policy batch fresh instead (training/rounds/online.py)
     state_dir: Optional[str] = None  # resumable checkpoints (with checkpoint_every); empty: <output>.state
@@ -106,7 +106,7 @@ def run(config: DistillCommand, reporter: Reporter) -> list[dict]:
         else:
             save_model(model, tokenizer, output, weights)
         card = model_card("", model, tokenizer, weights=weights)
-        if batches.cross is not None:  # a teacher with another tokenizer (training/trainer/alignment.py)
+        if batches.cross is not None:  # a teacher with another tokenizer (training/models/alignment.py)
             card = card.extended(alignment=batches.cross.coverage())
         (output / "card.json").write_text(json.dumps(card.as_dict()))
         (output / "curve.json").write_text(json.dumps(curve))

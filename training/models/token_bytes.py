@@ -1,5 +1,5 @@
 """Each token's text as bytes, whatever its tokenizer's convention: what a student with another
-tokenizer needs to use a teacher's stored token ids (training/trainer/alignment.py).
+tokenizer needs to use a teacher's stored token ids (training/models/alignment.py).
 
 The convention is read from the tokenizer's decoder (tokenizers' JSON), never guessed from names:
 

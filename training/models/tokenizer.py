@@ -34,7 +34,7 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
 def build_byte_level_bpe(texts: list[str], vocab_size: int, bos: str = "<s>", eos: str = "</s>",
                          pad: str = "<pad>") -> PreTrainedTokenizerFast:
     """A byte-level BPE (GPT-2's convention, as Llama 3 and Qwen use) trained on `texts`: a student or
-    teacher of another tokenizer than the embedded pair's (training/trainer/alignment.py)."""
+    teacher of another tokenizer than the embedded pair's (training/models/alignment.py)."""
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=[pad, bos, eos])
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=bos, eos_token=eos, pad_token=pad, padding_side="left")

@@ -27,9 +27,9 @@ import pyarrow.compute as pc
 import torch
 from pydantic import BaseModel, Field, model_validator
 
+from training.models.alignment import UNMAPPED
 from training.models.batches import completion_positions, flat_values, list_lengths
 from training.schema.signal import STUDENT_LOGPROB
-from training.trainer.alignment import UNMAPPED
 from training.trainer.divergences import DIVERGENCES, divergence, support_logprobs
 
 
@@ -78,7 +78,7 @@ def sparse_batch(rows: pa.Table, pad_token_id: int, k: int | None = None) -> Spa
     topk_ids = flat_values(rows["topk_ids"], 2).reshape(tokens, stored_k)
     topk_logprobs = flat_values(rows["topk_logprobs"], 2).astype(np.float32).reshape(tokens, stored_k)
     tail = flat_values(rows["tail_mass"], 1).astype(np.float32) + np.exp(topk_logprobs[:, keep:]).sum(-1)
-    if "aligned" in columns:  # a teacher with another tokenizer (training/trainer/alignment.py)
+    if "aligned" in columns:  # a teacher with another tokenizer (training/models/alignment.py)
         local, row_of = flat_values(rows["group"], 1).astype(np.int64), np.repeat(np.arange(rows.num_rows), list_lengths(rows["group"]))
         counts = np.zeros(rows.num_rows, dtype=np.int64)
         np.maximum.at(counts, row_of, local + 1)  # each row's groups, numbered on after the previous row's
@@ -180,7 +180,7 @@ SUMS = ["divergence", "nll", "policy_gradient", "clip_fraction", "entropy", "kl_
 def group_divergence_sum(log_q_token, aligned, group, group_logprob, objective: LossSettings) -> torch.Tensor:
     """Σ over the unaligned groups g of D((p(g), 1 − p(g)) ‖ (q(g), 1 − q(g))), log q(g) = Σ_{t∈g} log q(y_t):
     a teacher with another tokenizer, where its tokens and the student's do not meet one to one
-    (training/trainer/alignment.py)."""
+    (training/models/alignment.py)."""
     unaligned = aligned == 0
     if not unaligned.any():
         return log_q_token.new_zeros(())

@@ -17,11 +17,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from training.models.alignment import CrossTokenizer
 from training.models.chat import prompt_ids_for, render
 from training.models.checkpoints import end_of_turn_ids, load_generation_config, load_tokenizer
 from training.models.token_bytes import TokenBytes, token_table
 from training.models.tokenizer import tokenizer_hash
-from training.trainer.alignment import CrossTokenizer
 from training.trainer.objectives import batch_kind, check_takes
 from training.trainer.settings import TrainingSettings
 from training.trainer.shuffle import ShuffledBatches, blocks_of
@@ -176,7 +176,7 @@ def batches_for(model, tokenizer, settings: TrainingSettings, fixed: Rows, on_po
     """The loop's sources for `model` (its vocabulary bounds the stored ids): stored rows are shuffled
     (seeded by `settings.seed`, the on-policy ones by seed + 1), functions of the step are called at
     each step; all checked by one `RowCheck`. `teacher`: the checkpoint whose token ids the rows store,
-    aligned to the student's tokens when its tokenizer differs (training/trainer/alignment.py)."""
+    aligned to the student's tokens when its tokenizer differs (training/models/alignment.py)."""
     temperature = stored_temperature(fixed) or settings.temperature
     cross = cross_tokenizer(teacher, model, tokenizer, settings)
     signal_tokenizer = cross.teacher_tokenizer_hash if cross is not None else tokenizer_hash(tokenizer)
