@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--out", required=True, help="directory for train.parquet (or train.jsonl)")
     export.add_argument("--as", dest="file_type", choices=FILE_TYPES, default="parquet")
     export.add_argument("--partition", help="a round, for the round datasets (student_rollouts, teacher_feedback, round_pairs, ...)")
+    export.add_argument("--teacher", help="several teachers: the rows of this teacher's signal (its teacher_id; 'mixture'); "
+                        "without it each response once, as its author scored it (axolotl asks for one)")
     export.add_argument("--tokenizer", help="axolotl: the student's model (path or hub id), whose chat template axolotl renders "
                                             "with (default: the store's student_model)")
     card = commands.add_parser("card", help="write the dataset card (README.md) of a stored dataset, beside its shards or in --out")
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             print("views:", ", ".join(refresh_catalog(store)) or "(none)")
         elif args.command == "export":
             tokenizer = student_tokenizer(store, args.tokenizer) if args.format == "axolotl" else None
-            path, dropped = export_dataset(store, args.dataset, args.format, args.out, args.partition, args.file_type, tokenizer)
+            path, dropped = export_dataset(store, args.dataset, args.format, args.out, args.partition, args.file_type, tokenizer,
+                                           args.teacher)
             print(f"wrote {path}\nwrote {path.parent / 'README.md'} (its dataset card)")
             if any(dropped.values()):
                 print("left out: " + ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in dropped.items() if count))

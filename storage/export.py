@@ -135,12 +135,19 @@ def widened(table: pa.Table) -> pa.Table:
     return table.cast(pa.schema([field.with_type(wider(field.type)) for field in table.schema]))
 
 
-def exported(table: pa.Table, format: str, tokenizer=None, renderings: list[str] | None = None) -> tuple[pa.Table, dict]:
+def exported(table: pa.Table, format: str, tokenizer=None, renderings: list[str] | None = None,
+             teacher: str | None = None) -> tuple[pa.Table, dict]:
     """`table`'s rows in `format` (see the module docstring), and the rows dropped by reason (axolotl:
     `axolotl_signal`, which needs `tokenizer`, the student's). `renderings`: the dataset's prompt renderings, when
-    `table` is a slice of it (the layout, conversational or text, is the dataset's, not the slice's)."""
+    `table` is a slice of it (the layout, conversational or text, is the dataset's, not the slice's).
+    Rows several teachers scored (`teacher_id`): `teacher`'s only; without it each response once, its
+    author's row (`written_by`)."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}: use one of {FORMATS}")
+    if teacher is not None:
+        table = table.filter(pc.equal(table["teacher_id"], teacher))
+    elif "written_by" in table.column_names:
+        table = table.filter(pc.fill_null(pc.equal(table["teacher_id"], table["written_by"]), True))  # null: labeled before
     pairs = "pair_id" in table.column_names
     if format == "dpo":
         missing = PAIR_COLUMNS - set(table.column_names)
@@ -183,7 +190,7 @@ def exported(table: pa.Table, format: str, tokenizer=None, renderings: list[str]
 
 
 def export_dataset(store: Store, name: str, format: str, out: Path | str, partition: str | None = None,
-                   file_type: str = "parquet", tokenizer=None) -> tuple[Path, dict]:
+                   file_type: str = "parquet", tokenizer=None, teacher: str | None = None) -> tuple[Path, dict]:
     """Writes the stored dataset `name` (`partition`) as `exported(rows, format, tokenizer)` to
     `out`/train.<file_type>, `EXPORT_ROWS` rows at a time (memory bounded by a slice, not the dataset),
     with its dataset card as README.md beside it (storage/dataset_card.py), so that `out` is ready to
@@ -197,11 +204,17 @@ def export_dataset(store: Store, name: str, format: str, out: Path | str, partit
     path, temp = directory / f"train.{file_type}", directory / f".train.{file_type}.tmp"
     dropped, written, num_bytes, schema = Counter(), 0, 0, None
     renderings = distinct(store.shard_paths(name, partition), "prompt_rendering")
+    teachers = distinct(store.shard_paths(name, partition), "teacher_id")
+    if teacher is not None and teacher not in teachers:
+        raise ValueError(f"{name} has no rows of teacher {teacher!r}: its teachers are {teachers}")
+    if format == "axolotl" and teacher is None and len(teachers) > 1:
+        raise ValueError(f"{name} holds the signals of several teachers ({teachers}): name the one to export (--teacher; "
+                         "'mixture' for their mixture)")
     try:
         with open(temp, "wb") as file, contextlib.ExitStack() as closing:
             writer = None
             for slice_ in store.iter_rows(name, partition, rows=EXPORT_ROWS):
-                rows, left_out = exported(slice_, format, tokenizer, renderings)
+                rows, left_out = exported(slice_, format, tokenizer, renderings, teacher)
                 dropped.update(left_out)
                 schema = schema or rows.schema
                 rows = rows.cast(schema)
@@ -212,7 +225,7 @@ def export_dataset(store: Store, name: str, format: str, out: Path | str, partit
                 else:
                     file.write(json_lines(rows))
             if schema is None and format != "axolotl":  # an empty dataset: an empty file of the format's columns
-                schema = exported(store.read_dataset(name, partition), format, tokenizer, renderings)[0].schema
+                schema = exported(store.read_dataset(name, partition), format, tokenizer, renderings, teacher)[0].schema
                 if file_type == "parquet":
                     closing.enter_context(pq.ParquetWriter(file, schema, compression="zstd"))
         if format == "axolotl" and not written:

@@ -251,7 +251,7 @@ def test_a_self_round_trains_on_the_samples_its_parent_scored_and_the_verifier_k
     assert not judged.success and "round r001 has no round_judgments yet: materialize it for r001 first" in error_of(judged)
     with pytest.raises(ValueError, match="its own or a later round's checkpoint"):
         round_teacher(offline, "r001", "student_checkpoint[r001]")
-    with pytest.raises(ValueError, match=r"is none of teacher_model, teacher_model\[<teacher id>\], parent, offline_student"):
+    with pytest.raises(ValueError, match=r"is none of teacher_model, teacher_model\[<teacher id>\], round_robin, mixture, parent"):
         round_teacher(offline, "r002", "student_model")
 
 

@@ -11,6 +11,7 @@ import dagster as dg
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from assets.datasets import eval_set, seed_prompts, teacher_labeled
@@ -22,6 +23,7 @@ from assets.resources import ModelEngine, store_resource
 from assets.round_steps import round_teacher
 from assets.rounds import student_checkpoint, student_rollouts, teacher_feedback
 from assets.students import offline_student
+from pipelines.cli import main as distill
 from storage.catalog import query
 from storage.store import Store
 from training.data.labeling import TeacherPanel, routed
@@ -46,7 +48,7 @@ def run_config(chat_pair, seeds, **labeling) -> dict:
     }}
 
 
-def test_two_teachers_route_score_and_mix_with_lineage(chat_pair, instance, distill_home, tmp_path):
+def test_two_teachers_route_score_and_mix_with_lineage(chat_pair, instance, distill_home, tmp_path, capsys):
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text("\n".join(json.dumps({"prompt": f"{i}+{i}=", "expert": "small" if i % 3 == 0 else "big"}) for i in range(9)))
     config = run_config(chat_pair, seeds, routing="column", scoring="every", mixture={"big": 3, "small": 1})
@@ -84,6 +86,15 @@ def test_two_teachers_route_score_and_mix_with_lineage(chat_pair, instance, dist
     inputs = json.loads(lineage[0][0])
     assert inputs["teacher_model[small]"] == Store(distill_home).read_card("teachers/small").weights_hash
     assert store.read_card("teacher").other_teachers == {"small": inputs["teacher_model[small]"]}
+
+    # exports: each response once, or one teacher's rows; axolotl's signal asks which teacher
+    for teacher, rows_written in [(None, 9), ("mixture", 9), ("small", 9)]:
+        assert distill(["export", "teacher_labeled", "--format", "trl", "--out", str(tmp_path / f"trl-{teacher}"),
+                        *(["--teacher", teacher] if teacher else [])]) == 0
+        assert pq.read_table(tmp_path / f"trl-{teacher}" / "train.parquet").num_rows == rows_written
+    assert distill(["export", "teacher_labeled", "--format", "axolotl", "--out", str(tmp_path / "axolotl"),
+                    "--tokenizer", str(chat_pair["student"])]) != 0
+    assert "name the one to export (--teacher" in capsys.readouterr().err
 
     # rounds and judgments name one of the teachers (teacher_feedback's teacher, the judgments' judged_by)
     name, card = round_teacher(store, "r002", "teacher_model[small]")
