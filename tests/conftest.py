@@ -155,7 +155,7 @@ def vllm_engine(resident_vllm_engine, tiny_model_dir):
 # that the short ones fill in at the end (`--no-loadscope-reorder` keeps this order); test_engine_openai late,
 # once the vLLM server the controller started is up
 LONGEST_FILES = {"test_ray.py": 128, "test_docs.py": 68, "test_ui.py": 62, "test_rounds.py": 60, "test_chat.py": 60,
-                 "test_alignment.py": 55, "test_teachers.py": 50, "test_distill.py": 47, "test_teacher_cache.py": 37,
+                 "test_teachers.py": 85, "test_alignment.py": 55, "test_distill.py": 47, "test_teacher_cache.py": 37,
                  "test_feedback.py": 36, "test_dead_runs.py": 33,
                  "test_engine_openai.py": 28, "test_sharded_work.py": 22, "test_curated_pipeline.py": 21, "test_pool.py": 20,
                  "test_layout.py": 15, "test_pipeline.py": 11}

@@ -112,6 +112,24 @@ def test_two_teachers_route_score_and_mix_with_lineage(chat_pair, instance, dist
         batches_for(student, tokenizer, TrainingSettings(teachers=["nobody"], batch_size=4), paths)
 
 
+def test_two_teachers_on_vllm(chat_pair, instance, distill_home, tmp_path, monkeypatch):
+    """The same labeling with the vllm backend: both teachers' engines in one process."""
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("\n".join(json.dumps({"prompt": f"{i}+{i}=", "expert": "big"}) for i in range(6)))
+    config = run_config(chat_pair, seeds, routing="every", scoring="every", mixture={"big": 1.0, "small": 1.0})
+    vllm = {**RESOURCES, "model_engine": ModelEngine(backend="vllm", max_model_len=128, max_logprobs=8)}
+    assert dg.materialize(ASSETS, instance=instance, resources=vllm, run_config=config).success
+    rows = Store(distill_home).read_dataset("teacher_labeled")
+    assert rows.num_rows == 6 * 2 * 3
+    by = {(w, t): rows.filter(pc.and_(pc.equal(rows["written_by"], w), pc.equal(rows["teacher_id"], t))).sort_by("prompt_id")
+          for w in ("big", "small") for t in ("big", "small", "mixture")}
+    probability = lambda table: np.exp(np.concatenate(table["token_logprob"].to_pylist()))
+    for author in ("big", "small"):
+        np.testing.assert_allclose(probability(by[author, "mixture"]),
+                                   0.5 * probability(by[author, "big"]) + 0.5 * probability(by[author, "small"]), rtol=1e-4)
+
+
 def test_rounds_scored_by_the_mixture_and_round_robin(chat_pair, instance, distill_home, tmp_path):
     """A round's samples scored by the mixture of two teachers (the rows store it, and the round trains on
     it), and the next round's routed round-robin, each prompt's samples by one teacher."""
