@@ -251,6 +251,7 @@ class TeacherFeedbackConfig(SignalSettings, dg.Config):
     def _mixture_with_its_teacher(self):
         if bool(self.mixture) != (self.teacher == "mixture"):
             raise ValueError("teacher 'mixture' takes its teachers and weights from `mixture`, and only it does: set both or neither")
+        TeacherPanel(scoring="every", mixture=self.mixture)  # its weights' checks
         return self
 
 

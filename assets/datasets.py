@@ -13,7 +13,7 @@ from assets.inputs import Inputs, teacher_panel
 from assets.publish import publish_dataset
 from assets.resources import ModelEngine
 from storage.store import Store
-from training.data.labeling import LabelingSettings, TeacherPanel, panel_table
+from training.data.labeling import TEACHER_ID, LabelingSettings, TeacherPanel, panel_table
 from training.data.prompt_sources import prompt_tables
 from training.models.checkpoints import end_of_turn_ids, load_generation_config, load_tokenizer
 from training.models.token_bytes import token_table
@@ -78,7 +78,8 @@ def teacher_labeled(context: dg.AssetExecutionContext, config: TeacherLabeledCon
                          "backend, or label with one teacher at a time")
     if panel.routing == "column":
         check_routes(store.shard_paths("seed_prompts"), list(cards))
-    inputs = {**read.versions, **{f"teacher_model[{t}]": card.weights_hash for t, card in list(cards.items())[1:]}}
+    named = len(cards) > 1 or TEACHER_ID not in cards  # the ids are stamped on the rows: they are inputs
+    inputs = {**read.versions, **({f"teacher_model[{t}]": card.weights_hash for t, card in cards.items()} if named else {})}
     task = task_of(store.read_dataset("seed_prompts", columns=["task"]))
     step = functools.partial(label_shard, settings=LabelingSettings(**config.model_dump()), panel=panel, cards=cards, task=task,
                              run_id=context.run.run_id)
@@ -98,6 +99,9 @@ def teacher_labeled(context: dg.AssetExecutionContext, config: TeacherLabeledCon
 def check_routes(prompts: list, teacher_ids: list[str]) -> None:
     """Routing 'column': every seed prompt names one of the teachers, checked before any is labeled."""
     with duckdb.connect() as connection:
+        if "teacher_id" not in connection.sql(f"SELECT * FROM {parquet(prompts)} LIMIT 0").columns:
+            raise ValueError("routing 'column' follows the prompts' teacher_id, and these seed_prompts have none (made before "
+                             "teacher_column existed): materialize seed_prompts again with teacher_column set")
         named = [row[0] for row in connection.execute(f"SELECT DISTINCT teacher_id FROM {parquet(prompts)}").fetchall()]
     if unknown := sorted(set(named) - set(teacher_ids), key=str):
         raise ValueError(f"routing 'column' sends each prompt to the teacher its teacher_id names, and seed_prompts name {unknown} "

@@ -9,6 +9,7 @@ from assets.config import EMBEDDED, ModelConfig, StudentModelConfig, TeacherMode
 from assets.inputs import OTHER_TEACHERS
 from assets.publish import metadata, record_lineage
 from storage.store import Store
+from training.data.labeling import TEACHER_ID
 from training.embedded.pair import train_embedded
 from training.launch.report import Reporter
 from training.models.checkpoints import STUDENT_ARCHITECTURE, TEACHER_ARCHITECTURE, Architecture, load_model, model_card, save_model
@@ -72,13 +73,15 @@ def teacher_model(context: dg.AssetExecutionContext, config: TeacherModelConfig,
     `expanded`, `synthesized`)."""
     others = {}
     for other in config.others:  # an embedded one: this teacher's training with its own seed and learning rate
-        settings = TeacherModelConfig(**{**config.model_dump(exclude={"others", "teacher_id"}), **other.model_dump(exclude={"teacher_id"})})
+        settings = TeacherModelConfig(**{**config.model_dump(exclude={"others", "teacher_id"}),
+                                         **other.model_dump(exclude={"teacher_id"}, exclude_unset=True)})
         others[other.teacher_id] = _model(context, store, f"{OTHER_TEACHERS}/{other.teacher_id}", settings, TEACHER_ARCHITECTURE,
                                           teacher_id=other.teacher_id)
     panel = {"other_teachers": {teacher_id: other.weights_hash for teacher_id, other in others.items()}} if others else {}
     card = _model(context, store, "teacher", config, TEACHER_ARCHITECTURE, teacher_id=config.teacher_id, **panel)
-    version = hashlib.sha256(json.dumps([card.weights_hash, card.other_teachers], sort_keys=True).encode()).hexdigest() \
-        if others else card.weights_hash
+    renamed = others or config.teacher_id != TEACHER_ID  # the ids are in the rows: a new one makes them stale
+    version = hashlib.sha256(json.dumps([card.weights_hash, config.teacher_id, card.other_teachers]).encode()).hexdigest() \
+        if renamed else card.weights_hash
     return _published(context, store, config, card, version)
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import dagster as dg
 import duckdb
 import matplotlib.pyplot as plt
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from assets.config import TrainingConfig
@@ -58,7 +60,11 @@ def distill_and_save(context: dg.AssetExecutionContext, store: Store, name: str,
         raise ValueError(f"{name} is evaluated and served as a whole checkpoint: keep lora.merge true")
     for path in [*data, *rollouts] if teacher.tokenizer_hash == start.tokenizer_hash else []:  # else aligned as drawn
         if "topk_ids" in pq.read_schema(path).names:  # pairs and ranked lists are checked as they are drawn (RowCheck)
-            check_compatible(pq.read_table(path, columns=["sample_id", "k", "topk_ids"]), start.vocab_size, settings.k)
+            chosen = settings.teachers and path in data  # the rows of the named teachers only
+            rows = pq.read_table(path, columns=["sample_id", "k", "topk_ids", *(["teacher_id"] if chosen else [])])
+            rows = rows.filter(pc.is_in(rows["teacher_id"], pa.array(settings.teachers))) if chosen else rows
+            if rows.num_rows:
+                check_compatible(rows, start.vocab_size, settings.k)
     teacher_tokens = store.token_texts_path(teacher.tokenizer_hash)  # stored by teacher_labeled: no teacher checkpoint needed
     work = store.root / "work" / name / (partition or "all")  # stable: a killed training resumes from it
     shutil.rmtree(work / "checkpoint", ignore_errors=True)  # a killed run's partial output (its resumable state stays)

@@ -214,6 +214,8 @@ def test_mixture_is_the_weighted_sum_over_the_union_of_top_k():
     np.testing.assert_allclose(np.take_along_axis(expected, mixed.topk_ids, 1), top, rtol=1e-6)
     np.testing.assert_allclose(mixed.tail_mass, 1 - top.sum(1), atol=1e-6)
     np.testing.assert_allclose(np.exp(mixed.token_logprob), 0.3 * dense[0][1] + 0.7 * dense[1][1], rtol=1e-6)
+    peaked = signal_from_topk(np.array([[0, 5]]), np.array([[np.log(0.999999), -40.0]], np.float32), np.array([-1e-6], np.float32))
+    np.testing.assert_allclose(mixed_signal([peaked, peaked], np.array([0.5, 0.5])).topk_logprobs, peaked.topk_logprobs, rtol=1e-6)
     same = mixed_signal([signals[0], signals[0]], np.array([0.5, 0.5]))
     assert (same.topk_ids == signals[0].topk_ids).all() and np.allclose(same.topk_logprobs, signals[0].topk_logprobs, atol=1e-6)
 

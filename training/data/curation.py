@@ -97,16 +97,16 @@ def connect(path: Path, memory_limit: str) -> duckdb.DuckDBPyConnection:
 def candidate_pool(connection: duckdb.DuckDBPyConnection, sources: dict[str, list[Path]]) -> None:
     """Creates the view `candidates` over the shards of `teacher_labeled` (origin `labeled`) and of the
     written datasets in `sources` (`expanded`, `synthesized`: their rows carry their origin), with
-    each row's `filename`. All must come from one teacher with one k, so that the pool carries one
-    teacher's signal, and sample ids must be unique."""
+    each row's `filename`. The written datasets' teacher and k must be teacher_labeled's (one of its
+    teachers', with several), and sample ids must be unique."""
     distinct = lambda name, column: _fetch(f"SELECT DISTINCT {column} FROM {parquet(sources[name])} ORDER BY 1", connection)
     for column in ("teacher_weights_hash", "k"):
         first = distinct("teacher_labeled", column)
         for name in sources:
-            if name != "teacher_labeled" and (values := distinct(name, column)) != first:
+            if name != "teacher_labeled" and not set(values := distinct(name, column)) <= set(first):
                 raise ValueError(
                     f"{name} has {column} {[v for v, in values]} but teacher_labeled has {[v for v, in first]}: re-materialize "
-                    f"{name} with the same teacher and k, so that curated carries one teacher's signal"
+                    f"{name} with the same teacher and k, so that curated carries its teachers' signal"
                 )
     selects = [f"SELECT *{LABELED_ORIGIN if name == 'teacher_labeled' else ''} FROM {parquet(paths, filename=True)}"
                for name, paths in sources.items()]

@@ -79,6 +79,9 @@ class TeacherPanel(BaseModel):
         if unknown := sorted(set(self.mixture) - set(teachers)):
             raise ValueError(f"mixture names {unknown}, which are not teachers: the teachers are {sorted(teachers)} "
                              "(teacher_model's teacher_id and its others)")
+        if len(self.mixture) == 1:
+            raise ValueError(f"a mixture of one teacher ({list(self.mixture)}) is that teacher: name two or more, or train on "
+                             "its own rows")
         if self.scoring == "every" and len({card.tokenizer_hash for card in teachers.values()}) > 1:
             raise ValueError("scoring 'every' stores each teacher's signal on every response, in the response's token ids, so "
                              "the teachers must share a tokenizer; these do not: route each prompt to one teacher (scoring "
@@ -204,12 +207,14 @@ def teacher_stamps(card: ModelCard, teacher_id: str) -> dict:
 
 
 def label_table(engine: Engine, prompts: pa.Table, settings: LabelingSettings, card: ModelCard, task: "Task", run_id: str,
-                id_columns: tuple = (), shard: int = 0, teacher_id: str = TEACHER_ID) -> tuple[pa.Table, dict]:
+                id_columns: tuple = (), shard: int = 0, teacher_id: str | None = None) -> tuple[pa.Table, dict]:
     """Teacher responses to `prompts` (prompt_id, prompt, answer, and any extra columns, carried onto
     each response) with the sparse signal, the task's verdict (`correct`) and the teacher's identity
     (`teacher_id`, who scored it, and `written_by`, who wrote it: here the same); returns (table,
     metrics). `sample_id` hashes the prompt, the response, the teacher, the sampling and `id_columns`.
-    `shard` numbers the slice of a dataset `prompts` is (its own seed: derived_seed)."""
+    `shard` numbers the slice of a dataset `prompts` is (its own seed: derived_seed). `teacher_id`:
+    the card's own (teacher_model's), unless given."""
+    teacher_id = teacher_id or card.teacher_id or TEACHER_ID
     sampling = settings.sampling.derived(part=shard)
     labeled = label(engine, prompts, sampling, settings.k, settings.signal_temperature,
                     settings.overlong_prompts, settings.logprob_dtype)
@@ -289,6 +294,8 @@ def panel_table(engines: dict[str, Engine], prompts: pa.Table, settings: Labelin
         labeled, figures = label_table(engines[author], share, settings, cards[author], task, run_id, identity[5:], shard, author)
         parts.append(figures)
         per_teacher |= {f"responses[{author}]": figures["responses"], f"teacher_accuracy[{author}]": figures["teacher_accuracy"]}
+        if not labeled.num_rows:  # every prompt of the share dropped (overlong): nothing to score or mix
+            continue
         scored = {author: labeled}
         if panel.scoring == "every":
             scored |= {t: scored_by(engines[t], labeled, settings, cards[t], t, identity) for t in cards if t != author}
@@ -296,5 +303,5 @@ def panel_table(engines: dict[str, Engine], prompts: pa.Table, settings: Labelin
             scored[MIXTURE_ID] = with_content_id(mixed(scored, panel.mixture, settings.logprob_dtype).drop_columns(["sample_id"]),
                                                  "sample_id", identity)
         tables += scored.values()
-    table = pa.concat_tables(tables, promote_options="default")
-    return table, {**combine_figures(parts, [part["responses"] for part in parts]), **per_teacher, "rows": table.num_rows}
+    table = pa.concat_tables(tables, promote_options="default") if tables else labeled
+    return table, {**combine_figures(parts, [max(1, part["responses"]) for part in parts]), **per_teacher, "rows": table.num_rows}

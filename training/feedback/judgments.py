@@ -250,12 +250,15 @@ def judgments_table(teacher: Engine, candidates: pa.Table, settings: JudgmentSet
 
 def offline_candidates(students: list[Path], teachers: list[Path]) -> str:
     """SQL: the student's samples (`students`' shards) and, for the same prompts, the teacher's responses
-    (`teachers`' shards; none: students only), every column kept, `origin` 'student' or 'teacher'."""
+    (`teachers`' shards; none: students only; several teachers' rows: each response once, its author's),
+    every column kept, `origin` 'student' or 'teacher'."""
     sampled = f"SELECT COLUMNS(lambda c: c != 'origin'), 'student' AS origin FROM {parquet(students)}"
     if not teachers:
         return sampled
+    authors = "AND teacher_id IS NOT DISTINCT FROM written_by" if "written_by" in duckdb.sql(
+        f"SELECT * FROM {parquet(teachers)} LIMIT 0").columns else ""  # with several teachers, each response once
     return (f"{sampled} UNION ALL BY NAME SELECT COLUMNS(lambda c: c != 'origin'), 'teacher' AS origin FROM {parquet(teachers)} "
-            f"WHERE prompt_id IN (SELECT prompt_id FROM {parquet(students)})")
+            f"WHERE prompt_id IN (SELECT prompt_id FROM {parquet(students)}) {authors}")
 
 
 def by_prompt(connection: "duckdb.DuckDBPyConnection", candidates: str):  # a string: storage/catalog.py

@@ -116,10 +116,11 @@ class CrossTokenizer:
         for row, (s, n, e) in enumerate(zip(starts, lengths, ended)):
             body = np.arange(s, s + n - e)
             teacher_ends = np.cumsum(teacher_lengths[ids[body]])
-            if sampled:  # the tokens it sampled; its end of turn is the teacher's end of turn's, appended below
+            end = self.to_student[ids[s + n - 1]] if e else None  # the student's end of turn, its own group below
+            if sampled:  # the tokens it sampled, its end of turn as it sampled it
                 student_ids = np.array(sampled[row], dtype=np.int64)
                 if e and len(student_ids) and student_ids[-1] in self.student_end_ids:
-                    student_ids = student_ids[:-1]
+                    student_ids, end = student_ids[:-1], student_ids[-1]
                 student_ends = np.cumsum(self.student.lengths[student_ids])
                 same_text = b"".join(self.student.texts[i] for i in student_ids) == texts[row]
             else:
@@ -141,7 +142,7 @@ class CrossTokenizer:
             teacher_token[empty] = -1
             group_logprob = np.bincount(teacher_group, weights=token_logprob[body], minlength=count)[student_group]
             if e:  # the end of turn: its own one-to-one group
-                student_ids, teacher_token = np.append(student_ids, self.to_student[ids[s + n - 1]]), np.append(teacher_token, s + n - 1)
+                student_ids, teacher_token = np.append(student_ids, end), np.append(teacher_token, s + n - 1)
                 student_group, group_logprob = np.append(student_group, count), np.append(group_logprob, 0.0)
             one_to_one += int(single.sum()) + int(e)
             out["ids"].append(student_ids)

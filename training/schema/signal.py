@@ -119,13 +119,12 @@ def mixed_signal(signals: list[SparseSignal], weights: np.ndarray) -> SparseSign
     probs = np.concatenate([w * np.exp(s.topk_logprobs.astype(np.float64)) for s, w in zip(signals, weights)], axis=1)
     order = np.argsort(ids, axis=1, kind="stable")
     ids, probs = np.take_along_axis(ids, order, 1), np.take_along_axis(probs, order, 1)
-    last = np.ones(ids.shape, bool)  # the last entry of each run of one id holds the run's summed probability
-    last[:, :-1] = ids[:, 1:] != ids[:, :-1]
-    running = np.cumsum(probs, axis=1)  # non-decreasing, so its running maximum over run ends is the last run end's
-    at_ends = np.maximum.accumulate(np.where(last, running, 0.0), axis=1)
-    previous = np.zeros_like(running)
-    previous[:, 1:] = at_ends[:, :-1]
-    summed = np.where(last, running - previous, -np.inf)  # each id's mixed probability, once
+    first = np.ones(ids.shape, bool)  # the first entry of each run of one id holds the run's summed probability
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    starts = np.flatnonzero(first)
+    summed = np.full(ids.shape, -np.inf)  # each id's mixed probability, once
+    if starts.size:
+        summed.reshape(-1)[starts] = np.add.reduceat(probs.reshape(-1), starts)  # runs never cross rows: each row starts one
     k = signals[0].topk_ids.shape[1]
     top = np.argsort(-summed, axis=1, kind="stable")[:, :k]
     token = np.log(sum(w * np.exp(s.token_logprob.astype(np.float64)) for s, w in zip(signals, weights)))

@@ -93,11 +93,8 @@ class RowCheck:
         rows = rows.set_column(rows.schema.get_field_index("prompt_token_ids"), "prompt_token_ids", prompt_ids)
         check_takes(self.settings.objective, rows, self.source)
         signals = stored_signals(rows)
-        if signals and "tokenizer_hash" in rows.column_names and (found := set(pc.unique(rows["tokenizer_hash"]).to_pylist())) \
-                != {self.signal_tokenizer}:
-            raise ValueError(f"{self.source} rows store signals in the token ids of tokenizers {sorted(found)}, and this training "
-                             f"reads those of {self.signal_tokenizer} (the student's, or the named `teacher`'s): train on one "
-                             "teacher's tokenizer at a time (`teachers`), naming that teacher")
+        if signals and "tokenizer_hash" in rows.column_names:
+            check_signal_tokenizer(set(pc.unique(rows["tokenizer_hash"]).to_pylist()), self.signal_tokenizer, self.source)
         if self.cross is not None:
             rows = self.cross(rows)
         for signal in stored_signals(rows):
@@ -115,6 +112,14 @@ class RowCheck:
                 raise ValueError(f"{self.source} ranked rows need responses, and one score for each (scores as long as "
                                  "responses_token_ids)")
         return rows
+
+
+def check_signal_tokenizer(found: set[str], expected: str, source: str) -> None:
+    """The rows' signals are in the token ids of `expected` (their `tokenizer_hash`es, `found`)."""
+    if found - {expected}:
+        raise ValueError(f"{source} rows store signals in the token ids of tokenizers {sorted(found)}, and this training reads "
+                         f"those of {expected} (the student's, or the named `teacher`'s): train on one teacher's tokenizer at a "
+                         "time (`teachers`), naming that teacher")
 
 
 def stored_signals(rows: pa.Table) -> list[pa.Table]:
@@ -186,6 +191,9 @@ def batches_for(model, tokenizer, settings: TrainingSettings, fixed: Rows, on_po
         if callable(rows):
             return FreshBatches(rows, check, on_resume if name == "on-policy" else None)
         blocks = blocks_of(rows, settings.teachers if name == "fixed" else ())
+        if "tokenizer_hash" in blocks[0].column_names() and "topk_ids" in blocks[0].column_names():  # all of them, before training
+            found = {h for block in blocks for h in pc.unique(block.read(["tokenizer_hash"])["tokenizer_hash"]).to_pylist()}
+            check_signal_tokenizer(found, signal_tokenizer, name)
         return ShuffledBatches(blocks, settings.batch_size, seed, settings.shuffle_window, check)
 
     return Batches(source(fixed, "fixed", settings.seed),
