@@ -6,16 +6,11 @@ boundaries both share, B = e_T ∩ e_S, cut it into groups: the tokens between t
 A group is one to one (a teacher token and a student token covering the same bytes), one to many,
 many to one or many to many.
 
-- One to one: each teacher candidate c of the top-k is compared with the student's byte-prefix
-  marginal, its whole mass on the tokens whose bytes begin with c's,
-
-      Q(c) = Σ_{s : bytes(s) starts with bytes(c)} q(s)   (less the candidates nested in it: "1" and "12"),
-
-  which are one range of the student's vocabulary sorted by bytes (`prefix_lo`, `prefix_hi`; the
-  order travels in the rows' schema metadata, `STUDENT_BYTE_ORDER`). A candidate no student token
-  begins with is UNMAPPED (its mass joins the tail). The chosen divergence then applies on
-  (p(c)…, tail) against (Q(c)…, 1 − Σ Q) (training/trainer/losses.py): the student's longer tokens
-  count for the candidate they begin with, instead of the tail.
+- One to one: the teacher's top-k is mapped onto student ids by identical token bytes
+  (`token_bytes.same_text_ids`); a candidate the student lacks is UNMAPPED (its mass joins the tail)
+  and the chosen divergence applies as for a shared tokenizer, with the `bucket` tail (the student's
+  mass on its longer tokens that begin with a candidate's text is then the tail's; compared with the
+  byte-prefix marginal it should be, this is the next step: docs/objectives.md).
 - Otherwise: the group's text g is one event both models give a probability to, the teacher
   log p(g) = Σ log p(y_t) over its tokens (stored: `token_logprob`), the student log q(g) likewise over
   its own, and the loss takes the chosen divergence between the two-point distributions
@@ -34,7 +29,6 @@ Only the response is aligned: the prompt is rendered by the student's own chat t
 runs and the loss is the shared-tokenizer one, exactly.
 """
 
-import bisect
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,7 +39,6 @@ from training.models.token_bytes import TokenBytes, same_text_ids
 from training.schema.signal import nested_lists
 
 UNMAPPED = -1e4  # a top-k logprob the student has no token for: probability 0 on both sides, in float32
-STUDENT_BYTE_ORDER = b"student_byte_order"  # rows' schema metadata: the student's ids sorted by their bytes (int32)
 COUNTS = ["teacher_tokens", "one_to_one", "topk_mass", "topk_mass_mapped"]
 
 
@@ -55,25 +48,6 @@ def byte_ends(text: str, offsets: list[tuple[int, int]]) -> np.ndarray:
     widths = 1 + (code_points >= 0x80) + (code_points >= 0x800) + (code_points >= 0x10000)
     char_ends = np.concatenate([[0], np.cumsum(widths)])
     return char_ends[np.fromiter((end for _, end in offsets), dtype=np.int64, count=len(offsets))]
-
-
-def prefix_ranges(teacher: TokenBytes, student: TokenBytes, to_student: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The student's ids sorted by their bytes, and for each teacher token the range [lo, hi) of that
-    order whose tokens begin with its bytes (a special token: the one student token it maps to by
-    name; none: lo = hi)."""
-    order = np.array(sorted(range(len(student.texts)), key=student.texts.__getitem__), dtype=np.int64)
-    texts = [student.texts[i] for i in order]
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    ranges = np.zeros((len(teacher.texts), 2), dtype=np.int64)
-    for t, text in enumerate(teacher.texts):
-        if text:
-            following = text.rstrip(b"\xff")  # the least bytes above every string that begins with `text`
-            end = following[:-1] + bytes([following[-1] + 1]) if following else None
-            ranges[t] = bisect.bisect_left(texts, text), len(texts) if end is None else bisect.bisect_left(texts, end)
-        elif to_student[t] >= 0:
-            ranges[t] = rank[to_student[t]], rank[to_student[t]] + 1
-    return order, ranges
 
 
 def groups(teacher_ends: np.ndarray, student_ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -94,8 +68,6 @@ class CrossTokenizer:
     teacher_tokenizer_hash: str  # the rows this aligns store their signal in these ids (their `tokenizer_hash`)
     student: TokenBytes  # the student's tokens' bytes: the byte offsets of the ids it sampled
     student_end_ids: list[int]
-    byte_order: np.ndarray  # (student vocabulary,) its ids sorted by their bytes
-    teacher_ranges: np.ndarray  # (teacher vocabulary, 2): the range of byte_order whose tokens begin with each teacher token
     counts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0.0))  # over every row aligned so far
 
     @classmethod
@@ -112,9 +84,7 @@ class CrossTokenizer:
             to_student[end] = student.names.get(teacher_names.get(end), student_end_ids[0])
         ends_turn = np.zeros(len(teacher.texts), dtype=bool)
         ends_turn[teacher_end_ids] = True
-        byte_order, ranges = prefix_ranges(teacher, student, to_student)
-        return cls(teacher, student_tokenizer, to_student, ends_turn, teacher_tokenizer_hash, student, list(student_end_ids),
-                   byte_order, ranges)
+        return cls(teacher, student_tokenizer, to_student, ends_turn, teacher_tokenizer_hash, student, list(student_end_ids))
 
     def coverage(self) -> dict[str, float]:
         """Over the rows aligned so far: the share of the teacher's tokens in one-to-one groups, and of
@@ -192,9 +162,6 @@ class CrossTokenizer:
         for name, column in columns.items():
             index = rows.schema.get_field_index(name)
             rows = rows.set_column(index, name, column) if index >= 0 else rows.append_column(name, column)
-        if signal:  # one vector for the whole batch: the loss reads the prefix ranges in it
-            order = self.byte_order.astype(np.int32).tobytes()
-            rows = rows.replace_schema_metadata({**(rows.schema.metadata or {}), STUDENT_BYTE_ORDER: order})
         return rows
 
     def _signal_columns(self, rows, student_ids, teacher_token, token_logprob, group, group_logprob, per_row) -> dict[str, pa.Array]:
@@ -202,14 +169,12 @@ class CrossTokenizer:
         topk_ids = flat_values(rows["topk_ids"], 2).astype(np.int64).reshape(-1, k)
         topk_logprobs = flat_values(rows["topk_logprobs"], 2).astype(np.float32).reshape(-1, k)
         tail = flat_values(rows["tail_mass"], 1).astype(np.float32)
-        mapped_ids, mapped_logprobs, ranges, mapped_tail, mapped_token_logprob, aligned = self._mapped(
+        mapped_ids, mapped_logprobs, mapped_tail, mapped_token_logprob, aligned = self._mapped(
             student_ids, teacher_token, topk_ids, topk_logprobs, tail, token_logprob)
         group_logprob = np.where(aligned, np.nan, group_logprob).astype(np.float32)
         return {
             "topk_ids": nested_lists(mapped_ids.astype(np.int32), per_row, k, pa.int32()),
             "topk_logprobs": nested_lists(mapped_logprobs, per_row, k, pa.float32()),
-            "prefix_lo": nested_lists(ranges[..., 0].astype(np.int32), per_row, k, pa.int32()),
-            "prefix_hi": nested_lists(ranges[..., 1].astype(np.int32), per_row, k, pa.int32()),
             "tail_mass": nested_lists(mapped_tail, per_row, None, pa.float32()),
             "token_logprob": nested_lists(mapped_token_logprob, per_row, None, pa.float32()),
             "aligned": nested_lists(aligned, per_row, None, pa.bool_()),
@@ -218,26 +183,17 @@ class CrossTokenizer:
         }
 
     def _mapped(self, student_ids, teacher_token, topk_ids, topk_logprobs, tail, token_logprob):
-        """Per student token: the teacher's top-k at its one-to-one teacher token, each candidate with the
-        range of the student's byte order whose tokens begin with it and its student id of the same bytes
-        (UNMAPPED, sorted last, where no student token begins with it or an earlier candidate has the same
-        range; the token's own id where none has its bytes), the tail with the unmapped mass, the
-        teacher's token logprob; and whether it is aligned. Counts the top-k mass mapped."""
+        """Per student token: the teacher's top-k at its one-to-one teacher token in student ids (UNMAPPED
+        and the token's own id where the student has none, sorted last), the tail with the unmapped
+        mass, the teacher's token logprob; and whether it is aligned. Counts the top-k mass mapped."""
         has = teacher_token >= 0
         source = np.where(has, teacher_token, 0)
         candidates = topk_ids[source]
-        inside = candidates < len(self.to_student)
-        known = np.minimum(candidates, len(self.to_student) - 1)
-        ids = np.where(inside, self.to_student[known], -1)
-        ranges = np.where(inside[..., None], self.teacher_ranges[known], 0)
-        key = ranges[..., 0] * (len(self.byte_order) + 1) + ranges[..., 1]
-        earlier = np.tril(np.ones((key.shape[1],) * 2, dtype=bool), -1)
-        repeated = ((key[:, :, None] == key[:, None, :]) & earlier).any(-1)
-        found = (ranges[..., 1] > ranges[..., 0]) & ~repeated & has[:, None]
+        ids = np.where(candidates < len(self.to_student), self.to_student[np.minimum(candidates, len(self.to_student) - 1)], -1)
+        found = (ids >= 0) & has[:, None]
         logprobs = np.where(found, topk_logprobs[source], UNMAPPED).astype(np.float32)
         order = np.argsort(-logprobs, axis=1, kind="stable")
-        ids = np.take_along_axis(np.where(found & (ids >= 0), ids, student_ids[:, None]), order, 1)
-        ranges = np.take_along_axis(np.where(found[..., None], ranges, 0), order[..., None], 1)
+        ids = np.take_along_axis(np.where(found, ids, student_ids[:, None]), order, 1)
         logprobs = np.take_along_axis(logprobs, order, 1)
         ids = np.where(logprobs <= UNMAPPED, ids[:, :1], ids)  # an id already in the support: the bucket's tail stays exact
         probabilities = np.exp(topk_logprobs[source]) * has[:, None]
@@ -245,4 +201,4 @@ class CrossTokenizer:
         mapped_tail = np.where(has, np.clip(tail[source] + lost, 0.0, 1.0), 1.0).astype(np.float32)
         self.counts["topk_mass"] += float(probabilities.sum())
         self.counts["topk_mass_mapped"] += float((probabilities * found).sum())
-        return ids, logprobs, ranges, mapped_tail, np.where(has, token_logprob[source], np.nan).astype(np.float32), found.any(1)
+        return ids, logprobs, mapped_tail, np.where(has, token_logprob[source], np.nan).astype(np.float32), found.any(1)

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import torch
 from pydantic import BaseModel, Field, model_validator
 
-from training.models.alignment import STUDENT_BYTE_ORDER, UNMAPPED
+from training.models.alignment import UNMAPPED
 from training.models.batches import completion_positions, flat_values, list_lengths
 from training.schema.signal import STUDENT_LOGPROB
 from training.trainer.divergences import DIVERGENCES, divergence, support_logprobs
@@ -49,9 +49,6 @@ class SparseBatch:
     aligned: torch.Tensor | None = None  # (N,) 1: the token divergence applies; None: a shared tokenizer, everywhere
     group: torch.Tensor | None = None  # (N,) the token's alignment group, numbered across the batch (alignment.py)
     group_logprob: torch.Tensor | None = None  # (N,) the teacher's log p of the group's text, on unaligned tokens
-    prefix_lo: torch.Tensor | None = None  # (N, k) each candidate's range of `byte_order`: the student tokens that begin with it
-    prefix_hi: torch.Tensor | None = None  # (N, k)
-    byte_order: torch.Tensor | None = None  # (V,) the student's ids sorted by their bytes
 
     def to(self, device):
         """The same batch (of the same class: PairBatch, RankedBatch too) on `device`."""
@@ -88,11 +85,6 @@ def sparse_batch(rows: pa.Table, pad_token_id: int, k: int | None = None) -> Spa
         rollout.update(aligned=torch.from_numpy(flat_values(rows["aligned"], 1).astype(np.float32)),
                        group=torch.from_numpy(local + (np.cumsum(counts) - counts)[row_of]),
                        group_logprob=torch.from_numpy(flat_values(rows["group_logprob"], 1).astype(np.float32)))
-        if "prefix_lo" in columns:  # the byte-prefix marginal's ranges, and the order they index (alignment.py)
-            ranges = [np.ascontiguousarray(flat_values(rows[name], 2).reshape(tokens, stored_k)[:, :keep].astype(np.int64))
-                      for name in ("prefix_lo", "prefix_hi")]
-            order = np.frombuffer(rows.schema.metadata[STUDENT_BYTE_ORDER], dtype=np.int32).astype(np.int64)
-            rollout.update(prefix_lo=torch.from_numpy(ranges[0]), prefix_hi=torch.from_numpy(ranges[1]), byte_order=torch.from_numpy(order))
     return SparseBatch(
         *tensors,
         topk_ids=torch.from_numpy(topk_ids[:, :keep].astype(np.int64)),
@@ -201,42 +193,8 @@ def group_divergence_sum(log_q_token, aligned, group, group_logprob, objective: 
                       objective.beta, objective.alpha).sum()
 
 
-def prefix_divergence_sum(z, byte_order, prefix_lo, prefix_hi, teacher_logprobs, tail_mass, aligned, objective: LossSettings,
-                          scale, with_grad: bool):
-    """Σ over the aligned positions (a teacher of another tokenizer) of D((p(c)…, tail) ‖ (Q(c)…, 1 − Σ Q)),
-    Q(c) the student's byte-prefix marginal of teacher candidate c (training/models/alignment.py): its
-    mass on the range [lo, hi) of its vocabulary sorted by bytes, less the ranges of the candidates
-    nested in it (the ranges of prefixes nest or are disjoint, so the Q(c) partition their union).
-    Returns (the sum, ∂(scale · sum)/∂z at those positions or None, the positions); autograd runs on
-    their (m, V) scaled logits z alone."""
-    positions = torch.nonzero(aligned > 0).flatten()
-    if len(positions) == 0:
-        return z.new_zeros(()), None, positions
-    with torch.enable_grad():
-        logits = z[positions].detach().requires_grad_(with_grad)
-        q = torch.softmax(logits.double(), -1)  # float64: differences of running sums keep small masses
-        beyond = len(byte_order) - q.shape[-1]  # ids of the tokenizer past the model's output rows: no mass
-        q = torch.nn.functional.pad(q, (0, max(0, beyond)))[:, byte_order]
-        running = torch.nn.functional.pad(q.cumsum(-1), (1, 0))
-        lo, hi = prefix_lo[positions], prefix_hi[positions]
-        mass = running.gather(-1, hi) - running.gather(-1, lo)
-        mapped = hi > lo
-        width = hi - lo
-        inside = ((lo[:, :, None] <= lo[:, None, :]) & (hi[:, None, :] <= hi[:, :, None]) & (width[:, :, None] > width[:, None, :])
-                  & mapped[:, :, None] & mapped[:, None, :])  # [i, j]: j's range within i's
-        once = inside & ~(inside.double() @ inside.double() > 0)  # with no candidate between them
-        marginal = mass - (once.double() @ mass.unsqueeze(-1)).squeeze(-1)
-        tiny = torch.finfo(torch.float32).tiny
-        log_q_top = torch.where(mapped, marginal.clamp_min(tiny).log(), UNMAPPED).float()
-        log_q_tail = (1.0 - (marginal * mapped).sum(-1)).clamp_min(tiny).log().float()
-        log_p, log_q = support_logprobs(teacher_logprobs[positions], tail_mass[positions], log_q_top, log_q_tail, "bucket")
-        total = divergence(objective.divergence, log_p, log_q, objective.beta, objective.alpha).sum()
-        grad = torch.autograd.grad(total * scale, logits)[0] if with_grad else None
-    return total.detach(), grad, positions
-
-
 def _chunk_sums(logits, targets, topk_ids, teacher_logprobs, tail_mass, sampled_logprobs, advantages, aligned, group, group_logprob,
-                prefix_lo, prefix_hi, byte_order, objective: LossSettings, weights, normalizer, with_grad: bool):
+                objective: LossSettings, weights, normalizer, with_grad: bool):
     """The `SUMS` over a chunk of n positions from their (n, V) logits x, and with `with_grad` the
     gradient of (SUMS · weights) / normalizer with respect to x, made in place of x (which is ours).
 
@@ -257,10 +215,6 @@ def _chunk_sums(logits, targets, topk_ids, teacher_logprobs, tail_mass, sampled_
     support = torch.cat([targets.unsqueeze(-1), top], -1)
     bucket = objective.divergence != "none" and objective.tail_policy == "bucket"
     policy = advantages is not None
-    prefix = objective.divergence != "none" and prefix_lo is not None  # before z becomes the gradient, in place
-    if prefix:
-        prefix_sum, prefix_grad, prefix_positions = prefix_divergence_sum(
-            z, byte_order, prefix_lo, prefix_hi, teacher_logprobs, tail_mass, aligned, objective, weights[0] / normalizer, with_grad)
     with torch.no_grad():
         leaves = {"z_support": z.gather(-1, support), "lse": torch.logsumexp(z, -1)}
         if bucket:
@@ -280,9 +234,8 @@ def _chunk_sums(logits, targets, topk_ids, teacher_logprobs, tail_mass, sampled_
             log_q_top = log_q[:, 1:] if aligned is None else torch.where(teacher_logprobs <= UNMAPPED / 2, UNMAPPED, log_q[:, 1:])
             log_p, log_q_support = support_logprobs(teacher_logprobs, tail_mass, log_q_top, log_q_tail, objective.tail_policy)
             per_position = divergence(objective.divergence, log_p, log_q_support, objective.beta, objective.alpha)
-            aligned_sum = prefix_sum if prefix else (per_position * aligned).sum() if aligned is not None else None
             divergence_sum = per_position.sum() if aligned is None else (
-                aligned_sum + group_divergence_sum(log_q[:, 0], aligned, group, group_logprob, objective))
+                (per_position * aligned).sum() + group_divergence_sum(log_q[:, 0], aligned, group, group_logprob, objective))
         sums = torch.stack([divergence_sum, nll_sum])
         if policy:
             raw = log_q[:, 0] if tau == 1.0 else leaves["z_support"][:, 0] * tau - leaves["lse_raw"]  # the policy sampled at T = 1
@@ -308,8 +261,6 @@ def _chunk_sums(logits, targets, topk_ids, teacher_logprobs, tail_mass, sampled_
         else:
             grad.mul_(grads["lse"].unsqueeze(-1))
         grad.scatter_add_(-1, support, grads["z_support"])
-        if prefix and prefix_grad is not None:
-            grad.index_add_(0, prefix_positions, prefix_grad.to(grad.dtype))
         if tau != 1.0:
             grad.div_(tau)
         if raw_term is not None:
@@ -356,7 +307,7 @@ class _ChunkedSparseLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, states, head, product_dtype, rows, positions, targets, per_token, byte_order, objective, weights, normalizer):
+    def forward(ctx, states, head, product_dtype, rows, positions, targets, per_token, objective, weights, normalizer):
         n = rows.shape[0]
         chunk = max(1, CHUNK_ELEMENTS // (states.shape[-1] if head is None else head.shape[0]))
         grad_states = torch.zeros_like(states) if ctx.needs_input_grad[0] else None
@@ -365,14 +316,13 @@ class _ChunkedSparseLoss(torch.autograd.Function):
         product_head = None if head is None else head.to(dtype)  # the cast autocast makes for the model's own head
         sums = torch.zeros(len(SUMS), device=states.device)
         with torch.autocast(device, enabled=False):
-            for start, end in chunk_bounds(n, chunk, per_token[6]):  # per_token[6]: the alignment groups (sparse_kd_loss)
+            for start, end in chunk_bounds(n, chunk, per_token[-2]):  # per_token[-2]: the alignment groups (sparse_kd_loss)
                 piece = slice(start, end)
                 at = (rows[piece], positions[piece])
                 selected = states[at]  # a copy: the chunk's logits are made in it, then its gradient
                 logits = selected if head is None else selected.to(dtype) @ product_head.T
                 chunk_sums, grad_logits = _chunk_sums(logits, targets[piece], *[t[piece] if t is not None else None for t in per_token],
-                                                      byte_order, objective, weights, normalizer,
-                                                      grad_states is not None or grad_head is not None)
+                                                      objective, weights, normalizer, grad_states is not None or grad_head is not None)
                 if grad_states is not None:
                     grad_selected = grad_logits if head is None else grad_logits.to(dtype) @ product_head
                     grad_states.index_put_(at, grad_selected.to(grad_states.dtype), accumulate=True)
@@ -387,7 +337,7 @@ class _ChunkedSparseLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_means):
         grads = [grad.mul_(grad_loss) if grad is not None else None for grad in ctx.saved_tensors]
-        return *grads, None, None, None, None, None, None, None, None, None
+        return *grads, None, None, None, None, None, None, None, None
 
 
 def sparse_kd_loss(student: torch.Tensor | HiddenStates, batch: SparseBatch, objective: LossSettings, stored_temperature: float,
@@ -427,11 +377,11 @@ def sparse_kd_loss(student: torch.Tensor | HiddenStates, batch: SparseBatch, obj
     weights = torch.tensor([0.0 if objective.divergence == "none" else 1.0, objective.nll_weight,
                             0.0 if advantages is None else 1.0, 0.0, 0.0, 0.0], device=student.device)
     per_token = (batch.topk_ids, teacher_logprobs, batch.tail_mass, batch.sampled_logprobs, advantages, batch.aligned, batch.group,
-                 batch.group_logprob, batch.prefix_lo, batch.prefix_hi)
+                 batch.group_logprob)
     fused = isinstance(student, HiddenStates)
     states, head, dtype = (student.hidden, student.head, student.product_dtype) if fused else (student, None, student.dtype)
-    loss, means = _ChunkedSparseLoss.apply(states, head, dtype, batch.rows, batch.positions, batch.targets, per_token, batch.byte_order,
-                                           objective, weights, normalizer or max(1, batch.rows.shape[0]))
+    loss, means = _ChunkedSparseLoss.apply(states, head, dtype, batch.rows, batch.positions, batch.targets, per_token, objective,
+                                           weights, normalizer or max(1, batch.rows.shape[0]))
     shown = ["nll"] + (["divergence"] if objective.divergence != "none" else []) + (SUMS[2:] if advantages is not None else [])
     values = means.tolist()
     return loss, {name: values[SUMS.index(name)] for name in shown}
