@@ -9,8 +9,8 @@ many to one or many to many.
 - One to one: the teacher's top-k is mapped onto student ids by identical token bytes
   (`token_bytes.same_text_ids`); a candidate the student lacks is UNMAPPED (its mass joins the tail)
   and the chosen divergence applies as for a shared tokenizer, with the `bucket` tail (the student's
-  mass on its longer tokens that begin with a candidate's text is then the tail's; compared with the
-  byte-prefix marginal it should be, this is the next step: docs/objectives.md).
+  mass on its longer tokens that begin with a candidate's text is then the tail's; the byte-prefix
+  marginal instead was measured worse, and what comes next is in docs/objectives.md).
 - Otherwise: the group's text g is one event both models give a probability to, the teacher
   log p(g) = Σ log p(y_t) over its tokens (stored: `token_logprob`), the student log q(g) likewise over
   its own, and the loss takes the chosen divergence between the two-point distributions
