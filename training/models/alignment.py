@@ -8,9 +8,10 @@ many to one or many to many.
 
 - One to one: the teacher's top-k is mapped onto student ids by identical token bytes
   (`token_bytes.same_text_ids`); a candidate the student lacks is UNMAPPED (its mass joins the tail)
-  and the chosen divergence applies as for a shared tokenizer, with the `bucket` tail (the student's
-  mass on its longer tokens that begin with a candidate's text is then the tail's; the byte-prefix
-  marginal instead was measured worse, and what comes next is in docs/objectives.md).
+  and the chosen divergence applies as for a shared tokenizer, with the `bucket` tail. The student's
+  longer tokens that begin with the text's own token are priced along the text (`_longer`); those
+  that begin with another candidate stay in the tail (the byte-prefix marginal for all of them was
+  measured worse: docs/objectives.md).
 - Otherwise: the group's text g is one event both models give a probability to, the teacher
   log p(g) = Σ log p(y_t) over its tokens (stored: `token_logprob`), the student log q(g) likewise over
   its own, and the loss takes the chosen divergence between the two-point distributions
@@ -68,6 +69,7 @@ class CrossTokenizer:
     teacher_tokenizer_hash: str  # the rows this aligns store their signal in these ids (their `tokenizer_hash`)
     student: TokenBytes  # the student's tokens' bytes: the byte offsets of the ids it sampled
     student_end_ids: list[int]
+    student_by_text: dict[bytes, int]  # the student's id of each token's bytes
     counts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0.0))  # over every row aligned so far
 
     @classmethod
@@ -84,7 +86,8 @@ class CrossTokenizer:
             to_student[end] = student.names.get(teacher_names.get(end), student_end_ids[0])
         ends_turn = np.zeros(len(teacher.texts), dtype=bool)
         ends_turn[teacher_end_ids] = True
-        return cls(teacher, student_tokenizer, to_student, ends_turn, teacher_tokenizer_hash, student, list(student_end_ids))
+        return cls(teacher, student_tokenizer, to_student, ends_turn, teacher_tokenizer_hash, student, list(student_end_ids),
+                   student.ids_by_text())
 
     def coverage(self) -> dict[str, float]:
         """Over the rows aligned so far: the share of the teacher's tokens in one-to-one groups, and of
@@ -111,7 +114,7 @@ class CrossTokenizer:
         sampled = rows["student_completion_token_ids"].to_pylist() if "student_completion_token_ids" in rows.column_names else None
         student = None if sampled else self.student_tokenizer(decoded, add_special_tokens=False, return_offsets_mapping=True)
         teacher_lengths = self.teacher.lengths
-        out = {name: [] for name in ("ids", "teacher_token", "group", "group_logprob")}
+        out = {name: [] for name in ("ids", "teacher_token", "following", "group", "group_logprob")}
         per_row, one_to_one = [], 0
         for row, (s, n, e) in enumerate(zip(starts, lengths, ended)):
             body = np.arange(s, s + n - e)
@@ -147,6 +150,7 @@ class CrossTokenizer:
             one_to_one += int(single.sum()) + int(e)
             out["ids"].append(student_ids)
             out["teacher_token"].append(teacher_token)
+            out["following"].append(np.where((teacher_token >= 0) & (teacher_token + 1 < s + n - e), teacher_token + 1, -1))
             out["group"].append(student_group)
             out["group_logprob"].append(group_logprob)
             per_row.append(len(student_ids))
@@ -157,24 +161,27 @@ class CrossTokenizer:
         id_type = rows.schema.field("completion_token_ids").type.value_type
         columns = {"completion_token_ids": nested_lists(student_ids, per_row, None, id_type)}
         if signal:
-            columns.update(self._signal_columns(rows, student_ids, teacher_token, token_logprob, np.concatenate(out["group"]),
-                                                np.concatenate(out["group_logprob"]), per_row))
+            columns.update(self._signal_columns(rows, student_ids, teacher_token, np.concatenate(out["following"]), ids, token_logprob,
+                                                np.concatenate(out["group"]), np.concatenate(out["group_logprob"]), per_row))
         for name, column in columns.items():
             index = rows.schema.get_field_index(name)
             rows = rows.set_column(index, name, column) if index >= 0 else rows.append_column(name, column)
         return rows
 
-    def _signal_columns(self, rows, student_ids, teacher_token, token_logprob, group, group_logprob, per_row) -> dict[str, pa.Array]:
+    def _signal_columns(self, rows, student_ids, teacher_token, following, teacher_ids, token_logprob, group, group_logprob,
+                        per_row) -> dict[str, pa.Array]:
         k = int(rows["k"][0].as_py())
         topk_ids = flat_values(rows["topk_ids"], 2).astype(np.int64).reshape(-1, k)
         topk_logprobs = flat_values(rows["topk_logprobs"], 2).astype(np.float32).reshape(-1, k)
         tail = flat_values(rows["tail_mass"], 1).astype(np.float32)
         mapped_ids, mapped_logprobs, mapped_tail, mapped_token_logprob, aligned = self._mapped(
-            student_ids, teacher_token, topk_ids, topk_logprobs, tail, token_logprob)
+            student_ids, teacher_token, following, teacher_ids, topk_ids, topk_logprobs, tail, token_logprob)
         group_logprob = np.where(aligned, np.nan, group_logprob).astype(np.float32)
+        width = mapped_ids.shape[1]  # the teacher's k candidates, then up to k longer student tokens (`_longer`)
         return {
-            "topk_ids": nested_lists(mapped_ids.astype(np.int32), per_row, k, pa.int32()),
-            "topk_logprobs": nested_lists(mapped_logprobs, per_row, k, pa.float32()),
+            "k": pa.array(np.full(rows.num_rows, width, dtype=np.int32)),
+            "topk_ids": nested_lists(mapped_ids.astype(np.int32), per_row, width, pa.int32()),
+            "topk_logprobs": nested_lists(mapped_logprobs, per_row, width, pa.float32()),
             "tail_mass": nested_lists(mapped_tail, per_row, None, pa.float32()),
             "token_logprob": nested_lists(mapped_token_logprob, per_row, None, pa.float32()),
             "aligned": nested_lists(aligned, per_row, None, pa.bool_()),
@@ -182,19 +189,45 @@ class CrossTokenizer:
             "group_logprob": nested_lists(group_logprob, per_row, None, pa.float32()),
         }
 
-    def _mapped(self, student_ids, teacher_token, topk_ids, topk_logprobs, tail, token_logprob):
-        """Per student token: the teacher's top-k at its one-to-one teacher token in student ids (UNMAPPED
-        and the token's own id where the student has none, sorted last), the tail with the unmapped
-        mass, the teacher's token logprob; and whether it is aligned. Counts the top-k mass mapped."""
+    def _longer(self, ids, logprobs, actual, teacher_token, following, teacher_ids, topk_ids, topk_logprobs):
+        """The student's tokens of two teacher tokens' text that begin with the one-to-one token's: where the
+        text goes on after teacher token t, the teacher's top-k at t + 1 is conditioned on that same text, so
+        the student's token of bytes(y_t) + bytes(x) has p = p_t(y_t) · p_{t+1}(x), and its token of y_t alone
+        keeps p_t(y_t) · (1 − Σ_x p_{t+1}(x)) (a tokenizer that merges writes "1" alone only where no merge
+        follows). Updates `logprobs` of the actual candidate in place; returns (ids, logprobs) (n, k), −1
+        and UNMAPPED where none."""
+        n, k = len(ids), topk_ids.shape[1]
+        longer_ids, longer_logprobs = np.full((n, k), -1, np.int64), np.full((n, k), UNMAPPED, np.float32)
+        mapped_actual = actual & (logprobs > UNMAPPED / 2)
+        for i in np.nonzero((following >= 0) & mapped_actual.any(1))[0]:
+            head, column = self.teacher.texts[teacher_ids[teacher_token[i]]], int(mapped_actual[i].argmax())
+            for j, x in enumerate(topk_ids[following[i]]):
+                text = self.teacher.texts[x] if x < len(self.teacher.texts) else b""
+                student = self.student_by_text.get(head + text) if text else None
+                if student is not None and student not in ids[i]:
+                    longer_ids[i, j], longer_logprobs[i, j] = student, logprobs[i, column] + topk_logprobs[following[i], j]
+            taken = np.exp(topk_logprobs[following[i]][longer_ids[i] >= 0].astype(np.float64)).sum()
+            logprobs[i, column] += np.log(max(1.0 - taken, float(np.finfo(np.float32).tiny)))
+        return longer_ids, longer_logprobs
+
+    def _mapped(self, student_ids, teacher_token, following, teacher_ids, topk_ids, topk_logprobs, tail, token_logprob):
+        """Per student token: the teacher's top-k at its one-to-one teacher token in student ids, then the
+        student's longer tokens that begin with it, priced along the text (`_longer`) (UNMAPPED and the
+        token's own id where the student has none, sorted last), the tail with the unmapped mass, the
+        teacher's token logprob; and whether it is aligned. Counts the top-k mass mapped."""
         has = teacher_token >= 0
         source = np.where(has, teacher_token, 0)
         candidates = topk_ids[source]
         ids = np.where(candidates < len(self.to_student), self.to_student[np.minimum(candidates, len(self.to_student) - 1)], -1)
         found = (ids >= 0) & has[:, None]
         logprobs = np.where(found, topk_logprobs[source], UNMAPPED).astype(np.float32)
+        ids = np.where(found, ids, student_ids[:, None])
+        longer_ids, longer_logprobs = self._longer(ids, logprobs, candidates == teacher_ids[source][:, None], teacher_token,
+                                                   following, teacher_ids, topk_ids, topk_logprobs)
+        ids = np.concatenate([ids, np.where(longer_ids >= 0, longer_ids, student_ids[:, None])], 1)
+        logprobs = np.concatenate([logprobs, longer_logprobs], 1)
         order = np.argsort(-logprobs, axis=1, kind="stable")
-        ids = np.take_along_axis(np.where(found, ids, student_ids[:, None]), order, 1)
-        logprobs = np.take_along_axis(logprobs, order, 1)
+        ids, logprobs = np.take_along_axis(ids, order, 1), np.take_along_axis(logprobs, order, 1)
         ids = np.where(logprobs <= UNMAPPED, ids[:, :1], ids)  # an id already in the support: the bucket's tail stays exact
         probabilities = np.exp(topk_logprobs[source]) * has[:, None]
         lost = (probabilities * ~found).sum(1)

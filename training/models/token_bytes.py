@@ -55,6 +55,15 @@ class TokenBytes:
     def __post_init__(self):
         self.lengths = np.fromiter((len(t) for t in self.texts), dtype=np.int64, count=len(self.texts))
 
+    def ids_by_text(self) -> dict[bytes, int]:
+        """The id of each token's bytes (special tokens left out; where several share them, a
+        byte-fallback token and a plain one, the lowest id)."""
+        by_text = {}
+        for i, text in enumerate(self.texts):
+            if text and not self.special[i]:
+                by_text.setdefault(text, i)
+        return by_text
+
     @classmethod
     def of(cls, tokenizer) -> "TokenBytes":
         size = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
@@ -117,10 +126,7 @@ def same_text_ids(teacher: TokenBytes, student: TokenBytes) -> np.ndarray:
     """(teacher vocabulary,) int64: the student's id whose bytes equal each teacher token's (a special
     token's: whose name), −1 where none does. Where several student ids share the bytes (a
     byte-fallback token and a plain one), the lowest id is taken."""
-    by_text = {}
-    for i, text in enumerate(student.texts):
-        if text and not student.special[i]:
-            by_text.setdefault(text, i)
+    by_text = student.ids_by_text()
     ids = np.fromiter((by_text.get(text, -1) if text else -1 for text in teacher.texts), dtype=np.int64, count=len(teacher.texts))
     for name, i in teacher.names.items():
         ids[i] = student.names.get(name, -1)
