@@ -52,12 +52,12 @@ from training.trainer.objectives import OBJECTIVES
 
 
 def feedback_shard(engines: dict, rollouts: pa.Table, index: int, *, settings: SignalSettings, teachers: dict[str, ModelCard],
-                   mixture: dict[str, float], task, student: ModelCard):
+                   mixture: dict[str, float], task, student: ModelCard, trust_remote_code: bool = False):
     scorers = {t: engines[f"teacher:{t}"] for t in teachers}
     first = next(iter(scorers.values()))
     to_teacher = None
     if student.tokenizer_hash != next(iter(teachers.values())).tokenizer_hash:  # the teachers read the samples' text in their tokens
-        tokenizer = load_tokenizer(student.path, student.revision)
+        tokenizer = load_tokenizer(student.path, student.revision, trust_remote_code)
         to_teacher = to_teacher_tokens(tokenizer, end_of_turn_ids(load_generation_config(student.path, student.revision), tokenizer), first)
     return panel_feedback(scorers, engines.get("student"), rollouts, settings, teachers, task, mixture, to_teacher)
 
@@ -121,7 +121,7 @@ def teacher_feedback(context: dg.AssetExecutionContext, config: TeacherFeedbackC
             engines["student"] = model_engine.spec(card)  # rollouts stored without their sampled logprobs
         work = ShardWork("teacher_feedback", rollouts, engines,
                          functools.partial(feedback_shard, settings=signal, teachers=teachers, mixture=config.mixture, task=task,
-                                           student=card),
+                                           student=card, trust_remote_code=model_engine.trust_remote_code),
                          settings={"config": config.model_dump(), "engine": model_engine.backend})
         shards, metrics = shard_executor.run(context, store, work, key, inputs)
         return publish_dataset(context, store, "teacher_feedback", shards, config=config, inputs=inputs, metrics=metrics,
