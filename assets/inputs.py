@@ -45,18 +45,21 @@ def signal_teacher(store: Store, teacher: ModelCard, teachers: list[str]) -> Mod
     return next((panel[t] for t in teachers if t in panel), teacher)
 
 
-def teacher_card(store: Store, name: str) -> ModelCard:
-    """'teacher_model', teacher_model's own teacher, or 'teacher_model[<teacher id>]', one of its teachers
-    (named so in the rows and lineage of what it scores or judges)."""
+def named_teachers(store: Store) -> dict[str, ModelCard]:
+    """`teacher_panel` of the stored teacher_model, each of its other teachers named 'teacher_model[<teacher id>]',
+    as the rows and lineage of what it scores or judges name it."""
     teacher = store.read_card(CARD_OF["teacher_model"])
-    teacher_id = name.removeprefix("teacher_model").removeprefix("[").removesuffix("]")
-    if not teacher_id or teacher_id == (teacher.teacher_id or TEACHER_ID):
-        return teacher
-    panel = teacher_panel(store, teacher)
+    return {t: card if card is teacher else card.extended(name=f"teacher_model[{t}]") for t, card in teacher_panel(store, teacher).items()}
+
+
+def teacher_card(store: Store, name: str) -> ModelCard:
+    """'teacher_model', teacher_model's own teacher, or 'teacher_model[<teacher id>]', one of its teachers."""
+    panel = named_teachers(store)
+    teacher_id = name.removeprefix("teacher_model").removeprefix("[").removesuffix("]") or next(iter(panel))
     if teacher_id not in panel:
         raise ValueError(f"{name!r} is not one of teacher_model's teachers: they are {sorted(panel)} (name one as "
                          "'teacher_model[<teacher id>]')")
-    return panel[teacher_id].extended(name=name)
+    return panel[teacher_id]
 
 
 def not_chosen(train_on: str) -> tuple[str, ...]:

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import dagster as dg
 import pyarrow as pa
 
-from assets.inputs import CARD_OF, teacher_card, teacher_panel
+from assets.inputs import CARD_OF, named_teachers, teacher_card
 from assets.partitions import FIRST_PARENT, parent_round, round_number, rounds
 from assets.runs import IN_PROGRESS, release_dead_runs
 from storage.store import Store
@@ -66,7 +66,7 @@ def round_teachers(store: Store, key: str, teacher: str, mixture: dict[str, floa
     if teacher not in ("round_robin", "mixture"):
         name, card = round_teacher(store, key, teacher)
         return name, {name: card}
-    panel = {t: teacher_card(store, f"teacher_model[{t}]") for t in teacher_panel(store, store.read_card(CARD_OF["teacher_model"]))}
+    panel = named_teachers(store)
     if unknown := sorted(set(mixture) - set(panel)):
         raise ValueError(f"mixture names {unknown}, which are not teachers: the teachers are {sorted(panel)}")
     chosen = panel if teacher == "round_robin" else {t: panel[t] for t in sorted(mixture)}

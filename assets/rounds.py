@@ -54,11 +54,11 @@ from training.trainer.objectives import OBJECTIVES
 def feedback_shard(engines: dict, rollouts: pa.Table, index: int, *, settings: SignalSettings, teachers: dict[str, ModelCard],
                    mixture: dict[str, float], task, student: ModelCard, trust_remote_code: bool = False):
     scorers = {t: engines[f"teacher:{t}"] for t in teachers}
-    first = next(iter(scorers.values()))
-    to_teacher = None
-    if student.tokenizer_hash != next(iter(teachers.values())).tokenizer_hash:  # the teachers read the samples' text in their tokens
+    to_teacher = None  # the teachers share a tokenizer (round_teachers); another than the student's: they read the text in theirs
+    if student.tokenizer_hash != next(iter(teachers.values())).tokenizer_hash:
         tokenizer = load_tokenizer(student.path, student.revision, trust_remote_code)
-        to_teacher = to_teacher_tokens(tokenizer, end_of_turn_ids(load_generation_config(student.path, student.revision), tokenizer), first)
+        ends = end_of_turn_ids(load_generation_config(student.path, student.revision), tokenizer)
+        to_teacher = to_teacher_tokens(tokenizer, ends, next(iter(scorers.values())))
     return panel_feedback(scorers, engines.get("student"), rollouts, settings, teachers, task, mixture, to_teacher)
 
 

@@ -23,11 +23,11 @@ from training.schema.signal import (
     CODECS,
     LOGPROB_MODE,
     SignalSettings,
-    SparseSignal,
+    flat_signal,
+    flat_signal_columns,
     mixed_signal,
     signal_columns,
     signal_statistics,
-    signals_from_columns,
 )
 from training.schema.tables import join_prompts, with_constants, with_content_id
 
@@ -263,20 +263,14 @@ def mixed(scored: dict[str, pa.Table], weights: dict[str, float], logprob_dtype:
     hash over the members' weights hashes and weights."""
     total = sum(weights.values())
     members = {t: weights[t] / total for t in sorted(weights)}
-    flat = [concatenated(signals_from_columns(scored[t])) for t in members]
-    mixture = mixed_signal(flat, np.array(list(members.values())))
-    rows = scored[next(iter(members))]
-    splits = np.cumsum(pc.list_value_length(rows["token_logprob"]).to_numpy(zero_copy_only=False))[:-1]
-    per_row = [SparseSignal(*parts) for parts in zip(*(np.split(getattr(mixture, f), splits) for f in SparseSignal.__dataclass_fields__))]
+    flat = [flat_signal(scored[t]) for t in members]
+    mixture = mixed_signal([signal for signal, _ in flat], np.array(list(members.values())))
+    rows, lengths = scored[next(iter(members))], flat[0][1]
     recipe = json.dumps({t: [scored[t]["teacher_weights_hash"][0].as_py(), w] for t, w in members.items()}, sort_keys=True)
     stamps = dict(teacher=f"mixture({', '.join(f'{t}={w:.3g}' for t, w in members.items())})", teacher_revision=None,
                   teacher_weights_hash=hashlib.sha256(recipe.encode()).hexdigest(), teacher_id=MIXTURE_ID)
-    return with_columns(with_columns(rows, pa.table(signal_columns(per_row, logprob_dtype))), with_constants(rows.select([]), **stamps))
-
-
-def concatenated(signals: list[SparseSignal]) -> SparseSignal:
-    """One signal over the tokens of all of `signals`, in order."""
-    return SparseSignal(*(np.concatenate([getattr(s, f) for s in signals]) for f in SparseSignal.__dataclass_fields__))
+    columns = pa.table(flat_signal_columns(mixture, lengths, logprob_dtype))
+    return with_columns(with_columns(rows, columns), with_constants(rows.select([]), **stamps))
 
 
 def panel_table(engines: dict[str, Engine], prompts: pa.Table, settings: LabelingSettings, panel: TeacherPanel,

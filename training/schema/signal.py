@@ -136,13 +136,20 @@ def signal_columns(signals: list[SparseSignal], logprob_dtype: str = "float32") 
     logprobs stored as `logprob_dtype` says (`CODECS`)."""
     lengths = np.array([len(s.token_logprob) for s in signals], dtype=np.int64)
     k = signals[0].topk_ids.shape[1] if signals else 0
-    cat = lambda name: (np.concatenate([getattr(s, name) for s in signals]) if signals else np.zeros((0, k))).astype(np.float32)
-    topk_logprobs, token_logprob, tail = cat("topk_logprobs"), cat("token_logprob"), cat("tail_mass")
+    empty = lambda name: np.zeros((0, k) if name.startswith("topk") else 0)
+    cat = lambda name: np.concatenate([getattr(s, name) for s in signals]) if signals else empty(name)
+    return flat_signal_columns(SparseSignal(*(cat(name) for name in SparseSignal.__dataclass_fields__)), lengths, logprob_dtype)
+
+
+def flat_signal_columns(signal: SparseSignal, lengths: np.ndarray, logprob_dtype: str = "float32") -> dict[str, pa.Array]:
+    """`signal_columns` from one signal over all the rows' tokens, in order, `lengths` tokens per row."""
+    k = signal.topk_ids.shape[1]
+    topk_logprobs, token_logprob, tail = (a.astype(np.float32) for a in (signal.topk_logprobs, signal.token_logprob, signal.tail_mass))
     if logprob_dtype == "q8":
         topk_logprobs, token_logprob = on_q8_grid(topk_logprobs, Q8_FLOOR), on_q8_grid(token_logprob)
         tail = tail.astype(np.float16).astype(np.float32)
     return {
-        "topk_ids": nested_lists(cat("topk_ids").astype(np.int32), lengths, k, pa.int32()),
+        "topk_ids": nested_lists(signal.topk_ids.astype(np.int32), lengths, k, pa.int32()),
         "topk_logprobs": nested_lists(topk_logprobs, lengths, k, pa.float16() if logprob_dtype == "float16" else pa.float32()),
         "token_logprob": nested_lists(token_logprob, lengths, None, pa.float32()),
         "tail_mass": nested_lists(tail, lengths, None, pa.float32()),
@@ -153,15 +160,21 @@ def signals_from_columns(table: pa.Table) -> list[SparseSignal]:
     """The inverse of `signal_columns`: one SparseSignal per row of a table with the signal columns."""
     if table.num_rows == 0:
         return []
-    lengths = pc.list_value_length(table.column("token_logprob")).to_numpy(zero_copy_only=False)
+    signal, lengths = flat_signal(table)
     splits = np.cumsum(lengths)[:-1]
+    parts = (np.split(getattr(signal, name), splits) for name in SparseSignal.__dataclass_fields__)
+    return [SparseSignal(*pieces) for pieces in zip(*parts)]
+
+
+def flat_signal(table: pa.Table) -> tuple[SparseSignal, np.ndarray]:
+    """One signal over all the tokens of a table with the signal columns, in order, and the tokens per row."""
+    lengths = pc.list_value_length(table.column("token_logprob")).to_numpy(zero_copy_only=False)
     k = int(pc.max(pc.list_value_length(pc.list_flatten(table.column("topk_ids")))).as_py() or 0)
     token_logprob = _flatten(table.column("token_logprob"), 1).astype(np.float32)
     topk_ids = _flatten(table.column("topk_ids"), 2).astype(np.int32).reshape(len(token_logprob), k)
     topk_logprobs = _flatten(table.column("topk_logprobs"), 2).astype(np.float32).reshape(len(token_logprob), k)
     tail = _flatten(table.column("tail_mass"), 1).astype(np.float32)
-    parts = (np.split(a, splits) for a in (topk_ids, topk_logprobs, token_logprob, tail))
-    return [SparseSignal(*pieces) for pieces in zip(*parts)]
+    return SparseSignal(topk_ids, topk_logprobs, token_logprob, tail), lengths
 
 
 def signal_statistics(signals: list[SparseSignal]) -> dict[str, float]:
