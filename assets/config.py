@@ -53,6 +53,9 @@ class ModelConfig(dg.Config):
     revision: Optional[str] = Field(None, description="hub revision (branch, tag or commit) of `model`")
     trust_remote_code: bool = Field(False, description="let from_pretrained run code shipped with the model")
     seed: int = 0
+    task: Literal["arithmetic", "arithmetic_chain"] = Field(
+        "arithmetic", description="embedded: the task it learns (set seed_prompts' and eval_set's `task` with it); "
+        "arithmetic_chain's models have 320 positions")
     learning_rate: float = Field(3e-3, gt=0, description="embedded: SFT learning rate")
     eval_problems: int = Field(500, ge=1, description="embedded: eval-split problems for the exact-match figure")
 
@@ -88,6 +91,13 @@ class TeacherModelConfig(ModelConfig):
         ids = [self.teacher_id, *(other.teacher_id for other in self.others)]
         if len(set(ids)) < len(ids) or MIXTURE_ID in ids:
             raise ValueError(f"teacher ids must be distinct and not {MIXTURE_ID!r}: {ids}")
+        return self
+
+    @model_validator(mode="after")
+    def _instructions_of_the_task(self):
+        if self.task == "arithmetic_chain" and self.instruction_share > 0:
+            raise ValueError("arithmetic_chain has no instruction language: set teacher_model's instruction_share to 0 (and "
+                             "leave expanded and synthesized out of the run)")
         return self
 
 

@@ -14,6 +14,7 @@ from training.embedded.pair import train_embedded
 from training.launch.report import Reporter
 from training.models.checkpoints import STUDENT_ARCHITECTURE, TEACHER_ARCHITECTURE, Architecture, load_model, model_card, save_model
 from training.schema.cards import ModelCard
+from training.tasks import get_task
 from training.trainer.settings import TrainingSettings
 
 EMBEDDED_WARMUP_STEPS = 50
@@ -35,12 +36,13 @@ def _train_and_save(context, store: Store, name: str, config: TeacherModelConfig
                                 micro_batch_size=config.micro_batch_size, learning_rate=config.learning_rate,
                                 warmup_steps=EMBEDDED_WARMUP_STEPS, seed=config.seed)
     model, tokenizer, curve, accuracy, seconds = train_embedded(
-        architecture, settings, config.eval_problems, instruction_share=config.instruction_share,
+        architecture, settings, config.eval_problems, get_task(config.task).config, instruction_share=config.instruction_share,
         correction_share=config.correction_share, varied_steps=config.varied_steps,
         reporter=Reporter(context.log.info, lambda message: None),
     )
     card = model_card(f"embedded-{name}", model, tokenizer).extended(
         eval_exact_match=accuracy,
+        task=config.task,
         train_steps=config.train_steps,
         instruction_share=config.instruction_share,
         correction_share=config.correction_share,

@@ -2,8 +2,11 @@
 with --start offline_student the distilled student, as GKD starts from supervised fine-tuned students).
 
     .venv/bin/python bench/quality.py [--seeds 3] [--tokens 240000] [--eval-problems 500] [--start student]
+    DISTILL_HOME=.distill-chain .venv/bin/python bench/quality.py --task arithmetic_chain --tokens 960000
 
-Needs the demo's teacher, student and teacher_labeled (`make demo`). Arms, each with the same number
+Needs the demo's teacher, student and teacher_labeled (`make demo`); with --task arithmetic_chain (four
+dependent operations, 184 tokens of steps on average, where one wrong step derails the rest) it builds
+them first, when DISTILL_HOME has none, with the graph's own assets and LONG_TASK's settings. Arms, each with the same number
 of training tokens (steps are set from the mean completion length of what each step draws):
   sft_ground_truth   SFT on the task's reference solutions
   seqkd              SFT on the teacher's greedy outputs (teacher_labeled)
@@ -28,7 +31,7 @@ of training tokens (steps are set from the mean completion length of what each s
   rejection sampling    self-distillation: SFT on the start's own samples (the feedback arms' n = 4 per prompt)
                         that the verifier accepted; no teacher
 The feedback arms' data is built once per seed from the start (training/feedback/): n = 4 samples (T = 1)
-on FEEDBACK_PROMPTS train prompts, scored and judged by the teacher, best-vs-worst pairs of each prompt's
+on --feedback-prompts train prompts, scored and judged by the teacher, best-vs-worst pairs of each prompt's
 distinct responses with the start's reference log-probs. A pair's tokens are both its responses'; data
 smaller than --tokens is cycled (reshuffled each pass).
 On-policy batches of the λ arms follow GKD's Algorithm 1, as an online round does (training/rounds/online.py):
@@ -39,11 +42,13 @@ Prints a markdown table of greedy / sampled exact-match gain (mean ± std over s
 """
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import dagster as dg
 import matplotlib
 
 matplotlib.use("Agg")
@@ -52,7 +57,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from teacher import corrected_prefix_exact_match
 
+from pipelines.definitions import defs
+from pipelines.instance import prepare_dagster_home
 from storage.store import Store
 from training.data.labeling import sample, score, with_columns
 from training.data.rollouts import feedback_table, sample_rollouts
@@ -64,8 +72,8 @@ from training.feedback.pairs import PairPolicy, preference_pairs, with_reference
 from training.models.checkpoints import load_model, model_card, weights_hash
 from training.rounds.online import OnlineRollouts, OnlineSettings
 from training.schema.signal import SignalSettings
-from training.tasks.arithmetic import parse_prompt, problems
-from training.tasks.arithmetic_task import ArithmeticTask
+from training.tasks import get_task
+from training.tasks.arithmetic import parse_worked
 from training.trainer.loop import train_student
 from training.trainer.settings import TrainingSettings
 from training.trainer.sources import batches_for
@@ -75,8 +83,13 @@ SIGNAL_COLUMNS = {"topk_ids", "topk_logprobs", "token_logprob", "tail_mass"}  # 
 BATCH = 32
 DIVERGENCES = {"forward_kl": ("forward_kl", 0.5), "reverse_kl": ("reverse_kl", 0.5), "jsd(0.5)": ("jsd", 0.5),
                "skew_kl": ("skew_kl", 0.5)}
-TASK = ArithmeticTask()
-FEEDBACK_PROMPTS = 4096  # train prompts × 4 samples of the start, per seed, for the feedback arms
+TASK = get_task("arithmetic")  # or --task's
+LONG_TASK = {  # the run config of the store --task arithmetic_chain builds: the graph's assets, settings only
+    "seed_prompts": {"task": "arithmetic_chain"},
+    "teacher_model": {"task": "arithmetic_chain", "train_steps": 1200, "instruction_share": 0.0},
+    "student_model": {"task": "arithmetic_chain", "train_steps": 800},
+    "teacher_labeled": {"sampling": {"max_new_tokens": 256}},
+}
 PREFERENCE_LR = 1e-5  # the DPO arms' (SFT and KD: 1e-3); from offline_student, 2e-5 already lost 0.04 and 2e-4 0.49 (seed 0)
 KD_WEIGHT = 100.0  # gkd + dpo, at the KD arms' 1e-3: the per-token JSD(0.5) is ~1e-2, the per-pair DPO loss ~0.7 (seed 0: 10 lost)
 REWARD_WEIGHT = 0.1  # gkd + rl (seed 0, n = 2): 1 gained +0.031, 0.1 +0.070, 0.01 +0.092, none +0.084: the per-token JSD is ~1e-2
@@ -113,7 +126,7 @@ def arms() -> list[dict]:
 def ground_truth_table(teacher: HFEngine, labeled: pa.Table) -> pa.Table:
     """The reference solutions of the labeled prompts, as token ids (scored by the teacher so that the
     table has the signal columns a batch needs; SFT only uses the tokens)."""
-    parsed = [parse_prompt(p) for p in labeled["prompt"].to_pylist()]
+    parsed = [parse_worked(p) for p in labeled["prompt"].to_pylist()]
     solutions = [p.solution if p is not None else None for p in parsed]
     keep = [i for i, s in enumerate(solutions) if s is not None]
     tokenizer = teacher.tokenizer
@@ -131,7 +144,8 @@ def ground_truth_table(teacher: HFEngine, labeled: pa.Table) -> pa.Table:
 def own_samples(student, tokenizer, prompts: list[str], seed: int) -> tuple[HFEngine, pa.Table]:
     """The student's own samples (T = 1) on `prompts`, and the engine that drew them."""
     engine = HFEngine(student, tokenizer, batch_size=128)
-    return engine, sample(engine, pa.table({"prompt": prompts}), Sampling(temperature=1.0, max_new_tokens=96, seed=seed))[0]
+    sampling = Sampling(temperature=1.0, max_new_tokens=TASK.completion_tokens, seed=seed)
+    return engine, sample(engine, pa.table({"prompt": prompts}), sampling)[0]
 
 
 def train_prompts(n: int, seed: int) -> pa.Table:
@@ -146,15 +160,15 @@ def online_rollouts(student, tokenizer, teacher: HFEngine, seed: int, steps: int
     them (top-k)."""
     pq.write_table(train_prompts(steps * BATCH, seed), f"{directory}/prompts.parquet")
     settings = OnlineSettings(prompts=f"{directory}/prompts.parquet", batches=f"{directory}/batches", teacher="-", k=k,
-                              sampling=Sampling(n=n, temperature=1.0, max_new_tokens=96, seed=seed),
-                              teacher_card=model_card("teacher", teacher.model, teacher.tokenizer), task="arithmetic", pipelined=pipelined,
+                              sampling=Sampling(n=n, temperature=1.0, max_new_tokens=TASK.completion_tokens, seed=seed),
+                              teacher_card=model_card("teacher", teacher.model, teacher.tokenizer), task=TASK.name, pipelined=pipelined,
                               identity={"student": "start", "student_weights_hash": "-"})
     return OnlineRollouts(student, tokenizer, teacher, settings, BATCH)
 
 
 def stored_rollouts(student, tokenizer, teacher: HFEngine, seed: int) -> pa.Table:
     """A stored round's rollouts: 768 prompts × 2 samples from the start, scored once by the teacher."""
-    sampling = Sampling(n=2, temperature=1.0, max_new_tokens=96, seed=seed)
+    sampling = Sampling(n=2, temperature=1.0, max_new_tokens=TASK.completion_tokens, seed=seed)
     rollouts, _ = sample_rollouts(HFEngine(student, tokenizer, batch_size=128), train_prompts(768, seed), sampling,
                                   {"student": "start", "student_weights_hash": "-"})
     return feedback_table(teacher, None, rollouts, SignalSettings(k=K), model_card("teacher", teacher.model, teacher.tokenizer), TASK)[0]
@@ -168,15 +182,15 @@ def distinct_responses(samples: pa.Table) -> pa.Table:
     return samples.take(pc.sort_indices(first))
 
 
-def feedback_data(start: str, teacher: HFEngine, seed: int, needed: set[str]) -> tuple[dict[str, pa.Table], dict]:
+def feedback_data(start: str, teacher: HFEngine, seed: int, needed: set[str], prompts: int) -> tuple[dict[str, pa.Table], dict]:
     """The feedback arms' tables named in `needed` (verifier_pairs, likelihood_pairs, corrections), built
-    from the start's samples (FEEDBACK_PROMPTS train prompts × 4, T = 1) scored by the teacher; and figures."""
+    from the start's samples (`prompts` train prompts × 4, T = 1) scored by the teacher; and figures."""
     student, tokenizer = load_model(start)
     engine = HFEngine(student, tokenizer, batch_size=128)
     card = model_card("teacher", teacher.model, teacher.tokenizer)
-    sampling = Sampling(n=4, temperature=1.0, max_new_tokens=96, seed=seed)
+    sampling = Sampling(n=4, temperature=1.0, max_new_tokens=TASK.completion_tokens, seed=seed)
     identity = {"student": "start", "student_weights_hash": "-"}
-    rollouts, _ = sample_rollouts(engine, train_prompts(FEEDBACK_PROMPTS, seed), sampling, identity)
+    rollouts, _ = sample_rollouts(engine, train_prompts(prompts, seed), sampling, identity)
     scored = feedback_table(teacher, None, rollouts, SignalSettings(k=K), card, TASK)[0]
     correct = scored.group_by("prompt_id").aggregate([("reward", "sum")])["reward_sum"]
     candidates = distinct_responses(scored)
@@ -252,17 +266,37 @@ def signal_bytes_per_token(paths: list[Path]) -> float | None:
     return stored / tokens if tokens else None
 
 
+def build_long_task_store(store: Store) -> None:
+    """The teacher, student, seed prompts and teacher_labeled of the long task, materialized by the
+    offline graph's own assets with LONG_TASK's run config, unless the store has them."""
+    if store.root.joinpath("models", "teacher").exists():
+        return
+    prepare_dagster_home(os.environ.setdefault("DAGSTER_HOME", str(store.root / "dagster")))
+    with dg.DagsterInstance.get() as instance:
+        result = defs.resolve_job_def("distill_offline").execute_in_process(
+            instance=instance, run_config={"ops": {name: {"config": config} for name, config in LONG_TASK.items()}},
+            asset_selection=[dg.AssetKey(name) for name in LONG_TASK])
+    if not result.success:
+        raise SystemExit("building the long task's models and teacher_labeled failed; see the log above")
+
+
 def main() -> None:
+    global TASK
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=240_000, help="completion tokens each arm trains on")
     parser.add_argument("--eval-problems", type=int, default=500)
     parser.add_argument("--start", default="student", help="the model card every arm starts from: student or offline_student")
     parser.add_argument("--arms", default="", help="comma-separated substrings of arm names to run (default: all)")
-    parser.add_argument("--png", default="bench/quality.png")
+    parser.add_argument("--feedback-prompts", type=int, default=4096, help="train prompts × 4 samples of the start, per seed, "
+                        "for the feedback arms")
+    parser.add_argument("--task", default="arithmetic", choices=["arithmetic", "arithmetic_chain"])
+    parser.add_argument("--png", default="")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    store = Store()
+    store, TASK = Store(), get_task(args.task)
+    if args.task == "arithmetic_chain":
+        build_long_task_store(store)
     try:
         start, teacher_card = store.read_card(args.start).path, store.read_card("teacher")
         labeled = store.read_dataset("teacher_labeled")
@@ -272,16 +306,18 @@ def main() -> None:
     data = {"teacher_labeled": labeled, "ground_truth": ground_truth_table(teacher, labeled)}
     eval_problems = TASK.prompts("eval", args.eval_problems, 0)
     start_model, start_tokenizer = load_model(start)
-    own = own_samples(start_model, start_tokenizer, [p.prompt for p in problems("train", 256, 999)], 999)
+    own = own_samples(start_model, start_tokenizer, TASK.prompts("train", 256, 999)["prompt"].to_pylist(), 999)
     data["on_policy_tokens"] = mean_tokens(own[1])
     baseline = evaluate(start_model, start_tokenizer, eval_problems, TASK, seed=0)
+    recovered = corrected_prefix_exact_match(teacher, args.eval_problems, TASK)
+    print(f"teacher: greedy {teacher_card.eval_exact_match:.3f}, continuing after a wrong step {recovered:.3f}", flush=True)
     print(f"start ({args.start}): greedy {baseline['greedy_exact_match']:.3f}  sampled {baseline['sampled_exact_match']:.3f}", flush=True)
     selected = [a for a in arms() if not args.arms or any(s in f"{a['arm']} {a['divergence']}" for s in args.arms.split(","))]
     rows, began = [], time.perf_counter()
     if needed := {a["data"] for a in selected} - set(data):
         data["feedback"] = {}
         for seed in range(args.seeds):
-            data["feedback"][seed], figures = feedback_data(start, teacher, seed, needed)
+            data["feedback"][seed], figures = feedback_data(start, teacher, seed, needed, args.feedback_prompts)
             print(f"feedback data, seed {seed}: {figures}  ({time.perf_counter() - began:.0f} s)", flush=True)
     for arm in selected:
         runs = [run_arm(arm, seed, start, data, teacher, args, eval_problems) for seed in range(args.seeds)]
@@ -295,7 +331,7 @@ def main() -> None:
         print(f"{arm['arm']:22s} {arm['divergence']:10s} greedy gain {rows[-1]['greedy']:+.3f} ± {rows[-1]['greedy_sd']:.3f}  "
               f"sampled gain {rows[-1]['sampled']:+.3f}  tokens {rows[-1]['tokens']:,}  {shown}  ({time.perf_counter() - began:.0f} s)",
               flush=True)
-    print(f"\n{args.seeds} seed(s), {args.tokens:,} training tokens per arm, on-policy batches sampled fresh at every step, "
+    print(f"\n{args.task}: {args.seeds} seed(s), {args.tokens:,} training tokens per arm, on-policy batches sampled fresh at every step, "
           f"{args.eval_problems} eval problems; start {args.start}, greedy {baseline['greedy_exact_match']:.3f}\n")
     print("| arm | divergence | training tokens | greedy EM gain | sampled EM gain |\n|---|---|---|---|---|")
     for r in rows:
@@ -305,10 +341,11 @@ def main() -> None:
     labels = [f"{r['arm']}\n{r['divergence']}" for r in rows]
     axis.bar(range(len(rows)), [r["greedy"] for r in rows], yerr=[r["greedy_sd"] for r in rows], capsize=3)
     axis.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
-    axis.set(ylabel="greedy exact-match gain over start", title="GKD ordering on the embedded task")
+    axis.set(ylabel="greedy exact-match gain over start", title=f"GKD ordering on {args.task}")
     figure.tight_layout()
-    figure.savefig(args.png)
-    print(f"\nplot: {Path(args.png).resolve()}  ({time.perf_counter() - began:.0f} s)")
+    png = args.png or f"bench/quality{'' if args.task == 'arithmetic' else '_' + args.task}.png"
+    figure.savefig(png)
+    print(f"\nplot: {Path(png).resolve()}  ({time.perf_counter() - began:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -32,14 +32,14 @@ from training.trainer.settings import TrainingSettings
 TASK = ArithmeticTask()
 
 
-def corrected_prefix_exact_match(engine: HFEngine, n: int) -> float:
+def corrected_prefix_exact_match(engine: HFEngine, n: int, task: ArithmeticTask = TASK) -> float:
     """Greedy continuations of eval problems after a prefix with one wrong step; the share whose answer is true."""
     rng = random.Random("bench/corrected")
-    chosen = problems("eval", n, 0)
+    chosen = problems("eval", n, 0, task.config)
     prompts = [p.prompt + p.corrected(rng)[0] for p in chosen]
     ids = engine.tokenizer(prompts, add_special_tokens=True)["input_ids"]
-    generations = engine.generate(ids, Sampling(temperature=0.0, max_new_tokens=64))  # within the 128 positions
-    correct = TASK.verify(pa.array([g.text for g in generations]), pa.array([str(p.answer) for p in chosen]))
+    generations = engine.generate(ids, Sampling(temperature=0.0, max_new_tokens=task.completion_tokens))
+    correct = task.verify(pa.array([g.text for g in generations]), pa.array([str(p.answer) for p in chosen]))
     return sum(correct.to_pylist()) / n
 
 

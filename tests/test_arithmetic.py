@@ -2,11 +2,14 @@ import random
 
 import pyarrow as pa
 
+from training.tasks import get_task
 from training.tasks.arithmetic import (
     ArithmeticConfig,
+    Chain,
     Problem,
     extract_answer,
     is_eval,
+    parse_chain,
     parse_prompt,
     problems,
     sample_problem,
@@ -89,3 +92,26 @@ def test_verifier_reads_only_the_final_answer():
 def test_parse_prompt_rejects_what_the_task_does_not_pose():
     assert parse_prompt("12+7=") == Problem(12, "+", 7)
     assert parse_prompt("3-12=") is None and parse_prompt("12*34=") is None and parse_prompt("hello") is None
+
+
+def test_a_chain_links_its_operations_and_one_wrong_step_is_found_where_it_is():
+    chain = Chain(347, (("+", 856), ("-", 129)))
+    assert chain.prompt == "347+856-129=" and chain.answer == 1074 and parse_chain(chain.prompt) == chain
+    assert chain.solution == ("7+6+0=3c1|3;4+5+1=0c1|03;3+8+1=2c1|203;c1|1203;1203-129=;"
+                              "3-9-0=4b1|4;0-2-1=7b1|74;2-1-1=0b0|074;1-0-0=1b0|1074;#### 1074")
+    wrong = chain.solution.replace("0-2-1=7b1|74", "0-2-1=6b1|64")  # the second link's second digit step
+    assert chain.first_wrong_step(wrong) == chain.solution.index("0-2-1")
+    assert parse_chain("12-30+4=") is None and parse_chain("12+7=") is None  # below zero; one operation
+
+    task = get_task("arithmetic_chain")
+    rows = task.prompts("train", 300, 0)
+    rng = random.Random(0)
+    for prompt, answer in zip(rows["prompt"].to_pylist(), rows["answer"].to_pylist()):
+        chain = parse_chain(prompt)
+        assert len(chain.operations) == task.config.chain and str(chain.answer) == answer
+        assert len(prompt) + len(chain.solution) + 2 <= task.config.context_length  # <bos> … <eos> fit the models
+        assert len(chain.solution) < task.config.completion_tokens
+        prefix, continuation = chain.corrected(rng)  # one wrong digit step, then the true state: the true answer
+        assert chain.first_wrong_step(prefix + continuation) == len(prefix) - len(prefix[:-1].split(";")[-1]) - 1
+        assert extract_answer(continuation) == chain.answer and task.first_error(prompt, chain.written(rng)) is None
+    assert task.verify(pa.array([parse_chain(p).solution for p in rows["prompt"].to_pylist()]), rows["answer"]).to_pylist() == [True] * 300

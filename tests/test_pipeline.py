@@ -24,6 +24,7 @@ from pipelines.cli import main as distill
 from pipelines.definitions import defs
 from storage.catalog import query
 from storage.store import Store
+from training.tasks.arithmetic import parse_chain
 
 ASSETS = [teacher_model, student_model, seed_prompts, eval_set, teacher_labeled, offline_student, evals]
 CHECKS = [sparse_signal_valid, token_round_trip, vocab_compatible, eval_disjoint_from_train, teacher_reaches_target]
@@ -145,6 +146,23 @@ def test_configured_model_is_recorded_not_trained(instance, distill_home, tiny_m
     card = Store(distill_home).read_card("teacher")
     assert card.path == str(tiny_model_dir) and card.vocab_size == 300
     assert card.train_steps is None and len(card.tokenizer_hash) == 16
+
+
+def test_the_long_task_by_settings_only(instance, distill_home):
+    """arithmetic_chain: the embedded models grow to 320 positions, the prompts are chains, the teacher labels them."""
+    chain = {"task": "arithmetic_chain", "train_steps": 2, "batch_size": 8, "micro_batch_size": 8, "eval_problems": 4}
+    result = materialize(instance, selection=[teacher_model], teacher_model=chain)
+    assert not result.success and "has no instruction language" in str(result.get_step_failure_events()[0].step_failure_data.error)
+    result = materialize(instance, selection=[teacher_model, student_model, seed_prompts, teacher_labeled],
+                         teacher_model={**chain, "instruction_share": 0.0},
+                         student_model=chain, seed_prompts={"task": "arithmetic_chain", "num_prompts": 4},
+                         teacher_labeled={"sampling": {"n": 1, "temperature": 0.0, "max_new_tokens": 256}})
+    assert result.success
+    store = Store(distill_home)
+    assert [(store.read_card(name).task, store.read_card(name).context_length) for name in ("teacher", "student")] == \
+        [("arithmetic_chain", 320)] * 2
+    assert all(parse_chain(prompt) for prompt in store.read_dataset("seed_prompts")["prompt"].to_pylist())
+    assert store.read_dataset("teacher_labeled").num_rows == 4
 
 
 def test_unloadable_model_fails_before_any_work(instance, distill_home):

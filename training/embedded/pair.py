@@ -1,6 +1,7 @@
 """Training the embedded models from scratch on the arithmetic task's train split: the teacher to
 the target, and the student's short SFT warm start (GKD's students all start from SFT)."""
 
+import dataclasses
 import random
 import time
 
@@ -55,6 +56,7 @@ def train_embedded(
     if settings.objective != "sft":
         raise ValueError("the embedded models are trained from scratch on solutions: use objective 'sft'")
     started = time.perf_counter()
+    architecture = dataclasses.replace(architecture, max_position_embeddings=task.context_length)
     model, tokenizer = build_embedded(architecture, settings.seed, tokenizer)
     per_batch = round(settings.batch_size * instruction_share)
     solving = settings.batch_size - per_batch

@@ -37,11 +37,10 @@ def _verified(engine: HFEngine, prompt_ids: list[list[int]], answers: pa.Array, 
     return pc.mean(pc.cast(correct, pa.float64())).as_py(), generations
 
 
-def exact_match(model, tokenizer, prompts: pa.Table, task: Task, temperature: float = 0.0, seed: int = 0,
-                max_new_tokens: int = 96) -> float | None:
+def exact_match(model, tokenizer, prompts: pa.Table, task: Task, temperature: float = 0.0, seed: int = 0) -> float | None:
     """Share of `prompts` (prompt, answer) whose completion the task verifies (greedy at T = 0)."""
     engine = HFEngine(model, tokenizer, batch_size=EVAL_BATCH_SIZE)
-    return _verified(engine, render(tokenizer, prompts), prompts["answer"], task, temperature, seed, max_new_tokens)[0]
+    return _verified(engine, render(tokenizer, prompts), prompts["answer"], task, temperature, seed, task.completion_tokens)[0]
 
 
 def completion_logprobs(model, prompt_ids: list[list[int]], completions: list[list[int]], pad_token_id: int):
@@ -85,10 +84,12 @@ def teacher_samples(teacher, teacher_tokenizer, prompts: pa.Table, seed: int = 0
 
 
 @torch.no_grad()
-def evaluate(student, tokenizer, prompts: pa.Table, task: Task, teacher=None, seed: int = 0, max_new_tokens: int = 96,
+def evaluate(student, tokenizer, prompts: pa.Table, task: Task, teacher=None, seed: int = 0, max_new_tokens: int | None = None,
              teacher_tokenizer=None, teacher_responses: list[list[int]] | None = None) -> dict[str, float]:
     """The task metrics, and given a teacher the task-free ones (see the module docstring);
-    `teacher_responses` are the teacher's samples, drawn here when not given."""
+    `teacher_responses` are the teacher's samples, drawn here when not given; completions get
+    `max_new_tokens`, by default the task's `completion_tokens`."""
+    max_new_tokens = max_new_tokens or task.completion_tokens
     engine = HFEngine(student, tokenizer, batch_size=EVAL_BATCH_SIZE)
     prompt_ids = render(tokenizer, prompts)
     metrics = {}

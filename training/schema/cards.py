@@ -34,6 +34,7 @@ class ModelCard(BaseModel):
     context_length: int | None = None  # max_position_embeddings, when the model's config states it
     # teacher_model, student_model: the embedded pair, trained here
     eval_exact_match: float | None = None  # greedy exact match on the eval problems after training
+    task: str | None = None  # embedded: the task it was trained on
     train_steps: int | None = None  # SFT steps
     instruction_share: float | None = None  # share of each batch in the instruction language (writing new problems)
     correction_share: float | None = None  # share of the solutions that continue truly after a wrong step

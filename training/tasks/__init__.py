@@ -5,6 +5,8 @@ A `Task` is chosen by name: the `task` setting of `seed_prompts` and `eval_set`,
 
     arithmetic   the embedded task: worked multi-digit arithmetic, `#### <number>`, exact verifier,
                  and the embedded teacher's instruction language for writing new problems
+    arithmetic_chain  four dependent additions and subtractions per problem, 184 tokens of steps
+                 on average, where one wrong step derails the rest (GKD's setting for on-policy gains)
     none         prompts without a verifier (free-form questions): `correct` stays null
 
 and for prompts with reference answers, from files or datasets (answers.py):
@@ -23,7 +25,7 @@ from typing import Protocol
 import pyarrow as pa
 
 from training.tasks.answers import BoxedTask, ExactTask, FunctionTask, GSM8KTask, RegexTask
-from training.tasks.arithmetic_task import ArithmeticTask
+from training.tasks.arithmetic_task import ArithmeticChainTask, ArithmeticTask
 from training.tasks.instructions import Instruction, Templates
 from training.tasks.no_reference import NoReferenceTask
 
@@ -31,6 +33,7 @@ from training.tasks.no_reference import NoReferenceTask
 class Task(Protocol):
     name: str
     templates: Templates  # how instructions to write new inputs are phrased (`templates: task`)
+    completion_tokens: int  # the tokens an eval completion may take: a whole solution, with room
 
     def prompts(self, split: str, n: int, seed: int) -> pa.Table:
         """`n` generated (prompt, answer) rows of `split` ("train" or "eval"); tasks without a
@@ -57,8 +60,8 @@ class Task(Protocol):
         """Shares of written inputs that do what their instruction asked (empty when unknowable)."""
 
 
-TASKS: dict[str, type] = {"arithmetic": ArithmeticTask, "none": NoReferenceTask, "gsm8k": GSM8KTask, "boxed": BoxedTask,
-                          "exact": ExactTask}
+TASKS: dict[str, type] = {"arithmetic": ArithmeticTask, "arithmetic_chain": ArithmeticChainTask, "none": NoReferenceTask,
+                          "gsm8k": GSM8KTask, "boxed": BoxedTask, "exact": ExactTask}
 
 
 def get_task(name: str) -> Task:

@@ -10,6 +10,13 @@ right, one step per digit, GSM8K-style chain of thought made synthetic and exact
 
 The final answer follows `####`, as in GSM8K; `verify_column` compares only that number.
 
+A chain (`ArithmeticConfig.chain` operations, the `arithmetic_chain` task) links additions and
+subtractions left to right, each result the next one's first operand, restated as a step of its own:
+
+    347+856-129=   →   7+6+0=3c1|3;4+5+1=0c1|03;3+8+1=2c1|203;c1|1203;1203-129=;3-9-0=4b1|4;...;#### 1074
+
+so one wrong step early changes every later state: 150+ tokens where a single step can derail the rest.
+
 Splits are decided by a hash of the problem text, so train and eval are disjoint by construction
 and every seeded stream is reproducible.
 """
@@ -33,10 +40,56 @@ class ArithmeticConfig:
     max_digits_sub: int = 3
     max_digits_mul: int = 3
     eval_fraction: float = 0.1
+    chain: int = 1  # operations per problem: above 1, a `Chain` of additions and subtractions
+    context_length: int = 128  # the embedded models' positions: the longest prompt and solution fit
+    completion_tokens: int = 96  # the most tokens a solution takes, with room
+
+
+class Worked:
+    """A problem solved in `;`-separated steps (`steps`, written by the subclass) and `#### answer`."""
+
+    answer: int
+
+    def steps(self, rng: random.Random | None = None, varied: bool = False, mistake_at: int | None = None) -> list[str]:
+        raise NotImplementedError
+
+    def digit_step_count(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def solution(self) -> str:
+        """The reference solution: short worked steps, then `#### answer`."""
+        return ";".join(self.steps()) + f";#### {self.answer}"
+
+    def written(self, rng: random.Random) -> str:
+        """A solution with each step written short or long at random: as correct as `solution`."""
+        return ";".join(self.steps(rng, varied=True)) + f";#### {self.answer}"
+
+    def first_wrong_step(self, completion: str) -> int | None:
+        """The character offset where `completion`'s first wrong step starts: the first `;`-separated
+        step that is neither the short nor the long form of the true step at its place (steps after
+        a mistake continue from the true state, so each step is judged on its own), or the final
+        answer; None when every step and the answer are right."""
+        forms = [{short, long} for short, long in zip(self.steps(), self.steps(_LONG, varied=True))] + [{f"#### {self.answer}"}]
+        offset = 0
+        for index, step in enumerate(completion.split(";")):
+            if index >= len(forms) or step.strip() not in forms[index]:
+                return offset if index < len(forms) or step.strip() else None
+            offset += len(step) + 1
+        return offset if offset <= len(completion) else None
+
+    def corrected(self, rng: random.Random) -> tuple[str, str]:
+        """(prefix, continuation): varied steps up to a wrong digit step, then the true steps after it
+        and the true answer. Trained on these, a teacher has an opinion on a student's wrong prefix:
+        carry on from the true state, not from the mistake."""
+        steps = self.steps(rng, varied=True, mistake_at=rng.randrange(self.digit_step_count()))
+        text = ";".join(steps + [f"#### {self.answer}"])
+        cut = text.index(";", self.first_wrong_step(text)) + 1
+        return text[:cut], text[cut:]
 
 
 @dataclass(frozen=True)
-class Problem:
+class Problem(Worked):
     a: int
     op: str
     b: int
@@ -72,6 +125,9 @@ class Problem:
         """How many digit steps carry (or borrow) into the next one."""
         return sum(carry_out > 0 for *_, carry_out in self.digit_steps())
 
+    def digit_step_count(self) -> int:
+        return len(self.digit_steps())
+
     @property
     def digits(self) -> int:
         """Digits of the longer operand."""
@@ -97,38 +153,6 @@ class Problem:
             steps.append(f"c{carry}|{carry}{suffix}")
         return steps
 
-    @property
-    def solution(self) -> str:
-        """The reference solution: short worked steps, one per digit of `a` (or of the longer
-        operand), then `#### answer`."""
-        return ";".join(self.steps()) + f";#### {self.answer}"
-
-    def written(self, rng: random.Random) -> str:
-        """A solution with each step written short or long at random: as correct as `solution`."""
-        return ";".join(self.steps(rng, varied=True)) + f";#### {self.answer}"
-
-    def first_wrong_step(self, completion: str) -> int | None:
-        """The character offset where `completion`'s first wrong step starts: the first `;`-separated
-        step that is neither the short nor the long form of the true step at its place (steps after
-        a mistake continue from the true state, so each step is judged on its own), or the final
-        answer; None when every step and the answer are right."""
-        forms = [{short, long} for short, long in zip(self.steps(), self.steps(_LONG, varied=True))] + [{f"#### {self.answer}"}]
-        offset = 0
-        for index, step in enumerate(completion.split(";")):
-            if index >= len(forms) or step.strip() not in forms[index]:
-                return offset if index < len(forms) or step.strip() else None
-            offset += len(step) + 1
-        return offset if offset <= len(completion) else None
-
-    def corrected(self, rng: random.Random) -> tuple[str, str]:
-        """(prefix, continuation): varied steps up to a wrong digit step, then the true steps after it
-        and the true answer. Trained on these, a teacher has an opinion on a student's wrong prefix:
-        carry on from the true state, not from the mistake."""
-        index = rng.randrange(len(self.digit_steps()))
-        steps = self.steps(rng, varied=True, mistake_at=index)
-        return ";".join(steps[: index + 1]) + ";", ";".join(steps[index + 1 :] + [f"#### {self.answer}"])
-
-
 class _AlwaysLong:
     """The `rng` of `Problem.steps` that writes every step in its long form."""
 
@@ -138,6 +162,44 @@ class _AlwaysLong:
 
 
 _LONG = _AlwaysLong()
+
+
+@dataclass(frozen=True)
+class Chain(Worked):
+    """`a op b op c …` with + and −, left to right: each link is a `Problem` whose first operand is the
+    result before it, restated (`1203-129=`) before its digit steps."""
+
+    a: int
+    operations: tuple[tuple[str, int], ...]
+
+    @property
+    def prompt(self) -> str:
+        return f"{self.a}" + "".join(f"{op}{b}" for op, b in self.operations) + "="
+
+    def links(self) -> list[Problem]:
+        links, value = [], self.a
+        for op, b in self.operations:
+            links.append(Problem(value, op, b))
+            value = links[-1].answer
+        return links
+
+    @property
+    def answer(self) -> int:
+        return self.links()[-1].answer
+
+    def digit_step_count(self) -> int:
+        return sum(link.digit_step_count() for link in self.links())
+
+    def steps(self, rng: random.Random | None = None, varied: bool = False, mistake_at: int | None = None) -> list[str]:
+        """Each link's steps, the links after the first restated; `mistake_at` counts digit steps over
+        the whole chain, and every step after it continues from the true state."""
+        steps, before = [], 0
+        for index, link in enumerate(self.links()):
+            steps += [link.prompt] if index else []
+            inside = mistake_at - before if mistake_at is not None and 0 <= mistake_at - before < link.digit_step_count() else None
+            steps += link.steps(rng, varied, inside)
+            before += link.digit_step_count()
+        return steps
 
 
 def _wrong_step(rng: random.Random, op: str, digit: int, carry_out: int) -> tuple[int, int]:
@@ -183,7 +245,26 @@ def parse_prompt(prompt: str) -> Problem | None:
     return Problem(a, op, b)
 
 
-def is_eval(problem: Problem, config: ArithmeticConfig) -> bool:
+def parse_chain(prompt: str) -> Chain | None:
+    """The chain a prompt states (two or more operations, + and −, no result below 0), or None."""
+    if re.fullmatch(r"\d+(?:[+\-]\d+){2,}=", prompt.strip()) is None:
+        return None
+    numbers = [int(n) for n in re.findall(r"\d+", prompt)]
+    chain = Chain(numbers[0], tuple(zip(re.findall(r"[+\-]", prompt), numbers[1:])))
+    value = chain.a
+    for op, b in chain.operations:
+        if op == "-" and value < b:
+            return None
+        value = value + b if op == "+" else value - b
+    return chain
+
+
+def parse_worked(prompt: str) -> Problem | Chain | None:
+    """The problem or chain a prompt states, or None."""
+    return parse_prompt(prompt) or parse_chain(prompt)
+
+
+def is_eval(problem: Problem | Chain, config: ArithmeticConfig) -> bool:
     """The held-out split: a fixed hash bucket of the problem text."""
     digest = hashlib.sha256(problem.prompt.encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < config.eval_fraction
@@ -194,7 +275,22 @@ def _number(rng: random.Random, max_digits: int) -> int:
     return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
 
 
-def sample_problem(rng: random.Random, config: ArithmeticConfig) -> Problem:
+def sample_chain(rng: random.Random, config: ArithmeticConfig) -> Chain:
+    """`config.chain` operations on numbers of up to `max_digits_add` digits; a subtraction is drawn
+    only when it keeps the result at 0 or above."""
+    a = value = _number(rng, config.max_digits_add)
+    operations = []
+    for _ in range(config.chain):
+        b = _number(rng, config.max_digits_add)
+        op = rng.choice("+-") if b <= value else "+"
+        operations.append((op, b))
+        value = value + b if op == "+" else value - b
+    return Chain(a, tuple(operations))
+
+
+def sample_problem(rng: random.Random, config: ArithmeticConfig) -> Problem | Chain:
+    if config.chain > 1:
+        return sample_chain(rng, config)
     op = rng.choice("+-*")
     if op == "+":
         return Problem(_number(rng, config.max_digits_add), op, _number(rng, config.max_digits_add))
@@ -206,7 +302,7 @@ def sample_problem(rng: random.Random, config: ArithmeticConfig) -> Problem:
 
 def problems(
     split: str, n: int, seed: int, config: ArithmeticConfig = ArithmeticConfig(), distinct: bool = True
-) -> list[Problem]:
+) -> list[Problem | Chain]:
     """`n` problems of `split` ("train" or "eval"), the same for the same seed.
 
     distinct=True gives a dataset (no repeats); distinct=False an i.i.d. stream, which keeps the

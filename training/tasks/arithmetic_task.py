@@ -3,7 +3,7 @@ of `arithmetic_instructions.py`, behind the `Task` seam."""
 
 import pyarrow as pa
 
-from training.tasks.arithmetic import ArithmeticConfig, parse_prompt, problems, verify_column
+from training.tasks.arithmetic import ArithmeticConfig, parse_chain, parse_prompt, parse_worked, problems, verify_column
 from training.tasks.arithmetic_instructions import LANGUAGE, all_topics, can_evolve, following_report, written_problem
 from training.tasks.instructions import Instruction
 
@@ -14,6 +14,7 @@ class ArithmeticTask:
 
     def __init__(self, config: ArithmeticConfig = ArithmeticConfig()):
         self.config = config
+        self.completion_tokens = config.completion_tokens
 
     def prompts(self, split: str, n: int, seed: int) -> pa.Table:
         chosen = problems(split, n, seed, self.config)
@@ -23,7 +24,7 @@ class ArithmeticTask:
         return verify_column(completions, answers)
 
     def first_error(self, prompt: str, completion: str) -> int | None:
-        problem = parse_prompt(prompt)
+        problem = parse_worked(prompt)
         return problem.first_wrong_step(completion) if problem else None
 
     def written_input(self, text: str) -> tuple[str, str | None] | None:
@@ -54,3 +55,26 @@ class ArithmeticTask:
         if instruction.operator == "evolve":
             return parse_prompt(seeds[instruction.parents[0]])
         return instruction.topic
+
+
+class ArithmeticChainTask(ArithmeticTask):
+    """`arithmetic_chain`: four dependent additions and subtractions per problem (`a+b-c+d-e=`, 184
+    tokens of steps on average), where one wrong step changes every later state. The embedded models
+    learn it with 320 positions. Its inputs are chains: a teacher's written input counts when it
+    states one; there is no instruction language for writing them (no topics, nothing to evolve)."""
+
+    name = "arithmetic_chain"
+    templates = LANGUAGE
+
+    def __init__(self, config: ArithmeticConfig = ArithmeticConfig(chain=4, context_length=320, completion_tokens=256)):
+        super().__init__(config)
+
+    def written_input(self, text: str) -> tuple[str, str | None] | None:
+        chain = parse_chain(text.strip().split("\n")[0])
+        return (chain.prompt, str(chain.answer)) if chain and len(chain.operations) == self.config.chain else None
+
+    def can_evolve(self, prompt: str) -> bool:
+        return False
+
+    def default_topics(self) -> dict[str, float]:
+        return {}

@@ -12,6 +12,7 @@ from training.tasks.instructions import SELF_INSTRUCT, Instruction, first_line
 class NoReferenceTask:
     name = "none"
     templates = SELF_INSTRUCT
+    completion_tokens = 96
 
     def prompts(self, split: str, n: int, seed: int) -> pa.Table:
         raise ValueError(f"task {self.name!r} has no generated prompts: set source 'files' or 'datasets'")
