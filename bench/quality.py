@@ -5,7 +5,7 @@ with --start offline_student the distilled student, as GKD starts from supervise
     DISTILL_HOME=.distill-chain .venv/bin/python bench/quality.py --task arithmetic_chain --tokens 960000
 
 Needs the demo's teacher, student and teacher_labeled (`make demo`); with --task arithmetic_chain (four
-dependent operations, 184 tokens of steps on average, where one wrong step derails the rest) it builds
+dependent operations, 193 tokens of steps on average, where one wrong step derails the rest) it builds
 them first, when DISTILL_HOME has none, with the graph's own assets and LONG_TASK's settings. Arms, each with the same number
 of training tokens (steps are set from the mean completion length of what each step draws):
   sft_ground_truth   SFT on the task's reference solutions
@@ -87,8 +87,8 @@ TASK = get_task("arithmetic")  # or --task's
 LONG_TASK = {  # the run config of the store --task arithmetic_chain builds: the graph's assets, settings only
     "seed_prompts": {"task": "arithmetic_chain"},
     "teacher_model": {"task": "arithmetic_chain", "train_steps": 1200, "instruction_share": 0.0},
-    "student_model": {"task": "arithmetic_chain", "train_steps": 800},
-    "teacher_labeled": {"sampling": {"max_new_tokens": 256}},
+    "student_model": {"task": "arithmetic_chain", "train_steps": 1200},
+    "teacher_labeled": {"sampling": {"max_new_tokens": 288}},
 }
 PREFERENCE_LR = 1e-5  # the DPO arms' (SFT and KD: 1e-3); from offline_student, 2e-5 already lost 0.04 and 2e-4 0.49 (seed 0)
 KD_WEIGHT = 100.0  # gkd + dpo, at the KD arms' 1e-3: the per-token JSD(0.5) is ~1e-2, the per-pair DPO loss ~0.7 (seed 0: 10 lost)

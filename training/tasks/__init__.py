@@ -5,7 +5,7 @@ A `Task` is chosen by name: the `task` setting of `seed_prompts` and `eval_set`,
 
     arithmetic   the embedded task: worked multi-digit arithmetic, `#### <number>`, exact verifier,
                  and the embedded teacher's instruction language for writing new problems
-    arithmetic_chain  four dependent additions and subtractions per problem, 184 tokens of steps
+    arithmetic_chain  four dependent additions and subtractions per problem, 193 tokens of steps
                  on average, where one wrong step derails the rest (GKD's setting for on-policy gains)
     none         prompts without a verifier (free-form questions): `correct` stays null
 

@@ -11,9 +11,10 @@ right, one step per digit, GSM8K-style chain of thought made synthetic and exact
 The final answer follows `####`, as in GSM8K; `verify_column` compares only that number.
 
 A chain (`ArithmeticConfig.chain` operations, the `arithmetic_chain` task) links additions and
-subtractions left to right, each result the next one's first operand, restated as a step of its own:
+subtractions left to right, each result the next one's first operand, restated with the rest of the
+chain as a step of its own:
 
-    347+856-129=   →   7+6+0=3c1|3;4+5+1=0c1|03;3+8+1=2c1|203;c1|1203;1203-129=;3-9-0=4b1|4;...;#### 1074
+    347+856-129+45=   →   7+6+0=3c1|3;...;c1|1203;1203-129+45=;3-9-0=4b1|4;...;1074+45=;...;#### 1119
 
 so one wrong step early changes every later state: 150+ tokens where a single step can derail the rest.
 
@@ -167,7 +168,7 @@ _LONG = _AlwaysLong()
 @dataclass(frozen=True)
 class Chain(Worked):
     """`a op b op c …` with + and −, left to right: each link is a `Problem` whose first operand is the
-    result before it, restated (`1203-129=`) before its digit steps."""
+    result before it, restated with the rest of the chain (`1203-129+45=`) before its digit steps."""
 
     a: int
     operations: tuple[tuple[str, int], ...]
@@ -191,11 +192,14 @@ class Chain(Worked):
         return sum(link.digit_step_count() for link in self.links())
 
     def steps(self, rng: random.Random | None = None, varied: bool = False, mistake_at: int | None = None) -> list[str]:
-        """Each link's steps, the links after the first restated; `mistake_at` counts digit steps over
-        the whole chain, and every step after it continues from the true state."""
+        """Each link's steps, the links after the first restated with the rest of the chain
+        (`1203-129+45=`), so that a link's operands are the first two numbers of the line before its
+        steps, as in a one-operation prompt; `mistake_at` counts digit steps over the whole chain, and
+        every step after it continues from the true state."""
         steps, before = [], 0
         for index, link in enumerate(self.links()):
-            steps += [link.prompt] if index else []
+            rest = "".join(f"{op}{b}" for op, b in self.operations[index:])
+            steps += [f"{link.a}{rest}="] if index else []
             inside = mistake_at - before if mistake_at is not None and 0 <= mistake_at - before < link.digit_step_count() else None
             steps += link.steps(rng, varied, inside)
             before += link.digit_step_count()

@@ -58,7 +58,7 @@ class ArithmeticTask:
 
 
 class ArithmeticChainTask(ArithmeticTask):
-    """`arithmetic_chain`: four dependent additions and subtractions per problem (`a+b-c+d-e=`, 184
+    """`arithmetic_chain`: four dependent additions and subtractions per problem (`a+b-c+d-e=`, 193
     tokens of steps on average), where one wrong step changes every later state. The embedded models
     learn it with 320 positions. Its inputs are chains: a teacher's written input counts when it
     states one; there is no instruction language for writing them (no topics, nothing to evolve)."""
@@ -66,7 +66,7 @@ class ArithmeticChainTask(ArithmeticTask):
     name = "arithmetic_chain"
     templates = LANGUAGE
 
-    def __init__(self, config: ArithmeticConfig = ArithmeticConfig(chain=4, context_length=320, completion_tokens=256)):
+    def __init__(self, config: ArithmeticConfig = ArithmeticConfig(chain=4, context_length=320, completion_tokens=288)):
         super().__init__(config)
 
     def written_input(self, text: str) -> tuple[str, str | None] | None:
