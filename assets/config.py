@@ -56,6 +56,9 @@ class ModelConfig(dg.Config):
     task: Literal["arithmetic", "arithmetic_chain"] = Field(
         "arithmetic", description="embedded: the task it learns (set seed_prompts' and eval_set's `task` with it); "
         "arithmetic_chain's models have 320 positions")
+    hidden_size: Optional[int] = Field(None, ge=32, multiple_of=32, description="embedded: width, in attention heads of 32 "
+                                       "(default: teacher 128, student 64)")
+    num_hidden_layers: Optional[int] = Field(None, ge=1, description="embedded: depth (default: teacher 3, student 2)")
     learning_rate: float = Field(3e-3, gt=0, description="embedded: SFT learning rate")
     eval_problems: int = Field(500, ge=1, description="embedded: eval-split problems for the exact-match figure")
 

@@ -36,7 +36,8 @@ def _train_and_save(context, store: Store, name: str, config: TeacherModelConfig
                                 micro_batch_size=config.micro_batch_size, learning_rate=config.learning_rate,
                                 warmup_steps=EMBEDDED_WARMUP_STEPS, seed=config.seed)
     model, tokenizer, curve, accuracy, seconds = train_embedded(
-        architecture, settings, config.eval_problems, get_task(config.task).config, instruction_share=config.instruction_share,
+        architecture.resized(config.hidden_size, config.num_hidden_layers), settings, config.eval_problems,
+        get_task(config.task).config, instruction_share=config.instruction_share,
         correction_share=config.correction_share, varied_steps=config.varied_steps,
         reporter=Reporter(context.log.info, lambda message: None),
     )

@@ -155,12 +155,13 @@ def test_the_long_task_by_settings_only(instance, distill_home):
     assert not result.success and "has no instruction language" in str(result.get_step_failure_events()[0].step_failure_data.error)
     result = materialize(instance, selection=[teacher_model, student_model, seed_prompts, teacher_labeled],
                          teacher_model={**chain, "instruction_share": 0.0},
-                         student_model=chain, seed_prompts={"task": "arithmetic_chain", "num_prompts": 4},
+                         student_model={**chain, "hidden_size": 96}, seed_prompts={"task": "arithmetic_chain", "num_prompts": 4},
                          teacher_labeled={"sampling": {"n": 1, "temperature": 0.0, "max_new_tokens": 256}})
     assert result.success
     store = Store(distill_home)
     assert [(store.read_card(name).task, store.read_card(name).context_length) for name in ("teacher", "student")] == \
         [("arithmetic_chain", 320)] * 2
+    assert store.read_card("student").num_parameters == 194_400  # 96 wide (3 heads), not the default 64 (88,640)
     assert all(parse_chain(prompt) for prompt in store.read_dataset("seed_prompts")["prompt"].to_pylist())
     assert store.read_dataset("teacher_labeled").num_rows == 4
 

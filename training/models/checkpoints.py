@@ -24,7 +24,14 @@ class Architecture:
     intermediate_size: int
     max_position_embeddings: int = 128
 
+    def resized(self, hidden_size: int | None = None, num_hidden_layers: int | None = None) -> "Architecture":
+        """This architecture at another width (heads of 32, an MLP twice as wide) or depth; None keeps it."""
+        width = hidden_size or self.hidden_size
+        return Architecture(width, num_hidden_layers or self.num_hidden_layers, width // HEAD_DIM, 2 * width,
+                            self.max_position_embeddings)
 
+
+HEAD_DIM = 32  # vLLM's CPU attention rejects 16
 TEACHER_ARCHITECTURE = Architecture(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=256)
 STUDENT_ARCHITECTURE = Architecture(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
 
