@@ -87,7 +87,7 @@ TASK = get_task("arithmetic")  # or --task's
 LONG_TASK = {  # the run config of the store --task arithmetic_chain builds: the graph's assets, settings only
     "seed_prompts": {"task": "arithmetic_chain"},
     "teacher_model": {"task": "arithmetic_chain", "train_steps": 1200, "instruction_share": 0.0},
-    "student_model": {"task": "arithmetic_chain", "train_steps": 1200},
+    "student_model": {"task": "arithmetic_chain", "hidden_size": 96, "train_steps": 700},
     "teacher_labeled": {"sampling": {"max_new_tokens": 288}},
 }
 PREFERENCE_LR = 1e-5  # the DPO arms' (SFT and KD: 1e-3); from offline_student, 2e-5 already lost 0.04 and 2e-4 0.49 (seed 0)
