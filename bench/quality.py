@@ -329,7 +329,8 @@ def main() -> None:
         extra = {name: [r[name] for r in runs if r[name] is not None] for name in ("signal_bytes_per_token", "clip_fraction")}
         shown = "  ".join(f"{name} {statistics.mean(values):.3g}" for name, values in extra.items() if values)
         print(f"{arm['arm']:22s} {arm['divergence']:10s} greedy gain {rows[-1]['greedy']:+.3f} ± {rows[-1]['greedy_sd']:.3f}  "
-              f"sampled gain {rows[-1]['sampled']:+.3f}  tokens {rows[-1]['tokens']:,}  {shown}  ({time.perf_counter() - began:.0f} s)",
+              f"sampled gain {rows[-1]['sampled']:+.3f} ± {rows[-1]['sampled_sd']:.3f}  tokens {rows[-1]['tokens']:,}  {shown}  "
+              f"({time.perf_counter() - began:.0f} s)",
               flush=True)
     print(f"\n{args.task}: {args.seeds} seed(s), {args.tokens:,} training tokens per arm, on-policy batches sampled fresh at every step, "
           f"{args.eval_problems} eval problems; start {args.start}, greedy {baseline['greedy_exact_match']:.3f}\n")
