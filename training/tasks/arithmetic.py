@@ -255,12 +255,7 @@ def parse_chain(prompt: str) -> Chain | None:
         return None
     numbers = [int(n) for n in re.findall(r"\d+", prompt)]
     chain = Chain(numbers[0], tuple(zip(re.findall(r"[+\-]", prompt), numbers[1:])))
-    value = chain.a
-    for op, b in chain.operations:
-        if op == "-" and value < b:
-            return None
-        value = value + b if op == "+" else value - b
-    return chain
+    return chain if all(link.op == "+" or link.a >= link.b for link in chain.links()) else None
 
 
 def parse_worked(prompt: str) -> Problem | Chain | None:

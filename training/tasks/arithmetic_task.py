@@ -14,7 +14,10 @@ class ArithmeticTask:
 
     def __init__(self, config: ArithmeticConfig = ArithmeticConfig()):
         self.config = config
-        self.completion_tokens = config.completion_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.config.completion_tokens
 
     def prompts(self, split: str, n: int, seed: int) -> pa.Table:
         chosen = problems(split, n, seed, self.config)
@@ -64,7 +67,6 @@ class ArithmeticChainTask(ArithmeticTask):
     states one; there is no instruction language for writing them (no topics, nothing to evolve)."""
 
     name = "arithmetic_chain"
-    templates = LANGUAGE
 
     def __init__(self, config: ArithmeticConfig = ArithmeticConfig(chain=4, context_length=320, completion_tokens=288)):
         super().__init__(config)
