@@ -21,7 +21,7 @@ of training tokens (steps are set from the mean completion length of what each s
   dpo likelihood pairs  the same pairs judged by the teacher's likelihood alone
   corrections sft       SFT on the teacher's corrections of the start's wrong samples (those the verifier accepts)
   gkd + dpo             DPO on the verifier pairs + kd_weight · JSD(0.5) to the teacher's signal on both responses
-                        (at the KD arms' learning rate; the DPO arms train at PREFERENCE_LR)
+                        (at --learning-rate, the KD arms'; the DPO arms train at PREFERENCE_LR)
   on_policy λ=1 n=2     on-policy JSD(0.5) on n = 2 fresh samples of half as many prompts: gkd + rl's batches
   gkd + rl λ=1          objective gkd_rl: JSD(0.5) + the verifier reward's policy gradient (REWARD_WEIGHT,
                         baseline: the mean reward of the prompt's n = 2 fresh samples)
@@ -90,7 +90,7 @@ LONG_TASK = {  # the run config of the store --task arithmetic_chain builds: the
     "student_model": {"task": "arithmetic_chain", "hidden_size": 96, "train_steps": 700},
     "teacher_labeled": {"sampling": {"max_new_tokens": 288}},
 }
-PREFERENCE_LR = 1e-5  # the DPO arms' (SFT and KD: 1e-3); from offline_student, 2e-5 already lost 0.04 and 2e-4 0.49 (seed 0)
+PREFERENCE_LR = 1e-5  # the DPO arms' (SFT and KD: --learning-rate); from offline_student, 2e-5 already lost 0.04 and 2e-4 0.49 (seed 0)
 KD_WEIGHT = 100.0  # gkd + dpo, at the KD arms' 1e-3: the per-token JSD(0.5) is ~1e-2, the per-pair DPO loss ~0.7 (seed 0: 10 lost)
 REWARD_WEIGHT = 0.1  # gkd + rl (seed 0, n = 2): 1 gained +0.031, 0.1 +0.070, 0.01 +0.092, none +0.084: the per-token JSD is ~1e-2
 KL_ADVANTAGE_LR = 3e-5  # kl advantage (seed 0): 1e-3 lost 0.185, 3e-4 lost 0.028, 1e-4 gained +0.006, 3e-5 +0.022
@@ -112,7 +112,7 @@ def arms() -> list[dict]:
     out += [{**dpo, "arm": "dpo verifier pairs", "data": "verifier_pairs"},
             {**dpo, "arm": "dpo likelihood pairs", "data": "likelihood_pairs"},
             {"arm": "corrections sft", "objective": "sft", "data": "corrections", "mix": 0.0, "divergence": "-"},
-            {**dpo, "arm": "gkd + dpo", "data": "verifier_pairs", "divergence": "jsd(0.5)", "kd_weight": KD_WEIGHT, "learning_rate": 1e-3}]
+            {**dpo, "arm": "gkd + dpo", "data": "verifier_pairs", "divergence": "jsd(0.5)", "kd_weight": KD_WEIGHT, "learning_rate": None}]
     policy = {"data": "teacher_labeled", "mix": 1.0, "divergence": "jsd(0.5)"}
     advantage = {**policy, "objective": "kl_advantage", "divergence": "-", "k": 0, "learning_rate": KL_ADVANTAGE_LR}
     out += [{**policy, "arm": "on_policy λ=1 n=2", "objective": "supervised_kd", "n": 2},  # gkd + rl's batches, without the reward
@@ -237,7 +237,7 @@ def run_arm(arm: dict, seed: int, start: str, data: dict, teacher: HFEngine, arg
     config = TrainingSettings(
         objective=arm["objective"], divergence=divergence, beta=beta, kd_weight=arm.get("kd_weight", 0.0),
         reward_weight=arm.get("reward_weight", 0.0),
-        steps=steps, batch_size=BATCH, learning_rate=arm.get("learning_rate", 1e-3), warmup_steps=10,
+        steps=steps, batch_size=BATCH, learning_rate=arm.get("learning_rate") or args.learning_rate, warmup_steps=10,
         on_policy_divergence=arm.get("on_policy_divergence", "same"), seed=seed, mix=arm["mix"],
     )
     with tempfile.TemporaryDirectory() as directory:
@@ -290,6 +290,8 @@ def main() -> None:
     parser.add_argument("--arms", default="", help="comma-separated substrings of arm names to run (default: all)")
     parser.add_argument("--feedback-prompts", type=int, default=4096, help="train prompts × 4 samples of the start, per seed, "
                         "for the feedback arms")
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="the SFT, KD and on-policy arms' peak learning rate "
+                        "(the DPO and advantage arms keep theirs)")
     parser.add_argument("--task", default="arithmetic", choices=["arithmetic", "arithmetic_chain"])
     parser.add_argument("--png", default="")
     args = parser.parse_args()
@@ -333,7 +335,8 @@ def main() -> None:
               f"({time.perf_counter() - began:.0f} s)",
               flush=True)
     print(f"\n{args.task}: {args.seeds} seed(s), {args.tokens:,} training tokens per arm, on-policy batches sampled fresh at every step, "
-          f"{args.eval_problems} eval problems; start {args.start}, greedy {baseline['greedy_exact_match']:.3f}\n")
+          f"{args.eval_problems} eval problems, learning rate {args.learning_rate:g}; "
+          f"start {args.start}, greedy {baseline['greedy_exact_match']:.3f}\n")
     print("| arm | divergence | training tokens | greedy EM gain | sampled EM gain |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['arm']} | {r['divergence']} | {r['tokens']:,} | {r['greedy']:+.3f} ± {r['greedy_sd']:.3f} "
