@@ -57,7 +57,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from teacher import corrected_prefix_exact_match
+from teacher import corrected_prefix_exact_match, distribution_figures
 
 from pipelines.definitions import defs
 from pipelines.instance import prepare_dagster_home
@@ -69,6 +69,7 @@ from training.engines.sampling import Sampling
 from training.evals.evaluate import evaluate
 from training.feedback.judgments import JudgmentSettings, judgments_table
 from training.feedback.pairs import PairPolicy, preference_pairs, with_reference_logprobs
+from training.models.chat import prompt_ids_for
 from training.models.checkpoints import load_model, model_card, weights_hash
 from training.rounds.online import OnlineRollouts, OnlineSettings
 from training.schema.signal import SignalSettings
@@ -236,7 +237,7 @@ def run_arm(arm: dict, seed: int, start: str, data: dict, teacher: HFEngine, arg
     steps = max(1, round(args.tokens / per_step))
     config = TrainingSettings(
         objective=arm["objective"], divergence=divergence, beta=beta, kd_weight=arm.get("kd_weight", 0.0),
-        reward_weight=arm.get("reward_weight", 0.0),
+        reward_weight=arm.get("reward_weight", 0.0), temperature=args.temperature,
         steps=steps, batch_size=BATCH, learning_rate=arm.get("learning_rate") or args.learning_rate, warmup_steps=10,
         on_policy_divergence=arm.get("on_policy_divergence", "same"), seed=seed, mix=arm["mix"],
     )
@@ -292,6 +293,8 @@ def main() -> None:
                         "for the feedback arms")
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="the SFT, KD and on-policy arms' peak learning rate "
                         "(the DPO and advantage arms keep theirs)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="the loss temperature τ, teacher and student alike "
+                        "(the teacher's top-k renormalized at log p · 1/τ)")
     parser.add_argument("--task", default="arithmetic", choices=["arithmetic", "arithmetic_chain"])
     parser.add_argument("--png", default="")
     args = parser.parse_args()
@@ -308,12 +311,15 @@ def main() -> None:
     data = {"teacher_labeled": labeled, "ground_truth": ground_truth_table(teacher, labeled)}
     eval_problems = TASK.prompts("eval", args.eval_problems, 0)
     start_model, start_tokenizer = load_model(start)
-    own = own_samples(start_model, start_tokenizer, TASK.prompts("train", 256, 999)["prompt"].to_pylist(), 999)
-    data["on_policy_tokens"] = mean_tokens(own[1])
+    own = own_samples(start_model, start_tokenizer, TASK.prompts("train", 256, 999)["prompt"].to_pylist(), 999)[1]
+    data["on_policy_tokens"] = mean_tokens(own)
+    on_own = distribution_figures(teacher, prompt_ids_for(teacher.tokenizer, own).to_pylist(), own["completion_token_ids"].to_pylist())
     baseline = evaluate(start_model, start_tokenizer, eval_problems, TASK, seed=0)
     recovered = corrected_prefix_exact_match(teacher, args.eval_problems, TASK)
     print(f"teacher: greedy {teacher_card.eval_exact_match:.3f}, continuing after a wrong step {recovered:.3f}", flush=True)
     print(f"start ({args.start}): greedy {baseline['greedy_exact_match']:.3f}  sampled {baseline['sampled_exact_match']:.3f}", flush=True)
+    print("the teacher on the start's own samples (T = 1), per token: entropy {entropy:.4f} nats, 1 − p(argmax) {off_argmax:.4f}, "
+          "sampled token not its argmax {not_argmax:.4f}".format(**on_own), flush=True)
     selected = [a for a in arms() if not args.arms or any(s in f"{a['arm']} {a['divergence']}" for s in args.arms.split(","))]
     rows, began = [], time.perf_counter()
     if needed := {a["data"] for a in selected} - set(data):
@@ -335,7 +341,7 @@ def main() -> None:
               f"({time.perf_counter() - began:.0f} s)",
               flush=True)
     print(f"\n{args.task}: {args.seeds} seed(s), {args.tokens:,} training tokens per arm, on-policy batches sampled fresh at every step, "
-          f"{args.eval_problems} eval problems, learning rate {args.learning_rate:g}; "
+          f"{args.eval_problems} eval problems, learning rate {args.learning_rate:g}, loss temperature {args.temperature:g}; "
           f"start {args.start}, greedy {baseline['greedy_exact_match']:.3f}\n")
     print("| arm | divergence | training tokens | greedy EM gain | sampled EM gain |\n|---|---|---|---|---|")
     for r in rows:

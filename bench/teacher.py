@@ -44,17 +44,16 @@ def corrected_prefix_exact_match(engine: HFEngine, n: int, task: ArithmeticTask 
 
 
 @torch.no_grad()
-def distribution_figures(engine: HFEngine, n: int, k: int = 20) -> dict[str, float]:
-    """Mean token entropy, tail mass beyond the top-k and 1 − p(argmax) over the teacher's own samples."""
-    prompts = TASK.prompts("eval", n, 0)
-    ids = engine.tokenizer(prompts["prompt"].to_pylist(), add_special_tokens=True)["input_ids"]
-    samples = [g.completion_ids for g in engine.generate(ids, Sampling(temperature=1.0, max_new_tokens=96, seed=0))]
-    logprobs, _ = completion_logprobs(engine.model, ids, samples, engine.tokenizer.pad_token_id)
+def distribution_figures(engine: HFEngine, prompt_ids: list[list[int]], samples: list[list[int]], k: int = 20) -> dict[str, float]:
+    """Means over the completion tokens of `samples` (of `prompt_ids`) of the teacher's entropy, its
+    tail mass beyond the top-k, 1 − p(argmax), and the share of sampled tokens that are not its argmax."""
+    logprobs, targets = completion_logprobs(engine.model, prompt_ids, samples, engine.tokenizer.pad_token_id)
     entropy = -(logprobs.exp() * logprobs).sum(-1)
     return {
         "entropy": entropy.mean().item(),
         "tail_mass": tail_mass(logprobs.topk(k, dim=-1).values).mean().item(),
         "off_argmax": (1 - logprobs.max(-1).values.exp()).mean().item(),
+        "not_argmax": (logprobs.argmax(-1) != targets).float().mean().item(),
     }
 
 
@@ -85,7 +84,10 @@ def main() -> None:
         )
         engine = HFEngine(model, tokenizer, batch_size=256)
         corrected = corrected_prefix_exact_match(engine, args.eval_problems)
-        figures = distribution_figures(engine, args.eval_problems)
+        prompts = TASK.prompts("eval", args.eval_problems, 0)["prompt"].to_pylist()
+        ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+        own = [g.completion_ids for g in engine.generate(ids, Sampling(temperature=1.0, max_new_tokens=96, seed=0))]
+        figures = distribution_figures(engine, ids, own)
         print(f"| {name} | {seconds:.0f} | {accuracy:.3f} | {corrected:.3f} | {figures['entropy']:.4f} | "
               f"{figures['tail_mass']:.1e} | {figures['off_argmax']:.4f} |", flush=True)
 
