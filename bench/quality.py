@@ -142,11 +142,10 @@ def ground_truth_table(teacher: HFEngine, labeled: pa.Table) -> pa.Table:
     return with_columns(table, signal).append_column("num_tokens", pc.list_value_length(table["completion_token_ids"]))
 
 
-def own_samples(student, tokenizer, prompts: list[str], seed: int) -> tuple[HFEngine, pa.Table]:
-    """The student's own samples (T = 1) on `prompts`, and the engine that drew them."""
-    engine = HFEngine(student, tokenizer, batch_size=128)
+def own_samples(student, tokenizer, prompts: list[str], seed: int) -> pa.Table:
+    """The student's own samples (T = 1) on `prompts`."""
     sampling = Sampling(temperature=1.0, max_new_tokens=TASK.completion_tokens, seed=seed)
-    return engine, sample(engine, pa.table({"prompt": prompts}), sampling)[0]
+    return sample(HFEngine(student, tokenizer, batch_size=128), pa.table({"prompt": prompts}), sampling)[0]
 
 
 def train_prompts(n: int, seed: int) -> pa.Table:
@@ -311,7 +310,7 @@ def main() -> None:
     data = {"teacher_labeled": labeled, "ground_truth": ground_truth_table(teacher, labeled)}
     eval_problems = TASK.prompts("eval", args.eval_problems, 0)
     start_model, start_tokenizer = load_model(start)
-    own = own_samples(start_model, start_tokenizer, TASK.prompts("train", 256, 999)["prompt"].to_pylist(), 999)[1]
+    own = own_samples(start_model, start_tokenizer, TASK.prompts("train", 256, 999)["prompt"].to_pylist(), 999)
     data["on_policy_tokens"] = mean_tokens(own)
     on_own = distribution_figures(teacher, prompt_ids_for(teacher.tokenizer, own).to_pylist(), own["completion_token_ids"].to_pylist())
     baseline = evaluate(start_model, start_tokenizer, eval_problems, TASK, seed=0)
